@@ -1,0 +1,199 @@
+"""Settings, read from environment variables with safe defaults.
+
+Every knob is documented in the README ("Configuration"). Nothing here has a default
+credential: the secret key is generated per checkout for development (see ``_secret_key``)
+and the registration token must be set explicitly.
+"""
+
+import os
+import secrets
+from datetime import timedelta
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("CONTROLPLANE_VAR_DIR", BASE_DIR / "var"))
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value not in (None, "") else default
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _secret_key() -> str:
+    """DJANGO_SECRET_KEY, else a random key kept in var/ so sessions survive a restart.
+
+    A random per-checkout key is safe (nothing guessable ships in the repository); production
+    deployments set DJANGO_SECRET_KEY so that every web process shares it.
+    """
+    configured = os.environ.get("DJANGO_SECRET_KEY")
+    if configured:
+        return configured
+    key_file = VAR_DIR / "secret_key"
+    try:
+        return key_file.read_text().strip()
+    except FileNotFoundError:
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(50)
+        key_file.write_text(key)
+        key_file.chmod(0o600)
+        return key
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",") if h]
+CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "django_q",
+    "controlplane",
+    "registry",
+    "reconciler",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "controlplane.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "controlplane" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "controlplane.wsgi.application"
+
+# --- Database -------------------------------------------------------------------------------
+# SQLite is the embedded default for a one-machine start; PostgreSQL is the production
+# database. SQLite runs in WAL mode with IMMEDIATE transactions (a writer takes the write lock
+# at BEGIN instead of failing with "database is locked" on upgrade) and a busy timeout.
+DEFAULT_SQLITE_PATH = VAR_DIR / "controlplane.sqlite3"
+DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{DEFAULT_SQLITE_PATH}"
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0))}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": env_float("SQLITE_BUSY_TIMEOUT", 20.0),
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
+    }
+else:
+    # A short connect timeout keeps requests from hanging when the database is unreachable
+    # (they fail fast with a 503 problem instead).
+    DATABASES["default"].setdefault("OPTIONS", {})
+    DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", env_int("DATABASE_CONNECT_TIMEOUT", 5))
+    DATABASES["default"]["TEST"] = {"NAME": os.environ.get("DATABASE_TEST_NAME") or None}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# Request bodies are small JSON documents; anything larger is refused before parsing.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("CONTROLPLANE_MAX_BODY_BYTES", 1024 * 1024)
+
+# --- Control plane --------------------------------------------------------------------------
+# The fleet's registration token: workers present it to register and it is the bearer token on
+# the workers' and backends' gRPC services. No default: the web process refuses to start
+# without it unless CONTROLPLANE_ALLOW_OPEN_REGISTRATION is set for development.
+CONTROLPLANE_REGISTRATION_TOKEN = os.environ.get("CONTROLPLANE_REGISTRATION_TOKEN", "")
+CONTROLPLANE_ALLOW_OPEN_REGISTRATION = env_bool("CONTROLPLANE_ALLOW_OPEN_REGISTRATION", False)
+CONTROLPLANE_AUTO_APPROVE = env_bool("CONTROLPLANE_AUTO_APPROVE", True)
+
+# Timing knobs (seconds). Defaults are architecture.md's.
+HEARTBEAT_INTERVAL = env_float("CONTROLPLANE_HEARTBEAT_INTERVAL", 10.0)
+STALE_AFTER = env_float("CONTROLPLANE_STALE_AFTER", 30.0)
+RECONCILE_INTERVAL = env_float("CONTROLPLANE_RECONCILE_INTERVAL", 10.0)
+SCALE_DOWN_IDLE_AFTER = env_float("CONTROLPLANE_SCALE_DOWN_IDLE_AFTER", 300.0)
+UNSATISFIABLE_TICKS = env_int("CONTROLPLANE_UNSATISFIABLE_TICKS", 3)
+UNSATISFIABLE_COOLDOWN = env_float("CONTROLPLANE_UNSATISFIABLE_COOLDOWN", 300.0)
+PROBE_FAILURES_BEFORE_REMOVAL = env_int("CONTROLPLANE_PROBE_FAILURES_BEFORE_REMOVAL", 3)
+MIGRATE_LOCK_TIMEOUT = env_float("CONTROLPLANE_MIGRATE_LOCK_TIMEOUT", 120.0)
+
+GRPC_HEALTH_TIMEOUT = env_float("CONTROLPLANE_GRPC_HEALTH_TIMEOUT", 2.0)
+GRPC_PROBE_TIMEOUT = env_float("CONTROLPLANE_GRPC_PROBE_TIMEOUT", 1.0)
+GRPC_LOAD_TIMEOUT = env_float("CONTROLPLANE_GRPC_LOAD_TIMEOUT", 120.0)
+GRPC_WORKER_TIMEOUT = env_float("CONTROLPLANE_GRPC_WORKER_TIMEOUT", 30.0)
+
+# --- django-q2 ------------------------------------------------------------------------------
+# ORM broker by default (no extra service); Redis when REDIS_URL is set.
+REDIS_URL = os.environ.get("REDIS_URL", "")
+Q_CLUSTER = {
+    "name": "controlplane",
+    "workers": env_int("Q_WORKERS", 2),
+    "timeout": env_int("Q_TIMEOUT", 90),
+    "retry": env_int("Q_RETRY", 120),
+    "max_attempts": 1,
+    "catch_up": False,
+    "ack_failures": True,
+    "sync": env_bool("Q_SYNC", False),
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+
+# --- Logging --------------------------------------------------------------------------------
+LOG_LEVEL = os.environ.get("CONTROLPLANE_LOG_LEVEL", "INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"readable": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "readable"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {"django.db.backends": {"level": "INFO"}},
+}
+
+RECONCILE_SCHEDULE_NAME = "controlplane.reconcile"
+SESSION_COOKIE_AGE = int(timedelta(hours=12).total_seconds())

@@ -1,0 +1,228 @@
+"""The fleet's tables.
+
+Columns, statuses and states follow the reference (LocalAI distributed mode) so that its
+operators recognise them; the registry verbs that change these rows live in ``managers.py``.
+"""
+
+import uuid
+
+from django.db import models
+from django.db.models import F, Q
+
+from .managers import (
+    ModelLoadInfoManager,
+    ModelSchedulingConfigManager,
+    NodeLabelManager,
+    NodeManager,
+    NodeModelManager,
+)
+
+
+class Node(models.Model):
+    """A worker machine. ``name`` is the re-registration key; the id survives restarts."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending approval"
+        HEALTHY = "healthy", "healthy"
+        UNHEALTHY = "unhealthy", "unhealthy"
+        OFFLINE = "offline", "offline"
+        DRAINING = "draining", "draining"
+
+    # Statuses whose heartbeat going stale is not news (the stale sweep skips them).
+    NOT_SWEPT_STATUSES = (Status.UNHEALTHY, Status.OFFLINE, Status.PENDING)
+    # Statuses a heartbeat only timestamps: their reported capacity is not trusted for placement.
+    HEARTBEAT_TIMESTAMP_ONLY_STATUSES = (Status.PENDING, Status.OFFLINE)
+
+    class NodeType(models.TextChoices):
+        BACKEND = "backend", "backend"
+        AGENT = "agent", "agent (never scheduled)"
+
+    class GpuVendor(models.TextChoices):
+        NVIDIA = "nvidia", "NVIDIA"
+        AMD = "amd", "AMD"
+        INTEL = "intel", "Intel"
+        VULKAN = "vulkan", "Vulkan"
+        UNKNOWN = "unknown", "unknown"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=255, unique=True)
+    node_type = models.CharField(max_length=16, choices=NodeType.choices, default=NodeType.BACKEND)
+    address = models.CharField(max_length=512, blank=True, help_text="gRPC host:port of the worker")
+    http_address = models.CharField(max_length=512, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    # sha256 of the per-node token handed out at registration; the token itself is never stored.
+    token_hash = models.CharField(max_length=64, blank=True, editable=False)
+
+    total_vram = models.PositiveBigIntegerField(default=0)
+    available_vram = models.PositiveBigIntegerField(default=0)
+    # Soft reservations of in-progress loads; a heartbeat that reports VRAM resets it to 0.
+    reserved_vram = models.PositiveBigIntegerField(default=0)
+    total_ram = models.PositiveBigIntegerField(default=0)
+    available_ram = models.PositiveBigIntegerField(default=0)
+    gpu_vendor = models.CharField(max_length=16, choices=GpuVendor.choices, default=GpuVendor.UNKNOWN)
+
+    max_replicas_per_model = models.PositiveIntegerField(default=1)
+    reported_max_replicas_per_model = models.PositiveIntegerField(default=1, editable=False)
+    # Set when an operator chose max_replicas_per_model; re-registration then keeps it.
+    max_replicas_per_model_manual = models.BooleanField(default=False)
+
+    last_heartbeat = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = NodeManager()
+
+    class Meta:
+        ordering = ["name"]
+        indexes = [
+            models.Index(fields=["status", "node_type"], name="node_status_type_idx"),
+            models.Index(fields=["last_heartbeat"], name="node_last_heartbeat_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(max_replicas_per_model__gte=1), name="node_slots_at_least_one"),
+        ]
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def free_vram(self) -> int:
+        """VRAM a new load may reserve: reported available minus in-progress reservations."""
+        return max(0, self.available_vram - self.reserved_vram)
+
+    @property
+    def is_schedulable(self) -> bool:
+        return self.status == self.Status.HEALTHY and self.node_type == self.NodeType.BACKEND
+
+
+class NodeLabel(models.Model):
+    """One key=value label of a node; selectors match on these with AND semantics."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="labels")
+    key = models.CharField(max_length=255)
+    value = models.CharField(max_length=255, blank=True)
+
+    objects = NodeLabelManager()
+
+    class Meta:
+        ordering = ["node", "key"]
+        constraints = [models.UniqueConstraint(fields=["node", "key"], name="node_label_unique_key")]
+        indexes = [models.Index(fields=["key", "value"], name="node_label_key_value_idx")]
+
+    def __str__(self):
+        return f"{self.key}={self.value}"
+
+
+class NodeModel(models.Model):
+    """One replica of a model on a node (the reference's ``node_models`` row).
+
+    Removing these rows is routine (restart, offline, probe failure, scale-down, eviction);
+    that is why the load recipe is also kept per model in ``ModelLoadInfo``.
+    """
+
+    class State(models.TextChoices):
+        LOADING = "loading", "loading"
+        LOADED = "loaded", "loaded"
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="replicas")
+    model_name = models.CharField(max_length=255)
+    replica_index = models.PositiveIntegerField(default=0)
+    address = models.CharField(max_length=512, blank=True, help_text="host:port of this replica's backend")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.LOADING)
+    in_flight = models.IntegerField(default=0)
+    last_used = models.DateTimeField(null=True, blank=True)
+    # Per-replica copy of the load recipe (the reference keeps it for diagnostics and old rows).
+    backend_type = models.CharField(max_length=255, blank=True)
+    model_opts_blob = models.BinaryField(null=True, blank=True)
+    # VRAM this replica's load reserved on its node (released if the load fails).
+    reserved_vram = models.PositiveBigIntegerField(default=0)
+    # Health probing: consecutive "unreachable" answers and when the row was last confirmed.
+    probe_failures = models.PositiveIntegerField(default=0)
+    last_probe_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = NodeModelManager()
+
+    class Meta:
+        ordering = ["model_name", "node", "replica_index"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["node", "model_name", "replica_index"], name="node_model_unique_replica"
+            ),
+            models.CheckConstraint(condition=Q(in_flight__gte=0), name="node_model_in_flight_non_negative"),
+        ]
+        indexes = [models.Index(fields=["model_name", "state"], name="node_model_model_state_idx")]
+
+    def __str__(self):
+        return f"{self.model_name}#{self.replica_index}@{self.node_id}"
+
+
+class ModelLoadInfo(models.Model):
+    """The per-model load recipe: backend type and the serialized ``ModelOptions``.
+
+    This is the seed's fix (LocalAI PR #9981): no replica-removal path touches this table,
+    so the reconciler can restore ``min_replicas`` after every replica row is gone.
+    ``model_opts_blob`` holds the bytes exactly as received, so fields a newer LocalAI
+    declares survive as unknown protobuf fields.
+    """
+
+    class Source(models.TextChoices):
+        MODEL = "model", "per-model row"
+        REPLICA = "replica", "legacy per-replica row"
+
+    model_name = models.CharField(max_length=255, unique=True)
+    backend_type = models.CharField(max_length=255, blank=True)
+    model_opts_blob = models.BinaryField(blank=True, default=bytes)
+    updated_at = models.DateTimeField()
+
+    objects = ModelLoadInfoManager()
+
+    class Meta:
+        ordering = ["model_name"]
+        verbose_name = "model load info"
+        verbose_name_plural = "model load info"
+
+    def __init__(self, *args, source: str = Source.MODEL, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Where this recipe came from: the per-model row, or (legacy fallback) a replica row.
+        self.source = source
+
+    def __str__(self):
+        return self.model_name
+
+
+class ModelSchedulingConfig(models.Model):
+    """Desired state of one model: replica floor and ceiling, and where it may run.
+
+    The ``unsatisfiable_*`` columns are the circuit breaker: the reconciler counts passes in
+    which the model had no capacity and backs off for a cooldown; an upsert never touches them.
+    """
+
+    model_name = models.CharField(max_length=255, unique=True)
+    node_selector = models.JSONField(default=dict, blank=True, help_text="label map; every pair must match")
+    min_replicas = models.PositiveIntegerField(default=0)
+    max_replicas = models.PositiveIntegerField(default=0, help_text="0 = unlimited")
+    unsatisfiable_until = models.DateTimeField(null=True, blank=True)
+    unsatisfiable_ticks = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ModelSchedulingConfigManager()
+
+    class Meta:
+        ordering = ["model_name"]
+        verbose_name = "model scheduling config"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(max_replicas=0) | Q(min_replicas__lte=F("max_replicas")),
+                name="scheduling_min_not_above_max",
+            ),
+        ]
+
+    def __str__(self):
+        return self.model_name
+
+    @property
+    def is_autoscaled(self) -> bool:
+        return self.min_replicas > 0 or self.max_replicas > 0

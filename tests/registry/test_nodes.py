@@ -1,0 +1,271 @@
+"""Node verbs: registration, heartbeats, status transitions, labels, slots."""
+
+from datetime import timedelta
+
+import pytest
+
+from controlplane.tokens import token_matches
+from registry.models import ModelSchedulingConfig, Node, NodeLabel, NodeModel
+from tests.factories import GIB, make_node, make_replica, make_scheduling
+
+pytestmark = pytest.mark.django_db
+
+
+def test_first_registration_is_healthy_when_auto_approved_and_gets_a_token(now):
+    registration = Node.objects.register(name="gpu-1", address="10.0.0.1:50051", total_vram=24 * GIB, now=now)
+
+    node = registration.node
+    assert registration.created
+    assert node.status == Node.Status.HEALTHY
+    assert node.last_heartbeat == now
+    assert node.available_vram == 24 * GIB
+    assert token_matches(registration.node_token, node.token_hash)
+    assert registration.node_token not in node.token_hash
+
+
+def test_first_registration_is_pending_without_auto_approve():
+    node = Node.objects.register(name="gpu-1", address="a:1", auto_approve=False).node
+    assert node.status == Node.Status.PENDING
+
+
+def test_re_registration_keeps_id_restores_health_and_deletes_replica_rows(now):
+    node = make_node(name="gpu-1", status=Node.Status.OFFLINE)
+    make_replica(node, "llama", 0)
+
+    again = Node.objects.register(name="gpu-1", address="10.0.0.2:50051", now=now)
+
+    assert not again.created
+    assert again.node.pk == node.pk
+    assert again.node.status == Node.Status.HEALTHY
+    assert again.node.address == "10.0.0.2:50051"
+    assert not NodeModel.objects.filter(node=node).exists()
+
+
+def test_re_registration_of_a_pending_node_stays_pending():
+    Node.objects.register(name="gpu-1", address="a:1", auto_approve=False)
+    again = Node.objects.register(name="gpu-1", address="a:1", auto_approve=True)
+    assert again.node.status == Node.Status.PENDING
+
+
+def test_re_registration_rotates_the_node_token():
+    first = Node.objects.register(name="gpu-1", address="a:1")
+    second = Node.objects.register(name="gpu-1", address="a:1")
+    node = Node.objects.get(name="gpu-1")
+    assert token_matches(second.node_token, node.token_hash)
+    assert not token_matches(first.node_token, node.token_hash)
+
+
+def test_re_registration_keeps_operator_set_slots_and_updates_reported_ones():
+    node = make_node(name="gpu-1", slots=2)
+    Node.objects.set_max_replicas_per_model(node.pk, 5)
+
+    again = Node.objects.register(name="gpu-1", address="a:1", max_replicas_per_model=3).node
+    assert (again.max_replicas_per_model, again.reported_max_replicas_per_model) == (5, 3)
+
+    Node.objects.reset_max_replicas_per_model(node.pk)
+    node.refresh_from_db()
+    assert node.max_replicas_per_model == 3
+    assert NodeLabel.objects.as_dict(node.pk)["node.replica-slots"] == "3"
+
+
+def test_zero_slots_are_treated_as_one():
+    node = Node.objects.register(name="gpu-1", address="a:1", max_replicas_per_model=0).node
+    assert node.max_replicas_per_model == 1
+
+
+def test_registration_applies_auto_labels_and_merges_worker_labels():
+    node = make_node(name="gpu-1", total_vram=24 * GIB, gpu_vendor="nvidia", labels={"zone": "a"}, slots=2)
+    NodeLabel.objects.set_label(node.pk, "team", "research")  # an operator's label
+
+    Node.objects.register(name="gpu-1", address="a:1", total_vram=16 * GIB, gpu_vendor="nvidia", labels={"zone": "b"})
+
+    assert NodeLabel.objects.as_dict(node.pk) == {
+        "gpu.vendor": "nvidia",
+        "gpu.vram": "16GB",
+        "node.name": "gpu-1",
+        "node.replica-slots": "1",
+        "team": "research",
+        "zone": "b",
+    }
+
+
+def test_registration_clears_every_models_cooldown(now):
+    make_scheduling("llama", min_replicas=1)
+    ModelSchedulingConfig.objects.filter(model_name="llama").update(unsatisfiable_until=now + timedelta(minutes=5), unsatisfiable_ticks=2)
+
+    make_node()
+
+    config = ModelSchedulingConfig.objects.get(model_name="llama")
+    assert (config.unsatisfiable_until, config.unsatisfiable_ticks) == (None, 0)
+
+
+def test_register_rejects_an_empty_name():
+    with pytest.raises(ValueError):
+        Node.objects.register(name=" ", address="a:1")
+
+
+def test_heartbeat_sets_timestamp_memory_and_resets_reservation(now):
+    node = make_node(total_vram=24 * GIB)
+    Node.objects.reserve_vram(node.pk, 4 * GIB)
+
+    assert Node.objects.heartbeat(node.pk, available_vram=20 * GIB, available_ram=7, now=now + timedelta(seconds=10))
+
+    node.refresh_from_db()
+    assert (node.last_heartbeat, node.available_vram, node.reserved_vram, node.available_ram) == (
+        now + timedelta(seconds=10),
+        20 * GIB,
+        0,
+        7,
+    )
+
+
+def test_heartbeat_without_vram_keeps_the_reservation(now):
+    node = make_node()
+    Node.objects.reserve_vram(node.pk, GIB)
+    Node.objects.heartbeat(node.pk, now=now)
+    node.refresh_from_db()
+    assert node.reserved_vram == GIB
+
+
+@pytest.mark.parametrize("status", [Node.Status.PENDING, Node.Status.OFFLINE])
+def test_heartbeat_on_pending_or_offline_node_only_updates_the_timestamp(now, status):
+    node = make_node(status=status, total_vram=24 * GIB)
+    Node.objects.reserve_vram(node.pk, GIB)
+
+    assert Node.objects.heartbeat(node.pk, available_vram=GIB, now=now + timedelta(seconds=5))
+
+    node.refresh_from_db()
+    assert node.status == status
+    assert node.last_heartbeat == now + timedelta(seconds=5)
+    assert (node.available_vram, node.reserved_vram) == (24 * GIB, GIB)
+
+
+def test_heartbeat_never_changes_status(now):
+    node = make_node(status=Node.Status.UNHEALTHY)
+    Node.objects.heartbeat(node.pk, available_vram=1, now=now)
+    node.refresh_from_db()
+    assert node.status == Node.Status.UNHEALTHY
+
+
+def test_heartbeat_of_an_unknown_node_returns_false():
+    import uuid
+
+    assert Node.objects.heartbeat(uuid.uuid4(), available_vram=1) is False
+
+
+def test_approve_only_moves_pending_nodes():
+    node = make_node(status=Node.Status.PENDING)
+    assert Node.objects.approve(node.pk)
+    assert not Node.objects.approve(node.pk)
+    node.refresh_from_db()
+    assert node.status == Node.Status.HEALTHY
+
+
+def test_mark_unhealthy_keeps_replica_rows():
+    node = make_node()
+    make_replica(node)
+    assert Node.objects.mark_unhealthy(node.pk)
+    assert NodeModel.objects.filter(node=node).count() == 1
+
+
+def test_mark_healthy_recovers_unhealthy_and_offline_but_not_pending_or_draining():
+    recovering = [make_node(status=Node.Status.UNHEALTHY), make_node(status=Node.Status.OFFLINE)]
+    stuck = [make_node(status=Node.Status.PENDING), make_node(status=Node.Status.DRAINING)]
+    assert all(Node.objects.mark_healthy(node.pk) for node in recovering)
+    assert not any(Node.objects.mark_healthy(node.pk) for node in stuck)
+
+
+def test_drain_keeps_rows_but_makes_them_unroutable_and_resume_restores():
+    node = make_node()
+    make_replica(node)
+    assert Node.objects.mark_draining(node.pk)
+    assert NodeModel.objects.filter(node=node).count() == 1
+    assert NodeModel.objects.warm_pick("llama") is None
+    assert Node.objects.resume(node.pk)
+    assert NodeModel.objects.warm_pick("llama") is not None
+
+
+def test_mark_offline_with_a_heartbeat_bound_loses_to_a_fresh_heartbeat(now):
+    node = make_node(now=now)
+    make_replica(node)
+    Node.objects.heartbeat(node.pk, now=now + timedelta(seconds=40))
+
+    assert not Node.objects.mark_offline(node.pk, heartbeat_before=now + timedelta(seconds=30))
+
+    node.refresh_from_db()
+    assert node.status == Node.Status.HEALTHY
+    assert NodeModel.objects.filter(node=node).exists()
+
+
+def test_deregister_deletes_node_labels_and_replicas():
+    node = make_node(labels={"zone": "a"})
+    make_replica(node)
+    assert Node.objects.deregister(node.pk)
+    assert not Node.objects.filter(pk=node.pk).exists()
+    assert not NodeLabel.objects.filter(node_id=node.pk).exists()
+    assert not NodeModel.objects.exists()
+    assert not Node.objects.deregister(node.pk)
+
+
+def test_stale_finds_old_heartbeats_among_live_statuses_only(now):
+    old = now - timedelta(seconds=31)
+    stale_healthy = make_node(now=old)
+    stale_draining = make_node(now=old, status=Node.Status.DRAINING)
+    make_node(now=now - timedelta(seconds=29))
+    for status in Node.NOT_SWEPT_STATUSES:
+        make_node(now=old, status=status)
+
+    stale = set(Node.objects.stale(threshold=timedelta(seconds=30), now=now))
+
+    assert stale == {stale_healthy, stale_draining}
+
+
+def test_selector_uses_and_semantics_and_ignores_unhealthy_nodes():
+    both = make_node(labels={"zone": "a", "gpu": "h100"})
+    make_node(labels={"zone": "a", "gpu": "a10"})
+    make_node(labels={"zone": "a", "gpu": "h100"}, status=Node.Status.UNHEALTHY)
+    make_node(labels={"zone": "a", "gpu": "h100"}, node_type=Node.NodeType.AGENT)
+
+    assert list(Node.objects.candidates({"zone": "a", "gpu": "h100"})) == [both]
+    assert Node.objects.candidates({}).count() == 2
+
+
+def test_label_verbs_merge_replace_remove_and_clear_cooldowns(now):
+    node = make_node(labels={"a": "1"})
+    make_scheduling("llama", min_replicas=1)
+
+    def cool():
+        ModelSchedulingConfig.objects.update(unsatisfiable_until=now + timedelta(minutes=5))
+
+    def cooled():
+        return ModelSchedulingConfig.objects.get().unsatisfiable_until is not None
+
+    cool()
+    NodeLabel.objects.merge(node.pk, {"b": "2"})
+    assert not cooled()
+    assert {"a": "1", "b": "2"}.items() <= NodeLabel.objects.as_dict(node.pk).items()
+
+    cool()
+    NodeLabel.objects.replace(node.pk, {"c": "3"})
+    assert NodeLabel.objects.as_dict(node.pk) == {"c": "3"}
+    assert not cooled()
+
+    cool()
+    assert NodeLabel.objects.remove(node.pk, "c")
+    assert not NodeLabel.objects.remove(node.pk, "c")
+    assert not cooled()
+
+
+def test_invalid_labels_are_rejected_without_writing():
+    node = make_node(labels={"a": "1"})
+    with pytest.raises(ValueError):
+        NodeLabel.objects.replace(node.pk, {"": "x"})
+    with pytest.raises(ValueError):
+        NodeLabel.objects.merge(node.pk, {"k": 3})
+    assert NodeLabel.objects.as_dict(node.pk)["a"] == "1"
+
+
+def test_slot_override_must_be_positive():
+    node = make_node()
+    with pytest.raises(ValueError):
+        Node.objects.set_max_replicas_per_model(node.pk, 0)
