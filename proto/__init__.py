@@ -1,0 +1,3 @@
+"""Protobuf contracts of the control plane: LocalAI-compatible backend.proto, our worker.proto,
+their generated code (regenerate with ``scripts/gen_proto.py``), the ModelOptions codec and the
+gRPC client."""

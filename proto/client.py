@@ -1,0 +1,428 @@
+"""The control plane's gRPC client for LocalAI backends (backend.Backend) and workers
+(controlplane.worker.v1.Worker).
+
+Why it looks like this:
+
+* Channels are cached per ``(os.getpid(), address)`` and created on first use, never at import:
+  django-q2 forks its workers, and a gRPC channel inherited across ``fork()`` is unusable. An
+  entry made by another pid is ignored (not closed: its sockets belong to the parent). Channels
+  also use a local subchannel pool, because gRPC otherwise shares connections between channels
+  process-wide and a fresh channel in a forked child would pick up the parent's socket.
+* Every call has a deadline (see ``DEFAULT_TIMEOUTS``; overridable from Django settings, read
+  lazily so this module imports without Django, and per call with ``timeout=``).
+* Every call carries ``authorization: Bearer <token>``; worker calls add ``x-node-id`` so a
+  worker can refuse a call meant for another node behind a reused address. Tokens are never
+  logged.
+* Callers get :class:`GrpcCallError` / :class:`BackendUnavailable` instead of ``grpc.RpcError``,
+  so code outside this package never imports grpc.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import Message
+
+from proto import backend_pb2, worker_pb2
+
+__all__ = [
+    "DEFAULT_TIMEOUTS",
+    "BackendUnavailable",
+    "GrpcCallError",
+    "Probe",
+    "ProbeResult",
+    "close_all_channels",
+    "close_channel",
+    "embedding",
+    "free",
+    "get_channel",
+    "list_backends",
+    "load_model",
+    "predict",
+    "probe",
+    "start_backend",
+    "status",
+    "stop_backend",
+    "unload_model",
+]
+
+logger = logging.getLogger(__name__)
+
+# Seconds. Keys are call kinds; _SETTING_NAMES says which Django setting overrides each
+# (StartBackend, Free and inference calls have no setting: pass timeout= to change them).
+DEFAULT_TIMEOUTS: dict[str, float] = {
+    "health": 2.0,  # Health/Status: a routing probe must answer fast or count as busy
+    "load": 120.0,  # LoadModel: reading weights into (V)RAM takes long
+    "worker_start": 30.0,  # StartBackend waits for the new process to answer Health
+    "worker": 10.0,  # StopBackend, UnloadModel, ListBackends
+    "free": 10.0,
+    "inference": 120.0,  # Predict, Embedding (smoke tests and one-off calls)
+}
+_SETTING_NAMES = {
+    "health": "GRPC_HEALTH_TIMEOUT",
+    "load": "GRPC_LOAD_TIMEOUT",
+    "worker": "GRPC_WORKER_TIMEOUT",
+}
+_TOKEN_SETTING = "CONTROLPLANE_REGISTRATION_TOKEN"
+
+_CHANNEL_OPTIONS = (
+    ("grpc.use_local_subchannel_pool", 1),  # no connection sharing across channels/forks
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5000),  # a restarted backend is seen within seconds
+    ("grpc.client_idle_timeout_ms", 60_000),  # stop reconnecting to addresses nobody calls
+    ("grpc.max_receive_message_length", 50 * 1024 * 1024),  # as LocalAI's client
+    ("grpc.max_send_message_length", 50 * 1024 * 1024),
+)
+
+
+class Probe(enum.Enum):
+    """What a Health probe says about a backend, for routing."""
+
+    ALIVE = "alive"  # answered Health with b"OK"
+    BUSY = "busy"  # the process is there but did not (or could not) say OK in time
+    UNREACHABLE = "unreachable"  # nothing answers at the address
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """``code`` is the call's grpc.StatusCode (OK when Health answered); ``detail`` says why."""
+
+    outcome: Probe
+    code: grpc.StatusCode | None = None
+    detail: str = ""
+
+
+class GrpcCallError(Exception):
+    """A gRPC call failed; ``code`` is the grpc.StatusCode, ``method`` the full method path."""
+
+    def __init__(self, method: str, code: grpc.StatusCode | None, detail: str) -> None:
+        self.method = method
+        self.code = code
+        self.detail = detail
+        code_name = code.name if code is not None else "UNKNOWN"
+        super().__init__(f"{method}: {code_name}: {detail}")
+
+
+class BackendUnavailable(GrpcCallError):
+    """UNAVAILABLE: nothing is listening at the address or the connection broke."""
+
+
+# --- channels -----------------------------------------------------------------------------
+
+_channels: dict[tuple[int, str], grpc.Channel] = {}
+_channels_lock = threading.Lock()
+
+
+def get_channel(address: str) -> grpc.Channel:
+    """The channel for ``address`` owned by this process, created on first use."""
+    key = (os.getpid(), address)
+    with _channels_lock:
+        channel = _channels.get(key)
+        if channel is None:
+            channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            _channels[key] = channel
+        return channel
+
+
+def close_channel(address: str) -> None:
+    """Close and forget this process's channel to ``address`` (e.g. its replica was removed)."""
+    with _channels_lock:
+        channel = _channels.pop((os.getpid(), address), None)
+    if channel is not None:
+        channel.close()
+
+
+def close_all_channels() -> None:
+    """Close this process's channels and forget every entry (for tests and shutdown).
+
+    Entries created by another pid (inherited across fork) are dropped without closing.
+    """
+    pid = os.getpid()
+    with _channels_lock:
+        owned = [ch for (owner, _), ch in _channels.items() if owner == pid]
+        _channels.clear()
+    for channel in owned:
+        channel.close()
+
+
+# --- settings, metadata, error mapping ------------------------------------------------------
+
+
+def _django_setting(name: str):
+    """A Django setting, or None when Django is absent/unconfigured (e.g. in plain scripts)."""
+    try:
+        from django.conf import settings
+    except ImportError:
+        return None
+    if not settings.configured:
+        return None
+    return getattr(settings, name, None)
+
+
+def _timeout(kind: str, explicit: float | None) -> float:
+    if explicit is not None:
+        return float(explicit)
+    setting = _SETTING_NAMES.get(kind)
+    configured = _django_setting(setting) if setting else None
+    return float(configured) if configured is not None else DEFAULT_TIMEOUTS[kind]
+
+
+def _metadata(token: str | None, node_id: str | None = None) -> tuple[tuple[str, str], ...]:
+    """Call metadata. token=None means the configured registration token; "" means none."""
+    if token is None:
+        token = _django_setting(_TOKEN_SETTING) or ""
+    pairs = []
+    if token:
+        pairs.append(("authorization", f"Bearer {token}"))
+    if node_id:
+        pairs.append(("x-node-id", str(node_id)))
+    return tuple(pairs)
+
+
+def _error(method: str, exc: grpc.RpcError) -> GrpcCallError:
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = (exc.details() if hasattr(exc, "details") else None) or ""
+    cls = BackendUnavailable if code == grpc.StatusCode.UNAVAILABLE else GrpcCallError
+    return cls(method, code, detail)
+
+
+def _serialize(request: bytes | Message) -> bytes:
+    """Messages are serialized once; bytes (a stored ModelOptions blob) go out untouched."""
+    return request if isinstance(request, bytes) else request.SerializeToString()
+
+
+def _call(address, method, request, response_cls, *, timeout, metadata):
+    """One unary call with deadline and metadata; RpcError becomes GrpcCallError."""
+    call = get_channel(address).unary_unary(
+        method, request_serializer=_serialize, response_deserializer=response_cls.FromString
+    )
+    try:
+        return call(request, timeout=timeout, metadata=metadata)
+    except grpc.RpcError as exc:
+        error = _error(method, exc)
+        logger.debug("gRPC %s to %s failed: %s", method, address, error.code)
+        raise error from None
+
+
+_BACKEND = "/backend.Backend/"
+_WORKER = "/controlplane.worker.v1.Worker/"
+
+
+# --- backend.Backend ------------------------------------------------------------------------
+
+
+def probe(address: str, *, token: str | None = None, timeout: float | None = None) -> ProbeResult:
+    """Classify a backend by one Health call; never raises for gRPC errors.
+
+    * OK and ``message == b"OK"`` -> ALIVE.
+    * OK with another message -> BUSY: the process answered but does not claim health (e.g.
+      still loading); it exists, so it must not be treated as gone.
+    * DEADLINE_EXCEEDED -> BUSY: single-threaded Python backends queue Health behind a running
+      LoadModel/Predict.
+    * any other non-UNAVAILABLE status (UNAUTHENTICATED, UNIMPLEMENTED, ...) -> BUSY: something
+      answered at the address; it is a configuration problem, not a dead process.
+    * UNAVAILABLE -> UNREACHABLE.
+
+    No ``wait_for_ready``: it would turn a closed port into DEADLINE_EXCEEDED (= busy).
+    """
+    try:
+        reply = _call(
+            address,
+            _BACKEND + "Health",
+            backend_pb2.HealthMessage(),
+            backend_pb2.Reply,
+            timeout=_timeout("health", timeout),
+            metadata=_metadata(token),
+        )
+    except BackendUnavailable as exc:
+        return ProbeResult(Probe.UNREACHABLE, exc.code, exc.detail)
+    except GrpcCallError as exc:
+        return ProbeResult(Probe.BUSY, exc.code, exc.detail)
+    if reply.message == b"OK":
+        return ProbeResult(Probe.ALIVE, grpc.StatusCode.OK, "")
+    detail = reply.message.decode("utf-8", errors="replace")
+    return ProbeResult(Probe.BUSY, grpc.StatusCode.OK, f"unhealthy reply: {detail!r}")
+
+
+def load_model(
+    address: str,
+    options: backend_pb2.ModelOptions | bytes | bytearray | memoryview,
+    *,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> tuple[bool, str]:
+    """LoadModel; returns (Result.success, Result.message).
+
+    A stored blob is sent exactly as stored (``_serialize`` passes bytes through): parsing
+    and re-serializing would keep unknown fields too, but moves them after the known ones
+    and may re-encode them, and the backend should see what the frontend produced.
+    Raises GrpcCallError (BackendUnavailable for UNAVAILABLE) when the call itself fails.
+    """
+    payload = options if isinstance(options, backend_pb2.ModelOptions) else bytes(options)
+    result = _call(
+        address,
+        _BACKEND + "LoadModel",
+        payload,
+        backend_pb2.Result,
+        timeout=_timeout("load", timeout),
+        metadata=_metadata(token),
+    )
+    return result.success, result.message
+
+
+def free(address: str, *, token: str | None = None, timeout: float | None = None) -> bool:
+    """Free the backend's model; False when the backend has no Free (UNIMPLEMENTED) or says
+    success=false. Other failures raise GrpcCallError."""
+    try:
+        result = _call(
+            address,
+            _BACKEND + "Free",
+            backend_pb2.HealthMessage(),
+            backend_pb2.Result,
+            timeout=_timeout("free", timeout),
+            metadata=_metadata(token),
+        )
+    except GrpcCallError as exc:
+        if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+            return False  # older backends: nothing to free; stopping the process frees it
+        raise
+    return result.success
+
+
+def status(address: str, *, token: str | None = None, timeout: float | None = None) -> backend_pb2.StatusResponse:
+    """Status (state + memory usage); uses the probe deadline because callers poll it."""
+    return _call(
+        address,
+        _BACKEND + "Status",
+        backend_pb2.HealthMessage(),
+        backend_pb2.StatusResponse,
+        timeout=_timeout("health", timeout),
+        metadata=_metadata(token),
+    )
+
+
+def predict(
+    address: str,
+    prompt: str,
+    *,
+    options: backend_pb2.PredictOptions | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> backend_pb2.Reply:
+    """Predict ``prompt``; ``options`` (copied, Prompt overwritten) sets Tokens, Temperature..."""
+    request = backend_pb2.PredictOptions()
+    if options is not None:
+        request.CopyFrom(options)
+    request.Prompt = prompt
+    return _call(
+        address,
+        _BACKEND + "Predict",
+        request,
+        backend_pb2.Reply,
+        timeout=_timeout("inference", timeout),
+        metadata=_metadata(token),
+    )
+
+
+def embedding(
+    address: str, text: str, *, token: str | None = None, timeout: float | None = None
+) -> backend_pb2.EmbeddingResult:
+    """Embedding of ``text`` (sent in PredictOptions.Embeddings, as LocalAI does)."""
+    return _call(
+        address,
+        _BACKEND + "Embedding",
+        backend_pb2.PredictOptions(Embeddings=text),
+        backend_pb2.EmbeddingResult,
+        timeout=_timeout("inference", timeout),
+        metadata=_metadata(token),
+    )
+
+
+# --- controlplane.worker.v1.Worker ----------------------------------------------------------
+
+
+def start_backend(
+    address: str,
+    model_name: str,
+    backend_type: str,
+    replica_index: int,
+    *,
+    node_id: str | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> worker_pb2.StartBackendResponse:
+    """Ask the worker to start (or reuse) the backend process for (model, replica)."""
+    request = worker_pb2.StartBackendRequest(
+        model_name=model_name, backend_type=backend_type, replica_index=replica_index
+    )
+    return _call(
+        address,
+        _WORKER + "StartBackend",
+        request,
+        worker_pb2.StartBackendResponse,
+        timeout=_timeout("worker_start", timeout),
+        metadata=_metadata(token, node_id),
+    )
+
+
+def stop_backend(
+    address: str,
+    model_name: str,
+    replica_index: int,
+    *,
+    node_id: str | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> worker_pb2.StopBackendResponse:
+    """Stop one replica process; ``.stopped`` is False when nothing ran for that key."""
+    request = worker_pb2.StopBackendRequest(model_name=model_name, replica_index=replica_index)
+    return _call(
+        address,
+        _WORKER + "StopBackend",
+        request,
+        worker_pb2.StopBackendResponse,
+        timeout=_timeout("worker", timeout),
+        metadata=_metadata(token, node_id),
+    )
+
+
+def unload_model(
+    address: str,
+    model_name: str,
+    *,
+    node_id: str | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> worker_pb2.UnloadModelResponse:
+    """Stop every replica of ``model_name`` on the worker; ``.stopped`` counts them."""
+    return _call(
+        address,
+        _WORKER + "UnloadModel",
+        worker_pb2.UnloadModelRequest(model_name=model_name),
+        worker_pb2.UnloadModelResponse,
+        timeout=_timeout("worker", timeout),
+        metadata=_metadata(token, node_id),
+    )
+
+
+def list_backends(
+    address: str,
+    *,
+    node_id: str | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> worker_pb2.ListBackendsResponse:
+    """Every backend process the worker knows, including exited ones."""
+    return _call(
+        address,
+        _WORKER + "ListBackends",
+        worker_pb2.ListBackendsRequest(),
+        worker_pb2.ListBackendsResponse,
+        timeout=_timeout("worker", timeout),
+        metadata=_metadata(token, node_id),
+    )

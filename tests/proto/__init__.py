@@ -1,0 +1,1 @@
+"""Tests of the proto package: wire compatibility, codec, gRPC client, code generation."""
