@@ -111,7 +111,11 @@ def test_options_from_json_rejects_a_non_object():
         codec.options_from_json(["Model", "m"])
 
 
-@pytest.mark.parametrize("garbage", [b"\xff\xff\xff\xff", b"not a protobuf", field_bytes(1, b"\xff\xfe")])
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\xff\xff\xff\xff", b"not a protobuf", field_bytes(1, b"\xff\xfe")],
+    ids=["corrupt-tag", "plain-text", "bad-utf8-in-Model"],
+)
 def test_garbage_blob_is_rejected_with_a_typed_error(garbage):
     with pytest.raises(codec.InvalidModelOptions):
         codec.options_from_blob(garbage)
