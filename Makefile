@@ -1,0 +1,24 @@
+# Developer entry points. `make run` and `make test` are the README's two set-up commands.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+BOOTSTRAP := source scripts/bootstrap.sh
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+run:  ## start the control plane on SQLite (web + qcluster), migrations applied under the lock
+	@scripts/run
+
+test:  ## the whole suite on SQLite and on PostgreSQL
+	@scripts/test
+
+check:  ## lint, migration drift, generated-code drift, OpenAPI drift
+	@$(BOOTSTRAP); ruff check .
+	@$(BOOTSTRAP); CONTROLPLANE_VAR_DIR=$$(mktemp -d) python manage.py makemigrations --check --dry-run
+	@$(BOOTSTRAP); python scripts/gen_proto.py --check
+	@$(BOOTSTRAP); if [ -f scripts/check_openapi.py ]; then CONTROLPLANE_VAR_DIR=$$(mktemp -d) python scripts/check_openapi.py; fi
+
+proto:  ## regenerate the protobuf/gRPC code under proto/
+	@$(BOOTSTRAP); python scripts/gen_proto.py
+
+.PHONY: help run test check proto
