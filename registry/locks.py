@@ -15,6 +15,7 @@ import contextlib
 import enum
 import fcntl
 import hashlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -45,8 +46,8 @@ def _lock_file_path(key: int, alias: str) -> Path:
     name = str(connections[alias].settings_dict.get("NAME") or "")
     in_memory = name in ("", ":memory:") or name.startswith("file:") and "mode=memory" in name
     if in_memory:
-        # Test databases live in memory; lock in a per-database folder under the temp dir.
-        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        # An in-memory database (the test database) is private to its process, so is its lock.
+        digest = hashlib.sha256(f"{os.getpid()}:{name}".encode()).hexdigest()[:16]
         folder = Path(tempfile.gettempdir()) / f"controlplane-locks-{digest}"
     else:
         folder = Path(name).resolve().parent

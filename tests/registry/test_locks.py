@@ -81,10 +81,7 @@ def _try_in_new_connection(key):
         return held
 
 
-def test_transaction_lock_needs_a_transaction(db):
-    from django.db import transaction
-
-    # pytest-django wraps `db` tests in a transaction; leave it to check the guard.
-    connection = transaction.get_connection()
-    if connection.in_atomic_block:
-        pytest.skip("the test transaction is open; covered on the transactional tests")
+@pytest.mark.django_db(transaction=True)
+def test_transaction_lock_needs_a_transaction():
+    with pytest.raises(RuntimeError):
+        xact_advisory_lock(LockKey.RECONCILE)
