@@ -590,6 +590,26 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
             logger.warning("in-flight decrement missed for replica %s (already zero or removed)", replica_id)
         return changed
 
+    def record_probe_ok(self, replica_id, now: datetime | None = None) -> bool:
+        """A probe found the replica's backend alive or busy: refresh ``last_probe_at`` and
+        reset the consecutive ``probe_failures``. Idiom: one conditional UPDATE by id. False
+        when the row is gone (removed since the probe was sent)."""
+        return self.filter(pk=replica_id).update(last_probe_at=_now(now), probe_failures=0) == 1
+
+    def record_probe_unreachable(self, replica_id) -> int | None:
+        """A probe found nothing at the replica's address: count one more consecutive failure.
+
+        Returns the new ``probe_failures``, or None when the row is gone. ``last_probe_at`` is
+        left alone (the replica was not confirmed). Idiom: ``UPDATE ... SET probe_failures =
+        probe_failures + 1`` then a read of that row inside one short transaction; the UPDATE's
+        row lock keeps the read consistent with it. The caller decides removal (e.g. after
+        ``PROBE_FAILURES_BEFORE_REMOVAL``) with ``remove_replica``.
+        """
+        with transaction.atomic():
+            if self.filter(pk=replica_id).update(probe_failures=F("probe_failures") + 1) != 1:
+                return None
+            return self.filter(pk=replica_id).values_list("probe_failures", flat=True).first()
+
     def warm_pick(self, model_name: str, *, node_ids: Iterable | None = None, now: datetime | None = None) -> NodeModel | None:
         """Reserve the best loaded replica of ``model_name`` on a healthy backend node.
 
