@@ -15,15 +15,30 @@ Every time-dependent verb takes ``now=`` so tests can pass a fixed clock.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from django.apps import apps
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
-from django.db.models import BigIntegerField, Case, Count, Exists, ExpressionWrapper, F, OuterRef, Q, Subquery, Sum, Value, When
-from django.db.models.functions import Coalesce, Length
+from django.db.models import (
+    BigIntegerField,
+    Case,
+    Count,
+    Exists,
+    ExpressionWrapper,
+    F,
+    OuterRef,
+    Q,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce, Greatest, Least, Length
 from django.utils import timezone
 
 from controlplane.tokens import hash_token, new_token
@@ -168,6 +183,19 @@ class NodeQuerySet(models.QuerySet):
                 F("free_vram_bytes").desc(),
                 "name",
             )
+        )
+
+    def for_placement(self, model_name: str):
+        """Annotate what the scheduler needs for one model, for one snapshot query:
+        ``model_rows`` (rows of the model here, any state), ``in_flight_total``,
+        ``free_vram_bytes`` (``available - reserved``; not filtered, so a node whose
+        reservations exceed a stale report stays a candidate for models of unknown size) and
+        ``failure_backoff_until`` (``LoadFailure.retry_after`` of the model here, or None)."""
+        backoff = _model("LoadFailure").objects.filter(node=OuterRef("pk"), model_name=model_name).values("retry_after")
+        return (
+            self.with_model_rows(model_name)
+            .with_load()
+            .annotate(free_vram_bytes=_free_vram(), failure_backoff_until=Subquery(backoff[:1]))
         )
 
 
@@ -415,6 +443,22 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
             return True
         return self.filter(pk=node_id, reserved_vram__gte=amount).update(reserved_vram=F("reserved_vram") - amount) == 1
 
+    def credit_vram(self, node_id, amount: int) -> bool:
+        """Give back the VRAM of a replica that was removed (eviction), before the worker's
+        next heartbeat reports it.
+
+        If the replica's load reservation is still pending (no heartbeat since the load), it is
+        released; otherwise the heartbeat already counted the replica in ``available_vram``, so
+        ``amount`` is added back there, capped at ``total_vram``. The next heartbeat replaces
+        both with the real figure. Conditional updates; False: unknown node.
+        """
+        if amount <= 0:
+            return True
+        if self.release_vram(node_id, amount):
+            return True
+        grown = ExpressionWrapper(F("available_vram") + Value(int(amount)), output_field=BigIntegerField())
+        return self.filter(pk=node_id).update(available_vram=Least(grown, F("total_vram"))) == 1
+
     def capacity_for(self, model_name: str, *, selector=None, node_ids: Iterable | None = None) -> int:
         """How many more replicas of ``model_name`` the candidate nodes can take (one query;
         the formula is ``placement.cluster_capacity``)."""
@@ -640,6 +684,46 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         replica.last_used = now
         return replica
 
+    # --- verbs of the router's load and eviction paths ----------------------------------------
+
+    def mark_loaded(self, replica_id, *, address: str, now: datetime | None = None) -> bool:
+        """``loading`` -> ``loaded`` at ``address`` once LoadModel succeeded (conditional
+        update). False: the row was removed during the load (node restarted or went offline,
+        or the load job was taken over); the caller must not treat the load as recorded."""
+        now = _now(now)
+        return (
+            self.filter(pk=replica_id, state=self.model.State.LOADING).update(
+                state=self.model.State.LOADED, address=address, last_used=now, last_probe_at=now, probe_failures=0
+            )
+            == 1
+        )
+
+    def discard_loading(self, replica_id) -> bool:
+        """Delete a ``loading`` row left by a failed or dead load and return the VRAM its load
+        reserved to its node. A row that reached ``loaded`` is left alone. Conditional delete
+        (``WHERE state = 'loading'``); only the call that deleted releases the reservation."""
+        if replica_id is None:
+            return False
+        row = self.filter(pk=replica_id, state=self.model.State.LOADING).values("node_id", "reserved_vram").first()
+        if row is None:
+            return False
+        deleted, _ = self.filter(pk=replica_id, state=self.model.State.LOADING).delete()
+        if deleted:
+            _model("Node").objects.release_vram(row["node_id"], row["reserved_vram"])
+        return deleted > 0
+
+    def remove_if_idle(self, replica_id) -> bool:
+        """Delete a loaded replica row only while nothing is in flight on it (eviction).
+        Conditional delete (``WHERE in_flight = 0``): a pick that committed first wins and the
+        row stays. False: busy, or already gone."""
+        deleted, _ = self.filter(pk=replica_id, state=self.model.State.LOADED, in_flight=0).delete()
+        return deleted > 0
+
+    def confirm_alive(self, replica_id, *, now: datetime | None = None) -> bool:
+        """A Health probe answered OK: stamp ``last_probe_at`` (the routers' shared 30 s probe
+        cache) and reset the consecutive-failure count. False: the row is gone."""
+        return self.filter(pk=replica_id).update(last_probe_at=_now(now), probe_failures=0) == 1
+
 
 # --------------------------------------------------------------------------------------------
 # Per-model load info (the seed's fix)
@@ -744,20 +828,28 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         min_replicas: int = 0,
         max_replicas: int = 0,
         node_selector: dict[str, str] | None = None,
+        placement: str | None = None,
     ) -> ModelSchedulingConfig:
         """Create or replace a model's scheduling config (upsert on ``model_name``).
 
         Validated first (``ValidationError``); the circuit-breaker columns are not overwritten.
+        ``placement`` (``spread``/``binpack``) is only written when given.
         """
         if not model_name or not model_name.strip():
             raise ValidationError({"model_name": "must not be empty"})
         min_replicas, max_replicas, selector = validate_scheduling(min_replicas, max_replicas, node_selector)
+        if placement is not None and placement not in self.model.Placement.values:
+            raise ValidationError({"placement": f"must be one of {', '.join(self.model.Placement.values)}"})
         row = self.model(model_name=model_name, min_replicas=min_replicas, max_replicas=max_replicas, node_selector=selector)
+        update_fields = ["min_replicas", "max_replicas", "node_selector", "updated_at"]
+        if placement is not None:
+            row.placement = placement
+            update_fields.append("placement")
         self.bulk_create(
             [row],
             update_conflicts=True,
             unique_fields=["model_name"],
-            update_fields=["min_replicas", "max_replicas", "node_selector", "updated_at"],
+            update_fields=update_fields,
         )
         return self.get(model_name=model_name)
 
@@ -789,3 +881,412 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         return queryset.filter(Q(unsatisfiable_until__isnull=False) | Q(unsatisfiable_ticks__gt=0)).update(
             unsatisfiable_until=None, unsatisfiable_ticks=0
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Load jobs: one durable cold load per model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReapResult:
+    """What ``LoadJob.objects.reap_dead`` did. ``requeued``: ids of jobs now ``pending`` that
+    the caller must enqueue again (``registry.tasks.enqueue_load_job``); ``failed``: ids of jobs
+    that ran out of attempts; ``cleaned``: leftover ``loading`` rows removed."""
+
+    requeued: tuple = ()
+    failed: tuple = ()
+    cleaned: int = 0
+
+
+def _discard_loading_row(replica_id) -> bool:
+    return _model("NodeModel").objects.discard_loading(replica_id)
+
+
+class LoadJobQuerySet(models.QuerySet):
+    def active(self):
+        """Pending or running: the partial unique index allows one of these per model."""
+        return self.filter(state__in=self.model.ACTIVE_STATES)
+
+    def for_model(self, model_name: str):
+        return self.filter(model_name=model_name)
+
+    def stale(self, *, stale_before: datetime):
+        """Running jobs whose runner has not heartbeated since ``stale_before``."""
+        return self.filter(state=self.model.State.RUNNING).filter(
+            Q(heartbeat_at__lt=stale_before) | Q(heartbeat_at__isnull=True)
+        )
+
+
+class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
+    def claim_or_attach(
+        self,
+        model_name: str,
+        *,
+        backend_type: str = "",
+        opts_blob: bytes | None = None,
+        candidate_node_ids: Iterable | None = None,
+        now: datetime | None = None,
+    ) -> tuple:
+        """Create the model's load job, or attach to the one already active. Returns
+        ``(job, created)``; only the creator enqueues it.
+
+        Idiom: insert and let the partial unique index (one pending/running job per model)
+        decide; the loser of a race gets ``IntegrityError`` and reads the active job. If that
+        job finished between the failed insert and the read, the caller attaches to it anyway
+        (its outcome answers the caller's question) instead of starting a second load. Never
+        holds a lock; on PostgreSQL a racing insert waits only for the winner's autocommit.
+        """
+        if not model_name or not model_name.strip():
+            raise ValueError("model name must not be empty")
+        now = _now(now)
+        node_ids = None if candidate_node_ids is None else [str(pk) for pk in candidate_node_ids]
+        for _attempt in range(3):
+            try:
+                with transaction.atomic():
+                    job = self.create(
+                        model_name=model_name,
+                        backend_type=backend_type or "",
+                        opts_blob=bytes(opts_blob) if opts_blob is not None else None,
+                        candidate_node_ids=node_ids,
+                        created_at=now,
+                    )
+                return job, True
+            except IntegrityError:
+                pass
+            job = self.active().for_model(model_name).first()
+            if job is None:
+                job = self.for_model(model_name).order_by("-created_at").first()
+            if job is not None:
+                return job, False
+        raise IntegrityError(f"could not claim or attach a load job for {model_name!r}")
+
+    def start(self, job_id, runner: str, *, now: datetime | None = None) -> bool:
+        """``pending`` -> ``running`` owned by ``runner`` (conditional update; counts an
+        attempt). False: someone else started it, or it finished."""
+        now = _now(now)
+        return (
+            self.filter(pk=job_id, state=self.model.State.PENDING).update(
+                state=self.model.State.RUNNING,
+                runner=runner,
+                heartbeat_at=now,
+                attempts=F("attempts") + 1,
+                progress="started",
+            )
+            == 1
+        )
+
+    def heartbeat(self, job_id, runner: str, *, progress: str | None = None, now: datetime | None = None) -> bool:
+        """The runner is alive (and optionally says how far it got). Conditional on the job
+        still running under ``runner``: False means it was taken over or reaped; stop."""
+        changes = {"heartbeat_at": _now(now)}
+        if progress is not None:
+            changes["progress"] = progress[:255]
+        return self.filter(pk=job_id, state=self.model.State.RUNNING, runner=runner).update(**changes) == 1
+
+    def record_replica(self, job_id, runner: str, replica_id, *, now: datetime | None = None) -> bool:
+        """Note the ``loading`` row the job just inserted, so a takeover can clean it up."""
+        return (
+            self.filter(pk=job_id, state=self.model.State.RUNNING, runner=runner).update(
+                replica_id=replica_id, heartbeat_at=_now(now)
+            )
+            == 1
+        )
+
+    def take_over(
+        self, job_id, runner: str, stale_before: datetime, *, max_attempts: int = 3, now: datetime | None = None
+    ) -> bool:
+        """Adopt a running job whose runner went quiet (heartbeat older than ``stale_before``).
+
+        Conditional update on (running, stale heartbeat, attempts left); the winner then removes
+        the dead runner's ``loading`` row and its VRAM reservation in the same transaction and
+        runs the load from scratch. False: the runner is alive, the job finished, someone else
+        took it over, or it has no attempts left (``reap_dead`` fails it).
+        """
+        now = _now(now)
+        with transaction.atomic():
+            taken = (
+                self.stale(stale_before=stale_before)
+                .filter(pk=job_id, attempts__lt=max_attempts)
+                .update(runner=runner, heartbeat_at=now, attempts=F("attempts") + 1, progress="taken over")
+                == 1
+            )
+            if taken:
+                replica_id = self.filter(pk=job_id).values_list("replica_id", flat=True).get()
+                _discard_loading_row(replica_id)
+                self.filter(pk=job_id).update(replica=None)
+        return taken
+
+    def succeed(self, job_id, runner: str, replica, *, now: datetime | None = None) -> bool:
+        """``running`` -> ``succeeded`` with the replica's coordinates (conditional on
+        ``runner`` still owning it). False: the job was taken over or reaped meanwhile."""
+        now = _now(now)
+        return (
+            self.filter(pk=job_id, state=self.model.State.RUNNING, runner=runner).update(
+                state=self.model.State.SUCCEEDED,
+                replica_id=replica.pk,
+                node_id=replica.node_id,
+                replica_index=replica.replica_index,
+                address=replica.address,
+                heartbeat_at=now,
+                finished_at=now,
+                progress="loaded",
+                error_code="",
+                error_message="",
+            )
+            == 1
+        )
+
+    def fail(
+        self, job_id, *, code: str, message: str, runner: str | None = None, now: datetime | None = None
+    ) -> bool:
+        """An active job -> ``failed`` with a stable error ``code`` (conditional; with ``runner``
+        only while that runner owns it). A ``loading`` row the job recorded is removed and its
+        VRAM returned. False: the job had already finished or changed hands."""
+        now = _now(now)
+        queryset = self.active().filter(pk=job_id)
+        if runner is not None:
+            queryset = queryset.filter(runner=runner)
+        with transaction.atomic():
+            replica_id = queryset.values_list("replica_id", flat=True).first()
+            failed = (
+                queryset.update(
+                    state=self.model.State.FAILED,
+                    error_code=code[:64],
+                    error_message=message,
+                    heartbeat_at=now,
+                    finished_at=now,
+                )
+                == 1
+            )
+            if failed:
+                _discard_loading_row(replica_id)
+        return failed
+
+    def reap_dead(
+        self, *, now: datetime | None = None, stale_after: timedelta = timedelta(seconds=60), max_attempts: int = 3
+    ) -> ReapResult:
+        """Housekeeping for load jobs whose runner died (the reconciler calls this).
+
+        - ``running`` with no heartbeat for ``stale_after``: the dead runner's ``loading`` row
+          and VRAM reservation are removed; the job goes back to ``pending`` (requeued) or, after
+          ``max_attempts`` runs, to ``failed`` with code ``load_failed``.
+        - ``pending`` for ``stale_after`` without a runner (its queue message was lost): requeued
+          again; its ``heartbeat_at`` is bumped so it is requeued at most once per window.
+
+        Idiom: each transition is a conditional update on the state and heartbeat read, so a
+        runner that heartbeats in between wins, and two reapers never both act on one job.
+        The caller enqueues ``requeued`` (``registry.tasks.reap_load_jobs`` does both).
+        """
+        now = _now(now)
+        cutoff = now - stale_after
+        State = self.model.State
+        requeued, failed, cleaned = [], [], 0
+        for job in self.stale(stale_before=cutoff).values("pk", "heartbeat_at", "attempts", "replica_id", "runner"):
+            same = self.filter(pk=job["pk"], state=State.RUNNING, runner=job["runner"], heartbeat_at=job["heartbeat_at"])
+            with transaction.atomic():
+                if job["attempts"] >= max_attempts:
+                    changed = same.update(
+                        state=State.FAILED,
+                        error_code="load_failed",
+                        error_message=f"load runner {job['runner'] or '?'} stopped responding "
+                        f"({job['attempts']} attempt(s))",
+                        finished_at=now,
+                        heartbeat_at=now,
+                    )
+                    target = failed
+                else:
+                    changed = same.update(state=State.PENDING, runner="", heartbeat_at=now, replica=None, progress="requeued")
+                    target = requeued
+                if changed:
+                    cleaned += _discard_loading_row(job["replica_id"])
+                    target.append(job["pk"])
+        lost = self.filter(state=State.PENDING).filter(
+            Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, created_at__lt=cutoff)
+        )
+        for job_id, heartbeat_at in lost.values_list("pk", "heartbeat_at"):
+            if self.filter(pk=job_id, state=State.PENDING, heartbeat_at=heartbeat_at).update(heartbeat_at=now):
+                requeued.append(job_id)
+        return ReapResult(requeued=tuple(requeued), failed=tuple(failed), cleaned=cleaned)
+
+    def purge(self, *, finished_before: datetime) -> int:
+        """Delete finished jobs older than ``finished_before``; returns how many went."""
+        deleted, _ = self.filter(state__in=self.model.FINISHED_STATES, finished_at__lt=finished_before).delete()
+        return deleted
+
+
+# --------------------------------------------------------------------------------------------
+# Leases: a frontend's hold on a replica for one request
+# --------------------------------------------------------------------------------------------
+
+
+def _live_leases_of_replica():
+    """Live leases of the outer replica row, as a correlated count."""
+    Lease = _model("Lease")
+    live = Lease.objects.filter(replica=OuterRef("pk"), released_at__isnull=True).order_by().values("replica")
+    return Coalesce(Subquery(live.annotate(count=Count("pk")).values("count")[:1]), Value(0))
+
+
+class LeaseQuerySet(models.QuerySet):
+    def live(self):
+        return self.filter(released_at__isnull=True)
+
+    def expired(self, *, now: datetime | None = None):
+        """Live leases whose TTL has passed (``expires_at <= now``)."""
+        return self.live().filter(expires_at__lte=_now(now))
+
+
+class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
+    def grant(self, replica, *, ttl: float, now: datetime | None = None):
+        """Record a lease on ``replica`` whose ``in_flight`` was just incremented.
+
+        Must run inside the transaction that made the increment (``pick_and_grant`` does), so a
+        crash can never leave an increment without its lease or the reverse: ``in_flight`` then
+        always equals the replica's live leases. Raises RuntimeError outside a transaction.
+        """
+        if not transaction.get_connection().in_atomic_block:
+            raise RuntimeError("Lease.objects.grant must run in the transaction of the in-flight increment")
+        now = _now(now)
+        return self.create(
+            replica=replica,
+            model_name=replica.model_name,
+            node_id=replica.node_id,
+            replica_index=replica.replica_index,
+            address=replica.address,
+            expires_at=now + timedelta(seconds=float(ttl)),
+            created_at=now,
+        )
+
+    def pick_and_grant(self, model_name: str, *, ttl: float, node_ids: Iterable | None = None, now: datetime | None = None):
+        """Warm pick + lease in one short transaction (``NodeModel.objects.warm_pick``'s row
+        lock is held until the lease row is written). Returns the lease (its ``replica`` is the
+        picked row, already in memory) or None when no loaded replica is routable."""
+        now = _now(now)
+        with transaction.atomic():
+            replica = _model("NodeModel").objects.warm_pick(model_name, node_ids=node_ids, now=now)
+            if replica is None:
+                return None
+            lease = self.grant(replica, ttl=ttl, now=now)
+        lease.replica = replica
+        return lease
+
+    def release(self, lease_id, *, now: datetime | None = None) -> bool:
+        """End a lease and give its replica's in-flight slot back; idempotent.
+
+        Idiom: conditional update ``released_at IS NULL`` first, and only the call that made
+        that transition decrements ``in_flight`` (never below zero), in the same transaction.
+        False: unknown lease or already released (by the caller or by ``expire``).
+        """
+        now = _now(now)
+        replica_id = self.filter(pk=lease_id).values_list("replica_id", flat=True).first()
+        with transaction.atomic():
+            released = self.filter(pk=lease_id, released_at__isnull=True).update(released_at=now) == 1
+            if released and replica_id is not None:
+                _model("NodeModel").objects.filter(pk=replica_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1)
+        return released
+
+    def renew(self, lease_id, *, ttl: float, now: datetime | None = None):
+        """Extend a live lease to ``now + ttl``; returns the new ``expires_at``, or None when the
+        lease is unknown or already released (conditional update on ``released_at IS NULL``).
+        A lease past its TTL that ``expire`` has not swept yet can still be renewed: its
+        in-flight slot is still held."""
+        now = _now(now)
+        expires_at = now + timedelta(seconds=float(ttl))
+        renewed = self.filter(pk=lease_id, released_at__isnull=True).update(expires_at=expires_at) == 1
+        return expires_at if renewed else None
+
+    def expire(self, now: datetime | None = None, *, batch: int = 1000) -> int:
+        """Release every live lease past its TTL (a frontend that never released: crashed, or
+        lost the answer). Returns how many leases were released.
+
+        Idiom: in batches, lock expired leases with ``FOR UPDATE SKIP LOCKED`` (a concurrent
+        ``release`` of the same lease is skipped, not waited for), mark them released and
+        decrement each replica once per lease (never below zero), all in one transaction.
+        """
+        now = _now(now)
+        NodeModel = _model("NodeModel")
+        total = 0
+        while True:
+            with transaction.atomic():
+                rows = list(self.expired(now=now).select_for_update(skip_locked=True).values_list("pk", "replica_id")[:batch])
+                if not rows:
+                    break
+                count = self.filter(pk__in=[pk for pk, _ in rows], released_at__isnull=True).update(released_at=now)
+                for replica_id, leases in Counter(replica_id for _, replica_id in rows if replica_id).items():
+                    NodeModel.objects.filter(pk=replica_id).update(in_flight=Greatest(F("in_flight") - leases, Value(0)))
+            total += count
+            if len(rows) < batch:
+                break
+        return total
+
+    def sweep_in_flight(self) -> int:
+        """Set every replica's ``in_flight`` to its live lease count; returns rows corrected.
+
+        Repairs leaks (a frontend that crashed between pick and release, a decrement that hit
+        a removed row, picks made without a lease). Idiom: lock the drifting rows with
+        ``FOR UPDATE SKIP LOCKED`` (rows being picked right now are skipped until the next
+        sweep), then recount in a second statement: holding the row lock, every pick on that
+        row has either committed its lease (counted) or not yet incremented, so the count is
+        exact at commit.
+        """
+        NodeModel = _model("NodeModel")
+        with transaction.atomic():
+            drifting = list(
+                NodeModel.objects.annotate(live=_live_leases_of_replica())
+                .exclude(in_flight=F("live"))
+                .select_for_update(skip_locked=True, of=("self",))
+                .values_list("pk", flat=True)
+            )
+            if drifting:
+                NodeModel.objects.filter(pk__in=drifting).update(in_flight=_live_leases_of_replica())
+        if drifting:
+            logger.warning("in-flight sweep corrected %d replica row(s)", len(drifting))
+        return len(drifting)
+
+    def purge(self, *, released_before: datetime) -> int:
+        """Delete leases released before ``released_before`` (the table grows by one row per
+        routed request); returns how many went."""
+        deleted, _ = self.filter(released_at__lt=released_before).delete()
+        return deleted
+
+
+# --------------------------------------------------------------------------------------------
+# Failed-load backoff
+# --------------------------------------------------------------------------------------------
+
+
+class LoadFailureQuerySet(models.QuerySet):
+    def active(self, *, now: datetime | None = None):
+        """Failures still in their backoff window."""
+        return self.filter(retry_after__gt=_now(now))
+
+
+class LoadFailureManager(models.Manager.from_queryset(LoadFailureQuerySet)):
+    def record(self, model_name: str, node_id, error: str, *, now: datetime | None = None):
+        """Count one more failed load of ``model_name`` on ``node_id`` and push its
+        ``retry_after`` to ``now + placement.failure_backoff(failures)``. Returns the row.
+
+        Idiom: row lock on the pair inside one transaction; two first failures race on the
+        unique constraint and the loser retries into the row lock.
+        """
+        now = _now(now)
+        for _attempt in range(3):
+            try:
+                with transaction.atomic():
+                    row = self.select_for_update().filter(model_name=model_name, node_id=node_id).first()
+                    if row is None:
+                        row = self.model(model_name=model_name, node_id=node_id, failures=0)
+                    row.failures += 1
+                    row.last_error = (error or "")[:2000]
+                    row.retry_after = now + placement.failure_backoff(row.failures)
+                    row.updated_at = now
+                    row.save()
+                return row
+            except IntegrityError:
+                continue
+        raise IntegrityError(f"could not record a load failure of {model_name!r} on {node_id}")
+
+    def clear(self, model_name: str, node_id) -> bool:
+        """A load succeeded there: forget the failures. False when there were none."""
+        deleted, _ = self.filter(model_name=model_name, node_id=node_id).delete()
+        return deleted > 0

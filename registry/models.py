@@ -8,8 +8,12 @@ import uuid
 
 from django.db import models
 from django.db.models import F, Q
+from django.utils import timezone
 
 from .managers import (
+    LeaseManager,
+    LoadFailureManager,
+    LoadJobManager,
     ModelLoadInfoManager,
     ModelSchedulingConfigManager,
     NodeLabelManager,
@@ -205,6 +209,12 @@ class ModelSchedulingConfig(models.Model):
     max_replicas = models.PositiveIntegerField(default=0, help_text="0 = unlimited")
     unsatisfiable_until = models.DateTimeField(null=True, blank=True)
     unsatisfiable_ticks = models.PositiveIntegerField(default=0)
+
+    class Placement(models.TextChoices):
+        SPREAD = "spread", "spread (prefer nodes without the model)"
+        BINPACK = "binpack", "binpack (prefer nodes that already hold it)"
+
+    placement = models.CharField(max_length=16, choices=Placement.choices, default=Placement.SPREAD)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -226,3 +236,125 @@ class ModelSchedulingConfig(models.Model):
     @property
     def is_autoscaled(self) -> bool:
         return self.min_replicas > 0 or self.max_replicas > 0
+
+
+class LoadJob(models.Model):
+    """A durable cold load of one model: at most one active (pending/running) job per model.
+
+    Frontends that find no warm replica claim or attach to this row in milliseconds and wait
+    on it; a django-q2 task runs it (``registry.tasks.run_load_job``), heartbeating while it
+    works so that a dead runner's job is taken over or reaped (``LoadJob.objects.reap_dead``).
+    The partial unique constraint, not a lock, makes "one loader per model" hold across every
+    process (PostgreSQL and SQLite both support partial indexes).
+    """
+
+    class State(models.TextChoices):
+        PENDING = "pending", "pending"
+        RUNNING = "running", "running"
+        SUCCEEDED = "succeeded", "succeeded"
+        FAILED = "failed", "failed"
+
+    ACTIVE_STATES = (State.PENDING, State.RUNNING)
+    FINISHED_STATES = (State.SUCCEEDED, State.FAILED)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    model_name = models.CharField(max_length=255)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    # The recipe the job loads with; empty blob = take ModelLoadInfo at run time.
+    backend_type = models.CharField(max_length=255, blank=True)
+    opts_blob = models.BinaryField(null=True, blank=True)
+    candidate_node_ids = models.JSONField(null=True, blank=True, help_text="null = every schedulable node")
+    runner = models.CharField(max_length=255, blank=True, help_text="host:pid of the process running it")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    progress = models.CharField(max_length=255, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    # The replica row this job is creating (set when its `loading` row is inserted, so whoever
+    # takes over a dead job can clean that row and its VRAM reservation).
+    replica = models.ForeignKey(NodeModel, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    node_id = models.UUIDField(null=True, blank=True)
+    replica_index = models.PositiveIntegerField(null=True, blank=True)
+    address = models.CharField(max_length=512, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = LoadJobManager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["model_name"],
+                condition=Q(state__in=["pending", "running"]),
+                name="load_job_one_active_per_model",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["state", "heartbeat_at"], name="load_job_state_heartbeat_idx"),
+            models.Index(fields=["model_name", "created_at"], name="load_job_model_created_idx"),
+        ]
+
+    def __str__(self):
+        return f"load {self.model_name} ({self.state})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in self.ACTIVE_STATES
+
+
+class Lease(models.Model):
+    """A frontend's hold on one replica for one request (the reference's in-flight reservation).
+
+    Granted in the same transaction as the warm pick's ``in_flight`` increment and released
+    exactly once (by the caller, or by ``Lease.objects.expire`` when its TTL passes), so a
+    replica's ``in_flight`` equals its live leases; ``sweep_in_flight`` repairs drift. The
+    replica's coordinates are copied so a lease stays readable after its row is removed.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    replica = models.ForeignKey(NodeModel, null=True, blank=True, on_delete=models.SET_NULL, related_name="leases")
+    model_name = models.CharField(max_length=255)
+    node_id = models.UUIDField()
+    replica_index = models.PositiveIntegerField(default=0)
+    address = models.CharField(max_length=512, blank=True)
+    expires_at = models.DateTimeField()
+    released_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = LeaseManager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["released_at", "expires_at"], name="lease_released_expires_idx")]
+
+    def __str__(self):
+        return f"lease {self.pk} on {self.model_name}#{self.replica_index}"
+
+    @property
+    def is_live(self) -> bool:
+        return self.released_at is None
+
+
+class LoadFailure(models.Model):
+    """Recent failed loads of a model on a node, for bounded backoff.
+
+    Placement avoids a node until ``retry_after`` while other nodes fit (10 s doubling to
+    5 min, ``placement.failure_backoff``); a successful load there clears the row.
+    """
+
+    model_name = models.CharField(max_length=255)
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="load_failures")
+    failures = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    retry_after = models.DateTimeField()
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    objects = LoadFailureManager()
+
+    class Meta:
+        ordering = ["model_name", "node"]
+        constraints = [models.UniqueConstraint(fields=["model_name", "node"], name="load_failure_unique_model_node")]
+
+    def __str__(self):
+        return f"{self.model_name}@{self.node_id}: {self.failures} failure(s)"
