@@ -719,11 +719,6 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         deleted, _ = self.filter(pk=replica_id, state=self.model.State.LOADED, in_flight=0).delete()
         return deleted > 0
 
-    def confirm_alive(self, replica_id, *, now: datetime | None = None) -> bool:
-        """A Health probe answered OK: stamp ``last_probe_at`` (the routers' shared 30 s probe
-        cache) and reset the consecutive-failure count. False: the row is gone."""
-        return self.filter(pk=replica_id).update(last_probe_at=_now(now), probe_failures=0) == 1
-
 
 # --------------------------------------------------------------------------------------------
 # Per-model load info (the seed's fix)
