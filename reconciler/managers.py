@@ -1,0 +1,246 @@
+"""Verbs that write the reconciler's own tables (events, conditions, passes), one each.
+
+Only the reconciler writes these tables, and its passes are serialised by the reconcile lock,
+so the idioms here guard against the rare overlap (an operator's "reconcile now" racing a
+scheduled pass that lost its lock) rather than against sustained contention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import models, transaction
+from django.utils import timezone
+
+
+def _now(now: datetime | None) -> datetime:
+    return now if now is not None else timezone.now()
+
+
+# --------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------
+
+
+class EventQuerySet(models.QuerySet):
+    def newest_first(self):
+        return self.order_by("-created_at", "-id")
+
+    def for_model(self, model_name: str):
+        return self.filter(model_name=model_name)
+
+    def for_node(self, node_id):
+        return self.filter(node_id=node_id)
+
+    def of_kind(self, *kinds: str):
+        return self.filter(kind__in=kinds)
+
+
+class EventManager(models.Manager.from_queryset(EventQuerySet)):
+    def build(
+        self,
+        kind: str,
+        *,
+        model_name: str = "",
+        node_id=None,
+        node_name: str = "",
+        message: str = "",
+        details: dict | None = None,
+        now: datetime | None = None,
+    ):
+        """An unsaved event; pass a list of these to ``record_many``."""
+        return self.model(
+            created_at=_now(now),
+            kind=kind,
+            model_name=model_name or "",
+            node_id=node_id,
+            node_name=node_name or "",
+            message=message,
+            details=details or {},
+        )
+
+    def record_many(self, events: Iterable) -> list:
+        """Append events (built with ``build``) in one INSERT. Append-only: events are never
+        updated, so there is nothing to lock. Returns the saved events."""
+        events = list(events)
+        if not events:
+            return []
+        return self.bulk_create(events)
+
+    def record(self, kind: str, **fields):
+        """Append one event (``build``'s arguments) and return it."""
+        return self.record_many([self.build(kind, **fields)])[0]
+
+    def prune(self, *, older_than: timedelta, now: datetime | None = None) -> int:
+        """Delete events older than ``older_than``; returns how many went."""
+        deleted, _ = self.filter(created_at__lt=_now(now) - older_than).delete()
+        return deleted
+
+
+# --------------------------------------------------------------------------------------------
+# Conditions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConditionState:
+    """The desired value of one condition, as a plan computes it."""
+
+    model_name: str
+    type: str
+    status: bool
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ConditionTransition:
+    """A condition whose status or reason changed (``previous`` is None when it is new)."""
+
+    state: ConditionState
+    previous_status: bool | None
+    previous_reason: str | None
+
+    @property
+    def is_new(self) -> bool:
+        return self.previous_status is None
+
+
+class ModelConditionQuerySet(models.QuerySet):
+    def for_model(self, model_name: str):
+        return self.filter(model_name=model_name)
+
+    def cluster(self):
+        return self.filter(model_name=self.model.CLUSTER)
+
+    def as_map(self) -> dict[tuple[str, str], dict]:
+        """``{(model_name, type): {status, reason, message, since}}`` in one query."""
+        return {
+            (row["model_name"], row["type"]): row
+            for row in self.values("model_name", "type", "status", "reason", "message", "since")
+        }
+
+
+class ModelConditionManager(models.Manager.from_queryset(ModelConditionQuerySet)):
+    # Above this many models one pass reads the whole (small) table instead of a long IN list.
+    _IN_LIST_LIMIT = 500
+
+    def set_conditions(self, states: Iterable[ConditionState], *, now: datetime | None = None) -> list[ConditionTransition]:
+        """Upsert conditions and return the ones whose ``status`` or ``reason`` changed.
+
+        A changed status/reason moves ``since`` to ``now``; a new message alone is written
+        without counting as a transition (so events are recorded once per state change, not
+        every pass); an identical condition is not written at all.
+
+        Idiom: row lock. The current rows are read with ``SELECT ... FOR UPDATE`` and the
+        changed ones written with one ``INSERT ... ON CONFLICT (model_name, type) DO UPDATE``
+        in the same short transaction, so two overlapping writers cannot both report the same
+        transition. A fixed number of queries however many conditions are given.
+        """
+        now = _now(now)
+        states = {(s.model_name, s.type): s for s in states}
+        if not states:
+            return []
+        names = {name for name, _ in states}
+        with transaction.atomic():
+            current = self.select_for_update()
+            if len(names) <= self._IN_LIST_LIMIT:
+                current = current.filter(model_name__in=names)
+            current = current.as_map()
+            rows, transitions = [], []
+            for key, state in states.items():
+                old = current.get(key)
+                changed = old is None or old["status"] != state.status or old["reason"] != state.reason
+                if not changed and old["message"] == state.message:
+                    continue
+                if changed:
+                    transitions.append(
+                        ConditionTransition(
+                            state,
+                            None if old is None else old["status"],
+                            None if old is None else old["reason"],
+                        )
+                    )
+                rows.append(
+                    self.model(
+                        model_name=state.model_name,
+                        type=state.type,
+                        status=state.status,
+                        reason=state.reason,
+                        message=state.message,
+                        since=now if changed else old["since"],
+                        updated_at=now,
+                    )
+                )
+            if rows:
+                self.bulk_create(
+                    rows,
+                    update_conflicts=True,
+                    unique_fields=["model_name", "type"],
+                    update_fields=["status", "reason", "message", "since", "updated_at"],
+                )
+        return transitions
+
+    def set_condition(
+        self, model_name: str, type: str, status: bool, reason: str, message: str = "", *, now: datetime | None = None
+    ) -> bool:
+        """Upsert one condition (see ``set_conditions``); True when status or reason changed."""
+        return bool(self.set_conditions([ConditionState(model_name, type, status, reason, message)], now=now))
+
+    def forget(self, model_names: Iterable[str]) -> int:
+        """Delete every condition of models nobody knows any more; returns rows deleted."""
+        model_names = [name for name in model_names if name != self.model.CLUSTER]
+        if not model_names:
+            return 0
+        deleted, _ = self.filter(model_name__in=model_names).delete()
+        return deleted
+
+
+# --------------------------------------------------------------------------------------------
+# Passes
+# --------------------------------------------------------------------------------------------
+
+
+class ReconcilePassManager(models.Manager):
+    def record(
+        self,
+        *,
+        outcome: str,
+        started_at: datetime,
+        duration: timedelta,
+        summary: dict,
+        holder_host: str = "",
+        holder_pid: int | None = None,
+        keep: int | None = None,
+    ):
+        """Store one pass and, with ``keep``, prune all but the newest ``keep`` rows.
+
+        Pruning deletes by id below the ``keep``-th newest (ids grow with time), two queries
+        whatever the table size. Returns the saved row.
+        """
+        row = self.create(
+            outcome=outcome,
+            started_at=started_at,
+            finished_at=started_at + duration,
+            duration=duration,
+            summary=summary,
+            holder_host=holder_host[:255],
+            holder_pid=holder_pid,
+        )
+        if keep is not None:
+            self.prune(keep=keep)
+        return row
+
+    def prune(self, *, keep: int) -> int:
+        """Delete all but the newest ``keep`` passes (by id); returns how many went."""
+        boundary = self.order_by("-id").values_list("id", flat=True)[keep : keep + 1]
+        boundary = list(boundary)
+        if not boundary:
+            return 0
+        deleted, _ = self.filter(id__lte=boundary[0]).delete()
+        return deleted
+
+    def latest_pass(self):
+        return self.order_by("-id").first()
