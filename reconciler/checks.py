@@ -1,0 +1,125 @@
+"""The network half of a pass: probing replicas and asking workers what they run.
+
+Calls go out in parallel (a bounded thread pool), each with a short deadline, and never inside
+a database transaction: the threads only talk gRPC, and every database write happens afterwards
+on the pass's own thread and connection.
+
+The prober is injectable: anything with ``probe``, ``list_backends``, ``stop_backend`` and
+``unload_model`` (the signatures of ``GrpcProber`` below). Tests pass a fake.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from .planning import CheckPlan, WorkerBackend
+
+logger = logging.getLogger(__name__)
+
+ALIVE, BUSY, UNREACHABLE = "alive", "busy", "unreachable"
+
+
+class GrpcProber:
+    """The default prober: ``proto.client`` with the fleet token (the client's default,
+    ``settings.CONTROLPLANE_REGISTRATION_TOKEN``). Imported lazily so that loading the
+    reconciler never imports grpc."""
+
+    def probe(self, address: str, *, timeout: float | None = None):
+        from proto import client
+
+        return client.probe(address, timeout=timeout)
+
+    def list_backends(self, address: str, *, node_id: str | None = None, timeout: float | None = None):
+        from proto import client
+
+        return client.list_backends(address, node_id=node_id, timeout=timeout)
+
+    def stop_backend(
+        self, address: str, model_name: str, replica_index: int, *, node_id: str | None = None, timeout: float | None = None
+    ):
+        from proto import client
+
+        return client.stop_backend(address, model_name, replica_index, node_id=node_id, timeout=timeout)
+
+    def unload_model(self, address: str, model_name: str, *, node_id: str | None = None, timeout: float | None = None):
+        from proto import client
+
+        return client.unload_model(address, model_name, node_id=node_id, timeout=timeout)
+
+
+def probe_outcome(result) -> str:
+    """``alive``/``busy``/``unreachable`` from a ``ProbeResult``, a ``Probe`` or a string."""
+    outcome = getattr(result, "outcome", result)
+    return str(getattr(outcome, "value", outcome)).lower()
+
+
+# BackendProcess.State numbers of proto/worker.proto, for responses that carry enum ints.
+_STATE_NAMES = {0: "STATE_UNSPECIFIED", 1: "STARTING", 2: "RUNNING", 3: "EXITED"}
+
+
+def worker_backends(response) -> tuple[str, list[WorkerBackend]]:
+    """``(reported node id, backends)`` from a ``ListBackendsResponse`` (or anything shaped
+    like it: ``.node_id`` and ``.backends`` with model_name, replica_index, state, address)."""
+    backends = []
+    for backend in getattr(response, "backends", response):
+        state = backend.state
+        state = _STATE_NAMES.get(state, str(state)) if isinstance(state, int) else str(state).upper()
+        backends.append(
+            WorkerBackend(
+                model_name=backend.model_name,
+                replica_index=int(backend.replica_index),
+                state=state,
+                address=getattr(backend, "address", ""),
+            )
+        )
+    return getattr(response, "node_id", "") or "", backends
+
+
+@dataclass
+class CheckResults:
+    probes: dict[int, str] = field(default_factory=dict)  # replica id -> alive/busy/unreachable
+    probe_errors: dict[int, str] = field(default_factory=dict)
+    listings: dict[UUID, list[WorkerBackend]] = field(default_factory=dict)
+    listing_errors: dict[UUID, str] = field(default_factory=dict)
+
+
+def run_checks(plan: CheckPlan, prober, *, probe_timeout: float, worker_timeout: float, concurrency: int) -> CheckResults:
+    """Run every probe and listing of ``plan`` in parallel; never raises for one failed call.
+
+    A probe that raises (the client's ``probe`` does not, a fake might) is recorded as an error
+    and changes nothing. A listing that fails, or whose reported node id is another node's (an
+    address reused by a different worker), is recorded as an error and that node is skipped.
+    """
+    results = CheckResults()
+    jobs = len(plan.probes) + len(plan.listings)
+    if not jobs:
+        return results
+    with ThreadPoolExecutor(max_workers=min(concurrency, jobs), thread_name_prefix="reconcile-check") as pool:
+        probe_futures = {
+            replica.id: pool.submit(prober.probe, replica.address, timeout=probe_timeout) for replica in plan.probes
+        }
+        listing_futures = {
+            node.id: pool.submit(prober.list_backends, node.address, node_id=str(node.id), timeout=worker_timeout)
+            for node in plan.listings
+        }
+        for replica_id, future in probe_futures.items():
+            try:
+                results.probes[replica_id] = probe_outcome(future.result())
+            except Exception as exc:  # a broken prober must not abort the pass
+                logger.warning("probe of replica %s failed: %s", replica_id, exc)
+                results.probe_errors[replica_id] = str(exc)
+        for node_id, future in listing_futures.items():
+            try:
+                reported_id, backends = worker_backends(future.result())
+            except Exception as exc:
+                logger.info("ListBackends on node %s failed: %s", node_id, exc)
+                results.listing_errors[node_id] = str(exc)
+                continue
+            if reported_id and reported_id != str(node_id):
+                results.listing_errors[node_id] = f"worker answered as node {reported_id}"
+                continue
+            results.listings[node_id] = backends
+    return results

@@ -1,0 +1,405 @@
+"""Pure planning: snapshot in, decisions out. No database, no network, no settings.
+
+Each function answers one question of a pass, in the reference's order:
+
+- ``plan_node_health``: which nodes go offline (stale) or healthy (fresh again), unless the
+  mass-staleness guard holds;
+- ``plan_checks``: which replicas to probe and which workers to ask what they run;
+- ``plan_worker_reconciliation``: rows whose backend is gone, backends nobody has a row for;
+- ``plan_scaling``: per autoscaled model, the cooldown gate, scale-up to the floor, busy +1,
+  idle scale-down;
+- ``model_conditions``: what the operator sees per model once the plan has been applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from registry import placement
+from registry.models import Node
+
+from .conf import ReconcileConfig
+from .managers import ConditionState
+from .models import ModelCondition
+from .snapshot import ConfigView, NodeView, ReplicaView, Snapshot
+
+Type = ModelCondition.Type
+
+# --------------------------------------------------------------------------------------------
+# Node health
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeHealthPlan:
+    heartbeat_cutoff: datetime
+    stale: tuple[NodeView, ...] = ()  # healthy nodes whose heartbeat is older than the cutoff
+    mark_offline: tuple[NodeView, ...] = ()  # empty while the guard holds
+    mark_healthy: tuple[NodeView, ...] = ()
+    guard: bool = False  # mass staleness: reap nothing this pass
+    swept: int = 0  # healthy nodes considered
+
+    def guard_condition(self) -> ConditionState:
+        if self.guard:
+            message = (
+                f"{len(self.stale)} of {self.swept} healthy nodes missed heartbeats at once; "
+                "suspecting the control plane or its network, no node is reaped"
+            )
+            return ConditionState(ModelCondition.CLUSTER, Type.REAPING_PAUSED, True, "mass_staleness", message)
+        return ConditionState(ModelCondition.CLUSTER, Type.REAPING_PAUSED, False, "reaping_allowed", "")
+
+
+def _sweepable(node: NodeView) -> bool:
+    """Nodes whose stale heartbeat is news: not already unhealthy/offline/pending, and not
+    draining (an operator's choice; the worker deregisters itself when done)."""
+    return node.status not in Node.NOT_SWEPT_STATUSES and node.status != Node.Status.DRAINING
+
+
+def _is_stale(node: NodeView, cutoff: datetime) -> bool:
+    return node.last_heartbeat is None or node.last_heartbeat < cutoff
+
+
+def plan_node_health(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -> NodeHealthPlan:
+    """Stale healthy nodes go offline; unhealthy/offline nodes with a fresh heartbeat recover.
+
+    Mass-staleness guard: when at least two nodes and more than ``mass_stale_fraction`` of the
+    healthy nodes are stale in the same pass, none is reaped (the likelier story is that the
+    control plane stopped receiving heartbeats, e.g. it just restarted).
+    """
+    cutoff = now - config.stale_after
+    swept = [node for node in snapshot.nodes.values() if _sweepable(node)]
+    stale = tuple(node for node in swept if _is_stale(node, cutoff))
+    guard = len(stale) >= 2 and len(stale) > config.mass_stale_fraction * len(swept)
+    recovering = tuple(
+        node
+        for node in snapshot.nodes.values()
+        if node.status in (Node.Status.UNHEALTHY, Node.Status.OFFLINE) and not _is_stale(node, cutoff)
+    )
+    return NodeHealthPlan(
+        heartbeat_cutoff=cutoff,
+        stale=stale,
+        mark_offline=() if guard else stale,
+        mark_healthy=recovering,
+        guard=guard,
+        swept=len(swept),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Probes and worker listings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    probes: tuple[ReplicaView, ...] = ()  # loaded replicas not confirmed recently
+    listings: tuple[NodeView, ...] = ()  # workers asked what they run
+
+
+def plan_checks(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -> CheckPlan:
+    """Probe loaded rows on healthy nodes whose last confirmation is older than
+    ``probe_after``; list the backends of every healthy backend node with an address."""
+    confirmed_after = now - config.probe_after
+    probes = tuple(
+        replica
+        for replica in snapshot.replicas
+        if replica.loaded
+        and replica.address
+        and snapshot.nodes.get(replica.node_id) is not None
+        and snapshot.nodes[replica.node_id].healthy
+        and (replica.last_probe_at is None or replica.last_probe_at < confirmed_after)
+    )
+    listings = tuple(
+        node for node in snapshot.nodes.values() if node.schedulable and node.address
+    )
+    return CheckPlan(probes=probes, listings=listings)
+
+
+@dataclass(frozen=True)
+class WorkerBackend:
+    """One backend process as a worker reports it (``state``: STARTING, RUNNING, EXITED)."""
+
+    model_name: str
+    replica_index: int
+    state: str
+    address: str = ""
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.model_name, self.replica_index)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    remove: tuple[ReplicaView, ...] = ()  # loaded rows whose backend is absent or exited
+    stop: tuple[WorkerBackend, ...] = ()  # running backends without any row
+
+
+def plan_worker_reconciliation(
+    rows: list[ReplicaView] | tuple[ReplicaView, ...], reported: list[WorkerBackend], *, listed_at: datetime
+) -> WorkerPlan:
+    """Compare one worker's rows (read after its listing) with what it says it runs.
+
+    - a *loaded* row whose backend is absent or EXITED is removed, unless the row was written
+      after the listing started (a load that finished meanwhile); ``loading`` rows are left to
+      their loader, whose backend may not exist yet;
+    - a RUNNING backend with no row at all (not even ``loading``) is an orphan and is stopped.
+      Loaders write the ``loading`` row before starting the backend, so a running backend
+      without a row is one nobody will ever route to.
+    """
+    alive = {b.key for b in reported if b.state in ("STARTING", "RUNNING")}
+    rows_by_key = {row.key: row for row in rows}
+    remove = tuple(
+        row
+        for row in rows
+        if row.loaded and row.key not in alive and (row.updated_at is None or row.updated_at <= listed_at)
+    )
+    stop = tuple(b for b in reported if b.state == "RUNNING" and b.key not in rows_by_key)
+    return WorkerPlan(remove=remove, stop=stop)
+
+
+# --------------------------------------------------------------------------------------------
+# Scaling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """What one autoscaled model needs this pass, and the facts behind it."""
+
+    model_name: str
+    config: ConfigView
+    ready: int = 0
+    loading: int = 0
+    capacity: int = 0
+    candidate_ids: tuple = ()
+    has_load_info: bool = True
+    in_cooldown: bool = False  # gate: nothing else happens this pass
+    cooldown_over: bool = False  # the cooldown has passed: clear it (emits cooldown_left)
+    record_unsatisfiable: bool = False  # below the floor with zero capacity
+    record_satisfiable: bool = False
+    scale_up: int = 0
+    scale_up_reason: str = ""  # below_min | all_busy
+    remove: tuple[ReplicaView, ...] = ()
+    skipped: str = ""  # why nothing was done although something was wanted
+
+    @property
+    def current(self) -> int:
+        return self.ready + self.loading
+
+
+def _candidates_and_capacity(snapshot: Snapshot, config: ConfigView) -> tuple[tuple, int]:
+    """Candidate node ids (selector-matched schedulable nodes) and the cluster capacity over
+    them, with the one formula (``placement.cluster_capacity``; rows in any state count)."""
+    candidates = snapshot.candidates(config.node_selector)
+    rows_on = {}
+    for replica in snapshot.replicas_by_model.get(config.model_name, ()):
+        rows_on[replica.node_id] = rows_on.get(replica.node_id, 0) + 1
+    usages = [placement.SlotUsage(node.id, node.slots, rows_on.get(node.id, 0)) for node in candidates]
+    return tuple(node.id for node in candidates), placement.cluster_capacity(usages)
+
+
+def _removal_order(replica: ReplicaView, snapshot: Snapshot):
+    """Highest replica index first, then least recently used, then node name (stable)."""
+    node = snapshot.nodes.get(replica.node_id)
+    last_used = replica.last_used.timestamp() if replica.last_used else float("-inf")
+    return (-replica.replica_index, last_used, node.name if node else "")
+
+
+def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, now: datetime) -> ScalePlan:
+    """One autoscaled model, in the reference's order (see module docstring)."""
+    name = config.model_name
+    ready = snapshot.ready(name)
+    loading = snapshot.loading(name)
+    candidate_ids, capacity = _candidates_and_capacity(snapshot, config)
+    facts = {
+        "model_name": name,
+        "config": config,
+        "ready": len(ready),
+        "loading": len(loading),
+        "capacity": capacity,
+        "candidate_ids": candidate_ids,
+        "has_load_info": snapshot.has_load_info(name),
+    }
+
+    # 1. Cooldown gate.
+    until = config.unsatisfiable_until
+    if until is not None and until > now:
+        return ScalePlan(**facts, in_cooldown=True, skipped="cooldown")
+    cooldown_over = until is not None
+
+    current = len(ready) + len(loading)
+    ceiling = config.max_replicas if config.max_replicas > 0 else None
+
+    # 2. Below the floor: scale up by min(needed, capacity).
+    if current < config.min_replicas:
+        needed = config.min_replicas - current
+        if ceiling is not None:
+            needed = min(needed, ceiling - current)
+        if capacity == 0:
+            return ScalePlan(**facts, cooldown_over=cooldown_over, record_unsatisfiable=True, skipped="no_capacity")
+        if not facts["has_load_info"]:
+            return ScalePlan(**facts, cooldown_over=cooldown_over, record_satisfiable=True, skipped="no_load_info")
+        return ScalePlan(
+            **facts,
+            cooldown_over=cooldown_over,
+            record_satisfiable=True,
+            scale_up=min(needed, capacity),
+            scale_up_reason="below_min",
+        )
+
+    # 3. Every ready replica busy, nothing already loading, below the ceiling: add one.
+    all_busy = bool(ready) and all(r.in_flight > 0 for r in ready)
+    if all_busy and not loading and (ceiling is None or current < ceiling):
+        if capacity == 0:
+            return ScalePlan(**facts, cooldown_over=cooldown_over, skipped="no_capacity")
+        if not facts["has_load_info"]:
+            return ScalePlan(**facts, cooldown_over=cooldown_over, skipped="no_load_info")
+        return ScalePlan(**facts, cooldown_over=cooldown_over, scale_up=1, scale_up_reason="all_busy")
+
+    # 4. Above max(min, 1): remove idle replicas, never below the floor. Replicas above a
+    #    ceiling go as soon as they have nothing in flight; the rest after idling long enough.
+    removable = len(ready) - config.floor
+    remove: list[ReplicaView] = []
+    if removable > 0:
+        unused = sorted((r for r in ready if r.in_flight == 0), key=lambda r: _removal_order(r, snapshot))
+        over_ceiling = max(0, len(ready) - ceiling) if ceiling is not None else 0
+        remove.extend(unused[:over_ceiling])
+        idle_before = now - cfg.scale_down_idle_after
+        for replica in unused[over_ceiling:]:
+            if len(remove) >= removable:
+                break
+            if replica.last_used is None or replica.last_used <= idle_before:
+                remove.append(replica)
+        remove = remove[:removable]
+    return ScalePlan(**facts, cooldown_over=cooldown_over, remove=tuple(remove))
+
+
+def plan_scaling(snapshot: Snapshot, cfg: ReconcileConfig, *, now: datetime) -> list[ScalePlan]:
+    """A plan for every autoscaled model, in model-name order."""
+    return [plan_model(snapshot, config, cfg, now=now) for _, config in sorted(snapshot.configs.items()) if config.autoscaled]
+
+
+# --------------------------------------------------------------------------------------------
+# Conditions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScaleOutcome:
+    """What applying a ``ScalePlan`` actually did (filled by the apply step)."""
+
+    added: int = 0
+    removed: int = 0
+    failed: str = ""  # error text of the scale-up call that failed
+    tripped: bool = False  # this pass started a cooldown
+    cooldown_until: datetime | None = None
+    cooldown_cleared: bool = False
+    no_load_info: bool = False  # ``for_model`` said so at apply time
+    skipped: str = ""  # e.g. scheduler_unavailable, scale_up_budget
+    details: dict = field(default_factory=dict)
+
+
+def model_conditions(
+    snapshot: Snapshot, model_name: str, plan: ScalePlan | None, outcome: ScaleOutcome | None, *, now: datetime
+) -> list[ConditionState]:
+    """Available, Progressing, Unsatisfiable and NoLoadInfo for one model after this pass.
+
+    ``plan``/``outcome`` are None for models the reconciler does not scale (no config, or
+    min = max = 0): their conditions only report what is there.
+    """
+    config = plan.config if plan else snapshot.config_for(model_name)
+    outcome = outcome or ScaleOutcome()
+    # schedule_and_load returns once the replica is loaded, so added replicas count as ready.
+    ready = (plan.ready if plan else len(snapshot.ready(model_name))) - outcome.removed + outcome.added
+    loading = plan.loading if plan else len(snapshot.loading(model_name))
+    has_load_info = (plan.has_load_info if plan else snapshot.has_load_info(model_name)) and not outcome.no_load_info
+    floor = config.floor
+
+    available = ConditionState(
+        model_name,
+        Type.AVAILABLE,
+        ready >= floor,
+        "minimum_replicas_ready" if ready >= floor else "below_minimum",
+        f"{ready} of {floor} replica(s) ready",
+    )
+
+    skipped = outcome.skipped or ("no_load_info" if outcome.no_load_info else (plan.skipped if plan else ""))
+    if outcome.failed:
+        added = f"{outcome.added} replica(s) added, then " if outcome.added else ""
+        progressing = (False, "scale_up_failed", f"{added}{outcome.failed}")
+    elif outcome.added:
+        progressing = (True, "scaling_up", f"{outcome.added} replica(s) added ({plan.scale_up_reason})")
+    elif loading:
+        progressing = (True, "replicas_loading", f"{loading} replica(s) loading")
+    elif skipped:
+        progressing = (False, skipped, _skip_message(skipped, plan))
+    else:
+        progressing = (False, "stable", "")
+    progressing = ConditionState(model_name, Type.PROGRESSING, *progressing)
+
+    until = outcome.cooldown_until or config.unsatisfiable_until
+    if (plan is not None and plan.in_cooldown) or outcome.tripped:
+        unsatisfiable = ConditionState(
+            model_name,
+            Type.UNSATISFIABLE,
+            True,
+            "no_capacity",
+            f"no free replica slot on the {len(plan.candidate_ids)} candidate node(s); "
+            f"scale-up paused until {until.isoformat() if until else 'the cooldown ends'}",
+        )
+    else:
+        unsatisfiable = ConditionState(model_name, Type.UNSATISFIABLE, False, "satisfiable", "")
+
+    if has_load_info:
+        no_load_info = ConditionState(model_name, Type.NO_LOAD_INFO, False, "load_info_present", "")
+    else:
+        no_load_info = ConditionState(
+            model_name,
+            Type.NO_LOAD_INFO,
+            True,
+            "no_load_info",
+            "no load recipe for this model (PUT /api/v1/models/{model}/load-info, or load it once "
+            "through a frontend); it cannot be scheduled",
+        )
+    return [available, progressing, unsatisfiable, no_load_info]
+
+
+def _skip_message(reason: str, plan: ScalePlan | None) -> str:
+    if plan is None:
+        return ""
+    return {
+        "cooldown": "unsatisfiable cooldown in progress",
+        "no_capacity": f"no free replica slot on the {len(plan.candidate_ids)} candidate node(s)",
+        "no_load_info": "no load info: the scheduler was not called",
+        "scheduler_unavailable": "no scheduler available (registry.router missing)",
+        "scale_up_budget": "pass budget spent; retrying next pass",
+    }.get(reason, reason)
+
+
+# Condition transitions that are worth an event, by (type, new status); others (Progressing,
+# Unsatisfiable) are covered by the replica and cooldown events already.
+TRANSITION_EVENTS = {
+    (Type.NO_LOAD_INFO, True): "no_load_info",
+    (Type.NO_LOAD_INFO, False): "load_info_found",
+    (Type.REAPING_PAUSED, True): "mass_staleness_guard",
+    (Type.REAPING_PAUSED, False): "mass_staleness_cleared",
+    (Type.AVAILABLE, True): "model_available",
+    (Type.AVAILABLE, False): "model_unavailable",
+}
+# A condition first created in its normal state is not news.
+NORMAL_STATUS = {
+    Type.AVAILABLE: True,
+    Type.NO_LOAD_INFO: False,
+    Type.REAPING_PAUSED: False,
+    Type.UNSATISFIABLE: False,
+}
+
+
+def transition_event_kind(type_: str, status: bool, *, is_new: bool) -> str | None:
+    """The event kind to record for a condition transition, or None when it is not news."""
+    if is_new and NORMAL_STATUS.get(type_) == status:
+        return None
+    return TRANSITION_EVENTS.get((type_, status))
+

@@ -1,0 +1,245 @@
+"""The reconciler's view of the fleet: plain dataclasses read in a fixed number of queries.
+
+``take_snapshot`` runs the same six queries whether the fleet has one model or ten thousand
+(nodes, labels, replica rows, scheduling configs, load-info names, conditions). Everything
+downstream (``planning.py``) is pure and works on these objects, so it is unit-tested without a
+database and can never issue a query per model or per node.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from types import MappingProxyType
+from uuid import UUID
+
+from django.db.models.functions import Length
+from django.utils import timezone
+
+from registry.labels import selector_matches
+from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
+
+from .models import ModelCondition
+
+
+def _empty() -> Mapping:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class NodeView:
+    id: UUID
+    name: str
+    status: str
+    node_type: str = Node.NodeType.BACKEND
+    address: str = ""
+    last_heartbeat: datetime | None = None
+    slots: int = 1
+    reserved_vram: int = 0
+    labels: Mapping[str, str] = field(default_factory=_empty)
+
+    @property
+    def schedulable(self) -> bool:
+        """Healthy backend nodes are the only ones scheduled on and routed to."""
+        return self.status == Node.Status.HEALTHY and self.node_type == Node.NodeType.BACKEND
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == Node.Status.HEALTHY
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    id: int
+    node_id: UUID
+    model_name: str
+    replica_index: int = 0
+    state: str = NodeModel.State.LOADED
+    address: str = ""
+    in_flight: int = 0
+    last_used: datetime | None = None
+    probe_failures: int = 0
+    last_probe_at: datetime | None = None
+    reserved_vram: int = 0
+    has_blob: bool = False
+    updated_at: datetime | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.state == NodeModel.State.LOADED
+
+    @property
+    def loading(self) -> bool:
+        return self.state == NodeModel.State.LOADING
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.model_name, self.replica_index)
+
+
+@dataclass(frozen=True)
+class ConfigView:
+    model_name: str
+    min_replicas: int = 0
+    max_replicas: int = 0
+    node_selector: Mapping[str, str] = field(default_factory=_empty)
+    unsatisfiable_until: datetime | None = None
+    unsatisfiable_ticks: int = 0
+
+    @property
+    def autoscaled(self) -> bool:
+        """Same rule as ``ModelSchedulingConfig.is_autoscaled``."""
+        return self.min_replicas > 0 or self.max_replicas > 0
+
+    @property
+    def floor(self) -> int:
+        """Replicas a model should keep even when idle: ``max(min_replicas, 1)``."""
+        return max(self.min_replicas, 1)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one pass plans from. Derived indexes are computed once, in memory."""
+
+    taken_at: datetime
+    nodes: Mapping[UUID, NodeView] = field(default_factory=_empty)
+    replicas: tuple[ReplicaView, ...] = ()
+    configs: Mapping[str, ConfigView] = field(default_factory=_empty)
+    load_info_models: frozenset[str] = frozenset()
+    # {(model_name, type): {"status", "reason", "message", "since"}}
+    conditions: Mapping[tuple[str, str], dict] = field(default_factory=dict)
+
+    @cached_property
+    def replicas_by_model(self) -> Mapping[str, tuple[ReplicaView, ...]]:
+        grouped = defaultdict(list)
+        for replica in self.replicas:
+            grouped[replica.model_name].append(replica)
+        return {name: tuple(rows) for name, rows in grouped.items()}
+
+    @cached_property
+    def replicas_by_node(self) -> Mapping[UUID, tuple[ReplicaView, ...]]:
+        grouped = defaultdict(list)
+        for replica in self.replicas:
+            grouped[replica.node_id].append(replica)
+        return {node_id: tuple(rows) for node_id, rows in grouped.items()}
+
+    @cached_property
+    def model_names(self) -> tuple[str, ...]:
+        """Every model known from scheduling configs, load info or replica rows, sorted."""
+        return tuple(sorted(set(self.configs) | set(self.load_info_models) | set(self.replicas_by_model)))
+
+    def config_for(self, model_name: str) -> ConfigView:
+        """The model's scheduling config, or the not-autoscaled default."""
+        return self.configs.get(model_name) or ConfigView(model_name)
+
+    def has_load_info(self, model_name: str) -> bool:
+        """Mirrors ``ModelLoadInfo.objects.for_model``: the per-model row, else a loaded replica
+        row carrying a blob. The apply step still asks ``for_model`` before scheduling."""
+        if model_name in self.load_info_models:
+            return True
+        return any(r.loaded and r.has_blob for r in self.replicas_by_model.get(model_name, ()))
+
+    def candidates(self, selector: Mapping[str, str]) -> tuple[NodeView, ...]:
+        """Schedulable nodes carrying every label of ``selector``, in name order."""
+        return tuple(
+            node
+            for node in sorted(self.nodes.values(), key=lambda n: n.name)
+            if node.schedulable and selector_matches(dict(selector), dict(node.labels))
+        )
+
+    def ready(self, model_name: str) -> tuple[ReplicaView, ...]:
+        """Loaded rows on schedulable nodes: the routable replicas."""
+        return tuple(
+            r for r in self.replicas_by_model.get(model_name, ()) if r.loaded and self._on_schedulable(r)
+        )
+
+    def loading(self, model_name: str) -> tuple[ReplicaView, ...]:
+        """Rows still loading on schedulable nodes (a scale-up in progress)."""
+        return tuple(
+            r for r in self.replicas_by_model.get(model_name, ()) if r.loading and self._on_schedulable(r)
+        )
+
+    def _on_schedulable(self, replica: ReplicaView) -> bool:
+        node = self.nodes.get(replica.node_id)
+        return node is not None and node.schedulable
+
+
+def take_snapshot(*, now: datetime | None = None) -> Snapshot:
+    """Read the fleet in six queries (pinned by a test), whatever its size."""
+    labels = defaultdict(dict)
+    for node_id, key, value in NodeLabel.objects.values_list("node_id", "key", "value"):
+        labels[node_id][key] = value
+    nodes = {
+        row["id"]: NodeView(
+            id=row["id"],
+            name=row["name"],
+            status=row["status"],
+            node_type=row["node_type"],
+            address=row["address"],
+            last_heartbeat=row["last_heartbeat"],
+            slots=row["max_replicas_per_model"],
+            reserved_vram=row["reserved_vram"],
+            labels=MappingProxyType(labels.get(row["id"], {})),
+        )
+        for row in Node.objects.order_by("name").values(
+            "id", "name", "status", "node_type", "address", "last_heartbeat", "max_replicas_per_model", "reserved_vram"
+        )
+    }
+    replicas = tuple(replica_views(NodeModel.objects.all()))
+    configs = {
+        row["model_name"]: ConfigView(
+            model_name=row["model_name"],
+            min_replicas=row["min_replicas"],
+            max_replicas=row["max_replicas"],
+            node_selector=MappingProxyType(dict(row["node_selector"] or {})),
+            unsatisfiable_until=row["unsatisfiable_until"],
+            unsatisfiable_ticks=row["unsatisfiable_ticks"],
+        )
+        for row in ModelSchedulingConfig.objects.values(
+            "model_name", "min_replicas", "max_replicas", "node_selector", "unsatisfiable_until", "unsatisfiable_ticks"
+        )
+    }
+    load_info_models = frozenset(ModelLoadInfo.objects.values_list("model_name", flat=True))
+    conditions = ModelCondition.objects.as_map()
+    return Snapshot(
+        taken_at=now or timezone.now(),
+        nodes=MappingProxyType(nodes),
+        replicas=replicas,
+        configs=MappingProxyType(configs),
+        load_info_models=load_info_models,
+        conditions=conditions,
+    )
+
+
+def read_replicas(queryset):
+    """Replica rows as dicts (one query), with ``blob_length`` instead of the blob itself."""
+    return (
+        queryset.annotate(blob_length=Length("model_opts_blob"))
+        .order_by("model_name", "node_id", "replica_index")
+        .values(
+            "id",
+            "node_id",
+            "model_name",
+            "replica_index",
+            "state",
+            "address",
+            "in_flight",
+            "last_used",
+            "probe_failures",
+            "last_probe_at",
+            "reserved_vram",
+            "blob_length",
+            "updated_at",
+        )
+    )
+
+
+def replica_views(queryset) -> list[ReplicaView]:
+    """``read_replicas`` as ``ReplicaView`` objects (used to re-read one node's rows)."""
+    return [
+        ReplicaView(**{k: v for k, v in row.items() if k != "blob_length"}, has_blob=bool(row["blob_length"]))
+        for row in read_replicas(queryset)
+    ]
