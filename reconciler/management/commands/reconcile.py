@@ -1,0 +1,43 @@
+"""``manage.py reconcile``: run the reconciler without django-q2.
+
+``--once`` (the default) runs one pass and prints its summary as JSON. ``--loop`` is a leader
+loop like the scheduled task, but as a standby: while another process holds the reconcile lock
+it keeps retrying every interval, so several ``--loop`` processes give one active reconciler
+and hot spares. ``--budget`` ends the loop after that many seconds (default: never).
+"""
+
+import json
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from reconciler.reconcile import reconcile_once, run_leader
+
+
+class Command(BaseCommand):
+    help = "Run reconcile passes: one (--once) or a leader loop (--loop)."
+
+    def add_arguments(self, parser):
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument("--once", action="store_true", help="run one pass (default)")
+        mode.add_argument("--loop", action="store_true", help="run passes every --interval seconds")
+        parser.add_argument(
+            "--interval",
+            type=float,
+            default=None,
+            help=f"seconds between passes (default: RECONCILE_INTERVAL = {settings.RECONCILE_INTERVAL})",
+        )
+        parser.add_argument("--budget", type=float, default=None, help="stop looping after this many seconds")
+
+    def handle(self, *args, once, loop, interval, budget, **options):
+        if interval is not None and interval <= 0:
+            raise CommandError("--interval must be positive")
+        if not loop and (interval is not None or budget is not None):
+            raise CommandError("--interval and --budget only apply to --loop")
+        if loop:
+            result = run_leader(budget=budget, interval=interval, standby=True).as_dict()
+        else:
+            result = reconcile_once().as_dict()
+        self.stdout.write(json.dumps(result, indent=2, sort_keys=True))
+        if result["outcome"] == "error":
+            raise CommandError(f"reconcile pass failed: {result['reason']}")
