@@ -1,0 +1,1 @@
+"""Backends shipped with the worker. ``echo`` is always available to ``StartBackend``."""

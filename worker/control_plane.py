@@ -1,0 +1,190 @@
+"""REST client for the control plane's node API, as the worker sees it.
+
+Paths and bodies (see docs/reference.md section 7 and docs/localai-wire.md):
+
+- ``POST /api/node/register``: bearer = registration token; answers 201 ``{id, name,
+  node_type, status, created_at, node_token}``.
+- ``POST /api/node/{id}/heartbeat`` ``{"available_vram"|"available_ram": n}`` (unknown values
+  omitted), ``POST /api/node/{id}/drain``, ``GET /api/node/{id}/models`` (replica rows),
+  ``POST /api/node/{id}/deregister``: bearer = the node token from registration.
+
+Errors are RFC 9457 problem documents; :class:`ControlPlaneError` carries their ``code`` and
+``detail``. Tokens are only ever put in the Authorization header, never in messages or logs.
+Stdlib ``urllib`` only: the worker should run with nothing but grpcio and protobuf installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+log = logging.getLogger("worker.control_plane")
+
+
+class ControlPlaneUnreachable(Exception):
+    """No HTTP answer: connection refused, DNS, timeout, reset."""
+
+
+class ControlPlaneError(Exception):
+    """The control plane answered with an HTTP error status."""
+
+    def __init__(self, status: int, problem: dict[str, Any], retry_after: float | None = None):
+        self.status = status
+        self.problem = problem
+        self.code = problem.get("code")
+        self.detail = problem.get("detail") or problem.get("title") or ""
+        self.retry_after = retry_after
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        parts = [f"HTTP {self.status}"]
+        if self.code:
+            parts.append(f"code={self.code}")
+        if self.detail:
+            parts.append(f"detail={self.detail}")
+        return " ".join(parts)
+
+    @property
+    def retryable(self) -> bool:
+        """5xx and 429 may succeed later; any other 4xx will not."""
+        return self.status >= 500 or self.status == 429
+
+
+class RegistrationFailed(Exception):
+    """Registration gave up (a non-retryable answer, or every try failed)."""
+
+
+class RegistrationAborted(Exception):
+    """Shutdown was requested while waiting to retry registration."""
+
+
+def _problem_from_body(status: int, reason: str, body: bytes) -> dict[str, Any]:
+    """Normalise an error body into problem fields (RFC 9457; LocalAI's and DRF's shapes too)."""
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        text = body.decode("utf-8", "replace").strip()
+        return {"status": status, "title": reason, "detail": text[:300]}
+    if not isinstance(data, dict):
+        return {"status": status, "title": reason, "detail": str(data)[:300]}
+    if isinstance(data.get("error"), dict):  # LocalAI: {"error": {"code", "message", "type"}}
+        err = data["error"]
+        return {"status": status, "title": reason, "code": err.get("code"), "detail": err.get("message")}
+    problem = {k: data.get(k) for k in ("type", "title", "status", "detail", "code") if k in data}
+    problem.setdefault("status", status)
+    problem.setdefault("title", reason)
+    return problem
+
+
+class ControlPlaneClient:
+    """One method per node-API call. Raises :class:`ControlPlaneUnreachable` or
+    :class:`ControlPlaneError`; returns the decoded JSON answer (None for an empty body)."""
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def register(self, body: dict[str, Any], registration_token: str) -> dict[str, Any]:
+        answer = self._request("POST", "/api/node/register", registration_token, body)
+        if not isinstance(answer, dict) or not answer.get("id"):
+            raise ControlPlaneError(502, {"title": "bad registration answer", "detail": "no node id"})
+        return answer
+
+    def heartbeat(self, node_id: str, node_token: str, body: dict[str, Any]) -> Any:
+        return self._request("POST", f"/api/node/{self._id(node_id)}/heartbeat", node_token, body)
+
+    def drain(self, node_id: str, node_token: str) -> Any:
+        return self._request("POST", f"/api/node/{self._id(node_id)}/drain", node_token, {})
+
+    def models(self, node_id: str, node_token: str) -> list[dict[str, Any]]:
+        answer = self._request("GET", f"/api/node/{self._id(node_id)}/models", node_token)
+        if isinstance(answer, dict) and isinstance(answer.get("results"), list):
+            return answer["results"]  # tolerate a paginated envelope
+        return answer if isinstance(answer, list) else []
+
+    def deregister(self, node_id: str, node_token: str) -> Any:
+        return self._request("POST", f"/api/node/{self._id(node_id)}/deregister", node_token, {})
+
+    @staticmethod
+    def _id(node_id: str) -> str:
+        return urllib.parse.quote(str(node_id), safe="")
+
+    def _request(self, method: str, path: str, token: str, body: dict | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base_url + path, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {token}")
+        request.add_header("Accept", "application/json, application/problem+json")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                raw = exc.read()
+                retry_after = exc.headers.get("Retry-After") if exc.headers else None
+            raise ControlPlaneError(
+                exc.code, _problem_from_body(exc.code, str(exc.reason), raw), _seconds(retry_after)
+            ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ControlPlaneUnreachable(f"{method} {path}: {reason}") from None
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ControlPlaneError(
+                502, {"title": "bad answer", "detail": f"{method} {path} did not answer JSON"}
+            ) from None
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None  # an HTTP date: ignore, use our own backoff
+
+
+def register_with_retry(
+    client: ControlPlaneClient,
+    body: dict[str, Any],
+    registration_token: str,
+    *,
+    tries: int = 10,
+    base_delay: float = 2.0,
+    max_delay: float = 30.0,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Register, retrying unreachable/5xx/429 with backoff ``base_delay`` doubling to ``max_delay``.
+
+    Returns the registration answer. Raises :class:`RegistrationFailed` for a non-retryable
+    answer (e.g. 401 bad token: the message carries the problem's detail) or after ``tries``
+    attempts, and :class:`RegistrationAborted` when ``stop`` is set during a wait.
+    """
+    stop = stop or threading.Event()
+    delay = base_delay
+    last: Exception | None = None
+    for attempt in range(1, tries + 1):
+        try:
+            return client.register(body, registration_token)
+        except ControlPlaneError as exc:
+            if not exc.retryable:
+                raise RegistrationFailed(f"registration refused: {exc.describe()}") from None
+            last = exc
+            wait = delay if exc.retry_after is None else min(max(exc.retry_after, delay), max_delay)
+        except ControlPlaneUnreachable as exc:
+            last = exc
+            wait = delay
+        if attempt == tries:
+            break
+        log.warning("registration attempt %d/%d failed (%s); retrying in %.1fs", attempt, tries, last, wait)
+        if stop.wait(wait):
+            raise RegistrationAborted("shutdown requested during registration")
+        delay = min(delay * 2, max_delay)
+    raise RegistrationFailed(f"registration failed after {tries} tries; last error: {last}")
