@@ -1,0 +1,236 @@
+"""The pure planners, on hand-built snapshots: no database."""
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from reconciler.conf import ReconcileConfig
+from reconciler.models import ModelCondition
+from reconciler.planning import (
+    ScaleOutcome,
+    WorkerBackend,
+    model_conditions,
+    plan_checks,
+    plan_model,
+    plan_node_health,
+    plan_worker_reconciliation,
+    transition_event_kind,
+)
+from reconciler.snapshot import ConfigView, NodeView, ReplicaView, Snapshot
+from registry.models import Node, NodeModel
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+CFG = ReconcileConfig()
+_ids = iter(range(1, 10_000))
+
+
+def node(name, status=Node.Status.HEALTHY, *, heartbeat=NOW, slots=1, labels=None, **fields):
+    return NodeView(
+        id=uuid.uuid5(uuid.NAMESPACE_DNS, name),
+        name=name,
+        status=status,
+        last_heartbeat=heartbeat,
+        slots=slots,
+        labels=labels or {},
+        address=f"{name}:50051",
+        **fields,
+    )
+
+
+def row(on, model="llama", index=0, *, state=NodeModel.State.LOADED, in_flight=0, last_used=None, **fields):
+    return ReplicaView(
+        id=next(_ids),
+        node_id=on.id,
+        model_name=model,
+        replica_index=index,
+        state=state,
+        in_flight=in_flight,
+        last_used=last_used,
+        **fields,
+    )
+
+
+def snapshot(nodes=(), replicas=(), configs=(), load_info=("llama",)):
+    return Snapshot(
+        taken_at=NOW,
+        nodes={n.id: n for n in nodes},
+        replicas=tuple(replicas),
+        configs={c.model_name: c for c in configs},
+        load_info_models=frozenset(load_info),
+    )
+
+
+# --- node health --------------------------------------------------------------------------------
+
+
+def test_stale_healthy_nodes_go_offline_and_fresh_offline_ones_recover():
+    stale = node("a", heartbeat=NOW - timedelta(seconds=31))
+    never = node("b", heartbeat=None)
+    back = node("c", Node.Status.OFFLINE)
+    fine = [node(f"ok-{i}") for i in range(3)]
+    plan = plan_node_health(snapshot([stale, never, back, *fine]), CFG, now=NOW)
+
+    assert plan.guard is False
+    assert {n.name for n in plan.mark_offline} == {"a", "b"}
+    assert [n.name for n in plan.mark_healthy] == ["c"]
+    assert plan.heartbeat_cutoff == NOW - timedelta(seconds=30)
+
+
+def test_guard_needs_more_than_the_fraction_and_at_least_two_nodes():
+    old = NOW - timedelta(minutes=5)
+
+    def guard(stale, fresh):
+        nodes = [node(f"s{i}", heartbeat=old) for i in range(stale)] + [node(f"f{i}") for i in range(fresh)]
+        return plan_node_health(snapshot(nodes), CFG, now=NOW).guard
+
+    assert guard(2, 0) is True
+    assert guard(3, 2) is True
+    assert guard(2, 2) is False  # exactly half
+    assert guard(1, 0) is False  # a lone node
+    assert guard(1, 1) is False
+
+
+def test_guard_counts_only_healthy_nodes_and_reaps_none():
+    old = NOW - timedelta(minutes=5)
+    nodes = [
+        node("s1", heartbeat=old),
+        node("s2", heartbeat=old),
+        node("fresh"),
+        node("drain", Node.Status.DRAINING, heartbeat=old),
+        node("off", Node.Status.OFFLINE, heartbeat=old),
+        node("pend", Node.Status.PENDING, heartbeat=old),
+    ]
+    plan = plan_node_health(snapshot(nodes), CFG, now=NOW)
+
+    assert plan.guard is True and plan.swept == 3
+    assert plan.mark_offline == ()
+    assert plan.guard_condition().status is True
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def test_checks_probe_old_loaded_rows_with_an_address_on_healthy_nodes():
+    a, sick = node("a"), node("sick", Node.Status.UNHEALTHY)
+    old = NOW - timedelta(seconds=11)
+    due = row(a, address="x:1", last_probe_at=old)
+    never = row(a, index=1, address="x:2")
+    rows = [
+        due,
+        never,
+        row(a, index=2, address="x:3", last_probe_at=NOW - timedelta(seconds=2)),  # recent
+        row(a, index=3, last_probe_at=old),  # no address
+        row(a, index=4, address="x:5", state=NodeModel.State.LOADING, last_probe_at=old),
+        row(sick, address="x:6", last_probe_at=old),
+    ]
+    plan = plan_checks(snapshot([a, sick], rows), CFG, now=NOW)
+
+    assert set(plan.probes) == {due, never}
+    assert plan.listings == (a,)
+
+
+def test_worker_reconciliation():
+    a = node("a")
+    listed_at = NOW
+    rows = [
+        row(a, index=0, updated_at=NOW - timedelta(seconds=1)),
+        row(a, index=1, updated_at=NOW - timedelta(seconds=1)),
+        row(a, index=2, updated_at=NOW + timedelta(seconds=1)),  # written after the listing
+        row(a, "phi", 0, state=NodeModel.State.LOADING),
+    ]
+    reported = [
+        WorkerBackend("llama", 0, "RUNNING"),
+        WorkerBackend("llama", 1, "EXITED"),
+        WorkerBackend("phi", 0, "RUNNING"),
+        WorkerBackend("qwen", 3, "RUNNING"),
+    ]
+    plan = plan_worker_reconciliation(rows, reported, listed_at=listed_at)
+
+    assert [r.replica_index for r in plan.remove] == [1]
+    assert plan.stop == (WorkerBackend("qwen", 3, "RUNNING"),)
+
+
+# --- scaling -----------------------------------------------------------------------------
+
+
+def test_below_the_floor_scales_by_min_of_needed_and_capacity():
+    a, b = node("a", slots=2), node("b", slots=1)
+    plan = plan_model(snapshot([a, b]), ConfigView("llama", min_replicas=5), CFG, now=NOW)
+
+    assert (plan.scale_up, plan.scale_up_reason, plan.capacity) == (3, "below_min", 3)
+    assert plan.candidate_ids == (a.id, b.id)
+
+
+def test_zero_capacity_records_unsatisfiable_instead():
+    a = node("a")
+    plan = plan_model(snapshot([a], [row(a)]), ConfigView("llama", min_replicas=2), CFG, now=NOW)
+
+    assert plan.scale_up == 0
+    assert plan.record_unsatisfiable and plan.skipped == "no_capacity"
+
+
+def test_no_load_info_never_plans_a_scale_up():
+    plan = plan_model(snapshot([node("a")], load_info=()), ConfigView("llama", min_replicas=1), CFG, now=NOW)
+
+    assert plan.scale_up == 0 and plan.skipped == "no_load_info"
+
+
+def test_cooldown_gates_everything_and_its_end_is_noticed():
+    config = ConfigView("llama", min_replicas=1, unsatisfiable_until=NOW + timedelta(seconds=1))
+    gated = plan_model(snapshot([node("a")]), config, CFG, now=NOW)
+    over = plan_model(snapshot([node("a")]), config, CFG, now=NOW + timedelta(seconds=1))
+
+    assert gated.in_cooldown and gated.scale_up == 0
+    assert over.cooldown_over and over.scale_up == 1
+
+
+def test_busy_scale_up_respects_the_ceiling_and_in_progress_loads():
+    a = node("a", slots=4)
+    busy = [row(a, index=i, in_flight=1) for i in range(2)]
+    config = ConfigView("llama", min_replicas=1, max_replicas=3)
+
+    assert plan_model(snapshot([a], busy), config, CFG, now=NOW).scale_up == 1
+    at_max = [*busy, row(a, index=2, in_flight=1)]
+    assert plan_model(snapshot([a], at_max), config, CFG, now=NOW).scale_up == 0
+    loading = [*busy, row(a, index=2, state=NodeModel.State.LOADING)]
+    assert plan_model(snapshot([a], loading), config, CFG, now=NOW).scale_up == 0
+    unlimited = ConfigView("llama", min_replicas=1, max_replicas=0)
+    assert plan_model(snapshot([a], busy), unlimited, CFG, now=NOW).scale_up == 1
+
+
+def test_scale_down_order_and_floor():
+    a, b = node("a", slots=3), node("b", slots=3)
+    idle = NOW - timedelta(minutes=10)
+    rows = [
+        row(a, index=0, last_used=idle),
+        row(a, index=1, last_used=idle - timedelta(minutes=1)),
+        row(b, index=1, last_used=idle),
+        row(b, index=2, last_used=NOW),  # used just now: not idle
+    ]
+    plan = plan_model(snapshot([a, b], rows), ConfigView("llama", min_replicas=2), CFG, now=NOW)
+
+    # 4 ready, floor 2: the two idle ones with the highest index; at equal index, oldest use first
+    assert [(r.node_id, r.replica_index) for r in plan.remove] == [(a.id, 1), (b.id, 1)]
+
+
+# --- conditions ------------------------------------------------------------------------------
+
+
+def test_conditions_for_a_model_in_cooldown():
+    config = ConfigView("llama", min_replicas=2, unsatisfiable_until=NOW + timedelta(minutes=1))
+    snap = snapshot([node("a")], configs=[config], load_info=())
+    plan = plan_model(snap, config, CFG, now=NOW)
+    states = {s.type: s for s in model_conditions(snap, "llama", plan, ScaleOutcome(), now=NOW)}
+
+    Type = ModelCondition.Type
+    assert (states[Type.AVAILABLE].status, states[Type.AVAILABLE].reason) == (False, "below_minimum")
+    assert (states[Type.UNSATISFIABLE].status, states[Type.UNSATISFIABLE].reason) == (True, "no_capacity")
+    assert (states[Type.PROGRESSING].status, states[Type.PROGRESSING].reason) == (False, "cooldown")
+    assert (states[Type.NO_LOAD_INFO].status, states[Type.NO_LOAD_INFO].reason) == (True, "no_load_info")
+
+
+def test_transition_events_skip_new_conditions_in_their_normal_state():
+    Type = ModelCondition.Type
+    assert transition_event_kind(Type.NO_LOAD_INFO, False, is_new=True) is None
+    assert transition_event_kind(Type.NO_LOAD_INFO, True, is_new=True) == "no_load_info"
+    assert transition_event_kind(Type.NO_LOAD_INFO, False, is_new=False) == "load_info_found"
+    assert transition_event_kind(Type.PROGRESSING, True, is_new=False) is None
