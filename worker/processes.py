@@ -13,9 +13,11 @@ that keeps the last lines of its output in a bounded ring buffer.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import enum
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +39,23 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 RING_LINES = 200
 ERROR_LINES = 20
 ERROR_CHARS = 4000
+
+
+
+_SETPRIV = shutil.which("setpriv")
+
+
+def _die_with_parent(argv: list[str]) -> list[str]:
+    """Prefix ``argv`` so the kernel SIGKILLs the backend when its worker dies.
+
+    ``setpriv --pdeathsig`` (util-linux) sets PR_SET_PDEATHSIG and execs the backend. A
+    Python ``preexec_fn`` cannot do this here: forking with gRPC's threads running and then
+    running Python code in the child crashes it. Where setpriv is missing, a SIGKILLed worker
+    can leave orphans (the reconciler stops orphans it finds through ListBackends).
+    """
+    if _SETPRIV is None:
+        return argv
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
 class BackendError(Exception):
@@ -208,6 +227,10 @@ class BackendSupervisor:
         self._stop_watching = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="backend supervisor", daemon=True)
         self._watcher.start()
+        # Every backend is forked from this one long-lived thread: PR_SET_PDEATHSIG fires when
+        # the *thread* that forked a child exits, so forking from short-lived request threads
+        # would kill backends when those threads end.
+        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="backend-spawner")
 
     # ----- start -------------------------------------------------------------------------
 
@@ -277,8 +300,10 @@ class BackendSupervisor:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [_REPO_ROOT, env.get("PYTHONPATH")]))
         label = f"model={model_name} replica={replica_index}"
         try:
-            popen = subprocess.Popen(
-                argv,
+            popen = self._spawner.submit(
+                subprocess.Popen,
+                # Die with the worker: a SIGKILLed worker must not leave orphan backends.
+                _die_with_parent(argv),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -286,7 +311,7 @@ class BackendSupervisor:
                 # Own process group: a terminal's Ctrl+C reaches the worker only, which then
                 # stops its backends in order (Free, SIGTERM, SIGKILL).
                 start_new_session=True,
-            )
+            ).result()
         except OSError as exc:
             with self._lock:
                 self._ports_in_use.discard(port)

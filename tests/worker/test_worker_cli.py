@@ -117,3 +117,29 @@ def test_no_register_serves_the_worker_service_until_sigint(spawn):
     wait_for(listening, timeout=15, interval=0.1)
     worker.send_signal(signal.SIGINT)
     assert worker.wait(15) == 0
+
+
+def test_a_sigkilled_worker_takes_its_backends_with_it(spawn):
+    """A worker that dies without a chance to clean up (SIGKILL, OOM) leaves no orphan
+    backend holding a port: backends are started with PR_SET_PDEATHSIG."""
+    port = free_backend_port()
+    worker = spawn(worker_argv(None, port, "--registration-token", TOKEN), stderr=subprocess.DEVNULL)
+    stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+    def started():
+        try:
+            return stub.StartBackend(
+                worker_pb2.StartBackendRequest(model_name="m", backend_type="echo", replica_index=0),
+                metadata=AUTH,
+                timeout=20,
+            )
+        except grpc.RpcError:
+            return None
+
+    response = wait_for(started, timeout=30, interval=0.2)
+    assert pid_alive(response.pid)
+
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(10)
+
+    wait_for(lambda: not pid_alive(response.pid), timeout=10)
