@@ -234,8 +234,26 @@ def _probe(address: str) -> client.Probe:
 
 
 def _leased(lease: Lease) -> RouteResult:
-    name = Node.objects.filter(pk=lease.node_id).values_list("name", flat=True).first() or ""
-    return RouteResult(lease=lease, node_name=name)
+    return RouteResult(lease=lease, node_name=_node_name(lease.node_id))
+
+
+# node id -> (name, monotonic expiry). Saves a query per routed request; a node keeps its name
+# for its id (the name is the re-registration key), so the entry only goes stale if an operator
+# renames a node in the admin, and then for at most NODE_NAME_CACHE_SECONDS.
+_node_names: dict = {}
+NODE_NAME_CACHE_SECONDS = 60.0
+
+
+def _node_name(node_id) -> str:
+    cached = _node_names.get(node_id)
+    if cached is not None and cached[1] > time.monotonic():
+        return cached[0]
+    name = Node.objects.filter(pk=node_id).values_list("name", flat=True).first() or ""
+    if name:
+        if len(_node_names) > 10_000:
+            _node_names.clear()
+        _node_names[node_id] = (name, time.monotonic() + NODE_NAME_CACHE_SECONDS)
+    return name
 
 
 def _cold(model_name, node_ids, backend_type, opts_blob, wait, lease_ttl, now) -> RouteResult:
