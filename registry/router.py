@@ -175,7 +175,10 @@ def route(
     if opts_blob is not None:
         opts_blob = bytes(opts_blob)
         codec.options_from_blob(opts_blob)  # refuse garbage before storing it
-        ModelLoadInfo.objects.upsert(model_name, backend_type or "", opts_blob, now=now)
+        if backend_type is None:  # options alone keep the backend type already stored
+            stored = ModelLoadInfo.objects.filter(model_name=model_name).values_list("backend_type", flat=True)
+            backend_type = stored.first() or ""
+        ModelLoadInfo.objects.upsert(model_name, backend_type, opts_blob, now=now)
 
     result = _warm(model_name, node_ids, lease_ttl, now)
     if result is not None:
@@ -330,7 +333,8 @@ def schedule_and_load(
 
     If no node has a free slot: :class:`CapacityExhausted`. If slots exist but not the VRAM:
     evict the least recently used idle replica (never below its model's floor) and re-plan, a
-    few times; nothing evictable: :class:`AllReplicasBusy`. No candidates:
+    few times; nothing evictable: :class:`AllReplicasBusy` (also after evicting a replica of
+    unknown size, whose freed VRAM only the node's next heartbeat shows). No candidates:
     :class:`NoMatchingNodes`. Never holds a transaction or lock across a gRPC call.
     """
     if not model_name or not model_name.strip():
@@ -359,12 +363,20 @@ def schedule_and_load(
                 raise NoMatchingNodes(f"no healthy backend node is a candidate for {model_name!r}")
             if decision.reason == placement.NO_FREE_SLOT:
                 raise CapacityExhausted(f"every candidate node holds its maximum replicas of {model_name!r}")
-            if evictions >= MAX_EVICTIONS or not _evict_one(model_name, decision.slotted, now):
+            victim = None if evictions >= MAX_EVICTIONS else _evict_one(model_name, decision.slotted, now)
+            if victim is None:
                 raise AllReplicasBusy(
                     f"no candidate node has {needed} bytes of free VRAM for {model_name!r} and no idle replica "
                     "may be evicted"
                 )
             evictions += 1
+            if victim.vram <= 0:
+                # Its size was unknown, so the freed VRAM shows only in the node's next heartbeat;
+                # evicting more now would empty the node on a guess.
+                raise AllReplicasBusy(
+                    f"evicted {victim.model_name!r} replica {victim.replica_index} to make room for {model_name!r}; "
+                    "its VRAM counts once the node reports it (next heartbeat): retry then"
+                )
             continue
         row = _claim_row(model_name, decision.node, backend_type, needed, now)
         if row is None:
@@ -520,9 +532,9 @@ def _stop_backend(worker_address: str, node_id, model_name: str, replica_index: 
 # --------------------------------------------------------------------------------------------
 
 
-def _evict_one(model_name: str, slotted, now) -> bool:
+def _evict_one(model_name: str, slotted, now) -> placement.ReplicaInfo | None:
     """Evict the LRU idle replica on one of the ``slotted`` nodes to make VRAM room for
-    ``model_name``; False when nothing may go.
+    ``model_name``; returns it, or None when nothing may go.
 
     Reads every ready replica of the models present on those nodes (so floors are counted
     fleet-wide) and their scheduling floors, lets ``placement.choose_victim`` decide, removes
@@ -537,7 +549,7 @@ def _evict_one(model_name: str, slotted, now) -> bool:
         .values("pk", "node_id", "model_name", "replica_index", "in_flight", "last_used", "reserved_vram")
     )
     if not rows:
-        return False
+        return None
     floors = {
         name: placement.replica_floor(low, high)
         for name, low, high in ModelSchedulingConfig.objects.filter(
@@ -560,7 +572,7 @@ def _evict_one(model_name: str, slotted, now) -> bool:
     while True:
         victim = placement.choose_victim(replicas, node_ids=node_ids, exclude_model=model_name)
         if victim is None:
-            return False
+            return None
         if NodeModel.objects.remove_if_idle(victim.replica_id):
             break
         # It became busy (or went) since the snapshot: take it out of the running and retry.
@@ -575,4 +587,4 @@ def _evict_one(model_name: str, slotted, now) -> bool:
     )
     worker_address = Node.objects.filter(pk=victim.node_id).values_list("address", flat=True).first() or ""
     _stop_backend(worker_address, victim.node_id, victim.model_name, victim.replica_index)
-    return True
+    return victim

@@ -415,3 +415,29 @@ def test_a_model_without_a_vram_estimate_never_triggers_eviction(fleet):
 
     assert replica.state == "loaded"
     assert NodeModel.objects.filter(model_name="phi").exists()
+
+
+def test_evicting_a_replica_of_unknown_size_stops_after_one_and_asks_for_a_retry(fleet):
+    gpu = fleet.add_node("gpu-1", total_vram=10 * GIB)
+    for name in ("phi", "qwen"):  # loaded without a VRAM hint: sizes unknown
+        router.schedule_and_load(name, backend_type="x", opts_blob=options_blob())
+    Node.objects.heartbeat(gpu.node.pk, available_vram=2 * GIB)  # what they really use
+
+    with pytest.raises(router.AllReplicasBusy, match="next heartbeat"):
+        router.schedule_and_load("llama", backend_type="x", opts_blob=options_blob(vram=6 * GIB))
+
+    assert NodeModel.objects.count() == 1  # one went, not both
+    assert gpu.worker.count("StopBackend") == 1
+    Node.objects.heartbeat(gpu.node.pk, available_vram=7 * GIB)  # the worker reports the freed VRAM
+    assert router.schedule_and_load("llama", backend_type="x", opts_blob=options_blob(vram=6 * GIB)).state == "loaded"
+
+
+def test_options_without_a_backend_type_keep_the_stored_one(fleet):
+    gpu = fleet.add_node("gpu-1")
+    live_replica(fleet, gpu.node)
+    ModelLoadInfo.objects.upsert("llama", "vllm", options_blob("old"))
+
+    router.route("llama", opts_blob=BLOB)
+
+    info = ModelLoadInfo.objects.for_model("llama")
+    assert (info.backend_type, info.model_opts_blob) == ("vllm", BLOB)
