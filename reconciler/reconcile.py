@@ -482,6 +482,9 @@ class _Pass:
             except Exception as exc:
                 outcome.failed = f"{type(exc).__name__}: {exc}"[:1000]
                 self.summary.count("scale_up_failed")
+                logger.warning("scale-up of %s failed: %s", name, outcome.failed)
+                if _same_failure_as_last_pass(snapshot, name, outcome.failed):
+                    return  # one event per failure state, not one per pass while it persists
                 self.event(
                     Event.Kind.SCALE_UP_FAILED,
                     model_name=name,
@@ -559,6 +562,12 @@ class _Pass:
         forgotten = {name for name, _ in snapshot.conditions} - set(snapshot.model_names) - {ModelCondition.CLUSTER}
         if forgotten:
             ModelCondition.objects.forget(forgotten)
+
+
+def _same_failure_as_last_pass(snapshot: Snapshot, model_name: str, failure: str) -> bool:
+    """True when the model's Progressing condition already reports this scale-up failure."""
+    previous = snapshot.conditions.get((model_name, ModelCondition.Type.PROGRESSING))
+    return bool(previous) and previous["reason"] == "scale_up_failed" and previous["message"].endswith(failure)
 
 
 def _node_of(snapshot: Snapshot, result) -> NodeView | None:

@@ -196,6 +196,23 @@ def test_scale_up_stops_at_the_first_failure_and_records_it(now, reconcile, sche
     assert (progressing.status, progressing.reason) == (False, "scale_up_failed")
 
 
+def test_a_persisting_scale_up_failure_is_one_event_not_one_per_pass(now, reconcile, scheduler, load_info):
+    make_node(name="gpu-a", now=now)
+    make_scheduling("llama", min_replicas=1)
+    load_info("llama")
+    scheduler.fail_after = 0
+
+    summaries = [reconcile(at=now + timedelta(seconds=10 * i)) for i in range(3)]
+    scheduler.error = RuntimeError("another reason")
+    reconcile(at=now + timedelta(seconds=30))
+
+    assert len(scheduler.calls) == 4  # retried every pass
+    assert [s.actions["scale_up_failed"] for s in summaries] == [1, 1, 1]
+    failures = Event.objects.filter(kind=Event.Kind.SCALE_UP_FAILED).order_by("id")
+    messages = list(failures.values_list("message", flat=True))
+    assert messages == ["RuntimeError: load failed: out of memory", "RuntimeError: another reason"]
+
+
 def test_models_without_autoscaling_are_not_scaled_but_get_conditions(now, reconcile, scheduler, load_info):
     a = make_node(name="gpu-a", now=now)
     make_replica(a, "phi", 0)
