@@ -1,0 +1,74 @@
+"""The seed's scenario with real processes: the fleet recovers its floor after everything restarts.
+
+web (gunicorn) + qcluster (the scheduled reconciler) + two reference workers on PostgreSQL.
+A model with ``min_replicas=2`` is routed once; then the web and qcluster processes are
+SIGKILLed, one worker is SIGKILLed, and the control plane stays down long enough that every
+node's heartbeat is stale. After web and qcluster start again, the reconciler restores two
+loaded replicas on live workers from the stored load info, with no new route call.
+"""
+
+import signal
+import time
+
+import pytest
+
+from tests.e2e.harness import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+
+STALE_AFTER = 4.0
+INTERVAL = 1.0
+# django-q2's scheduler looks for due schedules every 30 s, so a restarted qcluster starts its
+# first leader loop up to ~30 s after it starts (plus the minute schedule's own slack).
+SCHEDULER_TICK = 30.0
+
+
+def ready_replicas(fleet, model):
+    status, body = fleet.api("GET", f"/api/v1/models/{model}")
+    return body["ready_replicas"] if status == 200 else 0
+
+
+def test_floor_is_restored_after_control_plane_restart_with_stale_heartbeats_and_a_dead_worker(fleet):
+    fleet.settings_env.update(
+        CONTROLPLANE_STALE_AFTER=str(STALE_AFTER),
+        CONTROLPLANE_RECONCILE_INTERVAL=str(INTERVAL),
+        CONTROLPLANE_GRPC_LOAD_TIMEOUT="20",
+    )
+    web = fleet.start_web()
+    qcluster = fleet.start_qcluster()
+    survivor = fleet.start_worker("recover-a", slots=2)
+    doomed = fleet.start_worker("recover-b", slots=2)
+    fleet.wait_nodes({"recover-a", "recover-b"})
+
+    status, body = fleet.api("PUT", "/api/v1/models/tiny/scheduling", {"min_replicas": 2, "max_replicas": 0, "node_selector": {}})
+    assert status in (200, 201), body
+    status, body = fleet.api(
+        "POST",
+        "/api/v1/models/tiny/route",
+        {"backend_type": "echo", "model_options": {"Model": "tiny"}, "wait_seconds": 30},
+    )
+    assert status in (200, 202), body
+    if status == 200:
+        fleet.api("POST", f"/api/v1/leases/{body['lease_id']}/release")
+    wait_for(lambda: ready_replicas(fleet, "tiny") == 2, timeout=SCHEDULER_TICK + 60, what="2 ready replicas before the restart")
+
+    # everything goes down at once; one worker never comes back
+    fleet.stop(web, signal.SIGKILL)
+    fleet.stop(qcluster, signal.SIGKILL)
+    fleet.stop(doomed, signal.SIGKILL)
+    time.sleep(STALE_AFTER * 2)  # nobody receives heartbeats: every node is stale
+
+    restarted = time.monotonic()
+    fleet.start_web()
+    fleet.start_qcluster()
+
+    def converged():
+        # ready = loaded on a healthy backend node; the dead worker must have been reaped
+        return fleet.nodes()["recover-b"]["status"] == "offline" and ready_replicas(fleet, "tiny") == 2
+
+    wait_for(converged, timeout=SCHEDULER_TICK + STALE_AFTER + 60, interval=0.5, what="floor restored on live workers")
+    elapsed = time.monotonic() - restarted
+    print(f"\nrestart recovery: floor of 2 restored {elapsed:.1f}s after the control plane restarted")
+    assert survivor.alive()
+    status, body = fleet.api("GET", "/api/v1/models/tiny/load-info")
+    assert status == 200 and body["source"] == "model"
