@@ -150,31 +150,35 @@ def run_load_job(job_id, *, runner: str | None = None) -> str:
     return LoadJob.State.SUCCEEDED
 
 
-def reap_load_jobs(now: datetime | None = None):
-    """``LoadJob.objects.reap_dead`` with the configured thresholds, then enqueue every job it
-    set back to pending. Returns the ``ReapResult``."""
+def reap_load_jobs(now: datetime | None = None, *, requeue: bool = True):
+    """``LoadJob.objects.reap_dead`` with the configured thresholds (``LOAD_JOB_STALE_AFTER``,
+    ``LOAD_JOB_MAX_ATTEMPTS``), then enqueue every job it set back to pending (one broker
+    insert each; ``requeue=False`` leaves that to a later pass). Returns the ``ReapResult``."""
     result = LoadJob.objects.reap_dead(
         now=now,
         stale_after=timedelta(seconds=float(_setting("LOAD_JOB_STALE_AFTER", 60.0))),
         max_attempts=int(_setting("LOAD_JOB_MAX_ATTEMPTS", 3)),
     )
-    for job_id in result.requeued:
-        enqueue_load_job(job_id)
+    if requeue:
+        for job_id in result.requeued:
+            enqueue_load_job(job_id)
     if result.requeued or result.failed:
         logger.warning("load jobs reaped: %d requeued, %d failed", len(result.requeued), len(result.failed))
     return result
 
 
-def housekeeping(now: datetime | None = None) -> dict:
+def housekeeping(now: datetime | None = None, *, requeue: bool = True) -> dict[str, int]:
     """One pass of the router's housekeeping (the reconciler runs it every pass):
 
-    expire leases past their TTL, fix in-flight drift, reap dead load jobs, and purge leases
-    and finished jobs older than ``ROUTER_RETENTION_SECONDS`` (default one day). Every step is
-    idempotent and safe to run in several processes at once. Returns counts per step.
+    expire leases past their TTL (``Lease.objects.expire``), set in-flight counters to the live
+    lease counts (``Lease.objects.sweep_in_flight``), reap dead load jobs and requeue them
+    (``reap_load_jobs``), and purge leases and finished jobs older than
+    ``ROUTER_RETENTION_SECONDS`` (default one day). No gRPC; every step is a short conditional
+    update, idempotent and safe in several processes at once. Returns counts per step.
     """
     now = now or timezone.now()
     retention = timedelta(seconds=float(_setting("ROUTER_RETENTION_SECONDS", 86400)))
-    reaped = reap_load_jobs(now)
+    reaped = reap_load_jobs(now, requeue=requeue)
     return {
         "leases_expired": Lease.objects.expire(now),
         "in_flight_corrected": Lease.objects.sweep_in_flight(),
