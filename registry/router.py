@@ -157,7 +157,9 @@ def route(
        failure -> the job's typed error; still running -> ``RouteResult(load_job=...)``.
 
     The caller must release the lease (``Lease.objects.release``) when its request is done;
-    an unreleased lease expires after ``lease_ttl`` seconds.
+    an unreleased lease expires after ``lease_ttl`` seconds. Call it outside any transaction:
+    its claims must commit at once for other frontends to see them (a caller holding an open
+    transaction would make every other caller of the model wait on its load-job insert).
     """
     if not model_name or not model_name.strip():
         raise ValueError("model name must not be empty")
