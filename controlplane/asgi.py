@@ -1,4 +1,8 @@
-"""ASGI entry point."""
+"""ASGI entry point.
+
+Refuses to load (ImproperlyConfigured) without a registration token unless open registration is
+explicitly allowed: see ``controlplane.checks``.
+"""
 
 import os
 
@@ -7,3 +11,7 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
 application = get_asgi_application()
+
+from controlplane.checks import require_serving_configuration  # noqa: E402  (needs settings loaded)
+
+require_serving_configuration()

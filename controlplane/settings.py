@@ -74,6 +74,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: turns any HTML error page on /api/ paths into a problem document.
+    "controlplane.problems.ProblemResponseMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -145,6 +147,49 @@ WHITENOISE_USE_FINDERS = True
 
 # Request bodies are small JSON documents; anything larger is refused before parsing.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("CONTROLPLANE_MAX_BODY_BYTES", 1024 * 1024)
+
+# --- REST API -------------------------------------------------------------------------------
+# Deny by default: a view that declares no permission is operator-only. Errors are RFC 9457
+# problem documents (controlplane/problems.py). See controlplane/auth.py for the credentials.
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "controlplane.auth.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["controlplane.auth.IsOperator"],
+    "DEFAULT_PARSER_CLASSES": ["controlplane.parsers.StrictJSONParser"],
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "controlplane.pagination.LimitOffset",
+    "PAGE_SIZE": 100,
+    "EXCEPTION_HANDLER": "controlplane.problems.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "controlplane.schema.ProblemAutoSchema",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Control plane API",
+    "DESCRIPTION": (
+        "Control plane for fleets of model-serving workers (LocalAI distributed mode). "
+        "Workers use /api/node/ with their node token; frontends and operators use /api/v1/ "
+        "with an API key. Errors are RFC 9457 problem documents (application/problem+json) "
+        "with a stable `code`."
+    ),
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": r"/api/(v1/)?",
+    "ENUM_NAME_OVERRIDES": {
+        "NodeStatusEnum": "registry.models.Node.Status",
+        "NodeTypeEnum": "registry.models.Node.NodeType",
+        "GpuVendorEnum": "registry.models.Node.GpuVendor",
+        "ReplicaStateEnum": "registry.models.NodeModel.State",
+        "LoadInfoSourceEnum": "registry.models.ModelLoadInfo.Source",
+    },
+}
 
 # --- Control plane --------------------------------------------------------------------------
 # The fleet's registration token: workers present it to register and it is the bearer token on

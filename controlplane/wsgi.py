@@ -1,4 +1,8 @@
-"""WSGI entry point (gunicorn controlplane.wsgi)."""
+"""WSGI entry point (gunicorn controlplane.wsgi).
+
+Refuses to load (ImproperlyConfigured) without a registration token unless open registration is
+explicitly allowed: see ``controlplane.checks``.
+"""
 
 import os
 
@@ -7,3 +11,7 @@ from django.core.wsgi import get_wsgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
 application = get_wsgi_application()
+
+from controlplane.checks import require_serving_configuration  # noqa: E402  (needs settings loaded)
+
+require_serving_configuration()
