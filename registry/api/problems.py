@@ -1,0 +1,32 @@
+"""Domain problems of the registry API (rendered by ``controlplane.problems.exception_handler``)."""
+
+from rest_framework import status
+
+from controlplane.problems import ProblemError
+
+
+class NoLoadInfo(ProblemError):
+    """Neither a per-model load-info row nor a loaded replica row with a blob exists."""
+
+    status_code = status.HTTP_404_NOT_FOUND
+    default_code = "no_load_info"
+    default_detail = "No load info is stored for this model."
+    title = "No load info"
+
+
+class InvalidModelOptions(ProblemError):
+    """The ModelOptions sent (base64 blob or JSON) do not parse as ``backend.ModelOptions``."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_code = "invalid_model_options"
+    default_detail = "The model options are not a valid ModelOptions message."
+    title = "Invalid model options"
+
+
+class InvalidTransition(ProblemError):
+    """A node status transition that does not apply to the node's current status."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "invalid_transition"
+    default_detail = "The node's current status does not allow this transition."
+    title = "Invalid status transition"

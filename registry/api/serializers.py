@@ -1,0 +1,293 @@
+"""Shapes of the registry API. Serializers validate shape only; state changes are the registry
+verbs' job (called by the views), and semantic checks the verbs own (e.g. a scheduling config's
+``min <= max``) are reported by them."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from controlplane.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
+from registry.labels import MAX_LABEL_PART, validate_labels
+from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+
+# Column limits: PositiveBigIntegerField (bytes of VRAM/RAM) and PositiveIntegerField.
+MAX_BYTES = 2**63 - 1
+MAX_INT = 2**31 - 1
+MAX_MODEL_NAME = 255
+
+
+@extend_schema_field({"type": "object", "additionalProperties": {"type": "string", "maxLength": MAX_LABEL_PART}})
+class LabelMapField(serializers.DictField):
+    """A map of label key -> value (both strings of at most 255 characters, keys non-empty)."""
+
+    child = StrictCharField(max_length=MAX_LABEL_PART, allow_blank=True, trim_whitespace=False)
+
+    def to_internal_value(self, data):
+        labels = super().to_internal_value(data)
+        bad_keys = [key for key in labels if "\x00" in key]
+        if bad_keys:
+            raise serializers.ValidationError("label keys must not contain NUL characters")
+        try:
+            return validate_labels(labels)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+
+
+def validate_model_name(value: str) -> str:
+    """A model name taken from a URL: non-blank, at most 255 characters, no NUL."""
+    if not value or not value.strip():
+        raise serializers.ValidationError({"model": ["Model name must not be blank."]})
+    if len(value) > MAX_MODEL_NAME:
+        raise serializers.ValidationError({"model": [f"Model name must be at most {MAX_MODEL_NAME} characters."]})
+    if "\x00" in value:
+        raise serializers.ValidationError({"model": ["Model name must not contain NUL characters."]})
+    return value
+
+
+# --- worker-facing ---------------------------------------------------------------------------
+
+
+class NodeRegistrationSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    """LocalAI's worker registration body (see docs localai-wire.md)."""
+
+    name = StrictCharField(max_length=255, help_text="the re-registration key")
+    node_type = serializers.ChoiceField(choices=Node.NodeType.choices, default=Node.NodeType.BACKEND)
+    address = StrictCharField(
+        max_length=512,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="gRPC host:port; required for backend nodes",
+    )
+    http_address = StrictCharField(max_length=512, required=False, allow_blank=True, default="")
+    token = StrictCharField(
+        required=False,
+        allow_blank=True,
+        write_only=True,
+        trim_whitespace=False,
+        help_text="the registration token (LocalAI workers send it here as well as in the bearer header)",
+    )
+    total_vram = StrictIntegerField(min_value=0, max_value=MAX_BYTES, default=0, help_text="bytes")
+    available_vram = StrictIntegerField(
+        min_value=0, max_value=MAX_BYTES, required=False, allow_null=True, help_text="bytes; defaults to total_vram"
+    )
+    total_ram = StrictIntegerField(min_value=0, max_value=MAX_BYTES, default=0, help_text="bytes")
+    available_ram = StrictIntegerField(
+        min_value=0, max_value=MAX_BYTES, required=False, allow_null=True, help_text="bytes; defaults to total_ram"
+    )
+    gpu_vendor = serializers.ChoiceField(
+        choices=Node.GpuVendor.choices, default=Node.GpuVendor.UNKNOWN, allow_blank=True, help_text="blank = unknown"
+    )
+    labels = LabelMapField(required=False, allow_null=True, default=dict)
+    max_replicas_per_model = StrictIntegerField(
+        min_value=0, max_value=MAX_INT, default=1, help_text="replica slots per model; 0 is treated as 1"
+    )
+
+    def validate(self, attrs):
+        if attrs["node_type"] == Node.NodeType.BACKEND and not attrs.get("address"):
+            raise serializers.ValidationError({"address": ["This field is required for backend nodes."]})
+        attrs["gpu_vendor"] = attrs.get("gpu_vendor") or Node.GpuVendor.UNKNOWN
+        attrs["labels"] = attrs.get("labels") or {}
+        attrs.pop("token", None)
+        return attrs
+
+
+class NodeRegisteredSerializer(serializers.ModelSerializer):
+    """Registration answer; ``node_token`` is shown this once and authenticates every other
+    call of this node."""
+
+    node_token = serializers.CharField(read_only=True, help_text="bearer token for /api/node/{id}/...")
+
+    class Meta:
+        model = Node
+        fields = ["id", "name", "node_type", "status", "created_at", "node_token"]
+        read_only_fields = fields
+
+
+class HeartbeatSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    """Free memory the worker can see now, in bytes; unknown values are omitted (or null)."""
+
+    available_vram = StrictIntegerField(min_value=0, max_value=MAX_BYTES, required=False, allow_null=True)
+    available_ram = StrictIntegerField(min_value=0, max_value=MAX_BYTES, required=False, allow_null=True)
+
+
+class NodeStatusSerializer(serializers.Serializer):
+    """The node's status after the call."""
+
+    status = serializers.ChoiceField(choices=Node.Status.choices, read_only=True)
+
+
+class NodeReplicaSerializer(serializers.ModelSerializer):
+    """One replica row of a node, as the worker sees it while draining."""
+
+    class Meta:
+        model = NodeModel
+        fields = ["model_name", "replica_index", "state", "in_flight", "address"]
+        read_only_fields = fields
+
+
+# --- operator: nodes -------------------------------------------------------------------------
+
+
+class NodeSerializer(serializers.ModelSerializer):
+    """A node with its labels and load. Expects a queryset with ``with_load()`` annotations and
+    prefetched labels (no query per row)."""
+
+    labels = serializers.SerializerMethodField()
+    model_count = serializers.IntegerField(
+        source="replica_count", read_only=True, help_text="replica rows on this node, any model, any state"
+    )
+    in_flight_total = serializers.IntegerField(read_only=True, help_text="requests in flight over its replicas")
+
+    class Meta:
+        model = Node
+        fields = [
+            "id",
+            "name",
+            "node_type",
+            "status",
+            "address",
+            "http_address",
+            "total_vram",
+            "available_vram",
+            "reserved_vram",
+            "total_ram",
+            "available_ram",
+            "gpu_vendor",
+            "max_replicas_per_model",
+            "max_replicas_per_model_manual",
+            "reported_max_replicas_per_model",
+            "labels",
+            "model_count",
+            "in_flight_total",
+            "last_heartbeat",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
+    def get_labels(self, node) -> dict[str, str]:
+        return {label.key: label.value for label in node.labels.all()}
+
+
+class NodeLabelsSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    """A node's labels: key -> value (strings of at most 255 characters)."""
+
+    labels = LabelMapField()
+
+
+class MaxReplicasSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    """Replica slots per model on this node (an operator override kept across re-registrations)."""
+
+    max_replicas_per_model = StrictIntegerField(min_value=1, max_value=MAX_INT)
+
+
+# --- operator: scheduling --------------------------------------------------------------------
+
+
+class SchedulingConfigWriteSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    """Desired replicas of a model and where they may run; omitted fields take their defaults."""
+
+    min_replicas = StrictIntegerField(min_value=0, max_value=MAX_INT, default=0)
+    max_replicas = StrictIntegerField(min_value=0, max_value=MAX_INT, default=0, help_text="0 = unlimited")
+    node_selector = LabelMapField(required=False, default=dict, help_text="labels a node must all carry")
+
+
+class SchedulingConfigSerializer(serializers.ModelSerializer):
+    """A model's scheduling config, with the reconciler's circuit-breaker state."""
+
+    autoscaled = serializers.BooleanField(source="is_autoscaled", read_only=True)
+
+    class Meta:
+        model = ModelSchedulingConfig
+        fields = [
+            "model_name",
+            "min_replicas",
+            "max_replicas",
+            "node_selector",
+            "autoscaled",
+            "unsatisfiable_until",
+            "unsatisfiable_ticks",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_fields(self):
+        fields = super().get_fields()
+        fields["node_selector"] = LabelMapField(read_only=True)
+        return fields
+
+
+# --- frontend: load info ---------------------------------------------------------------------
+
+
+class LoadInfoWriteSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    """Exactly one of ``model_options_b64`` (serialized ModelOptions, stored byte for byte) and
+    ``model_options`` (ModelOptions fields by proto name)."""
+
+    backend_type = StrictCharField(max_length=255, allow_blank=True, trim_whitespace=False)
+    model_options_b64 = StrictCharField(
+        required=False, allow_blank=True, trim_whitespace=False, help_text="base64 of a serialized backend.ModelOptions"
+    )
+    model_options = serializers.JSONField(
+        required=False, help_text="backend.ModelOptions in its JSON form, fields by proto name (e.g. ContextSize)"
+    )
+
+    def validate_model_options_b64(self, value: str) -> bytes:
+        try:
+            return base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            raise serializers.ValidationError("Not valid base64.") from None
+
+    def validate_model_options(self, value):
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("Must be an object of ModelOptions fields.")
+        return value
+
+    def validate(self, attrs):
+        given = [name for name in ("model_options_b64", "model_options") if attrs.get(name) is not None]
+        if len(given) != 1:
+            raise serializers.ValidationError(
+                {"non_field_errors": ["Send exactly one of model_options_b64 and model_options."]}
+            )
+        return attrs
+
+
+class LoadInfoSerializer(serializers.ModelSerializer):
+    """A model's load recipe in both forms; ``source`` says whether it came from the per-model
+    row or (legacy) from a replica row."""
+
+    model_options_b64 = serializers.SerializerMethodField()
+    model_options = serializers.SerializerMethodField()
+    source = serializers.ChoiceField(choices=ModelLoadInfo.Source.choices, read_only=True)
+
+    class Meta:
+        model = ModelLoadInfo
+        fields = ["model_name", "backend_type", "model_options_b64", "model_options", "updated_at", "source"]
+        read_only_fields = fields
+
+    def get_model_options_b64(self, info) -> str:
+        return base64.b64encode(bytes(info.model_opts_blob or b"")).decode("ascii")
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "additionalProperties": True,
+            "nullable": True,
+            "description": "JSON form of the blob (declared fields at non-default values); null when the stored "
+            "blob does not parse",
+        }
+    )
+    def get_model_options(self, info):
+        from proto.codec import InvalidModelOptions, options_to_json
+
+        try:
+            return options_to_json(bytes(info.model_opts_blob or b""))
+        except InvalidModelOptions:
+            return None

@@ -1,0 +1,383 @@
+"""Views of the registry API: configuration plus one registry verb per action.
+
+Every state change is a verb of ``registry.managers`` (``Node.objects.register``,
+``mark_draining``, ``ModelLoadInfo.objects.upsert``, ...); views translate HTTP to a verb call
+and a verb's "did not apply" answer to a problem. Errors are rendered by
+``controlplane.problems.exception_handler``.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework import status, viewsets
+from rest_framework.exceptions import NotFound
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from controlplane.auth import (
+    HasRegistrationToken,
+    IsFrontend,
+    IsNodeSelf,
+    IsOperator,
+    NodeTokenAuthentication,
+    RegistrationTokenAuthentication,
+)
+from controlplane.schema import problems
+from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
+
+from . import serializers as s
+from .problems import InvalidModelOptions, InvalidTransition, NoLoadInfo
+
+MODEL = OpenApiParameter(
+    "model",
+    # Not blank, no NUL, at most 255 characters (validate_model_name); anything else is a 400.
+    type={"type": "string", "minLength": 1, "maxLength": s.MAX_MODEL_NAME, "pattern": r"^[^\x00]*\S[^\x00]*$"},
+    location=OpenApiParameter.PATH,
+    description="model name; may contain slashes and dots (e.g. org/llama-3.1-8b.gguf)",
+)
+MODEL_PROBLEMS = problems(400, description_400="Malformed model name (`validation_error`)")
+
+
+def apply_transition(node_id, verb, target_status: str, action: str) -> str:
+    """Run a conditional-update verb; returns the node's status afterwards.
+
+    The verb answered False: the node is unknown (404), already in ``target_status`` (a no-op,
+    so repeating a call is harmless), or in a status the transition does not apply to (409).
+    """
+    if verb(node_id):
+        return target_status
+    current = Node.objects.filter(pk=node_id).values_list("status", flat=True).first()
+    if current is None:
+        raise NotFound("No such node.")
+    if current != target_status:
+        raise InvalidTransition(f"Cannot {action} a node that is {current}.", extra={"node_status": current})
+    return current
+
+
+# --------------------------------------------------------------------------------------------
+# Worker-facing: /api/node/...
+# --------------------------------------------------------------------------------------------
+
+
+class NodeRegistrationView(APIView):
+    authentication_classes = [RegistrationTokenAuthentication]
+    permission_classes = [HasRegistrationToken]
+
+    @extend_schema(
+        tags=["node"],
+        summary="Register a worker (or re-register a returning one)",
+        description=(
+            "A returning name keeps its id and comes back healthy unless still pending; its "
+            "replica rows are deleted and a new `node_token` replaces the old one. New nodes are "
+            "healthy when auto-approve is on, else pending. `max_replicas_per_model` 0 means 1."
+        ),
+        request=s.NodeRegistrationSerializer,
+        responses={201: s.NodeRegisteredSerializer, **problems(409)},
+    )
+    def post(self, request):
+        body = s.NodeRegistrationSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        registration = Node.objects.register(**body.validated_data, auto_approve=settings.CONTROLPLANE_AUTO_APPROVE)
+        answer = s.NodeRegisteredSerializer(registration.node).data
+        answer["node_token"] = registration.node_token
+        return Response(answer, status=status.HTTP_201_CREATED)
+
+
+@extend_schema(tags=["node"])
+class NodeSelfViewSet(viewsets.ViewSet):
+    """Calls a worker makes about itself, authenticated by its own node token."""
+
+    authentication_classes = [NodeTokenAuthentication]
+    permission_classes = [IsNodeSelf]
+
+    @property
+    def node(self) -> Node:
+        return self.request.auth  # IsNodeSelf guarantees it is the node of the URL
+
+    @extend_schema(
+        summary="Heartbeat with the node's free VRAM/RAM",
+        description="Unknown values are omitted. Never changes the node's status.",
+        request=s.HeartbeatSerializer,
+        responses={200: s.NodeStatusSerializer},
+    )
+    def heartbeat(self, request, node_id):
+        body = s.HeartbeatSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        if not Node.objects.heartbeat(self.node.pk, **body.validated_data):
+            raise NotFound("No such node.")
+        return Response({"status": self.node.status})
+
+    @extend_schema(
+        summary="Stop new work on this node (graceful shutdown, step 1)",
+        description="Repeating it is harmless; an offline node cannot drain (409).",
+        request=None,
+        responses={200: s.NodeStatusSerializer, **problems(409)},
+    )
+    def drain(self, request, node_id):
+        return Response(
+            {"status": apply_transition(self.node.pk, Node.objects.mark_draining, Node.Status.DRAINING, "drain")}
+        )
+
+    @extend_schema(
+        summary="Accept work again after a drain",
+        request=None,
+        responses={200: s.NodeStatusSerializer, **problems(409)},
+    )
+    def resume(self, request, node_id):
+        return Response({"status": apply_transition(self.node.pk, Node.objects.resume, Node.Status.HEALTHY, "resume")})
+
+    @extend_schema(
+        summary="Go offline (graceful shutdown, last step)",
+        description="The node's replica rows are deleted; the node row is kept so that re-registration restores it.",
+        request=None,
+        responses={200: s.NodeStatusSerializer},
+    )
+    def deregister(self, request, node_id):
+        if not Node.objects.mark_offline(self.node.pk):
+            raise NotFound("No such node.")
+        return Response({"status": Node.Status.OFFLINE})
+
+    @extend_schema(
+        summary="This node's replica rows",
+        description="Polled by a draining worker until the in-flight sum is 0. Not paginated.",
+        responses={200: s.NodeReplicaSerializer(many=True)},
+    )
+    def models(self, request, node_id):
+        rows = NodeModel.objects.filter(node_id=self.node.pk).order_by("model_name", "replica_index")
+        return Response(s.NodeReplicaSerializer(rows, many=True).data)
+
+
+# --------------------------------------------------------------------------------------------
+# Operator: /api/v1/nodes...
+# --------------------------------------------------------------------------------------------
+
+
+_NODE_ACTION = {"request": None, "responses": {200: s.NodeSerializer, **problems(409)}}
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List nodes (by name) with labels and load"),
+    retrieve=extend_schema(summary="One node with labels and load"),
+    destroy=extend_schema(summary="Delete a node, its labels and replica rows (hard delete)"),
+)
+@extend_schema(tags=["nodes"])
+class NodeViewSet(viewsets.GenericViewSet):
+    """Fleet administration (operator key or staff session)."""
+
+    permission_classes = [IsOperator]
+    serializer_class = s.NodeSerializer
+    queryset = Node.objects.with_load().prefetch_related("labels").order_by("name", "pk")
+    lookup_field = "pk"
+    lookup_url_kwarg = "node_id"
+
+    def list(self, request):
+        page = self.paginate_queryset(self.get_queryset())
+        return self.get_paginated_response(self.get_serializer(page, many=True).data)
+
+    def retrieve(self, request, node_id):
+        return Response(self.get_serializer(self.get_object()).data)
+
+    def destroy(self, request, node_id):
+        if not Node.objects.deregister(node_id):
+            raise NotFound("No such node.")
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def _transition(self, node_id, verb, target_status, action):
+        apply_transition(node_id, verb, target_status, action)
+        return self.retrieve(self.request, node_id)
+
+    @extend_schema(summary="Approve a pending node", **_NODE_ACTION)
+    def approve(self, request, node_id):
+        return self._transition(node_id, Node.objects.approve, Node.Status.HEALTHY, "approve")
+
+    @extend_schema(summary="Drain a node: no new work, in-flight work finishes", **_NODE_ACTION)
+    def drain(self, request, node_id):
+        return self._transition(node_id, Node.objects.mark_draining, Node.Status.DRAINING, "drain")
+
+    @extend_schema(summary="Resume a draining node", **_NODE_ACTION)
+    def resume(self, request, node_id):
+        return self._transition(node_id, Node.objects.resume, Node.Status.HEALTHY, "resume")
+
+    def _labels_answer(self, node_id):
+        return Response({"labels": NodeLabel.objects.as_dict(node_id)})
+
+    @extend_schema(
+        summary="Replace the node's labels", request=s.NodeLabelsSerializer, responses={200: s.NodeLabelsSerializer}
+    )
+    def replace_labels(self, request, node_id):
+        body = s.NodeLabelsSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        node = self.get_object()
+        NodeLabel.objects.replace(node.pk, body.validated_data["labels"])
+        return self._labels_answer(node.pk)
+
+    @extend_schema(
+        summary="Merge labels into the node's labels (other keys kept)",
+        request=s.NodeLabelsSerializer,
+        responses={200: s.NodeLabelsSerializer},
+    )
+    def merge_labels(self, request, node_id):
+        body = s.NodeLabelsSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        node = self.get_object()
+        NodeLabel.objects.merge(node.pk, body.validated_data["labels"])
+        return self._labels_answer(node.pk)
+
+    @extend_schema(
+        summary="Remove one label",
+        parameters=[OpenApiParameter("key", type=str, location=OpenApiParameter.PATH, description="label key")],
+        request=None,
+        responses={204: None},
+    )
+    def remove_label(self, request, node_id, key):
+        node = self.get_object()
+        # A key no label can have (too long, NUL) is not looked up: PostgreSQL refuses NUL.
+        storable = len(key) <= s.MAX_LABEL_PART and "\x00" not in key
+        if not storable or not NodeLabel.objects.remove(node.pk, key):
+            raise NotFound(f"The node has no label {key!r}.")
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(
+        summary="Set the node's replica slots per model (kept across re-registrations)",
+        request=s.MaxReplicasSerializer,
+        responses={200: s.NodeSerializer},
+    )
+    def set_max_replicas(self, request, node_id):
+        body = s.MaxReplicasSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        if not Node.objects.set_max_replicas_per_model(node_id, body.validated_data["max_replicas_per_model"]):
+            raise NotFound("No such node.")
+        return self.retrieve(request, node_id)
+
+    @extend_schema(
+        summary="Back to the replica slots the worker reports", request=None, responses={200: s.NodeSerializer}
+    )
+    def reset_max_replicas(self, request, node_id):
+        if not Node.objects.reset_max_replicas_per_model(node_id):
+            raise NotFound("No such node.")
+        return self.retrieve(request, node_id)
+
+
+# --------------------------------------------------------------------------------------------
+# Operator: /api/v1/scheduling, /api/v1/models/{model}/scheduling
+# --------------------------------------------------------------------------------------------
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List scheduling configs (by model name)"),
+    retrieve=extend_schema(
+        summary="A model's scheduling config",
+        parameters=[MODEL],
+        responses={200: s.SchedulingConfigSerializer, **MODEL_PROBLEMS},
+    ),
+    update=extend_schema(
+        summary="Create or replace a model's scheduling config",
+        description=(
+            "`min_replicas >= 0`, `max_replicas >= 0` (0 = unlimited), `min <= max` when max > 0; "
+            "`node_selector` labels must all match. The circuit breaker's columns are kept."
+        ),
+        parameters=[MODEL],
+        request=s.SchedulingConfigWriteSerializer,
+        responses={200: s.SchedulingConfigSerializer},
+    ),
+    destroy=extend_schema(
+        summary="Delete a model's scheduling config", parameters=[MODEL], responses={204: None, **MODEL_PROBLEMS}
+    ),
+)
+@extend_schema(tags=["scheduling"])
+class SchedulingConfigViewSet(viewsets.GenericViewSet):
+    permission_classes = [IsOperator]
+    serializer_class = s.SchedulingConfigSerializer
+    queryset = ModelSchedulingConfig.objects.order_by("model_name")
+    lookup_field = "model_name"
+    lookup_url_kwarg = "model"
+
+    def get_object(self):
+        s.validate_model_name(self.kwargs["model"])
+        return super().get_object()
+
+    def list(self, request):
+        page = self.paginate_queryset(self.get_queryset())
+        return self.get_paginated_response(self.get_serializer(page, many=True).data)
+
+    def retrieve(self, request, model):
+        return Response(self.get_serializer(self.get_object()).data)
+
+    def update(self, request, model):
+        model = s.validate_model_name(model)
+        body = s.SchedulingConfigWriteSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        config = ModelSchedulingConfig.objects.upsert(model, **body.validated_data)
+        return Response(self.get_serializer(config).data)
+
+    def destroy(self, request, model):
+        # A plain delete: no registry verb is involved (nothing else changes with it).
+        self.get_object().delete()
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# --------------------------------------------------------------------------------------------
+# Frontend: /api/v1/models/{model}/load-info
+# --------------------------------------------------------------------------------------------
+
+
+def model_options_blob(validated: dict) -> bytes:
+    """The bytes to store: the base64-decoded blob exactly as received (after checking that it
+    parses, so unknown fields of a newer LocalAI survive), or the JSON form serialized."""
+    from proto import codec
+
+    try:
+        if validated.get("model_options_b64") is not None:
+            blob = validated["model_options_b64"]
+            codec.options_from_blob(blob)
+            return blob
+        return codec.options_to_blob(codec.options_from_json(validated["model_options"]))
+    except codec.InvalidModelOptions as exc:
+        raise InvalidModelOptions(str(exc)) from exc
+
+
+@extend_schema(tags=["load-info"], parameters=[MODEL])
+class ModelLoadInfoView(APIView):
+    """The per-model load recipe that outlives every replica row (frontend key or better)."""
+
+    permission_classes = [IsFrontend]
+
+    @extend_schema(
+        summary="A model's load info",
+        description="The per-model row, else (legacy) the first loaded replica row with a blob; `source` says which.",
+        responses={
+            200: s.LoadInfoSerializer,
+            **problems(404, description_404="No load info for this model (`no_load_info`)"),
+            **MODEL_PROBLEMS,
+        },
+    )
+    def get(self, request, model):
+        model = s.validate_model_name(model)
+        try:
+            info = ModelLoadInfo.objects.for_model(model)
+        except ModelLoadInfo.DoesNotExist:
+            raise NoLoadInfo(f"No load info is stored for model {model!r}.", extra={"model": model}) from None
+        return Response(s.LoadInfoSerializer(info).data)
+
+    @extend_schema(
+        summary="Store a model's load info (last write wins)",
+        description=(
+            "Send `backend_type` and exactly one of `model_options_b64` (a serialized "
+            "`backend.ModelOptions`, stored byte for byte so fields unknown to this server "
+            "survive) or `model_options` (its JSON form, fields by proto name). A blob or JSON "
+            "that is not a ModelOptions is a 400 `invalid_model_options`."
+        ),
+        request=s.LoadInfoWriteSerializer,
+        responses={
+            200: s.LoadInfoSerializer,
+            **problems(400, description_400="`validation_error` (body or model name), or `invalid_model_options`"),
+        },
+    )
+    def put(self, request, model):
+        model = s.validate_model_name(model)
+        body = s.LoadInfoWriteSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        blob = model_options_blob(body.validated_data)
+        info = ModelLoadInfo.objects.upsert(model, body.validated_data["backend_type"], blob)
+        return Response(s.LoadInfoSerializer(info).data)
