@@ -172,7 +172,7 @@ class ScalePlan:
     config: ConfigView
     ready: int = 0
     loading: int = 0
-    capacity: int = 0
+    capacity: int | None = None  # None: not computed (the model did not want to grow)
     candidate_ids: tuple = ()
     has_load_info: bool = True
     in_cooldown: bool = False  # gate: nothing else happens this pass
@@ -189,15 +189,15 @@ class ScalePlan:
         return self.ready + self.loading
 
 
-def _candidates_and_capacity(snapshot: Snapshot, config: ConfigView) -> tuple[tuple, int]:
-    """Candidate node ids (selector-matched schedulable nodes) and the cluster capacity over
-    them, with the one formula (``placement.cluster_capacity``; rows in any state count)."""
-    candidates = snapshot.candidates(config.node_selector)
+def _capacity(snapshot: Snapshot, config: ConfigView, candidates) -> int:
+    """The cluster capacity for a model over its candidates, with the one formula
+    (``placement.cluster_capacity``; rows in any state count). Only computed for models that
+    want to grow: it is O(candidates)."""
     rows_on = {}
     for replica in snapshot.replicas_by_model.get(config.model_name, ()):
         rows_on[replica.node_id] = rows_on.get(replica.node_id, 0) + 1
     usages = [placement.SlotUsage(node.id, node.slots, rows_on.get(node.id, 0)) for node in candidates]
-    return tuple(node.id for node in candidates), placement.cluster_capacity(usages)
+    return placement.cluster_capacity(usages)
 
 
 def _removal_order(replica: ReplicaView, snapshot: Snapshot):
@@ -212,14 +212,14 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
     name = config.model_name
     ready = snapshot.ready(name)
     loading = snapshot.loading(name)
-    candidate_ids, capacity = _candidates_and_capacity(snapshot, config)
+    candidates = snapshot.candidates(config.node_selector)
     facts = {
         "model_name": name,
         "config": config,
         "ready": len(ready),
         "loading": len(loading),
-        "capacity": capacity,
-        "candidate_ids": candidate_ids,
+        "capacity": None,  # filled in below only when the model wants to grow
+        "candidate_ids": tuple(node.id for node in candidates),
         "has_load_info": snapshot.has_load_info(name),
     }
 
@@ -234,6 +234,7 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
 
     # 2. Below the floor: scale up by min(needed, capacity).
     if current < config.min_replicas:
+        capacity = facts["capacity"] = _capacity(snapshot, config, candidates)
         needed = config.min_replicas - current
         if ceiling is not None:
             needed = min(needed, ceiling - current)
@@ -252,6 +253,7 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
     # 3. Every ready replica busy, nothing already loading, below the ceiling: add one.
     all_busy = bool(ready) and all(r.in_flight > 0 for r in ready)
     if all_busy and not loading and (ceiling is None or current < ceiling):
+        capacity = facts["capacity"] = _capacity(snapshot, config, candidates)
         if capacity == 0:
             return ScalePlan(**facts, cooldown_over=cooldown_over, skipped="no_capacity")
         if not facts["has_load_info"]:

@@ -142,13 +142,27 @@ class Snapshot:
             return True
         return any(r.loaded and r.has_blob for r in self.replicas_by_model.get(model_name, ()))
 
+    @cached_property
+    def _schedulable_by_name(self) -> tuple[NodeView, ...]:
+        return tuple(node for node in sorted(self.nodes.values(), key=lambda n: n.name) if node.schedulable)
+
+    @cached_property
+    def _candidates_by_selector(self) -> dict:
+        return {}
+
     def candidates(self, selector: Mapping[str, str]) -> tuple[NodeView, ...]:
-        """Schedulable nodes carrying every label of ``selector``, in name order."""
-        return tuple(
-            node
-            for node in sorted(self.nodes.values(), key=lambda n: n.name)
-            if node.schedulable and selector_matches(dict(selector), dict(node.labels))
-        )
+        """Schedulable nodes carrying every label of ``selector``, in name order.
+
+        Memoised per selector: most models share a handful of selectors (usually ``{}``), so a
+        pass costs O(nodes x distinct selectors), not O(nodes x models).
+        """
+        key = tuple(sorted(selector.items()))
+        found = self._candidates_by_selector.get(key)
+        if found is None:
+            wanted = dict(selector)
+            found = tuple(node for node in self._schedulable_by_name if selector_matches(wanted, node.labels))
+            self._candidates_by_selector[key] = found
+        return found
 
     def ready(self, model_name: str) -> tuple[ReplicaView, ...]:
         """Loaded rows on schedulable nodes: the routable replicas."""
