@@ -1,0 +1,97 @@
+"""Read side for the operator API: what each model wants, has, and why (fixed query counts).
+
+``known_model_names`` is one UNION query; ``model_statuses`` answers for any number of names in
+six queries. "Ready" is the registry's own definition (``NodeModel.objects.ready()``: loaded rows
+on healthy backend nodes), so the API and the reconciler count the same replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.db.models import Count
+from django.db.models.functions import Length
+
+from registry.models import ModelLoadInfo, ModelSchedulingConfig, NodeModel
+
+from .models import ModelCondition
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    model_name: str
+    configured: bool = False  # has a scheduling config
+    min_replicas: int = 0
+    max_replicas: int = 0
+    node_selector: dict = field(default_factory=dict)
+    autoscaled: bool = False
+    unsatisfiable_until: datetime | None = None
+    load_info: str | None = None  # "model" (per-model row), "replica" (legacy row) or None
+    ready_replicas: int = 0
+    loading_replicas: int = 0
+    replicas: int = 0  # rows in any state on any node
+    conditions: list[dict] = field(default_factory=list)
+
+
+def known_model_names() -> list[str]:
+    """Every model named by a scheduling config, load info or a replica row, sorted (one query)."""
+    parts = [model.objects.order_by().values_list("model_name") for model in (ModelLoadInfo, NodeModel)]
+    names = ModelSchedulingConfig.objects.order_by().values_list("model_name").union(*parts).order_by("model_name")
+    return [name for (name,) in names]
+
+
+def _counts(queryset, names) -> dict[str, int]:
+    rows = queryset.filter(model_name__in=names).order_by().values("model_name").annotate(n=Count("pk"))
+    return {row["model_name"]: row["n"] for row in rows}
+
+
+def model_statuses(names: list[str]) -> list[ModelStatus]:
+    """The status of each named model (unknown names included, with zero counts), in order."""
+    if not names:
+        return []
+    configs = {row["model_name"]: row for row in ModelSchedulingConfig.objects.filter(model_name__in=names).values()}
+    per_model = set(ModelLoadInfo.objects.filter(model_name__in=names).values_list("model_name", flat=True))
+    legacy = set(
+        NodeModel.objects.filter(model_name__in=names)
+        .loaded()
+        .annotate(blob_length=Length("model_opts_blob"))
+        .filter(blob_length__gt=0)
+        .values_list("model_name", flat=True)
+        .distinct()
+    )
+    ready = _counts(NodeModel.objects.ready(), names)
+    loading = _counts(NodeModel.objects.loading(), names)
+    total = _counts(NodeModel.objects.all(), names)
+    conditions: dict[str, list[dict]] = {}
+    for row in ModelCondition.objects.filter(model_name__in=names).order_by("model_name", "type").values(
+        "model_name", "type", "status", "reason", "message", "since", "updated_at"
+    ):
+        conditions.setdefault(row.pop("model_name"), []).append(row)
+    statuses = []
+    for name in names:
+        config = configs.get(name, {})
+        min_replicas, max_replicas = config.get("min_replicas", 0), config.get("max_replicas", 0)
+        statuses.append(
+            ModelStatus(
+                model_name=name,
+                configured=name in configs,
+                min_replicas=min_replicas,
+                max_replicas=max_replicas,
+                node_selector=config.get("node_selector") or {},
+                autoscaled=min_replicas > 0 or max_replicas > 0,
+                unsatisfiable_until=config.get("unsatisfiable_until"),
+                load_info="model" if name in per_model else ("replica" if name in legacy else None),
+                ready_replicas=ready.get(name, 0),
+                loading_replicas=loading.get(name, 0),
+                replicas=total.get(name, 0),
+                conditions=conditions.get(name, []),
+            )
+        )
+    return statuses
+
+
+def model_status(name: str) -> ModelStatus | None:
+    """One model's status, or None when no config, load info or replica row names it."""
+    status = model_statuses([name])[0]
+    return status if status.configured or status.load_info or status.replicas else None
