@@ -38,3 +38,10 @@ def make_scheduling(model_name="llama", *, min_replicas=0, max_replicas=0, node_
     return ModelSchedulingConfig.objects.upsert(
         model_name, min_replicas=min_replicas, max_replicas=max_replicas, node_selector=node_selector
     )
+
+
+def make_api_key(role="operator", *, name=None):
+    """Create an API key; returns ``(api_key, plaintext)`` (the plaintext is the bearer token)."""
+    from controlplane.models import ApiKey
+
+    return ApiKey.objects.create_key(name or f"{role}-{next(_sequence)}", role)

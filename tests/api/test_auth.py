@@ -1,0 +1,194 @@
+"""API keys, the create_api_key command, roles, node tokens and the serving checks."""
+
+import importlib
+import io
+import logging
+import sys
+from datetime import timedelta
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import CommandError, call_command
+
+from controlplane import checks
+from controlplane.models import ApiKey
+from controlplane.tokens import token_matches
+from tests.api.helpers import assert_problem, bearer
+from tests.factories import make_api_key
+
+pytestmark = pytest.mark.django_db
+
+NODES = "/api/v1/nodes"
+
+
+# --- ApiKey -----------------------------------------------------------------------------------
+
+
+def test_create_key_stores_only_a_hash_and_a_display_prefix():
+    key, plaintext = ApiKey.objects.create_key("frontend-1", ApiKey.Role.FRONTEND)
+
+    assert plaintext.startswith("cpk_")
+    assert key.prefix == plaintext[:12]
+    assert token_matches(plaintext, key.key_hash)
+    assert plaintext not in (key.key_hash, key.prefix)
+    assert key.revoked_at is None and key.last_used_at is None
+
+
+@pytest.mark.parametrize(("name", "role"), [("", "operator"), ("  ", "operator"), ("x", "admin")])
+def test_create_key_refuses_empty_names_and_unknown_roles(name, role):
+    with pytest.raises(ValueError):
+        ApiKey.objects.create_key(name, role)
+
+
+def test_authenticate_finds_the_key_and_stamps_last_used(now):
+    key, plaintext = make_api_key("operator")
+
+    found = ApiKey.objects.authenticate(plaintext, now=now)
+
+    assert found == key
+    key.refresh_from_db()
+    assert key.last_used_at == now
+
+
+def test_last_used_is_stamped_at_most_once_a_minute(now):
+    key, plaintext = make_api_key("operator")
+    ApiKey.objects.authenticate(plaintext, now=now)
+    ApiKey.objects.authenticate(plaintext, now=now + timedelta(seconds=30))
+    key.refresh_from_db()
+    assert key.last_used_at == now
+    ApiKey.objects.authenticate(plaintext, now=now + timedelta(seconds=61))
+    key.refresh_from_db()
+    assert key.last_used_at == now + timedelta(seconds=61)
+
+
+@pytest.mark.parametrize(
+    "mutate", [lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"), lambda t: t[:12], lambda t: "", lambda t: "x" + t]
+)
+def test_authenticate_rejects_wrong_tokens(mutate):
+    _, plaintext = make_api_key("operator")
+    assert ApiKey.objects.authenticate(mutate(plaintext)) is None
+
+
+def test_revoked_keys_do_not_authenticate_and_revoking_twice_is_a_no_op():
+    key, plaintext = make_api_key("operator")
+    assert key.revoke()
+    assert not key.revoke()
+    assert ApiKey.objects.authenticate(plaintext) is None
+
+
+def test_create_api_key_command_prints_only_the_key():
+    stdout, stderr = io.StringIO(), io.StringIO()
+
+    call_command("create_api_key", "frontend-1", "--role", "frontend", stdout=stdout, stderr=stderr)
+
+    printed = stdout.getvalue()
+    assert printed.endswith("\n") and printed.count("\n") == 1
+    key = ApiKey.objects.authenticate(printed.strip())
+    assert key is not None and (key.name, key.role) == ("frontend-1", "frontend")
+    assert printed.strip() not in stderr.getvalue()
+
+
+def test_create_api_key_command_requires_a_known_role():
+    with pytest.raises(CommandError, match="invalid choice"):
+        call_command("create_api_key", "x", "--role", "admin", stdout=io.StringIO(), stderr=io.StringIO())
+
+
+# --- API keys and roles on /api/v1/ ------------------------------------------------------------
+
+
+def test_no_credentials_is_401_not_authenticated_with_a_challenge(api_client):
+    response = api_client.get(NODES)
+    assert_problem(response, 401, "not_authenticated")
+    assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("header", ["Bearer cpk_nope", "Bearer", "Bearer a b", "Bearer cpn_node-token"])
+def test_wrong_or_malformed_bearer_is_401_invalid_token(api_client, header):
+    response = api_client.get(NODES, HTTP_AUTHORIZATION=header)
+    assert_problem(response, 401, "invalid_token")
+
+
+def test_revoked_key_is_401(api_client):
+    key, plaintext = make_api_key("operator")
+    key.revoke()
+    assert_problem(api_client.get(NODES, **bearer(plaintext)), 401, "invalid_token")
+
+
+def test_frontend_key_on_an_operator_endpoint_is_403(frontend_client):
+    assert_problem(frontend_client.get(NODES), 403, "permission_denied")
+
+
+def test_operator_key_may_use_frontend_endpoints(operator_client):
+    assert_problem(operator_client.get("/api/v1/models/llama/load-info"), 404, "no_load_info")
+
+
+def test_staff_session_gets_operator_endpoints_and_the_browsable_api(staff_client):
+    assert staff_client.get(NODES).status_code == 200
+    html = staff_client.get(NODES, HTTP_ACCEPT="text/html")
+    assert html.status_code == 200 and html["Content-Type"].startswith("text/html")
+
+
+def test_non_staff_session_is_403(non_staff_client):
+    assert_problem(non_staff_client.get(NODES), 403, "permission_denied")
+
+
+def test_secrets_are_not_logged(api_client, caplog):
+    _, plaintext = make_api_key("operator")
+    with caplog.at_level(logging.DEBUG):
+        api_client.get(NODES, **bearer(plaintext + "x"))
+        api_client.get(NODES, **bearer(plaintext))
+    assert plaintext not in caplog.text
+
+
+# --- serving checks ---------------------------------------------------------------------------
+
+
+def test_serving_check_fails_without_a_registration_token(settings):
+    settings.CONTROLPLANE_REGISTRATION_TOKEN = ""
+    settings.CONTROLPLANE_ALLOW_OPEN_REGISTRATION = False
+    with pytest.raises(ImproperlyConfigured, match="CONTROLPLANE_REGISTRATION_TOKEN"):
+        checks.require_serving_configuration()
+
+
+def test_serving_check_passes_with_a_token_or_explicit_open_registration(settings):
+    checks.require_serving_configuration()
+    settings.CONTROLPLANE_REGISTRATION_TOKEN = ""
+    settings.CONTROLPLANE_ALLOW_OPEN_REGISTRATION = True
+    checks.require_serving_configuration()
+
+
+def test_runserver_system_check_is_an_error_without_a_token(settings, monkeypatch):
+    settings.CONTROLPLANE_REGISTRATION_TOKEN = ""
+    monkeypatch.setattr("sys.argv", ["manage.py", "runserver"])
+    errors = checks.check_registration_token_when_serving()
+    assert [e.id for e in errors] == [checks.E001]
+    assert errors[0].is_serious()
+
+
+def test_other_commands_are_not_blocked_but_check_deploy_reports_it(settings, monkeypatch):
+    settings.CONTROLPLANE_REGISTRATION_TOKEN = ""
+    monkeypatch.setattr("sys.argv", ["manage.py", "migrate"])
+    assert checks.check_registration_token_when_serving() == []
+    assert [e.id for e in checks.check_registration_token_for_deploy()] == [checks.E001]
+
+
+def test_wsgi_module_refuses_to_load_without_a_token(settings, monkeypatch):
+    settings.CONTROLPLANE_REGISTRATION_TOKEN = ""
+    settings.CONTROLPLANE_ALLOW_OPEN_REGISTRATION = False
+    monkeypatch.delitem(sys.modules, "controlplane.wsgi", raising=False)
+
+    with pytest.raises(ImproperlyConfigured):
+        importlib.import_module("controlplane.wsgi")
+    settings.CONTROLPLANE_REGISTRATION_TOKEN = "set"
+    assert importlib.import_module("controlplane.wsgi").application is not None
+
+
+def test_asgi_module_refuses_to_load_without_a_token(settings, monkeypatch):
+    settings.CONTROLPLANE_REGISTRATION_TOKEN = ""
+    settings.CONTROLPLANE_ALLOW_OPEN_REGISTRATION = False
+    monkeypatch.delitem(sys.modules, "controlplane.asgi", raising=False)
+
+    with pytest.raises(ImproperlyConfigured):
+        importlib.import_module("controlplane.asgi")
+    settings.CONTROLPLANE_REGISTRATION_TOKEN = "set"
+    assert importlib.import_module("controlplane.asgi").application is not None

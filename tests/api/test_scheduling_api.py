@@ -1,0 +1,94 @@
+"""Operator API of scheduling configs: /api/v1/models/{model}/scheduling and /api/v1/scheduling."""
+
+from datetime import timedelta
+
+import pytest
+
+from registry.models import ModelSchedulingConfig
+from tests.api.helpers import assert_problem
+from tests.factories import make_scheduling
+
+pytestmark = pytest.mark.django_db
+
+MODEL = "org/llama-3.1-8b.gguf"
+URL = f"/api/v1/models/{MODEL}/scheduling"
+
+
+def test_put_creates_then_replaces_and_get_reads_it(operator_client):
+    response = operator_client.put(
+        URL, {"min_replicas": 2, "max_replicas": 4, "node_selector": {"gpu.vendor": "nvidia"}}, format="json"
+    )
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["model_name"], body["min_replicas"], body["max_replicas"]) == (MODEL, 2, 4)
+    assert body["node_selector"] == {"gpu.vendor": "nvidia"} and body["autoscaled"] is True
+
+    operator_client.put(URL, {"min_replicas": 1}, format="json")
+    body = operator_client.get(URL).json()
+    assert (body["min_replicas"], body["max_replicas"], body["node_selector"]) == (1, 0, {})
+    assert ModelSchedulingConfig.objects.get().model_name == MODEL
+
+
+def test_put_keeps_the_circuit_breaker(operator_client, now):
+    make_scheduling(MODEL, min_replicas=1)
+    ModelSchedulingConfig.objects.filter(model_name=MODEL).update(unsatisfiable_until=now + timedelta(minutes=5))
+    operator_client.put(URL, {"min_replicas": 3}, format="json")
+    assert ModelSchedulingConfig.objects.get().unsatisfiable_until == now + timedelta(minutes=5)
+
+
+def test_min_above_max_is_a_400_from_the_verb(operator_client):
+    body = assert_problem(
+        operator_client.put(URL, {"min_replicas": 3, "max_replicas": 2}, format="json"), 400, "validation_error"
+    )
+    assert "min_replicas" in body["errors"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"min_replicas": -1},
+        {"max_replicas": "2"},
+        {"min_replicas": True},
+        {"min_replicas": 2**31},
+        {"node_selector": {"zone": 1}},
+        {"node_selector": ["zone"]},
+        {"minimum": 1},
+    ],
+)
+def test_put_validation(operator_client, payload):
+    assert_problem(operator_client.put(URL, payload, format="json"), 400, "validation_error")
+
+
+def test_get_and_delete_unknown_is_404(operator_client):
+    assert_problem(operator_client.get(URL), 404, "not_found")
+    assert_problem(operator_client.delete(URL), 404, "not_found")
+
+
+def test_delete(operator_client):
+    make_scheduling(MODEL, min_replicas=1)
+    assert operator_client.delete(URL).status_code == 204
+    assert not ModelSchedulingConfig.objects.exists()
+
+
+def test_blank_or_too_long_model_names_are_400(operator_client):
+    assert_problem(operator_client.put("/api/v1/models/%20/scheduling", {}, format="json"), 400, "validation_error")
+    assert_problem(operator_client.get(f"/api/v1/models/{'m' * 256}/scheduling"), 400, "validation_error")
+
+
+def test_list_is_paginated_by_model_name(operator_client):
+    for name in ("b", "a/x", "c"):
+        make_scheduling(name, min_replicas=1)
+    page = operator_client.get("/api/v1/scheduling", {"limit": 2}).json()
+    assert page["count"] == 3
+    assert [c["model_name"] for c in page["results"]] == ["a/x", "b"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("get", URL), ("put", URL), ("delete", URL), ("get", "/api/v1/scheduling")]
+)
+def test_scheduling_is_operator_only(api_client, frontend_client, node, method, path):
+    assert_problem(getattr(api_client, method)(path, {}, format="json"), 401, "not_authenticated")
+    assert_problem(getattr(frontend_client, method)(path, {}, format="json"), 403, "permission_denied")
+    api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {node.token}")
+    assert_problem(getattr(api_client, method)(path, {}, format="json"), 401, "invalid_token")
