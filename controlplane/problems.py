@@ -71,7 +71,8 @@ class ProblemError(exceptions.APIException):
     """Base of domain errors: a status, a stable machine-readable ``code`` and a ``title``.
 
     ``detail`` is the human-readable explanation of this occurrence; ``extra`` adds members to
-    the problem document (RFC 9457 extension members, e.g. ``{"model": name}``).
+    the problem document (RFC 9457 extension members, e.g. ``{"model": name}``); ``headers``
+    adds response headers (e.g. ``{"Retry-After": "5"}`` on a 503 that asks to come back).
     """
 
     status_code = status.HTTP_400_BAD_REQUEST
@@ -79,10 +80,18 @@ class ProblemError(exceptions.APIException):
     default_detail = "The request cannot be processed."
     title: str | None = None
 
-    def __init__(self, detail=None, *, code: str | None = None, extra: Mapping | None = None):
+    def __init__(
+        self,
+        detail=None,
+        *,
+        code: str | None = None,
+        extra: Mapping | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(detail=detail, code=code or self.default_code)
         self.code = code or self.default_code
         self.extra = dict(extra or {})
+        self.headers = {name: str(value) for name, value in (headers or {}).items()}
 
 
 class Conflict(ProblemError):
@@ -202,6 +211,7 @@ def problem_for_exception(exc: Exception) -> Problem | None:
             title=exc.title,
             detail=str(exc.detail),
             extra=exc.extra,
+            headers=dict(exc.headers),
         )
     if isinstance(exc, exceptions.ValidationError):
         return _validation_problem(flatten_errors(exc.detail))

@@ -162,7 +162,8 @@ def test_problem_error_subclasses_carry_status_code_title_and_extras():
         default_detail = "short and stout"
         title = "I'm a teapot"
 
-    problem = problem_for_exception(Teapot(extra={"spout": True}))
+    problem = problem_for_exception(Teapot(extra={"spout": True}, headers={"Retry-After": 5}))
+    assert problem.headers == {"Retry-After": "5"}
     assert problem.as_dict() == {
         "type": "urn:controlplane:problem:teapot",
         "title": "I'm a teapot",
@@ -187,3 +188,17 @@ def test_a_disallowed_host_on_an_api_path_is_a_400_problem(settings, debug):
     settings.DEBUG = debug
     response = Client().get("/api/v1/nodes", HTTP_HOST="evil.example")
     assert_problem(response, 400, "bad_request")
+
+
+def test_problem_error_headers_reach_the_response(operator_client):
+    class Busy(ProblemError):
+        status_code = 503
+        default_code = "busy"
+        title = "Busy"
+
+    with mock.patch(
+        "registry.models.ModelSchedulingConfig.objects.upsert", side_effect=Busy(headers={"Retry-After": 7})
+    ):
+        response = operator_client.put(SCHEDULING, {}, format="json")
+    assert_problem(response, 503, "busy")
+    assert response["Retry-After"] == "7"
