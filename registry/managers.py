@@ -864,6 +864,12 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         """The model had capacity this pass: reset the consecutive count (conditional)."""
         return self.filter(model_name=model_name, unsatisfiable_ticks__gt=0).update(unsatisfiable_ticks=0) == 1
 
+    def remove(self, model_name: str) -> bool:
+        """Forget a model's scheduling config: the reconciler stops managing it (its replicas
+        and load info stay). False when there was none."""
+        deleted, _ = self.filter(model_name=model_name).delete()
+        return deleted > 0
+
     def clear_cooldown(self, model_name: str) -> bool:
         return self._clear(self.filter(model_name=model_name)) == 1
 

@@ -51,8 +51,13 @@ def validate_model_name(value: str) -> str:
 # --- worker-facing ---------------------------------------------------------------------------
 
 
-class NodeRegistrationSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
-    """LocalAI's worker registration body (see docs localai-wire.md)."""
+class NodeRegistrationSerializer(serializers.Serializer):
+    """LocalAI's worker registration body (see docs localai-wire.md).
+
+    Unknown fields are ignored here, unlike on the other write endpoints: this body is a wire
+    contract with LocalAI workers, and a newer worker that sends a field we do not know must
+    still be able to register.
+    """
 
     name = StrictCharField(max_length=255, help_text="the re-registration key")
     node_type = serializers.ChoiceField(choices=Node.NodeType.choices, default=Node.NodeType.BACKEND)

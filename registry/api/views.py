@@ -312,8 +312,8 @@ class SchedulingConfigViewSet(viewsets.GenericViewSet):
         return Response(self.get_serializer(config).data)
 
     def destroy(self, request, model):
-        # A plain delete: no registry verb is involved (nothing else changes with it).
-        self.get_object().delete()
+        if not ModelSchedulingConfig.objects.remove(self.get_object().model_name):
+            raise NotFound()
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -76,3 +76,17 @@ def test_a_satisfiable_pass_resets_the_count(now):
     ModelSchedulingConfig.objects.record_unsatisfiable("llama", threshold=3, cooldown=timedelta(minutes=5), now=now)
     assert ModelSchedulingConfig.objects.record_satisfiable("llama")
     assert ModelSchedulingConfig.objects.get().unsatisfiable_ticks == 0
+
+
+def test_remove_forgets_the_config_but_not_replicas_or_load_info(now):
+    from registry.models import ModelLoadInfo, NodeModel
+    from tests.factories import make_node, make_replica
+
+    make_scheduling("llama", min_replicas=1)
+    make_replica(make_node(), "llama", 0)
+    ModelLoadInfo.objects.upsert("llama", "echo", b"x", now=now)
+
+    assert ModelSchedulingConfig.objects.remove("llama")
+    assert not ModelSchedulingConfig.objects.remove("llama")
+    assert NodeModel.objects.for_model("llama").exists()
+    assert ModelLoadInfo.objects.for_model("llama").model_opts_blob == b"x"
