@@ -14,6 +14,7 @@ from registry.api.urls import node_urlpatterns
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/node/", include(node_urlpatterns)),
+    path("api/v1/", include("registry.api.routing_urls")),
     path("api/v1/", include("registry.api.urls")),
     path("api/v1/", include("reconciler.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

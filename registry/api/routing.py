@@ -1,0 +1,321 @@
+"""Frontend API of the router: route a request to a replica (or a cold load), release and renew
+leases, follow a load job, and report a replica a frontend loaded itself.
+
+Thin views: each calls one router function or registry verb (``registry.router.route``,
+``Lease.objects.release``/``renew``, ``NodeModel.objects.set_replica`` +
+``ModelLoadInfo.objects.upsert``). Router errors become problem documents with their stable
+``code`` (``RoutingProblem``); everything else is rendered by
+``controlplane.problems.exception_handler``. Callers need a frontend or operator API key.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import transaction
+from django.urls import reverse
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import NotFound
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from controlplane.auth import IsFrontend
+from controlplane.problems import ProblemError
+from controlplane.schema import problems
+from controlplane.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
+from registry import router
+from registry.models import Lease, LoadJob, ModelLoadInfo, Node, NodeModel
+
+from . import serializers as s
+from .views import MODEL, model_options_blob
+
+MAX_WAIT_SECONDS = 300.0
+MAX_LEASE_TTL_SECONDS = 24 * 3600
+ROUTE_409 = "`no_load_info`: the model was never loaded and the request carried no options"
+ROUTE_503 = (
+    "`no_matching_nodes` (no healthy node matches the model's selector), `capacity_exhausted` (every "
+    "candidate holds its maximum replicas), `all_replicas_busy` (no VRAM and nothing idle to evict), "
+    "`load_failed` (StartBackend or LoadModel failed; the node is backed off), or `database_unavailable`"
+)
+
+
+def retry_after_seconds() -> str:
+    return str(int(getattr(settings, "ROUTE_RETRY_AFTER_SECONDS", 2)))
+
+
+class RoutingProblem(ProblemError):
+    """A ``router.RouterError`` as a problem: its status, stable code and title; ``model`` is
+    added to the document, and a 503 says when to try again (``Retry-After``)."""
+
+    def __init__(self, error: router.RouterError, model_name: str):
+        self.status_code = error.status
+        self.title = error.title
+        headers = {"Retry-After": retry_after_seconds()} if error.status == 503 else None
+        super().__init__(error.message, code=error.code, extra={"model": model_name}, headers=headers)
+
+
+class LeaseReleased(ProblemError):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "lease_released"
+    default_detail = "The lease was already released (by its holder or by expiry)."
+    title = "Lease released"
+
+
+# --------------------------------------------------------------------------------------------
+# Serializers
+# --------------------------------------------------------------------------------------------
+
+
+class RouteBodySerializer(s.LoadInfoWriteSerializer):
+    """Optional body of a route call. Options, when sent, become the model's load info (and are
+    what a cold load uses); at most one of the two forms."""
+
+    backend_type = StrictCharField(max_length=255, required=False, allow_blank=True, trim_whitespace=False)
+    wait_seconds = serializers.FloatField(
+        required=False,
+        min_value=0,
+        max_value=MAX_WAIT_SECONDS,
+        help_text="how long to wait for a cold load before answering 202 (default ROUTE_WAIT_SECONDS, 30)",
+    )
+
+    def validate(self, attrs):
+        if attrs.get("model_options_b64") is not None and attrs.get("model_options") is not None:
+            raise serializers.ValidationError(
+                {"non_field_errors": ["Send at most one of model_options_b64 and model_options."]}
+            )
+        return attrs
+
+
+class LeaseSerializer(serializers.Serializer):
+    """A granted lease: call the replica at ``address``, then release the lease."""
+
+    lease_id = serializers.UUIDField(source="pk")
+    model_name = serializers.CharField()
+    node_id = serializers.UUIDField()
+    node_name = serializers.CharField()
+    address = serializers.CharField(help_text="host:port of the replica's backend.Backend gRPC service")
+    replica_index = serializers.IntegerField()
+    expires_at = serializers.DateTimeField(help_text="released automatically after this instant")
+
+
+class LoadJobSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = LoadJob
+        fields = [
+            "id",
+            "model_name",
+            "state",
+            "progress",
+            "attempts",
+            "node_id",
+            "replica_index",
+            "address",
+            "error_code",
+            "error_message",
+            "created_at",
+            "heartbeat_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class RouteAcceptedSerializer(serializers.Serializer):
+    load_job = LoadJobSerializer()
+
+
+class LeaseReleaseSerializer(serializers.Serializer):
+    lease_id = serializers.UUIDField(source="pk")
+    released = serializers.BooleanField(help_text="true when this call released it; false when it already was")
+    released_at = serializers.DateTimeField()
+
+
+class LeaseRenewBodySerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    ttl_seconds = StrictIntegerField(
+        required=False, min_value=1, max_value=MAX_LEASE_TTL_SECONDS, help_text="default LEASE_TTL_SECONDS (600)"
+    )
+
+
+class LeaseRenewSerializer(serializers.Serializer):
+    lease_id = serializers.UUIDField(source="pk")
+    expires_at = serializers.DateTimeField()
+
+
+class ReplicaReportSerializer(s.LoadInfoWriteSerializer):
+    """A replica a frontend loaded itself: where it runs and the recipe it was loaded with."""
+
+    node_id = serializers.UUIDField()
+    model_name = StrictCharField(max_length=s.MAX_MODEL_NAME)
+    replica_index = StrictIntegerField(min_value=0, max_value=s.MAX_INT)
+    address = StrictCharField(max_length=512, help_text="host:port of the replica's backend")
+
+    def validate_model_name(self, value):
+        return s.validate_model_name(value)
+
+
+class ReplicaSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = NodeModel
+        fields = ["id", "node_id", "model_name", "replica_index", "address", "state", "in_flight", "backend_type"]
+        read_only_fields = fields
+
+
+# --------------------------------------------------------------------------------------------
+# Views
+# --------------------------------------------------------------------------------------------
+
+
+def _lease_answer(result: router.RouteResult) -> dict:
+    lease = result.lease
+    lease.node_name = result.node_name
+    return LeaseSerializer(lease).data
+
+
+class RouteView(APIView):
+    permission_classes = [IsFrontend]
+
+    @extend_schema(
+        tags=["routing"],
+        summary="Route a request: lease a replica, loading the model if needed",
+        description=(
+            "Warm path: the least busy loaded replica on a healthy node is leased (its in-flight "
+            "count is incremented); release the lease when the request is done. Cold path: one "
+            "load job per model across all frontends; this call waits up to `wait_seconds` for it, "
+            "then answers 202 with the job (poll `GET /api/v1/load-jobs/{id}` or call route again "
+            "after `Retry-After`). Options sent here are stored as the model's load info."
+        ),
+        parameters=[MODEL],
+        request=RouteBodySerializer,
+        responses={
+            200: LeaseSerializer,
+            202: OpenApiResponse(RouteAcceptedSerializer, description="still loading; `Retry-After` says when to ask"),
+            **problems(
+                400,
+                409,
+                503,
+                description_400="`validation_error`, or `invalid_model_options`",
+                description_409=ROUTE_409,
+                description_503=ROUTE_503,
+            ),
+        },
+    )
+    def post(self, request, model):
+        model = s.validate_model_name(model)
+        body = RouteBodySerializer(data=request.data if request.data else {})
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        blob = None
+        if data.get("model_options_b64") is not None or data.get("model_options") is not None:
+            blob = model_options_blob(data)
+        try:
+            result = router.route(
+                model, backend_type=data.get("backend_type"), opts_blob=blob, wait=data.get("wait_seconds")
+            )
+        except router.RouterError as exc:
+            raise RoutingProblem(exc, model) from exc
+        if not result.ready:
+            job = result.load_job
+            headers = {
+                "Retry-After": retry_after_seconds(),
+                "Location": reverse("load-job", kwargs={"job_id": job.pk}),
+            }
+            return Response({"load_job": LoadJobSerializer(job).data}, status=status.HTTP_202_ACCEPTED, headers=headers)
+        headers = {}
+        if getattr(settings, "CONTROLPLANE_NODE_HEADER", False):
+            headers["X-Control-Plane-Node"] = result.node_name
+        return Response(_lease_answer(result), headers=headers)
+
+
+class LeaseReleaseView(APIView):
+    permission_classes = [IsFrontend]
+
+    @extend_schema(
+        tags=["routing"],
+        summary="Release a lease (idempotent)",
+        description="Gives the replica's in-flight slot back. Releasing twice is harmless: `released` is false.",
+        request=None,
+        responses={200: LeaseReleaseSerializer},
+    )
+    def post(self, request, lease_id):
+        now = timezone.now()
+        if Lease.objects.release(lease_id, now=now):
+            return Response(LeaseReleaseSerializer({"pk": lease_id, "released": True, "released_at": now}).data)
+        # Not released by this call: unknown, or released before (by its holder or by expiry).
+        lease = Lease.objects.filter(pk=lease_id).values("pk", "released_at").first()
+        if lease is None:
+            raise NotFound("No such lease.")
+        return Response(LeaseReleaseSerializer({**lease, "released": False}).data)
+
+
+class LeaseRenewView(APIView):
+    permission_classes = [IsFrontend]
+
+    @extend_schema(
+        tags=["routing"],
+        summary="Extend a live lease (long requests, streams)",
+        request=LeaseRenewBodySerializer,
+        responses={
+            200: LeaseRenewSerializer,
+            **problems(409, description_409="`lease_released`: the lease was released or expired"),
+        },
+    )
+    def post(self, request, lease_id):
+        body = LeaseRenewBodySerializer(data=request.data if request.data else {})
+        body.is_valid(raise_exception=True)
+        ttl = body.validated_data.get("ttl_seconds") or getattr(settings, "LEASE_TTL_SECONDS", 600)
+        if not Lease.objects.filter(pk=lease_id).exists():
+            raise NotFound("No such lease.")
+        expires_at = Lease.objects.renew(lease_id, ttl=ttl)
+        if expires_at is None:
+            raise LeaseReleased()
+        return Response(LeaseRenewSerializer({"pk": lease_id, "expires_at": expires_at}).data)
+
+
+class LoadJobView(APIView):
+    permission_classes = [IsFrontend]
+
+    @extend_schema(tags=["routing"], summary="A load job's state and progress", responses={200: LoadJobSerializer})
+    def get(self, request, job_id):
+        job = LoadJob.objects.filter(pk=job_id).first()
+        if job is None:
+            raise NotFound("No such load job.")
+        return Response(LoadJobSerializer(job).data)
+
+
+class ReplicaReportView(APIView):
+    permission_classes = [IsFrontend]
+
+    @extend_schema(
+        tags=["routing"],
+        summary="Report a replica this frontend loaded itself",
+        description=(
+            "Records the replica row as loaded (upsert on node, model, replica index) with its "
+            "per-replica load info, and stores the model's load info, so the reconciler can "
+            "restore it later. Send `backend_type` and exactly one of `model_options_b64` or "
+            "`model_options`."
+        ),
+        request=ReplicaReportSerializer,
+        responses={201: ReplicaSerializer, **problems(400, description_400="`validation_error`, `invalid_model_options`")},
+    )
+    def post(self, request):
+        body = ReplicaReportSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        blob = model_options_blob(data)
+        if not Node.objects.filter(pk=data["node_id"]).exists():
+            raise serializers.ValidationError({"node_id": ["Unknown node."]})
+        with transaction.atomic():
+            NodeModel.objects.set_replica(
+                data["node_id"],
+                data["model_name"],
+                data["replica_index"],
+                address=data["address"],
+                state=NodeModel.State.LOADED,
+                backend_type=data["backend_type"],
+                opts_blob=blob,
+            )
+            ModelLoadInfo.objects.upsert(data["model_name"], data["backend_type"], blob)
+        replica = NodeModel.objects.get(
+            node_id=data["node_id"], model_name=data["model_name"], replica_index=data["replica_index"]
+        )
+        return Response(ReplicaSerializer(replica).data, status=status.HTTP_201_CREATED)
