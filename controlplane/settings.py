@@ -214,14 +214,34 @@ GRPC_PROBE_TIMEOUT = env_float("CONTROLPLANE_GRPC_PROBE_TIMEOUT", 1.0)
 GRPC_LOAD_TIMEOUT = env_float("CONTROLPLANE_GRPC_LOAD_TIMEOUT", 120.0)
 GRPC_WORKER_TIMEOUT = env_float("CONTROLPLANE_GRPC_WORKER_TIMEOUT", 30.0)
 
+# Router (frontends' route calls, leases, cold-load jobs).
+ROUTE_WAIT_SECONDS = env_float("CONTROLPLANE_ROUTE_WAIT_SECONDS", 30.0)
+ROUTE_RETRY_AFTER_SECONDS = env_int("CONTROLPLANE_ROUTE_RETRY_AFTER_SECONDS", 2)
+ROUTE_PROBE_CACHE_SECONDS = env_float("CONTROLPLANE_ROUTE_PROBE_CACHE_SECONDS", 30.0)
+LEASE_TTL_SECONDS = env_float("CONTROLPLANE_LEASE_TTL_SECONDS", 600.0)
+CONTROLPLANE_NODE_HEADER = env_bool("CONTROLPLANE_NODE_HEADER", False)
+# Where cold-load jobs run: "qcluster" (django-q2, production), "thread" or "inline" (tests).
+CONTROLPLANE_LOAD_JOB_RUNNER = os.environ.get("CONTROLPLANE_LOAD_JOB_RUNNER", "qcluster")
+LOAD_JOB_HEARTBEAT_INTERVAL = env_float("CONTROLPLANE_LOAD_JOB_HEARTBEAT_INTERVAL", 5.0)
+LOAD_JOB_STALE_AFTER = env_float("CONTROLPLANE_LOAD_JOB_STALE_AFTER", 60.0)
+LOAD_JOB_MAX_ATTEMPTS = env_int("CONTROLPLANE_LOAD_JOB_MAX_ATTEMPTS", 3)
+ROUTER_RETENTION_SECONDS = env_float("CONTROLPLANE_ROUTER_RETENTION_SECONDS", 86400.0)
+
+# Reconciler-only knobs (defaults in reconciler/conf.py).
+RECONCILE_LEADER_BUDGET = env_float("CONTROLPLANE_RECONCILE_LEADER_BUDGET", 50.0)
+RECONCILE_MASS_STALE_FRACTION = env_float("CONTROLPLANE_RECONCILE_MASS_STALE_FRACTION", 0.5)
+
 # --- django-q2 ------------------------------------------------------------------------------
 # ORM broker by default (no extra service); Redis when REDIS_URL is set.
 REDIS_URL = os.environ.get("REDIS_URL", "")
 Q_CLUSTER = {
     "name": "controlplane",
     "workers": env_int("Q_WORKERS", 2),
-    "timeout": env_int("Q_TIMEOUT", 90),
-    "retry": env_int("Q_RETRY", 120),
+    # A leader run (RECONCILE_LEADER_BUDGET, 50 s) may start a scale-up just before its budget
+    # ends, and a load can take GRPC_WORKER_TIMEOUT + GRPC_LOAD_TIMEOUT: the task timeout covers
+    # both, and the broker's retry is longer than the timeout (django-q2 requires it).
+    "timeout": env_int("Q_TIMEOUT", 300),
+    "retry": env_int("Q_RETRY", 360),
     "max_attempts": 1,
     "catch_up": False,
     "ack_failures": True,

@@ -34,6 +34,10 @@ DEFAULTS = {
     "RECONCILE_PASSES_KEPT": 1000,
     # Days of events kept (older ones are pruned by housekeeping); 0 keeps them forever.
     "RECONCILE_EVENTS_KEPT_DAYS": 30,
+    # Seconds after which a `loading` row is a dead loader's leftover and is discarded (with
+    # its VRAM reservation). None: GRPC_WORKER_TIMEOUT + GRPC_LOAD_TIMEOUT + 60, longer than
+    # any deadline a live load has.
+    "RECONCILE_STALE_LOADING_AFTER": None,
 }
 
 
@@ -58,12 +62,16 @@ class ReconcileConfig:
     mass_stale_fraction: float = 0.5
     scale_up_budget: float = 30.0
     passes_kept: int = 1000
+    stale_loading_after: timedelta = timedelta(seconds=210)
     events_kept_days: int = 30
 
     @classmethod
     def from_settings(cls) -> ReconcileConfig:
         interval = float(settings.RECONCILE_INTERVAL)
         probe_after = setting("RECONCILE_PROBE_AFTER")
+        stale_loading_after = setting("RECONCILE_STALE_LOADING_AFTER")
+        if stale_loading_after is None:
+            stale_loading_after = float(settings.GRPC_WORKER_TIMEOUT) + float(settings.GRPC_LOAD_TIMEOUT) + 60
         return cls(
             stale_after=timedelta(seconds=float(settings.STALE_AFTER)),
             interval=interval,
@@ -79,4 +87,5 @@ class ReconcileConfig:
             scale_up_budget=float(setting("RECONCILE_SCALE_UP_BUDGET")),
             passes_kept=max(1, int(setting("RECONCILE_PASSES_KEPT"))),
             events_kept_days=int(setting("RECONCILE_EVENTS_KEPT_DAYS")),
+            stale_loading_after=timedelta(seconds=float(stale_loading_after)),
         )

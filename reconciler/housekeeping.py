@@ -5,43 +5,44 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from registry.models import Node
+from registry.models import NodeModel
 
 from .snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 
 
-def leaked_reservations(snapshot: Snapshot) -> list[tuple]:
-    """``(node, amount)`` for nodes holding a VRAM reservation with no ``loading`` row left to
-    account for it (a loader that died before releasing it). Pure."""
-    leaked = []
-    for node in snapshot.nodes.values():
-        if node.reserved_vram <= 0:
-            continue
-        if any(replica.loading for replica in snapshot.replicas_by_node.get(node.id, ())):
-            continue
-        leaked.append((node, node.reserved_vram))
-    return leaked
+def stale_loading_rows(snapshot: Snapshot, *, older_than: timedelta, now: datetime) -> list:
+    """``loading`` rows whose load cannot still be running: older than every deadline a load
+    has (worker start + LoadModel + margin). Their loader died (a SIGKILLed qcluster, a web
+    process restarted mid-load) and left the row and its VRAM reservation behind. Pure.
+
+    Node-level reservations need no sweep of their own: every heartbeat that reports VRAM
+    resets ``reserved_vram``, and a successful load keeps its reservation until then on purpose
+    (the freed figure only shows in the worker's next report).
+    """
+    cutoff = now - older_than
+    return [
+        replica
+        for replica in snapshot.replicas
+        if replica.loading and replica.updated_at is not None and replica.updated_at < cutoff
+    ]
 
 
-def release_reservation(node_id, amount: int) -> bool:
-    """Return the observed leaked amount with the registry's conditional update
-    (``reserved -= n WHERE reserved >= n``): a reservation made after the snapshot stays, and a
-    heartbeat that already reset the figure makes this a no-op."""
-    return Node.objects.release_vram(node_id, amount)
+def discard_stale_loading_row(replica_id) -> bool:
+    """Delete the row if it is still ``loading`` and give back its reservation (the registry's
+    conditional ``discard_loading``: a load that finished meanwhile keeps its row)."""
+    return NodeModel.objects.discard_loading(replica_id)
 
 
 def expire_leases_and_dead_load_jobs(*, now: datetime) -> dict[str, int]:
-    """Hook for the router's housekeeping, run once per pass under the reconcile lock.
+    """The router's housekeeping, once per pass under the reconcile lock: expire leases past
+    their TTL, set in-flight counters to the live lease counts, reap load jobs whose runner
+    died (requeued for another runner, or failed after their attempts, their ``loading`` rows
+    and reservations cleaned) and purge old leases and jobs. Counts by action name."""
+    from registry.tasks import housekeeping
 
-    The router's author fills this in: expire leases past their TTL (and so give back leaked
-    ``in_flight``), sweep in-flight counters against live leases, and reap load jobs whose
-    runner died (requeue or fail them, removing their ``loading`` rows and reservations).
-    Return counts by action name (they are added to the pass summary's ``actions``). Must
-    not make network calls; keep each step a short conditional update.
-    """
-    return {}
+    return housekeeping(now)
 
 
 def prune_events(*, keep_days: int, now: datetime) -> int:

@@ -410,14 +410,20 @@ class _Pass:
             )
 
     def housekeeping(self, snapshot: Snapshot) -> None:
-        for node, amount in housekeeping.leaked_reservations(snapshot):
-            if housekeeping.release_reservation(node.id, amount):
-                self.summary.count("reservations_released")
+        for replica in housekeeping.stale_loading_rows(snapshot, older_than=self.cfg.stale_loading_after, now=self.now):
+            if housekeeping.discard_stale_loading_row(replica.id):
+                self.summary.count("stale_loading_rows_discarded")
                 self.event(
                     Event.Kind.VRAM_RESERVATION_RELEASED,
-                    node=node,
-                    message=f"{amount} bytes reserved with no load in progress",
-                    amount=amount,
+                    model_name=replica.model_name,
+                    node=snapshot.nodes.get(replica.node_id),
+                    message=(
+                        f"replica {replica.model_name}#{replica.replica_index} was still loading after "
+                        f"{self.cfg.stale_loading_after.total_seconds():.0f}s: row removed, "
+                        f"{replica.reserved_vram} bytes of VRAM released"
+                    ),
+                    replica_index=replica.replica_index,
+                    amount=replica.reserved_vram,
                 )
         for action, n in housekeeping.expire_leases_and_dead_load_jobs(now=self.now).items():
             self.summary.count(action, n)

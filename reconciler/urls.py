@@ -1,7 +1,7 @@
 """Operator API of the reconciler (mounted under /api/v1/ by controlplane/urls.py).
 
 Model names may contain slashes, so ``models/<model>`` uses a converter matching everything
-except the registry API's ``models/<model>/scheduling`` and ``models/<model>/load-info`` routes:
+except the registry API's ``models/<model>/scheduling``, ``/load-info`` and ``/route`` routes:
 whichever order the two URL modules are included in, those paths never reach this view.
 """
 
@@ -14,7 +14,7 @@ class ModelNameConverter:
     """Any non-empty path (slashes allowed) not ending in a registry sub-resource."""
 
     regex = ".+"
-    RESERVED_SUFFIXES = ("/scheduling", "/load-info")
+    RESERVED_SUFFIXES = ("/scheduling", "/load-info", "/route")
 
     def to_python(self, value: str) -> str:
         if value.endswith(self.RESERVED_SUFFIXES):
