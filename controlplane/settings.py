@@ -142,8 +142,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
-# WhiteNoise serves the admin's static files from the apps directly (no collectstatic step).
+# WhiteNoise serves the admin's static files from the apps directly (no collectstatic step
+# needed in development; `make run` collects them anyway).
 WHITENOISE_USE_FINDERS = True
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 
 # Request bodies are small JSON documents; anything larger is refused before parsing.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("CONTROLPLANE_MAX_BODY_BYTES", 1024 * 1024)

@@ -84,13 +84,3 @@ def non_staff_client(db):
     client = APIClient()
     client.force_login(user)
     return client
-
-
-# Lines the API tests want in the terminal summary (e.g. schemathesis' numbers), shown whether
-# or not output capture is on.
-SUMMARY_LINES: list[str] = []
-
-
-def pytest_terminal_summary(terminalreporter):
-    for line in SUMMARY_LINES:
-        terminalreporter.write_line(line)

@@ -28,7 +28,7 @@ def ready_replicas(fleet, model):
     return body["ready_replicas"] if status == 200 else 0
 
 
-def test_floor_is_restored_after_control_plane_restart_with_stale_heartbeats_and_a_dead_worker(fleet):
+def test_floor_is_restored_after_control_plane_restart_with_stale_heartbeats_and_a_dead_worker(fleet, report):
     fleet.settings_env.update(
         CONTROLPLANE_STALE_AFTER=str(STALE_AFTER),
         CONTROLPLANE_RECONCILE_INTERVAL=str(INTERVAL),
@@ -68,7 +68,7 @@ def test_floor_is_restored_after_control_plane_restart_with_stale_heartbeats_and
 
     wait_for(converged, timeout=SCHEDULER_TICK + STALE_AFTER + 60, interval=0.5, what="floor restored on live workers")
     elapsed = time.monotonic() - restarted
-    print(f"\nrestart recovery: floor of 2 restored {elapsed:.1f}s after the control plane restarted")
+    report(f"e2e restart recovery: floor of 2 restored {elapsed:.1f}s after web+qcluster restarted")
     assert survivor.alive()
     status, body = fleet.api("GET", "/api/v1/models/tiny/load-info")
     assert status == 200 and body["source"] == "model"
