@@ -1,0 +1,77 @@
+"""Per-model load info (the seed's fix, LocalAI PR #9981)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from django.db import models
+from django.db.models.functions import Length
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models import ModelLoadInfo
+
+from ._common import _model, _now
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Per-model load info (the seed's fix)
+# --------------------------------------------------------------------------------------------
+
+
+class ModelLoadInfoManager(models.Manager):
+    def upsert(self, model_name: str, backend_type: str, opts_blob: bytes, *, now: datetime | None = None) -> ModelLoadInfo:
+        """Store the load recipe of a model: one ``INSERT ... ON CONFLICT (model_name) DO UPDATE``.
+
+        Last write wins under concurrent frontends (the row converges to whichever statement
+        commits last); ``updated_at`` is refreshed. The blob is stored as the exact bytes given.
+        Raises ValueError for an empty model name.
+        """
+        if not model_name or not model_name.strip():
+            raise ValueError("model name must not be empty")
+        row = self.model(
+            model_name=model_name,
+            backend_type=backend_type or "",
+            model_opts_blob=bytes(opts_blob or b""),
+            updated_at=_now(now),
+        )
+        self.bulk_create(
+            [row],
+            update_conflicts=True,
+            unique_fields=["model_name"],
+            update_fields=["backend_type", "model_opts_blob", "updated_at"],
+        )
+        return row
+
+    def for_model(self, model_name: str) -> ModelLoadInfo:
+        """The load recipe of a model.
+
+        The per-model row first; only if there is none, an unsaved ``ModelLoadInfo`` built from
+        the first loaded replica row that carries a blob (rows written before the per-model
+        table existed). ``source`` says which. Raises ``ModelLoadInfo.DoesNotExist`` when
+        neither exists.
+        """
+        row = self.filter(model_name=model_name).first()
+        if row is not None:
+            row.model_opts_blob = bytes(row.model_opts_blob)
+            return row
+        replica = (
+            _model("NodeModel")
+            .objects.for_model(model_name)
+            .loaded()
+            .annotate(blob_length=Length("model_opts_blob"))
+            .filter(blob_length__gt=0)
+            .order_by("created_at", "pk")
+            .first()
+        )
+        if replica is None:
+            raise self.model.DoesNotExist(f"no load info for model {model_name!r}")
+        return self.model(
+            model_name=model_name,
+            backend_type=replica.backend_type,
+            model_opts_blob=bytes(replica.model_opts_blob),
+            updated_at=replica.updated_at,
+            source=self.model.Source.REPLICA,
+        )

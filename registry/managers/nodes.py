@@ -1,0 +1,460 @@
+"""Node verbs: registration, heartbeats, status transitions, slots, VRAM reservations,
+and label verbs (labels are capacity too)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from django.db import IntegrityError, models, transaction
+from django.db.models import (
+    BigIntegerField,
+    Case,
+    Exists,
+    ExpressionWrapper,
+    F,
+    OuterRef,
+    Q,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import Least
+from django.utils import timezone
+
+from controlplane.tokens import hash_token, new_token
+
+from .. import placement
+from ..labels import auto_labels, validate_labels
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models import Node
+
+from ._common import _capacity_changed, _free_vram, _model, _now, _replica_rows_subquery
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Nodes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What ``Node.objects.register`` returns: the node, its fresh token (shown once), and
+    whether the name was new."""
+
+    node: Node
+    node_token: str
+    created: bool
+
+
+class NodeQuerySet(models.QuerySet):
+    def healthy(self):
+        return self.filter(status=self.model.Status.HEALTHY)
+
+    def backends(self):
+        return self.filter(node_type=self.model.NodeType.BACKEND)
+
+    def schedulable(self):
+        """Healthy backend nodes: the only ones routed to or scheduled on."""
+        return self.healthy().backends()
+
+    def stale(self, *, threshold: timedelta, now: datetime | None = None):
+        """Nodes whose last heartbeat is older than ``threshold`` and whose status still claims
+        liveness (unhealthy, offline and pending nodes are not news)."""
+        cutoff = _now(now) - threshold
+        return self.exclude(status__in=self.model.NOT_SWEPT_STATUSES).filter(
+            Q(last_heartbeat__lt=cutoff) | Q(last_heartbeat__isnull=True)
+        )
+
+    def matching_selector(self, selector: dict[str, str] | None):
+        """Nodes carrying every ``key=value`` pair of ``selector`` (AND); ``{}`` matches all."""
+        NodeLabel = _model("NodeLabel")
+        queryset = self
+        for key, value in (selector or {}).items():
+            queryset = queryset.filter(
+                Exists(NodeLabel.objects.filter(node=OuterRef("pk"), key=key, value=value))
+            )
+        return queryset
+
+    def candidates(self, selector: dict[str, str] | None = None, node_ids: Iterable | None = None):
+        """Schedulable nodes matching a selector, optionally restricted to ``node_ids``."""
+        queryset = self.schedulable().matching_selector(selector)
+        if node_ids is not None:
+            queryset = queryset.filter(pk__in=list(node_ids))
+        return queryset
+
+    def with_load(self):
+        """Annotate ``in_flight_total`` (sum over replicas) and ``replica_count`` (all models)."""
+        return self.annotate(
+            in_flight_total=_replica_rows_subquery(aggregate=Sum("in_flight")),
+            replica_count=_replica_rows_subquery(),
+        )
+
+    def with_model_rows(self, model_name: str):
+        """Annotate ``model_rows``: replica rows of ``model_name`` (any state) on each node."""
+        return self.annotate(model_rows=_replica_rows_subquery(model_name))
+
+    def with_free_slot(self, model_name: str):
+        """Nodes that can take one more replica of ``model_name`` (rows in any state count)."""
+        return self.with_model_rows(model_name).filter(model_rows__lt=F("max_replicas_per_model"))
+
+    def with_free_vram(self, needed: int):
+        """Nodes whose ``available - reserved`` VRAM covers ``needed`` bytes; annotates
+        ``free_vram_bytes``."""
+        return self.annotate(free_vram_bytes=_free_vram()).filter(
+            free_vram_bytes__gte=needed
+        )
+
+    def idle(self):
+        """Nodes with no request in flight on any replica."""
+        return self.with_load().filter(in_flight_total=0)
+
+    def least_loaded(self):
+        """Ordered by in-flight sum, then name for a stable tie-break."""
+        return self.with_load().order_by("in_flight_total", "name")
+
+    def with_vram_for(self, needed: int):
+        """Nodes that fit ``needed`` bytes, idle nodes first, then the most free VRAM."""
+        return (
+            self.with_free_vram(needed)
+            .with_load()
+            .order_by(
+                Case(When(in_flight_total=0, then=Value(0)), default=Value(1)),
+                F("free_vram_bytes").desc(),
+                "name",
+            )
+        )
+
+    def for_placement(self, model_name: str):
+        """Annotate what the scheduler needs for one model, for one snapshot query:
+        ``model_rows`` (rows of the model here, any state), ``in_flight_total``,
+        ``free_vram_bytes`` (``available - reserved``; not filtered, so a node whose
+        reservations exceed a stale report stays a candidate for models of unknown size) and
+        ``failure_backoff_until`` (``LoadFailure.retry_after`` of the model here, or None)."""
+        backoff = _model("LoadFailure").objects.filter(node=OuterRef("pk"), model_name=model_name).values("retry_after")
+        return (
+            self.with_model_rows(model_name)
+            .with_load()
+            .annotate(free_vram_bytes=_free_vram(), failure_backoff_until=Subquery(backoff[:1]))
+        )
+
+
+class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
+    def register(
+        self,
+        *,
+        name: str,
+        address: str = "",
+        node_type: str = "backend",
+        http_address: str = "",
+        total_vram: int = 0,
+        available_vram: int | None = None,
+        total_ram: int = 0,
+        available_ram: int | None = None,
+        gpu_vendor: str = "unknown",
+        labels: dict[str, str] | None = None,
+        max_replicas_per_model: int = 1,
+        auto_approve: bool = True,
+        now: datetime | None = None,
+    ) -> Registration:
+        """Register a worker by name, or re-register a returning one.
+
+        A returning node keeps its id, comes back ``healthy`` unless it was still ``pending``,
+        and keeps an operator-set ``max_replicas_per_model``. Its replica rows are deleted (it
+        restarted and runs nothing), its labels are merged one key at a time (operator labels
+        survive), a new node token replaces the old one, and every model's unsatisfiable
+        cooldown is cleared because capacity changed.
+
+        Idiom: row lock on the name inside one transaction; two first registrations of one name
+        race on the unique constraint, and the loser retries into the row lock, so exactly one
+        node exists. Returns a ``Registration`` whose ``node_token`` is shown to the worker once.
+        """
+        if not name or not name.strip():
+            raise ValueError("node name must not be empty")
+        labels = validate_labels(labels)
+        now = _now(now)
+        slots = max(1, int(max_replicas_per_model or 1))
+        token = new_token("cpn_")
+        capacity = {
+            "node_type": node_type,
+            "address": address,
+            "http_address": http_address,
+            "total_vram": total_vram,
+            "available_vram": total_vram if available_vram is None else available_vram,
+            "total_ram": total_ram,
+            "available_ram": total_ram if available_ram is None else available_ram,
+            "gpu_vendor": gpu_vendor or "unknown",
+            "reserved_vram": 0,
+            "reported_max_replicas_per_model": slots,
+            "token_hash": hash_token(token),
+            "last_heartbeat": now,
+        }
+        for _attempt in range(3):
+            try:
+                with transaction.atomic():
+                    node = self.select_for_update().filter(name=name).first()
+                    created = node is None
+                    if created:
+                        node = self.create(
+                            name=name,
+                            status=self.model.Status.HEALTHY if auto_approve else self.model.Status.PENDING,
+                            max_replicas_per_model=slots,
+                            **capacity,
+                        )
+                    else:
+                        for field, value in capacity.items():
+                            setattr(node, field, value)
+                        if node.status != self.model.Status.PENDING:
+                            node.status = self.model.Status.HEALTHY
+                        if not node.max_replicas_per_model_manual:
+                            node.max_replicas_per_model = slots
+                        node.save()
+                        _model("NodeModel").objects.filter(node=node).delete()
+                    effective_slots = node.max_replicas_per_model
+                    _model("NodeLabel").objects.merge(
+                        node.pk,
+                        {
+                            **labels,
+                            **auto_labels(
+                                name=name,
+                                gpu_vendor=node.gpu_vendor,
+                                total_vram=total_vram,
+                                max_replicas_per_model=effective_slots,
+                            ),
+                        },
+                        clear_cooldowns=False,
+                    )
+                    _capacity_changed()
+                return Registration(node=node, node_token=token, created=created)
+            except IntegrityError:
+                # Another process inserted this name between our lookup and insert; the next
+                # attempt finds its row and waits on the row lock.
+                logger.info("node %s registered concurrently; retrying as a re-registration", name)
+        raise IntegrityError(f"could not register node {name!r} after concurrent attempts")
+
+    def heartbeat(
+        self,
+        node_id,
+        *,
+        available_vram: int | None = None,
+        available_ram: int | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Record a heartbeat. Returns False when the node does not exist.
+
+        Sets ``last_heartbeat``; a reported ``available_vram`` replaces the stored figure and
+        resets ``reserved_vram`` to 0 (the worker now reports what in-progress loads use). It
+        never changes status: the reconciler does. Pending and offline nodes only get the
+        timestamp. Idiom: one conditional UPDATE (CASE on status), no read.
+        """
+        now = _now(now)
+        timestamp_only = Q(status__in=self.model.HEARTBEAT_TIMESTAMP_ONLY_STATUSES)
+        changes = {"last_heartbeat": now}
+        if available_vram is not None:
+            changes["available_vram"] = Case(When(timestamp_only, then=F("available_vram")), default=Value(available_vram))
+            changes["reserved_vram"] = Case(When(timestamp_only, then=F("reserved_vram")), default=Value(0))
+        if available_ram is not None:
+            changes["available_ram"] = Case(When(timestamp_only, then=F("available_ram")), default=Value(available_ram))
+        return self.filter(pk=node_id).update(**changes) == 1
+
+    def _transition(self, node_id, to_status: str, *, from_statuses=None, exclude_statuses=None) -> bool:
+        queryset = self.filter(pk=node_id)
+        if from_statuses is not None:
+            queryset = queryset.filter(status__in=from_statuses)
+        if exclude_statuses is not None:
+            queryset = queryset.exclude(status__in=exclude_statuses)
+        return queryset.update(status=to_status, updated_at=timezone.now()) == 1
+
+    def approve(self, node_id) -> bool:
+        """``pending`` -> ``healthy`` (conditional update). False: unknown or not pending.
+        Approval adds capacity, so cooldowns are cleared."""
+        approved = self._transition(node_id, self.model.Status.HEALTHY, from_statuses=[self.model.Status.PENDING])
+        if approved:
+            _capacity_changed()
+        return approved
+
+    def mark_healthy(self, node_id) -> bool:
+        """``unhealthy``/``offline`` -> ``healthy`` when heartbeats are fresh again (conditional
+        update). Never overrides ``pending`` (needs approval) or ``draining`` (operator's
+        choice). False: unknown node or not in a recoverable status."""
+        Status = self.model.Status
+        return self._transition(node_id, Status.HEALTHY, from_statuses=[Status.UNHEALTHY, Status.OFFLINE])
+
+    def mark_unhealthy(self, node_id) -> bool:
+        """``healthy`` -> ``unhealthy``: status only, replica rows kept (a blip must not force
+        reloads). Conditional update; False when the node was not healthy."""
+        Status = self.model.Status
+        return self._transition(node_id, Status.UNHEALTHY, from_statuses=[Status.HEALTHY])
+
+    def mark_draining(self, node_id) -> bool:
+        """Stop routing and scheduling to a node so its in-flight work can finish.
+
+        Replica rows are kept on purpose (the reference deleted them): the worker polls its
+        rows' in-flight sum before deregistering, and leases on them must still be releasable.
+        Draining nodes are not schedulable, so their replicas stop counting as ready and the
+        reconciler places replacements elsewhere. Conditional update; False: unknown node, or
+        already offline/draining.
+        """
+        Status = self.model.Status
+        return self._transition(node_id, Status.DRAINING, exclude_statuses=[Status.OFFLINE, Status.DRAINING])
+
+    def resume(self, node_id) -> bool:
+        """``draining`` -> ``healthy`` (conditional update); adds capacity back."""
+        Status = self.model.Status
+        resumed = self._transition(node_id, Status.HEALTHY, from_statuses=[Status.DRAINING])
+        if resumed:
+            _capacity_changed()
+        return resumed
+
+    def mark_offline(self, node_id, *, heartbeat_before: datetime | None = None) -> bool:
+        """Mark a node ``offline`` and delete its replica rows; load info is untouched.
+
+        The row is kept so that re-registration restores its approval. With
+        ``heartbeat_before``, the transition only happens if the node's heartbeat is still older
+        than that instant: a heartbeat that arrives between the reconciler's snapshot and this
+        call wins (conditional update). Returns False when nothing changed.
+        """
+        with transaction.atomic():
+            queryset = self.filter(pk=node_id)
+            if heartbeat_before is not None:
+                queryset = queryset.filter(Q(last_heartbeat__lt=heartbeat_before) | Q(last_heartbeat__isnull=True))
+            changed = queryset.update(status=self.model.Status.OFFLINE, reserved_vram=0, updated_at=timezone.now()) == 1
+            if changed:
+                _model("NodeModel").objects.filter(node_id=node_id).delete()
+        return changed
+
+    def deregister(self, node_id) -> bool:
+        """Operator hard delete: the node, its labels and replica rows go in one transaction.
+        Returns False for an unknown node."""
+        with transaction.atomic():
+            deleted, _ = self.filter(pk=node_id).delete()
+        return deleted > 0
+
+    def set_max_replicas_per_model(self, node_id, slots: int) -> bool:
+        """Operator override of a node's replica slots; re-registration keeps it. Clears
+        cooldowns (capacity changed) and refreshes the `node.replica-slots` label."""
+        if int(slots) < 1:
+            raise ValueError("max_replicas_per_model must be at least 1")
+        with transaction.atomic():
+            updated = self.filter(pk=node_id).update(
+                max_replicas_per_model=int(slots), max_replicas_per_model_manual=True, updated_at=timezone.now()
+            )
+            if updated:
+                _model("NodeLabel").objects.merge(node_id, {"node.replica-slots": str(int(slots))}, clear_cooldowns=False)
+                _capacity_changed()
+        return updated == 1
+
+    def reset_max_replicas_per_model(self, node_id) -> bool:
+        """Drop the operator override: back to what the worker reported at registration."""
+        with transaction.atomic():
+            updated = self.filter(pk=node_id).update(
+                max_replicas_per_model=F("reported_max_replicas_per_model"),
+                max_replicas_per_model_manual=False,
+                updated_at=timezone.now(),
+            )
+            if updated:
+                slots = self.filter(pk=node_id).values_list("max_replicas_per_model", flat=True).get()
+                _model("NodeLabel").objects.merge(node_id, {"node.replica-slots": str(slots)}, clear_cooldowns=False)
+                _capacity_changed()
+        return updated == 1
+
+    def reserve_vram(self, node_id, amount: int) -> bool:
+        """Soft-reserve ``amount`` bytes for an in-progress load.
+
+        Admission happens in the database: ``reserved += n WHERE available - reserved >= n``,
+        so concurrent loads can never over-commit a node. False: not enough free VRAM.
+        """
+        if amount <= 0:
+            return True
+        return (
+            self.filter(pk=node_id)
+            .annotate(free=_free_vram())
+            .filter(free__gte=amount)
+            .update(reserved_vram=F("reserved_vram") + amount)
+            == 1
+        )
+
+    def release_vram(self, node_id, amount: int) -> bool:
+        """Return a reservation: ``reserved -= n WHERE reserved >= n`` (never underflows).
+
+        False when a heartbeat already reset the reservation (nothing left to return).
+        """
+        if amount <= 0:
+            return True
+        return self.filter(pk=node_id, reserved_vram__gte=amount).update(reserved_vram=F("reserved_vram") - amount) == 1
+
+    def credit_vram(self, node_id, amount: int) -> bool:
+        """Give back the VRAM of a replica that was removed (eviction), before the worker's
+        next heartbeat reports it.
+
+        If the replica's load reservation is still pending (no heartbeat since the load), it is
+        released; otherwise the heartbeat already counted the replica in ``available_vram``, so
+        ``amount`` is added back there, capped at ``total_vram``. The next heartbeat replaces
+        both with the real figure. Conditional updates; False: unknown node.
+        """
+        if amount <= 0:
+            return True
+        if self.release_vram(node_id, amount):
+            return True
+        grown = ExpressionWrapper(F("available_vram") + Value(int(amount)), output_field=BigIntegerField())
+        return self.filter(pk=node_id).update(available_vram=Least(grown, F("total_vram"))) == 1
+
+    def capacity_for(self, model_name: str, *, selector=None, node_ids: Iterable | None = None) -> int:
+        """How many more replicas of ``model_name`` the candidate nodes can take (one query;
+        the formula is ``placement.cluster_capacity``)."""
+        rows = self.candidates(selector, node_ids).with_model_rows(model_name).values_list(
+            "pk", "max_replicas_per_model", "model_rows"
+        )
+        return placement.cluster_capacity(placement.SlotUsage(pk, slots, used) for pk, slots, used in rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+
+class NodeLabelManager(models.Manager):
+    def merge(self, node_id, labels: dict[str, str], *, clear_cooldowns: bool = True) -> int:
+        """Set each key of ``labels`` on the node, leaving other keys alone (upsert on
+        ``(node, key)``). Returns the number of labels written."""
+        labels = validate_labels(labels)
+        if not labels:
+            return 0
+        self.bulk_create(
+            [self.model(node_id=node_id, key=key, value=value) for key, value in labels.items()],
+            update_conflicts=True,
+            unique_fields=["node", "key"],
+            update_fields=["value"],
+        )
+        if clear_cooldowns:
+            _capacity_changed()
+        return len(labels)
+
+    def set_label(self, node_id, key: str, value: str) -> None:
+        """Set one label (upsert)."""
+        self.merge(node_id, {key: value})
+
+    def replace(self, node_id, labels: dict[str, str]) -> int:
+        """Make the node's labels exactly ``labels`` (one transaction)."""
+        labels = validate_labels(labels)
+        with transaction.atomic():
+            self.filter(node_id=node_id).exclude(key__in=list(labels)).delete()
+            self.merge(node_id, labels, clear_cooldowns=False)
+            _capacity_changed()
+        return len(labels)
+
+    def remove(self, node_id, key: str) -> bool:
+        """Delete one label; False when the node had no such key."""
+        deleted, _ = self.filter(node_id=node_id, key=key).delete()
+        if deleted:
+            _capacity_changed()
+        return deleted > 0
+
+    def as_dict(self, node_id) -> dict[str, str]:
+        return dict(self.filter(node_id=node_id).values_list("key", "value"))

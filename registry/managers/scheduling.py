@@ -1,0 +1,125 @@
+"""Scheduling config verbs and the circuit breaker."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from django.core.exceptions import ValidationError
+from django.db import models, transaction
+from django.db.models import (
+    F,
+    Q,
+)
+
+from ..labels import validate_labels
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models import ModelSchedulingConfig
+
+from ._common import _now
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------
+# Scheduling config and its circuit breaker
+# --------------------------------------------------------------------------------------------
+
+
+def validate_scheduling(min_replicas, max_replicas, node_selector) -> tuple[int, int, dict[str, str]]:
+    """Check a scheduling config; raise ``ValidationError`` with per-field messages."""
+    errors = {}
+    for field, value in (("min_replicas", min_replicas), ("max_replicas", max_replicas)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors[field] = "must be an integer"
+        elif value < 0:
+            errors[field] = "must be >= 0"
+    if not errors and max_replicas > 0 and min_replicas > max_replicas:
+        errors["min_replicas"] = "must not exceed max_replicas (unless max_replicas is 0 = unlimited)"
+    try:
+        selector = validate_labels(node_selector)
+    except ValueError as exc:
+        errors["node_selector"] = str(exc)
+        selector = {}
+    if errors:
+        raise ValidationError(errors)
+    return min_replicas, max_replicas, selector
+
+
+class ModelSchedulingConfigQuerySet(models.QuerySet):
+    def autoscaled(self):
+        """Models the reconciler manages: ``min_replicas > 0 or max_replicas > 0``."""
+        return self.filter(Q(min_replicas__gt=0) | Q(max_replicas__gt=0))
+
+    def in_cooldown(self, *, now: datetime | None = None):
+        return self.filter(unsatisfiable_until__gt=_now(now))
+
+
+class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingConfigQuerySet)):
+    def upsert(
+        self,
+        model_name: str,
+        *,
+        min_replicas: int = 0,
+        max_replicas: int = 0,
+        node_selector: dict[str, str] | None = None,
+        placement: str | None = None,
+    ) -> ModelSchedulingConfig:
+        """Create or replace a model's scheduling config (upsert on ``model_name``).
+
+        Validated first (``ValidationError``); the circuit-breaker columns are not overwritten.
+        ``placement`` (``spread``/``binpack``) is only written when given.
+        """
+        if not model_name or not model_name.strip():
+            raise ValidationError({"model_name": "must not be empty"})
+        min_replicas, max_replicas, selector = validate_scheduling(min_replicas, max_replicas, node_selector)
+        if placement is not None and placement not in self.model.Placement.values:
+            raise ValidationError({"placement": f"must be one of {', '.join(self.model.Placement.values)}"})
+        row = self.model(model_name=model_name, min_replicas=min_replicas, max_replicas=max_replicas, node_selector=selector)
+        update_fields = ["min_replicas", "max_replicas", "node_selector", "updated_at"]
+        if placement is not None:
+            row.placement = placement
+            update_fields.append("placement")
+        self.bulk_create(
+            [row],
+            update_conflicts=True,
+            unique_fields=["model_name"],
+            update_fields=update_fields,
+        )
+        return self.get(model_name=model_name)
+
+    def record_unsatisfiable(self, model_name: str, *, threshold: int, cooldown: timedelta, now: datetime | None = None) -> bool:
+        """Count a pass in which the model had no capacity; after ``threshold`` consecutive
+        passes start a cooldown of ``cooldown`` and reset the count. Returns True when this
+        call tripped the breaker. Idiom: two conditional updates in one transaction."""
+        now = _now(now)
+        with transaction.atomic():
+            self.filter(model_name=model_name).update(unsatisfiable_ticks=F("unsatisfiable_ticks") + 1)
+            tripped = self.filter(model_name=model_name, unsatisfiable_ticks__gte=threshold).update(
+                unsatisfiable_ticks=0, unsatisfiable_until=now + cooldown
+            )
+        return tripped == 1
+
+    def record_satisfiable(self, model_name: str) -> bool:
+        """The model had capacity this pass: reset the consecutive count (conditional)."""
+        return self.filter(model_name=model_name, unsatisfiable_ticks__gt=0).update(unsatisfiable_ticks=0) == 1
+
+    def remove(self, model_name: str) -> bool:
+        """Forget a model's scheduling config: the reconciler stops managing it (its replicas
+        and load info stay). False when there was none."""
+        deleted, _ = self.filter(model_name=model_name).delete()
+        return deleted > 0
+
+    def clear_cooldown(self, model_name: str) -> bool:
+        return self._clear(self.filter(model_name=model_name)) == 1
+
+    def clear_cooldowns(self) -> int:
+        """End every model's cooldown and count (a capacity event happened)."""
+        return self._clear(self.all())
+
+    @staticmethod
+    def _clear(queryset) -> int:
+        return queryset.filter(Q(unsatisfiable_until__isnull=False) | Q(unsatisfiable_ticks__gt=0)).update(
+            unsatisfiable_until=None, unsatisfiable_ticks=0
+        )
