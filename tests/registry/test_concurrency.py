@@ -4,41 +4,15 @@ SQLite ignores ``SELECT ... FOR UPDATE`` and serialises every writer, so these o
 something on PostgreSQL and are marked accordingly.
 """
 
-import threading
 from collections import Counter
 
 import pytest
 
 from registry.models import ModelLoadInfo, Node, NodeModel
+from tests.concurrency import THREADS, run_in_threads
 from tests.factories import GIB, make_node, make_replica
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
-
-THREADS = 8
-
-
-def run_in_threads(target, close_thread_connections, count=THREADS):
-    """Start ``count`` threads on ``target(i)`` behind a barrier; return results in order."""
-    barrier = threading.Barrier(count)
-    results, errors = [None] * count, []
-
-    def run(index):
-        try:
-            barrier.wait(timeout=10)
-            results[index] = target(index)
-        except Exception as exc:  # reported below, with the thread's index
-            errors.append((index, exc))
-        finally:
-            close_thread_connections()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert not errors, errors
-    return results
-
 
 def test_concurrent_load_info_upserts_leave_one_row_holding_one_written_value(close_thread_connections):
     written = {i: (f"backend-{i}", f"blob-{i}".encode()) for i in range(THREADS)}

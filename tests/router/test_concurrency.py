@@ -13,38 +13,21 @@ from django.utils import timezone
 
 from registry import router, tasks
 from registry.models import Lease, LoadJob, Node, NodeModel
+from tests.concurrency import THREADS
+from tests.concurrency import run_in_threads as shared_run_in_threads
 from tests.factories import GIB, make_node, make_replica
 
 from .conftest import options_blob
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
-THREADS = 8
 BLOB = options_blob("llama.gguf", vram=2 * GIB)
 
 
 def run_in_threads(target, close_thread_connections, count=THREADS):
-    """Start ``count`` threads on ``target(i)`` behind a barrier; returns results (an exception
-    raised by a thread is returned in its slot, for tests that expect typed errors)."""
-    barrier = threading.Barrier(count)
-    results = [None] * count
-
-    def run(index):
-        try:
-            barrier.wait(timeout=10)
-            results[index] = target(index)
-        except Exception as exc:
-            results[index] = exc
-        finally:
-            close_thread_connections()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads)
-    return results
+    """The shared runner, returning a thread's exception in its slot (some tests expect typed
+    errors)."""
+    return shared_run_in_threads(target, close_thread_connections, count, return_exceptions=True)
 
 
 def assert_no_leftovers():
