@@ -219,3 +219,298 @@ class Fleet:
 
     def logs(self) -> str:
         return "\n".join(f"----- {p.name} -----\n{p.log()[-4000:]}" for p in self.processes)
+
+
+# ===== fault injection, convergence and invariants (issue 8) ====================================
+#
+# Added compatibly: the methods below are attached to ``Fleet``; nothing above changes.
+
+import re  # noqa: E402
+import threading  # noqa: E402
+from collections import Counter  # noqa: E402
+
+ECHO_OPTIONS = {"backend_type": "echo", "model_options": {"Model": "tiny"}}
+
+
+def fast_settings(**extra) -> dict:
+    """The fault suite's settings: stale after 4 s, a pass every second."""
+    return {
+        "CONTROLPLANE_STALE_AFTER": "4",
+        "CONTROLPLANE_RECONCILE_INTERVAL": "1",
+        "CONTROLPLANE_HEARTBEAT_INTERVAL": "1",
+        "CONTROLPLANE_GRPC_LOAD_TIMEOUT": "20",
+        "CONTROLPLANE_GRPC_WORKER_TIMEOUT": "5",
+        "CONTROLPLANE_LOAD_JOB_HEARTBEAT_INTERVAL": "1",
+        "CONTROLPLANE_LOAD_JOB_STALE_AFTER": "5",
+        **{key: str(value) for key, value in extra.items()},
+    }
+
+
+def _fleet_sql(self, query: str, params=()) -> list[tuple]:
+    """Run one statement on the fleet's database (autocommit) and return its rows."""
+    with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as connection:
+        cursor = connection.execute(query, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def _fleet_pause(self, process_or_pid) -> None:
+    """SIGSTOP a fleet process (its process group: the worker agent, not its backends, which
+    run in their own sessions) or a bare pid (e.g. one backend)."""
+    if isinstance(process_or_pid, Process):
+        os.killpg(process_or_pid.popen.pid, signal.SIGSTOP)
+    else:
+        os.kill(process_or_pid, signal.SIGSTOP)
+    self.paused.add(process_or_pid.popen.pid if isinstance(process_or_pid, Process) else process_or_pid)
+
+
+def _fleet_resume(self, process_or_pid) -> None:
+    pid = process_or_pid.popen.pid if isinstance(process_or_pid, Process) else process_or_pid
+    try:
+        if isinstance(process_or_pid, Process):
+            os.killpg(pid, signal.SIGCONT)
+        else:
+            os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+    self.paused.discard(pid)
+
+
+def _fleet_start_reconciler(self, interval: float = 1.0, name: str = "reconciler") -> Process:
+    """``manage.py reconcile --loop``: passes every ``interval`` s from the first second.
+
+    The fault scenarios use it instead of the qcluster because django-q2 looks for due
+    schedules only every 30 s: a (re)started qcluster would add up to 30 s of dead time to
+    every measured convergence. Cold loads requested through the API still need a load-job
+    runner: ``CONTROLPLANE_LOAD_JOB_RUNNER=thread`` runs them inside the web process.
+    """
+    return self.spawn(name, [sys.executable, "manage.py", "reconcile", "--loop", "--interval", str(interval)])
+
+
+def _fleet_model(self, model: str) -> dict:
+    status, body = self.api("GET", f"/api/v1/models/{model}")
+    return body if status == 200 else {}
+
+
+def _fleet_wait_converged(self, model: str, ready: int, deadline: float, *, since: float | None = None,
+                          extra=None) -> float:
+    """Wait until ``model`` has exactly ``ready`` ready replicas (and ``extra()`` holds);
+    returns the seconds elapsed since ``since`` (default: the call)."""
+    start = time.monotonic() if since is None else since
+
+    def done():
+        return self.model(model).get("ready_replicas") == ready and (extra is None or extra())
+
+    wait_for(done, timeout=max(0.0, deadline - (time.monotonic() - start)), interval=0.2,
+             what=f"{model}: {ready} ready replicas")
+    return time.monotonic() - start
+
+
+def _fleet_set_floor(self, model: str, min_replicas: int, **extra) -> None:
+    status, body = self.api("PUT", f"/api/v1/models/{model}/load-info", ECHO_OPTIONS)
+    assert status in (200, 201), body
+    status, body = self.api(
+        "PUT", f"/api/v1/models/{model}/scheduling",
+        {"min_replicas": min_replicas, "max_replicas": 0, "node_selector": {}, **extra},
+    )
+    assert status in (200, 201), body
+
+
+def _fleet_replica_rows(self, model: str | None = None) -> list[dict]:
+    query = (
+        "SELECT r.id, n.name, n.status, r.model_name, r.replica_index, r.address, r.state, r.in_flight,"
+        " n.address, n.id FROM registry_nodemodel r JOIN registry_node n ON n.id = r.node_id"
+    )
+    params = ()
+    if model is not None:
+        query += " WHERE r.model_name = %s"
+        params = (model,)
+    keys = ("id", "node", "node_status", "model", "replica_index", "address", "state", "in_flight",
+            "node_address", "node_id")
+    return [dict(zip(keys, row, strict=True)) for row in self.sql(query, params)]
+
+
+def _fleet_events(self, kind: str) -> list[dict]:
+    status, body = self.api("GET", f"/api/v1/events?kind={kind}&limit=200")
+    assert status == 200, body
+    return body["results"] if isinstance(body, dict) else body
+
+
+_ADDR = re.compile(r"--addr\s+\S*:(\d+)")
+
+
+def _echo_backend_processes() -> dict[int, int]:
+    """pid -> port of every echo backend process on the machine."""
+    result = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True)
+    found = {}
+    for line in result.stdout.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if "worker.backends.echo" in args and "setpriv" not in args.split()[0]:
+            match = _ADDR.search(args)
+            if match:
+                found[int(pid)] = int(match.group(1))
+    return found
+
+
+def _fleet_invariant_violations(self) -> list[str]:
+    from proto import client
+
+    problems: list[str] = []
+    nodes = self.sql("SELECT id, name, status, address, max_replicas_per_model, node_type FROM registry_node")
+    live = {str(row[0]): row for row in nodes if row[2] == "healthy" and row[5] == "backend"}
+    rows = self.replica_rows()
+
+    # 1. floors (capacity permitting: one replica per slot on a healthy node)
+    for model, floor in self.sql("SELECT model_name, min_replicas FROM registry_modelschedulingconfig WHERE min_replicas > 0"):
+        capacity = sum(row[4] for row in live.values())
+        loaded = sum(1 for r in rows if r["model"] == model and r["state"] == "loaded" and str(r["node_id"]) in live)
+        if loaded < min(floor, capacity):
+            problems.append(f"{model}: {loaded} loaded replica(s) on live workers < floor {floor} (capacity {capacity})")
+
+    # 2. no duplicate (node, model, replica_index)
+    for key, count in Counter((str(r["node_id"]), r["model"], r["replica_index"]) for r in rows).items():
+        if count > 1:
+            problems.append(f"duplicate replica key {key} x{count}")
+
+    # 3. no loaded row points at a dead backend
+    for r in rows:
+        if r["state"] == "loaded":
+            outcome = client.probe(r["address"], token=TOKEN, timeout=2).outcome
+            if outcome is client.Probe.UNREACHABLE:
+                problems.append(f"{r['model']}#{r['replica_index']} on {r['node']} ({r['address']}) is unreachable")
+
+    # 4. in-flight equals live leases
+    for replica_id, in_flight, leases in self.sql(
+        "SELECT r.id, r.in_flight, (SELECT count(*) FROM registry_lease l WHERE l.replica_id = r.id"
+        " AND l.released_at IS NULL) FROM registry_nodemodel r"
+    ):
+        if in_flight != leases:
+            problems.append(f"replica {replica_id}: in_flight {in_flight} != live leases {leases}")
+
+    # 5. load info for every model ever loaded (rows now, and every replica_added event)
+    ever = {r["model"] for r in rows} | {
+        row[0] for row in self.sql("SELECT DISTINCT model_name FROM reconciler_event WHERE kind = 'replica_added'")
+    }
+    known = {row[0] for row in self.sql("SELECT model_name FROM registry_modelloadinfo")}
+    for model in sorted(ever - known):
+        problems.append(f"{model}: loaded once but no ModelLoadInfo row")
+
+    # 6. no orphan backend processes: every echo backend in this fleet's port ranges is a
+    #    running backend of a live worker, and every live worker's running backend has a row
+    owned: set[int] = set()
+    row_keys = {(str(r["node_id"]), r["model"], r["replica_index"]) for r in rows}
+    for node_id, row in live.items():
+        try:
+            listing = client.list_backends(row[3], node_id=node_id, token=TOKEN, timeout=5)
+        except client.GrpcCallError as exc:
+            problems.append(f"worker {row[1]} does not answer ListBackends: {exc}")
+            continue
+        for backend in listing.backends:
+            if backend.state == backend.RUNNING:
+                owned.add(backend.pid)
+                if (node_id, backend.model_name, backend.replica_index) not in row_keys:
+                    problems.append(f"{row[1]}: backend {backend.model_name}#{backend.replica_index} has no replica row")
+    for pid, port in _echo_backend_processes().items():
+        if any(low <= port <= high for low, high in self.port_ranges) and pid not in owned and pid not in self.paused:
+            problems.append(f"orphan echo backend pid {pid} on port {port}")
+    return problems
+
+
+def _fleet_check_invariants(self, timeout: float = 20.0) -> float:
+    """Assert the fleet's invariants, allowing ``timeout`` s for in-progress passes to settle;
+    returns how long they took to hold."""
+    start = time.monotonic()
+    last: list[str] = []
+
+    def holds():
+        nonlocal last
+        last = self.invariant_violations()
+        return not last
+
+    try:
+        wait_for(holds, timeout=timeout, interval=0.5, what="fleet invariants")
+    except AssertionError:
+        raise AssertionError("fleet invariants violated:\n  " + "\n  ".join(last)) from None
+    return time.monotonic() - start
+
+
+def _fleet_restart_postgres(self, down_for: float = 0.0) -> None:
+    """Restart the machine's PostgreSQL cluster (debian tooling): stop, wait, start."""
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "stop", "-m", "fast"], check=True)
+    time.sleep(down_for)
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=True)
+
+
+_original_start_worker = Fleet.start_worker
+_original_close = Fleet.close
+
+
+def _fleet_start_worker(self, name: str, **kwargs) -> Process:
+    process = _original_start_worker(self, name, **kwargs)
+    argv = process.popen.args
+    low, high = argv[argv.index("--backend-port-range") + 1].split("-")
+    self.port_ranges.append((int(low), int(high)))
+    return process
+
+
+def _fleet_close(self) -> None:
+    for pid in list(self.paused):  # a stopped process cannot act on SIGTERM
+        try:
+            os.kill(pid, signal.SIGCONT)
+            os.killpg(pid, signal.SIGCONT)
+        except (ProcessLookupError, PermissionError):
+            pass
+    self.paused.clear()
+    _original_close(self)
+
+
+Fleet.paused = property(lambda self: self.__dict__.setdefault("_paused", set()))
+Fleet.port_ranges = property(lambda self: self.__dict__.setdefault("_port_ranges", []))
+Fleet.sql = _fleet_sql
+Fleet.pause = _fleet_pause
+Fleet.resume = _fleet_resume
+Fleet.start_reconciler = _fleet_start_reconciler
+Fleet.model = _fleet_model
+Fleet.wait_converged = _fleet_wait_converged
+Fleet.set_floor = _fleet_set_floor
+Fleet.replica_rows = _fleet_replica_rows
+Fleet.events = _fleet_events
+Fleet.invariant_violations = _fleet_invariant_violations
+Fleet.check_invariants = _fleet_check_invariants
+Fleet.restart_postgres = _fleet_restart_postgres
+Fleet.start_worker = _fleet_start_worker
+Fleet.close = _fleet_close
+
+
+class Traffic(threading.Thread):
+    """Routes ``model`` through the API every ``period`` s and releases each lease at once;
+    records (monotonic time, status, node name, address, probe outcome of the address)."""
+
+    def __init__(self, fleet: Fleet, model: str, period: float = 0.1, probe: bool = True):
+        super().__init__(daemon=True)
+        self.fleet, self.model, self.period, self.probe = fleet, model, period, probe
+        self.records: list[tuple[float, int, str, str, str]] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        from proto import client
+
+        while not self._stop_event.is_set():
+            at = time.monotonic()
+            try:
+                status, body = self.fleet.api("POST", f"/api/v1/models/{self.model}/route",
+                                              {**ECHO_OPTIONS, "wait_seconds": 5}, timeout=15)
+            except OSError:
+                status, body = 0, None
+            node = address = outcome = ""
+            if status == 200:
+                node, address = body["node_name"], body["address"]
+                if self.probe:
+                    outcome = client.probe(address, token=TOKEN, timeout=1).outcome.value
+                self.fleet.api("POST", f"/api/v1/leases/{body['lease_id']}/release")
+            self.records.append((at, status, node, address, outcome))
+            self._stop_event.wait(max(0.0, self.period - (time.monotonic() - at)))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(30)

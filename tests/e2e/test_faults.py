@@ -1,0 +1,256 @@
+"""Fault injection with real processes (issue 8): each scenario breaks one thing, measures how
+long the fleet takes to converge (printed in the "reported numbers" summary), then checks the
+fleet's invariants (``Fleet.check_invariants``).
+
+Settings: stale after 4 s, heartbeat 1 s, a reconcile pass every second. The reconciler runs as
+``manage.py reconcile --loop --interval 1`` (not the qcluster: django-q2 looks for due schedules
+every 30 s, which would dominate every timing), and cold loads run in a thread of the web
+process (``CONTROLPLANE_LOAD_JOB_RUNNER=thread``).
+"""
+
+import signal
+import threading
+import time
+
+import pytest
+
+from proto import client, worker_pb2
+from tests.e2e.harness import ECHO_OPTIONS, TOKEN, Traffic, fast_settings, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+
+STALE_AFTER = 4.0
+INTERVAL = 1.0
+# a loaded 2-core machine: a pass, a backend start and a LoadModel each take up to seconds
+SLACK = 10.0
+
+
+def start(fleet, workers, *, slots=1, reconcilers=1, webs=1, **settings):
+    fleet.settings_env.update(fast_settings(CONTROLPLANE_LOAD_JOB_RUNNER="thread", **settings))
+    fleet.start_web()
+    for index in range(1, webs):
+        fleet.spawn(f"web-{index}", [*fleet.processes[0].popen.args[:4], "--bind", f"127.0.0.1:{_free()}", "--workers", "1"])
+    procs = {name: fleet.start_worker(name, slots=slots) for name in workers}
+    fleet.wait_nodes(set(workers))
+    for index in range(reconcilers):
+        fleet.start_reconciler(INTERVAL, name=f"reconciler-{index}")
+    return procs
+
+
+def _free():
+    from tests.e2e.harness import free_port
+
+    return free_port()
+
+
+def holders(fleet, model):
+    return sorted(r["node"] for r in fleet.replica_rows(model) if r["state"] == "loaded")
+
+
+def test_a_sigkill_of_a_worker_under_traffic(fleet, report):
+    workers = start(fleet, ["kill-a", "kill-b", "kill-c"], slots=1)
+    fleet.set_floor("tiny", 2)
+    fleet.wait_converged("tiny", 2, 60)
+    traffic = Traffic(fleet, "tiny", period=0.1)
+    traffic.start()
+    time.sleep(1.5)
+
+    victim = holders(fleet, "tiny")[0]
+    killed = time.monotonic()
+    fleet.stop(workers[victim], signal.SIGKILL)
+
+    def offline():
+        return fleet.nodes()[victim]["status"] == "offline"
+
+    wait_for(offline, timeout=STALE_AFTER + 2 * INTERVAL + SLACK, interval=0.2, what=f"{victim} offline")
+    reaped = time.monotonic() - killed
+    elapsed = fleet.wait_converged(
+        "tiny", 2, STALE_AFTER + 2 * INTERVAL + 2 * SLACK, since=killed,
+        extra=lambda: victim not in holders(fleet, "tiny") and len(holders(fleet, "tiny")) == 2,
+    )
+    time.sleep(1.5)
+    traffic.stop()
+
+    after = [r for r in traffic.records if r[0] > killed]
+    converged_at = killed + elapsed
+    to_dead = [r for r in after if r[1] == 200 and r[2] == victim]
+    late = [r for r in after if r[0] > converged_at and (r[1] != 200 or r[2] == victim or r[4] == "unreachable")]
+    report(
+        f"e2e a. worker SIGKILL under traffic: node offline {reaped:.1f}s, replicas re-placed {elapsed:.1f}s after the kill "
+        f"(stale {STALE_AFTER:.0f}s + 2x{INTERVAL:.0f}s passes); routes after kill {len(after)}, "
+        f"{len(to_dead)} to the dead replica before it was reaped, {len(late)} bad after convergence"
+    )
+    assert after and not late, late
+    assert reaped <= STALE_AFTER + 2 * INTERVAL + SLACK
+    assert elapsed - reaped <= 2 * INTERVAL + SLACK
+    fleet.check_invariants()
+
+
+def test_b_stopped_backend_is_busy_not_reaped_then_killed_backend_is_replaced(fleet, report):
+    start(fleet, ["probe-a", "probe-b"], slots=1)
+    fleet.set_floor("tiny", 2)
+    fleet.wait_converged("tiny", 2, 60)
+    row = fleet.replica_rows("tiny")[0]
+    listing = client.list_backends(row["node_address"], node_id=str(row["node_id"]), token=TOKEN)
+    pid = next(b.pid for b in listing.backends if b.model_name == "tiny" and b.state == worker_pb2.BackendProcess.RUNNING)
+
+    fleet.pause(pid)
+    paused = time.monotonic()
+    time.sleep(1)
+    result = client.probe(row["address"], token=TOKEN, timeout=1)
+    assert result.outcome is client.Probe.BUSY and result.code.name == "DEADLINE_EXCEEDED", result
+    time.sleep(7)  # ~7 passes, each probing it
+    rows = {r["id"]: r for r in fleet.replica_rows("tiny")}
+    assert row["id"] in rows, "a stopped (busy) backend was reaped"
+    failures = fleet.sql("SELECT probe_failures FROM registry_nodemodel WHERE id = %s", (row["id"],))[0][0]
+    fleet.resume(pid)
+    stopped_for = time.monotonic() - paused
+
+    killed = time.monotonic()
+    import os
+
+    os.kill(pid, signal.SIGKILL)
+    elapsed = fleet.wait_converged(
+        "tiny", 2, 30, since=killed,
+        extra=lambda: row["id"] not in {r["id"] for r in fleet.replica_rows("tiny")},
+    )
+    removed = [e for e in fleet.events("replica_removed") if e.get("model_name") == "tiny"]
+    reasons = sorted({(e.get("details") or {}).get("reason", "") for e in removed})
+    report(
+        f"e2e b. backend SIGSTOP {stopped_for:.1f}s: kept (busy, probe_failures={failures}); "
+        f"backend SIGKILL: removed and replaced in {elapsed:.1f}s (reason {', '.join(reasons)})"
+    )
+    assert removed
+    assert failures == 0
+    fleet.check_invariants()
+
+
+def test_c_graceful_worker_shutdown_replaces_before_staleness(fleet, report):
+    workers = start(fleet, ["grace-a", "grace-b", "grace-c"], slots=1)
+    fleet.set_floor("tiny", 2)
+    fleet.wait_converged("tiny", 2, 60)
+    leaving = holders(fleet, "tiny")[0]
+    stopped = time.monotonic()
+    assert fleet.stop(workers[leaving], signal.SIGTERM) == 0
+    shutdown = time.monotonic() - stopped
+    assert fleet.nodes()[leaving]["status"] == "offline"  # deregistered, row kept
+    elapsed = fleet.wait_converged(
+        "tiny", 2, STALE_AFTER + SLACK, since=stopped,
+        extra=lambda: leaving not in holders(fleet, "tiny") and len(holders(fleet, "tiny")) == 2,
+    )
+    report(
+        f"e2e c. worker SIGTERM: drained+deregistered in {shutdown:.1f}s, replicas re-placed {elapsed:.1f}s after SIGTERM "
+        f"(stale threshold {STALE_AFTER:.0f}s)"
+    )
+    assert not fleet.events("node_offline") or all(e.get("node_name") != leaving for e in fleet.events("node_offline"))
+    fleet.check_invariants()
+
+
+def test_d_mass_staleness_guard_then_lone_stale_node_is_reaped(fleet, report):
+    names = ["mass-a", "mass-b", "mass-c", "mass-d"]
+    workers = start(fleet, names, slots=1)
+    fleet.set_floor("tiny", 4)
+    fleet.wait_converged("tiny", 4, 90)
+    before = {r["id"] for r in fleet.replica_rows("tiny")}
+
+    paused = names[:2]
+    for name in paused:
+        fleet.pause(workers[name])
+    wait_for(lambda: fleet.events("mass_staleness_guard"), timeout=STALE_AFTER + SLACK, what="mass-staleness event")
+    guarded = time.monotonic()
+    time.sleep(4)
+    nodes = fleet.nodes()
+    assert all(nodes[name]["status"] == "healthy" for name in names), nodes
+    assert {r["id"] for r in fleet.replica_rows("tiny")} == before, "replicas reaped under the guard"
+    for name in paused:
+        fleet.resume(workers[name])
+    resumed = time.monotonic()
+    fleet.wait_converged("tiny", 4, 30, extra=lambda: not fleet.invariant_violations())
+    healthy = time.monotonic() - resumed
+    wait_for(lambda: fleet.events("mass_staleness_cleared"), timeout=SLACK, what="guard cleared")
+
+    lone = names[3]
+    fleet.pause(workers[lone])
+    paused_at = time.monotonic()
+    wait_for(lambda: fleet.nodes()[lone]["status"] == "offline", timeout=STALE_AFTER + SLACK, what="lone stale node reaped")
+    reaped = time.monotonic() - paused_at
+    report(
+        f"e2e d. 2 of 4 heartbeats blocked: guard held {time.monotonic() - guarded:.0f}s+ with nothing reaped, healthy "
+        f"{healthy:.1f}s after resume; a lone stale node reaped {reaped:.1f}s after its heartbeats stopped"
+    )
+    fleet.resume(workers[lone])
+    fleet.wait_nodes(names, timeout=30)
+    fleet.check_invariants()
+
+
+def test_e_racing_control_planes_load_a_cold_model_once(fleet, report):
+    start(fleet, ["race-a", "race-b"], slots=2, reconcilers=3, webs=2)
+    bases = [fleet.base_url] + [
+        f"http://{p.popen.args[p.popen.args.index('--bind') + 1]}" for p in fleet.processes if p.name.startswith("web-")
+    ]
+    fleet.wait_nodes({"race-a", "race-b"})
+    for base in bases[1:]:
+        wait_for(lambda base=base: _answers(base), timeout=30, what=f"{base} up")
+    results: list = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def route(index):
+        barrier.wait()
+        results[index] = _route(fleet, bases[index % len(bases)], "cold", {**ECHO_OPTIONS, "wait_seconds": 40})
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=route, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    elapsed = time.monotonic() - started
+    assert all(r is not None and r[0] == 200 for r in results), results
+    addresses = {r[1]["address"] for r in results}
+    rows = fleet.replica_rows("cold")
+    running = []
+    for node in fleet.nodes().values():
+        listing = client.list_backends(node["address"], node_id=node["id"], token=TOKEN)
+        running += [b for b in listing.backends if b.model_name == "cold"]
+    for _status, body in results:
+        fleet.api("POST", f"/api/v1/leases/{body['lease_id']}/release")
+    overlaps = fleet.sql(
+        "SELECT a.id, b.id FROM reconciler_reconcilepass a JOIN reconciler_reconcilepass b ON a.id < b.id"
+        " WHERE a.outcome = 'ok' AND b.outcome = 'ok' AND a.started_at < b.finished_at AND b.started_at < a.finished_at"
+    )
+    passes = fleet.sql("SELECT outcome, count(*) FROM reconciler_reconcilepass GROUP BY outcome")
+    report(
+        f"e2e e. 8 concurrent cold routes over 2 web processes, 3 reconcilers: 1 replica, {len(running)} backend(s), "
+        f"all leased in {elapsed:.1f}s; passes {dict(passes)}, {len(overlaps)} overlapping"
+    )
+    assert len(addresses) == 1 and len(rows) == 1 and len(running) == 1, (addresses, rows, running)
+    assert not overlaps
+    fleet.check_invariants()
+
+
+def _answers(base):
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base + "/livez", timeout=2) as response:
+            return response.status < 500
+    except OSError:
+        return False
+
+
+def _route(fleet, base, model, body):
+    original = fleet.web_port
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{base}/api/v1/models/{model}/route", data=json.dumps(body).encode(), method="POST")
+    request.add_header("Authorization", f"Bearer {fleet.api_key}")
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+    finally:
+        assert fleet.web_port == original
