@@ -2,22 +2,16 @@
 
 from django.contrib import admin
 
+from registry.admin import ReadOnlyAdmin, summary_text
+
 from .models import Event, ModelCondition, ReconcilePass
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
 
 
 @admin.register(Event)
 class EventAdmin(ReadOnlyAdmin):
     list_display = ["created_at", "kind", "model_name", "node_name", "message"]
-    list_filter = ["kind"]
-    search_fields = ["model_name", "node_name", "message"]
+    list_filter = ["kind", "model_name", "node_name"]
+    search_fields = ["model_name", "node_name", "message", "node_id"]
     date_hierarchy = "created_at"
 
 
@@ -32,12 +26,8 @@ class ModelConditionAdmin(ReadOnlyAdmin):
 class ReconcilePassAdmin(ReadOnlyAdmin):
     list_display = ["started_at", "outcome", "duration", "short_summary", "holder_host", "holder_pid"]
     list_filter = ["outcome"]
+    date_hierarchy = "started_at"
 
     @admin.display(description="summary")
     def short_summary(self, obj):
-        summary = obj.summary or {}
-        if summary.get("reason"):
-            return summary["reason"]
-        parts = [f"{n} {name}" for name, n in (summary.get("actions") or {}).items()]
-        parts += [f"skipped {n} {name}" for name, n in (summary.get("skipped") or {}).items()]
-        return ", ".join(parts) or "nothing to do"
+        return summary_text(obj.summary)
