@@ -12,6 +12,8 @@ from pathlib import Path
 
 import dj_database_url
 
+from controlplane.logs import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CONTROLPLANE_VAR_DIR", BASE_DIR / "var"))
 
@@ -74,7 +76,11 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # Outermost: turns any HTML error page on /api/ paths into a problem document.
+    # Outermost: X-Request-ID in and out, and the log context of the request (controlplane/logs.py).
+    "controlplane.logs.RequestIdMiddleware",
+    # Counts every answer, by URL pattern name (controlplane/metrics.py).
+    "controlplane.metrics.RequestMetricsMiddleware",
+    # Turns any HTML error page on /api/ paths into a problem document.
     "controlplane.problems.ProblemResponseMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -255,15 +261,18 @@ else:
     Q_CLUSTER["orm"] = "default"
 
 # --- Logging --------------------------------------------------------------------------------
+# Readable lines by default, one JSON object per line with LOG_FORMAT=json; request id, pass
+# id, node and model on every line where known (controlplane/logs.py, docs/operations.md).
 LOG_LEVEL = os.environ.get("CONTROLPLANE_LOG_LEVEL", "INFO")
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"readable": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "readable"}},
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {"django.db.backends": {"level": "INFO"}},
-}
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "readable")
+LOGGING = logging_config(level=LOG_LEVEL, fmt=LOG_FORMAT)
+
+# --- Operations: /metrics, /readyz (docs/operations.md) ---------------------------------------
+# /metrics answers these peers (comma-separated CIDRs; "" = nobody) or an operator API key.
+METRICS_ALLOW = os.environ.get("METRICS_ALLOW", "127.0.0.0/8,::1/128")
+READYZ_REQUIRE_RECONCILER = env_bool("READYZ_REQUIRE_RECONCILER", True)
+READYZ_STARTUP_GRACE = env_float("READYZ_STARTUP_GRACE", 120.0)
+READYZ_DB_TIMEOUT_MS = env_int("READYZ_DB_TIMEOUT_MS", 2000)
 
 RECONCILE_SCHEDULE_NAME = "controlplane.reconcile"
 SESSION_COOKIE_AGE = int(timedelta(hours=12).total_seconds())

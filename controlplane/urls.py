@@ -9,6 +9,7 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from controlplane import health, metrics
 from registry.api.urls import node_urlpatterns
 
 urlpatterns = [
@@ -19,6 +20,10 @@ urlpatterns = [
     path("api/v1/", include("reconciler.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    # Operations (docs/operations.md): plain Django views, not part of the OpenAPI schema.
+    path("livez", health.livez, name="livez"),
+    path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics.metrics_view, name="metrics"),
 ]
 
 handler400 = "controlplane.problems.handler400"

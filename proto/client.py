@@ -23,6 +23,7 @@ import enum
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -196,17 +197,34 @@ def _serialize(request: bytes | Message) -> bytes:
     return request if isinstance(request, bytes) else request.SerializeToString()
 
 
+# ``observer(method, code_name, seconds)`` after every call, when set (the control plane sets
+# it to its metrics hook; this module stays free of Django and Prometheus).
+call_observer = None
+
+
+def _observe(method: str, code: grpc.StatusCode | None, started: float) -> None:
+    if call_observer is not None:
+        try:
+            call_observer(method, code.name if code is not None else "UNKNOWN", time.monotonic() - started)
+        except Exception:
+            logger.debug("gRPC call observer failed", exc_info=True)
+
+
 def _call(address, method, request, response_cls, *, timeout, metadata):
     """One unary call with deadline and metadata; RpcError becomes GrpcCallError."""
     call = get_channel(address).unary_unary(
         method, request_serializer=_serialize, response_deserializer=response_cls.FromString
     )
+    started = time.monotonic()
     try:
-        return call(request, timeout=timeout, metadata=metadata)
+        reply = call(request, timeout=timeout, metadata=metadata)
     except grpc.RpcError as exc:
         error = _error(method, exc)
+        _observe(method, error.code, started)
         logger.debug("gRPC %s to %s failed: %s", method, address, error.code)
         raise error from None
+    _observe(method, grpc.StatusCode.OK, started)
+    return reply
 
 
 _BACKEND = "/backend.Backend/"

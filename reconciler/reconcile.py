@@ -26,11 +26,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.utils import timezone
 
+from controlplane import metrics
+from controlplane.logs import log_context
 from registry.locks import LockKey, try_advisory_lock
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 
@@ -158,6 +160,7 @@ def record_skipped(*, now: datetime | None = None, reason: str = "held") -> Pass
     summary = PassSummary(started_at=now or timezone.now(), outcome=ReconcilePass.Outcome.SKIPPED, reason=reason)
     logger.info("reconcile pass skipped: %s", reason)
     _store(summary, ReconcileConfig.from_settings())
+    metrics.observe_reconcile_pass(summary)
     return summary
 
 
@@ -175,6 +178,11 @@ def run_pass(*, now: datetime | None = None, scheduler=None, prober=None) -> Pas
         summary=summary,
         started=started,
     )
+    with log_context(pass_id=uuid4().hex[:12]):
+        return _finish_pass(run, summary, cfg, started)
+
+
+def _finish_pass(run: _Pass, summary: PassSummary, cfg: ReconcileConfig, started: float) -> PassSummary:
     try:
         run.run()
     except Exception as exc:
@@ -192,6 +200,7 @@ def run_pass(*, now: datetime | None = None, scheduler=None, prober=None) -> Pas
         summary.fatal = True
     log = logger.warning if summary.outcome == ReconcilePass.Outcome.ERROR else logger.info
     log("reconcile pass %s (%.3fs)", summary, summary.duration_s)
+    metrics.observe_reconcile_pass(summary)
     return summary
 
 

@@ -26,6 +26,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from controlplane import metrics
 from proto import client, codec
 
 from . import placement
@@ -580,6 +581,7 @@ def _evict_one(model_name: str, slotted, now) -> placement.ReplicaInfo | None:
         # It became busy (or went) since the snapshot: take it out of the running and retry.
         replicas = [r for r in replicas if r.replica_id != victim.replica_id]
     Node.objects.credit_vram(victim.node_id, victim.vram)
+    metrics.observe_eviction()
     logger.info(
         "evicted %s replica %d on node %s to make room for %s",
         victim.model_name,

@@ -23,6 +23,8 @@ from django.conf import settings
 from django.db import connections
 from django.utils import timezone
 
+from controlplane import metrics
+
 from . import router
 from .models import Lease, LoadJob, NodeModel
 
@@ -115,6 +117,7 @@ def run_load_job(job_id, *, runner: str | None = None) -> str:
             state = LoadJob.objects.filter(pk=job_id).values_list("state", flat=True).first()
             logger.info("load job %s not run here (state %s)", job_id, state or "missing")
             return state or "missing"
+    metrics.observe_load_job("started")
     job = LoadJob.objects.get(pk=job_id)
 
     ready = NodeModel.objects.ready().for_model(job.model_name)
@@ -123,6 +126,7 @@ def run_load_job(job_id, *, runner: str | None = None) -> str:
     existing = ready.order_by("pk").first()
     if existing is not None:
         LoadJob.objects.succeed(job_id, runner, existing)
+        metrics.observe_load_job("succeeded")
         return LoadJob.State.SUCCEEDED
 
     opts_blob = bytes(job.opts_blob) if job.opts_blob else None
@@ -137,16 +141,19 @@ def run_load_job(job_id, *, runner: str | None = None) -> str:
             )
         except router.RouterError as exc:
             LoadJob.objects.fail(job_id, code=exc.code, message=exc.message, runner=runner)
+            metrics.observe_load_job("failed")
             return LoadJob.State.FAILED
         except Exception as exc:
             logger.exception("load job %s crashed", job_id)
             LoadJob.objects.fail(
                 job_id, code=router.LoadFailed.code, message=f"{type(exc).__name__}: {exc}", runner=runner
             )
+            metrics.observe_load_job("failed")
             return LoadJob.State.FAILED
     if not LoadJob.objects.succeed(job_id, runner, replica):
         # Taken over while we loaded (we looked dead); the replica is loaded and routable anyway.
         logger.warning("load job %s finished here after being taken over", job_id)
+    metrics.observe_load_job("succeeded")
     return LoadJob.State.SUCCEEDED
 
 
