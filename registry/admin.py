@@ -280,6 +280,12 @@ class NodeAdmin(admin.ModelAdmin):
             actions["delete_selected"] = (delete_selected, "delete_selected", "Deregister selected nodes (hard delete)")
         return actions
 
+    def get_deleted_objects(self, objs, request):
+        # Replica rows, labels and load failures go with the node inside the verb; their
+        # admins being read-only must not block deregistration.
+        deleted, model_count, _perms_needed, protected = super().get_deleted_objects(objs, request)
+        return deleted, model_count, set(), protected
+
     def delete_model(self, request, obj):
         Node.objects.deregister(obj.pk)
 
@@ -290,6 +296,7 @@ class NodeAdmin(admin.ModelAdmin):
     def save_formset(self, request, form, formset, change):
         if isinstance(formset, LabelFormSet):
             NodeLabel.objects.replace(form.instance.pk, formset.labels)
+            formset.new_objects, formset.changed_objects, formset.deleted_objects = [], [], []
             return
         super().save_formset(request, form, formset, change)
 
