@@ -222,8 +222,7 @@ class NodeAdmin(admin.ModelAdmin):
         "node_type",
         "address",
         "heartbeat_age",
-        "vram",
-        "reserved",
+        "vram_with_reserved",
         "slots",
         "label_list",
         "replica_count",
@@ -314,6 +313,13 @@ class NodeAdmin(admin.ModelAdmin):
     def vram(self, obj):
         return f"{human_bytes(obj.free_vram)} / {human_bytes(obj.total_vram)}"
 
+    @admin.display(description="VRAM free / total (reserved)")
+    def vram_with_reserved(self, obj):
+        return format_html(
+            "{} / {}<br><small>{} reserved</small>",
+            human_bytes(obj.free_vram), human_bytes(obj.total_vram), human_bytes(obj.reserved_vram),
+        )
+
     @admin.display(description="reserved", ordering="reserved_vram")
     def reserved(self, obj):
         return human_bytes(obj.reserved_vram)
@@ -330,7 +336,7 @@ class NodeAdmin(admin.ModelAdmin):
     @admin.display(description="labels")
     def label_list(self, obj):
         labels = [label for label in obj.labels.all() if not label.key.startswith("node.")]
-        return format_html_join(" ", '<code style="font-size:11px">{}={}</code>', ((label.key, label.value) for label in labels))
+        return format_html_join(" ", '<code style="font-size:11px;white-space:nowrap">{}={}</code>', ((label.key, label.value) for label in labels))
 
     @admin.display(description="replicas", ordering="replica_count")
     def replica_count(self, obj):

@@ -52,7 +52,7 @@ def test_the_node_list_shows_badges_heartbeat_age_vram_and_load(admin_client, fl
     html = response.content.decode()
     assert "fleet-badge" in html and "healthy" in html
     assert "s ago" in html
-    assert "24.0 GiB / 24.0 GiB" in html
+    assert "24.0 GiB / 24.0 GiB" in html and "0 B reserved" in html
     assert "gpu=a100" in html
     # every node has 2 replicas; in-flight sums come from the annotation
     node = response.context["cl"].result_list[0]

@@ -1,0 +1,71 @@
+"""A small demo fleet for the admin's screenshots: ``manage.py shell -c
+"from tests.admin.demo import build; build()"`` against the database to fill.
+
+Everything goes through the registry verbs; the addresses are unreachable on purpose (nothing
+runs there), so run no reconcile pass against this data if you want it to stay as built.
+"""
+
+from datetime import timedelta
+
+from django.utils import timezone
+
+from proto import backend_pb2
+from proto.codec import options_to_blob
+from reconciler.models import Event, ModelCondition, ReconcilePass
+from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+
+GIB = 1024**3
+
+
+def build() -> None:
+    now = timezone.now()
+    nodes = {}
+    for name, vram, slots, labels in (
+        ("gpu-a100-01", 80, 2, {"gpu": "a100", "zone": "eu-1"}),
+        ("gpu-a100-02", 80, 2, {"gpu": "a100", "zone": "eu-2"}),
+        ("gpu-l4-01", 24, 1, {"gpu": "l4", "zone": "eu-1"}),
+    ):
+        registration = Node.objects.register(
+            name=name, address=f"10.0.0.{len(nodes) + 11}:50051", total_vram=vram * GIB,
+            available_vram=(vram - 20) * GIB, labels=labels, max_replicas_per_model=slots,
+            now=now - timedelta(seconds=3 + len(nodes) * 4),
+        )
+        nodes[name] = registration.node
+    Node.objects.mark_draining(nodes["gpu-l4-01"].pk)
+    Node.objects.register(name="gpu-h100-new", address="10.0.0.20:50051", total_vram=80 * GIB, auto_approve=False)
+
+    for model, options, minimum, maximum, selector in (
+        ("llama-3-8b", {"Model": "llama-3-8b.Q4_K_M.gguf", "ContextSize": 8192, "NGPULayers": 99}, 2, 4, {}),
+        ("whisper-large", {"Model": "whisper-large-v3.bin", "Threads": 4}, 1, 2, {"gpu": "a100"}),
+    ):
+        ModelSchedulingConfig.objects.upsert(model, min_replicas=minimum, max_replicas=maximum, node_selector=selector)
+        ModelLoadInfo.objects.upsert(model, "llama-cpp", options_to_blob(backend_pb2.ModelOptions(**options)))
+
+    def replica(node, model, index, state=NodeModel.State.LOADED, in_flight=0):
+        NodeModel.objects.create(node=nodes[node], model_name=model, replica_index=index, state=state,
+                                 in_flight=in_flight, address=f"{nodes[node].address.split(':')[0]}:{30000 + index}",
+                                 last_used=now - timedelta(seconds=index * 7))
+
+    replica("gpu-a100-01", "llama-3-8b", 0, in_flight=1)
+    replica("gpu-a100-01", "llama-3-8b", 1)
+    replica("gpu-a100-02", "llama-3-8b", 0, in_flight=2)
+    replica("gpu-a100-02", "whisper-large", 0, state=NodeModel.State.LOADING)
+    replica("gpu-l4-01", "whisper-large", 0)
+
+    for kind, model, node, message in (
+        (Event.Kind.REPLICA_ADDED, "llama-3-8b", "gpu-a100-02", "scale-up to 2 replicas"),
+        (Event.Kind.MODEL_AVAILABLE, "llama-3-8b", "", "2 of 2 replicas ready"),
+        (Event.Kind.MODEL_UNAVAILABLE, "whisper-large", "", "0 of 1 replicas ready (gpu-l4-01 draining)"),
+        (Event.Kind.REPLICA_ADDED, "whisper-large", "gpu-a100-02", "loading replica 0"),
+    ):
+        Event.objects.record(kind, model_name=model, node_id=nodes[node].pk if node else None, node_name=node,
+                             message=message)
+    ModelCondition.objects.set_condition("llama-3-8b", ModelCondition.Type.AVAILABLE, True, "MinimumReplicasReady")
+    ModelCondition.objects.set_condition("whisper-large", ModelCondition.Type.AVAILABLE, False, "BelowMinimum",
+                                         "0 of 1 ready")
+    ModelCondition.objects.set_condition("whisper-large", ModelCondition.Type.PROGRESSING, True, "ReplicaLoading")
+    ReconcilePass.objects.record(
+        outcome=ReconcilePass.Outcome.OK, started_at=now - timedelta(seconds=4), duration=timedelta(milliseconds=38),
+        summary={"outcome": "ok", "actions": {"replicas_added": 1, "replicas_probed": 5}, "skipped": {}},
+        holder_host="cp-web-1", holder_pid=4242,
+    )
