@@ -9,6 +9,9 @@ help:  ## list targets
 run:  ## start the control plane on SQLite (web + qcluster), migrations applied under the lock
 	@scripts/run
 
+demo:  ## make run + two echo workers and a model demo-echo kept at 2 replicas (Ctrl-C stops all)
+	@scripts/demo
+
 test:  ## the whole suite on SQLite and on PostgreSQL
 	@scripts/test
 
@@ -21,4 +24,4 @@ check:  ## lint, migration drift, generated-code drift, OpenAPI drift
 proto:  ## regenerate the protobuf/gRPC code under proto/
 	@$(BOOTSTRAP); python scripts/gen_proto.py
 
-.PHONY: help run test check proto
+.PHONY: help run demo test check proto

@@ -1,0 +1,87 @@
+"""`make demo` (scripts/demo) end to end: it brings demo-echo to two ready replicas, and Ctrl-C
+(SIGINT) stops every process it started. SQLite in a temporary var dir on both lanes (the
+demo's default database), a random web port and backend port range."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import free_port
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def session_processes(sid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    found.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return found
+
+
+def test_make_demo_reaches_two_ready_replicas_and_ctrl_c_stops_everything(tmp_path):
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key not in {"PROMETHEUS_MULTIPROC_DIR", "DATABASE_URL"}}
+    env.update(
+        CONTROLPLANE_VAR_DIR=str(tmp_path / "var"),
+        CONTROLPLANE_BIND=f"127.0.0.1:{port}",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'var' / 'demo.sqlite3'}",
+        DEMO_BACKEND_PORT_BASE=str(random.randrange(30000, 39000, 100)),
+        CONTROLPLANE_REGISTRATION_TOKEN="cpr_demo_test_" + os.urandom(8).hex(),
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("CONTROLPLANE_LOAD_JOB_RUNNER", None)
+    log = open(tmp_path / "demo.log", "wb")
+    demo = subprocess.Popen(
+        [str(ROOT / "scripts" / "demo")], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    key_file = tmp_path / "var" / "demo_operator_key"
+    try:
+        deadline = time.monotonic() + 90
+        model = None
+        while time.monotonic() < deadline:
+            assert demo.poll() is None, (tmp_path / "demo.log").read_text()[-4000:]
+            if key_file.exists() and key_file.read_text().strip():
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/v1/models/demo-echo",
+                    headers={"Authorization": f"Bearer {key_file.read_text().strip()}"},
+                )
+                try:
+                    with urllib.request.urlopen(request, timeout=5) as response:
+                        model = json.loads(response.read())
+                except (urllib.error.URLError, OSError):
+                    model = None
+                if model and model.get("ready_replicas") == 2:
+                    break
+            time.sleep(0.5)
+        assert model and model["ready_replicas"] == 2, (model, (tmp_path / "demo.log").read_text()[-4000:])
+        assert oct(key_file.stat().st_mode)[-3:] == "600"
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            code = demo.wait(90)
+        finally:
+            leftovers = session_processes(demo.pid)
+            for pid in leftovers:  # never leave them running, even when the test fails
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            log.close()
+    output = (tmp_path / "demo.log").read_text()
+    assert "demo: stopped" in output, output[-4000:]
+    assert leftovers == [], f"still running after Ctrl-C: {leftovers}"
+    assert code in (0, 130, -2), code
