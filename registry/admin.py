@@ -32,7 +32,7 @@ from reconciler import reconcile
 from reconciler.models import Event, ModelCondition, ReconcilePass
 from reconciler.snapshot import take_snapshot
 
-from .labels import validate_labels
+from .labels import auto_labels, validate_labels
 from .managers import validate_scheduling
 from .models import (
     Lease,
@@ -44,6 +44,9 @@ from .models import (
     NodeLabel,
     NodeModel,
 )
+
+# Derived at registration (registry.labels.auto_labels): shown on the node page, not in the list.
+AUTO_LABEL_KEYS = frozenset(auto_labels(name="-", gpu_vendor="-", total_vram=1, max_replicas_per_model=1))
 
 STATUS_COLOURS = {
     Node.Status.HEALTHY: "#2e7d32",
@@ -333,9 +336,9 @@ class NodeAdmin(admin.ModelAdmin):
         manual = " (operator)" if obj.max_replicas_per_model_manual else ""
         return f"{obj.max_replicas_per_model}{manual}"
 
-    @admin.display(description="labels")
+    @admin.display(description="labels (operator)")
     def label_list(self, obj):
-        labels = [label for label in obj.labels.all() if not label.key.startswith("node.")]
+        labels = [label for label in obj.labels.all() if label.key not in AUTO_LABEL_KEYS]
         return format_html_join(" ", '<code style="font-size:11px;white-space:nowrap">{}={}</code>', ((label.key, label.value) for label in labels))
 
     @admin.display(description="replicas", ordering="replica_count")
