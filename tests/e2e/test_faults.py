@@ -263,3 +263,53 @@ def _route(fleet, base, model, body):
         return error.code, json.loads(error.read() or b"null")
     finally:
         assert fleet.web_port == original
+
+
+def test_f_sigkill_of_the_qcluster_in_the_middle_of_a_cold_load(fleet, report):
+    # cold loads run in the qcluster here (the default runner); the reconcile loop's housekeeping
+    # requeues the job once its runner's heartbeat is 5 s stale, and a new qcluster takes it
+    fleet.settings_env.update(fast_settings(CONTROLPLANE_LOAD_JOB_STALE_AFTER="5"))
+    fleet.start_web()
+    qcluster = fleet.start_qcluster()
+    fleet.start_worker("takeover-a", slots=1)
+    fleet.wait_nodes({"takeover-a"})
+    fleet.start_reconciler(INTERVAL)
+    slow = {"backend_type": "echo", "model_options": {"Model": "slow", "Options": ["echo.load_delay_s=5"]}}
+    status, body = fleet.api("POST", "/api/v1/models/slow/route", {**slow, "wait_seconds": 0})
+    assert status == 202, body
+    job = body["load_job"]["id"]
+    assert job, body
+
+    def loading():
+        rows = fleet.sql(
+            "SELECT j.state, r.state FROM registry_loadjob j JOIN registry_nodemodel r ON r.id = j.replica_id WHERE j.id = %s",
+            (job,),
+        )
+        return rows and rows[0] == ("running", "loading")
+
+    wait_for(loading, timeout=60, interval=0.1, what="the load job's loading row")
+    time.sleep(1.5)  # inside LoadModel (5 s)
+    fleet.stop(qcluster, signal.SIGKILL)
+    killed = time.monotonic()
+    fleet.start_qcluster()
+
+    def done():
+        return fleet.sql("SELECT state FROM registry_loadjob WHERE id = %s", (job,))[0][0] in ("succeeded", "failed")
+
+    wait_for(done, timeout=60, interval=0.3, what="the load job finished after the takeover")
+    elapsed = time.monotonic() - killed
+    state, attempts, progress = fleet.sql("SELECT state, attempts, progress FROM registry_loadjob WHERE id = %s", (job,))[0]
+    rows = fleet.replica_rows("slow")
+    reserved = fleet.sql("SELECT coalesce(sum(reserved_vram), 0) FROM registry_node")[0][0]
+    report(
+        f"e2e f. qcluster SIGKILL during a 5 s cold load: job {state} {elapsed:.1f}s after the kill "
+        f"(attempts {attempts}, load-job stale after 5 s); {len(rows)} replica row(s), reserved VRAM {reserved}"
+    )
+    assert state == "succeeded", (state, progress)
+    assert [r["state"] for r in rows] == ["loaded"], rows
+    assert not fleet.sql("SELECT id FROM registry_nodemodel WHERE state = 'loading'")
+    assert reserved == 0
+    status, body = fleet.api("POST", "/api/v1/models/slow/route", {**slow, "wait_seconds": 10})
+    assert status == 200 and body["address"] == rows[0]["address"], body
+    fleet.api("POST", f"/api/v1/leases/{body['lease_id']}/release")
+    fleet.check_invariants()
