@@ -99,7 +99,9 @@ gunicorn, `reconcile --loop --interval 1`, three reference workers (1 slot each)
 
 Failover = detection (stale threshold 4 s + at most one 1 s pass) + a cold load; the runs
 ({", ".join(f"{f:.1f}" for f in failover)} s) sit at the threshold plus one pass plus the load.
-With production defaults (stale after 30 s, a pass every 10 s) expect 30-40 s plus the load.
+A node can go offline less than 4 s after the kill: its last heartbeat preceded the kill by up
+to a second. With production defaults (stale after 30 s, a pass every 10 s) expect 30-40 s plus
+the load.
 """
     print(section)
     if args.write:
