@@ -66,7 +66,9 @@ class ReadableFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = [f"{name}={value}" for name in CONTEXT_FIELDS if (value := getattr(record, name, None)) not in (None, "")]
+        extras = [
+            f"{name}={value}" for name in CONTEXT_FIELDS if (value := getattr(record, name, None)) not in (None, "")
+        ]
         if extras:
             first, sep, rest = line.partition("\n")
             line = f"{first} [{' '.join(extras)}]{sep}{rest}"

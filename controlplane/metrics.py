@@ -174,7 +174,9 @@ class FleetCollector:
         except DatabaseError as exc:
             logger.warning("fleet metrics unavailable: %s", exc)
             families = []
-        up = GaugeMetricFamily("controlplane_fleet_metrics_up", "1 when the fleet gauges could be read from the database.")
+        up = GaugeMetricFamily(
+            "controlplane_fleet_metrics_up", "1 when the fleet gauges could be read from the database."
+        )
         up.add_metric([], 1.0 if families else 0.0)
         yield up
         yield from families
@@ -204,7 +206,9 @@ class FleetCollector:
             "controlplane_model_replicas_desired", "min_replicas of each configured model.", labels=["model"]
         )
         maximum = GaugeMetricFamily(
-            "controlplane_model_replicas_max", "max_replicas of each configured model (0 = unlimited).", labels=["model"]
+            "controlplane_model_replicas_max",
+            "max_replicas of each configured model (0 = unlimited).",
+            labels=["model"],
         )
         ready_family = GaugeMetricFamily(
             "controlplane_model_replicas_ready",
@@ -330,4 +334,3 @@ def metrics_view(request):
             )
         )
     return HttpResponse(generate_latest(scrape_registry()), content_type=CONTENT_TYPE_LATEST)
-

@@ -46,7 +46,12 @@ def test_make_demo_reaches_two_ready_replicas_and_ctrl_c_stops_everything(tmp_pa
     env.pop("CONTROLPLANE_LOAD_JOB_RUNNER", None)
     log = open(tmp_path / "demo.log", "wb")
     demo = subprocess.Popen(
-        [str(ROOT / "scripts" / "demo")], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        [str(ROOT / "scripts" / "demo")],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     key_file = tmp_path / "var" / "demo_operator_key"
     try:

@@ -22,7 +22,13 @@ def no_grace(settings):
 def record_pass(*, ago: float, outcome=ReconcilePass.Outcome.OK):
     started = timezone.now() - timedelta(seconds=ago)
     ReconcilePass.objects.record(
-        outcome=outcome, started_at=started, duration=timedelta(seconds=0.1), summary={}, holder_host="t", holder_pid=1, keep=100
+        outcome=outcome,
+        started_at=started,
+        duration=timedelta(seconds=0.1),
+        summary={},
+        holder_host="t",
+        holder_pid=1,
+        keep=100,
     )
 
 

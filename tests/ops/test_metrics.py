@@ -32,12 +32,16 @@ def scrape(client, **extra) -> str:
 def test_it_counts_api_requests_by_route_name_not_path(client):
     _, secret = make_api_key("operator")
     auth = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
-    before = value(scrape(client), "controlplane_http_requests_total", route="model-detail", method="GET", status="4xx") or 0
+    before = (
+        value(scrape(client), "controlplane_http_requests_total", route="model-detail", method="GET", status="4xx") or 0
+    )
     client.get("/api/v1/models/some-model-a", **auth)
     client.get("/api/v1/models/some-model-b", **auth)
     client.get("/api/v1/nodes", **auth)
     text = scrape(client)
-    assert value(text, "controlplane_http_requests_total", route="model-detail", method="GET", status="4xx") == before + 2
+    assert (
+        value(text, "controlplane_http_requests_total", route="model-detail", method="GET", status="4xx") == before + 2
+    )
     assert value(text, "controlplane_http_requests_total", route="node-list", method="GET", status="2xx") >= 1
     assert value(text, "controlplane_http_request_duration_seconds_count", route="node-list", method="GET") >= 1
     # no raw path, model name or node id ever becomes a label value
@@ -156,7 +160,13 @@ def test_multiprocess_mode_sums_every_process(tmp_path):
         subprocess.run([sys.executable, "-c", _CHILD, "count"], cwd=ROOT, env=env, check=True, timeout=60)
     assert len(list(multiproc.glob("*.db"))) >= 2  # one file per process
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD, "scrape"], cwd=ROOT, env=env, check=True, timeout=60, capture_output=True, text=True
+        [sys.executable, "-c", _CHILD, "scrape"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
     )
     text = result.stdout
     assert value(text, "controlplane_load_jobs_total", event="started") == 2
