@@ -514,3 +514,51 @@ class Traffic(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(30)
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster (initdb in ``directory``, trust auth, loopback on a free
+    port) that a scenario may stop and start without disturbing the machine's shared server."""
+
+    def __init__(self, directory: Path | None = None):
+        import tempfile
+
+        # not under pytest's tmp_path: the postgres user must be able to reach it
+        directory = directory or Path(tempfile.mkdtemp(prefix="cp-e2e-pg-"))
+        bindirs = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+        if not bindirs or not (bindirs[-1] / "initdb").exists():
+            raise RuntimeError("PostgreSQL server binaries not installed")
+        self.bindir = bindirs[-1]
+        self.directory = directory
+        self.port = free_port()
+        self.run_as = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.run_as:
+            subprocess.run(["chown", "postgres", str(directory)], check=True)
+        subprocess.run([*self.run_as, str(self.bindir / "initdb"), "-D", str(directory / "data"), "-U", "postgres",
+                        "--auth=trust", "--no-sync"], check=True, capture_output=True)
+        self.start()
+
+    @property
+    def admin_url(self) -> dict:
+        return {"HOST": "127.0.0.1", "PORT": self.port, "USER": "postgres"}
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.directory / "data"), *args],
+                       check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        self._ctl("-l", str(self.directory / "log"), "-w", "-o",
+                  f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+
+    def stop(self) -> None:
+        self._ctl("-m", "fast", "-w", "stop")
+
+    def close(self) -> None:
+        import shutil
+
+        try:
+            self.stop()
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            pass
+        shutil.rmtree(self.directory, ignore_errors=True)
