@@ -8,6 +8,7 @@ every 30 s, which would dominate every timing), and cold loads run in a thread o
 process (``CONTROLPLANE_LOAD_JOB_RUNNER=thread``).
 """
 
+import os
 import signal
 import subprocess
 import threading
@@ -119,8 +120,6 @@ def test_b_stopped_backend_is_busy_not_reaped_then_killed_backend_is_replaced(fl
     stopped_for = time.monotonic() - paused
 
     killed = time.monotonic()
-    import os
-
     os.kill(pid, signal.SIGKILL)
     elapsed = fleet.wait_converged(
         "tiny", 2, 30, since=killed,
@@ -134,6 +133,35 @@ def test_b_stopped_backend_is_busy_not_reaped_then_killed_backend_is_replaced(fl
     )
     assert removed
     assert failures == 0
+    fleet.check_invariants()
+
+
+def test_b2_killed_backend_of_a_silent_worker_is_reaped_after_three_unreachable_probes(fleet, report):
+    # With its worker alive, a dead backend is reported EXITED by ListBackends first (test b).
+    # Here the worker is stopped (its ListBackends times out) but not yet stale (stale after
+    # 20 s), so only the probes can find out: 3 consecutive UNREACHABLE probes remove the row.
+    workers = start(fleet, ["silent-a", "silent-b"], slots=1, CONTROLPLANE_STALE_AFTER="20",
+                    CONTROLPLANE_GRPC_WORKER_TIMEOUT="1")
+    fleet.set_floor("tiny", 2)
+    fleet.wait_converged("tiny", 2, 60)
+    row = next(r for r in fleet.replica_rows("tiny") if r["node"] == "silent-a")
+    listing = client.list_backends(row["node_address"], node_id=str(row["node_id"]), token=TOKEN)
+    pid = next(b.pid for b in listing.backends if b.model_name == "tiny" and b.state == worker_pb2.BackendProcess.RUNNING)
+    fleet.pause(workers["silent-a"])
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: row["id"] not in {r["id"] for r in fleet.replica_rows("tiny")}, timeout=15, interval=0.2,
+             what="the dead backend's row removed by probes")
+    removed = time.monotonic() - killed
+    event = next(e for e in fleet.events("replica_removed") if e.get("node_name") == "silent-a")
+    assert fleet.nodes()["silent-a"]["status"] == "healthy"  # not reaped as a node: it was the probes
+    fleet.resume(workers["silent-a"])
+    elapsed = fleet.wait_converged("tiny", 2, 30, since=killed)
+    report(
+        f"e2e b2. backend SIGKILL behind a stopped worker: row removed {removed:.1f}s after the kill "
+        f"(reason {(event.get('details') or {}).get('reason')}), floor back {elapsed:.1f}s after"
+    )
+    assert (event.get("details") or {}).get("reason") == "probe_unreachable", event
     fleet.check_invariants()
 
 
