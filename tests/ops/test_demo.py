@@ -20,14 +20,18 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def session_processes(sid: int) -> list[int]:
-    found = []
+def session_processes(sid: int) -> dict[int, str]:
+    """Live (not zombie) processes of a session: {pid: command line}."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.getsid(int(entry.name)) == sid:
-                    found.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
+                if os.getsid(int(entry.name)) != sid:
+                    continue
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, IndexError):
                 pass
     return found
 
@@ -88,5 +92,5 @@ def test_make_demo_reaches_two_ready_replicas_and_ctrl_c_stops_everything(tmp_pa
             log.close()
     output = (tmp_path / "demo.log").read_text()
     assert "demo: stopped" in output, output[-4000:]
-    assert leftovers == [], f"still running after Ctrl-C: {leftovers}"
-    assert code in (0, 130, -2), code
+    assert not leftovers, f"still running after Ctrl-C: {leftovers}\n{output[-3000:]}"
+    assert code in (0, 130, -2), (code, output[-3000:])
