@@ -48,8 +48,11 @@ def one_run(admin: dict) -> tuple[float, float, float]:
         fleet.wait_converged("tiny", 2, 60)
 
         started = time.monotonic()
-        status, body = fleet.api("POST", "/api/v1/models/cold/route",
-                                 {**ECHO_OPTIONS, "model_options": {"Model": "cold"}, "wait_seconds": 30})
+        status, body = fleet.api(
+            "POST",
+            "/api/v1/models/cold/route",
+            {**ECHO_OPTIONS, "model_options": {"Model": "cold"}, "wait_seconds": 30},
+        )
         assert status == 200, body
         cold = time.monotonic() - started
         fleet.api("POST", f"/api/v1/leases/{body['lease_id']}/release")
@@ -62,8 +65,9 @@ def one_run(admin: dict) -> tuple[float, float, float]:
         fleet.stop(workers[victim], signal.SIGKILL)
         wait_for(lambda: fleet.nodes()[victim]["status"] == "offline", timeout=30, interval=0.1, what="offline")
         offline = time.monotonic() - killed
-        failover = fleet.wait_converged("tiny", 2, 60, since=killed,
-                                        extra=lambda: victim not in holders() and len(holders()) == 2)
+        failover = fleet.wait_converged(
+            "tiny", 2, 60, since=killed, extra=lambda: victim not in holders() and len(holders()) == 2
+        )
         return cold, offline, failover
     finally:
         fleet.close()

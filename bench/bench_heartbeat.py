@@ -48,8 +48,9 @@ import psycopg  # noqa: E402
 
 def admin():
     url = urlparse(SERVER)
-    return psycopg.connect(host=url.hostname, port=url.port or 5432, user=url.username or "postgres",
-                           dbname="postgres", autocommit=True)
+    return psycopg.connect(
+        host=url.hostname, port=url.port or 5432, user=url.username or "postgres", dbname="postgres", autocommit=True
+    )
 
 
 def free_port() -> int:
@@ -74,8 +75,12 @@ def load(port: int, nodes: list[tuple[str, str]], clients: int, seconds: float) 
             i += 1
             started = time.perf_counter()
             try:
-                connection.request("POST", f"/api/node/{node_id}/heartbeat", body,
-                                   {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+                connection.request(
+                    "POST",
+                    f"/api/node/{node_id}/heartbeat",
+                    body,
+                    {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                )
                 response = connection.getresponse()
                 response.read()
                 ok = response.status == 200
@@ -121,8 +126,9 @@ def main() -> None:
 
         nodes = []
         for i in range(args.nodes):
-            registration = Node.objects.register(name=f"hb-{i:05d}", address=f"127.0.0.1:{40000 + i}",
-                                                 total_vram=8 * 2**30, max_replicas_per_model=1)
+            registration = Node.objects.register(
+                name=f"hb-{i:05d}", address=f"127.0.0.1:{40000 + i}", total_vram=8 * 2**30, max_replicas_per_model=1
+            )
             nodes.append((str(registration.node.pk), registration.node_token))
         with CaptureQueriesContext(dj) as captured:
             Node.objects.heartbeat(nodes[0][0], available_vram=6 * 2**30)
@@ -132,8 +138,12 @@ def main() -> None:
         from django.test import Client
 
         with CaptureQueriesContext(dj) as api_captured:
-            reply = Client().post(f"/api/node/{nodes[0][0]}/heartbeat", {"available_vram": 6 * 2**30},
-                                  content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {nodes[0][1]}")
+            reply = Client().post(
+                f"/api/node/{nodes[0][0]}/heartbeat",
+                {"available_vram": 6 * 2**30},
+                content_type="application/json",
+                HTTP_AUTHORIZATION=f"Bearer {nodes[0][1]}",
+            )
         assert reply.status_code == 200, reply.content
         api_statements = [q["sql"].split()[0] for q in api_captured.captured_queries]
         with dj.cursor() as cursor:
@@ -145,12 +155,28 @@ def main() -> None:
         api = {}
         for max_age in ("0", "60"):  # the default (a connection per request), then persistent ones
             port = free_port()
-            env = {**os.environ, "CONTROLPLANE_VAR_DIR": tempfile.mkdtemp(prefix="bench-hb-"),
-                   "DATABASE_CONN_MAX_AGE": max_age}
+            env = {
+                **os.environ,
+                "CONTROLPLANE_VAR_DIR": tempfile.mkdtemp(prefix="bench-hb-"),
+                "DATABASE_CONN_MAX_AGE": max_age,
+            }
             web = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "controlplane.wsgi", "--bind", f"127.0.0.1:{port}",
-                 "--workers", str(args.web_workers), "--log-level", "warning"],
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "controlplane.wsgi",
+                    "--bind",
+                    f"127.0.0.1:{port}",
+                    "--workers",
+                    str(args.web_workers),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             deadline = time.monotonic() + 60
             while True:
@@ -177,9 +203,26 @@ def main() -> None:
             handle.write(script)
         url = urlparse(DB_URL)
         result = subprocess.run(
-            ["pgbench", "-n", "-f", handle.name, "-T", str(int(args.seconds)), "-c", str(args.clients),
-             "-h", url.hostname, "-p", str(url.port or 5432), "-U", url.username or "postgres", DBNAME],
-            capture_output=True, text=True, check=True,
+            [
+                "pgbench",
+                "-n",
+                "-f",
+                handle.name,
+                "-T",
+                str(int(args.seconds)),
+                "-c",
+                str(args.clients),
+                "-h",
+                url.hostname,
+                "-p",
+                str(url.port or 5432),
+                "-U",
+                url.username or "postgres",
+                DBNAME,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         pg_tps = float(re.search(r"tps = ([0-9.]+)", result.stdout).group(1))
     finally:

@@ -32,7 +32,9 @@ def start(fleet, workers, *, slots=1, reconcilers=1, webs=1, **settings):
     fleet.settings_env.update(fast_settings(CONTROLPLANE_LOAD_JOB_RUNNER="thread", **settings))
     fleet.start_web()
     for index in range(1, webs):
-        fleet.spawn(f"web-{index}", [*fleet.processes[0].popen.args[:4], "--bind", f"127.0.0.1:{_free()}", "--workers", "1"])
+        fleet.spawn(
+            f"web-{index}", [*fleet.processes[0].popen.args[:4], "--bind", f"127.0.0.1:{_free()}", "--workers", "1"]
+        )
     procs = {name: fleet.start_worker(name, slots=slots) for name in workers}
     fleet.wait_nodes(set(workers))
     for index in range(reconcilers):
@@ -73,7 +75,12 @@ def test_a_sigkill_of_a_worker_under_traffic(fleet, report, probe_cache):
         if "offline" not in seen and fleet.nodes()[victim]["status"] == "offline":
             seen["offline"] = now
         current = holders(fleet, "tiny")
-        if "replaced" not in seen and len(current) == 2 and victim not in current and fleet.model("tiny")["ready_replicas"] == 2:
+        if (
+            "replaced" not in seen
+            and len(current) == 2
+            and victim not in current
+            and fleet.model("tiny")["ready_replicas"] == 2
+        ):
             seen["replaced"] = now
         return len(seen) == 2
 
@@ -105,7 +112,9 @@ def test_b_stopped_backend_is_busy_not_reaped_then_killed_backend_is_replaced(fl
     fleet.wait_converged("tiny", 2, 60)
     row = fleet.replica_rows("tiny")[0]
     listing = client.list_backends(row["node_address"], node_id=str(row["node_id"]), token=TOKEN)
-    pid = next(b.pid for b in listing.backends if b.model_name == "tiny" and b.state == worker_pb2.BackendProcess.RUNNING)
+    pid = next(
+        b.pid for b in listing.backends if b.model_name == "tiny" and b.state == worker_pb2.BackendProcess.RUNNING
+    )
 
     fleet.pause(pid)
     paused = time.monotonic()
@@ -122,7 +131,10 @@ def test_b_stopped_backend_is_busy_not_reaped_then_killed_backend_is_replaced(fl
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     elapsed = fleet.wait_converged(
-        "tiny", 2, 30, since=killed,
+        "tiny",
+        2,
+        30,
+        since=killed,
         extra=lambda: row["id"] not in {r["id"] for r in fleet.replica_rows("tiny")},
     )
     removed = [e for e in fleet.events("replica_removed") if e.get("model_name") == "tiny"]
@@ -140,18 +152,25 @@ def test_b2_killed_backend_of_a_silent_worker_is_reaped_after_three_unreachable_
     # With its worker alive, a dead backend is reported EXITED by ListBackends first (test b).
     # Here the worker is stopped (its ListBackends times out) but not yet stale (stale after
     # 20 s), so only the probes can find out: 3 consecutive UNREACHABLE probes remove the row.
-    workers = start(fleet, ["silent-a", "silent-b"], slots=1, CONTROLPLANE_STALE_AFTER="20",
-                    CONTROLPLANE_GRPC_WORKER_TIMEOUT="1")
+    workers = start(
+        fleet, ["silent-a", "silent-b"], slots=1, CONTROLPLANE_STALE_AFTER="20", CONTROLPLANE_GRPC_WORKER_TIMEOUT="1"
+    )
     fleet.set_floor("tiny", 2)
     fleet.wait_converged("tiny", 2, 60)
     row = next(r for r in fleet.replica_rows("tiny") if r["node"] == "silent-a")
     listing = client.list_backends(row["node_address"], node_id=str(row["node_id"]), token=TOKEN)
-    pid = next(b.pid for b in listing.backends if b.model_name == "tiny" and b.state == worker_pb2.BackendProcess.RUNNING)
+    pid = next(
+        b.pid for b in listing.backends if b.model_name == "tiny" and b.state == worker_pb2.BackendProcess.RUNNING
+    )
     fleet.pause(workers["silent-a"])
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    wait_for(lambda: row["id"] not in {r["id"] for r in fleet.replica_rows("tiny")}, timeout=15, interval=0.2,
-             what="the dead backend's row removed by probes")
+    wait_for(
+        lambda: row["id"] not in {r["id"] for r in fleet.replica_rows("tiny")},
+        timeout=15,
+        interval=0.2,
+        what="the dead backend's row removed by probes",
+    )
     removed = time.monotonic() - killed
     event = next(e for e in fleet.events("replica_removed") if e.get("node_name") == "silent-a")
     assert fleet.nodes()["silent-a"]["status"] == "healthy"  # not reaped as a node: it was the probes
@@ -175,7 +194,10 @@ def test_c_graceful_worker_shutdown_replaces_before_staleness(fleet, report):
     shutdown = time.monotonic() - stopped
     assert fleet.nodes()[leaving]["status"] == "offline"  # deregistered, row kept
     elapsed = fleet.wait_converged(
-        "tiny", 2, STALE_AFTER + SLACK, since=stopped,
+        "tiny",
+        2,
+        STALE_AFTER + SLACK,
+        since=stopped,
         extra=lambda: leaving not in holders(fleet, "tiny") and len(holders(fleet, "tiny")) == 2,
     )
     report(
@@ -216,7 +238,9 @@ def test_d_mass_staleness_guard_then_lone_stale_node_is_reaped(fleet, report):
     lone = names[2]
     fleet.pause(workers[lone])
     paused_at = time.monotonic()
-    wait_for(lambda: fleet.nodes()[lone]["status"] == "offline", timeout=STALE_AFTER + SLACK, what="lone stale node reaped")
+    wait_for(
+        lambda: fleet.nodes()[lone]["status"] == "offline", timeout=STALE_AFTER + SLACK, what="lone stale node reaped"
+    )
     reaped = time.monotonic() - paused_at
     report(
         f"e2e d. 2 of 3 heartbeats blocked: guard event after {guarded:.1f}s, nothing reaped for {held:.0f}s; guard cleared "
@@ -293,7 +317,9 @@ def _route(fleet, base, model, body):
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(f"{base}/api/v1/models/{model}/route", data=json.dumps(body).encode(), method="POST")
+    request = urllib.request.Request(
+        f"{base}/api/v1/models/{model}/route", data=json.dumps(body).encode(), method="POST"
+    )
     request.add_header("Authorization", f"Bearer {fleet.api_key}")
     request.add_header("Content-Type", "application/json")
     try:
@@ -338,7 +364,9 @@ def test_f_sigkill_of_the_qcluster_in_the_middle_of_a_cold_load(fleet, report):
 
     wait_for(done, timeout=60, interval=0.3, what="the load job finished after the takeover")
     elapsed = time.monotonic() - killed
-    state, attempts, progress = fleet.sql("SELECT state, attempts, progress FROM registry_loadjob WHERE id = %s", (job,))[0]
+    state, attempts, progress = fleet.sql(
+        "SELECT state, attempts, progress FROM registry_loadjob WHERE id = %s", (job,)
+    )[0]
     rows = fleet.replica_rows("slow")
     reserved = fleet.sql("SELECT coalesce(sum(reserved_vram), 0) FROM registry_node")[0][0]
     report(
@@ -406,8 +434,9 @@ def test_g_postgresql_restart_during_traffic(private_fleet, report):
 
     wait_for(routes_again, timeout=30, what="a route answered after the restart")
     resumed = time.monotonic() - up
-    elapsed = fleet.wait_converged("tiny", 2, 40, since=up, extra=lambda: all(
-        n["status"] == "healthy" for n in fleet.nodes().values()))
+    elapsed = fleet.wait_converged(
+        "tiny", 2, 40, since=up, extra=lambda: all(n["status"] == "healthy" for n in fleet.nodes().values())
+    )
     traffic.stop()
     outage = [r for r in traffic.records if down < r[0] < restarting]
     guard = len(fleet.events("mass_staleness_guard"))

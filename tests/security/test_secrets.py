@@ -56,7 +56,10 @@ def test_no_secret_in_logs_during_registration_heartbeat_and_key_creation(random
         node = _register(random_registration_token, "sec-logs")
         worker = APIClient()
         worker.credentials(HTTP_AUTHORIZATION=f"Bearer {node['node_token']}")
-        assert worker.post(f"/api/node/{node['id']}/heartbeat", {"available_vram": 2**30}, format="json").status_code == 200
+        assert (
+            worker.post(f"/api/node/{node['id']}/heartbeat", {"available_vram": 2**30}, format="json").status_code
+            == 200
+        )
         bad = APIClient()
         bad.credentials(HTTP_AUTHORIZATION=f"Bearer {node['node_token']}x")
         assert bad.post(f"/api/node/{node['id']}/heartbeat", {}, format="json").status_code in (401, 403)
@@ -81,8 +84,13 @@ def test_no_secret_in_api_answers_after_creation(random_registration_token):
     stdout = io.StringIO()
     call_command("create_api_key", "sec-answers", "--role", "operator", stdout=stdout)
     key = stdout.getvalue().strip()
-    secrets = {"registration": (random_registration_token, 0), "node": (token, 0), "api key": (key, 12),
-               "node hash": (tokens.hash_token(token), 0), "key hash": (tokens.hash_token(key), 0)}
+    secrets = {
+        "registration": (random_registration_token, 0),
+        "node": (token, 0),
+        "api key": (key, 12),
+        "node hash": (tokens.hash_token(token), 0),
+        "key hash": (tokens.hash_token(key), 0),
+    }
 
     operator = APIClient()
     operator.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
@@ -110,8 +118,12 @@ def test_no_secret_in_api_answers_after_creation(random_registration_token):
     from registry.models import Node
 
     api_key = ApiKey.objects.get(name="sec-answers")
-    for path in ("/admin/controlplane/apikey/", f"/admin/controlplane/apikey/{api_key.pk}/change/",
-                 "/admin/registry/node/", f"/admin/registry/node/{Node.objects.get(name='sec-answers').pk}/change/"):
+    for path in (
+        "/admin/controlplane/apikey/",
+        f"/admin/controlplane/apikey/{api_key.pk}/change/",
+        "/admin/registry/node/",
+        f"/admin/registry/node/{Node.objects.get(name='sec-answers').pk}/change/",
+    ):
         response = browser.get(path)
         assert response.status_code == 200, (path, response.status_code)
         assert not _leaks(response.content.decode(errors="replace"), plaintexts), path
@@ -121,8 +133,12 @@ def test_echo_backend_and_worker_service_refuse_calls_without_the_token():
     token = "grpc-" + uuid.uuid4().hex
     port = free_port()
     env = {**os.environ, "LOCALAI_GRPC_AUTH_TOKEN": token}
-    backend = subprocess.Popen([sys.executable, "-m", "worker.backends.echo", "--addr", f"127.0.0.1:{port}"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "worker.backends.echo", "--addr", f"127.0.0.1:{port}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     from worker.processes import BackendSupervisor
     from worker.service import build_server
 
@@ -130,8 +146,11 @@ def test_echo_backend_and_worker_service_refuse_calls_without_the_token():
     server, worker_port = build_server(supervisor, token=token, bind="127.0.0.1:0")
     try:
         address = f"127.0.0.1:{port}"
-        wait_for(lambda: client.probe(address, token=token, timeout=1).outcome is client.Probe.ALIVE, timeout=20,
-                 what="echo backend up")
+        wait_for(
+            lambda: client.probe(address, token=token, timeout=1).outcome is client.Probe.ALIVE,
+            timeout=20,
+            what="echo backend up",
+        )
         for presented in (None, "wrong-" + token):
             assert client.probe(address, token=presented, timeout=2).code.name == "UNAUTHENTICATED"
             with pytest.raises(client.GrpcCallError) as refused:
@@ -161,7 +180,9 @@ def test_secrets_are_compared_in_constant_time(monkeypatch, random_registration_
 
     monkeypatch.setattr(tokens.hmac, "compare_digest", spy)
     assert tokens.secret_matches("abc", "abc") and not tokens.secret_matches("abd", "abc")
-    assert tokens.token_matches("abc", tokens.hash_token("abc")) and not tokens.token_matches("x", tokens.hash_token("abc"))
+    assert tokens.token_matches("abc", tokens.hash_token("abc")) and not tokens.token_matches(
+        "x", tokens.hash_token("abc")
+    )
     assert len(calls) == 4
     calls.clear()
     # the registration endpoint goes through it
@@ -170,5 +191,8 @@ def test_secrets_are_compared_in_constant_time(monkeypatch, random_registration_
     calls.clear()
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION="Bearer " + "0" * 64)
-    assert api.post("/api/node/register", {"name": "sec-ct-bad", "address": "127.0.0.1:1"}, format="json").status_code == 401
+    assert (
+        api.post("/api/node/register", {"name": "sec-ct-bad", "address": "127.0.0.1:1"}, format="json").status_code
+        == 401
+    )
     assert calls
