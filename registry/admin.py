@@ -257,7 +257,6 @@ class NodeAdmin(admin.ModelAdmin):
         "gpu_vendor",
         "slots",
         "reported_max_replicas_per_model",
-        "token_hash",
         "created_at",
         "updated_at",
     ]
@@ -265,7 +264,8 @@ class NodeAdmin(admin.ModelAdmin):
         (None, {"fields": ["id", "name", "status_badge", "node_type", "address", "http_address"]}),
         ("Liveness", {"fields": ["heartbeat_age", "last_heartbeat"]}),
         ("Capacity", {"fields": ["vram", "reserved", "ram", "gpu_vendor", "slots", "reported_max_replicas_per_model"]}),
-        ("Bookkeeping", {"classes": ["collapse"], "fields": ["token_hash", "created_at", "updated_at"]}),
+        # The node token's hash is never shown: it serves no operator and need not leave the database.
+        ("Bookkeeping", {"classes": ["collapse"], "fields": ["created_at", "updated_at"]}),
     ]
 
     def get_queryset(self, request):

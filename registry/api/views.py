@@ -129,12 +129,15 @@ class NodeSelfViewSet(viewsets.ViewSet):
 
     @extend_schema(
         summary="Go offline (graceful shutdown, last step)",
-        description="The node's replica rows are deleted; the node row is kept so that re-registration restores it.",
+        description=(
+            "The node's replica rows are deleted and its last heartbeat forgotten (it is exiting); "
+            "the node row is kept so that re-registration restores it."
+        ),
         request=None,
         responses={200: s.NodeStatusSerializer},
     )
     def deregister(self, request, node_id):
-        if not Node.objects.mark_offline(self.node.pk):
+        if not Node.objects.mark_offline(self.node.pk, forget_heartbeat=True):
             raise NotFound("No such node.")
         return Response({"status": Node.Status.OFFLINE})
 

@@ -312,19 +312,27 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
             _capacity_changed()
         return resumed
 
-    def mark_offline(self, node_id, *, heartbeat_before: datetime | None = None) -> bool:
+    def mark_offline(
+        self, node_id, *, heartbeat_before: datetime | None = None, forget_heartbeat: bool = False
+    ) -> bool:
         """Mark a node ``offline`` and delete its replica rows; load info is untouched.
 
         The row is kept so that re-registration restores its approval. With
         ``heartbeat_before``, the transition only happens if the node's heartbeat is still older
         than that instant: a heartbeat that arrives between the reconciler's snapshot and this
-        call wins (conditional update). Returns False when nothing changed.
+        call wins (conditional update). ``forget_heartbeat`` (a worker signing off) also clears
+        ``last_heartbeat``: the worker's last heartbeat is still fresh, and the reconciler would
+        otherwise "recover" the node and place replicas on a worker that is exiting; a new
+        heartbeat brings it back. Returns False when nothing changed.
         """
+        changes = {"status": self.model.Status.OFFLINE, "reserved_vram": 0, "updated_at": timezone.now()}
+        if forget_heartbeat:
+            changes["last_heartbeat"] = None
         with transaction.atomic():
             queryset = self.filter(pk=node_id)
             if heartbeat_before is not None:
                 queryset = queryset.filter(Q(last_heartbeat__lt=heartbeat_before) | Q(last_heartbeat__isnull=True))
-            changed = queryset.update(status=self.model.Status.OFFLINE, reserved_vram=0, updated_at=timezone.now()) == 1
+            changed = queryset.update(**changes) == 1
             if changed:
                 _model("NodeModel").objects.filter(node_id=node_id).delete()
         return changed

@@ -127,3 +127,11 @@ def test_nodes_cannot_be_added_by_hand_and_node_fields_are_read_only(admin_clien
     response = admin_client.get(_url(Node, "change", node.pk))
     form = response.context["adminform"].form
     assert not ({"status", "token_hash", "total_vram", "available_vram", "reserved_vram", "last_heartbeat"} & set(form.fields))
+
+
+def test_the_node_page_never_shows_the_node_tokens_hash(admin_client, fleet_rows):
+    node = Node.objects.get(pk=fleet_rows["nodes"][1].pk)
+    assert node.token_hash
+    response = admin_client.get(_url(Node, "change", node.pk))
+    assert response.status_code == 200
+    assert node.token_hash not in response.content.decode()

@@ -250,6 +250,8 @@ def test_deregister_marks_offline_keeps_the_row_and_deletes_replicas(node, node_
     node.refresh_from_db()
     assert node.status == Node.Status.OFFLINE
     assert not NodeModel.objects.filter(node=node).exists()
+    # the exiting worker's last heartbeat is forgotten, so the reconciler does not "recover" it
+    assert node.last_heartbeat is None
 
 
 def test_models_lists_the_nodes_replica_rows(node, node_client, other_node):

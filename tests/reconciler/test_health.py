@@ -154,3 +154,20 @@ def test_stale_after_is_read_from_settings(now, reconcile):
     reconcile()
 
     assert status(node) == Node.Status.HEALTHY
+
+
+def test_a_node_that_signed_off_is_not_recovered_until_it_heartbeats_again(reconcile, now):
+    from registry.models import Node
+    from tests.factories import make_node
+
+    node = make_node(now=now)
+    Node.objects.mark_offline(node.pk, forget_heartbeat=True)
+
+    reconcile(at=now)
+    node.refresh_from_db()
+    assert node.status == Node.Status.OFFLINE
+
+    Node.objects.heartbeat(node.pk, now=now)
+    reconcile(at=now)
+    node.refresh_from_db()
+    assert node.status == Node.Status.HEALTHY
