@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from cpclient import ControlPlaneClient
 from tests.e2e.harness import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
@@ -42,14 +43,11 @@ def test_floor_is_restored_after_control_plane_restart_with_stale_heartbeats_and
 
     status, body = fleet.api("PUT", "/api/v1/models/tiny/scheduling", {"min_replicas": 2, "max_replicas": 0, "node_selector": {}})
     assert status in (200, 201), body
-    status, body = fleet.api(
-        "POST",
-        "/api/v1/models/tiny/route",
-        {"backend_type": "echo", "model_options": {"Model": "tiny"}, "wait_seconds": 30},
-    )
-    assert status in (200, 202), body
-    if status == 200:
-        fleet.api("POST", f"/api/v1/leases/{body['lease_id']}/release")
+    # a frontend routes once, through the typed client (the lease is released on exit)
+    frontend = ControlPlaneClient(fleet.base_url, fleet.api_key, timeout=30)
+    with frontend.lease("tiny", backend_type="echo", model_options={"Model": "tiny"}, wait_seconds=30) as lease:
+        assert lease.address
+    assert frontend.get_model("tiny")["min_replicas"] == 2
     wait_for(lambda: ready_replicas(fleet, "tiny") == 2, timeout=SCHEDULER_TICK + 60, what="2 ready replicas before the restart")
 
     # everything goes down at once; one worker never comes back
