@@ -483,31 +483,44 @@ Fleet.close = _fleet_close
 
 
 class Traffic(threading.Thread):
-    """Routes ``model`` through the API every ``period`` s and releases each lease at once;
-    records (monotonic time, status, node name, address, probe outcome of the address)."""
+    """A frontend: routes ``model`` through ``cpclient`` every ``period`` s and releases each
+    lease at once.
+
+    One ``ControlPlaneClient`` per Traffic, with ``max_retries=0`` so each attempt is one route
+    request (no 503 backoff hidden inside an attempt) and records stay comparable across
+    scenarios. Records ``(monotonic time, status, node name, address, probe outcome)``: status is
+    200 on a lease, else the HTTP status of cpclient's typed error (``ControlPlaneError.status``;
+    0 for ``TransportError``/``DeadlineExceeded``, i.e. no HTTP answer in time)."""
 
     def __init__(self, fleet: Fleet, model: str, period: float = 0.1, probe: bool = True):
+        from cpclient import ControlPlaneClient
+
         super().__init__(daemon=True)
         self.fleet, self.model, self.period, self.probe = fleet, model, period, probe
+        self.client = ControlPlaneClient(fleet.base_url, fleet.api_key, timeout=10, max_retries=0, route_deadline=15)
         self.records: list[tuple[float, int, str, str, str]] = []
+        self.release_errors: list[str] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        from cpclient import ControlPlaneError
         from proto import client
 
         while not self._stop_event.is_set():
             at = time.monotonic()
-            try:
-                status, body = self.fleet.api("POST", f"/api/v1/models/{self.model}/route",
-                                              {**ECHO_OPTIONS, "wait_seconds": 5}, timeout=15)
-            except OSError:
-                status, body = 0, None
             node = address = outcome = ""
-            if status == 200:
-                node, address = body["node_name"], body["address"]
+            try:
+                lease = self.client.route(self.model, **ECHO_OPTIONS, wait_seconds=5)
+            except ControlPlaneError as error:
+                status = error.status
+            else:
+                status, node, address = 200, lease.node_name, lease.address
                 if self.probe:
                     outcome = client.probe(address, token=TOKEN, timeout=1).outcome.value
-                self.fleet.api("POST", f"/api/v1/leases/{body['lease_id']}/release")
+                try:
+                    self.client.release(lease)
+                except ControlPlaneError as error:
+                    self.release_errors.append(str(error))
             self.records.append((at, status, node, address, outcome))
             self._stop_event.wait(max(0.0, self.period - (time.monotonic() - at)))
 
