@@ -378,6 +378,18 @@ def _fleet_invariant_violations(self) -> list[str]:
             if outcome is client.Probe.UNREACHABLE:
                 problems.append(f"{r['model']}#{r['replica_index']} on {r['node']} ({r['address']}) is unreachable")
 
+    # 3b. at most one successful LoadModel per replica: the control plane starts one backend
+    #     process per replica, and the echo backend counts the loads it served
+    #     (Status: memory.breakdown["echo.loads"], see worker/backends/echo.py)
+    for r in rows:
+        if r["state"] == "loaded":
+            try:
+                loads = client.status(r["address"], token=TOKEN, timeout=2).memory.breakdown.get("echo.loads")
+            except client.GrpcCallError:
+                continue  # unreachable/busy: invariant 3 speaks for it
+            if loads is not None and loads > 1:
+                problems.append(f"{r['model']}#{r['replica_index']} on {r['node']} ({r['address']}): {loads} successful LoadModel calls")
+
     # 4. in-flight equals live leases
     for replica_id, in_flight, leases in self.sql(
         "SELECT r.id, r.in_flight, (SELECT count(*) FROM registry_lease l WHERE l.replica_id = r.id"
@@ -575,3 +587,4 @@ class PrivatePostgres:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
             pass
         shutil.rmtree(self.directory, ignore_errors=True)
+

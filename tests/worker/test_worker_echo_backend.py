@@ -119,3 +119,33 @@ def test_exits_cleanly_on_sigterm(echo_backend):
 def test_settings_read_options_in_both_separators():
     settings = EchoSettings().with_options(["echo.load_delay_s=0.25", "echo.memory_bytes:77", "other=1"])
     assert (settings.load_delay_s, settings.memory_bytes, settings.fail_load) == (0.25, 77, None)
+
+
+def test_status_reports_the_number_of_successful_loads(echo_backend):
+    # breakdown["echo.loads"]: the fault suite's "one successful LoadModel per replica" invariant
+    address, _ = echo_backend()
+    stub = backend_stub(address)
+
+    def loads():
+        return dict(stub.Status(backend_pb2.HealthMessage(), metadata=AUTH, timeout=5).memory.breakdown)["echo.loads"]
+
+    assert loads() == 0
+    failed = backend_pb2.ModelOptions(Model="m", Options=["echo.fail_load=no"])
+    assert not stub.LoadModel(failed, metadata=AUTH, timeout=10).success
+    assert loads() == 0  # a failed load is not counted
+    assert stub.LoadModel(backend_pb2.ModelOptions(Model="m"), metadata=AUTH, timeout=10).success
+    assert loads() == 1
+    assert stub.Free(backend_pb2.HealthMessage(), metadata=AUTH, timeout=5).success
+    assert loads() == 1  # survives Free: it counts loads served, not the current state
+    assert stub.LoadModel(backend_pb2.ModelOptions(Model="m"), metadata=AUTH, timeout=10).success
+    assert loads() == 2
+
+
+def test_the_counter_is_per_process_in_process_backend():
+    from worker.backends.echo import EchoBackend
+
+    backend = EchoBackend(EchoSettings())
+    assert backend.loads == 0
+    assert backend.LoadModel(backend_pb2.ModelOptions(Model="m"), None).success
+    status = backend.Status(backend_pb2.HealthMessage(), None)
+    assert (backend.loads, status.memory.breakdown["echo.loads"], status.memory.breakdown["model"]) == (1, 1, 0)

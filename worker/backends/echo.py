@@ -15,6 +15,12 @@ Configuration, per load, through ``ModelOptions.Options`` entries (``key=value``
 - ``echo.predict_delay_s=0.5``: Predict/PredictStream/Embedding sleep this long first (env
   default ``ECHO_PREDICT_DELAY_S``).
 
+Load counter: ``Status`` reports how many successful ``LoadModel`` calls this process has
+served in ``StatusResponse.memory.breakdown["echo.loads"]`` (``MemoryUsageData.breakdown`` is a
+``map<string, uint64>``), in every state, also after ``Free``. Failed loads are not counted. The
+fault suite uses it for the invariant "one successful LoadModel per replica": the control plane
+starts one backend process per replica, so a loaded replica's backend must report 1.
+
 Like LocalAI's Python backends it serves with ONE gRPC thread: a ``Health`` probe waits behind a
 running ``LoadModel`` or ``Predict``. That is intended: it lets tests reproduce "busy, not dead"
 probes (DEADLINE_EXCEEDED) against a real process.
@@ -93,6 +99,11 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         self._settings = self._defaults
         self._model: str | None = None
         self._memory_bytes = 0
+        self._loads = 0  # successful LoadModel calls served (Status: breakdown["echo.loads"])
+
+    @property
+    def loads(self) -> int:
+        return self._loads
 
     def Health(self, request, context):
         return backend_pb2.Reply(message=b"OK")
@@ -110,6 +121,7 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         self._settings = settings
         self._model = request.Model or "echo"
         self._memory_bytes = settings.memory_bytes
+        self._loads += 1
         log.info("model=%s loaded memory_bytes=%d", self._model, self._memory_bytes)
         return backend_pb2.Result(success=True, message=f"loaded {self._model}")
 
@@ -123,11 +135,13 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         if self._model is None:
             return backend_pb2.StatusResponse(
                 state=backend_pb2.StatusResponse.UNINITIALIZED,
-                memory=backend_pb2.MemoryUsageData(total=0),
+                memory=backend_pb2.MemoryUsageData(total=0, breakdown={"echo.loads": self._loads}),
             )
         return backend_pb2.StatusResponse(
             state=backend_pb2.StatusResponse.READY,
-            memory=backend_pb2.MemoryUsageData(total=self._memory_bytes, breakdown={"model": self._memory_bytes}),
+            memory=backend_pb2.MemoryUsageData(
+                total=self._memory_bytes, breakdown={"model": self._memory_bytes, "echo.loads": self._loads}
+            ),
         )
 
     def _require_model(self, context):
