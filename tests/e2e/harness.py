@@ -588,3 +588,46 @@ class PrivatePostgres:
             pass
         shutil.rmtree(self.directory, ignore_errors=True)
 
+
+# ===== the seed's Bug-1 as the issue states it (scenario h, bench/bench_restart.py) =============
+
+RESTART_FLOORS = {"tiny-a": 2, "tiny-b": 1, "tiny-c": 2}
+
+
+def start_stale_restart_fleet(fleet: Fleet, floors: dict[str, int] = RESTART_FLOORS, *, workers: int = 3,
+                              interval: float = 1.0) -> dict[str, Process]:
+    """web + ``reconcile --loop`` + ``workers`` reference workers (2 slots each) with the fault
+    suite's settings, every model of ``floors`` at its floor; returns the processes by name."""
+    fleet.settings_env.update(fast_settings(CONTROLPLANE_LOAD_JOB_RUNNER="thread"))
+    procs = {"web": fleet.start_web()}
+    names = [f"restart-{index}" for index in range(workers)]
+    for name in names:
+        procs[name] = fleet.start_worker(name, slots=2)
+    fleet.wait_nodes(set(names))
+    procs["reconciler"] = fleet.start_reconciler(interval)
+    for model, floor in floors.items():
+        fleet.set_floor(model, floor)
+    for model, floor in floors.items():
+        fleet.wait_converged(model, floor, 60)
+    return procs
+
+
+def stale_restart(fleet: Fleet, procs: dict[str, Process], floors: dict[str, int] = RESTART_FLOORS, *,
+                  down_for: float = 8.0, interval: float = 1.0, deadline: float = 60.0) -> dict[str, float]:
+    """SIGKILL web and reconciler, keep the control plane down ``down_for`` s (longer than the
+    stale threshold: nobody receives heartbeats), start both again and wait until every model is
+    back at its floor. Returns ``{"restart": s from the restart until all floors held, "web": s
+    until the web process answered}``; ``procs`` is updated with the new processes."""
+    fleet.stop(procs["web"], signal.SIGKILL)
+    fleet.stop(procs["reconciler"], signal.SIGKILL)
+    time.sleep(down_for)
+    restarted = time.monotonic()
+    procs["web"] = fleet.start_web()
+    web_up = time.monotonic() - restarted
+    procs["reconciler"] = fleet.start_reconciler(interval)
+
+    def at_floor():
+        return all(fleet.model(model).get("ready_replicas") == floor for model, floor in floors.items())
+
+    wait_for(at_floor, timeout=deadline, interval=0.2, what=f"every model at its floor {floors}")
+    return {"restart": time.monotonic() - restarted, "web": web_up}

@@ -455,3 +455,26 @@ def test_g_postgresql_restart_during_traffic(private_fleet, report):
     assert all(n["status"] == "healthy" for n in nodes.values()), nodes
     assert reconciler.alive(), "the reconcile --loop process exited on the outage:\n" + reconciler.log()[-3000:]
     fleet.check_invariants()
+
+
+def test_h_control_plane_restart_with_stale_heartbeats_three_models_three_workers(fleet, report):
+    # the seed's Bug-1 as issue 8 states it: web and reconciler SIGKILLed, nobody receives
+    # heartbeats for twice the stale threshold, then both restart; every model is back at its
+    # floor from the stored load info (no route call), and the invariants hold
+    from tests.e2e.harness import RESTART_FLOORS, stale_restart, start_stale_restart_fleet
+
+    procs = start_stale_restart_fleet(fleet, RESTART_FLOORS)
+    before = {r["id"] for r in fleet.replica_rows()}
+    times = stale_restart(fleet, procs, RESTART_FLOORS, down_for=2 * STALE_AFTER, interval=INTERVAL)
+    fleet.check_invariants()
+    after = {r["id"] for r in fleet.replica_rows()}
+    reaped = len(fleet.events("node_offline"))
+    guard = len(fleet.events("mass_staleness_guard"))
+    report(
+        f"e2e h. control-plane restart after {2 * STALE_AFTER:.0f}s without heartbeats (3 models, floors "
+        f"{sorted(RESTART_FLOORS.values())}, 3 workers): every floor back {times['restart']:.1f}s after the restart "
+        f"(web answering after {times['web']:.1f}s); replica rows kept {len(before & after)} of {len(before)}, "
+        f"nodes reaped {reaped}, mass-staleness guard events {guard}"
+    )
+    assert all(p.alive() for name, p in procs.items() if name.startswith("restart-"))
+    assert times["restart"] <= STALE_AFTER + 2 * INTERVAL + 2 * SLACK
