@@ -14,6 +14,8 @@ server: Django's test client calls the WSGI handler in-process):
   hit, lease release), no HTTP.
 * ``API route + release``: ``POST /api/v1/models/llama/route`` and ``POST
   /api/v1/leases/{id}/release`` with an API key (auth, DRF, serializers, problem handler).
+* ``cpclient ... over HTTP``: the same through the typed frontend client (``cpclient``) and a real
+  gunicorn process on loopback.
 
 A throw-away database ``test_<name>`` is created (migrations applied) and dropped afterwards;
 ``BENCH_DATABASE_URL`` (default ``postgres://postgres@127.0.0.1:5432/controlplane_bench``) names
@@ -169,6 +171,11 @@ def run(iterations: int, replicas: int) -> tuple[list[dict], dict]:
         response = client.post(f"/api/v1/models/{MODEL}/route", {}, format="json")
     with CaptureQueriesContext(connection) as release_queries:
         client.post(f"/api/v1/leases/{response.json()['lease_id']}/release")
+    http_step, stop_web = _http_route(api_key)
+    try:
+        results.append(_timed("cpclient route + release over HTTP (gunicorn, 1 worker)", iterations, http_step))
+    finally:
+        stop_web()
     leftover = sum(NodeModel.objects.values_list("in_flight", flat=True))
     server.stop(grace=None)
     return results, {
@@ -178,9 +185,57 @@ def run(iterations: int, replicas: int) -> tuple[list[dict], dict]:
     }
 
 
+def _http_route(api_key: str):
+    """A real frontend's path: the typed client over a socket to gunicorn (one sync worker,
+    persistent database connections as production should run) on this run's database.
+    Returns ``(step, stop)``."""
+    import socket
+    import subprocess
+
+    from cpclient import ControlPlaneClient
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    database = connection.settings_dict
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{database['USER']}@{database['HOST']}:{database['PORT'] or 5432}/{database['NAME']}",
+        "DATABASE_CONN_MAX_AGE": "60",
+    }
+    web = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "controlplane.wsgi", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    frontend = ControlPlaneClient(f"http://127.0.0.1:{port}", api_key, timeout=10)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            frontend.get_model(MODEL)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+    def step():
+        with frontend.lease(MODEL):
+            pass
+
+    def stop():
+        web.terminate()
+        web.wait(15)
+
+    return step, stop
+
+
 def _report(results, extra, iterations, replicas, server_version, load) -> str:
     baseline = results[0]["mean_ms"]
-    api = results[-1]["mean_ms"]
+    api = results[3]["mean_ms"]
+    http = results[4]["mean_ms"]
     lines = [
         "## Warm route",
         "",
@@ -202,7 +257,9 @@ def _report(results, extra, iterations, replicas, server_version, load) -> str:
     lines += [
         "",
         f"**API route + release / raw warm pick = {api / baseline:.1f}x** "
-        f"(API route + release / raw pick + release = {api / results[1]['mean_ms']:.1f}x).",
+        f"(API route + release / raw pick + release = {api / results[1]['mean_ms']:.1f}x). "
+        f"Through a real socket with the typed client: **cpclient over HTTP / raw warm pick = "
+        f"{http / baseline:.1f}x**.",
         "",
         f"Statements per API call: route {extra['route_queries']} (API-key lookup and its last-used "
         "update, scheduling config, then `BEGIN`, savepoint, `SELECT ... FOR UPDATE SKIP LOCKED`, "
@@ -217,7 +274,10 @@ def _report(results, extra, iterations, replicas, server_version, load) -> str:
         "equals live leases), the 30 s probe cache check (a Health probe against an in-process fake "
         "backend when it expires) and the release; the API rows add API-key authentication, DRF "
         "parsing/validation/rendering and the problem handler, called in-process through Django's test "
-        "client (no socket, no WSGI server). A throw-away database is created and dropped per run.",
+        "client (no socket, no WSGI server). The last row is what a frontend sees: `cpclient`'s "
+        "`lease()` context manager (route, then release on exit) over loopback HTTP to gunicorn with "
+        "one worker and persistent database connections. A throw-away database is created and dropped "
+        "per run.",
         "",
         "Where the router's time goes (cProfile of the no-HTTP row): almost all of it waits on "
         "PostgreSQL round trips (about ten statements per route + release, two of them commits that "
