@@ -42,7 +42,8 @@ NODES = int(os.environ.get("BENCH_NODES", "50"))
 MODELS = int(os.environ.get("BENCH_MODELS", "100"))
 BACKEND_PORTS = 128
 # a vram_bytes placement hint of 30 GiB on 80 GiB nodes: at most 2 replicas fit per node, so
-# 100 models need all 50 (without a hint the placement packs everything onto one node)
+# 100 models need all 50 (the hint keeps the measured work equal across runs: without it, spread
+# placement now also spreads by replica count, but VRAM would not bound it)
 VRAM_HINT = 30 * 1024**3
 
 

@@ -67,6 +67,7 @@ class NodeCandidate:
     free_vram: int = 0
     in_flight_total: int = 0
     failure_backoff_until: datetime | None = None
+    replica_count: int = 0  # replica rows of every model on the node
 
     @property
     def free_slots(self) -> int:
@@ -102,12 +103,14 @@ def _rank(strategy: str):
 
     Both strategies prefer idle nodes, then the least loaded (in-flight sum), as the reference
     does. ``spread`` first prefers nodes that do not hold the model yet (a node failure then
-    takes fewer replicas of it) and the most free VRAM; ``binpack`` prefers nodes that already
-    hold it and the tightest VRAM fit, keeping other nodes empty for big models.
+    takes fewer replicas of it), then the fewest replicas of any model (VRAM reports lag behind
+    loads, so without this every model of unknown size would land on the same idle node), then
+    the most free VRAM; ``binpack`` prefers nodes that already hold it and the tightest VRAM fit,
+    keeping other nodes empty for big models.
     """
     if strategy == BINPACK:
         return lambda c: (not c.has_model, not c.idle, c.in_flight_total, c.free_vram, c.name)
-    return lambda c: (c.has_model, not c.idle, c.in_flight_total, -c.free_vram, c.name)
+    return lambda c: (c.has_model, not c.idle, c.in_flight_total, c.replica_count, -c.free_vram, c.name)
 
 
 def choose_node(

@@ -413,6 +413,7 @@ def _snapshot(model_name: str, selector, candidate_node_ids) -> _Plan:
             "model_rows",
             "free_vram_bytes",
             "in_flight_total",
+            "replica_count",
             "failure_backoff_until",
         )
     )
@@ -426,6 +427,7 @@ def _snapshot(model_name: str, selector, candidate_node_ids) -> _Plan:
                 model_rows=row["model_rows"],
                 free_vram=row["free_vram_bytes"],
                 in_flight_total=row["in_flight_total"] or 0,
+                replica_count=row["replica_count"] or 0,
                 failure_backoff_until=row["failure_backoff_until"],
             )
         )

@@ -12,7 +12,7 @@ NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 GIB = 1024**3
 
 
-def node(name, *, slots=1, rows=0, free=24 * GIB, in_flight=0, backoff=None):
+def node(name, *, slots=1, rows=0, free=24 * GIB, in_flight=0, backoff=None, replicas=0):
     return NodeCandidate(
         node_id=name,
         name=name,
@@ -20,6 +20,7 @@ def node(name, *, slots=1, rows=0, free=24 * GIB, in_flight=0, backoff=None):
         model_rows=rows,
         free_vram=free,
         in_flight_total=in_flight,
+        replica_count=replicas,
         failure_backoff_until=backoff,
     )
 
@@ -63,6 +64,13 @@ def test_idle_nodes_come_before_busy_ones_then_the_least_loaded():
 def test_spread_prefers_nodes_without_the_model():
     chosen = pick(node("has", slots=2, rows=1, free=80 * GIB), node("empty", free=8 * GIB))
     assert chosen.node.name == "empty"
+
+
+def test_spread_puts_models_of_unknown_size_on_the_node_with_the_fewest_replicas():
+    # VRAM reports lag behind loads: an idle node that already runs other models' replicas
+    # still reports as much free VRAM as before, so the replica count must break the tie.
+    chosen = pick(node("busy", replicas=5, free=80 * GIB), node("quiet", replicas=1, free=24 * GIB))
+    assert chosen.node.name == "quiet"
 
 
 def test_binpack_prefers_nodes_with_the_model_and_the_tightest_fit():
