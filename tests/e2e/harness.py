@@ -208,7 +208,10 @@ class Fleet:
         return process.popen.returncode
 
     def close(self):
-        for process in reversed(self.processes):
+        # Workers first, while the control plane still answers their drain and deregister calls
+        # (a worker whose control plane is gone waits out its drain timeout); then the rest.
+        workers_first = sorted(reversed(self.processes), key=lambda p: not p.name.startswith("worker-"))
+        for process in workers_first:
             try:
                 self.stop(process, signal.SIGKILL if process.name == "qcluster" else signal.SIGTERM, timeout=15)
             except Exception:  # teardown must go on
