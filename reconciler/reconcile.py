@@ -394,18 +394,22 @@ class _Pass:
                 )
         return changed
 
+    def stop_backend(self, node: NodeView, model_name: str, replica_index: int) -> str:
+        """Ask the node's worker to stop one backend (best effort, short deadline); returns the
+        error as text, or "" when it worked."""
+        try:
+            self.prober.stop_backend(
+                node.address, model_name, replica_index, node_id=str(node.id), timeout=self.cfg.worker_timeout
+            )
+        except Exception as exc:  # any failure is reported, never fatal to the pass
+            return f"{type(exc).__name__}: {exc}"
+        return ""
+
     def stop_orphans(self, node: NodeView, backends) -> None:
         for backend in backends:
-            try:
-                self.prober.stop_backend(
-                    node.address,
-                    backend.model_name,
-                    backend.replica_index,
-                    node_id=str(node.id),
-                    timeout=self.cfg.worker_timeout,
-                )
-            except Exception as exc:
-                logger.warning("could not stop orphan %s#%s on %s: %s", backend.model_name, backend.replica_index, node.name, exc)
+            error = self.stop_backend(node, backend.model_name, backend.replica_index)
+            if error:
+                logger.warning("could not stop orphan %s#%s on %s: %s", backend.model_name, backend.replica_index, node.name, error)
                 self.summary.skip("stop_failed")
                 continue
             self.summary.count("orphans_stopped")
@@ -532,17 +536,9 @@ class _Pass:
             node = snapshot.nodes.get(replica.node_id)
             stop_error = ""
             if node is not None and node.address:
-                try:
-                    self.prober.stop_backend(
-                        node.address,
-                        replica.model_name,
-                        replica.replica_index,
-                        node_id=str(node.id),
-                        timeout=self.cfg.worker_timeout,
-                    )
-                except Exception as exc:
-                    stop_error = f"{type(exc).__name__}: {exc}"
-                    logger.warning("scale-down of %s#%s: stop failed: %s", replica.model_name, replica.replica_index, exc)
+                stop_error = self.stop_backend(node, replica.model_name, replica.replica_index)
+                if stop_error:
+                    logger.warning("scale-down of %s#%s: stop failed: %s", replica.model_name, replica.replica_index, stop_error)
             self.event(
                 Event.Kind.REPLICA_REMOVED,
                 model_name=replica.model_name,
