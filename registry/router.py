@@ -472,9 +472,12 @@ def _load(row: NodeModel, worker_address: str, backend_type: str, opts_blob: byt
             worker_address, row.model_name, backend_type, row.replica_index, node_id=node_id
         )
         address = response.address
-        success, message = client.load_model(address, opts_blob, timeout=_setting("GRPC_LOAD_TIMEOUT", None))
-        if not success:
-            raise LoadFailed(f"LoadModel of {row.model_name!r} on node {node_id} failed: {message or 'success=false'}")
+        if response.reused and _already_loaded(address, row):
+            logger.info("adopted the running backend of %s replica %d on node %s", row.model_name, row.replica_index, node_id)
+        else:
+            success, message = client.load_model(address, opts_blob, timeout=_setting("GRPC_LOAD_TIMEOUT", None))
+            if not success:
+                raise LoadFailed(f"LoadModel of {row.model_name!r} on node {node_id} failed: {message or 'success=false'}")
     except client.GrpcCallError as exc:
         _abandon(row, worker_address, str(exc), now)
         raise LoadFailed(f"loading {row.model_name!r} on node {node_id} failed: {exc}") from exc
@@ -494,6 +497,27 @@ def _load(row: NodeModel, worker_address: str, backend_type: str, opts_blob: byt
     row.refresh_from_db()
     logger.info("loaded %s replica %d on node %s at %s", row.model_name, row.replica_index, node_id, row.address)
     return row
+
+
+def _already_loaded(address: str, row: NodeModel) -> bool:
+    """Whether a backend process the worker reused already holds its model: adopt it instead of
+    loading twice. This is the takeover case: a load job's runner died mid-``LoadModel``, the
+    backend finished loading anyway, and the new runner gets the same process back.
+
+    Asks ``Status``: READY -> loaded. A single-threaded backend cannot answer while a load is
+    still running (DEADLINE_EXCEEDED = busy), so that is polled until the load deadline.
+    Anything else (UNINITIALIZED, ERROR, UNIMPLEMENTED on older backends, unreachable) -> False,
+    and the caller sends ``LoadModel``. A process is dedicated to one (model, replica), so READY
+    means this model (with the options of the load that made it ready)."""
+    deadline = time.monotonic() + float(_setting("GRPC_LOAD_TIMEOUT", 120))
+    while True:
+        try:
+            answer = client.status(address)
+        except client.GrpcCallError as exc:
+            if getattr(exc.code, "name", "") == "DEADLINE_EXCEEDED" and time.monotonic() < deadline:
+                continue
+            return False
+        return answer.state == answer.READY
 
 
 def _record_load_info(row: NodeModel, backend_type: str, opts_blob: bytes, now) -> None:

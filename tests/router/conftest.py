@@ -45,6 +45,7 @@ class FakeBackend:
         self.knobs = knobs
         self.load_requests: list[bytes] = []
         self.health_calls = 0
+        self.loaded = False
         self.release = threading.Event()
         self._lock = threading.Lock()
 
@@ -62,7 +63,13 @@ class FakeBackend:
             self.load_requests.append(raw)
         if self.knobs.load_delay:
             time.sleep(self.knobs.load_delay)
+        if self.knobs.load_success:
+            self.loaded = True
         return backend_pb2.Result(success=self.knobs.load_success, message=self.knobs.load_message)
+
+    def status(self, request, context):
+        state = backend_pb2.StatusResponse.READY if self.loaded else backend_pb2.StatusResponse.UNINITIALIZED
+        return backend_pb2.StatusResponse(state=state)
 
     def handler(self):
         unary = grpc.unary_unary_rpc_method_handler
@@ -76,6 +83,11 @@ class FakeBackend:
                 ),
                 # Raw bytes in: the test sees exactly what the control plane sent.
                 "LoadModel": unary(self.load_model, response_serializer=backend_pb2.Result.SerializeToString),
+                "Status": unary(
+                    self.status,
+                    request_deserializer=backend_pb2.HealthMessage.FromString,
+                    response_serializer=backend_pb2.StatusResponse.SerializeToString,
+                ),
             },
         )
 

@@ -79,6 +79,35 @@ def test_the_reconciler_path_loads_from_stored_load_info(fleet):
     assert gpu.worker.load_requests == [BLOB]
 
 
+def test_a_reused_backend_that_already_holds_the_model_is_adopted_not_loaded_twice(fleet):
+    """The takeover case: a runner died after its LoadModel reached the backend; the backend
+    finished loading, the worker hands the same process back, and Status says READY."""
+    gpu = fleet.add_node("gpu-1")
+    ModelLoadInfo.objects.upsert("llama", "vllm", BLOB)
+    router.schedule_and_load("llama", [gpu.node.pk])
+    NodeModel.objects.remove_replica(gpu.node.pk, "llama", 0)  # the row is gone, the process lives on
+
+    replica = router.schedule_and_load("llama", [gpu.node.pk])
+
+    assert replica.state == "loaded"
+    assert gpu.worker.count("StartBackend") == 2
+    assert gpu.worker.load_requests == [BLOB]  # one LoadModel in all
+
+
+def test_a_reused_backend_without_a_model_is_loaded(fleet):
+    from proto import client
+
+    gpu = fleet.add_node("gpu-1")
+    ModelLoadInfo.objects.upsert("llama", "vllm", BLOB)
+    client.start_backend(gpu.address, "llama", "vllm", 0, node_id=str(gpu.node.pk))  # running, empty
+
+    replica = router.schedule_and_load("llama", [gpu.node.pk])
+
+    assert replica.state == "loaded"
+    assert gpu.worker.calls[-1][1].replica_index == 0
+    assert gpu.worker.load_requests == [BLOB]
+
+
 def test_without_options_or_load_info_nothing_is_attempted(fleet):
     gpu = fleet.add_node("gpu-1")
 
