@@ -211,7 +211,7 @@ def _warm(model_name: str, node_ids, lease_ttl: float, now: datetime | None) -> 
             return None
         replica = lease.replica
         checked_at = _now(now)
-        if replica.last_probe_at is not None and checked_at - replica.last_probe_at < cache:
+        if _recently_confirmed(replica, checked_at, cache):
             return _leased(lease)
         outcome = _probe(replica.address)
         if outcome is client.Probe.ALIVE:
@@ -231,6 +231,17 @@ def _warm(model_name: str, node_ids, lease_ttl: float, now: datetime | None) -> 
         if replica.address:
             client.close_channel(replica.address)
     return None
+
+
+def _recently_confirmed(replica: NodeModel, checked_at: datetime, cache: timedelta) -> bool:
+    """Whether the replica may be routed to without a Health probe: confirmed within ``cache``
+    AND its node heartbeated within two heartbeat intervals. A worker that died stops
+    heartbeating at once, so its replicas lose the cache long before the node is reaped."""
+    if replica.last_probe_at is None or checked_at - replica.last_probe_at >= cache:
+        return False
+    heartbeat = getattr(replica, "node_last_heartbeat", None)
+    fresh_for = timedelta(seconds=2 * float(settings.HEARTBEAT_INTERVAL))
+    return heartbeat is not None and checked_at - heartbeat < fresh_for
 
 
 def _probe(address: str) -> client.Probe:

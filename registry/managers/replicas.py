@@ -173,7 +173,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         candidates = (
             self.for_model(model_name)
             .ready()
-            .annotate(node_free_vram=_free_vram("node__"))
+            .annotate(node_free_vram=_free_vram("node__"), node_last_heartbeat=F("node__last_heartbeat"))
             .order_by("in_flight", F("last_used").asc(nulls_first=True), F("node_free_vram").desc(), "pk")
         )
         if node_ids is not None:

@@ -322,6 +322,19 @@ def test_a_recently_confirmed_replica_is_not_probed_again(fleet):
     assert backend.health_calls == 0
 
 
+def test_a_confirmed_replica_is_probed_again_once_its_node_stops_heartbeating(fleet, settings):
+    """A dead worker stops heartbeating at once; its replicas lose the probe cache after two
+    heartbeat intervals instead of being routed to until the cache or the reaper catches up."""
+    settings.HEARTBEAT_INTERVAL = 10
+    gpu = fleet.add_node("gpu-1")
+    _, backend = live_replica(fleet, gpu.node, probed=True)
+    Node.objects.filter(pk=gpu.node.pk).update(last_heartbeat=timezone.now() - timedelta(seconds=21))
+
+    router.route("llama")
+
+    assert backend.health_calls == 1
+
+
 def test_a_replica_not_confirmed_for_30_seconds_is_probed_and_the_cache_refreshed(fleet):
     gpu = fleet.add_node("gpu-1")
     row, backend = live_replica(fleet, gpu.node, probed=False)
