@@ -205,15 +205,19 @@ class NodeViewSet(viewsets.GenericViewSet):
     def _labels_answer(self, node_id):
         return Response({"labels": NodeLabel.objects.as_dict(node_id)})
 
+    def _write_labels(self, request, verb):
+        """Validate a labels body, apply ``verb`` (replace or merge) to this node, answer its labels."""
+        body = s.NodeLabelsSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        node = self.get_object()
+        verb(node.pk, body.validated_data["labels"])
+        return self._labels_answer(node.pk)
+
     @extend_schema(
         summary="Replace the node's labels", request=s.NodeLabelsSerializer, responses={200: s.NodeLabelsSerializer}
     )
     def replace_labels(self, request, node_id):
-        body = s.NodeLabelsSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        node = self.get_object()
-        NodeLabel.objects.replace(node.pk, body.validated_data["labels"])
-        return self._labels_answer(node.pk)
+        return self._write_labels(request, NodeLabel.objects.replace)
 
     @extend_schema(
         summary="Merge labels into the node's labels (other keys kept)",
@@ -221,11 +225,7 @@ class NodeViewSet(viewsets.GenericViewSet):
         responses={200: s.NodeLabelsSerializer},
     )
     def merge_labels(self, request, node_id):
-        body = s.NodeLabelsSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        node = self.get_object()
-        NodeLabel.objects.merge(node.pk, body.validated_data["labels"])
-        return self._labels_answer(node.pk)
+        return self._write_labels(request, NodeLabel.objects.merge)
 
     @extend_schema(
         summary="Remove one label",
