@@ -39,25 +39,20 @@ class BackendStub:
                 request_serializer=proto_dot_backend__pb2.HealthMessage.SerializeToString,
                 response_deserializer=proto_dot_backend__pb2.Reply.FromString,
                 _registered_method=True)
-        self.LoadModel = channel.unary_unary(
-                '/backend.Backend/LoadModel',
-                request_serializer=proto_dot_backend__pb2.ModelOptions.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.Result.FromString,
-                _registered_method=True)
         self.Free = channel.unary_unary(
                 '/backend.Backend/Free',
                 request_serializer=proto_dot_backend__pb2.HealthMessage.SerializeToString,
                 response_deserializer=proto_dot_backend__pb2.Result.FromString,
                 _registered_method=True)
-        self.Status = channel.unary_unary(
-                '/backend.Backend/Status',
-                request_serializer=proto_dot_backend__pb2.HealthMessage.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.StatusResponse.FromString,
-                _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/backend.Backend/Predict',
                 request_serializer=proto_dot_backend__pb2.PredictOptions.SerializeToString,
                 response_deserializer=proto_dot_backend__pb2.Reply.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/backend.Backend/LoadModel',
+                request_serializer=proto_dot_backend__pb2.ModelOptions.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
                 _registered_method=True)
         self.PredictStream = channel.unary_stream(
                 '/backend.Backend/PredictStream',
@@ -69,40 +64,260 @@ class BackendStub:
                 request_serializer=proto_dot_backend__pb2.PredictOptions.SerializeToString,
                 response_deserializer=proto_dot_backend__pb2.EmbeddingResult.FromString,
                 _registered_method=True)
+        self.GenerateImage = channel.unary_unary(
+                '/backend.Backend/GenerateImage',
+                request_serializer=proto_dot_backend__pb2.GenerateImageRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                _registered_method=True)
+        self.UpscaleImage = channel.unary_unary(
+                '/backend.Backend/UpscaleImage',
+                request_serializer=proto_dot_backend__pb2.UpscaleImageRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                _registered_method=True)
+        self.GenerateVideo = channel.unary_unary(
+                '/backend.Backend/GenerateVideo',
+                request_serializer=proto_dot_backend__pb2.GenerateVideoRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                _registered_method=True)
+        self.Generate3D = channel.unary_unary(
+                '/backend.Backend/Generate3D',
+                request_serializer=proto_dot_backend__pb2.Generate3DRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                _registered_method=True)
+        self.AudioTranscription = channel.unary_unary(
+                '/backend.Backend/AudioTranscription',
+                request_serializer=proto_dot_backend__pb2.TranscriptRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.TranscriptResult.FromString,
+                _registered_method=True)
+        self.AudioTranscriptionStream = channel.unary_stream(
+                '/backend.Backend/AudioTranscriptionStream',
+                request_serializer=proto_dot_backend__pb2.TranscriptRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.TranscriptStreamResponse.FromString,
+                _registered_method=True)
+        self.AudioTranscriptionLive = channel.stream_stream(
+                '/backend.Backend/AudioTranscriptionLive',
+                request_serializer=proto_dot_backend__pb2.TranscriptLiveRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.TranscriptLiveResponse.FromString,
+                _registered_method=True)
+        self.TTS = channel.unary_unary(
+                '/backend.Backend/TTS',
+                request_serializer=proto_dot_backend__pb2.TTSRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                _registered_method=True)
+        self.TTSStream = channel.unary_stream(
+                '/backend.Backend/TTSStream',
+                request_serializer=proto_dot_backend__pb2.TTSRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Reply.FromString,
+                _registered_method=True)
+        self.SoundGeneration = channel.unary_unary(
+                '/backend.Backend/SoundGeneration',
+                request_serializer=proto_dot_backend__pb2.SoundGenerationRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                _registered_method=True)
+        self.TokenizeString = channel.unary_unary(
+                '/backend.Backend/TokenizeString',
+                request_serializer=proto_dot_backend__pb2.PredictOptions.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.TokenizationResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/backend.Backend/Detokenize',
+                request_serializer=proto_dot_backend__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/backend.Backend/Status',
+                request_serializer=proto_dot_backend__pb2.HealthMessage.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.StatusResponse.FromString,
+                _registered_method=True)
+        self.Detect = channel.unary_unary(
+                '/backend.Backend/Detect',
+                request_serializer=proto_dot_backend__pb2.DetectOptions.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.DetectResponse.FromString,
+                _registered_method=True)
+        self.SoundDetection = channel.unary_unary(
+                '/backend.Backend/SoundDetection',
+                request_serializer=proto_dot_backend__pb2.SoundDetectionRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.SoundDetectionResponse.FromString,
+                _registered_method=True)
+        self.Depth = channel.unary_unary(
+                '/backend.Backend/Depth',
+                request_serializer=proto_dot_backend__pb2.DepthRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.DepthResponse.FromString,
+                _registered_method=True)
+        self.FaceVerify = channel.unary_unary(
+                '/backend.Backend/FaceVerify',
+                request_serializer=proto_dot_backend__pb2.FaceVerifyRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.FaceVerifyResponse.FromString,
+                _registered_method=True)
+        self.FaceAnalyze = channel.unary_unary(
+                '/backend.Backend/FaceAnalyze',
+                request_serializer=proto_dot_backend__pb2.FaceAnalyzeRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.FaceAnalyzeResponse.FromString,
+                _registered_method=True)
+        self.VoiceVerify = channel.unary_unary(
+                '/backend.Backend/VoiceVerify',
+                request_serializer=proto_dot_backend__pb2.VoiceVerifyRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.VoiceVerifyResponse.FromString,
+                _registered_method=True)
+        self.VoiceAnalyze = channel.unary_unary(
+                '/backend.Backend/VoiceAnalyze',
+                request_serializer=proto_dot_backend__pb2.VoiceAnalyzeRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.VoiceAnalyzeResponse.FromString,
+                _registered_method=True)
+        self.VoiceEmbed = channel.unary_unary(
+                '/backend.Backend/VoiceEmbed',
+                request_serializer=proto_dot_backend__pb2.VoiceEmbedRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.VoiceEmbedResponse.FromString,
+                _registered_method=True)
+        self.StoresSet = channel.unary_unary(
+                '/backend.Backend/StoresSet',
+                request_serializer=proto_dot_backend__pb2.StoresSetOptions.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                _registered_method=True)
+        self.StoresDelete = channel.unary_unary(
+                '/backend.Backend/StoresDelete',
+                request_serializer=proto_dot_backend__pb2.StoresDeleteOptions.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                _registered_method=True)
+        self.StoresGet = channel.unary_unary(
+                '/backend.Backend/StoresGet',
+                request_serializer=proto_dot_backend__pb2.StoresGetOptions.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.StoresGetResult.FromString,
+                _registered_method=True)
+        self.StoresFind = channel.unary_unary(
+                '/backend.Backend/StoresFind',
+                request_serializer=proto_dot_backend__pb2.StoresFindOptions.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.StoresFindResult.FromString,
+                _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/backend.Backend/Rerank',
+                request_serializer=proto_dot_backend__pb2.RerankRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.RerankResult.FromString,
+                _registered_method=True)
+        self.TokenClassify = channel.unary_unary(
+                '/backend.Backend/TokenClassify',
+                request_serializer=proto_dot_backend__pb2.TokenClassifyRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.TokenClassifyResponse.FromString,
+                _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/backend.Backend/Score',
+                request_serializer=proto_dot_backend__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.ScoreResponse.FromString,
+                _registered_method=True)
+        self.GetMetrics = channel.unary_unary(
+                '/backend.Backend/GetMetrics',
+                request_serializer=proto_dot_backend__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.MetricsResponse.FromString,
+                _registered_method=True)
+        self.VAD = channel.unary_unary(
+                '/backend.Backend/VAD',
+                request_serializer=proto_dot_backend__pb2.VADRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.VADResponse.FromString,
+                _registered_method=True)
+        self.Diarize = channel.unary_unary(
+                '/backend.Backend/Diarize',
+                request_serializer=proto_dot_backend__pb2.DiarizeRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.DiarizeResponse.FromString,
+                _registered_method=True)
+        self.AudioEncode = channel.unary_unary(
+                '/backend.Backend/AudioEncode',
+                request_serializer=proto_dot_backend__pb2.AudioEncodeRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.AudioEncodeResult.FromString,
+                _registered_method=True)
+        self.AudioDecode = channel.unary_unary(
+                '/backend.Backend/AudioDecode',
+                request_serializer=proto_dot_backend__pb2.AudioDecodeRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.AudioDecodeResult.FromString,
+                _registered_method=True)
+        self.AudioTransform = channel.unary_unary(
+                '/backend.Backend/AudioTransform',
+                request_serializer=proto_dot_backend__pb2.AudioTransformRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.AudioTransformResult.FromString,
+                _registered_method=True)
+        self.AudioTransformStream = channel.stream_stream(
+                '/backend.Backend/AudioTransformStream',
+                request_serializer=proto_dot_backend__pb2.AudioTransformFrameRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.AudioTransformFrameResponse.FromString,
+                _registered_method=True)
+        self.AudioToAudioStream = channel.stream_stream(
+                '/backend.Backend/AudioToAudioStream',
+                request_serializer=proto_dot_backend__pb2.AudioToAudioRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.AudioToAudioResponse.FromString,
+                _registered_method=True)
+        self.ModelMetadata = channel.unary_unary(
+                '/backend.Backend/ModelMetadata',
+                request_serializer=proto_dot_backend__pb2.ModelOptions.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.ModelMetadataResponse.FromString,
+                _registered_method=True)
+        self.StartFineTune = channel.unary_unary(
+                '/backend.Backend/StartFineTune',
+                request_serializer=proto_dot_backend__pb2.FineTuneRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.FineTuneJobResult.FromString,
+                _registered_method=True)
+        self.FineTuneProgress = channel.unary_stream(
+                '/backend.Backend/FineTuneProgress',
+                request_serializer=proto_dot_backend__pb2.FineTuneProgressRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.FineTuneProgressUpdate.FromString,
+                _registered_method=True)
+        self.StopFineTune = channel.unary_unary(
+                '/backend.Backend/StopFineTune',
+                request_serializer=proto_dot_backend__pb2.FineTuneStopRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/backend.Backend/ListCheckpoints',
+                request_serializer=proto_dot_backend__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.ExportModel = channel.unary_unary(
+                '/backend.Backend/ExportModel',
+                request_serializer=proto_dot_backend__pb2.ExportModelRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                _registered_method=True)
+        self.StartQuantization = channel.unary_unary(
+                '/backend.Backend/StartQuantization',
+                request_serializer=proto_dot_backend__pb2.QuantizationRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.QuantizationJobResult.FromString,
+                _registered_method=True)
+        self.QuantizationProgress = channel.unary_stream(
+                '/backend.Backend/QuantizationProgress',
+                request_serializer=proto_dot_backend__pb2.QuantizationProgressRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.QuantizationProgressUpdate.FromString,
+                _registered_method=True)
+        self.StopQuantization = channel.unary_unary(
+                '/backend.Backend/StopQuantization',
+                request_serializer=proto_dot_backend__pb2.QuantizationStopRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                _registered_method=True)
+        self.Forward = channel.stream_stream(
+                '/backend.Backend/Forward',
+                request_serializer=proto_dot_backend__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=proto_dot_backend__pb2.ForwardReply.FromString,
+                _registered_method=True)
 
 
 class BackendServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Health(self, request, context):
-        """Healthy when Reply.message == b"OK". Python backends serve one request at a time, so a
-        probe that times out means "busy", not "dead".
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def LoadModel(self, request, context):
-        """success = false with message = failure reason.
-        """
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Free(self, request, context):
-        """Newer backends only; UNIMPLEMENTED means there is nothing to free.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Predict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +335,282 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateImage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpscaleImage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateVideo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate3D(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AudioTranscription(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AudioTranscriptionStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AudioTranscriptionLive(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TTS(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TTSStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SoundGeneration(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TokenizeString(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SoundDetection(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Depth(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FaceVerify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FaceAnalyze(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VoiceVerify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VoiceAnalyze(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VoiceEmbed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StoresSet(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StoresDelete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StoresGet(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StoresFind(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rerank(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TokenClassify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMetrics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VAD(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Diarize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AudioEncode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AudioDecode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AudioTransform(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AudioTransformStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AudioToAudioStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModelMetadata(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartFineTune(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FineTuneProgress(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopFineTune(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartQuantization(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QuantizationProgress(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopQuantization(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forward(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,25 +619,20 @@ def add_BackendServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_backend__pb2.HealthMessage.FromString,
                     response_serializer=proto_dot_backend__pb2.Reply.SerializeToString,
             ),
-            'LoadModel': grpc.unary_unary_rpc_method_handler(
-                    servicer.LoadModel,
-                    request_deserializer=proto_dot_backend__pb2.ModelOptions.FromString,
-                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
-            ),
             'Free': grpc.unary_unary_rpc_method_handler(
                     servicer.Free,
                     request_deserializer=proto_dot_backend__pb2.HealthMessage.FromString,
                     response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
             ),
-            'Status': grpc.unary_unary_rpc_method_handler(
-                    servicer.Status,
-                    request_deserializer=proto_dot_backend__pb2.HealthMessage.FromString,
-                    response_serializer=proto_dot_backend__pb2.StatusResponse.SerializeToString,
-            ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
                     request_deserializer=proto_dot_backend__pb2.PredictOptions.FromString,
                     response_serializer=proto_dot_backend__pb2.Reply.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=proto_dot_backend__pb2.ModelOptions.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
             ),
             'PredictStream': grpc.unary_stream_rpc_method_handler(
                     servicer.PredictStream,
@@ -157,6 +643,236 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.Embedding,
                     request_deserializer=proto_dot_backend__pb2.PredictOptions.FromString,
                     response_serializer=proto_dot_backend__pb2.EmbeddingResult.SerializeToString,
+            ),
+            'GenerateImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateImage,
+                    request_deserializer=proto_dot_backend__pb2.GenerateImageRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+            ),
+            'UpscaleImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpscaleImage,
+                    request_deserializer=proto_dot_backend__pb2.UpscaleImageRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+            ),
+            'GenerateVideo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateVideo,
+                    request_deserializer=proto_dot_backend__pb2.GenerateVideoRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+            ),
+            'Generate3D': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate3D,
+                    request_deserializer=proto_dot_backend__pb2.Generate3DRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+            ),
+            'AudioTranscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.AudioTranscription,
+                    request_deserializer=proto_dot_backend__pb2.TranscriptRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.TranscriptResult.SerializeToString,
+            ),
+            'AudioTranscriptionStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.AudioTranscriptionStream,
+                    request_deserializer=proto_dot_backend__pb2.TranscriptRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.TranscriptStreamResponse.SerializeToString,
+            ),
+            'AudioTranscriptionLive': grpc.stream_stream_rpc_method_handler(
+                    servicer.AudioTranscriptionLive,
+                    request_deserializer=proto_dot_backend__pb2.TranscriptLiveRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.TranscriptLiveResponse.SerializeToString,
+            ),
+            'TTS': grpc.unary_unary_rpc_method_handler(
+                    servicer.TTS,
+                    request_deserializer=proto_dot_backend__pb2.TTSRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+            ),
+            'TTSStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.TTSStream,
+                    request_deserializer=proto_dot_backend__pb2.TTSRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.Reply.SerializeToString,
+            ),
+            'SoundGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.SoundGeneration,
+                    request_deserializer=proto_dot_backend__pb2.SoundGenerationRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+            ),
+            'TokenizeString': grpc.unary_unary_rpc_method_handler(
+                    servicer.TokenizeString,
+                    request_deserializer=proto_dot_backend__pb2.PredictOptions.FromString,
+                    response_serializer=proto_dot_backend__pb2.TokenizationResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=proto_dot_backend__pb2.DetokenizeRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=proto_dot_backend__pb2.HealthMessage.FromString,
+                    response_serializer=proto_dot_backend__pb2.StatusResponse.SerializeToString,
+            ),
+            'Detect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detect,
+                    request_deserializer=proto_dot_backend__pb2.DetectOptions.FromString,
+                    response_serializer=proto_dot_backend__pb2.DetectResponse.SerializeToString,
+            ),
+            'SoundDetection': grpc.unary_unary_rpc_method_handler(
+                    servicer.SoundDetection,
+                    request_deserializer=proto_dot_backend__pb2.SoundDetectionRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.SoundDetectionResponse.SerializeToString,
+            ),
+            'Depth': grpc.unary_unary_rpc_method_handler(
+                    servicer.Depth,
+                    request_deserializer=proto_dot_backend__pb2.DepthRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.DepthResponse.SerializeToString,
+            ),
+            'FaceVerify': grpc.unary_unary_rpc_method_handler(
+                    servicer.FaceVerify,
+                    request_deserializer=proto_dot_backend__pb2.FaceVerifyRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.FaceVerifyResponse.SerializeToString,
+            ),
+            'FaceAnalyze': grpc.unary_unary_rpc_method_handler(
+                    servicer.FaceAnalyze,
+                    request_deserializer=proto_dot_backend__pb2.FaceAnalyzeRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.FaceAnalyzeResponse.SerializeToString,
+            ),
+            'VoiceVerify': grpc.unary_unary_rpc_method_handler(
+                    servicer.VoiceVerify,
+                    request_deserializer=proto_dot_backend__pb2.VoiceVerifyRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.VoiceVerifyResponse.SerializeToString,
+            ),
+            'VoiceAnalyze': grpc.unary_unary_rpc_method_handler(
+                    servicer.VoiceAnalyze,
+                    request_deserializer=proto_dot_backend__pb2.VoiceAnalyzeRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.VoiceAnalyzeResponse.SerializeToString,
+            ),
+            'VoiceEmbed': grpc.unary_unary_rpc_method_handler(
+                    servicer.VoiceEmbed,
+                    request_deserializer=proto_dot_backend__pb2.VoiceEmbedRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.VoiceEmbedResponse.SerializeToString,
+            ),
+            'StoresSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoresSet,
+                    request_deserializer=proto_dot_backend__pb2.StoresSetOptions.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+            ),
+            'StoresDelete': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoresDelete,
+                    request_deserializer=proto_dot_backend__pb2.StoresDeleteOptions.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+            ),
+            'StoresGet': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoresGet,
+                    request_deserializer=proto_dot_backend__pb2.StoresGetOptions.FromString,
+                    response_serializer=proto_dot_backend__pb2.StoresGetResult.SerializeToString,
+            ),
+            'StoresFind': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoresFind,
+                    request_deserializer=proto_dot_backend__pb2.StoresFindOptions.FromString,
+                    response_serializer=proto_dot_backend__pb2.StoresFindResult.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=proto_dot_backend__pb2.RerankRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.RerankResult.SerializeToString,
+            ),
+            'TokenClassify': grpc.unary_unary_rpc_method_handler(
+                    servicer.TokenClassify,
+                    request_deserializer=proto_dot_backend__pb2.TokenClassifyRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.TokenClassifyResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=proto_dot_backend__pb2.ScoreRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.ScoreResponse.SerializeToString,
+            ),
+            'GetMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetrics,
+                    request_deserializer=proto_dot_backend__pb2.MetricsRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.MetricsResponse.SerializeToString,
+            ),
+            'VAD': grpc.unary_unary_rpc_method_handler(
+                    servicer.VAD,
+                    request_deserializer=proto_dot_backend__pb2.VADRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.VADResponse.SerializeToString,
+            ),
+            'Diarize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Diarize,
+                    request_deserializer=proto_dot_backend__pb2.DiarizeRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.DiarizeResponse.SerializeToString,
+            ),
+            'AudioEncode': grpc.unary_unary_rpc_method_handler(
+                    servicer.AudioEncode,
+                    request_deserializer=proto_dot_backend__pb2.AudioEncodeRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.AudioEncodeResult.SerializeToString,
+            ),
+            'AudioDecode': grpc.unary_unary_rpc_method_handler(
+                    servicer.AudioDecode,
+                    request_deserializer=proto_dot_backend__pb2.AudioDecodeRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.AudioDecodeResult.SerializeToString,
+            ),
+            'AudioTransform': grpc.unary_unary_rpc_method_handler(
+                    servicer.AudioTransform,
+                    request_deserializer=proto_dot_backend__pb2.AudioTransformRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.AudioTransformResult.SerializeToString,
+            ),
+            'AudioTransformStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AudioTransformStream,
+                    request_deserializer=proto_dot_backend__pb2.AudioTransformFrameRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.AudioTransformFrameResponse.SerializeToString,
+            ),
+            'AudioToAudioStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AudioToAudioStream,
+                    request_deserializer=proto_dot_backend__pb2.AudioToAudioRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.AudioToAudioResponse.SerializeToString,
+            ),
+            'ModelMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelMetadata,
+                    request_deserializer=proto_dot_backend__pb2.ModelOptions.FromString,
+                    response_serializer=proto_dot_backend__pb2.ModelMetadataResponse.SerializeToString,
+            ),
+            'StartFineTune': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartFineTune,
+                    request_deserializer=proto_dot_backend__pb2.FineTuneRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.FineTuneJobResult.SerializeToString,
+            ),
+            'FineTuneProgress': grpc.unary_stream_rpc_method_handler(
+                    servicer.FineTuneProgress,
+                    request_deserializer=proto_dot_backend__pb2.FineTuneProgressRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.FineTuneProgressUpdate.SerializeToString,
+            ),
+            'StopFineTune': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopFineTune,
+                    request_deserializer=proto_dot_backend__pb2.FineTuneStopRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=proto_dot_backend__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=proto_dot_backend__pb2.ExportModelRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+            ),
+            'StartQuantization': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartQuantization,
+                    request_deserializer=proto_dot_backend__pb2.QuantizationRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.QuantizationJobResult.SerializeToString,
+            ),
+            'QuantizationProgress': grpc.unary_stream_rpc_method_handler(
+                    servicer.QuantizationProgress,
+                    request_deserializer=proto_dot_backend__pb2.QuantizationProgressRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.QuantizationProgressUpdate.SerializeToString,
+            ),
+            'StopQuantization': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopQuantization,
+                    request_deserializer=proto_dot_backend__pb2.QuantizationStopRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+            ),
+            'Forward': grpc.stream_stream_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=proto_dot_backend__pb2.ForwardRequest.FromString,
+                    response_serializer=proto_dot_backend__pb2.ForwardReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -197,33 +913,6 @@ class Backend:
             _registered_method=True)
 
     @staticmethod
-    def LoadModel(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/backend.Backend/LoadModel',
-            proto_dot_backend__pb2.ModelOptions.SerializeToString,
-            proto_dot_backend__pb2.Result.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def Free(request,
             target,
             options=(),
@@ -251,33 +940,6 @@ class Backend:
             _registered_method=True)
 
     @staticmethod
-    def Status(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/backend.Backend/Status',
-            proto_dot_backend__pb2.HealthMessage.SerializeToString,
-            proto_dot_backend__pb2.StatusResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def Predict(request,
             target,
             options=(),
@@ -294,6 +956,33 @@ class Backend:
             '/backend.Backend/Predict',
             proto_dot_backend__pb2.PredictOptions.SerializeToString,
             proto_dot_backend__pb2.Reply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/LoadModel',
+            proto_dot_backend__pb2.ModelOptions.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
             options,
             channel_credentials,
             insecure,
@@ -348,6 +1037,1248 @@ class Backend:
             '/backend.Backend/Embedding',
             proto_dot_backend__pb2.PredictOptions.SerializeToString,
             proto_dot_backend__pb2.EmbeddingResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/GenerateImage',
+            proto_dot_backend__pb2.GenerateImageRequest.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpscaleImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/UpscaleImage',
+            proto_dot_backend__pb2.UpscaleImageRequest.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateVideo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/GenerateVideo',
+            proto_dot_backend__pb2.GenerateVideoRequest.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate3D(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/Generate3D',
+            proto_dot_backend__pb2.Generate3DRequest.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AudioTranscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/AudioTranscription',
+            proto_dot_backend__pb2.TranscriptRequest.SerializeToString,
+            proto_dot_backend__pb2.TranscriptResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AudioTranscriptionStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/backend.Backend/AudioTranscriptionStream',
+            proto_dot_backend__pb2.TranscriptRequest.SerializeToString,
+            proto_dot_backend__pb2.TranscriptStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AudioTranscriptionLive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/backend.Backend/AudioTranscriptionLive',
+            proto_dot_backend__pb2.TranscriptLiveRequest.SerializeToString,
+            proto_dot_backend__pb2.TranscriptLiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TTS(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/TTS',
+            proto_dot_backend__pb2.TTSRequest.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TTSStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/backend.Backend/TTSStream',
+            proto_dot_backend__pb2.TTSRequest.SerializeToString,
+            proto_dot_backend__pb2.Reply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SoundGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/SoundGeneration',
+            proto_dot_backend__pb2.SoundGenerationRequest.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TokenizeString(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/TokenizeString',
+            proto_dot_backend__pb2.PredictOptions.SerializeToString,
+            proto_dot_backend__pb2.TokenizationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/Detokenize',
+            proto_dot_backend__pb2.DetokenizeRequest.SerializeToString,
+            proto_dot_backend__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/Status',
+            proto_dot_backend__pb2.HealthMessage.SerializeToString,
+            proto_dot_backend__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/Detect',
+            proto_dot_backend__pb2.DetectOptions.SerializeToString,
+            proto_dot_backend__pb2.DetectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SoundDetection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/SoundDetection',
+            proto_dot_backend__pb2.SoundDetectionRequest.SerializeToString,
+            proto_dot_backend__pb2.SoundDetectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Depth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/Depth',
+            proto_dot_backend__pb2.DepthRequest.SerializeToString,
+            proto_dot_backend__pb2.DepthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FaceVerify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/FaceVerify',
+            proto_dot_backend__pb2.FaceVerifyRequest.SerializeToString,
+            proto_dot_backend__pb2.FaceVerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FaceAnalyze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/FaceAnalyze',
+            proto_dot_backend__pb2.FaceAnalyzeRequest.SerializeToString,
+            proto_dot_backend__pb2.FaceAnalyzeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VoiceVerify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/VoiceVerify',
+            proto_dot_backend__pb2.VoiceVerifyRequest.SerializeToString,
+            proto_dot_backend__pb2.VoiceVerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VoiceAnalyze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/VoiceAnalyze',
+            proto_dot_backend__pb2.VoiceAnalyzeRequest.SerializeToString,
+            proto_dot_backend__pb2.VoiceAnalyzeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VoiceEmbed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/VoiceEmbed',
+            proto_dot_backend__pb2.VoiceEmbedRequest.SerializeToString,
+            proto_dot_backend__pb2.VoiceEmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoresSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/StoresSet',
+            proto_dot_backend__pb2.StoresSetOptions.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoresDelete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/StoresDelete',
+            proto_dot_backend__pb2.StoresDeleteOptions.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoresGet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/StoresGet',
+            proto_dot_backend__pb2.StoresGetOptions.SerializeToString,
+            proto_dot_backend__pb2.StoresGetResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoresFind(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/StoresFind',
+            proto_dot_backend__pb2.StoresFindOptions.SerializeToString,
+            proto_dot_backend__pb2.StoresFindResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/Rerank',
+            proto_dot_backend__pb2.RerankRequest.SerializeToString,
+            proto_dot_backend__pb2.RerankResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TokenClassify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/TokenClassify',
+            proto_dot_backend__pb2.TokenClassifyRequest.SerializeToString,
+            proto_dot_backend__pb2.TokenClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/Score',
+            proto_dot_backend__pb2.ScoreRequest.SerializeToString,
+            proto_dot_backend__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/GetMetrics',
+            proto_dot_backend__pb2.MetricsRequest.SerializeToString,
+            proto_dot_backend__pb2.MetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VAD(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/VAD',
+            proto_dot_backend__pb2.VADRequest.SerializeToString,
+            proto_dot_backend__pb2.VADResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Diarize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/Diarize',
+            proto_dot_backend__pb2.DiarizeRequest.SerializeToString,
+            proto_dot_backend__pb2.DiarizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AudioEncode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/AudioEncode',
+            proto_dot_backend__pb2.AudioEncodeRequest.SerializeToString,
+            proto_dot_backend__pb2.AudioEncodeResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AudioDecode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/AudioDecode',
+            proto_dot_backend__pb2.AudioDecodeRequest.SerializeToString,
+            proto_dot_backend__pb2.AudioDecodeResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AudioTransform(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/AudioTransform',
+            proto_dot_backend__pb2.AudioTransformRequest.SerializeToString,
+            proto_dot_backend__pb2.AudioTransformResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AudioTransformStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/backend.Backend/AudioTransformStream',
+            proto_dot_backend__pb2.AudioTransformFrameRequest.SerializeToString,
+            proto_dot_backend__pb2.AudioTransformFrameResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AudioToAudioStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/backend.Backend/AudioToAudioStream',
+            proto_dot_backend__pb2.AudioToAudioRequest.SerializeToString,
+            proto_dot_backend__pb2.AudioToAudioResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/ModelMetadata',
+            proto_dot_backend__pb2.ModelOptions.SerializeToString,
+            proto_dot_backend__pb2.ModelMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartFineTune(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/StartFineTune',
+            proto_dot_backend__pb2.FineTuneRequest.SerializeToString,
+            proto_dot_backend__pb2.FineTuneJobResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FineTuneProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/backend.Backend/FineTuneProgress',
+            proto_dot_backend__pb2.FineTuneProgressRequest.SerializeToString,
+            proto_dot_backend__pb2.FineTuneProgressUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopFineTune(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/StopFineTune',
+            proto_dot_backend__pb2.FineTuneStopRequest.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/ListCheckpoints',
+            proto_dot_backend__pb2.ListCheckpointsRequest.SerializeToString,
+            proto_dot_backend__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/ExportModel',
+            proto_dot_backend__pb2.ExportModelRequest.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartQuantization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/StartQuantization',
+            proto_dot_backend__pb2.QuantizationRequest.SerializeToString,
+            proto_dot_backend__pb2.QuantizationJobResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QuantizationProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/backend.Backend/QuantizationProgress',
+            proto_dot_backend__pb2.QuantizationProgressRequest.SerializeToString,
+            proto_dot_backend__pb2.QuantizationProgressUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopQuantization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/StopQuantization',
+            proto_dot_backend__pb2.QuantizationStopRequest.SerializeToString,
+            proto_dot_backend__pb2.Result.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/backend.Backend/Forward',
+            proto_dot_backend__pb2.ForwardRequest.SerializeToString,
+            proto_dot_backend__pb2.ForwardReply.FromString,
             options,
             channel_credentials,
             insecure,

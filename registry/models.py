@@ -42,11 +42,35 @@ class Node(models.Model):
         AGENT = "agent", "agent (never scheduled)"
 
     class GpuVendor(models.TextChoices):
+        """Vendors the control plane knows by name. Not enforced: LocalAI's workers report
+        others (``apple``, ...), and any short string is stored as sent."""
+
         NVIDIA = "nvidia", "NVIDIA"
         AMD = "amd", "AMD"
         INTEL = "intel", "Intel"
         VULKAN = "vulkan", "Vulkan"
         UNKNOWN = "unknown", "unknown"
+
+    class AuthMode(models.TextChoices):
+        """How a node authenticates its own calls (heartbeat, drain, deregister, models).
+
+        ``node_token``: the per-node token handed out at registration; the fleet token is
+        refused for this node. ``fleet_token``: the node registered without asking for a
+        per-node token and keeps using the fleet registration token (LocalAI's own worker
+        trust model); ``CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES=false`` refuses such nodes.
+        """
+
+        NODE_TOKEN = "node_token", "per-node token"
+        FLEET_TOKEN = "fleet_token", "fleet registration token (LocalAI worker)"
+
+    class WorkerApi(models.TextChoices):
+        """Whether the node answers the worker gRPC service (StartBackend/StopBackend/
+        ListBackends). Only ``available`` nodes are placed on: a LocalAI worker takes its
+        backend commands over NATS, which the control plane does not speak."""
+
+        UNKNOWN = "unknown", "not checked yet"
+        AVAILABLE = "available", "answers the worker service"
+        MISSING = "missing", "does not answer the worker service"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=255, unique=True)
@@ -63,7 +87,14 @@ class Node(models.Model):
     reserved_vram = models.PositiveBigIntegerField(default=0)
     total_ram = models.PositiveBigIntegerField(default=0)
     available_ram = models.PositiveBigIntegerField(default=0)
-    gpu_vendor = models.CharField(max_length=16, choices=GpuVendor.choices, default=GpuVendor.UNKNOWN)
+    gpu_vendor = models.CharField(max_length=32, default=GpuVendor.UNKNOWN)
+    # Disk figures from heartbeats (LocalAI's workers send them); stored and shown for placement.
+    total_disk = models.PositiveBigIntegerField(default=0)
+    available_disk = models.PositiveBigIntegerField(default=0)
+    auth_mode = models.CharField(max_length=16, choices=AuthMode.choices, default=AuthMode.NODE_TOKEN)
+    worker_api = models.CharField(max_length=16, choices=WorkerApi.choices, default=WorkerApi.UNKNOWN)
+    worker_api_detail = models.CharField(max_length=255, blank=True)
+    worker_api_checked_at = models.DateTimeField(null=True, blank=True)
 
     max_replicas_per_model = models.PositiveIntegerField(default=1)
     reported_max_replicas_per_model = models.PositiveIntegerField(default=1, editable=False)
@@ -71,6 +102,11 @@ class Node(models.Model):
     max_replicas_per_model_manual = models.BooleanField(default=False)
 
     last_heartbeat = models.DateTimeField(null=True, blank=True)
+    # The reconciler's own observation of heartbeats (one clock decides staleness, as in the
+    # Kubernetes node lifecycle controller): the ``last_heartbeat`` value it last saw, and when,
+    # on the reconciler's clock, it saw that value change (or observation resumed after a gap).
+    heartbeat_seen = models.DateTimeField(null=True, blank=True, editable=False)
+    heartbeat_seen_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -143,6 +179,10 @@ class NodeModel(models.Model):
     # Health probing: consecutive "unreachable" answers and when the row was last confirmed.
     probe_failures = models.PositiveIntegerField(default=0)
     last_probe_at = models.DateTimeField(null=True, blank=True)
+    # When the row last changed state (inserted, loading -> loaded, re-recorded), written by
+    # every verb from its ``now=``; "written after the worker's listing" is decided on this,
+    # never on ``updated_at`` (``auto_now`` is skipped by ``.update()``).
+    state_changed_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
