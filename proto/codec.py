@@ -1,8 +1,10 @@
 """Conversions between stored ModelOptions blobs, protobuf messages and JSON.
 
 The control plane stores a model's ``ModelOptions`` as the exact bytes it received (from a
-LocalAI frontend or an operator). A newer LocalAI may set fields our ``backend.proto`` does not
-declare; protobuf keeps those as unknown fields, so parsing is safe for *reading*, but the blob
+LocalAI frontend or an operator). ``backend.proto`` declares every field of LocalAI's schema at
+the commit recorded in ``tests/proto/backend_schema.json``, so the JSON form accepts all of
+them; a newer LocalAI may still set fields we do not declare yet. Protobuf keeps those as
+unknown fields, so parsing is safe for *reading*, but the blob
 itself is the source of truth: nothing here is meant to produce bytes for storage from a parsed
 blob, and :func:`proto.client.load_model` sends stored bytes to backends untouched.
 
@@ -34,7 +36,7 @@ __all__ = [
     "summarize_options",
 ]
 
-# The ModelOptions fields the control plane reads (placement, display); see localai-wire.md.
+# The ModelOptions fields the control plane reads (placement, display).
 SUMMARY_FIELDS = (
     "Model",
     "ModelFile",

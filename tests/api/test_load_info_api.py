@@ -3,11 +3,13 @@
 import base64
 
 import pytest
+from google.protobuf import json_format
 
 from proto import backend_pb2
 from registry.models import ModelLoadInfo
 from tests.api.helpers import assert_problem
 from tests.factories import make_node, make_replica
+from tests.proto.every_field import model_options_with_every_field, recorded_model_options_fields
 
 pytestmark = pytest.mark.django_db
 
@@ -58,6 +60,31 @@ def test_unknown_protobuf_fields_survive_put_then_get_byte_for_byte(frontend_cli
     assert base64.b64decode(body["model_options_b64"]) == blob
     assert ModelLoadInfo.objects.get(model_name=MODEL).model_opts_blob == blob
     assert body["model_options"] == {"Model": "llama"}
+
+
+def test_every_model_options_field_round_trips_in_both_forms(frontend_client):
+    """All of LocalAI's ModelOptions (EnableScore, GrammarTriggers, Proxy.cache_prompt ...)
+    at non-default values: the JSON form is accepted and read back unchanged, the blob form is
+    stored and read back byte for byte."""
+    message = model_options_with_every_field()
+    blob = message.SerializeToString()
+    json_form = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    assert set(json_form) == set(recorded_model_options_fields())
+
+    response = frontend_client.put(URL, {"backend_type": "llama-cpp", "model_options": json_form}, format="json")
+
+    assert response.status_code == 200, response.content
+    body = frontend_client.get(URL).json()
+    assert body["model_options"] == json_form
+    assert backend_pb2.ModelOptions.FromString(base64.b64decode(body["model_options_b64"])) == message
+
+    response = frontend_client.put(URL, {"backend_type": "llama-cpp", "model_options_b64": b64(blob)}, format="json")
+
+    assert response.status_code == 200, response.content
+    body = frontend_client.get(URL).json()
+    assert base64.b64decode(body["model_options_b64"]) == blob
+    assert ModelLoadInfo.objects.get(model_name=MODEL).model_opts_blob == blob
+    assert body["model_options"] == json_form
 
 
 def test_last_write_wins(frontend_client):

@@ -21,15 +21,16 @@ def closed_port_address() -> str:
 
 
 def blob_with_unknown_field_between_known_ones() -> bytes:
-    """Model (1), then field 65 (GrammarTriggers, undeclared here), then DisableLogStatus (66).
+    """Model (1), then field 199 (declared by no LocalAI yet), then DisableLogStatus (66).
 
-    A parse + re-serialize would move field 65 after the known fields, so an exact match on
+    A parse + re-serialize would move field 199 after the known fields, so an exact match on
     the server side proves the client sent the bytes untouched.
     """
+    assert 199 not in backend_pb2.ModelOptions.DESCRIPTOR.fields_by_number
     model = backend_pb2.ModelOptions(Model="llama.gguf").SerializeToString()
-    grammar_triggers = bytes([0x8A, 0x04, 0x03, 0x0A, 0x01, 0x78])  # field 65, len 3, {1:"x"}
+    future_field = bytes([0xBA, 0x0C, 0x03, 0x0A, 0x01, 0x78])  # field 199, len 3, {1:"x"}
     disable_log_status = bytes([0x90, 0x04, 0x01])  # field 66 varint true
-    return model + grammar_triggers + disable_log_status
+    return model + future_field + disable_log_status
 
 
 # --- probe ------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proto import backend_pb2, codec
+from tests.proto.every_field import model_options_with_every_field, recorded_model_options_fields
 
 
 def varint(value: int) -> bytes:
@@ -33,11 +34,21 @@ def known_blob() -> bytes:
     ).SerializeToString()
 
 
+# Field numbers no LocalAI ModelOptions declares (yet): what a newer frontend may send.
+FUTURE_MESSAGE_FIELD, FUTURE_VARINT_FIELD = 199, 99
+
+
 def blob_from_newer_localai() -> bytes:
-    """Known fields, then field 65 (GrammarTriggers, a message) and field 99 (not in any
-    LocalAI yet), both undeclared in our backend.proto."""
-    grammar_trigger = field_bytes(1, b"<tool_call>")
-    return known_blob() + field_bytes(65, grammar_trigger) + field_varint(99, 7)
+    """Known fields, then a length-delimited field and a varint field that neither LocalAI's
+    recorded schema nor our backend.proto declares (as a newer LocalAI might send)."""
+    nested = field_bytes(1, b"<tool_call>")
+    return known_blob() + field_bytes(FUTURE_MESSAGE_FIELD, nested) + field_varint(FUTURE_VARINT_FIELD, 7)
+
+
+def test_the_future_field_numbers_are_really_undeclared():
+    declared = backend_pb2.ModelOptions.DESCRIPTOR.fields_by_number
+    assert FUTURE_MESSAGE_FIELD not in declared
+    assert FUTURE_VARINT_FIELD not in declared
 
 
 def test_blob_with_unknown_fields_parses_and_reserializes_identically():
@@ -81,6 +92,19 @@ def test_json_round_trip_keeps_every_kind_of_field():
 
     assert codec.options_to_json(message) == obj
     assert codec.options_from_blob(codec.options_to_blob(message)) == message
+
+
+def test_json_form_accepts_every_field_of_localais_model_options():
+    """Every ModelOptions field of LocalAI's recorded schema (GrammarTriggers, a repeated
+    message; EnableScore; Proxy with cache_prompt ...), set to a non-default value, goes
+    through the JSON form and back unchanged."""
+    message = model_options_with_every_field()
+
+    obj = codec.options_to_json(message)
+
+    assert set(obj) == set(recorded_model_options_fields())
+    assert codec.options_from_json(obj) == message
+    assert codec.options_to_blob(codec.options_from_json(obj)) == message.SerializeToString()
 
 
 def test_options_from_json_lists_every_unknown_field_name():

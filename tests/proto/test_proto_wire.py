@@ -1,203 +1,175 @@
-"""backend.proto must stay wire-compatible with LocalAI: the tables below are copied from
-docs/localai-wire.md and compared with the generated descriptors."""
+"""backend.proto must stay wire-compatible with LocalAI's ``backend/backend.proto``: same
+package, service, RPCs, messages, field numbers and types. ``backend_schema.json`` (next to
+this file) is LocalAI's schema recorded by ``scripts/record_proto_schema.py`` at the commit
+named in its ``recorded_from``; our compiled descriptor must match it exactly."""
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
+
 import pytest
-from google.protobuf.descriptor import FieldDescriptor as F
 
 from proto import backend_pb2
+from proto.schema import describe_file, differences
 
-STRING, INT32, BOOL, FLOAT, DOUBLE, BYTES, UINT64, MESSAGE, ENUM = (
-    F.TYPE_STRING,
-    F.TYPE_INT32,
-    F.TYPE_BOOL,
-    F.TYPE_FLOAT,
-    F.TYPE_DOUBLE,
-    F.TYPE_BYTES,
-    F.TYPE_UINT64,
-    F.TYPE_MESSAGE,
-    F.TYPE_ENUM,
-)
-REPEATED = True
-
-# (name, number, type, repeated)
-MODEL_OPTIONS = [
-    ("Model", 1, STRING, False),
-    ("ContextSize", 2, INT32, False),
-    ("Seed", 3, INT32, False),
-    ("NBatch", 4, INT32, False),
-    ("F16Memory", 5, BOOL, False),
-    ("MLock", 6, BOOL, False),
-    ("MMap", 7, BOOL, False),
-    ("VocabOnly", 8, BOOL, False),
-    ("LowVRAM", 9, BOOL, False),
-    ("Embeddings", 10, BOOL, False),
-    ("NUMA", 11, BOOL, False),
-    ("NGPULayers", 12, INT32, False),
-    ("MainGPU", 13, STRING, False),
-    ("TensorSplit", 14, STRING, False),
-    ("Threads", 15, INT32, False),
-    ("RopeFreqBase", 17, FLOAT, False),
-    ("RopeFreqScale", 18, FLOAT, False),
-    ("RMSNormEps", 19, FLOAT, False),
-    ("NGQA", 20, INT32, False),
-    ("ModelFile", 21, STRING, False),
-    ("PipelineType", 26, STRING, False),
-    ("SchedulerType", 27, STRING, False),
-    ("CUDA", 28, BOOL, False),
-    ("CFGScale", 29, FLOAT, False),
-    ("IMG2IMG", 30, BOOL, False),
-    ("CLIPModel", 31, STRING, False),
-    ("CLIPSubfolder", 32, STRING, False),
-    ("CLIPSkip", 33, INT32, False),
-    ("Tokenizer", 34, STRING, False),
-    ("LoraBase", 35, STRING, False),
-    ("LoraAdapter", 36, STRING, False),
-    ("NoMulMatQ", 37, BOOL, False),
-    ("AudioPath", 38, STRING, False),
-    ("DraftModel", 39, STRING, False),
-    ("Quantization", 40, STRING, False),
-    ("MMProj", 41, STRING, False),
-    ("LoraScale", 42, FLOAT, False),
-    ("RopeScaling", 43, STRING, False),
-    ("YarnExtFactor", 44, FLOAT, False),
-    ("YarnAttnFactor", 45, FLOAT, False),
-    ("YarnBetaFast", 46, FLOAT, False),
-    ("YarnBetaSlow", 47, FLOAT, False),
-    ("ControlNet", 48, STRING, False),
-    ("Type", 49, STRING, False),
-    ("GPUMemoryUtilization", 50, FLOAT, False),
-    ("TrustRemoteCode", 51, BOOL, False),
-    ("EnforceEager", 52, BOOL, False),
-    ("SwapSpace", 53, INT32, False),
-    ("MaxModelLen", 54, INT32, False),
-    ("TensorParallelSize", 55, INT32, False),
-    ("FlashAttention", 56, STRING, False),
-    ("NoKVOffload", 57, BOOL, False),
-    ("LoadFormat", 58, STRING, False),
-    ("ModelPath", 59, STRING, False),
-    ("LoraAdapters", 60, STRING, REPEATED),
-    ("LoraScales", 61, FLOAT, REPEATED),
-    ("Options", 62, STRING, REPEATED),
-    ("CacheTypeKey", 63, STRING, False),
-    ("CacheTypeValue", 64, STRING, False),
-    ("DisableLogStatus", 66, BOOL, False),
-    ("DType", 67, STRING, False),
-    ("LimitImagePerPrompt", 68, INT32, False),
-    ("LimitVideoPerPrompt", 69, INT32, False),
-    ("LimitAudioPerPrompt", 70, INT32, False),
-    ("Reranking", 71, BOOL, False),
-    ("Overrides", 72, STRING, REPEATED),
-    ("EngineArgs", 73, STRING, False),
-    ("Proxy", 74, MESSAGE, False),
-]
-
-OTHER_MESSAGES = {
-    "HealthMessage": [],
-    "Result": [("message", 1, STRING, False), ("success", 2, BOOL, False)],
-    "Reply": [
-        ("message", 1, BYTES, False),
-        ("tokens", 2, INT32, False),
-        ("prompt_tokens", 3, INT32, False),
-        ("timing_prompt_processing", 4, DOUBLE, False),
-        ("timing_token_generation", 5, DOUBLE, False),
-        ("audio", 6, BYTES, False),
-    ],
-    "EmbeddingResult": [("embeddings", 1, FLOAT, REPEATED)],
-    "StatusResponse": [("state", 1, ENUM, False), ("memory", 2, MESSAGE, False)],
-    "MemoryUsageData": [("total", 1, UINT64, False), ("breakdown", 2, MESSAGE, REPEATED)],
-    "PredictOptions": [
-        ("Prompt", 1, STRING, False),
-        ("Seed", 2, INT32, False),
-        ("Threads", 3, INT32, False),
-        ("Tokens", 4, INT32, False),
-        ("TopK", 5, INT32, False),
-        ("Temperature", 9, FLOAT, False),
-        ("StopPrompts", 13, STRING, REPEATED),
-        ("TopP", 32, FLOAT, False),
-        ("Embeddings", 36, STRING, False),
-        ("CorrelationId", 47, STRING, False),
-        ("Metadata", 52, MESSAGE, REPEATED),
-    ],
-    "ProxyOptions": [
-        ("upstream_url", 1, STRING, False),
-        ("mode", 2, STRING, False),
-        ("provider", 3, STRING, False),
-        ("api_key_env", 4, STRING, False),
-        ("api_key_file", 5, STRING, False),
-        ("upstream_model", 6, STRING, False),
-        ("request_timeout_seconds", 7, INT32, False),
-    ],
-}
-
-SERVICE = [
-    ("Health", "HealthMessage", "Reply", False),
-    ("LoadModel", "ModelOptions", "Result", False),
-    ("Free", "HealthMessage", "Result", False),
-    ("Status", "HealthMessage", "StatusResponse", False),
-    ("Predict", "PredictOptions", "Reply", False),
-    ("PredictStream", "PredictOptions", "Reply", True),
-    ("Embedding", "PredictOptions", "EmbeddingResult", False),
-]
+RECORDED_PATH = Path(__file__).with_name("backend_schema.json")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def declared(message_name: str) -> list[tuple[str, int, int, bool]]:
-    descriptor = backend_pb2.DESCRIPTOR.message_types_by_name[message_name]
-    return sorted(
-        ((f.name, f.number, f.type, f.is_repeated) for f in descriptor.fields),
-        key=lambda row: row[1],
-    )
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    schema = json.loads(RECORDED_PATH.read_text())
+    schema.pop("recorded_from")
+    return schema
 
 
-def test_model_options_matches_localai_field_for_field():
-    assert declared("ModelOptions") == MODEL_OPTIONS
+@pytest.fixture(scope="module")
+def ours() -> dict:
+    return describe_file(backend_pb2.DESCRIPTOR)
 
 
-def test_model_options_leaves_grammar_triggers_undeclared():
-    assert 65 not in backend_pb2.ModelOptions.DESCRIPTOR.fields_by_number
+def test_backend_proto_matches_the_recorded_localai_schema(recorded, ours):
+    drift = differences(recorded, ours)
+    assert not drift, "backend.proto departs from LocalAI's recorded schema:\n" + "\n".join(drift)
 
 
-def test_model_options_proxy_is_proxy_options():
-    proxy = backend_pb2.ModelOptions.DESCRIPTOR.fields_by_name["Proxy"]
-    assert proxy.message_type.full_name == "backend.ProxyOptions"
+def test_the_recorded_schema_names_the_localai_commit_it_pins():
+    source = json.loads(RECORDED_PATH.read_text())["recorded_from"]
+    assert source["repository"] == "mudler/LocalAI"
+    assert source["path"] == "backend/backend.proto"
+    assert len(source["commit"]) == 40
+    assert source["date"]
 
 
-@pytest.mark.parametrize("message_name", sorted(OTHER_MESSAGES))
-def test_message_matches_localai(message_name):
-    assert declared(message_name) == OTHER_MESSAGES[message_name]
+def test_the_recorded_schema_holds_what_frontends_of_the_current_localai_send(recorded):
+    """The fields and RPCs a subset would miss, by number: a guard on the recording itself."""
+    messages = recorded["messages"]
+
+    def field(message: str, number: int) -> tuple[str, str, str]:
+        fields = messages[f"backend.{message}"]["fields"]
+        name, entry = next((n, e) for n, e in fields.items() if e["number"] == number)
+        return name, entry["type"], entry["label"]
+
+    assert recorded["package"] == "backend"
+    assert len(recorded["services"]["backend.Backend"]) == 52
+    assert field("ModelOptions", 65) == ("GrammarTriggers", "message", "repeated")
+    assert field("ModelOptions", 75) == ("EnableScore", "bool", "optional")
+    assert field("PredictOptions", 44) == ("Messages", "message", "repeated")
+    assert field("PredictOptions", 48) == ("Tools", "string", "optional")
+    assert field("PredictOptions", 54) == ("ModelIdentity", "string", "optional")
+    assert field("Reply", 7) == ("logprobs", "bytes", "optional")
+    assert field("Reply", 8) == ("chat_deltas", "message", "repeated")
+    assert [field("EmbeddingResult", n)[0] for n in range(1, 6)] == [
+        "embeddings",
+        "tokens",
+        "dim",
+        "prompt_tokens",
+        "layout",
+    ]
+    assert field("ProxyOptions", 8) == ("cache_prompt", "bool", "optional")
+    assert len(messages["backend.PredictOptions"]["fields"]) == 53
+
+
+def _mutate(schema: dict, path: tuple, value) -> dict:
+    changed = copy.deepcopy(schema)
+    target = changed
+    for key in path[:-1]:
+        target = target[key]
+    if value is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return changed
+
+
+_DELETE = object()
+_MODEL_OPTIONS = ("messages", "backend.ModelOptions", "fields")
+_PREDICT = ("services", "backend.Backend", "Predict")
 
 
 @pytest.mark.parametrize(
-    ("message_name", "field_name", "key_type", "value_type"),
-    [("MemoryUsageData", "breakdown", STRING, UINT64), ("PredictOptions", "Metadata", STRING, STRING)],
+    ("path", "value", "expected"),
+    [
+        (
+            (*_MODEL_OPTIONS, "EnableScore", "number"),
+            76,
+            "backend.ModelOptions.EnableScore: number recorded 76, ours 75",
+        ),
+        (
+            (*_MODEL_OPTIONS, "ContextSize", "type"),
+            "int64",
+            "backend.ModelOptions.ContextSize: type recorded 'int64', ours 'int32'",
+        ),
+        (
+            (*_MODEL_OPTIONS, "LoraScales", "label"),
+            "optional",
+            "backend.ModelOptions.LoraScales: label recorded 'optional', ours 'repeated'",
+        ),
+        (
+            (*_MODEL_OPTIONS, "Proxy", "type_name"),
+            "backend.OtherProxy",
+            "backend.ModelOptions.Proxy: type_name recorded 'backend.OtherProxy', ours 'backend.ProxyOptions'",
+        ),
+        (
+            ("messages", "backend.PredictOptions", "fields", "ModelIdentity"),
+            _DELETE,
+            "backend.PredictOptions.ModelIdentity (number 54): declared here but not in the recorded schema",
+        ),
+        (
+            (*_PREDICT, "server_streaming"),
+            True,
+            "rpc backend.Backend/Predict: server_streaming recorded True, ours False",
+        ),
+        (
+            ("enums", "backend.StatusResponse.State", "ERROR"),
+            -2,
+            "backend.StatusResponse.State.ERROR: recorded -2, ours -1",
+        ),
+        (
+            ("messages", "backend.PredictOptions", "reserved_numbers"),
+            [25],
+            "backend.PredictOptions: reserved_numbers recorded [25], ours [24]",
+        ),
+    ],
+    ids=["renumbered", "retyped", "relabelled", "message-type", "extra-field", "streaming", "enum-value", "reserved"],
 )
-def test_map_fields_have_localai_key_and_value_types(message_name, field_name, key_type, value_type):
-    field = backend_pb2.DESCRIPTOR.message_types_by_name[message_name].fields_by_name[field_name]
-    entry = field.message_type
-    assert entry.GetOptions().map_entry
-    assert (entry.fields_by_name["key"].type, entry.fields_by_name["value"].type) == (
-        key_type,
-        value_type,
-    )
+def test_a_drift_from_the_recording_is_reported_naming_the_field(recorded, ours, path, value, expected):
+    assert differences(_mutate(recorded, path, value), ours) == [expected]
 
 
-def test_status_state_enum_values():
-    state = backend_pb2.StatusResponse.DESCRIPTOR.enum_types_by_name["State"]
-    assert {v.name: v.number for v in state.values} == {
-        "UNINITIALIZED": 0,
-        "BUSY": 1,
-        "READY": 2,
-        "ERROR": -1,
+def test_a_field_or_rpc_we_lack_is_reported_as_missing(recorded, ours):
+    recorded_more = copy.deepcopy(recorded)
+    recorded_more["messages"]["backend.ModelOptions"]["fields"]["FutureKnob"] = {
+        "number": 76,
+        "type": "bool",
+        "label": "optional",
     }
-    memory = backend_pb2.StatusResponse.DESCRIPTOR.fields_by_name["memory"]
-    assert memory.message_type.full_name == "backend.MemoryUsageData"
+    recorded_more["services"]["backend.Backend"]["FutureRpc"] = {
+        "input_type": "backend.HealthMessage",
+        "output_type": "backend.Reply",
+        "client_streaming": False,
+        "server_streaming": False,
+    }
+
+    assert differences(recorded_more, ours) == [
+        "backend.ModelOptions.FutureKnob (number 76): missing",
+        "rpc backend.Backend/FutureRpc: missing",
+    ]
 
 
-def test_service_name_and_methods_match_localai():
-    assert backend_pb2.DESCRIPTOR.package == "backend"
-    service = backend_pb2.DESCRIPTOR.services_by_name["Backend"]
-    assert service.full_name == "backend.Backend"
-    methods = {(m.name, m.input_type.name, m.output_type.name, m.server_streaming) for m in service.methods}
-    assert set(SERVICE) <= methods
-    assert not any(m.client_streaming for m in service.methods)
+def test_the_recorder_describes_our_proto_as_the_runtime_descriptor_does(ours):
+    """scripts/record_proto_schema.py compiles a .proto with protoc; run on our own file it
+    must give what the generated module says (so a recording of LocalAI's file is comparable)."""
+    pytest.importorskip("grpc_tools")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("record_proto_schema", REPO_ROOT / "scripts/record_proto_schema.py")
+    recorder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recorder)
+
+    compiled = recorder.record(REPO_ROOT / "proto/backend.proto", repository="r", path="p", commit="c", date="d")
+
+    assert compiled.pop("recorded_from") == {"repository": "r", "path": "p", "commit": "c", "date": "d"}
+    assert compiled == ours
