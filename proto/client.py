@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -45,6 +46,7 @@ __all__ = [
     "list_backends",
     "load_model",
     "predict",
+    "predict_stream",
     "probe",
     "start_backend",
     "status",
@@ -324,37 +326,94 @@ def status(address: str, *, token: str | None = None, timeout: float | None = No
     )
 
 
+def _predict_request(
+    options: backend_pb2.PredictOptions | None, model_identity: str | None, **fields
+) -> backend_pb2.PredictOptions:
+    """A copy of ``options`` with ``fields`` set, and ``ModelIdentity`` when one is given
+    (None keeps whatever ``options`` carries)."""
+    request = backend_pb2.PredictOptions()
+    if options is not None:
+        request.CopyFrom(options)
+    for name, value in fields.items():
+        setattr(request, name, value)
+    if model_identity is not None:
+        request.ModelIdentity = model_identity
+    return request
+
+
 def predict(
     address: str,
     prompt: str,
     *,
     options: backend_pb2.PredictOptions | None = None,
+    model_identity: str | None = None,
     token: str | None = None,
     timeout: float | None = None,
 ) -> backend_pb2.Reply:
-    """Predict ``prompt``; ``options`` (copied, Prompt overwritten) sets Tokens, Temperature..."""
-    request = backend_pb2.PredictOptions()
-    if options is not None:
-        request.CopyFrom(options)
-    request.Prompt = prompt
+    """Predict ``prompt``; ``options`` (copied, Prompt overwritten) sets Tokens, Temperature...
+
+    ``model_identity``: the ``model_identity`` of the route answer (PredictOptions field 54). A
+    LocalAI backend holding another model answers NOT_FOUND "model identity mismatch" (a
+    GrpcCallError) instead of answering from the wrong model; "" skips the check.
+    """
     return _call(
         address,
         _BACKEND + "Predict",
-        request,
+        _predict_request(options, model_identity, Prompt=prompt),
         backend_pb2.Reply,
         timeout=_timeout("inference", timeout),
         metadata=_metadata(token),
     )
 
 
+def predict_stream(
+    address: str,
+    prompt: str,
+    *,
+    options: backend_pb2.PredictOptions | None = None,
+    model_identity: str | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
+) -> Iterator[backend_pb2.Reply]:
+    """PredictStream: the backend's replies (chunks) as they come; arguments as :func:`predict`.
+
+    A generator: the call starts at the first ``next()``; ``timeout`` bounds the whole stream;
+    a failure (also mid-stream) raises GrpcCallError from the iteration; a consumer that stops
+    early cancels the call.
+    """
+    method = _BACKEND + "PredictStream"
+    call = get_channel(address).unary_stream(
+        method, request_serializer=_serialize, response_deserializer=backend_pb2.Reply.FromString
+    )
+    request = _predict_request(options, model_identity, Prompt=prompt)
+    started = time.monotonic()
+    replies = call(request, timeout=_timeout("inference", timeout), metadata=_metadata(token))
+    try:
+        yield from replies
+    except grpc.RpcError as exc:
+        error = _error(method, exc)
+        _observe(method, error.code, started)
+        raise error from None
+    finally:
+        replies.cancel()  # no-op once the stream ended
+    _observe(method, grpc.StatusCode.OK, started)
+
+
 def embedding(
-    address: str, text: str, *, token: str | None = None, timeout: float | None = None
+    address: str,
+    text: str,
+    *,
+    options: backend_pb2.PredictOptions | None = None,
+    model_identity: str | None = None,
+    token: str | None = None,
+    timeout: float | None = None,
 ) -> backend_pb2.EmbeddingResult:
-    """Embedding of ``text`` (sent in PredictOptions.Embeddings, as LocalAI does)."""
+    """Embedding of ``text`` (sent in PredictOptions.Embeddings, as LocalAI does); ``options``
+    and ``model_identity`` as for :func:`predict`."""
     return _call(
         address,
         _BACKEND + "Embedding",
-        backend_pb2.PredictOptions(Embeddings=text),
+        _predict_request(options, model_identity, Embeddings=text),
         backend_pb2.EmbeddingResult,
         timeout=_timeout("inference", timeout),
         metadata=_metadata(token),

@@ -123,12 +123,18 @@ def error_from_code(code: str, message: str = "") -> RouterError:
 
 @dataclass(frozen=True)
 class RouteResult:
-    """Either a ``lease`` on a loaded replica (``node_name`` set), or the ``load_job`` still
-    loading the model after the caller's wait budget (answer 202 + Retry-After)."""
+    """Either a ``lease`` on a loaded replica (``node_name`` and ``model_identity`` set), or the
+    ``load_job`` still loading the model after the caller's wait budget (answer 202 +
+    Retry-After).
+
+    ``model_identity``: what the frontend must send as ``ModelIdentity`` in its requests to the
+    replica (see :func:`model_identity`); empty means "send none" (the backend skips the check).
+    """
 
     lease: Lease | None = None
     load_job: LoadJob | None = None
     node_name: str = ""
+    model_identity: str = ""
 
     @property
     def ready(self) -> bool:
@@ -251,7 +257,34 @@ def _probe(address: str) -> client.Probe:
 
 
 def _leased(lease: Lease) -> RouteResult:
-    return RouteResult(lease=lease, node_name=_node_name(lease.node_id))
+    return RouteResult(lease=lease, node_name=_node_name(lease.node_id), model_identity=model_identity(lease.replica))
+
+
+def model_identity(replica: NodeModel) -> str:
+    """The ``Model`` of the ModelOptions the replica's backend was loaded with.
+
+    LocalAI backends compare ``ModelIdentity`` of every request (PredictOptions field 54 and
+    its namesakes) with the ``Model`` of the LoadModel they served: a mismatch is NOT_FOUND
+    "model identity mismatch" (a request that reached a port now serving another model), and
+    an empty identity skips the check. The router sends the stored blob to ``LoadModel``
+    untouched and never fills ``Model`` itself, so the identity is the ``Model`` of the
+    replica row's per-replica blob (written with the load, or by the frontend that reported
+    the replica); read from the row the warm pick already fetched, so no query. Only a row
+    without a per-replica blob (older rows; the best-effort write failed) falls back to the
+    model's load info (one query). A blob that does not parse gives "" (no check)."""
+    blob = replica.model_opts_blob
+    if blob is None:
+        blob = (
+            ModelLoadInfo.objects.filter(model_name=replica.model_name)
+            .values_list("model_opts_blob", flat=True)
+            .first()
+        )
+    if blob is None:
+        return ""
+    try:
+        return codec.options_from_blob(blob).Model
+    except codec.InvalidModelOptions:
+        return ""
 
 
 # node id -> (name, monotonic expiry). Saves a query per routed request; a node keeps its name

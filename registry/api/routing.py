@@ -97,6 +97,12 @@ class LeaseSerializer(serializers.Serializer):
     address = serializers.CharField(help_text="host:port of the replica's backend.Backend gRPC service")
     replica_index = serializers.IntegerField()
     expires_at = serializers.DateTimeField(help_text="released automatically after this instant")
+    model_identity = serializers.CharField(
+        allow_blank=True,
+        help_text="send this as `ModelIdentity` in every request to the replica (PredictOptions field 54 and its "
+        "namesakes): the `Model` of the ModelOptions the replica was loaded with. A LocalAI backend answers "
+        "NOT_FOUND `model identity mismatch` when it holds another model; empty: send none (no check)",
+    )
 
 
 class LoadJobSerializer(serializers.ModelSerializer):
@@ -168,6 +174,7 @@ class ReplicaSerializer(serializers.ModelSerializer):
 def _lease_answer(result: router.RouteResult) -> dict:
     lease = result.lease
     lease.node_name = result.node_name
+    lease.model_identity = result.model_identity
     return LeaseSerializer(lease).data
 
 
@@ -182,7 +189,8 @@ class RouteView(APIView):
             "count is incremented); release the lease when the request is done. Cold path: one "
             "load job per model across all frontends; this call waits up to `wait_seconds` for it, "
             "then answers 202 with the job (poll `GET /api/v1/load-jobs/{id}` or call route again "
-            "after `Retry-After`). Options sent here are stored as the model's load info."
+            "after `Retry-After`). Options sent here are stored as the model's load info. Requests to "
+            "the leased replica carry the answer's `model_identity` as `ModelIdentity`."
         ),
         parameters=[MODEL],
         request=RouteBodySerializer,

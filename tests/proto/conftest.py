@@ -35,9 +35,13 @@ class FakeBackend:
     health_delay: float = 0.0
     load_result: backend_pb2.Result = field(default_factory=lambda: backend_pb2.Result(success=True, message="loaded"))
     implements_free: bool = True
+    loaded_model: str = ""  # ModelOptions.Model of the load; inference checks ModelIdentity against it
     load_requests: list[bytes] = field(default_factory=list)
+    inference_requests: list[backend_pb2.PredictOptions] = field(default_factory=list)
     metadata: list[dict[str, str]] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
+    stream_pause: float = 0.0  # PredictStream waits this long after each chunk
+    stream_ended: threading.Event = field(default_factory=threading.Event)
 
     def _record(self, context) -> None:
         self.metadata.append(dict(context.invocation_metadata()))
@@ -64,12 +68,31 @@ class FakeBackend:
             memory=backend_pb2.MemoryUsageData(total=123, breakdown={"weights": 100}),
         )
 
-    def predict(self, request, context):
+    def _check_identity(self, request, context) -> None:
+        """As LocalAI's backends: a ModelIdentity other than the loaded Model is NOT_FOUND;
+        an empty one skips the check."""
         self._record(context)
+        self.inference_requests.append(request)
+        if request.ModelIdentity and request.ModelIdentity != self.loaded_model:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"model identity mismatch: request for {request.ModelIdentity!r}, loaded {self.loaded_model!r}",
+            )
+
+    def predict(self, request, context):
+        self._check_identity(request, context)
         return backend_pb2.Reply(message=f"echo:{request.Prompt}".encode(), tokens=3)
 
+    def predict_stream(self, request, context):
+        self._check_identity(request, context)
+        context.add_callback(self.stream_ended.set)  # runs when the call ends, also on cancel
+        for word in request.Prompt.split():
+            yield backend_pb2.Reply(message=word.encode(), tokens=1)
+            if self.stream_pause:
+                self.release.wait(self.stream_pause)
+
     def embedding(self, request, context):
-        self._record(context)
+        self._check_identity(request, context)
         return backend_pb2.EmbeddingResult(embeddings=[float(len(request.Embeddings)), 0.5])
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -87,6 +110,11 @@ class FakeBackend:
             "Status": unary(self.status, backend_pb2.HealthMessage, backend_pb2.StatusResponse),
             "Predict": unary(self.predict, backend_pb2.PredictOptions, backend_pb2.Reply),
             "Embedding": unary(self.embedding, backend_pb2.PredictOptions, backend_pb2.EmbeddingResult),
+            "PredictStream": grpc.unary_stream_rpc_method_handler(
+                self.predict_stream,
+                request_deserializer=backend_pb2.PredictOptions.FromString,
+                response_serializer=backend_pb2.Reply.SerializeToString,
+            ),
         }
         if self.implements_free:
             methods["Free"] = unary(self.free, backend_pb2.HealthMessage, backend_pb2.Result)

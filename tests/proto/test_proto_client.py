@@ -175,6 +175,58 @@ def test_status_predict_and_embedding_round_trip(serve, fake_backend):
     assert list(embedded.embeddings) == [4.0, 0.5]
 
 
+def test_inference_calls_send_the_model_identity(serve, fake_backend):
+    fake = fake_backend(loaded_model="llama.gguf")
+    address = serve(fake)
+    kw = {"model_identity": "llama.gguf", "token": "", "timeout": 2}
+
+    reply = client.predict(address, "hi", options=backend_pb2.PredictOptions(Tokens=5), **kw)
+    chunks = list(client.predict_stream(address, "one two three", **kw))
+    embedded = client.embedding(address, "four", **kw)
+
+    assert reply.message == b"echo:hi"
+    assert [chunk.message for chunk in chunks] == [b"one", b"two", b"three"]
+    assert list(embedded.embeddings) == [4.0, 0.5]
+    assert [r.ModelIdentity for r in fake.inference_requests] == ["llama.gguf"] * 3
+    assert (fake.inference_requests[0].Prompt, fake.inference_requests[0].Tokens) == ("hi", 5)
+    assert fake.inference_requests[2].Embeddings == "four"
+
+
+def test_without_an_identity_the_options_own_is_kept_and_none_means_none(serve, fake_backend):
+    fake = fake_backend(loaded_model="llama.gguf")
+    address = serve(fake)
+
+    client.predict(address, "a", options=backend_pb2.PredictOptions(ModelIdentity="llama.gguf"), token="", timeout=2)
+    client.predict(address, "b", token="", timeout=2)
+
+    assert [r.ModelIdentity for r in fake.inference_requests] == ["llama.gguf", ""]
+
+
+@pytest.mark.parametrize("call", ["predict", "predict_stream", "embedding"])
+def test_an_identity_mismatch_is_a_not_found_call_error(serve, fake_backend, call):
+    address = serve(fake_backend(loaded_model="other.gguf"))
+
+    with pytest.raises(client.GrpcCallError) as excinfo:
+        answer = getattr(client, call)(address, "hi", model_identity="llama.gguf", token="", timeout=2)
+        list(answer) if call == "predict_stream" else None
+
+    assert excinfo.value.code == grpc.StatusCode.NOT_FOUND
+    assert "model identity mismatch" in excinfo.value.detail
+    assert excinfo.value.method == f"/backend.Backend/{''.join(p.title() for p in call.split('_'))}"
+
+
+def test_a_stream_left_early_is_cancelled_not_left_running_to_its_deadline(serve, fake_backend):
+    fake = fake_backend(stream_pause=5.0)
+    address = serve(fake)
+
+    replies = client.predict_stream(address, "one two three", token="", timeout=10)
+    first = next(replies)
+    replies.close()
+
+    assert first.message == b"one"
+    assert fake.stream_ended.wait(2.0)  # the backend saw the call end long before its pause
+
+
 # --- worker calls -----------------------------------------------------------------------------
 
 

@@ -6,10 +6,13 @@ import uuid
 
 import pytest
 from django.utils import timezone
+from google.protobuf import json_format
 from rest_framework.test import APIClient
 
+from proto import backend_pb2
 from registry.models import Lease, LoadJob, ModelLoadInfo, NodeModel
 from tests.factories import make_api_key, make_node, make_replica, make_scheduling
+from tests.proto.every_field import model_options_with_every_field
 
 from .conftest import options_blob
 
@@ -52,6 +55,7 @@ def test_a_warm_route_answers_the_lease(api, fleet):
         "address": replica.address,
         "replica_index": 0,
         "expires_at": body["expires_at"],
+        "model_identity": "",  # a row without any recipe: nothing to send, the backend skips the check
     }
     assert "X-Control-Plane-Node" not in response
 
@@ -73,6 +77,22 @@ def test_a_cold_route_with_json_options_loads_and_stores_the_load_info(api, flee
     info = ModelLoadInfo.objects.for_model("org/llama-3.1-8b.gguf")
     assert info.backend_type == "llama-cpp"
     assert gpu.worker.load_requests == [info.model_opts_blob]
+
+
+def test_a_route_with_every_model_options_field_loads_and_names_the_model_identity(api, fleet):
+    """The JSON form on route accepts all of LocalAI's ModelOptions (EnableScore,
+    GrammarTriggers, Proxy ...); the backend gets them all, and the answer's model_identity is
+    the Model it was loaded with."""
+    gpu = fleet.add_node("gpu-1")
+    message = model_options_with_every_field()
+    json_form = json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+    response = route(api, body={"backend_type": "llama-cpp", "model_options": json_form})
+
+    assert response.status_code == 200, response.json()
+    (loaded,) = gpu.worker.load_requests
+    assert backend_pb2.ModelOptions.FromString(loaded) == message
+    assert response.json()["model_identity"] == message.Model != ""
 
 
 def test_a_cold_route_with_a_b64_blob_sends_those_bytes(api, fleet):
@@ -199,7 +219,9 @@ def test_a_reported_replica_is_recorded_with_both_load_info_copies_and_routable(
     assert (replica.state, replica.address, bytes(replica.model_opts_blob)) == ("loaded", address, BLOB)
     info = ModelLoadInfo.objects.for_model("org/llama")
     assert (info.source, info.backend_type, info.model_opts_blob) == ("model", "llama-cpp", BLOB)
-    assert route(api, "org/llama").json()["address"] == address
+    answer = route(api, "org/llama").json()
+    assert answer["address"] == address
+    assert answer["model_identity"] == "llama.gguf"  # the Model of the reported recipe
     assert gpu.worker.calls == []  # nothing was loaded by the control plane
 
 

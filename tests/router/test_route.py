@@ -8,6 +8,7 @@ import grpc
 import pytest
 from django.utils import timezone
 
+from proto import backend_pb2
 from registry import router
 from registry.models import Lease, LoadFailure, LoadJob, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 from tests.factories import GIB, make_replica, make_scheduling
@@ -483,3 +484,51 @@ def test_options_without_a_backend_type_keep_the_stored_one(fleet):
 
     info = ModelLoadInfo.objects.for_model("llama")
     assert (info.backend_type, info.model_opts_blob) == ("vllm", BLOB)
+
+
+# --- model identity ------------------------------------------------------------------------------
+
+
+def test_the_lease_names_the_model_the_replica_was_loaded_with_as_its_identity(fleet):
+    gpu = fleet.add_node("gpu-1")
+
+    cold = router.route("llama", backend_type="llama-cpp", opts_blob=BLOB)
+    warm = router.route("llama")
+
+    (loaded,) = gpu.worker.load_requests
+    assert cold.model_identity == warm.model_identity == backend_pb2.ModelOptions.FromString(loaded).Model
+    assert cold.model_identity == "llama.gguf"
+
+
+def test_new_options_do_not_change_the_identity_of_a_replica_loaded_with_the_old_ones(fleet):
+    """The model's load info is the recipe of the NEXT load; a running replica keeps answering
+    for the Model it was loaded with, so that is what the frontend must send."""
+    fleet.add_node("gpu-1")
+    router.route("llama", backend_type="llama-cpp", opts_blob=BLOB)
+
+    result = router.route("llama", opts_blob=options_blob("llama-q8.gguf"))
+
+    assert ModelLoadInfo.objects.for_model("llama").model_opts_blob == options_blob("llama-q8.gguf")
+    assert result.model_identity == "llama.gguf"
+
+
+def test_a_replica_without_its_own_recipe_takes_the_identity_from_the_models_load_info(fleet):
+    gpu = fleet.add_node("gpu-1")
+    live_replica(fleet, gpu.node)  # no per-replica blob (e.g. a row older than them)
+    assert router.route("llama").model_identity == ""
+
+    ModelLoadInfo.objects.upsert("llama", "llama-cpp", options_blob("from-load-info.gguf"))
+
+    assert router.route("llama").model_identity == "from-load-info.gguf"
+
+
+@pytest.mark.parametrize(
+    ("blob", "identity"),
+    [(options_blob(""), ""), (b"", ""), (b"\xff\xff", ""), (options_blob("m.gguf", ContextSize=8), "m.gguf")],
+    ids=["empty-Model", "empty-blob", "garbage", "Model"],
+)
+def test_the_identity_is_read_from_the_row_without_a_query(django_assert_num_queries, blob, identity):
+    row = NodeModel(model_name="llama", model_opts_blob=blob)
+
+    with django_assert_num_queries(0):
+        assert router.model_identity(row) == identity
