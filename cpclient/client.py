@@ -44,7 +44,14 @@ def _parse_time(value: str | None) -> datetime | None:
 @dataclass(frozen=True)
 class Lease:
     """A granted lease: send the request to ``address`` (the replica's ``backend.Backend``),
-    then release it (``ControlPlaneClient.release`` or the ``lease`` context manager)."""
+    then release it (``ControlPlaneClient.release`` or the ``lease`` context manager).
+
+    ``model_identity`` is what every request to the replica must carry as ``ModelIdentity``
+    (the ``Model`` the replica was loaded with; "" = none). :meth:`predict`,
+    :meth:`predict_stream` and :meth:`embedding` call the replica with it set; for any other
+    RPC, build the request with the project's stubs and set ``ModelIdentity`` yourself. These
+    calls need ``grpcio`` and ``protobuf`` (the rest of cpclient is standard library only).
+    """
 
     lease_id: str
     model_name: str
@@ -53,6 +60,7 @@ class Lease:
     address: str
     replica_index: int
     expires_at: datetime | None
+    model_identity: str = ""
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Lease:
@@ -64,7 +72,73 @@ class Lease:
             address=str(body["address"]),
             replica_index=int(body["replica_index"]),
             expires_at=_parse_time(body.get("expires_at")),
+            model_identity=str(body.get("model_identity") or ""),  # "" from an older control plane
         )
+
+    # --- calling the leased replica (gRPC, through proto.client) ---------------------------------
+    #
+    # ``token``: the bearer token the fleet's backends require (LocalAI's
+    # LOCALAI_GRPC_AUTH_TOKEN; the registration token for backends started by the reference
+    # worker); "" sends none; None (default) is proto.client's default: Django's
+    # CONTROLPLANE_REGISTRATION_TOKEN when Django is configured, else none. ``timeout``: seconds (default 120). ``fields``: PredictOptions
+    # fields by proto name (Tokens=64, Temperature=0.2, Messages=[...], ...). A failed call
+    # raises ``proto.client.GrpcCallError`` (NOT_FOUND "model identity mismatch" when the
+    # address now serves another model: route again).
+
+    def predict(self, prompt: str, *, token: str | None = None, timeout: float | None = None, **fields: Any):
+        """``Predict`` on the replica; returns the ``backend.Reply``."""
+        from proto import client
+
+        return client.predict(
+            self.address,
+            prompt,
+            options=self._options(fields),
+            model_identity=self.model_identity,
+            token=token,
+            timeout=timeout,
+        )
+
+    def predict_stream(self, prompt: str, *, token: str | None = None, timeout: float | None = None, **fields: Any):
+        """``PredictStream`` on the replica; yields ``backend.Reply`` chunks (``timeout`` bounds
+        the whole stream)."""
+        from proto import client
+
+        return client.predict_stream(
+            self.address,
+            prompt,
+            options=self._options(fields),
+            model_identity=self.model_identity,
+            token=token,
+            timeout=timeout,
+        )
+
+    def embedding(self, text: str, *, token: str | None = None, timeout: float | None = None, **fields: Any):
+        """``Embedding`` of ``text`` on the replica; returns the ``backend.EmbeddingResult``."""
+        from proto import client
+
+        return client.embedding(
+            self.address,
+            text,
+            options=self._options(fields),
+            model_identity=self.model_identity,
+            token=token,
+            timeout=timeout,
+        )
+
+    def predict_options(self, **fields: Any):
+        """A ``backend.PredictOptions`` with ``fields`` and this lease's ``ModelIdentity`` (for
+        callers that use the generated stubs directly)."""
+        options = self._options(fields)
+        options.ModelIdentity = self.model_identity
+        return options
+
+    @staticmethod
+    def _options(fields: dict[str, Any]):
+        from proto import backend_pb2
+
+        if "ModelIdentity" in fields:
+            raise TypeError("ModelIdentity comes from the lease (its model_identity); do not pass it")
+        return backend_pb2.PredictOptions(**fields)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import grpc
 import pytest
 
+import tests.router.conftest as router_fleet
 from cpclient import (
     AuthenticationError,
     ConflictError,
@@ -19,6 +21,8 @@ from cpclient import (
     UnavailableError,
     ValidationError,
 )
+from proto import backend_pb2
+from proto.client import GrpcCallError
 from registry.models import Lease as LeaseRow
 from registry.models import NodeModel
 from tests.factories import make_api_key
@@ -98,6 +102,130 @@ def test_a_bad_key_is_an_authentication_error_with_its_code(live_server, transac
     with pytest.raises(AuthenticationError) as denied:
         client.get_model("anything")
     assert denied.value.code == "invalid_token"
+
+
+# --- calling the leased replica with its model identity --------------------------------------
+
+
+class InferenceBackend(router_fleet.FakeBackend):
+    """The router tests' fake backend plus Predict, PredictStream and Embedding that record
+    each request and check ``ModelIdentity`` as LocalAI's backends do: against the ``Model``
+    of the LoadModel served (or ``loaded_model`` for a backend nobody loads in the test);
+    another identity is NOT_FOUND "model identity mismatch", an empty one skips the check."""
+
+    def __init__(self, knobs, loaded_model: str = "") -> None:
+        super().__init__(knobs)
+        self.loaded_model = loaded_model
+        self.inference_requests: list[backend_pb2.PredictOptions] = []
+
+    def load_model(self, raw, context):
+        self.loaded_model = backend_pb2.ModelOptions.FromString(raw).Model
+        return super().load_model(raw, context)
+
+    def _check(self, request, context):
+        self.inference_requests.append(request)
+        if request.ModelIdentity and request.ModelIdentity != self.loaded_model:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model identity mismatch: loaded {self.loaded_model!r}")
+
+    def predict(self, request, context):
+        self._check(request, context)
+        return backend_pb2.Reply(message=request.Prompt.encode())
+
+    def predict_stream(self, request, context):
+        self._check(request, context)
+        for word in request.Prompt.split():
+            yield backend_pb2.Reply(message=word.encode())
+
+    def embedding(self, request, context):
+        self._check(request, context)
+        return backend_pb2.EmbeddingResult(embeddings=[float(len(request.Embeddings))])
+
+    def handler(self):
+        def unary(method, response_cls):
+            return grpc.unary_unary_rpc_method_handler(
+                method,
+                request_deserializer=backend_pb2.PredictOptions.FromString,
+                response_serializer=response_cls.SerializeToString,
+            )
+
+        inference = grpc.method_handlers_generic_handler(
+            "backend.Backend",
+            {
+                "Predict": unary(self.predict, backend_pb2.Reply),
+                "Embedding": unary(self.embedding, backend_pb2.EmbeddingResult),
+                "PredictStream": grpc.unary_stream_rpc_method_handler(
+                    self.predict_stream,
+                    request_deserializer=backend_pb2.PredictOptions.FromString,
+                    response_serializer=backend_pb2.Reply.SerializeToString,
+                ),
+            },
+        )
+        return FirstOf(inference, super().handler())
+
+
+class FirstOf(grpc.GenericRpcHandler):
+    """The first of several generic handlers that serves a method."""
+
+    def __init__(self, *handlers) -> None:
+        self.handlers = handlers
+
+    def service(self, handler_call_details):
+        for handler in self.handlers:
+            found = handler.service(handler_call_details)
+            if found is not None:
+                return found
+        return None
+
+
+@pytest.fixture
+def inference_fleet(fleet, monkeypatch):
+    """The fake fleet whose workers start :class:`InferenceBackend` processes."""
+    monkeypatch.setattr(router_fleet, "FakeBackend", InferenceBackend)
+    return fleet
+
+
+def test_a_lease_calls_its_replica_with_the_identity_the_replica_was_loaded_with(cp, inference_fleet):
+    entry = inference_fleet.add_node("client-d")
+
+    with cp.lease("client-model", backend_type="echo", model_options=OPTIONS, wait_seconds=10) as lease:
+        reply = lease.predict("hello there", Tokens=4)
+        chunks = [chunk.message for chunk in lease.predict_stream("one two")]
+        embedded = lease.embedding("four")
+
+    backend = entry.worker.backend("client-model")
+    (loaded,) = backend.load_requests
+    assert lease.model_identity == backend_pb2.ModelOptions.FromString(loaded).Model == "client-model.gguf"
+    assert [r.ModelIdentity for r in backend.inference_requests] == ["client-model.gguf"] * 3
+    assert (backend.inference_requests[0].Prompt, backend.inference_requests[0].Tokens) == ("hello there", 4)
+    assert (reply.message, chunks, list(embedded.embeddings)) == (b"hello there", [b"one", b"two"], [4.0])
+    assert lease.predict_options(TopK=3) == backend_pb2.PredictOptions(TopK=3, ModelIdentity="client-model.gguf")
+    with pytest.raises(TypeError, match="ModelIdentity"):
+        lease.predict("x", ModelIdentity="something-else")
+
+
+def test_a_replica_now_serving_another_model_refuses_the_leases_request(cp, inference_fleet):
+    """A recycled port: the row says client-model, the process there holds another model. The
+    identity the lease sends makes the backend refuse instead of answering from that model."""
+    entry = inference_fleet.add_node("client-e")
+    stranger = InferenceBackend(router_fleet.BackendKnobs(), loaded_model="someone-else.gguf")
+    _, address = inference_fleet.servers.start(stranger.handler())
+    cp.report_replica(
+        node_id=str(entry.node.pk),
+        model="client-model",
+        replica_index=0,
+        address=address,
+        backend_type="echo",
+        model_options=OPTIONS,
+    )
+
+    with cp.lease("client-model") as lease:
+        assert lease.address == address
+        with pytest.raises(GrpcCallError) as refused:
+            lease.predict("hello")
+
+    assert refused.value.code == grpc.StatusCode.NOT_FOUND
+    assert "model identity mismatch" in refused.value.detail
+    assert [r.ModelIdentity for r in stranger.inference_requests] == ["client-model.gguf"]
 
 
 # --- retries, against a stub --------------------------------------------------------------
@@ -184,6 +312,12 @@ def test_route_retries_503_honouring_retry_after(stub):
     assert slept == [2.0, 3.0]
     assert [path for _, path, _ in server.requests] == ["/api/v1/models/m/route"] * 3
     assert server.requests[0][2] == {"wait_seconds": 5}
+
+
+def test_a_lease_answer_without_model_identity_reads_as_none_to_send():
+    """An older control plane's answer has no model_identity: send none (no check)."""
+    assert Lease.from_json(LEASE).model_identity == ""
+    assert Lease.from_json({**LEASE, "model_identity": "m.gguf"}).model_identity == "m.gguf"
 
 
 def test_503_without_retry_after_backs_off_exponentially_and_gives_up(stub):
