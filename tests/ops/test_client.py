@@ -22,10 +22,13 @@ from cpclient import (
     ValidationError,
 )
 from proto import backend_pb2
+from proto import client as proto_client
 from proto.client import GrpcCallError
 from registry.models import Lease as LeaseRow
 from registry.models import NodeModel
 from tests.factories import make_api_key
+from tests.worker.conftest import free_port
+from worker.backends import echo
 
 OPTIONS = {"Model": "client-model.gguf", "ContextSize": 512}
 
@@ -226,6 +229,32 @@ def test_a_replica_now_serving_another_model_refuses_the_leases_request(cp, infe
     assert refused.value.code == grpc.StatusCode.NOT_FOUND
     assert "model identity mismatch" in refused.value.detail
     assert [r.ModelIdentity for r in stranger.inference_requests] == ["client-model.gguf"]
+
+
+def test_the_echo_backend_serves_a_leases_calls_once_loaded(cp, fleet):
+    """The reference worker's echo backend (in process, real gRPC) loaded with the recipe, then
+    reported: the lease's calls, identity included, are answered."""
+    entry = fleet.add_node("client-f")
+    address = f"127.0.0.1:{free_port()}"
+    server = echo.serve(address, token=None)
+    try:
+        assert proto_client.load_model(address, backend_pb2.ModelOptions(**OPTIONS), token="", timeout=5)[0]
+        cp.report_replica(
+            node_id=str(entry.node.pk),
+            model="client-model",
+            replica_index=0,
+            address=address,
+            backend_type="echo",
+            model_options=OPTIONS,
+        )
+        with cp.lease("client-model") as lease:
+            assert lease.model_identity == "client-model.gguf"
+            assert lease.predict("hello echo", token="").message == b"hello echo"
+            assert b"".join(chunk.message for chunk in lease.predict_stream("a b", token="")) == b"a b"
+            assert len(lease.embedding("hello", token="").embeddings) > 0
+    finally:
+        server.stop(grace=None)
+        proto_client.close_channel(address)
 
 
 # --- retries, against a stub --------------------------------------------------------------
