@@ -326,21 +326,6 @@ def status(address: str, *, token: str | None = None, timeout: float | None = No
     )
 
 
-def _predict_request(
-    options: backend_pb2.PredictOptions | None, model_identity: str | None, **fields
-) -> backend_pb2.PredictOptions:
-    """A copy of ``options`` with ``fields`` set, and ``ModelIdentity`` when one is given
-    (None keeps whatever ``options`` carries)."""
-    request = backend_pb2.PredictOptions()
-    if options is not None:
-        request.CopyFrom(options)
-    for name, value in fields.items():
-        setattr(request, name, value)
-    if model_identity is not None:
-        request.ModelIdentity = model_identity
-    return request
-
-
 def predict(
     address: str,
     prompt: str,
@@ -418,6 +403,21 @@ def embedding(
         timeout=_timeout("inference", timeout),
         metadata=_metadata(token),
     )
+
+
+def _predict_request(
+    options: backend_pb2.PredictOptions | None, model_identity: str | None, **fields
+) -> backend_pb2.PredictOptions:
+    """A copy of ``options`` with ``fields`` set, and ``ModelIdentity`` when one is given
+    (None keeps whatever ``options`` carries)."""
+    request = backend_pb2.PredictOptions()
+    if options is not None:
+        request.CopyFrom(options)
+    for name, value in fields.items():
+        setattr(request, name, value)
+    if model_identity is not None:
+        request.ModelIdentity = model_identity
+    return request
 
 
 # --- controlplane.worker.v1.Worker ----------------------------------------------------------
