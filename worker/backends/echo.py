@@ -15,6 +15,9 @@ Configuration, per load, through ``ModelOptions.Options`` entries (``key=value``
 - ``echo.predict_delay_s=0.5``: Predict/PredictStream/Embedding sleep this long first (env
   default ``ECHO_PREDICT_DELAY_S``).
 
+Start-up: ``ECHO_START_DELAY_S=3`` (environment only) waits that long before listening, like a
+real backend importing its libraries; the worker's ``StartBackend`` waits for it.
+
 Load counter: ``Status`` reports how many successful ``LoadModel`` calls this process has
 served in ``StatusResponse.memory.breakdown["echo.loads"]`` (``MemoryUsageData.breakdown`` is a
 ``map<string, uint64>``), in every state, also after ``Free``. Failed loads are not counted. The
@@ -231,6 +234,9 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s echo[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+    start_delay = float(os.environ.get("ECHO_START_DELAY_S") or 0)
+    if start_delay > 0:
+        time.sleep(start_delay)
     try:
         server = serve(args.addr, os.environ.get("LOCALAI_GRPC_AUTH_TOKEN") or None)
     except RuntimeError as exc:
