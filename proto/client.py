@@ -43,6 +43,7 @@ __all__ = [
     "embedding",
     "free",
     "get_channel",
+    "holds_model",
     "list_backends",
     "load_model",
     "predict",
@@ -324,6 +325,47 @@ def status(address: str, *, token: str | None = None, timeout: float | None = No
         timeout=_timeout("health", timeout),
         metadata=_metadata(token),
     )
+
+
+def holds_model(
+    address: str, model_identity: str, *, token: str | None = None, timeout: float | None = None
+) -> bool | None:
+    """Whether the backend at ``address`` proves that it holds ``model_identity`` (the ``Model``
+    field of the ``ModelOptions`` it was loaded with): True, False, or None = cannot tell yet.
+
+    ``Status`` cannot say it: LocalAI's backends answer READY whenever they are idle, loaded or
+    not. So this makes one cheap guarded call, ``TokenizeString`` of a one-word prompt carrying
+    ``ModelIdentity``, which LocalAI's backends judge before any work: NOT_FOUND ("model identity
+    mismatch") when they loaded another model, FAILED_PRECONDITION (or another error) when they
+    loaded nothing. Only OK is proof -> True.
+
+    * DEADLINE_EXCEEDED -> None: a single-threaded backend queues the call behind a running
+      ``LoadModel``/``Predict``; ask again later.
+    * anything else (FAILED_PRECONDITION, NOT_FOUND, UNIMPLEMENTED for a backend without
+      ``TokenizeString``, UNAVAILABLE, ...) -> False. A backend without ``TokenizeString`` can
+      never prove what it holds; the caller then loads again, which costs a reload but never
+      serves the wrong model.
+    * an empty ``model_identity`` -> False without a call: backends skip the check for an empty
+      identity, so an OK would prove nothing.
+
+    Uses the probe deadline (``health``): the call is as cheap as ``Status``.
+    """
+    if not model_identity:
+        return False
+    try:
+        _call(
+            address,
+            _BACKEND + "TokenizeString",
+            backend_pb2.PredictOptions(Prompt="ping", ModelIdentity=model_identity),
+            backend_pb2.TokenizationResponse,
+            timeout=_timeout("health", timeout),
+            metadata=_metadata(token),
+        )
+    except GrpcCallError as exc:
+        if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return None
+        return False
+    return True
 
 
 def predict(

@@ -516,12 +516,23 @@ def _load(row: NodeModel, worker_address: str, backend_type: str, opts_blob: byt
             worker_address, row.model_name, backend_type, row.replica_index, node_id=node_id
         )
         address = response.address
-        if response.reused and _already_loaded(address, row):
-            logger.info("adopted the running backend of %s replica %d on node %s", row.model_name, row.replica_index, node_id)
+        if response.reused and _holds_model(address, opts_blob):
+            logger.info(
+                "adopted the running backend of %s replica %d on node %s", row.model_name, row.replica_index, node_id
+            )
         else:
+            if response.reused:
+                logger.info(
+                    "the reused backend of %s replica %d on node %s does not prove it holds the model: loading it",
+                    row.model_name,
+                    row.replica_index,
+                    node_id,
+                )
             success, message = client.load_model(address, opts_blob, timeout=_setting("GRPC_LOAD_TIMEOUT", None))
             if not success:
-                raise LoadFailed(f"LoadModel of {row.model_name!r} on node {node_id} failed: {message or 'success=false'}")
+                raise LoadFailed(
+                    f"LoadModel of {row.model_name!r} on node {node_id} failed: {message or 'success=false'}"
+                )
     except client.GrpcCallError as exc:
         _abandon(row, worker_address, str(exc), now)
         raise LoadFailed(f"loading {row.model_name!r} on node {node_id} failed: {exc}") from exc
@@ -543,25 +554,36 @@ def _load(row: NodeModel, worker_address: str, backend_type: str, opts_blob: byt
     return row
 
 
-def _already_loaded(address: str, row: NodeModel) -> bool:
-    """Whether a backend process the worker reused already holds its model: adopt it instead of
-    loading twice. This is the takeover case: a load job's runner died mid-``LoadModel``, the
-    backend finished loading anyway, and the new runner gets the same process back.
+def _holds_model(address: str, opts_blob: bytes) -> bool:
+    """Whether a backend process the worker reused provably holds the model of ``opts_blob``:
+    then it is adopted instead of loaded twice. True only on proof; anything else -> False, and
+    the caller sends ``LoadModel`` (which, in a LocalAI backend, replaces whatever it held).
 
-    Asks ``Status``: READY -> loaded. A single-threaded backend cannot answer while a load is
-    still running (DEADLINE_EXCEEDED = busy), so that is polled until the load deadline.
-    Anything else (UNINITIALIZED, ERROR, UNIMPLEMENTED on older backends, unreachable) -> False,
-    and the caller sends ``LoadModel``. A process is dedicated to one (model, replica), so READY
-    means this model (with the options of the load that made it ready)."""
+    Two cases reach here. The takeover: a load job's runner died mid-``LoadModel``, the backend
+    finished loading anyway, and the new runner gets the same process back: adopt it. The
+    abandoned start: a runner died after ``StartBackend`` and before ``LoadModel``: the process
+    is up and holds nothing. ``Status`` cannot tell them apart (LocalAI's backends answer READY
+    whenever idle, loaded or not), so the proof is :func:`proto.client.holds_model`: a cheap
+    ``TokenizeString`` carrying ``ModelIdentity`` = the ``Model`` field of the options about to
+    be loaded, which a backend refuses before a load (FAILED_PRECONDITION) and for another model
+    (NOT_FOUND). A backend without ``TokenizeString`` (UNIMPLEMENTED) is never adopted: loading
+    again costs a reload, adopting an empty process would fail every request routed to it.
+    A single-threaded backend cannot answer while a load is still running (DEADLINE_EXCEEDED =
+    busy, ``None``), so that is polled until the load deadline. Options without a ``Model`` (or
+    that do not parse) carry no identity to prove: never adopted."""
+    try:
+        identity = codec.options_from_blob(opts_blob).Model
+    except codec.InvalidModelOptions:
+        return False
+    if not identity:
+        return False
     deadline = time.monotonic() + float(_setting("GRPC_LOAD_TIMEOUT", 120))
     while True:
-        try:
-            answer = client.status(address)
-        except client.GrpcCallError as exc:
-            if getattr(exc.code, "name", "") == "DEADLINE_EXCEEDED" and time.monotonic() < deadline:
-                continue
+        proven = client.holds_model(address, identity)
+        if proven is not None:
+            return proven
+        if time.monotonic() >= deadline:
             return False
-        return answer.state == answer.READY
 
 
 def _record_load_info(row: NodeModel, backend_type: str, opts_blob: bytes, now) -> None:

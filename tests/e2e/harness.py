@@ -354,6 +354,23 @@ def _echo_backend_processes() -> dict[int, int]:
     return found
 
 
+def _replica_identities(fleet) -> dict:
+    """replica id -> the ``Model`` of its recipe (its own copy, else the model's load info): the
+    ModelIdentity its backend must hold."""
+    from proto import codec
+
+    identities = {}
+    for replica_id, blob in fleet.sql(
+        "SELECT r.id, coalesce(r.model_opts_blob, l.model_opts_blob) FROM registry_nodemodel r"
+        " LEFT JOIN registry_modelloadinfo l ON l.model_name = r.model_name"
+    ):
+        try:
+            identities[replica_id] = codec.options_from_blob(bytes(blob or b"")).Model
+        except codec.InvalidModelOptions:
+            identities[replica_id] = ""
+    return identities
+
+
 def _fleet_invariant_violations(self) -> list[str]:
     from proto import client
 
@@ -381,17 +398,27 @@ def _fleet_invariant_violations(self) -> list[str]:
             if outcome is client.Probe.UNREACHABLE:
                 problems.append(f"{r['model']}#{r['replica_index']} on {r['node']} ({r['address']}) is unreachable")
 
-    # 3b. at most one successful LoadModel per replica: the control plane starts one backend
-    #     process per replica, and the echo backend counts the loads it served
-    #     (Status: memory.breakdown["echo.loads"], see worker/backends/echo.py)
+    # 3b. every loaded replica's backend holds its model, loaded exactly once. Status READY proves
+    #     nothing (LocalAI's backends, and the echo backend, say READY when idle, loaded or not), so
+    #     each backend is asked to prove it: TokenizeString carrying ModelIdentity = the Model of
+    #     the replica's recipe (client.holds_model; refused before a load and for another model).
+    #     The control plane starts one backend process per replica and adopts a reused one only on
+    #     that proof, so the echo backend's count of successful loads (Status:
+    #     memory.breakdown["echo.loads"], see worker/backends/echo.py; TokenizeString, Predict and
+    #     failed loads never count) must be exactly 1: 0 is an adopted empty process, 2 a double load.
+    identities = _replica_identities(self)
     for r in rows:
         if r["state"] == "loaded":
+            where = f"{r['model']}#{r['replica_index']} on {r['node']} ({r['address']})"
             try:
                 loads = client.status(r["address"], token=TOKEN, timeout=2).memory.breakdown.get("echo.loads")
             except client.GrpcCallError:
                 continue  # unreachable/busy: invariant 3 speaks for it
-            if loads is not None and loads > 1:
-                problems.append(f"{r['model']}#{r['replica_index']} on {r['node']} ({r['address']}): {loads} successful LoadModel calls")
+            if loads is not None and loads != 1:
+                problems.append(f"{where}: {loads} successful LoadModel calls (a replica's backend loads exactly once)")
+            identity = identities.get(r["id"], "")
+            if identity and client.holds_model(r["address"], identity, token=TOKEN, timeout=2) is False:
+                problems.append(f"{where}: its backend does not hold {identity!r} (TokenizeString with ModelIdentity refused)")
 
     # 4. in-flight equals live leases
     for replica_id, in_flight, leases in self.sql(

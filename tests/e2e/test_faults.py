@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 
-from proto import client, worker_pb2
+from proto import backend_pb2, client, worker_pb2
 from tests.e2e.harness import ECHO_OPTIONS, TOKEN, Traffic, fast_settings, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
@@ -380,6 +380,75 @@ def test_f_sigkill_of_the_qcluster_in_the_middle_of_a_cold_load(fleet, report):
     status, body = fleet.api("POST", "/api/v1/models/slow/route", {**slow, "wait_seconds": 10})
     assert status == 200 and body["address"] == rows[0]["address"], body
     fleet.api("POST", f"/api/v1/leases/{body['lease_id']}/release")
+    fleet.check_invariants()
+
+
+def test_f2_sigkill_of_the_qcluster_between_start_backend_and_load_model(fleet, report):
+    # The loader dies after asking the worker for a backend and before LoadModel: the backend
+    # comes up anyway (3 s start-up, ECHO_START_DELAY_S), idle and empty, and says Status READY
+    # as LocalAI's backends do. The requeued job gets the same process back (reused) and must
+    # load it: adopting it would mark the replica loaded while every Predict fails
+    # FAILED_PRECONDITION. A pass every 2 s: the pass that requeues the job discards its loading
+    # row, and the next one must find the new runner's row, or it stops the backend as an orphan.
+    fleet.settings_env.update(fast_settings(CONTROLPLANE_LOAD_JOB_STALE_AFTER="5", ECHO_START_DELAY_S="3"))
+    fleet.start_web()
+    qcluster = fleet.start_qcluster()
+    worker = fleet.start_worker("abandoned-a", slots=1)
+    node = fleet.wait_nodes({"abandoned-a"})["abandoned-a"]
+    fleet.start_reconciler(2.0)
+    cold = {"backend_type": "echo", "model_options": {"Model": "cold"}}
+    status, body = fleet.api("POST", "/api/v1/models/cold/route", {**cold, "wait_seconds": 0})
+    assert status == 202, body
+    job = body["load_job"]["id"]
+
+    def starting():
+        rows = fleet.sql(
+            "SELECT j.state, r.state FROM registry_loadjob j JOIN registry_nodemodel r ON r.id = j.replica_id WHERE j.id = %s",
+            (job,),
+        )
+        return rows and rows[0] == ("running", "loading")
+
+    wait_for(starting, timeout=60, interval=0.1, what="the load job's loading row")
+    time.sleep(1.0)  # inside StartBackend (the backend takes 3 s to listen)
+    fleet.stop(qcluster, signal.SIGKILL)
+    killed = time.monotonic()
+    fleet.start_qcluster()
+
+    def abandoned_backend():
+        listing = client.list_backends(f"127.0.0.1:{worker.port}", node_id=node["id"], token=TOKEN, timeout=5)
+        running = [b for b in listing.backends if b.model_name == "cold" and b.state == b.RUNNING]
+        return running[0] if running else None
+
+    backend = wait_for(abandoned_backend, timeout=30, interval=0.2, what="the abandoned backend running")
+    assert client.status(backend.address, token=TOKEN, timeout=5).memory.breakdown["echo.loads"] == 0
+
+    def done():
+        return fleet.sql("SELECT state FROM registry_loadjob WHERE id = %s", (job,))[0][0] in ("succeeded", "failed")
+
+    wait_for(done, timeout=60, interval=0.3, what="the load job finished after the requeue")
+    elapsed = time.monotonic() - killed
+    state, attempts, progress = fleet.sql("SELECT state, attempts, progress FROM registry_loadjob WHERE id = %s", (job,))[0]
+    rows = fleet.replica_rows("cold")
+    status, body = fleet.api("POST", "/api/v1/models/cold/route", {**cold, "wait_seconds": 10})
+    assert status == 200, body
+    answer = ""
+    try:
+        reply = client.predict(
+            body["address"], "still there", options=backend_pb2.PredictOptions(ModelIdentity="cold"), token=TOKEN
+        )
+        answer = reply.message.decode()
+    except client.GrpcCallError as error:
+        answer = f"{error.code.name}: {error.detail}"
+    finally:
+        fleet.api("POST", f"/api/v1/leases/{body['lease_id']}/release")
+    report(
+        f"e2e f2. qcluster SIGKILL between StartBackend and LoadModel: job {state} {elapsed:.1f}s after the kill "
+        f"(attempts {attempts}); the requeued run got backend pid {backend.pid} back and Predict answered {answer!r}"
+    )
+    assert state == "succeeded", (state, progress)
+    assert [(r["state"], r["address"]) for r in rows] == [("loaded", backend.address)], rows
+    assert abandoned_backend().pid == backend.pid  # the same process: reused, not restarted
+    assert answer == "still there"
     fleet.check_invariants()
 
 

@@ -32,20 +32,29 @@ def options_blob(model: str = "llama.gguf", vram: int | None = None, **fields) -
 @dataclass
 class BackendKnobs:
     """How a fake backend behaves. ``health``: "ok", "busy" (sleeps past the deadline) or
-    "loading" (answers a non-OK message)."""
+    "loading" (answers a non-OK message). ``tokenize=False``: a backend without TokenizeString
+    (UNIMPLEMENTED)."""
 
     load_success: bool = True
     load_message: str = "loaded"
     load_delay: float = 0.0
     health: str = "ok"
+    tokenize: bool = True
 
 
 class FakeBackend:
+    """LocalAI's behaviour where it matters to the router: ``Status`` says READY whenever idle,
+    loaded or not; ``TokenizeString`` judges ``ModelIdentity`` against the ``Model`` of the last
+    successful load (NOT_FOUND on a mismatch, skipped when either side is empty) and fails with
+    FAILED_PRECONDITION before a load."""
+
     def __init__(self, knobs: BackendKnobs) -> None:
         self.knobs = knobs
         self.load_requests: list[bytes] = []
         self.health_calls = 0
+        self.tokenize_identities: list[str] = []
         self.loaded = False
+        self.identity = ""
         self.release = threading.Event()
         self._lock = threading.Lock()
 
@@ -65,11 +74,25 @@ class FakeBackend:
             time.sleep(self.knobs.load_delay)
         if self.knobs.load_success:
             self.loaded = True
+            self.identity = backend_pb2.ModelOptions.FromString(raw).Model
         return backend_pb2.Result(success=self.knobs.load_success, message=self.knobs.load_message)
 
     def status(self, request, context):
-        state = backend_pb2.StatusResponse.READY if self.loaded else backend_pb2.StatusResponse.UNINITIALIZED
-        return backend_pb2.StatusResponse(state=state)
+        return backend_pb2.StatusResponse(state=backend_pb2.StatusResponse.READY)
+
+    def tokenize_string(self, request, context):
+        with self._lock:
+            self.tokenize_identities.append(request.ModelIdentity)
+        if not self.knobs.tokenize:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        if request.ModelIdentity and self.identity and request.ModelIdentity != self.identity:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"model identity mismatch: loaded {self.identity!r}, requested {request.ModelIdentity!r}",
+            )
+        if not self.loaded:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "model not loaded")
+        return backend_pb2.TokenizationResponse(length=1, tokens=[0])
 
     def handler(self):
         unary = grpc.unary_unary_rpc_method_handler
@@ -87,6 +110,11 @@ class FakeBackend:
                     self.status,
                     request_deserializer=backend_pb2.HealthMessage.FromString,
                     response_serializer=backend_pb2.StatusResponse.SerializeToString,
+                ),
+                "TokenizeString": unary(
+                    self.tokenize_string,
+                    request_deserializer=backend_pb2.PredictOptions.FromString,
+                    response_serializer=backend_pb2.TokenizationResponse.SerializeToString,
                 ),
             },
         )

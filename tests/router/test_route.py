@@ -80,9 +80,10 @@ def test_the_reconciler_path_loads_from_stored_load_info(fleet):
     assert gpu.worker.load_requests == [BLOB]
 
 
-def test_a_reused_backend_that_already_holds_the_model_is_adopted_not_loaded_twice(fleet):
+def test_a_reused_backend_that_proves_it_holds_the_model_is_adopted_not_loaded_twice(fleet):
     """The takeover case: a runner died after its LoadModel reached the backend; the backend
-    finished loading, the worker hands the same process back, and Status says READY."""
+    finished loading, the worker hands the same process back, and it proves which model it holds
+    (TokenizeString with ModelIdentity answers OK)."""
     gpu = fleet.add_node("gpu-1")
     ModelLoadInfo.objects.upsert("llama", "vllm", BLOB)
     router.schedule_and_load("llama", [gpu.node.pk])
@@ -93,20 +94,72 @@ def test_a_reused_backend_that_already_holds_the_model_is_adopted_not_loaded_twi
     assert replica.state == "loaded"
     assert gpu.worker.count("StartBackend") == 2
     assert gpu.worker.load_requests == [BLOB]  # one LoadModel in all
+    assert gpu.worker.backend("llama").tokenize_identities == ["llama.gguf"]  # the proof named the model
 
 
-def test_a_reused_backend_without_a_model_is_loaded(fleet):
-    from proto import client
+def test_a_reused_backend_without_a_model_is_loaded_although_its_status_says_ready(fleet):
+    """A runner died after StartBackend and before LoadModel: the process is up, idle and empty,
+    and answers Status READY as LocalAI's backends do. Adopting it would route every request to a
+    backend that fails them with FAILED_PRECONDITION."""
+    from proto import backend_pb2, client
 
     gpu = fleet.add_node("gpu-1")
     ModelLoadInfo.objects.upsert("llama", "vllm", BLOB)
-    client.start_backend(gpu.address, "llama", "vllm", 0, node_id=str(gpu.node.pk))  # running, empty
+    started = client.start_backend(gpu.address, "llama", "vllm", 0, node_id=str(gpu.node.pk))  # running, empty
+    assert client.status(started.address).state == backend_pb2.StatusResponse.READY
 
     replica = router.schedule_and_load("llama", [gpu.node.pk])
 
     assert replica.state == "loaded"
     assert gpu.worker.calls[-1][1].replica_index == 0
     assert gpu.worker.load_requests == [BLOB]
+
+
+def test_a_reused_backend_holding_another_model_is_loaded_with_this_one(fleet):
+    """The process of this (model, replica) loaded other options (the load info changed since):
+    the identity check answers NOT_FOUND, so the new options are loaded into it."""
+    from proto import client
+
+    gpu = fleet.add_node("gpu-1")
+    old = options_blob("llama-old.gguf")
+    started = client.start_backend(gpu.address, "llama", "vllm", 0, node_id=str(gpu.node.pk))
+    assert client.load_model(started.address, old) == (True, "loaded")  # a loader that died before recording it
+    ModelLoadInfo.objects.upsert("llama", "vllm", BLOB)
+
+    replica = router.schedule_and_load("llama", [gpu.node.pk])
+
+    assert replica.state == "loaded"
+    assert gpu.worker.load_requests == [old, BLOB]
+    assert gpu.worker.backend("llama").identity == "llama.gguf"
+
+
+def test_a_reused_backend_that_cannot_prove_anything_is_loaded_again(fleet):
+    """A backend without TokenizeString (UNIMPLEMENTED) can never prove what it holds: loading
+    again costs a reload, adopting an empty process would fail every request."""
+    gpu = fleet.add_node("gpu-1", tokenize=False)
+    ModelLoadInfo.objects.upsert("llama", "vllm", BLOB)
+    router.schedule_and_load("llama", [gpu.node.pk])
+    NodeModel.objects.remove_replica(gpu.node.pk, "llama", 0)
+
+    replica = router.schedule_and_load("llama", [gpu.node.pk])
+
+    assert replica.state == "loaded"
+    assert gpu.worker.load_requests == [BLOB, BLOB]
+
+
+def test_options_without_a_model_name_are_never_adopted(fleet):
+    """No ``Model`` = no identity to prove (a backend skips the check for an empty identity, so an
+    OK would prove nothing): the reused process is loaded again, without asking it."""
+    gpu = fleet.add_node("gpu-1")
+    nameless = options_blob("", ContextSize=4096)
+    ModelLoadInfo.objects.upsert("llama", "vllm", nameless)
+    router.schedule_and_load("llama", [gpu.node.pk])
+    NodeModel.objects.remove_replica(gpu.node.pk, "llama", 0)
+
+    router.schedule_and_load("llama", [gpu.node.pk])
+
+    assert gpu.worker.load_requests == [nameless, nameless]
+    assert gpu.worker.backend("llama").tokenize_identities == []
 
 
 def test_without_options_or_load_info_nothing_is_attempted(fleet):

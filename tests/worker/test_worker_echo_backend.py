@@ -47,7 +47,7 @@ def test_load_predict_and_status_report_the_configured_memory(echo_backend):
     address, _ = echo_backend()
     stub = backend_stub(address)
     status = stub.Status(backend_pb2.HealthMessage(), metadata=AUTH, timeout=5)
-    assert status.state == backend_pb2.StatusResponse.UNINITIALIZED
+    assert status.state == backend_pb2.StatusResponse.READY  # idle, not loaded: LocalAI says READY too
     assert status.memory.total == 0
 
     result = stub.LoadModel(
@@ -74,7 +74,9 @@ def test_load_predict_and_status_report_the_configured_memory(echo_backend):
 
     assert stub.Free(backend_pb2.HealthMessage(), metadata=AUTH, timeout=5).success
     status = stub.Status(backend_pb2.HealthMessage(), metadata=AUTH, timeout=5)
-    assert (status.state, status.memory.total) == (backend_pb2.StatusResponse.UNINITIALIZED, 0)
+    assert (status.state, status.memory.total) == (backend_pb2.StatusResponse.READY, 0)
+    code = rpc_code(lambda: stub.Predict(backend_pb2.PredictOptions(Prompt="x"), metadata=AUTH, timeout=5))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION  # freed: nothing to predict with
 
 
 def test_memory_footprint_defaults_come_from_the_environment(echo_backend):
@@ -92,7 +94,7 @@ def test_fail_load_answers_success_false_with_the_reason(echo_backend):
     )
     assert (result.success, result.message) == (False, "out of memory")
     status = stub.Status(backend_pb2.HealthMessage(), metadata=AUTH, timeout=5)
-    assert status.state == backend_pb2.StatusResponse.UNINITIALIZED
+    assert status.state == backend_pb2.StatusResponse.READY
     code = rpc_code(lambda: stub.Predict(backend_pb2.PredictOptions(Prompt="x"), metadata=AUTH, timeout=5))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -149,3 +151,89 @@ def test_the_counter_is_per_process_in_process_backend():
     assert backend.LoadModel(backend_pb2.ModelOptions(Model="m"), None).success
     status = backend.Status(backend_pb2.HealthMessage(), None)
     assert (backend.loads, status.memory.breakdown["echo.loads"], status.memory.breakdown["model"]) == (1, 1, 0)
+
+
+# ----- LocalAI's strict behaviour: READY proves nothing, identity is enforced -------------------
+
+
+def guarded_calls(stub, identity: str = ""):
+    """Each guarded RPC as a thunk, every request carrying ``identity`` as ModelIdentity."""
+    return {
+        "Predict": lambda: stub.Predict(
+            backend_pb2.PredictOptions(Prompt="a b", ModelIdentity=identity), metadata=AUTH, timeout=5
+        ),
+        "PredictStream": lambda: list(
+            stub.PredictStream(
+                backend_pb2.PredictOptions(Prompt="a b", ModelIdentity=identity), metadata=AUTH, timeout=5
+            )
+        ),
+        "Embedding": lambda: stub.Embedding(
+            backend_pb2.PredictOptions(Embeddings="a b", ModelIdentity=identity), metadata=AUTH, timeout=5
+        ),
+        "TokenizeString": lambda: stub.TokenizeString(
+            backend_pb2.PredictOptions(Prompt="a b", ModelIdentity=identity), metadata=AUTH, timeout=5
+        ),
+    }
+
+
+def test_before_any_load_status_is_ready_and_every_guarded_call_fails_precondition(echo_backend):
+    address, _ = echo_backend()
+    stub = backend_stub(address)
+
+    status = stub.Status(backend_pb2.HealthMessage(), metadata=AUTH, timeout=5)
+    assert status.state == backend_pb2.StatusResponse.READY
+    assert dict(status.memory.breakdown) == {"echo.loads": 0}
+    for identity in ("", "tiny"):  # nothing loaded: the identity check is skipped, the load check is not
+        for name, call in guarded_calls(stub, identity).items():
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert (name, info.value.code()) == (name, grpc.StatusCode.FAILED_PRECONDITION)
+            assert "not loaded" in info.value.details()
+
+
+def test_a_request_for_another_model_is_refused_with_not_found_and_the_mismatch_sentinel(echo_backend):
+    address, _ = echo_backend()
+    stub = backend_stub(address)
+    assert stub.LoadModel(backend_pb2.ModelOptions(Model="tiny"), metadata=AUTH, timeout=10).success
+
+    for name, call in guarded_calls(stub, "other.gguf").items():
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert (name, info.value.code()) == (name, grpc.StatusCode.NOT_FOUND)
+        assert info.value.details() == "model identity mismatch: loaded 'tiny', requested 'other.gguf'"
+
+
+def test_the_loaded_identity_and_an_empty_identity_are_both_served(echo_backend):
+    address, _ = echo_backend()
+    stub = backend_stub(address)
+    assert stub.LoadModel(backend_pb2.ModelOptions(Model="tiny"), metadata=AUTH, timeout=10).success
+
+    for identity in ("tiny", ""):  # empty: a caller that predates the field is not judged
+        calls = guarded_calls(stub, identity)
+        assert calls["Predict"]().message == b"a b"
+        assert b"".join(chunk.message for chunk in calls["PredictStream"]()) == b"a b"
+        assert list(calls["Embedding"]().embeddings) == pytest.approx(embed("a b"))
+        tokens = calls["TokenizeString"]()
+        assert (tokens.length, list(tokens.tokens)) == (2, [0, 1])
+
+
+def test_a_load_without_a_model_name_records_no_identity_so_nothing_is_refused(echo_backend):
+    address, _ = echo_backend()
+    stub = backend_stub(address)
+    assert stub.LoadModel(backend_pb2.ModelOptions(), metadata=AUTH, timeout=10).success
+
+    reply = stub.Predict(backend_pb2.PredictOptions(Prompt="hi", ModelIdentity="any"), metadata=AUTH, timeout=5)
+    assert reply.message == b"hi"
+
+
+def test_a_failed_load_records_no_identity_and_free_keeps_the_loaded_one(echo_backend):
+    address, _ = echo_backend()
+    stub = backend_stub(address)
+    failed = backend_pb2.ModelOptions(Model="other.gguf", Options=["echo.fail_load=no"])
+    assert not stub.LoadModel(failed, metadata=AUTH, timeout=10).success
+    assert stub.LoadModel(backend_pb2.ModelOptions(Model="tiny"), metadata=AUTH, timeout=10).success
+    assert stub.Free(backend_pb2.HealthMessage(), metadata=AUTH, timeout=5).success
+
+    calls = guarded_calls(stub, "other.gguf")
+    assert rpc_code(calls["TokenizeString"]) == grpc.StatusCode.NOT_FOUND  # identity 'tiny' kept, as LocalAI does
+    assert rpc_code(guarded_calls(stub, "tiny")["TokenizeString"]) == grpc.StatusCode.FAILED_PRECONDITION

@@ -15,11 +15,30 @@ Configuration, per load, through ``ModelOptions.Options`` entries (``key=value``
 - ``echo.predict_delay_s=0.5``: Predict/PredictStream/Embedding sleep this long first (env
   default ``ECHO_PREDICT_DELAY_S``).
 
+Start-up: ``ECHO_START_DELAY_S=3`` (environment only) waits that long before listening, like a
+real backend importing its libraries; the worker's ``StartBackend`` waits for it.
+
 Load counter: ``Status`` reports how many successful ``LoadModel`` calls this process has
 served in ``StatusResponse.memory.breakdown["echo.loads"]`` (``MemoryUsageData.breakdown`` is a
 ``map<string, uint64>``), in every state, also after ``Free``. Failed loads are not counted. The
 fault suite uses it for the invariant "one successful LoadModel per replica": the control plane
 starts one backend process per replica, so a loaded replica's backend must report 1.
+
+It behaves like a real LocalAI backend where the control plane could be fooled (there is no
+lenient mode):
+
+- ``Status`` answers READY whenever it is idle, before any ``LoadModel`` too (LocalAI's tinygrad
+  backend and the Go ``SingleThread.Status`` do the same), so READY never proves a model is loaded.
+- ``Predict``, ``PredictStream``, ``Embedding`` and ``TokenizeString`` answer FAILED_PRECONDITION
+  ("model not loaded") until a ``LoadModel`` has succeeded (and again after ``Free``).
+- ``ModelIdentity`` is enforced on those calls as LocalAI's Python backends enforce it
+  (``backend/python/common/model_identity.py``): a successful ``LoadModel`` records its
+  ``ModelOptions.Model``; a request whose ``ModelIdentity`` names another model is refused with
+  NOT_FOUND and "model identity mismatch: loaded 'X', requested 'Y'". An empty identity on
+  either side (the request carries none, or nothing was loaded yet) skips the check. The
+  recorded identity survives ``Free``, as LocalAI's interceptor keeps it.
+- ``TokenizeString`` is cheap: one token per whitespace-separated word (the control plane uses it
+  with ``ModelIdentity`` to prove which model a reused process holds).
 
 Like LocalAI's Python backends it serves with ONE gRPC thread: a ``Health`` probe waits behind a
 running ``LoadModel`` or ``Predict``. That is intended: it lets tests reproduce "busy, not dead"
@@ -93,11 +112,15 @@ def embed(text: str) -> list[float]:
     return [digest[i] / 127.5 - 1.0 for i in range(EMBEDDING_SIZE)]
 
 
+MODEL_MISMATCH_SENTINEL = "model identity mismatch"  # the substring LocalAI's router looks for
+
+
 class EchoBackend(backend_pb2_grpc.BackendServicer):
     def __init__(self, defaults: EchoSettings | None = None):
         self._defaults = defaults or EchoSettings.from_env()
         self._settings = self._defaults
-        self._model: str | None = None
+        self._model: str | None = None  # the loaded model, None before a load and after Free
+        self._identity = ""  # ModelOptions.Model of the last successful load (kept after Free)
         self._memory_bytes = 0
         self._loads = 0  # successful LoadModel calls served (Status: breakdown["echo.loads"])
 
@@ -120,6 +143,7 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
             return backend_pb2.Result(success=False, message=settings.fail_load)
         self._settings = settings
         self._model = request.Model or "echo"
+        self._identity = request.Model
         self._memory_bytes = settings.memory_bytes
         self._loads += 1
         log.info("model=%s loaded memory_bytes=%d", self._model, self._memory_bytes)
@@ -132,39 +156,54 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         return backend_pb2.Result(success=True, message="freed")
 
     def Status(self, request, context):
-        if self._model is None:
-            return backend_pb2.StatusResponse(
-                state=backend_pb2.StatusResponse.UNINITIALIZED,
-                memory=backend_pb2.MemoryUsageData(total=0, breakdown={"echo.loads": self._loads}),
-            )
+        # READY whether or not a model is loaded, as LocalAI's backends answer when idle: Status
+        # says "not busy", never "holds a model".
+        breakdown = {"echo.loads": self._loads}
+        if self._model is not None:
+            breakdown["model"] = self._memory_bytes
         return backend_pb2.StatusResponse(
             state=backend_pb2.StatusResponse.READY,
-            memory=backend_pb2.MemoryUsageData(
-                total=self._memory_bytes, breakdown={"model": self._memory_bytes, "echo.loads": self._loads}
-            ),
+            memory=backend_pb2.MemoryUsageData(total=self._memory_bytes, breakdown=breakdown),
         )
 
-    def _require_model(self, context):
+    def _guard(self, request, context) -> None:
+        """What a guarded call checks before any work, in LocalAI's order: the identity (its
+        interceptor runs first), then "is a model loaded" (the servicer)."""
+        requested = request.ModelIdentity
+        if requested and self._identity and requested != self._identity:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"{MODEL_MISMATCH_SENTINEL}: loaded {self._identity!r}, requested {requested!r}",
+            )
         if self._model is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no model loaded")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "model not loaded")
+
+    def _require_model(self, request, context) -> None:
+        self._guard(request, context)
         if self._settings.predict_delay_s > 0:
             time.sleep(self._settings.predict_delay_s)
 
     def Predict(self, request, context):
-        self._require_model(context)
+        self._require_model(request, context)
         words = len(request.Prompt.split())
         return backend_pb2.Reply(message=request.Prompt.encode("utf-8"), tokens=words, prompt_tokens=words)
 
     def PredictStream(self, request, context):
-        self._require_model(context)
+        self._require_model(request, context)
         words = request.Prompt.split()
         for i, word in enumerate(words):
             text = word if i == 0 else " " + word
             yield backend_pb2.Reply(message=text.encode("utf-8"), tokens=1)
 
     def Embedding(self, request, context):
-        self._require_model(context)
+        self._require_model(request, context)
         return backend_pb2.EmbeddingResult(embeddings=embed(request.Embeddings or request.Prompt))
+
+    def TokenizeString(self, request, context):
+        """One token per whitespace-separated word (its index in the prompt); no predict delay."""
+        self._guard(request, context)
+        tokens = list(range(len(request.Prompt.split())))
+        return backend_pb2.TokenizationResponse(length=len(tokens), tokens=tokens)
 
 
 def serve(addr: str, token: str | None = None, backend: EchoBackend | None = None) -> grpc.Server:
@@ -195,6 +234,9 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s echo[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+    start_delay = float(os.environ.get("ECHO_START_DELAY_S") or 0)
+    if start_delay > 0:
+        time.sleep(start_delay)
     try:
         server = serve(args.addr, os.environ.get("LOCALAI_GRPC_AUTH_TOKEN") or None)
     except RuntimeError as exc:
