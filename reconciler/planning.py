@@ -13,6 +13,7 @@ Each function answers one question of a pass, in the reference's order:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -137,13 +138,20 @@ class WorkerPlan:
 
 
 def plan_worker_reconciliation(
-    rows: list[ReplicaView] | tuple[ReplicaView, ...], reported: list[WorkerBackend], *, listed_at: datetime
+    rows: list[ReplicaView] | tuple[ReplicaView, ...],
+    reported: list[WorkerBackend],
+    *,
+    loaded_before_listing: Mapping[int, datetime | None],
 ) -> WorkerPlan:
     """Compare one worker's rows (read after its listing) with what it says it runs.
 
-    - a *loaded* row whose backend is absent or EXITED is removed, unless the row was written
-      after the listing started (a load that finished meanwhile); ``loading`` rows are left to
-      their loader, whose backend may not exist yet;
+    - a *loaded* row whose backend is absent or EXITED is removed only if it was already
+      loaded, in the same state change, before the worker was asked: ``loaded_before_listing``
+      maps the ids of the rows the pass's snapshot (read before the listing) held ``loaded`` to
+      their ``state_changed_at``. A row loaded or re-recorded since (a load whose
+      ``mark_loaded`` committed while the worker answered) is judged by the next pass. No
+      clock is compared with another process's clock: the value either changed or not.
+      ``loading`` rows are left to their loader, whose backend may not exist yet;
     - a RUNNING backend with no row at all (not even ``loading``) is an orphan and is stopped.
       Loaders write the ``loading`` row before starting the backend, so a running backend
       without a row is one nobody will ever route to.
@@ -153,7 +161,10 @@ def plan_worker_reconciliation(
     remove = tuple(
         row
         for row in rows
-        if row.loaded and row.key not in alive and (row.updated_at is None or row.updated_at <= listed_at)
+        if row.loaded
+        and row.key not in alive
+        and row.id in loaded_before_listing
+        and loaded_before_listing[row.id] == row.state_changed_at
     )
     stop = tuple(b for b in reported if b.state == "RUNNING" and b.key not in rows_by_key)
     return WorkerPlan(remove=remove, stop=stop)

@@ -318,9 +318,9 @@ class _Pass:
     def run_checks(self, snapshot: Snapshot, *, guard: bool) -> bool:
         """Probe and list (network), then apply. Returns True when a replica row was removed."""
         plan = plan_checks(snapshot, self.cfg, now=self.now)
-        # Rows are compared with listings using the database clock of their writes
-        # (``updated_at``, set by auto_now), so this instant is wall-clock, not ``now``.
-        listed_at = timezone.now()
+        # The snapshot was read before any worker is asked: a row it held loaded, in the same
+        # state change, was loaded before the listing (see plan_worker_reconciliation).
+        loaded_before_listing = {row.id: row.state_changed_at for row in snapshot.replicas if row.loaded}
         results = run_checks(
             plan,
             self.prober,
@@ -368,7 +368,9 @@ class _Pass:
                 rows_by_node.setdefault(row.node_id, []).append(row)
             for node_id, backends in results.listings.items():
                 node = snapshot.nodes[node_id]
-                plan_ = plan_worker_reconciliation(rows_by_node.get(node_id, []), backends, listed_at=listed_at)
+                plan_ = plan_worker_reconciliation(
+                    rows_by_node.get(node_id, []), backends, loaded_before_listing=loaded_before_listing
+                )
                 changed |= self.remove_gone_backends(node, plan_.remove, backends, guard=guard)
                 self.stop_orphans(node, plan_.stop)
         return changed

@@ -66,6 +66,9 @@ class ReplicaView:
     reserved_vram: int = 0
     has_blob: bool = False
     updated_at: datetime | None = None
+    # Written by every registry verb that inserts the row or changes its state (the writer's
+    # ``now``); None only on rows written before the column existed.
+    state_changed_at: datetime | None = None
 
     @property
     def loaded(self) -> bool:
@@ -247,6 +250,7 @@ def read_replicas(queryset):
             "reserved_vram",
             "blob_length",
             "updated_at",
+            "state_changed_at",
         )
     )
 

@@ -130,20 +130,24 @@ def test_checks_probe_old_loaded_rows_with_an_address_on_healthy_nodes():
 
 def test_worker_reconciliation():
     a = node("a")
-    listed_at = NOW
+    before = NOW - timedelta(seconds=1)
     rows = [
-        row(a, index=0, updated_at=NOW - timedelta(seconds=1)),
-        row(a, index=1, updated_at=NOW - timedelta(seconds=1)),
-        row(a, index=2, updated_at=NOW + timedelta(seconds=1)),  # written after the listing
+        row(a, index=0, state_changed_at=before),
+        row(a, index=1, state_changed_at=before),
+        row(a, index=2, state_changed_at=NOW),  # loaded after the snapshot: judged next pass
+        row(a, index=3, state_changed_at=NOW),  # re-recorded after the snapshot
         row(a, "phi", 0, state=NodeModel.State.LOADING),
     ]
+    # What the snapshot read before the listing: rows 0 and 1 loaded, row 2 still loading (absent
+    # from the map), row 3 loaded by an earlier state change.
+    loaded_before_listing = {rows[0].id: before, rows[1].id: before, rows[3].id: before}
     reported = [
         WorkerBackend("llama", 0, "RUNNING"),
         WorkerBackend("llama", 1, "EXITED"),
         WorkerBackend("phi", 0, "RUNNING"),
         WorkerBackend("qwen", 3, "RUNNING"),
     ]
-    plan = plan_worker_reconciliation(rows, reported, listed_at=listed_at)
+    plan = plan_worker_reconciliation(rows, reported, loaded_before_listing=loaded_before_listing)
 
     assert [r.replica_index for r in plan.remove] == [1]
     assert plan.stop == (WorkerBackend("qwen", 3, "RUNNING"),)
