@@ -3,8 +3,10 @@
 A pass is level-triggered: it recomputes desired vs observed from the database, so running it
 twice, or after a crash half-way, is harmless. Its phases, in order:
 
-1. node health: stale heartbeats go offline (unless the mass-staleness guard holds), fresh
-   heartbeats on offline/unhealthy nodes recover;
+1. node health: the pass records which heartbeats changed since it last looked (on its own
+   clock; counting restarts after an observation gap), nodes not seen heartbeating for the
+   stale threshold go offline (unless the mass-staleness guard holds or heartbeat ingestion is
+   silent), offline/unhealthy nodes heartbeating again recover;
 2. checks (network, outside any transaction, bounded parallelism and deadlines): probe loaded
    replicas not confirmed recently; ask each healthy worker which backends it runs; apply:
    refresh or count probe failures, remove rows after three unreachable probes or when the
@@ -42,11 +44,13 @@ from .conf import ReconcileConfig
 from .models import Event, ModelCondition, ReconcilePass
 from .planning import (
     NodeHealthPlan,
+    ObservationPlan,
     ScaleOutcome,
     ScalePlan,
     model_conditions,
     plan_checks,
     plan_node_health,
+    plan_observation,
     plan_scaling,
     plan_worker_reconciliation,
     transition_event_kind,
@@ -259,12 +263,16 @@ class _Pass:
 
     def run(self) -> None:
         snapshot = take_snapshot(now=self.now)
-        health = plan_node_health(snapshot, self.cfg, now=self.now)
+        observation = plan_observation(
+            snapshot, self.cfg, now=self.now, previous_pass_at=ReconcilePass.objects.last_ok_finished_at()
+        )
+        self.apply_observation(observation)
+        health = plan_node_health(snapshot, self.cfg, now=self.now, observation=observation)
         if self.apply_node_health(snapshot, health):
             snapshot = take_snapshot(now=self.now)
         self.flush_events()
 
-        if self.run_checks(snapshot, guard=health.guard):
+        if self.run_checks(snapshot, guard=health.reaping_paused):
             snapshot = take_snapshot(now=self.now)
         self.flush_events()
 
@@ -280,11 +288,25 @@ class _Pass:
         self.update_conditions(snapshot, health, {plan.model_name: plan for plan in plans}, outcomes)
         self.flush_events()
 
+    def apply_observation(self, plan: ObservationPlan) -> None:
+        """Record this pass's view of the heartbeats (one UPDATE, whatever the fleet size)."""
+        Node.objects.observe_heartbeats(now=self.now, restart=plan.restart)
+        self.summary.count("heartbeats_observed", len(plan.changed))
+        if plan.restart:
+            self.summary.count("observation_restarted")
+            logger.warning(
+                "heartbeat observation resumed after a gap (last pass ended %s, last heartbeat change seen %s): "
+                "every node's staleness is counted from now",
+                _when(plan.previous_pass_at),
+                _when(plan.quiet_since),
+            )
+
     def apply_node_health(self, snapshot: Snapshot, plan: NodeHealthPlan) -> bool:
         """Returns True when a node changed status (its rows may be gone)."""
         changed = False
         for node in plan.mark_offline:
-            if Node.objects.mark_offline(node.id, heartbeat_before=plan.heartbeat_cutoff):
+            # Only while its heartbeat is still the value observed: one that landed since wins.
+            if Node.objects.mark_offline(node.id, expected_heartbeat=node.last_heartbeat, now=self.now):
                 changed = True
                 rows = len(snapshot.replicas_by_node.get(node.id, ()))
                 self.summary.count("nodes_marked_offline")
@@ -296,7 +318,7 @@ class _Pass:
                     replica_rows=rows,
                 )
         for node in plan.mark_healthy:
-            if Node.objects.mark_healthy(node.id):
+            if Node.objects.mark_healthy(node.id, now=self.now):
                 changed = True
                 self.summary.count("nodes_recovered")
                 self.event(
@@ -305,7 +327,13 @@ class _Pass:
                     message=f"{node.status} node heartbeating again (last {_when(node.last_heartbeat)})",
                     previous_status=node.status,
                 )
-        if plan.guard:
+        if plan.silent:
+            self.summary.skip("heartbeat_ingestion_silent", max(1, len(plan.stale)))
+            logger.warning(
+                "no heartbeat arrived from any of %d healthy nodes for longer than the observation gap; reaping none",
+                plan.swept,
+            )
+        elif plan.guard:
             self.summary.skip("mass_staleness", len(plan.stale))
             logger.warning(
                 "mass-staleness guard: %d of %d healthy nodes stale at once; reaping none (%s)",
@@ -411,7 +439,9 @@ class _Pass:
         for backend in backends:
             error = self.stop_backend(node, backend.model_name, backend.replica_index)
             if error:
-                logger.warning("could not stop orphan %s#%s on %s: %s", backend.model_name, backend.replica_index, node.name, error)
+                logger.warning(
+                    "could not stop orphan %s#%s on %s: %s", backend.model_name, backend.replica_index, node.name, error
+                )
                 self.summary.skip("stop_failed")
                 continue
             self.summary.count("orphans_stopped")
@@ -442,7 +472,9 @@ class _Pass:
                 )
         for action, n in housekeeping.expire_leases_and_dead_load_jobs(now=self.now).items():
             self.summary.count(action, n)
-        self.summary.count("events_pruned", housekeeping.prune_events(keep_days=self.cfg.events_kept_days, now=self.now))
+        self.summary.count(
+            "events_pruned", housekeeping.prune_events(keep_days=self.cfg.events_kept_days, now=self.now)
+        )
 
     # -- scaling -------------------------------------------------------------------------------
 
@@ -540,7 +572,9 @@ class _Pass:
             if node is not None and node.address:
                 stop_error = self.stop_backend(node, replica.model_name, replica.replica_index)
                 if stop_error:
-                    logger.warning("scale-down of %s#%s: stop failed: %s", replica.model_name, replica.replica_index, stop_error)
+                    logger.warning(
+                        "scale-down of %s#%s: stop failed: %s", replica.model_name, replica.replica_index, stop_error
+                    )
             self.event(
                 Event.Kind.REPLICA_REMOVED,
                 model_name=replica.model_name,

@@ -204,15 +204,16 @@ def test_a_load_that_finishes_while_the_worker_answers_keeps_its_row(now, reconc
     assert not NodeModel.objects.filter(pk=loading.pk).exists()
 
 
-def test_mass_staleness_guard_also_pauses_probe_and_listing_removals(now, reconcile, prober):
-    stale = [make_node(name=f"gpu-{i}", now=now - timedelta(minutes=1)) for i in range(2)]
+def test_mass_staleness_guard_also_pauses_probe_and_listing_removals(now, watch, prober):
+    stale = [make_node(name=f"gpu-{i}", now=now) for i in range(2)]
     fresh = make_node(name="gpu-fresh", now=now)
+    make_replica(stale[0], "llama", 0, last_probe_at=now + timedelta(minutes=5))
+    watch(30, alive=[fresh])  # the reconciler watches gpu-0 and gpu-1 go silent
     row = make_replica(fresh, "llama", 0, address=ADDRESS, probe_failures=5)
     prober.outcomes[ADDRESS] = Probe.UNREACHABLE
     prober.listings[fresh.address] = []
-    make_replica(stale[0], "llama", 0)
 
-    summary = reconcile()
+    summary = watch(40, alive=[fresh], start=40)[40]
 
     assert NodeModel.objects.filter(pk=row.pk).exists()
     assert NodeModel.objects.count() == 2

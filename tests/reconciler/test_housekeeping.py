@@ -17,7 +17,7 @@ def test_a_loading_row_older_than_every_load_deadline_is_discarded_with_its_rese
     # Both loading rows are claimed by the router's claim (row + VRAM reservation), each with
     # its loader's clock; the first loader then died.
     candidate = placement.NodeCandidate(node_id=node.pk, name=node.name, slots=2)
-    dead = router._claim_row("llama", candidate, "llama-cpp", 4 * GIB, now - timedelta(seconds=201))
+    router._claim_row("llama", candidate, "llama-cpp", 4 * GIB, now - timedelta(seconds=201))
     live = router._claim_row("llama", candidate, "llama-cpp", 2 * GIB, now - timedelta(seconds=10))
 
     summary = reconcile(heartbeat=False)
