@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID, uuid4
 
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django.utils import timezone
 
 from controlplane import metrics
@@ -171,7 +171,7 @@ def record_skipped(*, now: datetime | None = None, reason: str = "held") -> Pass
 def run_pass(*, now: datetime | None = None, scheduler=None, prober=None) -> PassSummary:
     """One pass. The caller must hold the reconcile lock (``reconcile_once``, ``run_leader``)."""
     cfg = ReconcileConfig.from_settings()
-    now = now or timezone.now()
+    now = now or database_now()
     summary = PassSummary(started_at=now)
     started = time.monotonic()
     run = _Pass(
@@ -184,6 +184,18 @@ def run_pass(*, now: datetime | None = None, scheduler=None, prober=None) -> Pas
     )
     with log_context(pass_id=uuid4().hex[:12]):
         return _finish_pass(run, summary, cfg, started)
+
+
+def database_now() -> datetime:
+    """The pass's clock: the database server's, so that every reconciler process (leaders on
+    different machines take turns) stamps heartbeat observations and pass times on one clock.
+    ``clock_timestamp()``, not ``now()``, which is frozen at the start of a transaction. Other
+    databases (the SQLite lane: one machine) use this process's clock."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT clock_timestamp()")
+            return cursor.fetchone()[0]
+    return timezone.now()
 
 
 def _finish_pass(run: _Pass, summary: PassSummary, cfg: ReconcileConfig, started: float) -> PassSummary:

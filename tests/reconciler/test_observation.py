@@ -137,3 +137,31 @@ def test_a_pass_costs_one_observation_update_whatever_the_fleet_size(now, fleet_
         return [q["sql"] for q in captured.captured_queries if "heartbeat_seen_at" in q["sql"] and "UPDATE" in q["sql"]]
 
     assert len(updates(2)) == len(updates(20)) == 1
+
+
+@pytest.mark.postgres
+def test_reconcilers_on_machines_with_different_clocks_count_on_the_databases(monkeypatch, scheduler, prober):
+    """Leader runs move between qcluster processes, possibly on machines whose clocks disagree.
+    Here three passes run within a second on machines whose clocks are 20 s slow, 10 s slow and
+    15 s fast: on their own clocks gpu-0 (not heartbeating) would have been unseen for 35 s and
+    reaped. A pass without a fixed ``now`` takes the database's clock instead."""
+    from django.utils import timezone
+
+    from reconciler.reconcile import reconcile_once
+
+    real_now = timezone.now
+    quiet, *others = [make_node(name=f"gpu-{i}", now=real_now()) for i in range(3)]
+
+    def on_machine(skew_seconds):
+        monkeypatch.setattr(timezone, "now", lambda: real_now() + timedelta(seconds=skew_seconds))
+        return reconcile_once(scheduler=scheduler, prober=prober)
+
+    on_machine(-20)
+    for node in others:
+        Node.objects.heartbeat(node.pk, now=real_now())
+    on_machine(-10)
+    last = on_machine(+15)
+
+    assert "nodes_marked_offline" not in last.actions
+    assert status(quiet) == Node.Status.HEALTHY
+    assert abs(last.started_at - real_now()) < timedelta(seconds=5)
