@@ -69,7 +69,9 @@ class NodeQuerySet(models.QuerySet):
 
     def stale(self, *, threshold: timedelta, now: datetime | None = None):
         """Nodes whose last heartbeat is older than ``threshold`` and whose status still claims
-        liveness (unhealthy, offline and pending nodes are not news)."""
+        liveness (unhealthy, offline and pending nodes are not news). A display helper on the
+        web processes' timestamps: the reconciler reaps on its own observations instead
+        (``observe_heartbeats``, ``reconciler.planning.plan_node_health``)."""
         cutoff = _now(now) - threshold
         return self.exclude(status__in=self.model.NOT_SWEPT_STATUSES).filter(
             Q(last_heartbeat__lt=cutoff) | Q(last_heartbeat__isnull=True)

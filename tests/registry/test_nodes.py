@@ -203,6 +203,24 @@ def test_mark_offline_expecting_the_observed_heartbeat_loses_to_a_newer_one(now)
     assert Node.objects.mark_offline(node.pk, expected_heartbeat=now - timedelta(minutes=1), now=now)
 
 
+def test_status_and_slot_verbs_write_their_now(now):
+    node = make_node(now=now, status=Node.Status.PENDING)
+    steps = [
+        (Node.objects.approve, {}),
+        (Node.objects.mark_draining, {}),
+        (Node.objects.resume, {}),
+        (Node.objects.mark_unhealthy, {}),
+        (Node.objects.mark_healthy, {}),
+        (Node.objects.set_max_replicas_per_model, {"slots": 3}),
+        (Node.objects.reset_max_replicas_per_model, {}),
+        (Node.objects.mark_offline, {}),
+    ]
+    for minutes, (verb, kwargs) in enumerate(steps, start=1):
+        at = now + timedelta(minutes=minutes)
+        assert verb(node.pk, now=at, **kwargs), verb.__name__
+        assert Node.objects.get(pk=node.pk).updated_at == at, verb.__name__
+
+
 def test_observe_heartbeats_stamps_changed_heartbeats_with_the_observers_clock(now):
     a = make_node(now=now)
     b = make_node(now=now)
