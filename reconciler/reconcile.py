@@ -171,7 +171,12 @@ def record_skipped(*, now: datetime | None = None, reason: str = "held") -> Pass
 def run_pass(*, now: datetime | None = None, scheduler=None, prober=None) -> PassSummary:
     """One pass. The caller must hold the reconcile lock (``reconcile_once``, ``run_leader``)."""
     cfg = ReconcileConfig.from_settings()
-    now = now or database_now()
+    if now is None:
+        try:
+            now = database_now()
+        except DatabaseError:
+            # The pass fails at its first query and reports it (a fatal error summary).
+            now = timezone.now()
     summary = PassSummary(started_at=now)
     started = time.monotonic()
     run = _Pass(

@@ -165,3 +165,19 @@ def test_reconcilers_on_machines_with_different_clocks_count_on_the_databases(mo
     assert "nodes_marked_offline" not in last.actions
     assert status(quiet) == Node.Status.HEALTHY
     assert abs(last.started_at - real_now()) < timedelta(seconds=5)
+
+
+def test_a_clock_read_that_fails_does_not_escape_the_pass(monkeypatch, scheduler, prober):
+    """The database clock is read before the pass's error handling starts; when the database is
+    gone there, the pass still returns a summary (the leader loop relies on it)."""
+    from django.db import OperationalError
+
+    from reconciler import reconcile as module
+
+    def unavailable():
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(module, "database_now", unavailable)
+    summary = module.run_pass(scheduler=scheduler, prober=prober)
+
+    assert summary.started_at is not None
