@@ -38,6 +38,12 @@ DEFAULTS = {
     # its VRAM reservation). None: GRPC_WORKER_TIMEOUT + GRPC_LOAD_TIMEOUT + 60, longer than
     # any deadline a live load has.
     "RECONCILE_STALE_LOADING_AFTER": None,
+    # Seconds without any observed heartbeat change (or without any pass) after which the
+    # reconciler treats heartbeats as not observable: it reaps nothing while that lasts and
+    # counts every node's staleness again from when observation resumes. None:
+    # HEARTBEAT_INTERVAL + 2 x RECONCILE_INTERVAL (the longest quiet a live fleet shows, plus
+    # one pass of margin), kept between STALE_AFTER / 2 and STALE_AFTER.
+    "RECONCILE_OBSERVATION_GAP": None,
 }
 
 
@@ -64,6 +70,7 @@ class ReconcileConfig:
     passes_kept: int = 1000
     stale_loading_after: timedelta = timedelta(seconds=210)
     events_kept_days: int = 30
+    observation_gap: timedelta = timedelta(seconds=30)
 
     @classmethod
     def from_settings(cls) -> ReconcileConfig:
@@ -72,8 +79,14 @@ class ReconcileConfig:
         stale_loading_after = setting("RECONCILE_STALE_LOADING_AFTER")
         if stale_loading_after is None:
             stale_loading_after = float(settings.GRPC_WORKER_TIMEOUT) + float(settings.GRPC_LOAD_TIMEOUT) + 60
+        stale_after = float(settings.STALE_AFTER)
+        observation_gap = setting("RECONCILE_OBSERVATION_GAP")
+        if observation_gap is None:
+            observation_gap = float(settings.HEARTBEAT_INTERVAL) + 2 * interval
+            observation_gap = min(stale_after, max(stale_after / 2, observation_gap))
         return cls(
-            stale_after=timedelta(seconds=float(settings.STALE_AFTER)),
+            stale_after=timedelta(seconds=stale_after),
+            observation_gap=timedelta(seconds=float(observation_gap)),
             interval=interval,
             scale_down_idle_after=timedelta(seconds=float(settings.SCALE_DOWN_IDLE_AFTER)),
             unsatisfiable_ticks=int(settings.UNSATISFIABLE_TICKS),

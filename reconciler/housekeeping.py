@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from registry.models import NodeModel
 
@@ -22,11 +22,14 @@ def stale_loading_rows(snapshot: Snapshot, *, older_than: timedelta, now: dateti
     (the freed figure only shows in the worker's next report).
     """
     cutoff = now - older_than
-    return [
-        replica
-        for replica in snapshot.replicas
-        if replica.loading and replica.updated_at is not None and replica.updated_at < cutoff
-    ]
+    return [replica for replica in snapshot.replicas if replica.loading and _loading_since(replica) < cutoff]
+
+
+def _loading_since(replica) -> datetime:
+    """When the row entered ``loading`` (its ``state_changed_at``, written by the loader's
+    claim); rows written before that column existed fall back to ``updated_at``."""
+    since = replica.state_changed_at or replica.updated_at
+    return since if since is not None else datetime.max.replace(tzinfo=UTC)
 
 
 def discard_stale_loading_row(replica_id) -> bool:

@@ -127,7 +127,9 @@ class ModelConditionManager(models.Manager.from_queryset(ModelConditionQuerySet)
     # Above this many models one pass reads the whole (small) table instead of a long IN list.
     _IN_LIST_LIMIT = 500
 
-    def set_conditions(self, states: Iterable[ConditionState], *, now: datetime | None = None) -> list[ConditionTransition]:
+    def set_conditions(
+        self, states: Iterable[ConditionState], *, now: datetime | None = None
+    ) -> list[ConditionTransition]:
         """Upsert conditions and return the ones whose ``status`` or ``reason`` changed.
 
         A changed status/reason moves ``since`` to ``now``; a new message alone is written
@@ -241,6 +243,11 @@ class ReconcilePassManager(models.Manager):
             return 0
         deleted, _ = self.filter(id__lte=boundary[0]).delete()
         return deleted
+
+    def last_ok_finished_at(self) -> datetime | None:
+        """When the newest ``ok`` pass (of any process) ended, or None: the reconciler's last
+        observation of the fleet before the pass now running."""
+        return self.filter(outcome="ok").order_by("-id").values_list("finished_at", flat=True).first()
 
     def latest_pass(self):
         return self.order_by("-id").first()

@@ -2,8 +2,10 @@
 
 Each function answers one question of a pass, in the reference's order:
 
+- ``plan_observation``: which heartbeats changed since the reconciler last looked, and whether
+  its observation was interrupted (staleness is counted on the reconciler's clock only);
 - ``plan_node_health``: which nodes go offline (stale) or healthy (fresh again), unless the
-  mass-staleness guard holds;
+  mass-staleness guard holds or heartbeat ingestion is silent;
 - ``plan_checks``: which replicas to probe and which workers to ask what they run;
 - ``plan_worker_reconciliation``: rows whose backend is gone, backends nobody has a row for;
 - ``plan_scaling``: per autoscaled model, the cooldown gate, scale-up to the floor, busy +1,
@@ -13,6 +15,7 @@ Each function answers one question of a pass, in the reference's order:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -32,15 +35,77 @@ Type = ModelCondition.Type
 
 
 @dataclass(frozen=True)
+class ObservationPlan:
+    """How this pass observes heartbeats (applied by ``Node.objects.observe_heartbeats``).
+
+    ``changed``: nodes whose ``last_heartbeat`` differs from the value last observed.
+    ``restart``: observation resumed after a gap (no pass, or no heartbeat change, for longer
+    than ``observation_gap``): every node is stamped ``now``, so no node is reaped for a
+    heartbeat it could not have delivered. ``silent``: nothing changed for that long while at
+    least two nodes should be heartbeating: the web tier or the database is not ingesting
+    heartbeats, and no node is reaped until they flow again.
+    """
+
+    changed: frozenset = frozenset()
+    restart: bool = False
+    silent: bool = False
+    quiet_since: datetime | None = None  # the last heartbeat change observed before this pass
+    previous_pass_at: datetime | None = None
+
+
+def plan_observation(
+    snapshot: Snapshot, config: ReconcileConfig, *, now: datetime, previous_pass_at: datetime | None
+) -> ObservationPlan:
+    """Which heartbeats changed since the last pass, and whether observation was interrupted.
+
+    The reconciler never ages a heartbeat by the web process's timestamp: it records when it
+    saw each value change, on its own clock (``heartbeat_seen_at``), as the Kubernetes node
+    lifecycle controller does with its own observed times. Two gaps break observation:
+
+    - no ``ok`` pass ended within ``observation_gap`` (database down, no qcluster): whatever
+      was or was not delivered meanwhile, counting restarts now (``restart``);
+    - no heartbeat of any node changed within ``observation_gap``: while it lasts and at least
+      two swept nodes exist, the pass reaps nothing (``silent``); the first pass that sees
+      heartbeats again restarts counting for the nodes that have not delivered yet.
+    """
+    changed = frozenset(node.id for node in snapshot.nodes.values() if node.last_heartbeat != node.heartbeat_seen)
+    seen = [node.heartbeat_seen_at for node in snapshot.nodes.values() if node.heartbeat_seen_at is not None]
+    quiet_since = max(seen) if seen else None
+    gap = config.observation_gap
+    observer_gap = previous_pass_at is None or now - previous_pass_at > gap
+    ingestion_quiet = quiet_since is None or now - quiet_since > gap
+    swept = sum(1 for node in snapshot.nodes.values() if _sweepable(node))
+    return ObservationPlan(
+        changed=changed,
+        restart=observer_gap or (bool(changed) and ingestion_quiet),
+        silent=not changed and ingestion_quiet and swept >= 2,
+        quiet_since=quiet_since,
+        previous_pass_at=previous_pass_at,
+    )
+
+
+@dataclass(frozen=True)
 class NodeHealthPlan:
-    heartbeat_cutoff: datetime
-    stale: tuple[NodeView, ...] = ()  # healthy nodes whose heartbeat is older than the cutoff
+    stale: tuple[NodeView, ...] = ()  # swept nodes not seen heartbeating for stale_after
     mark_offline: tuple[NodeView, ...] = ()  # empty while the guard holds
     mark_healthy: tuple[NodeView, ...] = ()
     guard: bool = False  # mass staleness: reap nothing this pass
+    silent: bool = False  # heartbeat ingestion silent: reap nothing this pass
     swept: int = 0  # healthy nodes considered
 
+    @property
+    def reaping_paused(self) -> bool:
+        return self.guard or self.silent
+
     def guard_condition(self) -> ConditionState:
+        if self.silent:
+            message = (
+                f"no heartbeat of any of the {self.swept} healthy nodes arrived for longer than the observation gap; "
+                "suspecting the web tier or the database, no node is reaped"
+            )
+            return ConditionState(
+                ModelCondition.CLUSTER, Type.REAPING_PAUSED, True, "heartbeat_ingestion_silent", message
+            )
         if self.guard:
             message = (
                 f"{len(self.stale)} of {self.swept} healthy nodes missed heartbeats at once; "
@@ -56,32 +121,51 @@ def _sweepable(node: NodeView) -> bool:
     return node.status not in Node.NOT_SWEPT_STATUSES and node.status != Node.Status.DRAINING
 
 
-def _is_stale(node: NodeView, cutoff: datetime) -> bool:
-    return node.last_heartbeat is None or node.last_heartbeat < cutoff
+def _seen_at(node: NodeView, observation: ObservationPlan, now: datetime) -> datetime | None:
+    """When the reconciler last saw this node's heartbeat change, after this pass's observation."""
+    if observation.restart or node.id in observation.changed:
+        return now
+    return node.heartbeat_seen_at
 
 
-def plan_node_health(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -> NodeHealthPlan:
-    """Stale healthy nodes go offline; unhealthy/offline nodes with a fresh heartbeat recover.
+def _is_stale(node: NodeView, observation: ObservationPlan, config: ReconcileConfig, now: datetime) -> bool:
+    seen_at = _seen_at(node, observation, now)
+    return node.last_heartbeat is None or seen_at is None or now - seen_at > config.stale_after
+
+
+def plan_node_health(
+    snapshot: Snapshot, config: ReconcileConfig, *, now: datetime, observation: ObservationPlan | None = None
+) -> NodeHealthPlan:
+    """Stale healthy nodes go offline; unhealthy/offline nodes heartbeating again recover.
+
+    A node is stale when the reconciler has not seen its heartbeat change for ``stale_after``
+    (``observation``; see ``plan_observation``). An unhealthy or offline node recovers when its
+    heartbeat changed since it was last observed (a new heartbeat, whatever its timestamp).
 
     Mass-staleness guard: when at least two nodes and more than ``mass_stale_fraction`` of the
     healthy nodes are stale in the same pass, none is reaped (the likelier story is that the
-    control plane stopped receiving heartbeats, e.g. it just restarted).
+    control plane stopped receiving heartbeats, e.g. it just restarted). Nothing is reaped
+    either while heartbeat ingestion is silent (``observation.silent``).
     """
-    cutoff = now - config.stale_after
+    observation = observation or ObservationPlan()
     swept = [node for node in snapshot.nodes.values() if _sweepable(node)]
-    stale = tuple(node for node in swept if _is_stale(node, cutoff))
+    stale = tuple(node for node in swept if _is_stale(node, observation, config, now))
     guard = len(stale) >= 2 and len(stale) > config.mass_stale_fraction * len(swept)
     recovering = tuple(
         node
         for node in snapshot.nodes.values()
-        if node.status in (Node.Status.UNHEALTHY, Node.Status.OFFLINE) and not _is_stale(node, cutoff)
+        if node.status in (Node.Status.UNHEALTHY, Node.Status.OFFLINE)
+        and node.last_heartbeat is not None
+        and node.id in observation.changed
+        and node.heartbeat_seen_at is not None  # a first sight is no news; the next heartbeat is
     )
+    paused = guard or observation.silent
     return NodeHealthPlan(
-        heartbeat_cutoff=cutoff,
         stale=stale,
-        mark_offline=() if guard else stale,
+        mark_offline=() if paused else stale,
         mark_healthy=recovering,
         guard=guard,
+        silent=observation.silent,
         swept=len(swept),
     )
 
@@ -110,9 +194,7 @@ def plan_checks(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -
         and snapshot.nodes[replica.node_id].healthy
         and (replica.last_probe_at is None or replica.last_probe_at < confirmed_after)
     )
-    listings = tuple(
-        node for node in snapshot.nodes.values() if node.schedulable and node.address
-    )
+    listings = tuple(node for node in snapshot.nodes.values() if node.schedulable and node.address)
     return CheckPlan(probes=probes, listings=listings)
 
 
@@ -137,13 +219,20 @@ class WorkerPlan:
 
 
 def plan_worker_reconciliation(
-    rows: list[ReplicaView] | tuple[ReplicaView, ...], reported: list[WorkerBackend], *, listed_at: datetime
+    rows: list[ReplicaView] | tuple[ReplicaView, ...],
+    reported: list[WorkerBackend],
+    *,
+    loaded_before_listing: Mapping[int, datetime | None],
 ) -> WorkerPlan:
     """Compare one worker's rows (read after its listing) with what it says it runs.
 
-    - a *loaded* row whose backend is absent or EXITED is removed, unless the row was written
-      after the listing started (a load that finished meanwhile); ``loading`` rows are left to
-      their loader, whose backend may not exist yet;
+    - a *loaded* row whose backend is absent or EXITED is removed only if it was already
+      loaded, in the same state change, before the worker was asked: ``loaded_before_listing``
+      maps the ids of the rows the pass's snapshot (read before the listing) held ``loaded`` to
+      their ``state_changed_at``. A row loaded or re-recorded since (a load whose
+      ``mark_loaded`` committed while the worker answered) is judged by the next pass. No
+      clock is compared with another process's clock: the value either changed or not.
+      ``loading`` rows are left to their loader, whose backend may not exist yet;
     - a RUNNING backend with no row at all (not even ``loading``) is an orphan and is stopped.
       Loaders write the ``loading`` row before starting the backend, so a running backend
       without a row is one nobody will ever route to.
@@ -153,7 +242,10 @@ def plan_worker_reconciliation(
     remove = tuple(
         row
         for row in rows
-        if row.loaded and row.key not in alive and (row.updated_at is None or row.updated_at <= listed_at)
+        if row.loaded
+        and row.key not in alive
+        and row.id in loaded_before_listing
+        and loaded_before_listing[row.id] == row.state_changed_at
     )
     stop = tuple(b for b in reported if b.state == "RUNNING" and b.key not in rows_by_key)
     return WorkerPlan(remove=remove, stop=stop)
@@ -280,7 +372,11 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
 
 def plan_scaling(snapshot: Snapshot, cfg: ReconcileConfig, *, now: datetime) -> list[ScalePlan]:
     """A plan for every autoscaled model, in model-name order."""
-    return [plan_model(snapshot, config, cfg, now=now) for _, config in sorted(snapshot.configs.items()) if config.autoscaled]
+    return [
+        plan_model(snapshot, config, cfg, now=now)
+        for _, config in sorted(snapshot.configs.items())
+        if config.autoscaled
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,4 +500,3 @@ def transition_event_kind(type_: str, status: bool, *, is_new: bool) -> str | No
     if is_new and NORMAL_STATUS.get(type_) == status:
         return None
     return TRANSITION_EVENTS.get((type_, status))
-

@@ -3,8 +3,10 @@
 A pass is level-triggered: it recomputes desired vs observed from the database, so running it
 twice, or after a crash half-way, is harmless. Its phases, in order:
 
-1. node health: stale heartbeats go offline (unless the mass-staleness guard holds), fresh
-   heartbeats on offline/unhealthy nodes recover;
+1. node health: the pass records which heartbeats changed since it last looked (on its own
+   clock; counting restarts after an observation gap), nodes not seen heartbeating for the
+   stale threshold go offline (unless the mass-staleness guard holds or heartbeat ingestion is
+   silent), offline/unhealthy nodes heartbeating again recover;
 2. checks (network, outside any transaction, bounded parallelism and deadlines): probe loaded
    replicas not confirmed recently; ask each healthy worker which backends it runs; apply:
    refresh or count probe failures, remove rows after three unreachable probes or when the
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID, uuid4
 
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django.utils import timezone
 
 from controlplane import metrics
@@ -42,11 +44,13 @@ from .conf import ReconcileConfig
 from .models import Event, ModelCondition, ReconcilePass
 from .planning import (
     NodeHealthPlan,
+    ObservationPlan,
     ScaleOutcome,
     ScalePlan,
     model_conditions,
     plan_checks,
     plan_node_health,
+    plan_observation,
     plan_scaling,
     plan_worker_reconciliation,
     transition_event_kind,
@@ -167,7 +171,12 @@ def record_skipped(*, now: datetime | None = None, reason: str = "held") -> Pass
 def run_pass(*, now: datetime | None = None, scheduler=None, prober=None) -> PassSummary:
     """One pass. The caller must hold the reconcile lock (``reconcile_once``, ``run_leader``)."""
     cfg = ReconcileConfig.from_settings()
-    now = now or timezone.now()
+    if now is None:
+        try:
+            now = database_now()
+        except DatabaseError:
+            # The pass fails at its first query and reports it (a fatal error summary).
+            now = timezone.now()
     summary = PassSummary(started_at=now)
     started = time.monotonic()
     run = _Pass(
@@ -180,6 +189,18 @@ def run_pass(*, now: datetime | None = None, scheduler=None, prober=None) -> Pas
     )
     with log_context(pass_id=uuid4().hex[:12]):
         return _finish_pass(run, summary, cfg, started)
+
+
+def database_now() -> datetime:
+    """The pass's clock: the database server's, so that every reconciler process (leaders on
+    different machines take turns) stamps heartbeat observations and pass times on one clock.
+    ``clock_timestamp()``, not ``now()``, which is frozen at the start of a transaction. Other
+    databases (the SQLite lane: one machine) use this process's clock."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT clock_timestamp()")
+            return cursor.fetchone()[0]
+    return timezone.now()
 
 
 def _finish_pass(run: _Pass, summary: PassSummary, cfg: ReconcileConfig, started: float) -> PassSummary:
@@ -259,12 +280,16 @@ class _Pass:
 
     def run(self) -> None:
         snapshot = take_snapshot(now=self.now)
-        health = plan_node_health(snapshot, self.cfg, now=self.now)
+        observation = plan_observation(
+            snapshot, self.cfg, now=self.now, previous_pass_at=ReconcilePass.objects.last_ok_finished_at()
+        )
+        self.apply_observation(observation)
+        health = plan_node_health(snapshot, self.cfg, now=self.now, observation=observation)
         if self.apply_node_health(snapshot, health):
             snapshot = take_snapshot(now=self.now)
         self.flush_events()
 
-        if self.run_checks(snapshot, guard=health.guard):
+        if self.run_checks(snapshot, guard=health.reaping_paused):
             snapshot = take_snapshot(now=self.now)
         self.flush_events()
 
@@ -280,11 +305,25 @@ class _Pass:
         self.update_conditions(snapshot, health, {plan.model_name: plan for plan in plans}, outcomes)
         self.flush_events()
 
+    def apply_observation(self, plan: ObservationPlan) -> None:
+        """Record this pass's view of the heartbeats (one UPDATE, whatever the fleet size)."""
+        Node.objects.observe_heartbeats(now=self.now, restart=plan.restart)
+        self.summary.count("heartbeats_observed", len(plan.changed))
+        if plan.restart:
+            self.summary.count("observation_restarted")
+            logger.warning(
+                "heartbeat observation resumed after a gap (last pass ended %s, last heartbeat change seen %s): "
+                "every node's staleness is counted from now",
+                _when(plan.previous_pass_at),
+                _when(plan.quiet_since),
+            )
+
     def apply_node_health(self, snapshot: Snapshot, plan: NodeHealthPlan) -> bool:
         """Returns True when a node changed status (its rows may be gone)."""
         changed = False
         for node in plan.mark_offline:
-            if Node.objects.mark_offline(node.id, heartbeat_before=plan.heartbeat_cutoff):
+            # Only while its heartbeat is still the value observed: one that landed since wins.
+            if Node.objects.mark_offline(node.id, expected_heartbeat=node.last_heartbeat, now=self.now):
                 changed = True
                 rows = len(snapshot.replicas_by_node.get(node.id, ()))
                 self.summary.count("nodes_marked_offline")
@@ -296,7 +335,7 @@ class _Pass:
                     replica_rows=rows,
                 )
         for node in plan.mark_healthy:
-            if Node.objects.mark_healthy(node.id):
+            if Node.objects.mark_healthy(node.id, now=self.now):
                 changed = True
                 self.summary.count("nodes_recovered")
                 self.event(
@@ -305,7 +344,13 @@ class _Pass:
                     message=f"{node.status} node heartbeating again (last {_when(node.last_heartbeat)})",
                     previous_status=node.status,
                 )
-        if plan.guard:
+        if plan.silent:
+            self.summary.skip("heartbeat_ingestion_silent", max(1, len(plan.stale)))
+            logger.warning(
+                "no heartbeat arrived from any of %d healthy nodes for longer than the observation gap; reaping none",
+                plan.swept,
+            )
+        elif plan.guard:
             self.summary.skip("mass_staleness", len(plan.stale))
             logger.warning(
                 "mass-staleness guard: %d of %d healthy nodes stale at once; reaping none (%s)",
@@ -318,9 +363,9 @@ class _Pass:
     def run_checks(self, snapshot: Snapshot, *, guard: bool) -> bool:
         """Probe and list (network), then apply. Returns True when a replica row was removed."""
         plan = plan_checks(snapshot, self.cfg, now=self.now)
-        # Rows are compared with listings using the database clock of their writes
-        # (``updated_at``, set by auto_now), so this instant is wall-clock, not ``now``.
-        listed_at = timezone.now()
+        # The snapshot was read before any worker is asked: a row it held loaded, in the same
+        # state change, was loaded before the listing (see plan_worker_reconciliation).
+        loaded_before_listing = {row.id: row.state_changed_at for row in snapshot.replicas if row.loaded}
         results = run_checks(
             plan,
             self.prober,
@@ -368,7 +413,9 @@ class _Pass:
                 rows_by_node.setdefault(row.node_id, []).append(row)
             for node_id, backends in results.listings.items():
                 node = snapshot.nodes[node_id]
-                plan_ = plan_worker_reconciliation(rows_by_node.get(node_id, []), backends, listed_at=listed_at)
+                plan_ = plan_worker_reconciliation(
+                    rows_by_node.get(node_id, []), backends, loaded_before_listing=loaded_before_listing
+                )
                 changed |= self.remove_gone_backends(node, plan_.remove, backends, guard=guard)
                 self.stop_orphans(node, plan_.stop)
         return changed
@@ -409,7 +456,9 @@ class _Pass:
         for backend in backends:
             error = self.stop_backend(node, backend.model_name, backend.replica_index)
             if error:
-                logger.warning("could not stop orphan %s#%s on %s: %s", backend.model_name, backend.replica_index, node.name, error)
+                logger.warning(
+                    "could not stop orphan %s#%s on %s: %s", backend.model_name, backend.replica_index, node.name, error
+                )
                 self.summary.skip("stop_failed")
                 continue
             self.summary.count("orphans_stopped")
@@ -440,7 +489,9 @@ class _Pass:
                 )
         for action, n in housekeeping.expire_leases_and_dead_load_jobs(now=self.now).items():
             self.summary.count(action, n)
-        self.summary.count("events_pruned", housekeeping.prune_events(keep_days=self.cfg.events_kept_days, now=self.now))
+        self.summary.count(
+            "events_pruned", housekeeping.prune_events(keep_days=self.cfg.events_kept_days, now=self.now)
+        )
 
     # -- scaling -------------------------------------------------------------------------------
 
@@ -538,7 +589,9 @@ class _Pass:
             if node is not None and node.address:
                 stop_error = self.stop_backend(node, replica.model_name, replica.replica_index)
                 if stop_error:
-                    logger.warning("scale-down of %s#%s: stop failed: %s", replica.model_name, replica.replica_index, stop_error)
+                    logger.warning(
+                        "scale-down of %s#%s: stop failed: %s", replica.model_name, replica.replica_index, stop_error
+                    )
             self.event(
                 Event.Kind.REPLICA_REMOVED,
                 model_name=replica.model_name,

@@ -37,6 +37,10 @@ class NodeView:
     node_type: str = Node.NodeType.BACKEND
     address: str = ""
     last_heartbeat: datetime | None = None
+    # The reconciler's observation (``Node.objects.observe_heartbeats``): the last_heartbeat
+    # value it last saw, and when (its own clock) it saw that value change.
+    heartbeat_seen: datetime | None = None
+    heartbeat_seen_at: datetime | None = None
     slots: int = 1
     reserved_vram: int = 0
     labels: Mapping[str, str] = field(default_factory=_empty)
@@ -66,6 +70,9 @@ class ReplicaView:
     reserved_vram: int = 0
     has_blob: bool = False
     updated_at: datetime | None = None
+    # Written by every registry verb that inserts the row or changes its state (the writer's
+    # ``now``); None only on rows written before the column existed.
+    state_changed_at: datetime | None = None
 
     @property
     def loaded(self) -> bool:
@@ -166,15 +173,11 @@ class Snapshot:
 
     def ready(self, model_name: str) -> tuple[ReplicaView, ...]:
         """Loaded rows on schedulable nodes: the routable replicas."""
-        return tuple(
-            r for r in self.replicas_by_model.get(model_name, ()) if r.loaded and self._on_schedulable(r)
-        )
+        return tuple(r for r in self.replicas_by_model.get(model_name, ()) if r.loaded and self._on_schedulable(r))
 
     def loading(self, model_name: str) -> tuple[ReplicaView, ...]:
         """Rows still loading on schedulable nodes (a scale-up in progress)."""
-        return tuple(
-            r for r in self.replicas_by_model.get(model_name, ()) if r.loading and self._on_schedulable(r)
-        )
+        return tuple(r for r in self.replicas_by_model.get(model_name, ()) if r.loading and self._on_schedulable(r))
 
     def _on_schedulable(self, replica: ReplicaView) -> bool:
         node = self.nodes.get(replica.node_id)
@@ -194,12 +197,23 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
             node_type=row["node_type"],
             address=row["address"],
             last_heartbeat=row["last_heartbeat"],
+            heartbeat_seen=row["heartbeat_seen"],
+            heartbeat_seen_at=row["heartbeat_seen_at"],
             slots=row["max_replicas_per_model"],
             reserved_vram=row["reserved_vram"],
             labels=MappingProxyType(labels.get(row["id"], {})),
         )
         for row in Node.objects.order_by("name").values(
-            "id", "name", "status", "node_type", "address", "last_heartbeat", "max_replicas_per_model", "reserved_vram"
+            "id",
+            "name",
+            "status",
+            "node_type",
+            "address",
+            "last_heartbeat",
+            "heartbeat_seen",
+            "heartbeat_seen_at",
+            "max_replicas_per_model",
+            "reserved_vram",
         )
     }
     replicas = tuple(replica_views(NodeModel.objects.all()))
@@ -247,6 +261,7 @@ def read_replicas(queryset):
             "reserved_vram",
             "blob_length",
             "updated_at",
+            "state_changed_at",
         )
     )
 

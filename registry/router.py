@@ -499,6 +499,7 @@ def _claim_row(
                 backend_type=backend_type,
                 reserved_vram=needed,
                 last_used=_now(now),
+                state_changed_at=_now(now),
             )
     except IntegrityError:
         return None

@@ -24,7 +24,6 @@ from django.db.models import (
     When,
 )
 from django.db.models.functions import Least
-from django.utils import timezone
 
 from controlplane.tokens import hash_token, new_token
 
@@ -37,6 +36,10 @@ if TYPE_CHECKING:  # pragma: no cover
 from ._common import _capacity_changed, _free_vram, _model, _now, _replica_rows_subquery
 
 logger = logging.getLogger(__name__)
+
+# ``mark_offline(expected_heartbeat=ANY_HEARTBEAT)``: no condition on the heartbeat (None is a
+# value there: "still no heartbeat").
+ANY_HEARTBEAT = object()
 
 # --------------------------------------------------------------------------------------------
 # Nodes
@@ -66,7 +69,9 @@ class NodeQuerySet(models.QuerySet):
 
     def stale(self, *, threshold: timedelta, now: datetime | None = None):
         """Nodes whose last heartbeat is older than ``threshold`` and whose status still claims
-        liveness (unhealthy, offline and pending nodes are not news)."""
+        liveness (unhealthy, offline and pending nodes are not news). A display helper on the
+        web processes' timestamps: the reconciler reaps on its own observations instead
+        (``observe_heartbeats``, ``reconciler.planning.plan_node_health``)."""
         cutoff = _now(now) - threshold
         return self.exclude(status__in=self.model.NOT_SWEPT_STATUSES).filter(
             Q(last_heartbeat__lt=cutoff) | Q(last_heartbeat__isnull=True)
@@ -263,36 +268,39 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
             changes["available_ram"] = Case(When(timestamp_only, then=F("available_ram")), default=Value(available_ram))
         return self.filter(pk=node_id).update(**changes) == 1
 
-    def _transition(self, node_id, to_status: str, *, from_statuses=None, exclude_statuses=None) -> bool:
+    def _transition(
+        self, node_id, to_status: str, *, from_statuses=None, exclude_statuses=None, now: datetime | None = None
+    ) -> bool:
         queryset = self.filter(pk=node_id)
         if from_statuses is not None:
             queryset = queryset.filter(status__in=from_statuses)
         if exclude_statuses is not None:
             queryset = queryset.exclude(status__in=exclude_statuses)
-        return queryset.update(status=to_status, updated_at=timezone.now()) == 1
+        return queryset.update(status=to_status, updated_at=_now(now)) == 1
 
-    def approve(self, node_id) -> bool:
+    def approve(self, node_id, *, now: datetime | None = None) -> bool:
         """``pending`` -> ``healthy`` (conditional update). False: unknown or not pending.
         Approval adds capacity, so cooldowns are cleared."""
-        approved = self._transition(node_id, self.model.Status.HEALTHY, from_statuses=[self.model.Status.PENDING])
+        Status = self.model.Status
+        approved = self._transition(node_id, Status.HEALTHY, from_statuses=[Status.PENDING], now=now)
         if approved:
             _capacity_changed()
         return approved
 
-    def mark_healthy(self, node_id) -> bool:
+    def mark_healthy(self, node_id, *, now: datetime | None = None) -> bool:
         """``unhealthy``/``offline`` -> ``healthy`` when heartbeats are fresh again (conditional
         update). Never overrides ``pending`` (needs approval) or ``draining`` (operator's
         choice). False: unknown node or not in a recoverable status."""
         Status = self.model.Status
-        return self._transition(node_id, Status.HEALTHY, from_statuses=[Status.UNHEALTHY, Status.OFFLINE])
+        return self._transition(node_id, Status.HEALTHY, from_statuses=[Status.UNHEALTHY, Status.OFFLINE], now=now)
 
-    def mark_unhealthy(self, node_id) -> bool:
+    def mark_unhealthy(self, node_id, *, now: datetime | None = None) -> bool:
         """``healthy`` -> ``unhealthy``: status only, replica rows kept (a blip must not force
         reloads). Conditional update; False when the node was not healthy."""
         Status = self.model.Status
-        return self._transition(node_id, Status.UNHEALTHY, from_statuses=[Status.HEALTHY])
+        return self._transition(node_id, Status.UNHEALTHY, from_statuses=[Status.HEALTHY], now=now)
 
-    def mark_draining(self, node_id) -> bool:
+    def mark_draining(self, node_id, *, now: datetime | None = None) -> bool:
         """Stop routing and scheduling to a node so its in-flight work can finish.
 
         Replica rows are kept on purpose (the reference deleted them): the worker polls its
@@ -302,40 +310,75 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         already offline/draining.
         """
         Status = self.model.Status
-        return self._transition(node_id, Status.DRAINING, exclude_statuses=[Status.OFFLINE, Status.DRAINING])
+        return self._transition(node_id, Status.DRAINING, exclude_statuses=[Status.OFFLINE, Status.DRAINING], now=now)
 
-    def resume(self, node_id) -> bool:
+    def resume(self, node_id, *, now: datetime | None = None) -> bool:
         """``draining`` -> ``healthy`` (conditional update); adds capacity back."""
         Status = self.model.Status
-        resumed = self._transition(node_id, Status.HEALTHY, from_statuses=[Status.DRAINING])
+        resumed = self._transition(node_id, Status.HEALTHY, from_statuses=[Status.DRAINING], now=now)
         if resumed:
             _capacity_changed()
         return resumed
 
     def mark_offline(
-        self, node_id, *, heartbeat_before: datetime | None = None, forget_heartbeat: bool = False
+        self,
+        node_id,
+        *,
+        expected_heartbeat=ANY_HEARTBEAT,
+        forget_heartbeat: bool = False,
+        now: datetime | None = None,
     ) -> bool:
         """Mark a node ``offline`` and delete its replica rows; load info is untouched.
 
         The row is kept so that re-registration restores its approval. With
-        ``heartbeat_before``, the transition only happens if the node's heartbeat is still older
-        than that instant: a heartbeat that arrives between the reconciler's snapshot and this
-        call wins (conditional update). ``forget_heartbeat`` (a worker signing off) also clears
+        ``expected_heartbeat`` (the ``last_heartbeat`` value the reconciler observed, possibly
+        None), the transition only happens while ``last_heartbeat`` still is that value: a
+        heartbeat that arrives between the reconciler's snapshot and this call wins
+        (conditional update). Equality, not a time comparison, so no web process's clock is
+        compared with the reconciler's. ``forget_heartbeat`` (a worker signing off) also clears
         ``last_heartbeat``: the worker's last heartbeat is still fresh, and the reconciler would
         otherwise "recover" the node and place replicas on a worker that is exiting; a new
         heartbeat brings it back. Returns False when nothing changed.
         """
-        changes = {"status": self.model.Status.OFFLINE, "reserved_vram": 0, "updated_at": timezone.now()}
+        changes = {"status": self.model.Status.OFFLINE, "reserved_vram": 0, "updated_at": _now(now)}
         if forget_heartbeat:
             changes["last_heartbeat"] = None
         with transaction.atomic():
             queryset = self.filter(pk=node_id)
-            if heartbeat_before is not None:
-                queryset = queryset.filter(Q(last_heartbeat__lt=heartbeat_before) | Q(last_heartbeat__isnull=True))
+            if expected_heartbeat is None:
+                queryset = queryset.filter(last_heartbeat__isnull=True)
+            elif expected_heartbeat is not ANY_HEARTBEAT:
+                queryset = queryset.filter(last_heartbeat=expected_heartbeat)
             changed = queryset.update(**changes) == 1
             if changed:
                 _model("NodeModel").objects.filter(node_id=node_id).delete()
         return changed
+
+    def observe_heartbeats(self, *, now: datetime | None = None, restart: bool = False) -> int:
+        """The reconciler's observation of heartbeats, once per pass; returns the rows written.
+
+        Every node whose ``last_heartbeat`` differs from the value last observed
+        (``heartbeat_seen``) gets ``heartbeat_seen = last_heartbeat`` and ``heartbeat_seen_at =
+        now`` (the pass's clock). Staleness is then counted on one clock, the reconciler's,
+        whatever the clock of the web process that wrote the heartbeat. With ``restart``
+        (observation resumed after a gap) every node is stamped ``now``: staleness is counted
+        from when observation resumed, never across time the control plane could not receive
+        heartbeats. Idiom: one set-based conditional UPDATE (``WHERE heartbeat_seen IS DISTINCT
+        FROM last_heartbeat``); a heartbeat landing concurrently is recorded by this statement
+        or by the next pass, and ``mark_offline(expected_heartbeat=...)`` keeps it from being
+        reaped meanwhile.
+        """
+        queryset = self.all()
+        if not restart:
+            queryset = queryset.filter(
+                Q(heartbeat_seen__isnull=True, last_heartbeat__isnull=False)
+                | Q(heartbeat_seen__isnull=False, last_heartbeat__isnull=True)
+                | (
+                    Q(heartbeat_seen__isnull=False, last_heartbeat__isnull=False)
+                    & ~Q(heartbeat_seen=F("last_heartbeat"))
+                )
+            )
+        return queryset.update(heartbeat_seen=F("last_heartbeat"), heartbeat_seen_at=_now(now))
 
     def deregister(self, node_id) -> bool:
         """Operator hard delete: the node, its labels and replica rows go in one transaction.
@@ -344,27 +387,29 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
             deleted, _ = self.filter(pk=node_id).delete()
         return deleted > 0
 
-    def set_max_replicas_per_model(self, node_id, slots: int) -> bool:
+    def set_max_replicas_per_model(self, node_id, slots: int, *, now: datetime | None = None) -> bool:
         """Operator override of a node's replica slots; re-registration keeps it. Clears
         cooldowns (capacity changed) and refreshes the `node.replica-slots` label."""
         if int(slots) < 1:
             raise ValueError("max_replicas_per_model must be at least 1")
         with transaction.atomic():
             updated = self.filter(pk=node_id).update(
-                max_replicas_per_model=int(slots), max_replicas_per_model_manual=True, updated_at=timezone.now()
+                max_replicas_per_model=int(slots), max_replicas_per_model_manual=True, updated_at=_now(now)
             )
             if updated:
-                _model("NodeLabel").objects.merge(node_id, {"node.replica-slots": str(int(slots))}, clear_cooldowns=False)
+                _model("NodeLabel").objects.merge(
+                    node_id, {"node.replica-slots": str(int(slots))}, clear_cooldowns=False
+                )
                 _capacity_changed()
         return updated == 1
 
-    def reset_max_replicas_per_model(self, node_id) -> bool:
+    def reset_max_replicas_per_model(self, node_id, *, now: datetime | None = None) -> bool:
         """Drop the operator override: back to what the worker reported at registration."""
         with transaction.atomic():
             updated = self.filter(pk=node_id).update(
                 max_replicas_per_model=F("reported_max_replicas_per_model"),
                 max_replicas_per_model_manual=False,
-                updated_at=timezone.now(),
+                updated_at=_now(now),
             )
             if updated:
                 slots = self.filter(pk=node_id).values_list("max_replicas_per_model", flat=True).get()

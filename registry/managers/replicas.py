@@ -59,7 +59,8 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         """Insert or update the replica row of ``(node, model, replica_index)`` keeping its id.
 
         Idiom: upsert on the unique triple. ``backend_type``/``opts_blob`` are only written when
-        given, so a plain state update does not erase the per-replica load info.
+        given, so a plain state update does not erase the per-replica load info. Every call is a
+        (re-)recording of the row's state: ``state_changed_at`` is set to ``now``.
         """
         if not model_name:
             raise ValueError("model name must not be empty")
@@ -72,10 +73,11 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
             state=state or self.model.State.LOADED,
             last_used=now,
             last_probe_at=now,
+            state_changed_at=now,
             backend_type=backend_type or "",
             model_opts_blob=bytes(opts_blob) if opts_blob is not None else None,
         )
-        update_fields = ["address", "state", "updated_at", "last_probe_at", "probe_failures"]
+        update_fields = ["address", "state", "updated_at", "last_probe_at", "probe_failures", "state_changed_at"]
         if backend_type is not None:
             update_fields.append("backend_type")
         if opts_blob is not None:
@@ -194,11 +196,19 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
     def mark_loaded(self, replica_id, *, address: str, now: datetime | None = None) -> bool:
         """``loading`` -> ``loaded`` at ``address`` once LoadModel succeeded (conditional
         update). False: the row was removed during the load (node restarted or went offline,
-        or the load job was taken over); the caller must not treat the load as recorded."""
+        or the load job was taken over); the caller must not treat the load as recorded.
+        ``state_changed_at`` is set to ``now``: ``.update()`` skips ``auto_now``, so
+        ``updated_at`` would still say when the ``loading`` row was inserted."""
         now = _now(now)
         return (
             self.filter(pk=replica_id, state=self.model.State.LOADING).update(
-                state=self.model.State.LOADED, address=address, last_used=now, last_probe_at=now, probe_failures=0
+                state=self.model.State.LOADED,
+                address=address,
+                last_used=now,
+                last_probe_at=now,
+                probe_failures=0,
+                state_changed_at=now,
+                updated_at=now,
             )
             == 1
         )

@@ -10,7 +10,6 @@ process (``CONTROLPLANE_LOAD_JOB_RUNNER=thread``).
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -450,32 +449,6 @@ def test_f2_sigkill_of_the_qcluster_between_start_backend_and_load_model(fleet, 
     assert abandoned_backend().pid == backend.pid  # the same process: reused, not restarted
     assert answer == "still there"
     fleet.check_invariants()
-
-
-@pytest.fixture
-def private_fleet(tmp_path, request):
-    """A fleet on its own throwaway PostgreSQL cluster, so the scenario may stop the server
-    without disturbing anyone else's tests on the machine's shared one."""
-    from tests.e2e.harness import Fleet, PrivatePostgres
-
-    try:
-        server = PrivatePostgres()
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"no private PostgreSQL: {exc}")
-    fleet = Fleet(admin_url=server.admin_url, workdir=tmp_path)
-    (tmp_path / "var").mkdir()
-    fleet.server = server
-    try:
-        fleet.create_database()
-        yield fleet
-        failed = getattr(request.node, "rep_call", None)
-        if failed is not None and failed.failed:
-            print(fleet.logs())
-    finally:
-        try:
-            fleet.close()
-        finally:
-            server.close()
 
 
 def test_g_postgresql_restart_during_traffic(private_fleet, report):

@@ -1,6 +1,8 @@
 """Fixtures of the reconciler tests: the fakes (``fakes.py``) and a ``reconcile`` helper that
 runs one pass with them."""
 
+from datetime import timedelta
+
 import pytest
 
 from reconciler.reconcile import reconcile_once
@@ -36,6 +38,25 @@ def reconcile(scheduler, prober, now):
 
 
 @pytest.fixture
+def watch(reconcile, now):
+    """watch(until, alive=(), start=0, step=10) -> {offset: PassSummary}: a pass every ``step``
+    seconds from ``now + start`` to ``now + until`` (inclusive), the ``alive`` nodes
+    heartbeating through the heartbeat verb just before each pass. The other nodes stay silent,
+    so the reconciler's own observations (not a hand-set timestamp) make them stale."""
+
+    def run(until, *, alive=(), start=0, step=10):
+        summaries = {}
+        for offset in range(start, until + 1, step):
+            at = now + timedelta(seconds=offset)
+            for node in alive:
+                Node.objects.heartbeat(node.pk, now=at)
+            summaries[offset] = reconcile(at=at)
+        return summaries
+
+    return run
+
+
+@pytest.fixture
 def load_info():
     """load_info(model) stores a load recipe for ``model``."""
 
@@ -43,4 +64,3 @@ def load_info():
         return ModelLoadInfo.objects.upsert(model_name, backend_type, blob)
 
     return store
-

@@ -170,31 +170,50 @@ def test_a_worker_answering_as_another_node_is_ignored(now, reconcile, prober):
     assert summary.skipped["list_failed"] == 1
 
 
-def test_rows_written_after_the_listing_started_are_kept(now, reconcile, prober):
-    """A load that finished while the worker was answering must not be removed: rows are
-    judged against the wall-clock instant the listing started."""
-    from django.utils import timezone
+def test_a_load_that_finishes_while_the_worker_answers_keeps_its_row(now, reconcile, prober, monkeypatch):
+    """The race of issue 11: the worker answers ListBackends before the loader has started the
+    backend, then the load job's ``mark_loaded`` commits, then the pass applies the listing.
+    ``mark_loaded`` is an ``.update()`` (``auto_now`` never runs), so a check on ``updated_at``
+    took the fresh row for one loaded long before the listing and removed it as exited."""
+    from reconciler import reconcile as module
 
     node = make_node(name="gpu-a", now=now, slots=2)
-    row = make_replica(node, "llama", 1)
-    # stands in for a loader committing this row after the worker answered
-    NodeModel.objects.filter(pk=row.pk).update(updated_at=timezone.now() + timedelta(minutes=1))
-    prober.listings[node.address] = []
+    loading = NodeModel.objects.set_replica(node.pk, "llama", 1, state=NodeModel.State.LOADING, now=now)
+    prober.listings[node.address] = []  # the backend does not exist yet when the worker answers
+    real_run_checks = module.run_checks
 
-    reconcile()
+    def listing_then_load_finishes(*args, **kwargs):
+        results = real_run_checks(*args, **kwargs)
+        assert results.listings  # the worker was asked (and answered) before the load finished
+        assert NodeModel.objects.mark_loaded(loading.pk, address="10.0.0.5:7001", now=now + timedelta(seconds=1))
+        return results
 
-    assert NodeModel.objects.filter(pk=row.pk).exists()
+    monkeypatch.setattr(module, "run_checks", listing_then_load_finishes)
+    summary = reconcile(heartbeat=True)
+
+    row = NodeModel.objects.get(pk=loading.pk)
+    assert row.state == NodeModel.State.LOADED
+    assert "replicas_removed_exited" not in summary.actions
+
+    # The next pass judges the row on a listing taken after its load: the backend is not
+    # there, so the row goes (the check still works for rows loaded before the listing).
+    monkeypatch.setattr(module, "run_checks", real_run_checks)
+    summary = reconcile(at=now + timedelta(seconds=10), heartbeat=True)
+
+    assert summary.actions["replicas_removed_exited"] == 1
+    assert not NodeModel.objects.filter(pk=loading.pk).exists()
 
 
-def test_mass_staleness_guard_also_pauses_probe_and_listing_removals(now, reconcile, prober):
-    stale = [make_node(name=f"gpu-{i}", now=now - timedelta(minutes=1)) for i in range(2)]
+def test_mass_staleness_guard_also_pauses_probe_and_listing_removals(now, watch, prober):
+    stale = [make_node(name=f"gpu-{i}", now=now) for i in range(2)]
     fresh = make_node(name="gpu-fresh", now=now)
+    make_replica(stale[0], "llama", 0, last_probe_at=now + timedelta(minutes=5))
+    watch(30, alive=[fresh])  # the reconciler watches gpu-0 and gpu-1 go silent
     row = make_replica(fresh, "llama", 0, address=ADDRESS, probe_failures=5)
     prober.outcomes[ADDRESS] = Probe.UNREACHABLE
     prober.listings[fresh.address] = []
-    make_replica(stale[0], "llama", 0)
 
-    summary = reconcile()
+    summary = watch(40, alive=[fresh], start=40)[40]
 
     assert NodeModel.objects.filter(pk=row.pk).exists()
     assert NodeModel.objects.count() == 2

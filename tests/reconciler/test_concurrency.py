@@ -23,8 +23,16 @@ def test_the_same_pass_twice_adds_nothing_the_second_time(db, now, load_info):
     scheduler, prober = FakeScheduler(), FakeProber()
     make_node(name="gpu-stale", now=now - timedelta(minutes=2))
     a = make_node(name="gpu-a", now=now, slots=4)
-    make_node(name="gpu-b", now=now, slots=4)
-    make_node(name="gpu-back", now=now, status=Node.Status.OFFLINE)
+    b = make_node(name="gpu-b", now=now, slots=4)
+    back = make_node(name="gpu-back", now=now, status=Node.Status.OFFLINE)
+    # The reconciler watches the fleet for 40 s: gpu-a and gpu-b heartbeat, gpu-stale does not.
+    for seconds in (40, 30, 20, 10):
+        for node in (a, b):
+            Node.objects.heartbeat(node.pk, now=now - timedelta(seconds=seconds))
+        reconcile_once(now=now - timedelta(seconds=seconds), scheduler=scheduler, prober=prober)
+    for node in (a, b):
+        Node.objects.heartbeat(node.pk, now=now)
+    Node.objects.heartbeat(back.pk, now=now - timedelta(seconds=5))  # gpu-back heartbeats again
     make_scheduling("llama", min_replicas=3)
     make_scheduling("phi", min_replicas=1, max_replicas=2)
     make_scheduling("nolo", min_replicas=1)
@@ -45,7 +53,8 @@ def test_the_same_pass_twice_adds_nothing_the_second_time(db, now, load_info):
     assert first.actions["replicas_scaled_down"] == 1
     assert first.actions["orphans_stopped"] == 1
     # Only observations remain, and Progressing settling from "scaling_up" to "stable".
-    changes = {k for k in second.actions if k not in {"replicas_probed", "probes_ok", "workers_listed"}}
+    observations = {"replicas_probed", "probes_ok", "workers_listed", "heartbeats_observed"}
+    changes = {k for k in second.actions if k not in observations}
     assert changes <= {"conditions_changed"}
     assert second.actions["conditions_changed"] <= 1
     assert (len(scheduler.calls), Event.objects.count(), len(prober.stopped)) == (calls, events, stopped)

@@ -19,16 +19,18 @@ def status(node):
     return node.status
 
 
-def test_a_lone_stale_node_is_marked_offline_and_loses_its_rows_but_not_load_info(now, reconcile, load_info):
-    stale = make_node(name="gpu-a", now=now - STALE)
+def test_a_lone_stale_node_is_marked_offline_and_loses_its_rows_but_not_load_info(now, watch, load_info):
+    stale = make_node(name="gpu-a", now=now)
     fresh = [make_node(name=f"gpu-{i}", now=now) for i in "bcd"]
     make_replica(stale, "llama", 0)
     make_replica(fresh[0], "llama", 0)
     load_info("llama")
 
-    summary = reconcile()
+    summaries = watch(40, alive=fresh)
 
-    assert summary.actions["nodes_marked_offline"] == 1
+    # gpu-a was last seen heartbeating by the first pass: 30 s later it is not stale yet.
+    assert all("nodes_marked_offline" not in summaries[t].actions for t in (0, 10, 20, 30))
+    assert summaries[40].actions["nodes_marked_offline"] == 1
     assert status(stale) == Node.Status.OFFLINE
     assert all(status(node) == Node.Status.HEALTHY for node in fresh)
     assert list(NodeModel.objects.values_list("node_id", flat=True)) == [fresh[0].pk]
@@ -37,35 +39,41 @@ def test_a_lone_stale_node_is_marked_offline_and_loses_its_rows_but_not_load_inf
     assert (event.node_id, event.node_name) == (stale.pk, "gpu-a")
 
 
-def test_a_heartbeat_between_snapshot_and_update_wins(now, reconcile, monkeypatch):
-    """mark_offline is conditional on the heartbeat still being old."""
+def test_a_heartbeat_between_snapshot_and_update_wins(now, watch, monkeypatch):
+    """mark_offline is conditional on the heartbeat still being the value observed, even when
+    the new heartbeat's timestamp (from a web process with a slow clock) is older."""
     from reconciler import reconcile as module
 
-    stale = make_node(name="gpu-a", now=now - STALE)
-    make_node(name="gpu-b", now=now)
-    make_node(name="gpu-c", now=now)
+    stale = make_node(name="gpu-a", now=now)
+    fresh = [make_node(name="gpu-b", now=now), make_node(name="gpu-c", now=now)]
+    watch(30, alive=fresh)
     real = module.take_snapshot
 
     def snapshot_then_heartbeat(**kwargs):
         snapshot = real(**kwargs)
-        Node.objects.heartbeat(stale.pk, now=now)
+        Node.objects.heartbeat(stale.pk, now=now - timedelta(hours=1))
         return snapshot
 
     monkeypatch.setattr(module, "take_snapshot", snapshot_then_heartbeat)
-    summary = reconcile()
+    summary = watch(40, alive=fresh, start=40)[40]
 
     assert "nodes_marked_offline" not in summary.actions
     assert status(stale) == Node.Status.HEALTHY
 
 
-def test_fresh_heartbeat_brings_offline_and_unhealthy_nodes_back(now, reconcile):
+def test_a_new_heartbeat_brings_offline_and_unhealthy_nodes_back(now, reconcile):
     offline = make_node(name="gpu-a", now=now, status=Node.Status.OFFLINE)
     unhealthy = make_node(name="gpu-b", now=now, status=Node.Status.UNHEALTHY)
     pending = make_node(name="gpu-c", now=now, status=Node.Status.PENDING)
-    still_silent = make_node(name="gpu-d", now=now - timedelta(hours=1), status=Node.Status.OFFLINE)
+    still_silent = make_node(name="gpu-d", now=now, status=Node.Status.OFFLINE)
+    first = reconcile()  # first sight: observed, nobody recovered on an old heartbeat
+    for node in (offline, unhealthy, pending):
+        # the web process that received them has a clock an hour behind: a new value is news
+        Node.objects.heartbeat(node.pk, now=now - timedelta(hours=1))
 
-    summary = reconcile()
+    summary = reconcile(at=now + timedelta(seconds=10))
 
+    assert "nodes_recovered" not in first.actions
     assert summary.actions["nodes_recovered"] == 2
     assert (status(offline), status(unhealthy)) == (Node.Status.HEALTHY, Node.Status.HEALTHY)
     assert status(pending) == Node.Status.PENDING  # needs approval, not a heartbeat
@@ -73,87 +81,87 @@ def test_fresh_heartbeat_brings_offline_and_unhealthy_nodes_back(now, reconcile)
     assert Event.objects.filter(kind=Event.Kind.NODE_RECOVERED).count() == 2
 
 
-def test_draining_nodes_are_not_reaped(now, reconcile):
-    draining = make_node(name="gpu-a", now=now - timedelta(hours=1), status=Node.Status.DRAINING)
+def test_draining_nodes_are_not_reaped(now, watch):
+    draining = make_node(name="gpu-a", now=now, status=Node.Status.DRAINING)
     make_replica(draining, "llama", 0)
-    make_node(name="gpu-b", now=now)
+    alive = make_node(name="gpu-b", now=now)
 
-    reconcile()
+    watch(60, alive=[alive])
 
     assert status(draining) == Node.Status.DRAINING
     assert NodeModel.objects.filter(node=draining).exists()
 
 
-def test_mass_staleness_guard_reaps_no_node_and_says_why_once(now, reconcile):
-    nodes = [make_node(name=f"gpu-{i}", now=now - STALE) for i in range(3)]
-    make_node(name="gpu-fresh", now=now)
+def test_mass_staleness_guard_reaps_no_node_and_says_why_once(now, watch):
+    nodes = [make_node(name=f"gpu-{i}", now=now) for i in range(3)]
+    fresh = make_node(name="gpu-fresh", now=now)
     for node in nodes:
         make_replica(node, "llama", 0)
 
-    first = reconcile()
-    second = reconcile(at=now + timedelta(seconds=10))
+    summaries = watch(50, alive=[fresh])
 
     assert all(status(node) == Node.Status.HEALTHY for node in nodes)
     assert NodeModel.objects.count() == 3
-    assert first.skipped["mass_staleness"] == 3
-    assert second.skipped["mass_staleness"] == 3
+    assert summaries[40].skipped["mass_staleness"] == 3
+    assert summaries[50].skipped["mass_staleness"] == 3
     guard = ModelCondition.objects.get(model_name="", type=ModelCondition.Type.REAPING_PAUSED)
     assert (guard.status, guard.reason) == (True, "mass_staleness")
     assert "3 of 4" in guard.message
     assert Event.objects.filter(kind=Event.Kind.MASS_STALENESS_GUARD).count() == 1
 
 
-def test_guard_lifts_when_heartbeats_resume(now, reconcile):
-    nodes = [make_node(name=f"gpu-{i}", now=now - STALE) for i in range(2)]
-    reconcile()
-    for node in nodes:
-        Node.objects.heartbeat(node.pk, now=now)
+def test_guard_lifts_when_heartbeats_resume(now, watch):
+    nodes = [make_node(name=f"gpu-{i}", now=now) for i in range(2)]
+    fresh = make_node(name="gpu-fresh", now=now)
+    watch(40, alive=[fresh])
+    assert ModelCondition.objects.get(model_name="", type=ModelCondition.Type.REAPING_PAUSED).status is True
 
-    reconcile()
+    watch(50, alive=[*nodes, fresh], start=50)
 
     guard = ModelCondition.objects.get(model_name="", type=ModelCondition.Type.REAPING_PAUSED)
     assert guard.status is False
     assert Event.objects.filter(kind=Event.Kind.MASS_STALENESS_CLEARED).count() == 1
 
 
-def test_half_of_the_nodes_stale_is_not_mass_staleness(now, reconcile):
-    stale = [make_node(name=f"gpu-{i}", now=now - STALE) for i in range(2)]
-    for i in range(2):
-        make_node(name=f"gpu-fresh-{i}", now=now)
+def test_half_of_the_nodes_stale_is_not_mass_staleness(now, watch):
+    stale = [make_node(name=f"gpu-{i}", now=now) for i in range(2)]
+    fresh = [make_node(name=f"gpu-fresh-{i}", now=now) for i in range(2)]
 
-    summary = reconcile()
+    summaries = watch(40, alive=fresh)
 
-    assert summary.actions["nodes_marked_offline"] == 2
+    assert summaries[40].actions["nodes_marked_offline"] == 2
     assert all(status(node) == Node.Status.OFFLINE for node in stale)
 
 
 @override_settings(RECONCILE_MASS_STALE_FRACTION=0.9)
-def test_the_guard_fraction_is_a_setting(now, reconcile):
+def test_the_guard_fraction_is_a_setting(now, watch):
     for i in range(3):
-        make_node(name=f"gpu-{i}", now=now - STALE)
-    make_node(name="gpu-fresh", now=now)
+        make_node(name=f"gpu-{i}", now=now)
+    fresh = make_node(name="gpu-fresh", now=now)
 
-    summary = reconcile()
+    summaries = watch(40, alive=[fresh])
 
-    assert summary.actions["nodes_marked_offline"] == 3
+    assert summaries[40].actions["nodes_marked_offline"] == 3
 
 
-def test_a_single_node_fleet_going_stale_is_reaped(now, reconcile):
-    """At least two stale nodes are needed for the guard."""
-    only = make_node(name="gpu-a", now=now - STALE)
+def test_a_single_node_fleet_going_stale_is_reaped(now, watch):
+    """At least two stale nodes are needed for the guard, two swept nodes for silence."""
+    only = make_node(name="gpu-a", now=now)
 
-    reconcile()
+    watch(40)
 
     assert status(only) == Node.Status.OFFLINE
 
 
 @override_settings(STALE_AFTER=120)
-def test_stale_after_is_read_from_settings(now, reconcile):
-    node = make_node(name="gpu-a", now=now - timedelta(seconds=90))
+def test_stale_after_is_read_from_settings(now, watch):
+    node = make_node(name="gpu-a", now=now)
 
-    reconcile()
-
+    summaries = watch(120)
     assert status(node) == Node.Status.HEALTHY
+    summaries = watch(130, start=130)
+
+    assert summaries[130].actions["nodes_marked_offline"] == 1
 
 
 def test_a_node_that_signed_off_is_not_recovered_until_it_heartbeats_again(reconcile, now):

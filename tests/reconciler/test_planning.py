@@ -12,6 +12,7 @@ from reconciler.planning import (
     plan_checks,
     plan_model,
     plan_node_health,
+    plan_observation,
     plan_worker_reconciliation,
     transition_event_kind,
 )
@@ -62,25 +63,102 @@ def snapshot(nodes=(), replicas=(), configs=(), load_info=("llama",)):
 # --- node health --------------------------------------------------------------------------------
 
 
-def test_stale_healthy_nodes_go_offline_and_fresh_offline_ones_recover():
-    stale = node("a", heartbeat=NOW - timedelta(seconds=31))
-    never = node("b", heartbeat=None)
-    back = node("c", Node.Status.OFFLINE)
-    fine = [node(f"ok-{i}") for i in range(3)]
-    plan = plan_node_health(snapshot([stale, never, back, *fine]), CFG, now=NOW)
+def observed(name, status=Node.Status.HEALTHY, *, seen_at=NOW, heartbeat=NOW - timedelta(hours=3), **fields):
+    """A node the reconciler last saw heartbeating at ``seen_at`` (its own clock); the
+    heartbeat's own timestamp (a web process's clock) is deliberately far off."""
+    return node(name, status, heartbeat=heartbeat, heartbeat_seen=heartbeat, heartbeat_seen_at=seen_at, **fields)
 
-    assert plan.guard is False
-    assert {n.name for n in plan.mark_offline} == {"a", "b"}
-    assert [n.name for n in plan.mark_healthy] == ["c"]
-    assert plan.heartbeat_cutoff == NOW - timedelta(seconds=30)
+
+def observe(nodes, *, previous_pass_at=NOW - timedelta(seconds=10), now=NOW):
+    return plan_observation(snapshot(nodes), CFG, now=now, previous_pass_at=previous_pass_at)
+
+
+def health(nodes, **kwargs):
+    observation = observe(nodes, **kwargs)
+    return plan_node_health(snapshot(nodes), CFG, now=kwargs.get("now", NOW), observation=observation)
+
+
+def test_staleness_is_counted_from_the_reconcilers_own_observations():
+    stale = observed("a", seen_at=NOW - timedelta(seconds=31))
+    # Its web process's clock says the heartbeat is an hour in the future: irrelevant.
+    stale_ahead = observed("b", seen_at=NOW - timedelta(seconds=31), heartbeat=NOW + timedelta(hours=1))
+    never = node("c", heartbeat=None, heartbeat_seen_at=NOW - timedelta(seconds=5))
+    # A heartbeat stamped an hour ago by a slow clock, but new to the reconciler: fresh.
+    changed = node(
+        "d",
+        heartbeat=NOW - timedelta(hours=1),
+        heartbeat_seen=NOW - timedelta(hours=2),
+        heartbeat_seen_at=NOW - timedelta(minutes=5),
+    )
+    back = node(
+        "e",
+        Node.Status.OFFLINE,
+        heartbeat=NOW,
+        heartbeat_seen=NOW - timedelta(seconds=40),
+        heartbeat_seen_at=NOW - timedelta(seconds=40),
+    )
+    still_offline = observed("f", Node.Status.OFFLINE, seen_at=NOW - timedelta(hours=1))
+    fine = [observed(f"ok-{i}", seen_at=NOW - timedelta(seconds=29)) for i in range(4)]
+    plan = health([stale, stale_ahead, never, changed, back, still_offline, *fine])
+
+    assert plan.guard is False and plan.silent is False
+    assert {n.name for n in plan.mark_offline} == {"a", "b", "c"}
+    assert [n.name for n in plan.mark_healthy] == ["e"]
+
+
+def test_a_first_sight_of_an_offline_nodes_heartbeat_does_not_recover_it():
+    """Nodes never observed (the first pass after an upgrade) are stamped, not recovered: a dead
+    node's old heartbeat must not bring it back."""
+    offline = node("a", Node.Status.OFFLINE, heartbeat=NOW - timedelta(hours=1))
+    plan = health([offline, observed("b")])
+
+    assert plan.mark_healthy == ()
+
+
+def test_observation_gap_restarts_counting_for_every_node():
+    nodes = [observed("a", seen_at=NOW - timedelta(minutes=5)), observed("b", seen_at=NOW - timedelta(minutes=5))]
+    nodes.append(
+        node(
+            "c", heartbeat=NOW, heartbeat_seen=NOW - timedelta(seconds=2), heartbeat_seen_at=NOW - timedelta(minutes=5)
+        )
+    )
+
+    after_outage = observe(nodes, previous_pass_at=NOW - timedelta(minutes=5))
+    assert after_outage.restart is True
+    assert health(nodes, previous_pass_at=NOW - timedelta(minutes=5)).mark_offline == ()
+
+    # Passes kept running but no heartbeat changed for longer than the gap, then one did.
+    resumed = observe(nodes, previous_pass_at=NOW - timedelta(seconds=1))
+    assert (resumed.restart, resumed.silent) == (True, False)
+    assert health(nodes, previous_pass_at=NOW - timedelta(seconds=1)).mark_offline == ()
+
+
+def test_silent_ingestion_reaps_nothing_but_a_lone_node_is_still_reaped():
+    quiet = [observed(f"s{i}", seen_at=NOW - timedelta(seconds=40 + i)) for i in range(3)]
+    silent = health(quiet, previous_pass_at=NOW - timedelta(seconds=1))
+
+    assert (silent.silent, silent.mark_offline) == (True, ())
+    assert silent.guard_condition().reason == "heartbeat_ingestion_silent"
+    assert len(silent.stale) == 3
+
+    lone = health([quiet[0]], previous_pass_at=NOW - timedelta(seconds=1))
+    assert lone.silent is False and [n.name for n in lone.mark_offline] == ["s0"]
+
+
+def test_a_live_fleet_is_never_silent_and_never_restarts():
+    # Heartbeats seen one interval ago, the previous pass one interval ago: a normal pass.
+    nodes = [observed(f"n{i}", seen_at=NOW - timedelta(seconds=10)) for i in range(3)]
+    plan = observe(nodes)
+
+    assert (plan.restart, plan.silent, plan.changed) == (False, False, frozenset())
 
 
 def test_guard_needs_more_than_the_fraction_and_at_least_two_nodes():
-    old = NOW - timedelta(minutes=5)
+    old = NOW - timedelta(seconds=31)
 
     def guard(stale, fresh):
-        nodes = [node(f"s{i}", heartbeat=old) for i in range(stale)] + [node(f"f{i}") for i in range(fresh)]
-        return plan_node_health(snapshot(nodes), CFG, now=NOW).guard
+        nodes = [observed(f"s{i}", seen_at=old) for i in range(stale)] + [observed(f"f{i}") for i in range(fresh)]
+        return health(nodes).guard
 
     assert guard(2, 0) is True
     assert guard(3, 2) is True
@@ -92,14 +170,14 @@ def test_guard_needs_more_than_the_fraction_and_at_least_two_nodes():
 def test_guard_counts_only_healthy_nodes_and_reaps_none():
     old = NOW - timedelta(minutes=5)
     nodes = [
-        node("s1", heartbeat=old),
-        node("s2", heartbeat=old),
-        node("fresh"),
-        node("drain", Node.Status.DRAINING, heartbeat=old),
-        node("off", Node.Status.OFFLINE, heartbeat=old),
-        node("pend", Node.Status.PENDING, heartbeat=old),
+        observed("s1", seen_at=old),
+        observed("s2", seen_at=old),
+        observed("fresh"),
+        observed("drain", Node.Status.DRAINING, seen_at=old),
+        observed("off", Node.Status.OFFLINE, seen_at=old),
+        observed("pend", Node.Status.PENDING, seen_at=old),
     ]
-    plan = plan_node_health(snapshot(nodes), CFG, now=NOW)
+    plan = health(nodes)
 
     assert plan.guard is True and plan.swept == 3
     assert plan.mark_offline == ()
@@ -130,20 +208,24 @@ def test_checks_probe_old_loaded_rows_with_an_address_on_healthy_nodes():
 
 def test_worker_reconciliation():
     a = node("a")
-    listed_at = NOW
+    before = NOW - timedelta(seconds=1)
     rows = [
-        row(a, index=0, updated_at=NOW - timedelta(seconds=1)),
-        row(a, index=1, updated_at=NOW - timedelta(seconds=1)),
-        row(a, index=2, updated_at=NOW + timedelta(seconds=1)),  # written after the listing
+        row(a, index=0, state_changed_at=before),
+        row(a, index=1, state_changed_at=before),
+        row(a, index=2, state_changed_at=NOW),  # loaded after the snapshot: judged next pass
+        row(a, index=3, state_changed_at=NOW),  # re-recorded after the snapshot
         row(a, "phi", 0, state=NodeModel.State.LOADING),
     ]
+    # What the snapshot read before the listing: rows 0 and 1 loaded, row 2 still loading (absent
+    # from the map), row 3 loaded by an earlier state change.
+    loaded_before_listing = {rows[0].id: before, rows[1].id: before, rows[3].id: before}
     reported = [
         WorkerBackend("llama", 0, "RUNNING"),
         WorkerBackend("llama", 1, "EXITED"),
         WorkerBackend("phi", 0, "RUNNING"),
         WorkerBackend("qwen", 3, "RUNNING"),
     ]
-    plan = plan_worker_reconciliation(rows, reported, listed_at=listed_at)
+    plan = plan_worker_reconciliation(rows, reported, loaded_before_listing=loaded_before_listing)
 
     assert [r.replica_index for r in plan.remove] == [1]
     assert plan.stop == (WorkerBackend("qwen", 3, "RUNNING"),)

@@ -50,9 +50,10 @@ def test_seed_scenario_one_pass_asks_the_scheduler_for_both_replicas_after_every
     # A frontend restart: nobody received heartbeats, the health monitor marked both offline
     # (the reference's path), which removed every replica row.
     for node in (a, b):
-        assert Node.objects.mark_offline(node.pk, heartbeat_before=now - timedelta(seconds=30))
+        assert Node.objects.mark_offline(node.pk, expected_heartbeat=earlier, now=now)
     assert not NodeModel.objects.exists()
     # The workers heartbeat again.
+    reconcile(at=now - timedelta(seconds=10))  # the reconciler has watched the fleet before
     for node in (a, b):
         Node.objects.heartbeat(node.pk, now=now)
 

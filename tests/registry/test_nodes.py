@@ -91,7 +91,9 @@ def test_registration_applies_auto_labels_and_merges_worker_labels():
 
 def test_registration_clears_every_models_cooldown(now):
     make_scheduling("llama", min_replicas=1)
-    ModelSchedulingConfig.objects.filter(model_name="llama").update(unsatisfiable_until=now + timedelta(minutes=5), unsatisfiable_ticks=2)
+    ModelSchedulingConfig.objects.filter(model_name="llama").update(
+        unsatisfiable_until=now + timedelta(minutes=5), unsatisfiable_ticks=2
+    )
 
     make_node()
 
@@ -185,16 +187,67 @@ def test_drain_keeps_rows_but_makes_them_unroutable_and_resume_restores():
     assert NodeModel.objects.warm_pick("llama") is not None
 
 
-def test_mark_offline_with_a_heartbeat_bound_loses_to_a_fresh_heartbeat(now):
+def test_mark_offline_expecting_the_observed_heartbeat_loses_to_a_newer_one(now):
     node = make_node(now=now)
     make_replica(node)
-    Node.objects.heartbeat(node.pk, now=now + timedelta(seconds=40))
+    observed = Node.objects.get(pk=node.pk).last_heartbeat
+    # A heartbeat lands between the reconciler's snapshot and its mark_offline, through a web
+    # process whose clock is a minute behind: the value changed, so the node is not reaped.
+    Node.objects.heartbeat(node.pk, now=now - timedelta(minutes=1))
 
-    assert not Node.objects.mark_offline(node.pk, heartbeat_before=now + timedelta(seconds=30))
+    assert not Node.objects.mark_offline(node.pk, expected_heartbeat=observed, now=now)
 
     node.refresh_from_db()
     assert node.status == Node.Status.HEALTHY
     assert NodeModel.objects.filter(node=node).exists()
+    assert Node.objects.mark_offline(node.pk, expected_heartbeat=now - timedelta(minutes=1), now=now)
+
+
+def test_status_and_slot_verbs_write_their_now(now):
+    node = make_node(now=now, status=Node.Status.PENDING)
+    steps = [
+        (Node.objects.approve, {}),
+        (Node.objects.mark_draining, {}),
+        (Node.objects.resume, {}),
+        (Node.objects.mark_unhealthy, {}),
+        (Node.objects.mark_healthy, {}),
+        (Node.objects.set_max_replicas_per_model, {"slots": 3}),
+        (Node.objects.reset_max_replicas_per_model, {}),
+        (Node.objects.mark_offline, {}),
+    ]
+    for minutes, (verb, kwargs) in enumerate(steps, start=1):
+        at = now + timedelta(minutes=minutes)
+        assert verb(node.pk, now=at, **kwargs), verb.__name__
+        assert Node.objects.get(pk=node.pk).updated_at == at, verb.__name__
+
+
+def test_observe_heartbeats_stamps_changed_heartbeats_with_the_observers_clock(now):
+    a = make_node(now=now)
+    b = make_node(now=now)
+    observer = now + timedelta(hours=1)  # the reconciler's clock; the web process's is irrelevant
+
+    assert Node.objects.observe_heartbeats(now=observer) == 2  # first sight of both
+    assert Node.objects.observe_heartbeats(now=observer + timedelta(seconds=1)) == 0  # nothing changed
+    Node.objects.heartbeat(a.pk, now=now - timedelta(minutes=5))  # a web process with a slow clock
+    assert Node.objects.observe_heartbeats(now=observer + timedelta(seconds=2)) == 1
+
+    seen = dict(Node.objects.values_list("pk", "heartbeat_seen_at"))
+    assert seen == {a.pk: observer + timedelta(seconds=2), b.pk: observer}
+    a.refresh_from_db()
+    assert a.heartbeat_seen == now - timedelta(minutes=5)
+    # A restart of observation stamps every node.
+    assert Node.objects.observe_heartbeats(now=observer + timedelta(seconds=3), restart=True) == 2
+    assert set(Node.objects.values_list("heartbeat_seen_at", flat=True)) == {observer + timedelta(seconds=3)}
+
+
+def test_observe_heartbeats_sees_a_forgotten_heartbeat_as_a_change(now):
+    node = make_node(now=now)
+    Node.objects.observe_heartbeats(now=now)
+    Node.objects.mark_offline(node.pk, forget_heartbeat=True, now=now)
+
+    assert Node.objects.observe_heartbeats(now=now + timedelta(seconds=1)) == 1
+    node.refresh_from_db()
+    assert (node.heartbeat_seen, node.heartbeat_seen_at) == (None, now + timedelta(seconds=1))
 
 
 def test_deregister_deletes_node_labels_and_replicas():
