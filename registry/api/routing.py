@@ -10,6 +10,8 @@ Thin views: each calls one router function or registry verb (``registry.router.r
 
 from __future__ import annotations
 
+import unicodedata
+
 from django.conf import settings
 from django.db import transaction
 from django.urls import reverse
@@ -165,6 +167,13 @@ class ReplicaSerializer(serializers.ModelSerializer):
 # --------------------------------------------------------------------------------------------
 
 
+def node_header_value(node_name: str) -> str:
+    """``X-Control-Plane-Node``: the node's name, with any control character percent-encoded so
+    that the header can always be sent (names registered before names were validated may hold
+    a CR/LF, which would split the header)."""
+    return "".join(f"%{ord(c):02X}" if unicodedata.category(c) == "Cc" else c for c in node_name)
+
+
 def _lease_answer(result: router.RouteResult) -> dict:
     lease = result.lease
     lease.node_name = result.node_name
@@ -220,10 +229,16 @@ class RouteView(APIView):
                 "Location": reverse("load-job", kwargs={"job_id": job.pk}),
             }
             return Response({"load_job": LoadJobSerializer(job).data}, status=status.HTTP_202_ACCEPTED, headers=headers)
-        headers = {}
-        if getattr(settings, "CONTROLPLANE_NODE_HEADER", False):
-            headers["X-Control-Plane-Node"] = result.node_name
-        return Response(_lease_answer(result), headers=headers)
+        try:
+            headers = {}
+            if getattr(settings, "CONTROLPLANE_NODE_HEADER", False):
+                headers["X-Control-Plane-Node"] = node_header_value(result.node_name)
+            return Response(_lease_answer(result), headers=headers)
+        except BaseException:
+            # The caller would never learn this lease: give its in-flight slot back at once
+            # instead of holding the replica until the lease expires.
+            Lease.objects.release(result.lease.pk)
+            raise
 
 
 class LeaseReleaseView(APIView):
