@@ -91,7 +91,8 @@ class NodeRegistrationView(APIView):
         registration = Node.objects.register(**body.validated_data, auto_approve=settings.CONTROLPLANE_AUTO_APPROVE)
         answer = s.NodeRegisteredSerializer(registration.node).data
         answer["node_token"] = registration.node_token
-        return Response(answer, status=status.HTTP_201_CREATED)
+        # The answer carries a secret: no cache (browser, proxy) may keep a copy.
+        return Response(answer, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
 
 
 @extend_schema(tags=["node"])
