@@ -22,6 +22,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from controlplane import names
 from controlplane.auth import IsFrontend
 from controlplane.problems import ProblemError
 from controlplane.schema import problems
@@ -147,12 +148,11 @@ class ReplicaReportSerializer(s.LoadInfoWriteSerializer):
     """A replica a frontend loaded itself: where it runs and the recipe it was loaded with."""
 
     node_id = serializers.UUIDField()
-    model_name = StrictCharField(max_length=s.MAX_MODEL_NAME)
+    model_name = StrictCharField(
+        max_length=s.MAX_MODEL_NAME, trim_whitespace=False, validators=[names.validate_model_name]
+    )
     replica_index = StrictIntegerField(min_value=0, max_value=s.MAX_INT)
     address = StrictCharField(max_length=512, help_text="host:port of the replica's backend")
-
-    def validate_model_name(self, value):
-        return s.validate_model_name(value)
 
 
 class ReplicaSerializer(serializers.ModelSerializer):
