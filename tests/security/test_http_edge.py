@@ -3,11 +3,17 @@ answer is an HTTP answer (never a reset), every error a problem document, nothin
 no request a client can send makes the server log a traceback (checked after every test)."""
 
 import urllib.parse
+from collections import Counter
 
 import pytest
 from django.conf import settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
-from .edge import REGISTRATION_TOKEN, start_edge_server
+from tests.api import hostile
+
+from .edge import REGISTRATION_TOKEN, build_request, send, start_edge_server
 
 LONG_NAME = "a" * 10_000
 REGISTER = "/api/node/register"
@@ -128,8 +134,6 @@ def test_too_many_header_fields_is_a_431_problem(server):
 
 
 def test_a_malformed_request_line_is_a_400_problem(server):
-    from .edge import send
-
     answer = send(server.web_port, b"GET /api/v1/nodes HTTP/1.1 extra\r\nHost: 127.0.0.1\r\n\r\n")
     assert answer.status == 400 and answer.problem()["code"] == "bad_request"
 
@@ -190,3 +194,60 @@ def test_a_node_name_with_cr_lf_is_refused_at_registration(server):
         "POST", REGISTER, json_body=register_body(name="edge\r\nX-Evil: 1"), credential=REGISTRATION_TOKEN
     )
     assert answer.status == 400 and "name" in answer.problem()["errors"]
+
+
+# --- the property-based fuzz, through the real server -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edge_node(server):
+    answer = server.request("POST", REGISTER, json_body=register_body(name="edge-fuzz"), credential=REGISTRATION_TOKEN)
+    assert answer.status == 201
+    return answer.json()
+
+
+@pytest.fixture(scope="module")
+def operations(server):
+    return hostile.operations_of(server.request("GET", "/api/schema/?format=json").json())
+
+
+def test_hostile_requests_through_the_server_get_no_server_error(server, edge_node, operations, report):
+    """A sample of ``tests/api/hostile.py`` over every operation, sent as raw bytes (raw UTF-8 and
+    control characters in paths included); the autouse fixture checks the log for tracebacks."""
+    statuses = Counter()
+
+    @hypothesis_settings(
+        max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(data=st.data())
+    def run(data):
+        operation = data.draw(st.sampled_from(operations))
+        kind = data.draw(st.sampled_from(hostile.KINDS))
+        request = data.draw(hostile.hostile_requests(operation, kind))
+        headers = {}
+        credential = hostile.credential_for(
+            request,
+            operation,
+            api_key=server.api_key,
+            node_token=edge_node["node_token"],
+            registration_token=REGISTRATION_TOKEN,
+        )
+        if credential is not None:
+            headers["Authorization"] = credential
+        if request.accept is not None:
+            headers["Accept"] = request.accept
+        if request.content_type is not None and request.body is not None:
+            headers["Content-Type"] = request.content_type
+        target = request.path(operation, hostile.path_values(edge_node["id"]), raw=data.draw(st.booleans()))
+        answer = send(server.web_port, build_request(operation.method, target, body=request.body, headers=headers))
+        statuses[answer.status] += 1
+        assert answer.status < 500 or hostile.is_retry_later(answer.status, answer.headers, answer.body), (
+            operation.label,
+            request,
+            answer,
+        )
+        if answer.status >= 400:
+            answer.problem()
+
+    run()
+    report(f"hostile fuzz through gunicorn: {sum(statuses.values())} requests ({dict(sorted(statuses.items()))})")
