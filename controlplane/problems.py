@@ -22,7 +22,8 @@ exception                                              status  code
 =====================================================  ======  ==========================
 ProblemError subclasses                                theirs  theirs
 DRF ValidationError, django ValidationError            400     validation_error
-DRF ParseError                                         400     parse_error
+DRF ParseError (controlplane/parsers.py's bounds too)  400     parse_error
+a path that is not UTF-8 (controlplane/httpserver.py)  400     invalid_path
 django.db.DataError (a value the database refuses)     400     invalid_data
 NotAuthenticated / AuthenticationFailed                401     not_authenticated / invalid_token
 PermissionDenied                                       403     permission_denied (or the permission's code)
@@ -34,6 +35,10 @@ UnsupportedMediaType                                   415     unsupported_media
 Throttled                                              429     throttled
 django.db.OperationalError / InterfaceError            503     database_unavailable
 =====================================================  ======  ==========================
+
+Answered by gunicorn before Django, as problem documents too (``controlplane/httpserver.py``):
+a request line over 4094 bytes is a 414 ``uri_too_long``, too many or too large header fields a
+431 ``request_header_fields_too_large``, a malformed request line or header a 400 ``bad_request``.
 
 Anything else is a bug: it is left to Django (logged by ``django.request``, then ``handler500``
 answers a 500 problem without a traceback).

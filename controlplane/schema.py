@@ -123,5 +123,5 @@ class StaffSessionScheme(OpenApiAuthenticationExtension):
             "type": "apiKey",
             "in": "cookie",
             "name": settings.SESSION_COOKIE_NAME,
-            "description": "Django session of a staff user (browsable API); unsafe methods need the CSRF token.",
+            "description": "Django admin session of a staff user; unsafe methods need the CSRF token.",
         }
