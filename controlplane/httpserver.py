@@ -38,9 +38,15 @@ def problem_for_server_error(status: int, reason: str, message: str) -> tuple[in
     """(status, reason, body) of the problem document for an error gunicorn answers itself."""
     if status == 400 and message.startswith(_REQUEST_LINE_TOO_LARGE):
         status, reason = 414, "URI Too Long"
-    from controlplane.problems import generic_problem  # Django is loaded in a serving worker
+    try:
+        from controlplane.problems import generic_problem  # Django is loaded in a serving worker
 
-    return status, reason, json.dumps(generic_problem(status).as_dict()).encode()
+        document = generic_problem(status).as_dict()
+    except Exception:  # noqa: BLE001 - an answer without the project's wording beats no answer
+        code = reason.lower().replace(" ", "_").replace("-", "_")
+        document = {"type": f"urn:controlplane:problem:{code}", "title": reason, "status": status, "detail": reason}
+        document["code"] = code
+    return status, reason, json.dumps(document).encode()
 
 
 def write_problem_error(sock, status_int: int, reason: str, mesg: str) -> None:

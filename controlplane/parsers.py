@@ -44,8 +44,6 @@ def nesting_depth(text: str) -> int:
     never end or start a string), then whole strings, so only the structural brackets remain.
     Malformed text may be over-counted, never under-counted: it fails to parse anyway.
     """
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
-        return 0  # cannot be too deep: skip the scan on every ordinary body
     brackets = _NOT_A_BRACKET.sub("", _STRING.sub("", _ESCAPE_PAIR.sub("", text)))
     return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0)
 
@@ -75,8 +73,8 @@ def _bounded_int(literal: str) -> int:
 
 def loads_strict(text: str):
     """``json.loads`` with the bounds above; ValueError for anything refused."""
-    depth = nesting_depth(text)
-    if depth > MAX_JSON_DEPTH:
+    # Fewer brackets than the limit cannot nest too deep: ordinary bodies skip the scan.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and nesting_depth(text) > MAX_JSON_DEPTH:
         raise ValueError(f"arrays and objects nest deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int)

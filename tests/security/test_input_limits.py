@@ -6,6 +6,7 @@ through the real web process in ``test_http_edge.py``."""
 
 import json
 import logging
+import sys
 import time
 import uuid
 
@@ -224,8 +225,10 @@ def test_the_registration_answer_carrying_the_node_token_is_no_store(db):
 
 
 def console_output(record: logging.LogRecord) -> str:
-    handler = next(h for h in logging.getLogger().handlers if isinstance(h.formatter, logging.Formatter))
-    assert any(isinstance(f, ClientErrorTracebackFilter) for f in handler.filters)
+    # The console handler of settings.LOGGING (pytest adds its own capture handlers to the root).
+    handler = next(
+        h for h in logging.getLogger().handlers if any(isinstance(f, ClientErrorTracebackFilter) for f in h.filters)
+    )
     handler.filter(record)
     return handler.format(record)
 
@@ -244,7 +247,7 @@ def test_client_errors_are_logged_without_traceback_and_server_errors_with_it(ca
     try:
         raise RuntimeError("a bug")
     except RuntimeError:
-        bug = logging.LogRecord("django.request", logging.ERROR, __file__, 1, "boom", (), __import__("sys").exc_info())
+        bug = logging.LogRecord("django.request", logging.ERROR, __file__, 1, "boom", (), sys.exc_info())
     bug.status_code = 500
     assert "Traceback" in console_output(bug)
 
