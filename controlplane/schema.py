@@ -20,8 +20,7 @@ from controlplane.problems import PROBLEM_CONTENT_TYPE
 from controlplane.serializers import ProblemSerializer
 
 PROBLEM_DESCRIPTIONS = {
-    400: "Invalid request (`validation_error` with `errors`: field -> messages, `parse_error`, or "
-    "`invalid_path`)",
+    400: "Invalid request (`validation_error` with `errors`: field -> messages, `parse_error`, or `invalid_path`)",
     401: "No credential (`not_authenticated`) or a wrong, unknown or revoked one (`invalid_token`)",
     403: "Valid credential without the right (`permission_denied`, `node_token_mismatch`)",
     404: "No such resource (`not_found`)",
