@@ -10,7 +10,7 @@ Three bearer credentials, all sent as ``Authorization: Bearer <secret>``:
   ``settings.CONTROLPLANE_REGISTRATION_TOKEN`` for ``POST /api/node/register``; the LocalAI
   body field ``token`` is accepted too. ``request.auth`` is ``REGISTRATION``.
 
-Staff users also get the browsable API through their Django session (``SessionAuthentication``).
+Staff users may also call the API (JSON) with their Django admin session (``SessionAuthentication``).
 
 Permissions (declare one on each view; the default of ``REST_FRAMEWORK`` is ``IsOperator``)::
 

@@ -58,6 +58,25 @@ class ContextFilter(logging.Filter):
         return True
 
 
+class ClientErrorTracebackFilter(logging.Filter):
+    """Drops the traceback from records about a client's mistake: Django logs a disallowed
+    Host, a suspicious request (``django.security.*``) and a 4xx from a Django-level exception
+    (``django.request``, e.g. an admin ``PermissionDenied``) with the exception attached. Anyone
+    can trigger those, so they stay one line each; 5xx records keep theirs (those are bugs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _is_client_error(record):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _is_client_error(record: logging.LogRecord) -> bool:
+    if record.name.startswith("django.security."):
+        return True
+    return record.name == "django.request" and 400 <= getattr(record, "status_code", 500) < 500
+
+
 class ReadableFormatter(logging.Formatter):
     """``asctime level logger message [key=value ...]``."""
 
@@ -110,13 +129,20 @@ def logging_config(*, level: str = "INFO", fmt: str = "readable") -> dict:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"context": {"()": "controlplane.logs.ContextFilter"}},
+        "filters": {
+            "context": {"()": "controlplane.logs.ContextFilter"},
+            "client_errors": {"()": "controlplane.logs.ClientErrorTracebackFilter"},
+        },
         "formatters": {
             "readable": {"()": "controlplane.logs.ReadableFormatter"},
             "json": {"()": "controlplane.logs.JsonFormatter"},
         },
         "handlers": {
-            "console": {"class": "logging.StreamHandler", "formatter": formatter, "filters": ["context"]},
+            "console": {
+                "class": "logging.StreamHandler",
+                "formatter": formatter,
+                "filters": ["context", "client_errors"],
+            },
         },
         "root": {"handlers": ["console"], "level": level},
         "loggers": {"django.db.backends": {"level": "INFO"}},

@@ -32,7 +32,8 @@ class LimitOffset(LimitOffsetPagination):
         if len(values) > 1:
             raise ValidationError({name: ["Give this parameter at most once."]})
         raw = values[0]
-        if not (raw.isascii() and raw.isdigit()) or not minimum <= int(raw) <= maximum:
+        # The length check first: int() of thousands of digits is slow, then a ValueError.
+        if len(raw) > len(str(maximum)) or not (raw.isascii() and raw.isdigit()) or not minimum <= int(raw) <= maximum:
             raise ValidationError({name: [f"Must be an integer from {minimum} to {maximum}."]})
         return int(raw)
 

@@ -22,7 +22,8 @@ exception                                              status  code
 =====================================================  ======  ==========================
 ProblemError subclasses                                theirs  theirs
 DRF ValidationError, django ValidationError            400     validation_error
-DRF ParseError                                         400     parse_error
+DRF ParseError (controlplane/parsers.py's bounds too)  400     parse_error
+a path that is not UTF-8 (controlplane/httpserver.py)  400     invalid_path
 django.db.DataError (a value the database refuses)     400     invalid_data
 NotAuthenticated / AuthenticationFailed                401     not_authenticated / invalid_token
 PermissionDenied                                       403     permission_denied (or the permission's code)
@@ -34,6 +35,10 @@ UnsupportedMediaType                                   415     unsupported_media
 Throttled                                              429     throttled
 django.db.OperationalError / InterfaceError            503     database_unavailable
 =====================================================  ======  ==========================
+
+Answered by gunicorn before Django, as problem documents too (``controlplane/httpserver.py``):
+a request line over 4094 bytes is a 414 ``uri_too_long``, too many or too large header fields a
+431 ``request_header_fields_too_large``, a malformed request line or header a 400 ``bad_request``.
 
 Anything else is a bug: it is left to Django (logged by ``django.request``, then ``handler500``
 answers a 500 problem without a traceback).
@@ -53,7 +58,6 @@ from django.db import DataError, IntegrityError, InterfaceError, OperationalErro
 from django.http import Http404, JsonResponse
 from django.views import defaults as django_defaults
 from rest_framework import exceptions, status
-from rest_framework.renderers import BrowsableAPIRenderer
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import set_rollback
@@ -290,12 +294,9 @@ def exception_handler(exc, context):
     if problem is None:
         return None  # a bug: Django logs it and handler500 answers a 500 problem
     set_rollback()
-    request = context.get("request")
-    renderer = getattr(request, "accepted_renderer", None)
-    # The browsable API (a staff member's browser) renders problems as HTML; every other client
-    # gets the problem media type.
-    content_type = None if isinstance(renderer, BrowsableAPIRenderer) else PROBLEM_CONTENT_TYPE
-    return Response(problem.as_dict(), status=problem.status, headers=problem.headers, content_type=content_type)
+    return Response(
+        problem.as_dict(), status=problem.status, headers=problem.headers, content_type=PROBLEM_CONTENT_TYPE
+    )
 
 
 # --- Django-level errors on /api/ paths -------------------------------------------------------
@@ -317,6 +318,12 @@ _GENERIC = {
     403: ("permission_denied", "Permission denied."),
     404: ("not_found", "No API endpoint at this path."),
     413: ("payload_too_large", PayloadTooLarge.default_detail),
+    # Answered by gunicorn before Django (controlplane/httpserver.py, gunicorn.conf.py).
+    414: (
+        "uri_too_long",
+        "The request line is longer than this server accepts (4094 bytes); names are at most 255 characters.",
+    ),
+    431: ("request_header_fields_too_large", "The request headers are larger than this server accepts."),
     500: ("internal_error", "The server failed to answer this request; the error was logged."),
 }
 
@@ -356,8 +363,7 @@ class ProblemResponseMiddleware:
     """Last line of defence for ``/api/`` paths: an error answer that is not already a DRF or
     JSON response (Django's debug pages, CSRF failures, a disallowed Host, a 404 from the URL
     resolver while DEBUG is on) is replaced by a problem document of the same status, so an API
-    client never sees HTML or a traceback. Staff members' browsable-API pages are DRF responses
-    and pass through untouched."""
+    client never sees HTML or a traceback."""
 
     def __init__(self, get_response):
         self.get_response = get_response

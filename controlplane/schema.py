@@ -3,9 +3,9 @@
 - One security scheme per authentication class: ``ApiKey``, ``NodeToken``,
   ``RegistrationToken`` (all HTTP bearer) and ``session`` (staff cookie).
 - ``ProblemAutoSchema`` (``REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"]``) adds the errors every
-  operation can answer as ``application/problem+json``: 401/403 when it needs credentials, 404
-  when its path has parameters, 400/413/415 when it takes a body, 400 when it is paginated, 503
-  always. Endpoint-specific
+  operation can answer as ``application/problem+json``: 401/403 when it needs credentials,
+  400/404 when its path has parameters, 400/413/415 when it takes a body, 400 when it is
+  paginated, 503 always. Endpoint-specific
   problems are declared with ``problems()``::
 
       @extend_schema(responses={200: LoadInfoSerializer, **problems(404, 409)})
@@ -20,7 +20,7 @@ from controlplane.problems import PROBLEM_CONTENT_TYPE
 from controlplane.serializers import ProblemSerializer
 
 PROBLEM_DESCRIPTIONS = {
-    400: "Invalid request (`validation_error` with `errors`: field -> messages, or `parse_error`)",
+    400: "Invalid request (`validation_error` with `errors`: field -> messages, `parse_error`, or `invalid_path`)",
     401: "No credential (`not_authenticated`) or a wrong, unknown or revoked one (`invalid_token`)",
     403: "Valid credential without the right (`permission_denied`, `node_token_mismatch`)",
     404: "No such resource (`not_found`)",
@@ -52,12 +52,13 @@ class ProblemAutoSchema(AutoSchema):
         if any(not isinstance(permission, AllowAny) for permission in permissions):
             statuses += [401, 403]
         if "{" in self.path:
-            statuses.append(404)
+            # 400: a path parameter that is not a valid name, or not UTF-8 (`invalid_path`).
+            statuses += [400, 404]
         if self.method in _BODY_METHODS and self.get_request_serializer() is not None:
             statuses += [400, 413, 415]
         elif self._is_list_view() and self._get_paginator() is not None:
             statuses.append(400)  # malformed limit/offset
-        return sorted(statuses)
+        return sorted(set(statuses))
 
     def _get_response_bodies(self, direction="response"):
         responses = super()._get_response_bodies(direction)
@@ -121,5 +122,5 @@ class StaffSessionScheme(OpenApiAuthenticationExtension):
             "type": "apiKey",
             "in": "cookie",
             "name": settings.SESSION_COOKIE_NAME,
-            "description": "Django session of a staff user (browsable API); unsafe methods need the CSRF token.",
+            "description": "Django admin session of a staff user; unsafe methods need the CSRF token.",
         }

@@ -82,6 +82,8 @@ MIDDLEWARE = [
     "controlplane.metrics.RequestMetricsMiddleware",
     # Turns any HTML error page on /api/ paths into a problem document.
     "controlplane.problems.ProblemResponseMiddleware",
+    # A path that is not UTF-8 once percent-decoded is a 400 (controlplane/httpserver.py).
+    "controlplane.httpserver.InvalidPathMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -166,10 +168,9 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["controlplane.auth.IsOperator"],
     "DEFAULT_PARSER_CLASSES": ["controlplane.parsers.StrictJSONParser"],
-    "DEFAULT_RENDERER_CLASSES": [
-        "rest_framework.renderers.JSONRenderer",
-        "rest_framework.renderers.BrowsableAPIRenderer",
-    ],
+    # JSON only: a client that accepts nothing but text/html gets a 406 problem (browsers send
+    # */* as well and get JSON). The admin is the HTML interface.
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PAGINATION_CLASS": "controlplane.pagination.LimitOffset",
     "PAGE_SIZE": 100,
     "EXCEPTION_HANDLER": "controlplane.problems.exception_handler",
@@ -182,7 +183,17 @@ SPECTACULAR_SETTINGS = {
         "Control plane for fleets of model-serving workers (LocalAI distributed mode). "
         "Workers use /api/node/ with their node token; frontends and operators use /api/v1/ "
         "with an API key. Errors are RFC 9457 problem documents (application/problem+json) "
-        "with a stable `code`."
+        "with a stable `code`.\n\n"
+        "Input limits (docs/security.md): request bodies are JSON (UTF-8, other media types are a "
+        "415) of at most 1 MiB (413 `payload_too_large`), nested at most 32 levels, with finite "
+        "numbers and integers within 64 bits (400 `parse_error` otherwise). Model names, node names "
+        "and label keys are 1-255 characters without control characters or leading/trailing "
+        "whitespace; label values at most 255 characters without control characters; at most 64 "
+        "labels per request. Model names may contain `/` but not at either end, and no segment may "
+        "be empty, `.` or `..`; in a path, percent-encode non-ASCII characters as UTF-8. Refused "
+        "names are a 400 `validation_error`. The request line is at most 4094 bytes (414 "
+        "`uri_too_long`), headers at most 100 fields of 8190 bytes (431). Only JSON is served: "
+        "`Accept` without `application/json` or `*/*` is a 406 `not_acceptable`."
     ),
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,

@@ -1,7 +1,9 @@
 """WSGI entry point (gunicorn controlplane.wsgi).
 
 Refuses to load (ImproperlyConfigured) without a registration token unless open registration is
-explicitly allowed: see ``controlplane.checks``.
+explicitly allowed: see ``controlplane.checks``. ``RequestPathGuard`` undoes gunicorn's
+re-encoding of raw UTF-8 bytes in the request path and marks paths that are not UTF-8
+(``controlplane.httpserver``).
 """
 
 import os
@@ -10,7 +12,9 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
-application = get_wsgi_application()
+from controlplane.httpserver import RequestPathGuard  # noqa: E402
+
+application = RequestPathGuard(get_wsgi_application())
 
 from controlplane.checks import require_serving_configuration  # noqa: E402  (needs settings loaded)
 

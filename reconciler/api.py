@@ -22,15 +22,11 @@ from controlplane.auth import IsFrontend, IsOperator
 from controlplane.problems import ProblemError
 from controlplane.schema import problems
 from registry.api.serializers import validate_model_name
+from registry.api.views import MODEL
 
 from .models import Event, ModelCondition, ReconcilePass
 from .reconcile import reconcile_once
 from .status import known_model_names, model_status, model_statuses
-
-MODEL = OpenApiParameter(
-    "model", type=str, location=OpenApiParameter.PATH, description="model name; may contain slashes and dots"
-)
-
 
 # --------------------------------------------------------------------------------------------
 # Serializers (shape only; nothing here changes state)

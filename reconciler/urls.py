@@ -13,7 +13,7 @@ from .api import EventListView, ModelStatusListView, ModelStatusView, ReconcileV
 class ModelNameConverter:
     """Any non-empty path (slashes allowed) not ending in a registry sub-resource."""
 
-    regex = ".+"
+    regex = r"[\s\S]+"  # line breaks too: a malformed name is the view's 400, not a 404
     RESERVED_SUFFIXES = ("/scheduling", "/load-info", "/route")
 
     def to_python(self, value: str) -> str:

@@ -10,6 +10,8 @@ Thin views: each calls one router function or registry verb (``registry.router.r
 
 from __future__ import annotations
 
+import unicodedata
+
 from django.conf import settings
 from django.db import transaction
 from django.urls import reverse
@@ -20,6 +22,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from controlplane import names
 from controlplane.auth import IsFrontend
 from controlplane.problems import ProblemError
 from controlplane.schema import problems
@@ -151,12 +154,11 @@ class ReplicaReportSerializer(s.LoadInfoWriteSerializer):
     """A replica a frontend loaded itself: where it runs and the recipe it was loaded with."""
 
     node_id = serializers.UUIDField()
-    model_name = StrictCharField(max_length=s.MAX_MODEL_NAME)
+    model_name = StrictCharField(
+        max_length=s.MAX_MODEL_NAME, trim_whitespace=False, validators=[names.validate_model_name]
+    )
     replica_index = StrictIntegerField(min_value=0, max_value=s.MAX_INT)
     address = StrictCharField(max_length=512, help_text="host:port of the replica's backend")
-
-    def validate_model_name(self, value):
-        return s.validate_model_name(value)
 
 
 class ReplicaSerializer(serializers.ModelSerializer):
@@ -169,6 +171,13 @@ class ReplicaSerializer(serializers.ModelSerializer):
 # --------------------------------------------------------------------------------------------
 # Views
 # --------------------------------------------------------------------------------------------
+
+
+def node_header_value(node_name: str) -> str:
+    """``X-Control-Plane-Node``: the node's name, with any control character percent-encoded so
+    that the header can always be sent (names registered before names were validated may hold
+    a CR/LF, which would split the header)."""
+    return "".join(f"%{ord(c):02X}" if unicodedata.category(c) == "Cc" else c for c in node_name)
 
 
 def _lease_answer(result: router.RouteResult) -> dict:
@@ -228,10 +237,16 @@ class RouteView(APIView):
                 "Location": reverse("load-job", kwargs={"job_id": job.pk}),
             }
             return Response({"load_job": LoadJobSerializer(job).data}, status=status.HTTP_202_ACCEPTED, headers=headers)
-        headers = {}
-        if getattr(settings, "CONTROLPLANE_NODE_HEADER", False):
-            headers["X-Control-Plane-Node"] = result.node_name
-        return Response(_lease_answer(result), headers=headers)
+        try:
+            headers = {}
+            if getattr(settings, "CONTROLPLANE_NODE_HEADER", False):
+                headers["X-Control-Plane-Node"] = node_header_value(result.node_name)
+            return Response(_lease_answer(result), headers=headers)
+        except BaseException:
+            # The caller would never learn this lease: give its in-flight slot back at once
+            # instead of holding the replica until the lease expires.
+            Lease.objects.release(result.lease.pk)
+            raise
 
 
 class LeaseReleaseView(APIView):

@@ -10,6 +10,7 @@ import binascii
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from controlplane import names
 from controlplane.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
 from registry.labels import MAX_LABEL_PART, validate_labels
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
@@ -17,20 +18,34 @@ from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeMode
 # Column limits: PositiveBigIntegerField (bytes of VRAM/RAM) and PositiveIntegerField.
 MAX_BYTES = 2**63 - 1
 MAX_INT = 2**31 - 1
-MAX_MODEL_NAME = 255
+MAX_MODEL_NAME = names.MAX_NAME_LENGTH
+# Labels one request may carry (a node's labels, a scheduling config's node selector).
+MAX_LABELS = 64
 
 
-@extend_schema_field({"type": "object", "additionalProperties": {"type": "string", "maxLength": MAX_LABEL_PART}})
+@extend_schema_field(
+    {
+        "type": "object",
+        "maxProperties": MAX_LABELS,
+        "additionalProperties": {"type": "string", "maxLength": MAX_LABEL_PART},
+    }
+)
 class LabelMapField(serializers.DictField):
-    """A map of label key -> value (both strings of at most 255 characters, keys non-empty)."""
+    """A map of label key -> value: at most 64 pairs; keys are names (1-255 characters, no
+    control characters, no outer whitespace), values at most 255 characters without control
+    characters (``controlplane.names``)."""
 
-    child = StrictCharField(max_length=MAX_LABEL_PART, allow_blank=True, trim_whitespace=False)
+    child = StrictCharField(
+        max_length=MAX_LABEL_PART, allow_blank=True, trim_whitespace=False, validators=[names.validate_label_value]
+    )
 
     def to_internal_value(self, data):
+        if isinstance(data, dict) and len(data) > MAX_LABELS:
+            raise serializers.ValidationError(f"At most {MAX_LABELS} labels per request.")
         labels = super().to_internal_value(data)
-        bad_keys = [key for key in labels if "\x00" in key]
-        if bad_keys:
-            raise serializers.ValidationError("label keys must not contain NUL characters")
+        key_errors = {key: messages for key in labels if (messages := names.name_errors(key, what="Label key"))}
+        if key_errors:
+            raise serializers.ValidationError(key_errors)
         try:
             return validate_labels(labels)
         except ValueError as exc:
@@ -38,13 +53,11 @@ class LabelMapField(serializers.DictField):
 
 
 def validate_model_name(value: str) -> str:
-    """A model name taken from a URL: non-blank, at most 255 characters, no NUL."""
-    if not value or not value.strip():
-        raise serializers.ValidationError({"model": ["Model name must not be blank."]})
-    if len(value) > MAX_MODEL_NAME:
-        raise serializers.ValidationError({"model": [f"Model name must be at most {MAX_MODEL_NAME} characters."]})
-    if "\x00" in value:
-        raise serializers.ValidationError({"model": ["Model name must not contain NUL characters."]})
+    """A model name taken from a URL: the canonical form of ``controlplane.names``, else a 400
+    ``validation_error`` on the field ``model``."""
+    errors = names.model_name_errors(value)
+    if errors:
+        raise serializers.ValidationError({"model": errors})
     return value
 
 
@@ -59,7 +72,11 @@ class NodeRegistrationSerializer(serializers.Serializer):
     still be able to register.
     """
 
-    name = StrictCharField(max_length=255, help_text="the re-registration key")
+    name = StrictCharField(
+        max_length=names.MAX_NAME_LENGTH,
+        validators=[names.validate_node_name],
+        help_text="the re-registration key",
+    )
     node_type = serializers.ChoiceField(choices=Node.NodeType.choices, default=Node.NodeType.BACKEND)
     address = StrictCharField(
         max_length=512,

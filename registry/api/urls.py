@@ -2,12 +2,14 @@
 
 ``node_urlpatterns`` -> ``/api/node/`` (worker-facing, the reference's paths);
 ``urlpatterns`` -> ``/api/v1/`` (frontends and operators). Model names may contain slashes and
-dots (``org/llama-3.1-8b.gguf``), hence the ``path`` converter: a later route such as
-``models/<path:model>`` must come after the ``models/<path:model>/<suffix>`` routes.
+dots (``org/llama-3.1-8b.gguf``), hence the ``model_name`` converter (``converters.py``): a
+later route such as ``models/<model_name:model>`` must come after the
+``models/<model_name:model>/<suffix>`` routes.
 """
 
 from django.urls import path
 
+from . import converters  # noqa: F401  (registers <model_name:...>)
 from .views import ModelLoadInfoView, NodeRegistrationView, NodeSelfViewSet, NodeViewSet, SchedulingConfigViewSet
 
 node_urlpatterns = [
@@ -38,9 +40,9 @@ urlpatterns = [
     ),
     path("scheduling", SchedulingConfigViewSet.as_view({"get": "list"}), name="scheduling-list"),
     path(
-        "models/<path:model>/scheduling",
+        "models/<model_name:model>/scheduling",
         SchedulingConfigViewSet.as_view({"get": "retrieve", "put": "update", "delete": "destroy"}),
         name="model-scheduling",
     ),
-    path("models/<path:model>/load-info", ModelLoadInfoView.as_view(), name="model-load-info"),
+    path("models/<model_name:model>/load-info", ModelLoadInfoView.as_view(), name="model-load-info"),
 ]

@@ -15,6 +15,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from controlplane import names
 from controlplane.auth import (
     HasRegistrationToken,
     IsFrontend,
@@ -29,12 +30,21 @@ from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabe
 from . import serializers as s
 from .problems import InvalidModelOptions, InvalidTransition, NoLoadInfo
 
+# The canonical form of controlplane.names: 1-255 characters, no control characters, no outer
+# whitespace, slash-separated segments none of which is empty, "." or "..". Anything else is a 400.
+MODEL_NAME_PATTERN = (
+    r"^(?!\s)(?!.*\s$)(?!(.*/)?\.{1,2}(/|$))"
+    r"[^/\x00-\x1F\x7F-\x9F\uD800-\uDFFF]+(/[^/\x00-\x1F\x7F-\x9F\uD800-\uDFFF]+)*$"
+)
 MODEL = OpenApiParameter(
     "model",
-    # Not blank, no NUL, at most 255 characters (validate_model_name); anything else is a 400.
-    type={"type": "string", "minLength": 1, "maxLength": s.MAX_MODEL_NAME, "pattern": r"^[^\x00]*\S[^\x00]*$"},
+    type={"type": "string", "minLength": 1, "maxLength": s.MAX_MODEL_NAME, "pattern": MODEL_NAME_PATTERN},
     location=OpenApiParameter.PATH,
-    description="model name; may contain slashes and dots (e.g. org/llama-3.1-8b.gguf)",
+    description=(
+        "model name; may contain slashes and dots (e.g. org/llama-3.1-8b.gguf). Canonical form: at most "
+        "255 characters, no control characters, no leading or trailing whitespace or slash, no empty, `.` "
+        "or `..` segment; percent-encode non-ASCII characters (UTF-8)"
+    ),
 )
 MODEL_PROBLEMS = problems(400, description_400="Malformed model name (`validation_error`)")
 
@@ -81,7 +91,8 @@ class NodeRegistrationView(APIView):
         registration = Node.objects.register(**body.validated_data, auto_approve=settings.CONTROLPLANE_AUTO_APPROVE)
         answer = s.NodeRegisteredSerializer(registration.node).data
         answer["node_token"] = registration.node_token
-        return Response(answer, status=status.HTTP_201_CREATED)
+        # The answer carries a secret: no cache (browser, proxy) may keep a copy.
+        return Response(answer, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
 
 
 @extend_schema(tags=["node"])
@@ -235,8 +246,9 @@ class NodeViewSet(viewsets.GenericViewSet):
     )
     def remove_label(self, request, node_id, key):
         node = self.get_object()
-        # A key no label can have (too long, NUL) is not looked up: PostgreSQL refuses NUL.
-        storable = len(key) <= s.MAX_LABEL_PART and "\x00" not in key
+        # A key no label can have (too long, control characters) is not looked up: PostgreSQL
+        # refuses NUL.
+        storable = not names.name_errors(key, what="Label key", trimmed=False)
         if not storable or not NodeLabel.objects.remove(node.pk, key):
             raise NotFound(f"The node has no label {key!r}.")
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -122,10 +122,11 @@ def test_operator_key_may_use_frontend_endpoints(operator_client):
     assert_problem(operator_client.get("/api/v1/models/llama/load-info"), 404, "no_load_info")
 
 
-def test_staff_session_gets_operator_endpoints_and_the_browsable_api(staff_client):
+def test_staff_session_gets_operator_endpoints_as_json_and_html_only_is_406(staff_client):
     assert staff_client.get(NODES).status_code == 200
-    html = staff_client.get(NODES, HTTP_ACCEPT="text/html")
-    assert html.status_code == 200 and html["Content-Type"].startswith("text/html")
+    browser = staff_client.get(NODES, HTTP_ACCEPT="text/html,application/xhtml+xml,*/*;q=0.8")
+    assert browser.status_code == 200 and browser["Content-Type"] == "application/json"
+    assert_problem(staff_client.get(NODES, HTTP_ACCEPT="text/html"), 406, "not_acceptable")
 
 
 def test_non_staff_session_is_403(non_staff_client):

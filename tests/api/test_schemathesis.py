@@ -9,9 +9,15 @@ refused. The numbers go to the terminal summary ("schemathesis [area]: N request
 
 Operations are split by area so that a failure names its owner: ``registry`` (registry/api)
 and ``other`` (everything else mounted under /api/, e.g. the reconciler's endpoints).
+
+A second run sends hostile input (``tests/api/hostile.py``: numbers that overflow, deep nesting,
+huge strings, invalid UTF-8, wrong content types, malformed names) to every operation, with
+and without credentials: no 5xx, no traceback logged. ``tests/security/test_http_edge.py`` sends
+the same classes through the real web process.
 """
 
 import json
+import logging
 import time
 import uuid
 from collections import Counter
@@ -36,6 +42,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.api import conftest as api_conftest
+from tests.api import hostile
 from tests.factories import make_api_key, make_node
 
 pytestmark = pytest.mark.django_db
@@ -194,3 +201,76 @@ def test_schemathesis_finds_no_server_errors_and_no_schema_violations(wsgi_app, 
     assert not failures, "\n\n".join(failures)
     assert server_errors == 0
     assert total >= len(operations) or not operations
+
+
+# --- hostile input ----------------------------------------------------------------------------
+
+HOSTILE_EXAMPLES = 2  # per operation and input class: ~580 requests, ~10-20 s per lane
+
+
+def test_hostile_requests_get_no_server_error_and_log_no_traceback(caplog, report):
+    """Every operation of the served schema, with the input classes that found issue 12's
+    defects (see ``tests/api/hostile.py``), before and after authentication: no answer is a 5xx
+    (except a documented retry-later 503) and nothing is logged with a traceback."""
+    schema = json.loads(Client().get("/api/schema/", {"format": "json"}).content)
+    operations = hostile.operations_of(schema)
+    assert len(operations) >= 30
+    operator_key = make_api_key("operator", name="hostile")[1]
+    client = Client(raise_request_exception=False)
+    statuses, kinds, failures = Counter(), Counter(), []
+
+    def hostile_run(operation, kind):
+        @hypothesis_settings(
+            max_examples=HOSTILE_EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(request=hostile.hostile_requests(operation, kind))
+        def run(request):
+            node = make_node(name="hostile-self")  # re-registered: same id, fresh token (DELETE may remove it)
+            target = request.path(operation, hostile.path_values(str(node.pk)))
+            headers = {}
+            credential = hostile.credential_for(
+                request,
+                operation,
+                api_key=operator_key,
+                node_token=node.token,
+                registration_token=api_conftest.REGISTRATION_TOKEN,
+            )
+            if credential is not None:
+                headers["HTTP_AUTHORIZATION"] = credential
+            if request.accept is not None:
+                headers["HTTP_ACCEPT"] = request.accept
+            response = client.generic(
+                operation.method,
+                target.decode("ascii"),
+                request.body or b"",
+                content_type=request.content_type or "",
+                **headers,
+            )
+            statuses[response.status_code] += 1
+            kinds[request.kind] += 1
+            retry_later = hostile.is_retry_later(response.status_code, dict(response.headers), response.content)
+            assert response.status_code < 500 or retry_later, (operation.label, request, response.content[:500])
+
+        return run
+
+    for operation in operations:
+        for kind in hostile.KINDS:
+            try:
+                with caplog.at_level(logging.WARNING):
+                    hostile_run(operation, kind)()
+            except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - collected: one run reports all
+                failures.append(f"{operation.label} ({kind}): {str(exc).strip()[:2000]}")
+
+    tracebacks = [f"{r.name}: {r.getMessage()[:200]}" for r in caplog.records if r.exc_info]
+    report(
+        f"hostile fuzz: {sum(statuses.values())} requests over {len(operations)} operations "
+        f"(statuses: {', '.join(f'{s}x{n}' for s, n in sorted(statuses.items()))}; "
+        f"inputs: {', '.join(f'{k}x{n}' for k, n in sorted(kinds.items()))})"
+    )
+    assert not failures, "\n\n".join(failures)
+    assert not tracebacks, tracebacks[:10]

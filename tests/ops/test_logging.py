@@ -95,4 +95,4 @@ def test_readable_lines_append_the_context():
 def test_log_format_selects_the_formatter():
     assert logging_config(fmt="json")["handlers"]["console"]["formatter"] == "json"
     assert logging_config()["handlers"]["console"]["formatter"] == "readable"
-    assert logging_config()["handlers"]["console"]["filters"] == ["context"]
+    assert logging_config()["handlers"]["console"]["filters"] == ["context", "client_errors"]
