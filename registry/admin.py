@@ -128,6 +128,22 @@ def summary_text(summary: dict | None) -> str:
     return ", ".join(parts) or "nothing to do"
 
 
+def worker_service_text(node) -> str:
+    """Whether new replicas go to ``node``, and why not: ``worker_api`` with its reason."""
+    WorkerApi = Node.WorkerApi
+    if node.node_type != Node.NodeType.BACKEND:
+        return "agent node (never placed on)"
+    if node.worker_api == WorkerApi.AVAILABLE:
+        return "answers the worker gRPC service"
+    if node.worker_api == WorkerApi.MISSING:
+        why = f" ({node.worker_api_detail})" if node.worker_api_detail else ""
+        return (
+            "not placed on: does not answer the worker gRPC service (LocalAI workers take backend "
+            f"commands over NATS){why}"
+        )
+    return "not placed on yet: the reconciler has not reached its worker gRPC service"
+
+
 def _report(modeladmin, request, done: int, total: int, verb: str) -> None:
     """One message per action: how many rows the verb changed, and how many it refused."""
     if done:
@@ -225,13 +241,16 @@ class NodeAdmin(admin.ModelAdmin):
         "node_type",
         "address",
         "heartbeat_age",
+        "worker_service",
+        "auth",
         "vram_with_reserved",
+        "disk",
         "slots",
         "label_list",
         "replica_count",
         "in_flight_sum",
     ]
-    list_filter = ["status", "node_type", LabelKeyFilter]
+    list_filter = ["status", "node_type", "worker_api", "auth_mode", LabelKeyFilter]
     search_fields = ["name", "address", "id"]
     inlines = [NodeLabelInline, NodeReplicaInline]
     actions = [
@@ -254,16 +273,24 @@ class NodeAdmin(admin.ModelAdmin):
         "vram",
         "reserved",
         "ram",
+        "disk",
         "gpu_vendor",
         "slots",
         "reported_max_replicas_per_model",
+        "auth",
+        "worker_service",
+        "worker_api_checked_at",
         "created_at",
         "updated_at",
     ]
     fieldsets = [
         (None, {"fields": ["id", "name", "status_badge", "node_type", "address", "http_address"]}),
         ("Liveness", {"fields": ["heartbeat_age", "last_heartbeat"]}),
-        ("Capacity", {"fields": ["vram", "reserved", "ram", "gpu_vendor", "slots", "reported_max_replicas_per_model"]}),
+        ("Worker service and credentials", {"fields": ["worker_service", "worker_api_checked_at", "auth"]}),
+        (
+            "Capacity",
+            {"fields": ["vram", "reserved", "ram", "disk", "gpu_vendor", "slots", "reported_max_replicas_per_model"]},
+        ),
         # The node token's hash is never shown: it serves no operator and need not leave the database.
         ("Bookkeeping", {"classes": ["collapse"], "fields": ["created_at", "updated_at"]}),
     ]
@@ -330,6 +357,21 @@ class NodeAdmin(admin.ModelAdmin):
     @admin.display(description="RAM available / total")
     def ram(self, obj):
         return f"{human_bytes(obj.available_ram)} / {human_bytes(obj.total_ram)}"
+
+    @admin.display(description="disk available / total")
+    def disk(self, obj):
+        # 0 total: the worker does not report its models directory's filesystem.
+        if not obj.total_disk:
+            return "not reported"
+        return f"{human_bytes(obj.available_disk)} / {human_bytes(obj.total_disk)}"
+
+    @admin.display(description="credential", ordering="auth_mode")
+    def auth(self, obj):
+        return Node.AuthMode(obj.auth_mode).label if obj.auth_mode in Node.AuthMode.values else obj.auth_mode
+
+    @admin.display(description="worker service", ordering="worker_api")
+    def worker_service(self, obj):
+        return worker_service_text(obj)
 
     @admin.display(description="slots / model", ordering="max_replicas_per_model")
     def slots(self, obj):
