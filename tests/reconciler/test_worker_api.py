@@ -1,0 +1,128 @@
+"""Nodes that do not answer the worker gRPC service (LocalAI's workers take backend commands
+over NATS): the reconciler records it from its ListBackends call, keeps them alive on their
+heartbeats, and never places on them, so no StartBackend is sent to them pass after pass."""
+
+from concurrent import futures
+from datetime import timedelta
+from types import MappingProxyType
+from uuid import uuid4
+
+import grpc
+import pytest
+from django.test import override_settings
+
+from proto import backend_pb2, backend_pb2_grpc, client
+from reconciler.models import Event
+from reconciler.reconcile import reconcile_once
+from reconciler.snapshot import NodeView, Snapshot
+from registry.models import LoadFailure, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+from tests.reconciler.test_grpc_prober import closed_port
+
+TOKEN = "fleet-token-for-tests"
+LIST_BACKENDS = "/controlplane.worker.v1.Worker/ListBackends"
+
+
+def test_snapshot_candidates_leave_out_nodes_without_the_worker_service(now):
+    nodes = {
+        node.id: node
+        for node in (
+            NodeView(id=uuid4(), name="a-localai", status=Node.Status.HEALTHY, worker_api=Node.WorkerApi.MISSING),
+            NodeView(id=uuid4(), name="b-new", status=Node.Status.HEALTHY, worker_api=Node.WorkerApi.UNKNOWN),
+            NodeView(id=uuid4(), name="c-worker", status=Node.Status.HEALTHY, worker_api=Node.WorkerApi.AVAILABLE),
+        )
+    }
+    snapshot = Snapshot(taken_at=now, nodes=MappingProxyType(nodes))
+
+    assert [node.name for node in snapshot.candidates({})] == ["c-worker"]
+    assert all(node.schedulable for node in nodes.values())  # alive: their replicas still count
+
+
+class LocalAIBackend(backend_pb2_grpc.BackendServicer):
+    """What often listens at a LocalAI worker's advertised address: a backend process."""
+
+    def Health(self, request, context):
+        return backend_pb2.Reply(message=b"OK")
+
+
+class CallRecorder(grpc.GenericRpcHandler):
+    """Records every method called on the server; handles none of them itself."""
+
+    def __init__(self):
+        self.methods: list[str] = []
+
+    def service(self, handler_call_details):
+        self.methods.append(handler_call_details.method)
+        return None
+
+
+@pytest.fixture
+def localai_address():
+    """A real gRPC server on loopback serving ``backend.Backend`` only; yields (address,
+    recorder)."""
+    recorder = CallRecorder()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((recorder,))
+    backend_pb2_grpc.add_BackendServicer_to_server(LocalAIBackend(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    client.close_all_channels()
+    yield f"127.0.0.1:{port}", recorder
+    server.stop(grace=None)
+    client.close_all_channels()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+@override_settings(CONTROLPLANE_REGISTRATION_TOKEN=TOKEN)
+def test_a_node_without_the_worker_service_is_marked_missing_kept_healthy_and_never_sent_start_backend(
+    localai_address, now
+):
+    address, recorder = localai_address
+    # As the registration view registers LocalAI's workers: fleet token, nothing declared.
+    localai = Node.objects.register(
+        name="localai-1", address=address, auth_mode="fleet_token", serves_worker_api=False, now=now
+    ).node
+    nothing_there = Node.objects.register(
+        name="localai-2", address=closed_port(), auth_mode="fleet_token", serves_worker_api=False, now=now
+    ).node
+    ModelLoadInfo.objects.upsert("tiny", "echo", backend_pb2.ModelOptions(Model="tiny").SerializeToString())
+    ModelSchedulingConfig.objects.upsert("tiny", min_replicas=1)
+
+    passes = 4
+    for index in range(passes):
+        at = now + timedelta(seconds=10 * index)
+        for node in (localai, nothing_there):
+            assert Node.objects.heartbeat(node.pk, now=at)
+        summary = reconcile_once(now=at)  # the default prober and the router as scheduler
+        assert summary.outcome == "ok", summary
+
+    localai.refresh_from_db()
+    nothing_there.refresh_from_db()
+    assert (localai.status, localai.worker_api) == (Node.Status.HEALTHY, Node.WorkerApi.MISSING)
+    assert "UNIMPLEMENTED" in localai.worker_api_detail and address in localai.worker_api_detail
+    assert localai.worker_api_checked_at == now + timedelta(seconds=10 * (passes - 1))
+    assert (nothing_there.status, nothing_there.worker_api) == (Node.Status.HEALTHY, Node.WorkerApi.MISSING)
+    assert "UNAVAILABLE" in nothing_there.worker_api_detail
+    # One ListBackends per pass and nothing else: no StartBackend, ever.
+    assert recorder.methods == [LIST_BACKENDS] * passes
+    assert not NodeModel.objects.exists()
+    assert not LoadFailure.objects.exists()
+    assert not Event.objects.filter(kind=Event.Kind.SCALE_UP_FAILED).exists()
+    assert not Event.objects.filter(kind=Event.Kind.NODE_OFFLINE).exists()
+
+
+@pytest.mark.django_db
+def test_recording_the_worker_service_follows_the_answers_and_ignores_an_old_address(now):
+    node = Node.objects.register(name="w", address="10.0.0.1:1", serves_worker_api=False, now=now).node
+    assert node.worker_api == Node.WorkerApi.UNKNOWN
+
+    assert Node.objects.record_worker_api(
+        node.pk, available=False, detail="nothing there", address="10.0.0.1:1", now=now
+    )
+    assert Node.objects.candidates().filter(pk=node.pk).count() == 0
+    assert Node.objects.record_worker_api(node.pk, available=True, address="10.0.0.1:1", now=now)
+    assert Node.objects.candidates().filter(pk=node.pk).count() == 1
+    # an answer about an address the node no longer has is not about this node
+    assert not Node.objects.record_worker_api(node.pk, available=False, detail="x", address="10.0.0.2:1", now=now)
+    node.refresh_from_db()
+    assert (node.worker_api, node.worker_api_detail) == (Node.WorkerApi.AVAILABLE, "")
