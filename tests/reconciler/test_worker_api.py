@@ -10,6 +10,7 @@ from uuid import uuid4
 import grpc
 import pytest
 from django.test import override_settings
+from rest_framework.test import APIClient
 
 from proto import backend_pb2, backend_pb2_grpc, client
 from reconciler.models import Event
@@ -71,6 +72,16 @@ def localai_address():
     client.close_all_channels()
 
 
+def register_as_localai(name: str, address: str) -> Node:
+    """LocalAI's worker registration: the fleet token, nothing declared."""
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {TOKEN}")
+    body = {"name": name, "address": address, "total_vram": 0, "available_vram": 0, "max_replicas_per_model": 1}
+    response = api.post("/api/node/register", body, format="json")
+    assert response.status_code == 201, response.content
+    return Node.objects.get(pk=response.json()["id"])
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 @override_settings(CONTROLPLANE_REGISTRATION_TOKEN=TOKEN)
@@ -78,13 +89,8 @@ def test_a_node_without_the_worker_service_is_marked_missing_kept_healthy_and_ne
     localai_address, now
 ):
     address, recorder = localai_address
-    # As the registration view registers LocalAI's workers: fleet token, nothing declared.
-    localai = Node.objects.register(
-        name="localai-1", address=address, auth_mode="fleet_token", serves_worker_api=False, now=now
-    ).node
-    nothing_there = Node.objects.register(
-        name="localai-2", address=closed_port(), auth_mode="fleet_token", serves_worker_api=False, now=now
-    ).node
+    localai = register_as_localai("localai-1", address)
+    nothing_there = register_as_localai("localai-2", closed_port())
     ModelLoadInfo.objects.upsert("tiny", "echo", backend_pb2.ModelOptions(Model="tiny").SerializeToString())
     ModelSchedulingConfig.objects.upsert("tiny", min_replicas=1)
 
@@ -96,6 +102,8 @@ def test_a_node_without_the_worker_service_is_marked_missing_kept_healthy_and_ne
         summary = reconcile_once(now=at)  # the default prober and the router as scheduler
         assert summary.outcome == "ok", summary
 
+    # One ListBackends per pass and nothing else: no StartBackend, ever.
+    assert recorder.methods == [LIST_BACKENDS] * passes
     localai.refresh_from_db()
     nothing_there.refresh_from_db()
     assert (localai.status, localai.worker_api) == (Node.Status.HEALTHY, Node.WorkerApi.MISSING)
@@ -103,8 +111,6 @@ def test_a_node_without_the_worker_service_is_marked_missing_kept_healthy_and_ne
     assert localai.worker_api_checked_at == now + timedelta(seconds=10 * (passes - 1))
     assert (nothing_there.status, nothing_there.worker_api) == (Node.Status.HEALTHY, Node.WorkerApi.MISSING)
     assert "UNAVAILABLE" in nothing_there.worker_api_detail
-    # One ListBackends per pass and nothing else: no StartBackend, ever.
-    assert recorder.methods == [LIST_BACKENDS] * passes
     assert not NodeModel.objects.exists()
     assert not LoadFailure.objects.exists()
     assert not Event.objects.filter(kind=Event.Kind.SCALE_UP_FAILED).exists()
