@@ -1,6 +1,6 @@
 """Who is calling: DRF authentication classes and the permission classes built on them.
 
-Three bearer credentials, all sent as ``Authorization: Bearer <secret>``:
+Bearer credentials, all sent as ``Authorization: Bearer <secret>``:
 
 - **API key** (``cpk_...``, ``ApiKeyAuthentication``): frontends and operators on ``/api/v1/``;
   ``request.auth`` is the ``ApiKey``.

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from registry.placement import serves_worker_api
+
 from .planning import CheckPlan, WorkerBackend
 
 logger = logging.getLogger(__name__)
@@ -89,11 +91,15 @@ _NOT_A_WORKER = {
 }
 
 
-def missing_worker_service(exc: Exception, address: str) -> str:
+def missing_worker_service(exc: Exception, address: str, *, known_available: bool = True) -> str:
     """Why a failed ``ListBackends`` at ``address`` means the node cannot be placed on, or ""
-    when the failure says nothing about that (a deadline, an unexpected error)."""
+    when the failure says nothing about that (an unexpected error; a deadline on a node known
+    to serve the service, which may just be busy). A node never seen answering that misses
+    the deadline is not placed on: a StartBackend there could not do better."""
     code = getattr(getattr(exc, "code", None), "name", "")
     why = _NOT_A_WORKER.get(code)
+    if code == "DEADLINE_EXCEEDED" and not known_available:
+        why = "no answer within the deadline"
     return f"{address}: {why} (ListBackends: {code})" if why else ""
 
 
@@ -134,21 +140,22 @@ def run_checks(plan: CheckPlan, prober, *, probe_timeout: float, worker_timeout:
             except Exception as exc:  # a broken prober must not abort the pass
                 logger.warning("probe of replica %s failed: %s", replica_id, exc)
                 results.probe_errors[replica_id] = str(exc)
-        addresses = {node.id: node.address for node in plan.listings}
+        listed = {node.id: node for node in plan.listings}
         for node_id, future in listing_futures.items():
             try:
                 reported_id, backends = worker_backends(future.result())
             except Exception as exc:
                 logger.info("ListBackends on node %s failed: %s", node_id, exc)
                 results.listing_errors[node_id] = str(exc)
-                missing = missing_worker_service(exc, addresses[node_id])
+                node = listed[node_id]
+                missing = missing_worker_service(exc, node.address, known_available=serves_worker_api(node.worker_api))
                 if missing:
                     results.worker_api_missing[node_id] = missing
                 continue
             if reported_id and reported_id != str(node_id):
                 results.listing_errors[node_id] = f"worker answered as node {reported_id}"
                 results.worker_api_missing[node_id] = (
-                    f"{addresses[node_id]}: the worker there answers as node {reported_id}"
+                    f"{listed[node_id].address}: the worker there answers as node {reported_id}"
                 )
                 continue
             results.listings[node_id] = backends

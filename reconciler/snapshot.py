@@ -42,6 +42,7 @@ class NodeView:
     reserved_vram: int = 0
     labels: Mapping[str, str] = field(default_factory=_empty)
     worker_api: str = Node.WorkerApi.AVAILABLE
+    worker_api_checked_at: datetime | None = None
 
     @property
     def schedulable(self) -> bool:
@@ -207,10 +208,12 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
             reserved_vram=row["reserved_vram"],
             labels=MappingProxyType(labels.get(row["id"], {})),
             worker_api=row["worker_api"],
+            worker_api_checked_at=row["worker_api_checked_at"],
         )
         for row in Node.objects.order_by("name").values(
             "id", "name", "status", "node_type", "address", "last_heartbeat", "max_replicas_per_model", "reserved_vram",
             "worker_api",
+            "worker_api_checked_at",
         )
     }
     replicas = tuple(replica_views(NodeModel.objects.all()))

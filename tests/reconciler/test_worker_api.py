@@ -13,7 +13,10 @@ from django.test import override_settings
 from rest_framework.test import APIClient
 
 from proto import backend_pb2, backend_pb2_grpc, client
+from reconciler.checks import missing_worker_service
+from reconciler.conf import ReconcileConfig
 from reconciler.models import Event
+from reconciler.planning import WORKER_API_RECHECK_AFTER, plan_checks
 from reconciler.reconcile import reconcile_once
 from reconciler.snapshot import NodeView, Snapshot
 from registry.models import LoadFailure, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
@@ -36,6 +39,44 @@ def test_snapshot_candidates_leave_out_nodes_without_the_worker_service(now):
 
     assert [node.name for node in snapshot.candidates({})] == ["c-worker"]
     assert all(node.schedulable for node in nodes.values())  # alive: their replicas still count
+
+
+def test_a_node_without_the_worker_service_is_listed_again_only_after_a_minute(now):
+    missing = NodeView(
+        id=uuid4(),
+        name="localai",
+        status=Node.Status.HEALTHY,
+        address="10.0.0.9:50051",
+        worker_api=Node.WorkerApi.MISSING,
+        worker_api_checked_at=now - timedelta(seconds=30),
+    )
+    unknown = NodeView(id=uuid4(), name="new", status=Node.Status.HEALTHY, address="10.0.0.8:1", worker_api="unknown")
+    snapshot = Snapshot(taken_at=now, nodes=MappingProxyType({missing.id: missing, unknown.id: unknown}))
+
+    assert plan_checks(snapshot, ReconcileConfig(), now=now).listings == (unknown,)
+    later = now + WORKER_API_RECHECK_AFTER
+    assert plan_checks(snapshot, ReconcileConfig(), now=later).listings == (missing, unknown)
+
+
+@pytest.mark.parametrize(
+    ("code", "known_available", "missing"),
+    [
+        (grpc.StatusCode.UNIMPLEMENTED, True, True),
+        (grpc.StatusCode.UNAVAILABLE, True, True),
+        (grpc.StatusCode.UNAUTHENTICATED, True, True),
+        (grpc.StatusCode.FAILED_PRECONDITION, True, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, True, False),  # a known worker may just be busy
+        (grpc.StatusCode.DEADLINE_EXCEEDED, False, True),
+        (grpc.StatusCode.INTERNAL, False, False),
+        (None, False, False),
+    ],
+)
+def test_which_listing_failures_mean_no_worker_service(code, known_available, missing):
+    error = client.GrpcCallError(LIST_BACKENDS, code, "x")
+    reason = missing_worker_service(error, "10.0.0.9:50051", known_available=known_available)
+    assert bool(reason) is missing
+    if missing:
+        assert reason.startswith("10.0.0.9:50051: ") and code.name in reason
 
 
 class LocalAIBackend(backend_pb2_grpc.BackendServicer):
@@ -94,7 +135,7 @@ def test_a_node_without_the_worker_service_is_marked_missing_kept_healthy_and_ne
     ModelLoadInfo.objects.upsert("tiny", "echo", backend_pb2.ModelOptions(Model="tiny").SerializeToString())
     ModelSchedulingConfig.objects.upsert("tiny", min_replicas=1)
 
-    passes = 4
+    passes = 8  # 70 s of passes, 10 s apart: ListBackends at 0 s, then again 60 s later
     for index in range(passes):
         at = now + timedelta(seconds=10 * index)
         for node in (localai, nothing_there):
@@ -102,13 +143,13 @@ def test_a_node_without_the_worker_service_is_marked_missing_kept_healthy_and_ne
         summary = reconcile_once(now=at)  # the default prober and the router as scheduler
         assert summary.outcome == "ok", summary
 
-    # One ListBackends per pass and nothing else: no StartBackend, ever.
-    assert recorder.methods == [LIST_BACKENDS] * passes
+    # ListBackends when first seen and once a minute after: no StartBackend, ever.
+    assert recorder.methods == [LIST_BACKENDS] * 2
     localai.refresh_from_db()
     nothing_there.refresh_from_db()
     assert (localai.status, localai.worker_api) == (Node.Status.HEALTHY, Node.WorkerApi.MISSING)
     assert "UNIMPLEMENTED" in localai.worker_api_detail and address in localai.worker_api_detail
-    assert localai.worker_api_checked_at == now + timedelta(seconds=10 * (passes - 1))
+    assert localai.worker_api_checked_at == now + timedelta(seconds=60)
     assert (nothing_there.status, nothing_there.worker_api) == (Node.Status.HEALTHY, Node.WorkerApi.MISSING)
     assert "UNAVAILABLE" in nothing_there.worker_api_detail
     assert not NodeModel.objects.exists()
