@@ -128,20 +128,42 @@ def summary_text(summary: dict | None) -> str:
     return ", ".join(parts) or "nothing to do"
 
 
-def worker_service_text(node) -> str:
-    """Whether new replicas go to ``node``, and why not: ``worker_api`` with its reason."""
+NO_WORKER_SERVICE = (
+    "does not answer the worker gRPC service (LocalAI workers take backend commands over NATS)"
+)
+
+
+def worker_service_summary(node) -> tuple[bool, str]:
+    """``(placed on, why not)`` from ``node.worker_api`` (and the node type)."""
     WorkerApi = Node.WorkerApi
     if node.node_type != Node.NodeType.BACKEND:
-        return "agent node (never placed on)"
+        return False, "agent node"
     if node.worker_api == WorkerApi.AVAILABLE:
-        return "answers the worker gRPC service"
+        return True, ""
     if node.worker_api == WorkerApi.MISSING:
-        why = f" ({node.worker_api_detail})" if node.worker_api_detail else ""
-        return (
-            "not placed on: does not answer the worker gRPC service (LocalAI workers take backend "
-            f"commands over NATS){why}"
-        )
-    return "not placed on yet: the reconciler has not reached its worker gRPC service"
+        return False, NO_WORKER_SERVICE
+    return False, "worker gRPC service not checked yet"
+
+
+def worker_service_text(node) -> str:
+    """Whether new replicas go to ``node``, and why not, with the reason of the last check."""
+    placed, why = worker_service_summary(node)
+    if placed:
+        return "answers the worker gRPC service: placed on"
+    detail = f" ({node.worker_api_detail})" if node.worker_api_detail else ""
+    return f"not placed on: {why}{detail}"
+
+
+class WorkerServiceFilter(admin.ChoicesFieldListFilter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.title = "worker service"
+
+
+class CredentialFilter(admin.ChoicesFieldListFilter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.title = "credential"
 
 
 def _report(modeladmin, request, done: int, total: int, verb: str) -> None:
@@ -241,16 +263,21 @@ class NodeAdmin(admin.ModelAdmin):
         "node_type",
         "address",
         "heartbeat_age",
-        "worker_service",
+        "placement",
         "auth",
         "vram_with_reserved",
-        "disk",
         "slots",
         "label_list",
         "replica_count",
         "in_flight_sum",
     ]
-    list_filter = ["status", "node_type", "worker_api", "auth_mode", LabelKeyFilter]
+    list_filter = [
+        "status",
+        "node_type",
+        ("worker_api", WorkerServiceFilter),
+        ("auth_mode", CredentialFilter),
+        LabelKeyFilter,
+    ]
     search_fields = ["name", "address", "id"]
     inlines = [NodeLabelInline, NodeReplicaInline]
     actions = [
@@ -343,11 +370,11 @@ class NodeAdmin(admin.ModelAdmin):
     def vram(self, obj):
         return f"{human_bytes(obj.free_vram)} / {human_bytes(obj.total_vram)}"
 
-    @admin.display(description="VRAM free / total (reserved)")
+    @admin.display(description="VRAM free / total (reserved); disk")
     def vram_with_reserved(self, obj):
         return format_html(
-            "{} / {}<br><small>{} reserved</small>",
-            human_bytes(obj.free_vram), human_bytes(obj.total_vram), human_bytes(obj.reserved_vram),
+            "{} / {}<br><small>{} reserved</small><br><small>disk {}</small>",
+            human_bytes(obj.free_vram), human_bytes(obj.total_vram), human_bytes(obj.reserved_vram), self.disk(obj),
         )
 
     @admin.display(description="reserved", ordering="reserved_vram")
@@ -372,6 +399,19 @@ class NodeAdmin(admin.ModelAdmin):
     @admin.display(description="worker service", ordering="worker_api")
     def worker_service(self, obj):
         return worker_service_text(obj)
+
+    @admin.display(description="worker service", ordering="worker_api")
+    def placement(self, obj):
+        """The list's short form of ``worker_service``; the reason of the last check is on the
+        node page and in the cell's tooltip."""
+        placed, why = worker_service_summary(obj)
+        if placed:
+            return "answers"
+        return format_html(
+            '<span title="{}"><strong>not placed on</strong><br><small>{}</small></span>',
+            obj.worker_api_detail or why,
+            why,
+        )
 
     @admin.display(description="slots / model", ordering="max_replicas_per_model")
     def slots(self, obj):

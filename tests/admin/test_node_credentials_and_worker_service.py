@@ -12,7 +12,8 @@ pytestmark = pytest.mark.django_db
 
 FLEET_TOKEN = "admin-test-fleet-token"
 TIB = 1024 * GIB
-NOT_PLACED = "not placed on: does not answer the worker gRPC service (LocalAI workers take backend commands over NATS)"
+NO_WORKER_SERVICE = "does not answer the worker gRPC service (LocalAI workers take backend commands over NATS)"
+NOT_PLACED = f"not placed on: {NO_WORKER_SERVICE}"
 
 
 @pytest.fixture
@@ -37,9 +38,10 @@ def test_the_node_list_shows_credential_worker_service_and_disk(admin_client, lo
     html = admin_client.get(reverse("admin:registry_node_changelist")).content.decode()
 
     assert "fleet registration token (LocalAI worker)" in html and "per-node token" in html
-    assert NOT_PLACED in html
-    assert "answers the worker gRPC service" in html
-    assert "900.0 GiB / 2.0 TiB" in html and "not reported" in html
+    assert "<strong>not placed on</strong>" in html and NO_WORKER_SERVICE in html
+    assert "ListBackends: UNIMPLEMENTED" in html  # the cell's tooltip
+    assert ">answers<" in html  # the reference worker
+    assert "disk 900.0 GiB / 2.0 TiB" in html and "disk not reported" in html
 
 
 def test_the_node_page_shows_why_the_node_is_not_placed_on(admin_client, localai_node):
