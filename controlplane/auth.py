@@ -1,11 +1,17 @@
 """Who is calling: DRF authentication classes and the permission classes built on them.
 
-Three bearer credentials, all sent as ``Authorization: Bearer <secret>``:
+Bearer credentials, all sent as ``Authorization: Bearer <secret>``:
 
 - **API key** (``cpk_...``, ``ApiKeyAuthentication``): frontends and operators on ``/api/v1/``;
   ``request.auth`` is the ``ApiKey``.
 - **Node token** (``cpn_...``, ``NodeTokenAuthentication``): issued by ``Node.objects.register``
-  and valid only for ``/api/node/<its own id>/...``; ``request.auth`` is the ``Node``.
+  to a node that asked for one (``auth_mode = node_token``) and valid only for
+  ``/api/node/<its own id>/...``; ``request.auth`` is the ``Node``.
+- **Fleet token on a node call** (``NodeTokenAuthentication`` too): LocalAI's own workers never
+  ask for a per-node token and present the registration token on every call. It drives only a
+  node registered that way (``auth_mode = fleet_token``), and only while
+  ``CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES`` is on; ``request.auth`` is a ``FleetTokenCredential``
+  naming the URL's node, and ``IsNodeSelf`` decides.
 - **Registration token** (``RegistrationTokenAuthentication``): the fleet-wide secret in
   ``settings.CONTROLPLANE_REGISTRATION_TOKEN`` for ``POST /api/node/register``; the LocalAI
   body field ``token`` is accepted too. ``request.auth`` is ``REGISTRATION``.
@@ -21,7 +27,10 @@ Permissions (declare one on each view; the default of ``REST_FRAMEWORK`` is ``Is
 
 No credential -> 401 ``not_authenticated``; a wrong/revoked/unknown one -> 401
 ``invalid_token``; a valid one without the right -> 403 ``permission_denied``; another node's
-token -> 403 ``node_token_mismatch``. Secrets are never logged or echoed.
+token -> 403 ``node_token_mismatch``; the fleet token on a node that holds a per-node token ->
+403 ``fleet_token_not_accepted``; the fleet token on a fleet-token node while such nodes are
+refused -> 403 ``fleet_token_nodes_refused``; the fleet token on an unknown node id -> 404
+``not_found`` (LocalAI's answer). Secrets are never logged or echoed.
 """
 
 from __future__ import annotations
@@ -71,6 +80,40 @@ class _RegistrationCredential:
 REGISTRATION = _RegistrationCredential()
 
 
+class FleetTokenCredential:
+    """``request.auth`` of a node call that presented the fleet registration token: ``node`` is
+    the node named by the URL (None when there is none). Whether that node may be driven with
+    the fleet token is ``IsNodeSelf``'s decision, not the authenticator's."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def __repr__(self):
+        return f"<fleet token for node {getattr(self.node, 'pk', None)}>"
+
+
+# PermissionDenied subclasses (not ProblemError: controlplane.problems imports DRF's views,
+# which import this module through REST_FRAMEWORK's settings); the problem handler keeps their
+# codes.
+class FleetTokenNotAccepted(exceptions.PermissionDenied):
+    """The fleet token was presented for a node that holds a per-node token: such a node is
+    driven with its own token only, so a leaked fleet token cannot drain or deregister it."""
+
+    default_code = "fleet_token_not_accepted"
+    default_detail = "This node authenticates with its own node token; the fleet registration token is refused."
+
+
+class FleetTokenNodesRefused(exceptions.PermissionDenied):
+    """``CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES`` is off (or no registration token is configured):
+    nodes bound to the fleet token may neither register nor call."""
+
+    default_code = "fleet_token_nodes_refused"
+    default_detail = (
+        "This control plane refuses nodes that authenticate with the fleet registration token; register "
+        'with "auth_mode": "node_token" and use the per-node token.'
+    )
+
+
 def bearer_token(request) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, None when there is no bearer
     header; raises AuthenticationFailed for a malformed one."""
@@ -109,12 +152,14 @@ class ApiKeyAuthentication(_BearerAuthentication):
 
 
 class NodeTokenAuthentication(_BearerAuthentication):
-    """``Authorization: Bearer cpn_...`` on ``/api/node/<node_id>/...``.
+    """``Authorization: Bearer <node token or fleet token>`` on ``/api/node/<node_id>/...``.
 
     The node named by the URL is read by primary key and the token's hash compared with its
-    ``token_hash`` in constant time. Only when that fails is the token looked up by hash, to
-    tell "another node's token" (authenticated as that node; ``IsNodeSelf`` then answers 403
-    ``node_token_mismatch``) from "no such token" (401 ``invalid_token``).
+    ``token_hash`` in constant time. Then the fleet registration token is tried (LocalAI's
+    workers send it on every call): ``request.auth`` becomes a ``FleetTokenCredential`` for the
+    URL's node. Only when both fail is the token looked up by hash, to tell "another node's
+    token" (authenticated as that node; ``IsNodeSelf`` then answers 403 ``node_token_mismatch``)
+    from "no such token" (401 ``invalid_token``).
     """
 
     realm = "node"
@@ -126,10 +171,11 @@ class NodeTokenAuthentication(_BearerAuthentication):
         if token is None:
             return None
         node_id = (getattr(request, "parser_context", None) or {}).get("kwargs", {}).get("node_id")
-        if node_id is not None:
-            node = Node.objects.filter(pk=node_id).first()
-            if node is not None and token_matches(token, node.token_hash):
-                return Principal("node", node.name), node
+        node = Node.objects.filter(pk=node_id).first() if node_id is not None else None
+        if node is not None and token_matches(token, node.token_hash):
+            return Principal("node", node.name), node
+        if node_id is not None and secret_matches(token, settings.CONTROLPLANE_REGISTRATION_TOKEN):
+            return Principal("fleet_token", node.name if node is not None else str(node_id)), FleetTokenCredential(node)
         other = Node.objects.filter(token_hash=hash_token(token)).first()
         if other is not None and token_matches(token, other.token_hash):
             return Principal("node", other.name), other
@@ -195,8 +241,15 @@ class IsOperator(permissions.BasePermission):
         return _api_key_role(request) == ApiKey.Role.OPERATOR or _is_staff_session(request)
 
 
+def fleet_token_nodes_allowed() -> bool:
+    """Whether nodes bound to the fleet token may register and call: the setting is on and a
+    registration token exists (without one, such a node could never authenticate again)."""
+    return bool(settings.CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES and settings.CONTROLPLANE_REGISTRATION_TOKEN)
+
+
 class IsNodeSelf(permissions.BasePermission):
-    """Node endpoints: the node token of the node named by the URL's ``node_id``."""
+    """Node endpoints: the node token of the node named by the URL's ``node_id``, or the fleet
+    token for a node registered in ``fleet_token`` mode (while such nodes are allowed)."""
 
     message = "This node token belongs to another node."
     code = "node_token_mismatch"
@@ -204,8 +257,23 @@ class IsNodeSelf(permissions.BasePermission):
     def has_permission(self, request, view):
         from registry.models import Node
 
-        node = request.auth
-        return isinstance(node, Node) and str(node.pk) == str(view.kwargs.get("node_id"))
+        credential = request.auth
+        if isinstance(credential, FleetTokenCredential):
+            node = credential.node
+            if node is None:
+                raise exceptions.NotFound("No such node.")
+            if node.auth_mode != Node.AuthMode.FLEET_TOKEN:
+                raise FleetTokenNotAccepted()
+            if not fleet_token_nodes_allowed():
+                raise FleetTokenNodesRefused()
+            return True
+        return isinstance(credential, Node) and str(credential.pk) == str(view.kwargs.get("node_id"))
+
+
+def calling_node(request):
+    """The node a request to ``/api/node/<node_id>/...`` acts for, once ``IsNodeSelf`` passed."""
+    credential = request.auth
+    return credential.node if isinstance(credential, FleetTokenCredential) else credential
 
 
 class HasRegistrationToken(permissions.BasePermission):

@@ -217,6 +217,11 @@ SPECTACULAR_SETTINGS = {
 CONTROLPLANE_REGISTRATION_TOKEN = os.environ.get("CONTROLPLANE_REGISTRATION_TOKEN", "")
 CONTROLPLANE_ALLOW_OPEN_REGISTRATION = env_bool("CONTROLPLANE_ALLOW_OPEN_REGISTRATION", False)
 CONTROLPLANE_AUTO_APPROVE = env_bool("CONTROLPLANE_AUTO_APPROVE", True)
+# LocalAI's own workers never ask for a per-node token: they present the fleet registration
+# token on every call. True (the default, for LocalAI interoperability) accepts such nodes, bound
+# to the fleet token (``Node.auth_mode = fleet_token``); False refuses their registration and
+# every fleet-token call of an existing one (403 ``fleet_token_nodes_refused``).
+CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES = env_bool("CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES", True)
 
 # Timing knobs (seconds). Defaults are architecture.md's.
 HEARTBEAT_INTERVAL = env_float("CONTROLPLANE_HEARTBEAT_INTERVAL", 10.0)

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from registry.placement import serves_worker_api
+
 from .planning import CheckPlan, WorkerBackend
 
 logger = logging.getLogger(__name__)
@@ -78,12 +80,37 @@ def worker_backends(response) -> tuple[str, list[WorkerBackend]]:
     return getattr(response, "node_id", "") or "", backends
 
 
+# ListBackends failures that show the address does not serve this node's worker service (as
+# opposed to a slow or briefly unreachable worker, which changes nothing): grpc.StatusCode names.
+_NOT_A_WORKER = {
+    "UNIMPLEMENTED": "answers gRPC but not the worker service",
+    "UNAVAILABLE": "nothing answers gRPC there",
+    "UNAUTHENTICATED": "the worker service refuses the fleet token",
+    "PERMISSION_DENIED": "the worker service refuses the fleet token",
+    "FAILED_PRECONDITION": "the worker there serves another node",
+}
+
+
+def missing_worker_service(exc: Exception, address: str, *, known_available: bool = True) -> str:
+    """Why a failed ``ListBackends`` at ``address`` means the node cannot be placed on, or ""
+    when the failure says nothing about that (an unexpected error; a deadline on a node known
+    to serve the service, which may just be busy). A node never seen answering that misses
+    the deadline is not placed on: a StartBackend there could not do better."""
+    code = getattr(getattr(exc, "code", None), "name", "")
+    why = _NOT_A_WORKER.get(code)
+    if code == "DEADLINE_EXCEEDED" and not known_available:
+        why = "no answer within the deadline"
+    return f"{address}: {why} (ListBackends: {code})" if why else ""
+
+
 @dataclass
 class CheckResults:
     probes: dict[int, str] = field(default_factory=dict)  # replica id -> alive/busy/unreachable
     probe_errors: dict[int, str] = field(default_factory=dict)
     listings: dict[UUID, list[WorkerBackend]] = field(default_factory=dict)
     listing_errors: dict[UUID, str] = field(default_factory=dict)
+    # node id -> why its address does not serve its worker service (a subset of listing_errors)
+    worker_api_missing: dict[UUID, str] = field(default_factory=dict)
 
 
 def run_checks(plan: CheckPlan, prober, *, probe_timeout: float, worker_timeout: float, concurrency: int) -> CheckResults:
@@ -91,7 +118,9 @@ def run_checks(plan: CheckPlan, prober, *, probe_timeout: float, worker_timeout:
 
     A probe that raises (the client's ``probe`` does not, a fake might) is recorded as an error
     and changes nothing. A listing that fails, or whose reported node id is another node's (an
-    address reused by a different worker), is recorded as an error and that node is skipped.
+    address reused by a different worker), is recorded as an error and that node is skipped;
+    when the failure shows that the address does not serve the node's worker service, the
+    reason is also put in ``worker_api_missing``.
     """
     results = CheckResults()
     jobs = len(plan.probes) + len(plan.listings)
@@ -111,15 +140,23 @@ def run_checks(plan: CheckPlan, prober, *, probe_timeout: float, worker_timeout:
             except Exception as exc:  # a broken prober must not abort the pass
                 logger.warning("probe of replica %s failed: %s", replica_id, exc)
                 results.probe_errors[replica_id] = str(exc)
+        listed = {node.id: node for node in plan.listings}
         for node_id, future in listing_futures.items():
             try:
                 reported_id, backends = worker_backends(future.result())
             except Exception as exc:
                 logger.info("ListBackends on node %s failed: %s", node_id, exc)
                 results.listing_errors[node_id] = str(exc)
+                node = listed[node_id]
+                missing = missing_worker_service(exc, node.address, known_available=serves_worker_api(node.worker_api))
+                if missing:
+                    results.worker_api_missing[node_id] = missing
                 continue
             if reported_id and reported_id != str(node_id):
                 results.listing_errors[node_id] = f"worker answered as node {reported_id}"
+                results.worker_api_missing[node_id] = (
+                    f"{listed[node_id].address}: the worker there answers as node {reported_id}"
+                )
                 continue
             results.listings[node_id] = backends
     return results

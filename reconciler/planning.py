@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from registry import placement
 from registry.models import Node
@@ -181,9 +181,23 @@ class CheckPlan:
     listings: tuple[NodeView, ...] = ()  # workers asked what they run
 
 
+# A node found without the worker gRPC service (a LocalAI worker) is asked again this rarely,
+# not every pass: the answer only changes if something else starts listening at its address.
+WORKER_API_RECHECK_AFTER = timedelta(seconds=60)
+
+
+def due_for_listing(node: NodeView, now: datetime) -> bool:
+    """Whether to ask ``node``'s worker what it runs this pass: always, unless its address was
+    found without the worker service less than ``WORKER_API_RECHECK_AFTER`` ago."""
+    if node.worker_api != Node.WorkerApi.MISSING or node.worker_api_checked_at is None:
+        return True
+    return node.worker_api_checked_at <= now - WORKER_API_RECHECK_AFTER
+
+
 def plan_checks(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -> CheckPlan:
     """Probe loaded rows on healthy nodes whose last confirmation is older than
-    ``probe_after``; list the backends of every healthy backend node with an address."""
+    ``probe_after``; list the backends of every healthy backend node with an address (a node
+    without the worker service only every ``WORKER_API_RECHECK_AFTER``)."""
     confirmed_after = now - config.probe_after
     probes = tuple(
         replica
@@ -194,7 +208,9 @@ def plan_checks(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -
         and snapshot.nodes[replica.node_id].healthy
         and (replica.last_probe_at is None or replica.last_probe_at < confirmed_after)
     )
-    listings = tuple(node for node in snapshot.nodes.values() if node.schedulable and node.address)
+    listings = tuple(
+        node for node in snapshot.nodes.values() if node.schedulable and node.address and due_for_listing(node, now)
+    )
     return CheckPlan(probes=probes, listings=listings)
 
 

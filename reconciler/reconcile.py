@@ -405,6 +405,7 @@ class _Pass:
 
         self.summary.count("workers_listed", len(results.listings))
         self.summary.skip("list_failed", len(results.listing_errors))
+        self.record_worker_api(plan, results)
         if results.listings:
             # Re-read after the listings: a row must be judged by what existed once the worker
             # answered, never by the older snapshot (a loader may have written it meanwhile).
@@ -419,6 +420,24 @@ class _Pass:
                 changed |= self.remove_gone_backends(node, plan_.remove, backends, guard=guard)
                 self.stop_orphans(node, plan_.stop)
         return changed
+
+    def record_worker_api(self, plan, results) -> None:
+        """Whether each listed node answers the worker gRPC service: only those that do are
+        placed on (a LocalAI worker never is, so it is never sent a StartBackend that can only
+        fail). A failure that proves nothing (a deadline) leaves the node's state as it was."""
+        for node in plan.listings:
+            if node.id in results.listings:
+                available, detail = True, ""
+            elif node.id in results.worker_api_missing:
+                available, detail = False, results.worker_api_missing[node.id]
+            else:
+                continue
+            recorded = Node.objects.record_worker_api(
+                node.id, available=available, detail=detail, address=node.address, now=self.now
+            )
+            if recorded and not available and node.worker_api != Node.WorkerApi.MISSING:
+                self.summary.count("nodes_without_worker_service")
+                logger.warning("node %s is not placed on: %s", node.name, detail)
 
     def remove_gone_backends(self, node: NodeView, rows, backends, *, guard: bool) -> bool:
         changed = False

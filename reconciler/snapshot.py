@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from registry.labels import selector_matches
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
+from registry.placement import serves_worker_api
 
 from .models import ModelCondition
 
@@ -44,11 +45,20 @@ class NodeView:
     slots: int = 1
     reserved_vram: int = 0
     labels: Mapping[str, str] = field(default_factory=_empty)
+    worker_api: str = Node.WorkerApi.AVAILABLE
+    worker_api_checked_at: datetime | None = None
 
     @property
     def schedulable(self) -> bool:
-        """Healthy backend nodes are the only ones scheduled on and routed to."""
+        """Healthy backend nodes are the only ones routed to (their replicas count as ready)."""
         return self.status == Node.Status.HEALTHY and self.node_type == Node.NodeType.BACKEND
+
+    @property
+    def placeable(self) -> bool:
+        """Schedulable and answering the worker gRPC service: the only nodes scaled up on
+        (``NodeQuerySet.placeable``; a LocalAI worker is kept alive but never sent
+        StartBackend)."""
+        return self.schedulable and serves_worker_api(self.worker_api)
 
     @property
     def healthy(self) -> bool:
@@ -150,15 +160,15 @@ class Snapshot:
         return any(r.loaded and r.has_blob for r in self.replicas_by_model.get(model_name, ()))
 
     @cached_property
-    def _schedulable_by_name(self) -> tuple[NodeView, ...]:
-        return tuple(node for node in sorted(self.nodes.values(), key=lambda n: n.name) if node.schedulable)
+    def _placeable_by_name(self) -> tuple[NodeView, ...]:
+        return tuple(node for node in sorted(self.nodes.values(), key=lambda n: n.name) if node.placeable)
 
     @cached_property
     def _candidates_by_selector(self) -> dict:
         return {}
 
     def candidates(self, selector: Mapping[str, str]) -> tuple[NodeView, ...]:
-        """Schedulable nodes carrying every label of ``selector``, in name order.
+        """Placeable nodes carrying every label of ``selector``, in name order.
 
         Memoised per selector: most models share a handful of selectors (usually ``{}``), so a
         pass costs O(nodes x distinct selectors), not O(nodes x models).
@@ -167,7 +177,7 @@ class Snapshot:
         found = self._candidates_by_selector.get(key)
         if found is None:
             wanted = dict(selector)
-            found = tuple(node for node in self._schedulable_by_name if selector_matches(wanted, node.labels))
+            found = tuple(node for node in self._placeable_by_name if selector_matches(wanted, node.labels))
             self._candidates_by_selector[key] = found
         return found
 
@@ -202,6 +212,8 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
             slots=row["max_replicas_per_model"],
             reserved_vram=row["reserved_vram"],
             labels=MappingProxyType(labels.get(row["id"], {})),
+            worker_api=row["worker_api"],
+            worker_api_checked_at=row["worker_api_checked_at"],
         )
         for row in Node.objects.order_by("name").values(
             "id",
@@ -214,6 +226,8 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
             "heartbeat_seen_at",
             "max_replicas_per_model",
             "reserved_vram",
+            "worker_api",
+            "worker_api_checked_at",
         )
     }
     replicas = tuple(replica_views(NodeModel.objects.all()))

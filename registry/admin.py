@@ -128,6 +128,44 @@ def summary_text(summary: dict | None) -> str:
     return ", ".join(parts) or "nothing to do"
 
 
+NO_WORKER_SERVICE = (
+    "does not answer the worker gRPC service (LocalAI workers take backend commands over NATS)"
+)
+
+
+def worker_service_summary(node) -> tuple[bool, str]:
+    """``(placed on, why not)`` from ``node.worker_api`` (and the node type)."""
+    WorkerApi = Node.WorkerApi
+    if node.node_type != Node.NodeType.BACKEND:
+        return False, "agent node"
+    if node.worker_api == WorkerApi.AVAILABLE:
+        return True, ""
+    if node.worker_api == WorkerApi.MISSING:
+        return False, NO_WORKER_SERVICE
+    return False, "worker gRPC service not checked yet"
+
+
+def worker_service_text(node) -> str:
+    """Whether new replicas go to ``node``, and why not, with the reason of the last check."""
+    placed, why = worker_service_summary(node)
+    if placed:
+        return "answers the worker gRPC service: placed on"
+    detail = f" ({node.worker_api_detail})" if node.worker_api_detail else ""
+    return f"not placed on: {why}{detail}"
+
+
+class WorkerServiceFilter(admin.ChoicesFieldListFilter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.title = "worker service"
+
+
+class CredentialFilter(admin.ChoicesFieldListFilter):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.title = "credential"
+
+
 def _report(modeladmin, request, done: int, total: int, verb: str) -> None:
     """One message per action: how many rows the verb changed, and how many it refused."""
     if done:
@@ -225,13 +263,21 @@ class NodeAdmin(admin.ModelAdmin):
         "node_type",
         "address",
         "heartbeat_age",
+        "placement",
+        "auth",
         "vram_with_reserved",
         "slots",
         "label_list",
         "replica_count",
         "in_flight_sum",
     ]
-    list_filter = ["status", "node_type", LabelKeyFilter]
+    list_filter = [
+        "status",
+        "node_type",
+        ("worker_api", WorkerServiceFilter),
+        ("auth_mode", CredentialFilter),
+        LabelKeyFilter,
+    ]
     search_fields = ["name", "address", "id"]
     inlines = [NodeLabelInline, NodeReplicaInline]
     actions = [
@@ -254,16 +300,24 @@ class NodeAdmin(admin.ModelAdmin):
         "vram",
         "reserved",
         "ram",
+        "disk",
         "gpu_vendor",
         "slots",
         "reported_max_replicas_per_model",
+        "auth",
+        "worker_service",
+        "worker_api_checked_at",
         "created_at",
         "updated_at",
     ]
     fieldsets = [
         (None, {"fields": ["id", "name", "status_badge", "node_type", "address", "http_address"]}),
         ("Liveness", {"fields": ["heartbeat_age", "last_heartbeat"]}),
-        ("Capacity", {"fields": ["vram", "reserved", "ram", "gpu_vendor", "slots", "reported_max_replicas_per_model"]}),
+        ("Worker service and credentials", {"fields": ["worker_service", "worker_api_checked_at", "auth"]}),
+        (
+            "Capacity",
+            {"fields": ["vram", "reserved", "ram", "disk", "gpu_vendor", "slots", "reported_max_replicas_per_model"]},
+        ),
         # The node token's hash is never shown: it serves no operator and need not leave the database.
         ("Bookkeeping", {"classes": ["collapse"], "fields": ["created_at", "updated_at"]}),
     ]
@@ -316,11 +370,11 @@ class NodeAdmin(admin.ModelAdmin):
     def vram(self, obj):
         return f"{human_bytes(obj.free_vram)} / {human_bytes(obj.total_vram)}"
 
-    @admin.display(description="VRAM free / total (reserved)")
+    @admin.display(description="VRAM free / total (reserved); disk")
     def vram_with_reserved(self, obj):
         return format_html(
-            "{} / {}<br><small>{} reserved</small>",
-            human_bytes(obj.free_vram), human_bytes(obj.total_vram), human_bytes(obj.reserved_vram),
+            "{} / {}<br><small>{} reserved</small><br><small>disk {}</small>",
+            human_bytes(obj.free_vram), human_bytes(obj.total_vram), human_bytes(obj.reserved_vram), self.disk(obj),
         )
 
     @admin.display(description="reserved", ordering="reserved_vram")
@@ -330,6 +384,34 @@ class NodeAdmin(admin.ModelAdmin):
     @admin.display(description="RAM available / total")
     def ram(self, obj):
         return f"{human_bytes(obj.available_ram)} / {human_bytes(obj.total_ram)}"
+
+    @admin.display(description="disk available / total")
+    def disk(self, obj):
+        # 0 total: the worker does not report its models directory's filesystem.
+        if not obj.total_disk:
+            return "not reported"
+        return f"{human_bytes(obj.available_disk)} / {human_bytes(obj.total_disk)}"
+
+    @admin.display(description="credential", ordering="auth_mode")
+    def auth(self, obj):
+        return Node.AuthMode(obj.auth_mode).label if obj.auth_mode in Node.AuthMode.values else obj.auth_mode
+
+    @admin.display(description="worker service", ordering="worker_api")
+    def worker_service(self, obj):
+        return worker_service_text(obj)
+
+    @admin.display(description="worker service", ordering="worker_api")
+    def placement(self, obj):
+        """The list's short form of ``worker_service``; the reason of the last check is on the
+        node page and in the cell's tooltip."""
+        placed, why = worker_service_summary(obj)
+        if placed:
+            return "answers"
+        return format_html(
+            '<span title="{}"><strong>not placed on</strong><br><small>{}</small></span>',
+            obj.worker_api_detail or why,
+            why,
+        )
 
     @admin.display(description="slots / model", ordering="max_replicas_per_model")
     def slots(self, obj):

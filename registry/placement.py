@@ -43,10 +43,24 @@ def cluster_capacity(usages) -> int:
 
 SPREAD = "spread"
 BINPACK = "binpack"
+
+# ``Node.WorkerApi.AVAILABLE``: the node answered (or declared) the worker gRPC service.
+WORKER_API_AVAILABLE = "available"
+
+
+def serves_worker_api(worker_api: str) -> bool:
+    """Whether a node with this ``Node.worker_api`` may take a new replica. Placing means
+    sending ``StartBackend`` over the worker gRPC service; a node that does not answer it (a
+    LocalAI worker takes backend commands over NATS) or has not been checked yet would only
+    fail that call, every time it is chosen."""
+    return worker_api == WORKER_API_AVAILABLE
+
+
 STRATEGIES = (SPREAD, BINPACK)
 
 # Why no node was chosen; the router maps these to its typed errors.
 NO_CANDIDATES = "no_candidates"  # the selector/candidate list left nothing
+NO_WORKER_SERVICE = "no_worker_service"  # candidates exist, but none answers the worker gRPC service
 NO_FREE_SLOT = "no_free_slot"  # every candidate holds max_replicas_per_model rows: eviction cannot help
 NOT_ENOUGH_VRAM = "not_enough_vram"  # some node has a slot but none has the VRAM: eviction may help
 
@@ -57,7 +71,8 @@ class NodeCandidate:
 
     ``model_rows`` counts the model's replica rows on the node in any state; ``free_vram`` is
     ``available - reserved``; ``failure_backoff_until`` is when a recent failed load of this
-    model on this node stops counting against it (None: no recent failure).
+    model on this node stops counting against it (None: no recent failure); ``worker_api`` is
+    ``Node.worker_api`` (only ``available`` nodes take new replicas: see ``serves_worker_api``).
     """
 
     node_id: object
@@ -68,6 +83,11 @@ class NodeCandidate:
     in_flight_total: int = 0
     failure_backoff_until: datetime | None = None
     replica_count: int = 0  # replica rows of every model on the node
+    worker_api: str = WORKER_API_AVAILABLE
+
+    @property
+    def serves_worker_api(self) -> bool:
+        return serves_worker_api(self.worker_api)
 
     @property
     def free_slots(self) -> int:
@@ -122,16 +142,20 @@ def choose_node(
 ) -> PlacementDecision:
     """Pick the node for one new replica.
 
-    Filters: a free replica slot, then ``free_vram >= needed_vram`` (0 = unknown: every node
-    fits). Nodes whose last load of this model failed recently (``in_backoff``) are used only
-    when no other node fits, so a failing node is not retried in a loop while others exist.
-    Among the rest, ``_rank(strategy)`` decides.
+    Filters: the worker gRPC service (``serves_worker_api``), a free replica slot, then
+    ``free_vram >= needed_vram`` (0 = unknown: every node fits). Nodes whose last load of this
+    model failed recently (``in_backoff``) are used only when no other node fits, so a failing
+    node is not retried in a loop while others exist. Among the rest, ``_rank(strategy)``
+    decides.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown placement strategy {strategy!r}")
     candidates = list(candidates)
     if not candidates:
         return PlacementDecision(None, NO_CANDIDATES)
+    candidates = [c for c in candidates if c.serves_worker_api]
+    if not candidates:
+        return PlacementDecision(None, NO_WORKER_SERVICE)
     slotted = tuple(c for c in candidates if c.free_slots > 0)
     if not slotted:
         return PlacementDecision(None, NO_FREE_SLOT)

@@ -193,8 +193,8 @@ def route(
     if result is not None:
         return result
 
-    if node_ids is None and not Node.objects.schedulable().exists():
-        raise NoMatchingNodes("no healthy backend node is registered")
+    if node_ids is None and not Node.objects.candidates().exists():
+        raise NoMatchingNodes("no healthy backend node that answers the worker gRPC service is registered")
     if opts_blob is None and not _has_load_info(model_name):
         raise NoLoadInfo(f"model {model_name!r} has no load info; send backend_type and model options")
     return _cold(model_name, node_ids, backend_type, opts_blob, wait, lease_ttl, now)
@@ -408,6 +408,8 @@ def schedule_and_load(
         if decision.node is None:
             if decision.reason == placement.NO_CANDIDATES:
                 raise NoMatchingNodes(f"no healthy backend node is a candidate for {model_name!r}")
+            if decision.reason == placement.NO_WORKER_SERVICE:
+                raise NoMatchingNodes(f"no candidate node for {model_name!r} answers the worker gRPC service")
             if decision.reason == placement.NO_FREE_SLOT:
                 raise CapacityExhausted(f"every candidate node holds its maximum replicas of {model_name!r}")
             victim = None if evictions >= MAX_EVICTIONS else _evict_one(model_name, decision.slotted, now)
@@ -459,6 +461,7 @@ def _snapshot(model_name: str, selector, candidate_node_ids) -> _Plan:
             "in_flight_total",
             "replica_count",
             "failure_backoff_until",
+            "worker_api",
         )
     )
     candidates, addresses = [], {}
@@ -473,6 +476,7 @@ def _snapshot(model_name: str, selector, candidate_node_ids) -> _Plan:
                 in_flight_total=row["in_flight_total"] or 0,
                 replica_count=row["replica_count"] or 0,
                 failure_backoff_until=row["failure_backoff_until"],
+                worker_api=row["worker_api"],
             )
         )
         addresses[row["pk"]] = row["address"]

@@ -132,6 +132,10 @@ class WorkerAgent:
             "gpu_vendor": cfg.gpu_vendor,
             "labels": dict(cfg.labels),
             "max_replicas_per_model": cfg.max_replicas_per_model,
+            # A per-node token for every later call (the fleet token is then refused for this
+            # node), and the worker gRPC service it serves, so replicas are placed on it at once.
+            "auth_mode": "node_token",
+            "serves_worker_api": True,
         }
         body.update(self._memory_fields(total=True))
         return body

@@ -30,3 +30,16 @@ class InvalidTransition(ProblemError):
     default_code = "invalid_transition"
     default_detail = "The node's current status does not allow this transition."
     title = "Invalid status transition"
+
+
+class NodeTokenRequired(ProblemError):
+    """A registration without ``auth_mode: node_token`` for a name whose node holds a per-node
+    token: it would hand the node to anyone with the fleet token."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "node_token_required"
+    default_detail = (
+        'This node holds a per-node token: register with "auth_mode": "node_token", or have an operator '
+        "delete the node first."
+    )
+    title = "Node token required"

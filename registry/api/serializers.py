@@ -63,13 +63,31 @@ def validate_model_name(value: str) -> str:
 
 # --- worker-facing ---------------------------------------------------------------------------
 
+MAX_GPU_VENDOR = 32
+
+
+class GpuVendorField(StrictCharField):
+    """Any short printable string: LocalAI's workers report vendors this server need not know
+    (``apple``, ...); blank means ``unknown``. Control characters are refused (the value ends up
+    in a label and on admin pages)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(max_length=MAX_GPU_VENDOR, allow_blank=True, **kwargs)
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        if not value.isprintable():
+            raise serializers.ValidationError("Must not contain control characters.")
+        return value or Node.GpuVendor.UNKNOWN
+
 
 class NodeRegistrationSerializer(serializers.Serializer):
-    """LocalAI's worker registration body (see docs localai-wire.md).
+    """LocalAI's worker registration body, plus two fields of this project's worker.
 
     Unknown fields are ignored here, unlike on the other write endpoints: this body is a wire
-    contract with LocalAI workers, and a newer worker that sends a field we do not know must
-    still be able to register.
+    contract with LocalAI workers, which send fields this server does not use
+    (``gpu_compute_capability``, ``capability``, ``vram_budget``, ...), and a newer worker that
+    sends a field we do not know must still be able to register.
     """
 
     name = StrictCharField(
@@ -101,40 +119,77 @@ class NodeRegistrationSerializer(serializers.Serializer):
     available_ram = StrictIntegerField(
         min_value=0, max_value=MAX_BYTES, required=False, allow_null=True, help_text="bytes; defaults to total_ram"
     )
-    gpu_vendor = serializers.ChoiceField(
-        choices=Node.GpuVendor.choices, default=Node.GpuVendor.UNKNOWN, allow_blank=True, help_text="blank = unknown"
+    gpu_vendor = GpuVendorField(
+        default=Node.GpuVendor.UNKNOWN,
+        help_text="any short name (nvidia, amd, intel, apple, vulkan, ...); blank = unknown",
+    )
+    total_disk = StrictIntegerField(
+        min_value=0, max_value=MAX_BYTES, default=0, help_text="bytes of the models directory's filesystem"
+    )
+    available_disk = StrictIntegerField(
+        min_value=0, max_value=MAX_BYTES, required=False, allow_null=True, help_text="bytes; defaults to total_disk"
     )
     labels = LabelMapField(required=False, allow_null=True, default=dict)
     max_replicas_per_model = StrictIntegerField(
         min_value=0, max_value=MAX_INT, default=1, help_text="replica slots per model; 0 is treated as 1"
     )
+    auth_mode = serializers.ChoiceField(
+        choices=Node.AuthMode.choices,
+        default=Node.AuthMode.FLEET_TOKEN,
+        help_text=(
+            "`node_token`: answer with a per-node `node_token` that authenticates every later call of this "
+            "node (the fleet token is then refused for it). Omitted (LocalAI's worker) = `fleet_token`: no "
+            "node token, later calls present the fleet registration token; refused when "
+            "CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES is off."
+        ),
+    )
+    serves_worker_api = serializers.BooleanField(
+        default=False,
+        help_text=(
+            "the worker answers the worker gRPC service (controlplane.worker.v1.Worker) at `address`, so "
+            "replicas may be placed on it at once. Omitted (LocalAI's worker) = the reconciler finds out; "
+            "only nodes that answer it are placed on."
+        ),
+    )
 
     def validate(self, attrs):
         if attrs["node_type"] == Node.NodeType.BACKEND and not attrs.get("address"):
             raise serializers.ValidationError({"address": ["This field is required for backend nodes."]})
-        attrs["gpu_vendor"] = attrs.get("gpu_vendor") or Node.GpuVendor.UNKNOWN
         attrs["labels"] = attrs.get("labels") or {}
         attrs.pop("token", None)
         return attrs
 
 
 class NodeRegisteredSerializer(serializers.ModelSerializer):
-    """Registration answer; ``node_token`` is shown this once and authenticates every other
-    call of this node."""
+    """Registration answer. For an ``auth_mode: node_token`` registration, ``node_token`` is
+    shown this once and authenticates every other call of this node; a ``fleet_token`` node
+    gets none (its calls present the fleet registration token)."""
 
-    node_token = serializers.CharField(read_only=True, help_text="bearer token for /api/node/{id}/...")
+    # Not read-only: the schema would then list it as always present. It is set by the view.
+    node_token = serializers.CharField(
+        required=False, help_text="bearer token for /api/node/{id}/...; only in node_token mode"
+    )
 
     class Meta:
         model = Node
-        fields = ["id", "name", "node_type", "status", "created_at", "node_token"]
+        fields = ["id", "name", "node_type", "status", "auth_mode", "worker_api", "created_at", "node_token"]
         read_only_fields = fields
 
 
-class HeartbeatSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
-    """Free memory the worker can see now, in bytes; unknown values are omitted (or null)."""
+class HeartbeatSerializer(serializers.Serializer):
+    """What the worker can see now, in bytes; unknown values are omitted (or null).
+
+    Unknown fields are ignored, as on registration: LocalAI's workers send what their version
+    measures, and a rejected heartbeat would silently let the node go stale (LocalAI's client
+    does not look at the answer).
+    """
 
     available_vram = StrictIntegerField(min_value=0, max_value=MAX_BYTES, required=False, allow_null=True)
     available_ram = StrictIntegerField(min_value=0, max_value=MAX_BYTES, required=False, allow_null=True)
+    total_disk = StrictIntegerField(
+        min_value=0, max_value=MAX_BYTES, required=False, allow_null=True, help_text="models directory's filesystem"
+    )
+    available_disk = StrictIntegerField(min_value=0, max_value=MAX_BYTES, required=False, allow_null=True)
 
 
 class NodeStatusSerializer(serializers.Serializer):
@@ -179,7 +234,13 @@ class NodeSerializer(serializers.ModelSerializer):
             "reserved_vram",
             "total_ram",
             "available_ram",
+            "total_disk",
+            "available_disk",
             "gpu_vendor",
+            "auth_mode",
+            "worker_api",
+            "worker_api_detail",
+            "worker_api_checked_at",
             "max_replicas_per_model",
             "max_replicas_per_model_manual",
             "reported_max_replicas_per_model",

@@ -19,6 +19,8 @@ node_urlpatterns = [
     path("<uuid:node_id>/resume", NodeSelfViewSet.as_view({"post": "resume"}), name="node-resume"),
     path("<uuid:node_id>/deregister", NodeSelfViewSet.as_view({"post": "deregister"}), name="node-deregister"),
     path("<uuid:node_id>/models", NodeSelfViewSet.as_view({"get": "models"}), name="node-models"),
+    # LocalAI's route for the same "go offline" call as /deregister.
+    path("<uuid:node_id>", NodeSelfViewSet.as_view({"delete": "deregister"}), name="node-self"),
 ]
 
 urlpatterns = [

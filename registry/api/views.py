@@ -17,18 +17,22 @@ from rest_framework.views import APIView
 
 from controlplane import names
 from controlplane.auth import (
+    FleetTokenNodesRefused,
     HasRegistrationToken,
     IsFrontend,
     IsNodeSelf,
     IsOperator,
     NodeTokenAuthentication,
     RegistrationTokenAuthentication,
+    calling_node,
+    fleet_token_nodes_allowed,
 )
 from controlplane.schema import problems
+from registry.managers import NodeTokenRequired as NodeTokenRequiredError
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 
 from . import serializers as s
-from .problems import InvalidModelOptions, InvalidTransition, NoLoadInfo
+from .problems import InvalidModelOptions, InvalidTransition, NodeTokenRequired, NoLoadInfo
 
 # The canonical form of controlplane.names: 1-255 characters, no control characters, no outer
 # whitespace, slash-separated segments none of which is empty, "." or "..". Anything else is a 400.
@@ -79,38 +83,74 @@ class NodeRegistrationView(APIView):
         summary="Register a worker (or re-register a returning one)",
         description=(
             "A returning name keeps its id and comes back healthy unless still pending; its "
-            "replica rows are deleted and a new `node_token` replaces the old one. New nodes are "
-            "healthy when auto-approve is on, else pending. `max_replicas_per_model` 0 means 1."
+            "replica rows are deleted and, in `node_token` mode, a new `node_token` replaces the "
+            "old one. New nodes are healthy when auto-approve is on, else pending. "
+            "`max_replicas_per_model` 0 means 1. Unknown body fields are ignored.\n\n"
+            'Credential modes: with `"auth_mode": "node_token"` the answer carries a per-node '
+            "`node_token` for every later call of the node, and the fleet token is refused for it. "
+            "Without it (LocalAI's worker) the node is bound to the fleet registration token: no "
+            "`node_token`, later calls present the fleet token; 403 `fleet_token_nodes_refused` "
+            "when CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES is off. A node that holds a per-node token "
+            "cannot re-register without asking for one (409 `node_token_required`)."
         ),
         request=s.NodeRegistrationSerializer,
-        responses={201: s.NodeRegisteredSerializer, **problems(409)},
+        responses={
+            201: s.NodeRegisteredSerializer,
+            **problems(
+                403,
+                409,
+                description_403="`fleet_token_nodes_refused`",
+                description_409="`node_token_required`, or `conflict` (a concurrent registration)",
+            ),
+        },
     )
     def post(self, request):
         body = s.NodeRegistrationSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        registration = Node.objects.register(**body.validated_data, auto_approve=settings.CONTROLPLANE_AUTO_APPROVE)
+        if body.validated_data["auth_mode"] == Node.AuthMode.FLEET_TOKEN and not fleet_token_nodes_allowed():
+            raise FleetTokenNodesRefused()
+        try:
+            registration = Node.objects.register(**body.validated_data, auto_approve=settings.CONTROLPLANE_AUTO_APPROVE)
+        except NodeTokenRequiredError as exc:
+            raise NodeTokenRequired(str(exc)) from None
         answer = s.NodeRegisteredSerializer(registration.node).data
-        answer["node_token"] = registration.node_token
-        # The answer carries a secret: no cache (browser, proxy) may keep a copy.
+        if registration.node_token:
+            answer["node_token"] = registration.node_token
+        # The answer may carry a secret: no cache (browser, proxy) may keep a copy.
         return Response(answer, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
+
+
+_NODE_CALL_PROBLEMS = problems(
+    403,
+    404,
+    description_403=(
+        "`node_token_mismatch` (another node's token), `fleet_token_not_accepted` (the fleet token for a node "
+        "that holds a node token), `fleet_token_nodes_refused`"
+    ),
+    description_404="No such node (`not_found`)",
+)
 
 
 @extend_schema(tags=["node"])
 class NodeSelfViewSet(viewsets.ViewSet):
-    """Calls a worker makes about itself, authenticated by its own node token."""
+    """Calls a worker makes about itself: authenticated by its own node token, or by the fleet
+    registration token for a node registered in ``fleet_token`` mode (LocalAI's worker)."""
 
     authentication_classes = [NodeTokenAuthentication]
     permission_classes = [IsNodeSelf]
 
     @property
     def node(self) -> Node:
-        return self.request.auth  # IsNodeSelf guarantees it is the node of the URL
+        return calling_node(self.request)  # IsNodeSelf guarantees it is the node of the URL
 
     @extend_schema(
-        summary="Heartbeat with the node's free VRAM/RAM",
-        description="Unknown values are omitted. Never changes the node's status.",
+        summary="Heartbeat with the node's free VRAM/RAM and disk",
+        description=(
+            "Unknown values are omitted; unknown fields are ignored (LocalAI's workers send what they "
+            "measure). Never changes the node's status."
+        ),
         request=s.HeartbeatSerializer,
-        responses={200: s.NodeStatusSerializer},
+        responses={200: s.NodeStatusSerializer, **_NODE_CALL_PROBLEMS},
     )
     def heartbeat(self, request, node_id):
         body = s.HeartbeatSerializer(data=request.data)
@@ -123,7 +163,7 @@ class NodeSelfViewSet(viewsets.ViewSet):
         summary="Stop new work on this node (graceful shutdown, step 1)",
         description="Repeating it is harmless; an offline node cannot drain (409).",
         request=None,
-        responses={200: s.NodeStatusSerializer, **problems(409)},
+        responses={200: s.NodeStatusSerializer, **problems(409), **_NODE_CALL_PROBLEMS},
     )
     def drain(self, request, node_id):
         return Response(
@@ -133,7 +173,7 @@ class NodeSelfViewSet(viewsets.ViewSet):
     @extend_schema(
         summary="Accept work again after a drain",
         request=None,
-        responses={200: s.NodeStatusSerializer, **problems(409)},
+        responses={200: s.NodeStatusSerializer, **problems(409), **_NODE_CALL_PROBLEMS},
     )
     def resume(self, request, node_id):
         return Response({"status": apply_transition(self.node.pk, Node.objects.resume, Node.Status.HEALTHY, "resume")})
@@ -142,10 +182,11 @@ class NodeSelfViewSet(viewsets.ViewSet):
         summary="Go offline (graceful shutdown, last step)",
         description=(
             "The node's replica rows are deleted and its last heartbeat forgotten (it is exiting); "
-            "the node row is kept so that re-registration restores it."
+            "the node row is kept so that re-registration restores it. `DELETE /api/node/{id}` is "
+            "the same call (LocalAI's route)."
         ),
         request=None,
-        responses={200: s.NodeStatusSerializer},
+        responses={200: s.NodeStatusSerializer, **_NODE_CALL_PROBLEMS},
     )
     def deregister(self, request, node_id):
         if not Node.objects.mark_offline(self.node.pk, forget_heartbeat=True):
@@ -155,7 +196,7 @@ class NodeSelfViewSet(viewsets.ViewSet):
     @extend_schema(
         summary="This node's replica rows",
         description="Polled by a draining worker until the in-flight sum is 0. Not paginated.",
-        responses={200: s.NodeReplicaSerializer(many=True)},
+        responses={200: s.NodeReplicaSerializer(many=True), **_NODE_CALL_PROBLEMS},
     )
     def models(self, request, node_id):
         rows = NodeModel.objects.filter(node_id=self.node.pk).order_by("model_name", "replica_index")

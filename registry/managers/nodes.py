@@ -48,12 +48,18 @@ ANY_HEARTBEAT = object()
 
 @dataclass(frozen=True)
 class Registration:
-    """What ``Node.objects.register`` returns: the node, its fresh token (shown once), and
-    whether the name was new."""
+    """What ``Node.objects.register`` returns: the node, its fresh token (shown once; "" for a
+    node bound to the fleet token), and whether the name was new."""
 
     node: Node
     node_token: str
     created: bool
+
+
+class NodeTokenRequired(Exception):
+    """A registration without a per-node token for a name whose node holds one: accepting it
+    would let anyone with the fleet token take the node over (its token would stop working and
+    the fleet token would drive it). The operator deletes the node first if that is intended."""
 
 
 class NodeQuerySet(models.QuerySet):
@@ -64,8 +70,14 @@ class NodeQuerySet(models.QuerySet):
         return self.filter(node_type=self.model.NodeType.BACKEND)
 
     def schedulable(self):
-        """Healthy backend nodes: the only ones routed to or scheduled on."""
+        """Healthy backend nodes: the only ones routed to (their replicas count as ready)."""
         return self.healthy().backends()
+
+    def placeable(self):
+        """Schedulable nodes that answer the worker gRPC service: the only ones new replicas
+        are placed on. A LocalAI worker takes backend commands over NATS, which the control
+        plane does not speak; a StartBackend sent to it could only fail."""
+        return self.schedulable().filter(worker_api=self.model.WorkerApi.AVAILABLE)
 
     def stale(self, *, threshold: timedelta, now: datetime | None = None):
         """Nodes whose last heartbeat is older than ``threshold`` and whose status still claims
@@ -88,8 +100,8 @@ class NodeQuerySet(models.QuerySet):
         return queryset
 
     def candidates(self, selector: dict[str, str] | None = None, node_ids: Iterable | None = None):
-        """Schedulable nodes matching a selector, optionally restricted to ``node_ids``."""
-        queryset = self.schedulable().matching_selector(selector)
+        """Placeable nodes matching a selector, optionally restricted to ``node_ids``."""
+        queryset = self.placeable().matching_selector(selector)
         if node_ids is not None:
             queryset = queryset.filter(pk__in=list(node_ids))
         return queryset
@@ -165,6 +177,10 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         gpu_vendor: str = "unknown",
         labels: dict[str, str] | None = None,
         max_replicas_per_model: int = 1,
+        total_disk: int = 0,
+        available_disk: int | None = None,
+        auth_mode: str = "node_token",
+        serves_worker_api: bool = True,
         auto_approve: bool = True,
         now: datetime | None = None,
     ) -> Registration:
@@ -176,16 +192,28 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         survive), a new node token replaces the old one, and every model's unsatisfiable
         cooldown is cleared because capacity changed.
 
+        ``auth_mode``: ``node_token`` (the defaults describe this project's reference worker)
+        mints a per-node token; ``fleet_token`` (LocalAI's worker) mints none: the node's calls
+        are authenticated by the fleet token, and the token hash is cleared. A node that holds a
+        per-node token is never switched to ``fleet_token`` here: that raises
+        ``NodeTokenRequired`` (nothing is written). ``serves_worker_api``: the worker declared
+        that it answers the worker gRPC service, so it starts ``worker_api = available``;
+        otherwise ``unknown`` until the reconciler's listing says (only ``available`` nodes are
+        placed on).
+
         Idiom: row lock on the name inside one transaction; two first registrations of one name
         race on the unique constraint, and the loser retries into the row lock, so exactly one
         node exists. Returns a ``Registration`` whose ``node_token`` is shown to the worker once.
         """
         if not name or not name.strip():
             raise ValueError("node name must not be empty")
+        AuthMode, WorkerApi = self.model.AuthMode, self.model.WorkerApi
+        if auth_mode not in AuthMode.values:
+            raise ValueError(f"unknown auth mode {auth_mode!r}")
         labels = validate_labels(labels)
         now = _now(now)
         slots = max(1, int(max_replicas_per_model or 1))
-        token = new_token("cpn_")
+        token = new_token("cpn_") if auth_mode == AuthMode.NODE_TOKEN else ""
         capacity = {
             "node_type": node_type,
             "address": address,
@@ -195,9 +223,15 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
             "total_ram": total_ram,
             "available_ram": total_ram if available_ram is None else available_ram,
             "gpu_vendor": gpu_vendor or "unknown",
+            "total_disk": total_disk,
+            "available_disk": total_disk if available_disk is None else available_disk,
             "reserved_vram": 0,
             "reported_max_replicas_per_model": slots,
-            "token_hash": hash_token(token),
+            "auth_mode": auth_mode,
+            "token_hash": hash_token(token) if token else "",
+            "worker_api": WorkerApi.AVAILABLE if serves_worker_api else WorkerApi.UNKNOWN,
+            "worker_api_detail": "declared at registration" if serves_worker_api else "",
+            "worker_api_checked_at": now if serves_worker_api else None,
             "last_heartbeat": now,
         }
         for _attempt in range(3):
@@ -205,6 +239,10 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                 with transaction.atomic():
                     node = self.select_for_update().filter(name=name).first()
                     created = node is None
+                    if not created and node.auth_mode == AuthMode.NODE_TOKEN and auth_mode != AuthMode.NODE_TOKEN:
+                        raise NodeTokenRequired(
+                            f"node {name!r} holds a per-node token; it cannot re-register with the fleet token alone"
+                        )
                     if created:
                         node = self.create(
                             name=name,
@@ -249,24 +287,59 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         *,
         available_vram: int | None = None,
         available_ram: int | None = None,
+        total_disk: int | None = None,
+        available_disk: int | None = None,
         now: datetime | None = None,
     ) -> bool:
         """Record a heartbeat. Returns False when the node does not exist.
 
         Sets ``last_heartbeat``; a reported ``available_vram`` replaces the stored figure and
-        resets ``reserved_vram`` to 0 (the worker now reports what in-progress loads use). It
-        never changes status: the reconciler does. Pending and offline nodes only get the
-        timestamp. Idiom: one conditional UPDATE (CASE on status), no read.
+        resets ``reserved_vram`` to 0 (the worker now reports what in-progress loads use); the
+        other reported figures (RAM, disk of the models directory) replace theirs. It never
+        changes status: the reconciler does. Pending and offline nodes only get the timestamp.
+        Idiom: one conditional UPDATE (CASE on status), no read.
         """
         now = _now(now)
         timestamp_only = Q(status__in=self.model.HEARTBEAT_TIMESTAMP_ONLY_STATUSES)
         changes = {"last_heartbeat": now}
+
+        def reported(column: str, value: int) -> Case:
+            return Case(When(timestamp_only, then=F(column)), default=Value(value))
+
         if available_vram is not None:
-            changes["available_vram"] = Case(When(timestamp_only, then=F("available_vram")), default=Value(available_vram))
-            changes["reserved_vram"] = Case(When(timestamp_only, then=F("reserved_vram")), default=Value(0))
-        if available_ram is not None:
-            changes["available_ram"] = Case(When(timestamp_only, then=F("available_ram")), default=Value(available_ram))
+            changes["available_vram"] = reported("available_vram", available_vram)
+            changes["reserved_vram"] = reported("reserved_vram", 0)
+        for column, value in (("available_ram", available_ram), ("total_disk", total_disk), ("available_disk", available_disk)):
+            if value is not None:
+                changes[column] = reported(column, value)
         return self.filter(pk=node_id).update(**changes) == 1
+
+    def record_worker_api(
+        self, node_id, *, available: bool, detail: str = "", address: str | None = None, now: datetime | None = None
+    ) -> bool:
+        """Record what the reconciler's ``ListBackends`` call found at the node's address:
+        ``available`` (the worker gRPC service answered) or ``missing`` (nothing answers, or
+        something that is not this node's worker service), with ``detail`` the human reason.
+
+        Idiom: one conditional UPDATE, applied only while the node still has ``address`` (when
+        given): an answer about an address the node no longer registers is not about this node.
+        A re-registration on the same address racing the call may be overwritten; the next
+        pass's listing corrects it. Returns False when nothing was written (unknown node, or
+        its address changed).
+        """
+        now = _now(now)
+        WorkerApi = self.model.WorkerApi
+        queryset = self.filter(pk=node_id)
+        if address is not None:
+            queryset = queryset.filter(address=address)
+        return (
+            queryset.update(
+                worker_api=WorkerApi.AVAILABLE if available else WorkerApi.MISSING,
+                worker_api_detail=(detail or "")[:255],
+                worker_api_checked_at=now,
+            )
+            == 1
+        )
 
     def _transition(
         self, node_id, to_status: str, *, from_statuses=None, exclude_statuses=None, now: datetime | None = None

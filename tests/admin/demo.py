@@ -33,6 +33,17 @@ def build() -> None:
         nodes[name] = registration.node
     Node.objects.mark_draining(nodes["gpu-l4-01"].pk)
     Node.objects.register(name="gpu-h100-new", address="10.0.0.20:50051", total_vram=80 * GIB, auto_approve=False)
+    # A LocalAI worker: bound to the fleet token, heartbeating its disk, found without the
+    # worker gRPC service by the reconciler (so never placed on).
+    localai = Node.objects.register(
+        name="mac-studio-01", address="10.0.0.30:50051", gpu_vendor="apple", total_vram=64 * GIB,
+        total_disk=2048 * GIB, auth_mode="fleet_token", serves_worker_api=False, now=now - timedelta(seconds=6),
+    ).node
+    Node.objects.heartbeat(localai.pk, total_disk=2048 * GIB, available_disk=900 * GIB, now=now - timedelta(seconds=2))
+    Node.objects.record_worker_api(
+        localai.pk, available=False, address=localai.address, now=now - timedelta(seconds=1),
+        detail="10.0.0.30:50051: answers gRPC but not the worker service (ListBackends: UNIMPLEMENTED)",
+    )
 
     for model, options, minimum, maximum, selector in (
         ("llama-3-8b", {"Model": "llama-3-8b.Q4_K_M.gguf", "ContextSize": 8192, "NGPULayers": 99}, 2, 4, {}),

@@ -112,8 +112,11 @@ def test_a_superuser_logs_in_and_sees_the_dashboard_and_the_nodes(web, browser):
 
     browser.get(f"{web.base_url}/admin/registry/node/")
     rows = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
-    assert len(rows) == 4
-    assert "draining" in browser.find_element(By.ID, "result_list").text
+    assert len(rows) == 5
+    listing = browser.find_element(By.ID, "result_list").text
+    assert "draining" in listing
+    assert "not placed on\ndoes not answer the worker gRPC service" in listing
+    assert "fleet registration token (LocalAI worker)" in listing and "900.0 GiB / 2.0 TiB" in listing
     save(browser, "nodes.png")
 
     # A logged-out browser is sent to the login form.

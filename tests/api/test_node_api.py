@@ -1,4 +1,5 @@
-"""Worker-facing API: /api/node/register and /api/node/{id}/... with per-node tokens."""
+"""Worker-facing API: /api/node/register and /api/node/{id}/... with per-node tokens (the
+fleet-token mode of LocalAI's workers: test_localai_worker_api.py)."""
 
 import pytest
 
@@ -24,6 +25,8 @@ LOCALAI_BODY = {
     "labels": {"zone": "a"},
     "max_replicas_per_model": 2,
 }
+# The reference worker's body: LocalAI's plus a per-node token and the worker service.
+WORKER_BODY = {**LOCALAI_BODY, "auth_mode": "node_token", "serves_worker_api": True}
 
 
 def node_url(node, verb):
@@ -34,12 +37,13 @@ def node_url(node, verb):
 
 
 def test_register_with_bearer_token_returns_201_and_a_node_token(registration_client):
-    response = registration_client.post(REGISTER, LOCALAI_BODY, format="json")
+    response = registration_client.post(REGISTER, WORKER_BODY, format="json")
 
     assert response.status_code == 201, response.content
     body = response.json()
-    assert set(body) == {"id", "name", "node_type", "status", "created_at", "node_token"}
+    assert set(body) == {"id", "name", "node_type", "status", "auth_mode", "worker_api", "created_at", "node_token"}
     assert (body["name"], body["node_type"], body["status"]) == ("gpu-1", "backend", "healthy")
+    assert (body["auth_mode"], body["worker_api"]) == ("node_token", "available")
     node = Node.objects.get(pk=body["id"])
     assert token_matches(body["node_token"], node.token_hash)
     assert (node.total_vram, node.gpu_vendor, node.max_replicas_per_model) == (24 * GIB, "nvidia", 2)
@@ -74,7 +78,7 @@ def test_register_does_not_accept_an_api_key_or_node_token(api_client, operator_
 def test_open_registration_needs_no_token_when_none_is_configured(api_client, settings):
     settings.CONTROLPLANE_REGISTRATION_TOKEN = ""
     settings.CONTROLPLANE_ALLOW_OPEN_REGISTRATION = True
-    body = {k: v for k, v in LOCALAI_BODY.items() if k != "token"}
+    body = {k: v for k, v in WORKER_BODY.items() if k != "token"}
     assert api_client.post(REGISTER, body, format="json").status_code == 201
 
 
@@ -91,8 +95,8 @@ def test_register_pending_without_auto_approve(registration_client, settings):
 
 
 def test_re_registration_keeps_the_id_and_rotates_the_token(registration_client):
-    first = registration_client.post(REGISTER, LOCALAI_BODY, format="json").json()
-    second = registration_client.post(REGISTER, LOCALAI_BODY, format="json").json()
+    first = registration_client.post(REGISTER, WORKER_BODY, format="json").json()
+    second = registration_client.post(REGISTER, WORKER_BODY, format="json").json()
 
     assert first["id"] == second["id"]
     assert first["node_token"] != second["node_token"]
@@ -130,7 +134,11 @@ def test_agent_nodes_need_no_address(registration_client):
         ({"address": "a" * 513}, {"address"}),
         ({"http_address": "a" * 513}, {"http_address"}),
         ({"node_type": "robot"}, {"node_type"}),
-        ({"gpu_vendor": "acme"}, {"gpu_vendor"}),
+        ({"gpu_vendor": "x" * 33}, {"gpu_vendor"}),
+        ({"gpu_vendor": "nv\x07idia"}, {"gpu_vendor"}),
+        ({"gpu_vendor": 3}, {"gpu_vendor"}),
+        ({"auth_mode": "anything"}, {"auth_mode"}),
+        ({"total_disk": -1, "available_disk": -2}, {"total_disk", "available_disk"}),
         ({"total_vram": -1, "available_ram": "lots"}, {"total_vram", "available_ram"}),
         ({"total_vram": 2**64}, {"total_vram"}),
         ({"labels": {"zone": 3}}, {"labels"}),
@@ -168,17 +176,19 @@ def test_heartbeat_with_empty_body_or_nulls_only_stamps(node, node_client):
     assert response.status_code == 200
 
 
-def test_heartbeat_validation(node, node_client):
+def test_heartbeat_validation_ignores_unknown_fields_but_not_bad_numbers(node, node_client):
     body = assert_problem(
         node_client.post(node_url(node, "heartbeat"), {"available_vram": -5, "cpu": 1}, format="json"),
         400,
         "validation_error",
     )
-    assert set(body["errors"]) == {"cpu"}
-    body = assert_problem(
-        node_client.post(node_url(node, "heartbeat"), {"available_vram": -5}, format="json"), 400, "validation_error"
-    )
     assert set(body["errors"]) == {"available_vram"}
+    body = assert_problem(
+        node_client.post(node_url(node, "heartbeat"), {"available_disk": -1, "total_disk": "big"}, format="json"),
+        400,
+        "validation_error",
+    )
+    assert set(body["errors"]) == {"available_disk", "total_disk"}
 
 
 @pytest.mark.parametrize("verb", ["heartbeat", "drain", "resume", "deregister", "models"])
@@ -201,7 +211,8 @@ def test_another_nodes_token_is_403(api_client, node, other_node, verb):
 def test_api_keys_and_registration_token_do_not_work_on_node_calls(api_client, node, operator_key, verb):
     method = api_client.get if verb == "models" else api_client.post
     assert_problem(method(node_url(node, verb), **bearer(operator_key)), 401, "invalid_token")
-    assert_problem(method(node_url(node, verb), **bearer(REGISTRATION_TOKEN)), 401, "invalid_token")
+    # The node holds a per-node token: the fleet token never drives it.
+    assert_problem(method(node_url(node, verb), **bearer(REGISTRATION_TOKEN)), 403, "fleet_token_not_accepted")
 
 
 def test_a_node_token_on_an_unknown_node_id_is_403(api_client, node):
@@ -272,7 +283,7 @@ def test_models_lists_the_nodes_replica_rows(node, node_client, other_node):
 
 def test_the_worker_flow_register_heartbeat_drain_wait_deregister(api_client):
     """The reference worker's life: register, heartbeat, then graceful shutdown."""
-    answer = api_client.post(REGISTER, LOCALAI_BODY, format="json").json()
+    answer = api_client.post(REGISTER, WORKER_BODY, format="json").json()
     api_client.credentials(**bearer(answer["node_token"]))
     base = f"/api/node/{answer['id']}"
 

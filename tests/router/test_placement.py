@@ -172,3 +172,27 @@ def test_replica_floor_is_max_of_min_and_one_for_autoscaled_models(min_replicas,
 )
 def test_failure_backoff_doubles_from_ten_seconds_to_five_minutes(failures, seconds):
     assert placement.failure_backoff(failures) == timedelta(seconds=seconds)
+
+
+# --- the worker gRPC service ------------------------------------------------------------------
+
+
+def test_only_nodes_answering_the_worker_service_take_a_replica():
+    localai = NodeCandidate(node_id="m", name="a-localai", slots=4, free_vram=80 * GIB, worker_api="missing")
+    unchecked = NodeCandidate(node_id="u", name="b-unchecked", slots=4, free_vram=80 * GIB, worker_api="unknown")
+    reference = node("c-reference", free=8 * GIB, in_flight=3)
+
+    # the LocalAI node is idle with the most VRAM, yet never chosen
+    assert pick(localai, unchecked, reference).node.name == "c-reference"
+
+
+def test_it_says_when_no_candidate_answers_the_worker_service():
+    decision = pick(NodeCandidate(node_id="m", name="m", slots=1, worker_api="missing"))
+    assert decision.node is None and decision.reason == placement.NO_WORKER_SERVICE
+    # the eviction path has nothing to work with either
+    assert decision.slotted == ()
+
+
+@pytest.mark.parametrize(("worker_api", "placeable"), [("available", True), ("missing", False), ("unknown", False)])
+def test_serves_worker_api(worker_api, placeable):
+    assert placement.serves_worker_api(worker_api) is placeable

@@ -42,7 +42,13 @@ def _register(token: str, name: str) -> dict:
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
     response = api.post(
         "/api/node/register",
-        {"name": name, "address": "127.0.0.1:50999", "total_vram": 8 * 2**30, "max_replicas_per_model": 1},
+        {
+            "name": name,
+            "address": "127.0.0.1:50999",
+            "total_vram": 8 * 2**30,
+            "max_replicas_per_model": 1,
+            "auth_mode": "node_token",
+        },
         format="json",
     )
     assert response.status_code == 201, response.content

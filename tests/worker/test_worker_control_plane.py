@@ -80,6 +80,8 @@ def test_registration_sends_the_documented_body_and_keeps_the_node_token(control
         "gpu_vendor": "unknown",
         "labels": {"zone": "eu"},
         "max_replicas_per_model": 2,
+        "auth_mode": "node_token",
+        "serves_worker_api": True,
     }
     assert agent.node_id == "node-1"
 
