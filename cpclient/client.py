@@ -78,8 +78,8 @@ class Lease:
     # --- calling the leased replica (gRPC, through proto.client) ---------------------------------
     #
     # ``token``: the bearer token the fleet's backends require (LocalAI's
-    # LOCALAI_GRPC_AUTH_TOKEN; the registration token for backends started by the reference
-    # worker); "" sends none; None (default) is proto.client's default: Django's
+    # LOCALAI_GRPC_AUTH_TOKEN; the registration token for backends that our reference
+    # worker starts); "" sends none; None (default) is proto.client's default: Django's
     # CONTROLPLANE_REGISTRATION_TOKEN when Django is configured, else none. ``timeout``: seconds (default 120). ``fields``: PredictOptions
     # fields by proto name (Tokens=64, Temperature=0.2, Messages=[...], ...). A failed call
     # raises ``proto.client.GrpcCallError`` (NOT_FOUND "model identity mismatch" when the

@@ -11,7 +11,7 @@ blob, and :func:`proto.client.load_model` sends stored bytes to backends untouch
 JSON form: keys are the proto field names exactly as declared (``"Model"``, ``"ContextSize"``,
 ``"NGPULayers"``), values follow the proto3 JSON mapping. Fields at their default value
 (``""``, ``0``, ``false``, empty lists) are OMITTED, because proto3 cannot tell "unset" from
-"default" for these scalars and the reference (LocalAI) treats a default as "not configured";
+"default" for these scalars and LocalAI treats a default as "not configured";
 readers should use ``.get(name, default)`` or :func:`summarize_options`, which always returns
 its keys. Unknown (undeclared) fields do not appear in JSON.
 """

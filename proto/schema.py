@@ -123,7 +123,7 @@ def differences(recorded: dict[str, Any], ours: dict[str, Any]) -> list[str]:
     RPC) and say what was recorded and what we have, e.g.
     ``backend.ModelOptions.EnableScore: number recorded 75, ours 76``. Something we declare
     that the recorded schema does not is a difference too: a number we invent may be taken by
-    the reference tomorrow.
+    LocalAI tomorrow.
     """
     problems: list[str] = []
     for key in ("package", "syntax"):

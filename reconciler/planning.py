@@ -1,6 +1,6 @@
 """Pure planning: snapshot in, decisions out. No database, no network, no settings.
 
-Each function answers one question of a pass, in the reference's order:
+Each function answers one question of a pass, in LocalAI's order:
 
 - ``plan_observation``: which heartbeats changed since the reconciler last looked, and whether
   its observation was interrupted (staleness is counted on the reconciler's clock only);
@@ -316,7 +316,7 @@ def _removal_order(replica: ReplicaView, snapshot: Snapshot):
 
 
 def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, now: datetime) -> ScalePlan:
-    """One autoscaled model, in the reference's order (see module docstring)."""
+    """One autoscaled model, in LocalAI's order (see module docstring)."""
     name = config.model_name
     ready = snapshot.ready(name)
     loading = snapshot.loading(name)

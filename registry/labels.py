@@ -2,7 +2,7 @@
 
 GIB = 1024**3
 
-# Buckets of the reference's `gpu.vram` label, largest first.
+# Buckets of LocalAI's `gpu.vram` label, largest first.
 _VRAM_BUCKETS_GB = (80, 48, 24, 16, 8)
 
 MAX_LABEL_PART = 255

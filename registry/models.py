@@ -1,6 +1,6 @@
 """The fleet's tables.
 
-Columns, statuses and states follow the reference (LocalAI distributed mode) so that its
+Columns, statuses and states follow LocalAI's distributed mode so that its
 operators recognise them; the registry verbs that change these rows live in ``managers.py``.
 """
 
@@ -154,7 +154,7 @@ class NodeLabel(models.Model):
 
 
 class NodeModel(models.Model):
-    """One replica of a model on a node (the reference's ``node_models`` row).
+    """One replica of a model on a node (LocalAI's ``node_models`` row).
 
     Removing these rows is routine (restart, offline, probe failure, scale-down, eviction);
     that is why the load recipe is also kept per model in ``ModelLoadInfo``.
@@ -171,7 +171,7 @@ class NodeModel(models.Model):
     state = models.CharField(max_length=16, choices=State.choices, default=State.LOADING)
     in_flight = models.IntegerField(default=0)
     last_used = models.DateTimeField(null=True, blank=True)
-    # Per-replica copy of the load recipe (the reference keeps it for diagnostics and old rows).
+    # Per-replica copy of the load recipe (LocalAI keeps it for diagnostics and old rows).
     backend_type = models.CharField(max_length=255, blank=True)
     model_opts_blob = models.BinaryField(null=True, blank=True)
     # VRAM this replica's load reserved on its node (released if the load fails).
@@ -205,7 +205,7 @@ class NodeModel(models.Model):
 class ModelLoadInfo(models.Model):
     """The per-model load recipe: backend type and the serialized ``ModelOptions``.
 
-    This is the seed's fix (LocalAI PR #9981): no replica-removal path touches this table,
+    This is The per-model load-info fix (LocalAI PR #9981): no replica-removal path touches this table,
     so the reconciler can restore ``min_replicas`` after every replica row is gone.
     ``model_opts_blob`` holds the bytes exactly as received, so fields a newer LocalAI
     declares survive as unknown protobuf fields.
@@ -344,7 +344,7 @@ class LoadJob(models.Model):
 
 
 class Lease(models.Model):
-    """A frontend's hold on one replica for one request (the reference's in-flight reservation).
+    """A frontend's hold on one replica for one request (LocalAI's in-flight reservation).
 
     Granted in the same transaction as the warm pick's ``in_flight`` increment and released
     exactly once (by the caller, or by ``Lease.objects.expire`` when its TTL passes), so a

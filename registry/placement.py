@@ -14,7 +14,7 @@ def free_slots(slots: int, replica_rows: int) -> int:
     """Replica slots of one node still free for a model.
 
     Rows in any state (loading or loaded) count against the node's `max_replicas_per_model`;
-    a slot count below 1 is treated as 1, as the reference does for `0`.
+    a slot count below 1 is treated as 1, as LocalAI does for `0`.
     """
     return max(0, max(1, slots) - replica_rows)
 
@@ -121,7 +121,7 @@ class PlacementDecision:
 def _rank(strategy: str):
     """Sort key: lower is better.
 
-    Both strategies prefer idle nodes, then the least loaded (in-flight sum), as the reference
+    Both strategies prefer idle nodes, then the least loaded (in-flight sum), as LocalAI
     does. ``spread`` first prefers nodes that do not hold the model yet (a node failure then
     takes fewer replicas of it), then the fewest replicas of any model (VRAM reports lag behind
     loads, so without this every model of unknown size would land on the same idle node), then

@@ -593,7 +593,7 @@ def _holds_model(address: str, opts_blob: bytes) -> bool:
 
 def _record_load_info(row: NodeModel, backend_type: str, opts_blob: bytes, now) -> None:
     """Both copies of the recipe, each best effort: a failure here must not fail a load that
-    worked (the seed's rule)."""
+    worked (LocalAI's rule)."""
     try:
         NodeModel.objects.set_replica_load_info(row.node_id, row.model_name, row.replica_index, backend_type, opts_blob)
     except Exception:

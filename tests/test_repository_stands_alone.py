@@ -1,6 +1,6 @@
 """The repository stands alone: every document that code, tests or docs point at is in it.
 
-A checkout is all a reader (or CI) has. A comment that says "see docs/x.md" for a file that
+A checkout is all a reader (or CI) has. A comment that points at a document for a file that
 lives somewhere else, or a path that climbs out of the repository, is a dead end; so is
 naming a private shorthand ("the seed", "the reference") that no file here defines.
 """

@@ -3,8 +3,8 @@
 :class:`WorkerAgent` owns the node identity (id and node token, in memory only), the
 :class:`~worker.processes.BackendSupervisor` and the gRPC server. ``run()`` blocks until
 :meth:`WorkerAgent.request_stop` is called (the CLI calls it on SIGTERM/SIGINT) and then runs
-the shutdown sequence of docs/reference.md section 7: drain, wait for in-flight requests to end,
-deregister, stop every backend, stop the server.
+LocalAI's worker shutdown sequence: drain, wait for in-flight requests to end, deregister,
+stop every backend, stop the server.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """REST client for the control plane's node API, as the worker sees it.
 
-Paths and bodies (see docs/reference.md section 7 and docs/localai-wire.md):
+Paths and bodies (LocalAI's worker wire, see docs/interoperability.md, plus the per-node token):
 
 - ``POST /api/node/register``: bearer = registration token; answers 201 ``{id, name,
   node_type, status, created_at, node_token}``.

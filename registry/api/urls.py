@@ -1,6 +1,6 @@
 """URLs of the registry API.
 
-``node_urlpatterns`` -> ``/api/node/`` (worker-facing, the reference's paths);
+``node_urlpatterns`` -> ``/api/node/`` (worker-facing, LocalAI's paths);
 ``urlpatterns`` -> ``/api/v1/`` (frontends and operators). Model names may contain slashes and
 dots (``org/llama-3.1-8b.gguf``), hence the ``model_name`` converter (``converters.py``): a
 later route such as ``models/<model_name:model>`` must come after the

@@ -1,4 +1,4 @@
-"""Per-model load info (the seed's fix, LocalAI PR #9981)."""
+"""Per-model load info (the fix of LocalAI PR #9981)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ._common import _model, _now
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
-# Per-model load info (the seed's fix)
+# Per-model load info (LocalAI PR #9981)
 # --------------------------------------------------------------------------------------------
 
 

@@ -376,7 +376,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
     def mark_draining(self, node_id, *, now: datetime | None = None) -> bool:
         """Stop routing and scheduling to a node so its in-flight work can finish.
 
-        Replica rows are kept on purpose (the reference deleted them): the worker polls its
+        Replica rows are kept on purpose (LocalAI deleted them): the worker polls its
         rows' in-flight sum before deregistering, and leases on them must still be releasable.
         Draining nodes are not schedulable, so their replicas stop counting as ready and the
         reconciler places replacements elsewhere. Conditional update; False: unknown node, or

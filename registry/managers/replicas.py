@@ -112,7 +112,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         return deleted
 
     def count_loaded(self, model_name: str) -> int:
-        """Loaded replicas of a model on any node (the reference's count)."""
+        """Loaded replicas of a model on any node (LocalAI's count)."""
         return self.for_model(model_name).loaded().count()
 
     def next_free_index(self, node, model_name: str) -> int | None:

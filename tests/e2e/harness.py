@@ -619,7 +619,7 @@ class PrivatePostgres:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-# ===== the seed's Bug-1 as the issue states it (scenario h, bench/bench_restart.py) =============
+# ===== LocalAI's restart bug (every replica row reaped, recipe lost) (scenario h, bench/bench_restart.py) =============
 
 RESTART_FLOORS = {"tiny-a": 2, "tiny-b": 1, "tiny-c": 2}
 

@@ -1,7 +1,7 @@
 """A stand-in for LocalAI's backend worker on the node wire, for end-to-end tests.
 
 It speaks exactly what LocalAI's worker sends (``core/cli/workerregistry/client.go`` and
-``core/services/worker/{worker,registration}.go`` of the reference): every call carries
+``core/services/worker/{worker,registration}.go`` of LocalAI): every call carries
 ``Authorization: Bearer <registration token>`` (LocalAI's worker never asks for a per-node
 token), bodies are Go's ``json.Marshal`` of a ``map[string]any`` (compact, keys sorted), and
 the headers are Go's ``net/http`` defaults plus ``Content-Type: application/json`` where the Go

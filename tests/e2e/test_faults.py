@@ -500,7 +500,7 @@ def test_g_postgresql_restart_during_traffic(private_fleet, report):
 
 
 def test_h_control_plane_restart_with_stale_heartbeats_three_models_three_workers(fleet, report):
-    # the seed's Bug-1 as issue 8 states it: web and reconciler SIGKILLed, nobody receives
+    # LocalAI's restart bug (a control-plane restart reaps every replica row and loses the load recipe): web and reconciler SIGKILLed, nobody receives
     # heartbeats for twice the stale threshold, then both restart; every model is back at its
     # floor from the stored load info (no route call), and the invariants hold
     from tests.e2e.harness import RESTART_FLOORS, stale_restart, start_stale_restart_fleet

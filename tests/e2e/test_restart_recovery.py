@@ -1,4 +1,4 @@
-"""The seed's scenario with real processes: the fleet recovers its floor after everything restarts.
+"""LocalAI's restart bug with real processes: the fleet recovers its floor after everything restarts.
 
 web (gunicorn) + qcluster (the scheduled reconciler) + two reference workers on PostgreSQL.
 A model with ``min_replicas=2`` is routed once; then the web and qcluster processes are

@@ -34,7 +34,7 @@ def kinds(model_name=None):
     return list(events.values_list("kind", flat=True))
 
 
-# --- the seed's end-to-end scenario -----------------------------------------------------------
+# --- LocalAI's restart bug, end to end -----------------------------------------------------------
 
 
 def test_seed_scenario_one_pass_asks_the_scheduler_for_both_replicas_after_every_row_was_removed(
@@ -48,7 +48,7 @@ def test_seed_scenario_one_pass_asks_the_scheduler_for_both_replicas_after_every
     make_replica(b, "llama", 0)
     load_info("llama")
     # A frontend restart: nobody received heartbeats, the health monitor marked both offline
-    # (the reference's path), which removed every replica row.
+    # (LocalAI's path), which removed every replica row.
     for node in (a, b):
         assert Node.objects.mark_offline(node.pk, expected_heartbeat=earlier, now=now)
     assert not NodeModel.objects.exists()

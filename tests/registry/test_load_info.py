@@ -1,4 +1,4 @@
-"""The seed's fix (LocalAI PR #9981): per-model load info outlives every replica row."""
+"""The per-model load-info fix (LocalAI PR #9981): per-model load info outlives every replica row."""
 
 from datetime import timedelta
 

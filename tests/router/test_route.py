@@ -62,7 +62,7 @@ def test_a_successful_load_writes_both_load_info_copies_and_they_survive_losing_
     replica = NodeModel.objects.get()
     assert (replica.backend_type, bytes(replica.model_opts_blob)) == ("llama-cpp", BLOB)
 
-    Node.objects.mark_offline(gpu.node.pk)  # the seed's scenario: every replica row goes
+    Node.objects.mark_offline(gpu.node.pk)  # LocalAI's restart bug: every replica row goes
 
     assert not NodeModel.objects.exists()
     info = ModelLoadInfo.objects.for_model("llama")
