@@ -110,7 +110,7 @@ def test_restore_of_an_old_dump_converges_by_observation(private_fleet, tmp_path
 
     restarted = time.monotonic()
     fleet.start_web()
-    fleet.start_reconciler(1.0)
+    reconciler = fleet.start_reconciler(1.0)
 
     not_healthy: list[tuple[float, str, str]] = []
     seen: dict[str, float] = {}
@@ -137,6 +137,9 @@ def test_restore_of_an_old_dump_converges_by_observation(private_fleet, tmp_path
     elapsed = time.monotonic() - restarted
     settle = fleet.check_invariants()
 
+    # the restored pass history ends at the dump: the first pass sees an observation gap and
+    # counts staleness from now, whatever the restored heartbeat_seen columns say
+    assert "heartbeat observation resumed after a gap" in reconciler.log(), reconciler.log()[-3000:]
     node_ids_after = {name: node["id"] for name, node in fleet.nodes().items()}
     assert not not_healthy, f"a live node was reaped or unhealthy after the restore: {not_healthy}"
     assert not [e for e in fleet.events("node_offline")], fleet.events("node_offline")
