@@ -6,7 +6,8 @@ A private PostgreSQL cluster (``PrivatePostgres``) hosts the fleet so that ``pg_
 three models at their floors: ``keep`` (2), ``shrink`` (2) and ``grow`` (1). The dump is taken
 while everything runs. Then the fleet changes through its public verbs: ``grow`` is scaled to 3
 (scheduling PUT), a new model ``fresh`` is routed (cold load), ``shrink``'s floor drops to 1 and
-the idle replica above it is unloaded, and a fourth worker registers. Web and reconciler are
+the idle replica above it is unloaded, a fourth worker registers, and ``drill-2`` restarts (it
+registers again: same node id, a new node token). Web and reconciler are
 stopped, the old dump is restored over the live database (``pg_restore --clean --if-exists``)
 and both start again, the workers untouched throughout.
 
@@ -14,7 +15,8 @@ What the restored database claims and what the workers run now disagree everywhe
 control plane must settle it by looking: ``fresh``'s backend (unknown to the dump) and ``grow``'s
 extra backends are orphans and stopped; ``shrink``'s unloaded replica, listed by the dump, is
 gone from its worker, so its row is removed and the floor of 2 is re-placed; the fourth worker's
-node id is unknown, its heartbeat is refused and it registers again; the restored
+node id is unknown, its heartbeat is refused and it registers again; so does ``drill-2``, whose
+node token hash in the dump is the one before its restart; the restored
 ``heartbeat_seen`` columns and pass history are an observation gap, so no live node is reaped;
 and ``check_invariants`` holds.
 """
@@ -33,6 +35,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 FLOORS = {"keep": 2, "shrink": 2, "grow": 1}
 WORKERS = ["drill-0", "drill-1", "drill-2"]
 LATE_WORKER = "drill-3"
+RESTARTED_WORKER = "drill-2"
 # a pass every second, stale after 4 s; a busy 2-core machine: allow generous convergence
 CONVERGENCE_BOUND = 45.0
 
@@ -65,8 +68,7 @@ def test_restore_of_an_old_dump_converges_by_observation(private_fleet, tmp_path
         fast_settings(CONTROLPLANE_LOAD_JOB_RUNNER="thread", CONTROLPLANE_SCALE_DOWN_IDLE_AFTER="2")
     )
     web = fleet.start_web()
-    for name in WORKERS:
-        fleet.start_worker(name, slots=2)
+    workers = {name: fleet.start_worker(name, slots=2) for name in WORKERS}
     fleet.wait_nodes(set(WORKERS))
     reconciler = fleet.start_reconciler(1.0)
     for model, floor in FLOORS.items():
@@ -85,6 +87,13 @@ def test_restore_of_an_old_dump_converges_by_observation(private_fleet, tmp_path
     # ----- the fleet moves on -----------------------------------------------------------------
     _set_floor(fleet, "grow", 3)
     fleet.wait_converged("grow", 3, 60)
+    # a worker restarted since the dump: it registered again, so the node token whose hash the
+    # dump holds is no longer the one it sends
+    assert fleet.stop(workers[RESTARTED_WORKER], signal.SIGTERM) == 0
+    fleet.start_worker(RESTARTED_WORKER, slots=2)
+    fleet.wait_nodes({RESTARTED_WORKER})
+    for model, floor in {**FLOORS, "grow": 3}.items():
+        fleet.wait_converged(model, floor, 60)  # its replicas re-placed
     frontend = ControlPlaneClient(fleet.base_url, fleet.api_key, timeout=30)
     with frontend.lease("fresh", **ECHO_OPTIONS, wait_seconds=30) as lease:
         assert lease.address
@@ -112,6 +121,9 @@ def test_restore_of_an_old_dump_converges_by_observation(private_fleet, tmp_path
     fleet.start_web()
     reconciler = fleet.start_reconciler(1.0)
 
+    def restarted_log():
+        return next(p for p in reversed(fleet.processes) if p.name == f"worker-{RESTARTED_WORKER}").log()
+
     not_healthy: list[tuple[float, str, str]] = []
     seen: dict[str, float] = {}
 
@@ -126,6 +138,7 @@ def test_restore_of_an_old_dump_converges_by_observation(private_fleet, tmp_path
             "grow orphans stopped": sum(1 for _, model, _ in running if model == "grow") == FLOORS["grow"],
             "shrink re-placed": sum(1 for _, model, _ in running if model == "shrink") == FLOORS["shrink"],
             "late worker back": fleet.nodes().get(LATE_WORKER, {}).get("status") == "healthy",
+            "restarted worker re-registered": "registering again" in restarted_log(),
             **{f"{model} at floor": _ready(fleet, model) == floor for model, floor in FLOORS.items()},
         }
         for what, holds in checks.items():
