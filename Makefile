@@ -15,6 +15,9 @@ demo:  ## make run + two echo workers and a model demo-echo kept at 2 replicas (
 test:  ## the whole suite on SQLite and on PostgreSQL
 	@scripts/test
 
+soak:  ## the soak: a fleet under traffic with random kills and restarts (DURATION=seconds, default 60)
+	@scripts/soak $(or $(DURATION),60)
+
 check:  ## lint, migration drift, generated-code drift, OpenAPI drift
 	@$(BOOTSTRAP); ruff check .
 	@$(BOOTSTRAP); CONTROLPLANE_VAR_DIR=$$(mktemp -d) python manage.py makemigrations --check --dry-run
@@ -24,4 +27,4 @@ check:  ## lint, migration drift, generated-code drift, OpenAPI drift
 proto:  ## regenerate the protobuf/gRPC code under proto/
 	@$(BOOTSTRAP); python scripts/gen_proto.py
 
-.PHONY: help run demo test check proto
+.PHONY: help run demo test soak check proto

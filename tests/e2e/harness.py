@@ -661,3 +661,63 @@ def stale_restart(fleet: Fleet, procs: dict[str, Process], floors: dict[str, int
 
     wait_for(at_floor, timeout=deadline, interval=0.2, what=f"every model at its floor {floors}")
     return {"restart": time.monotonic() - restarted, "web": web_up}
+
+
+# ===== restore drill and soak (issue 12) ===========================================================
+
+
+def _fleet_running_backends(self) -> dict[tuple[str, str, int], int]:
+    """``(node name, model, replica index) -> pid`` of every RUNNING backend that the fleet's
+    healthy backend nodes report (``ListBackends``); a worker that does not answer is skipped."""
+    from proto import client, worker_pb2
+
+    running = {}
+    for node_id, name, address in self.sql(
+        "SELECT id, name, address FROM registry_node WHERE status = 'healthy' AND node_type = 'backend'"
+    ):
+        try:
+            listing = client.list_backends(address, node_id=str(node_id), token=TOKEN, timeout=5)
+        except client.GrpcCallError:
+            continue
+        for backend in listing.backends:
+            if backend.state == worker_pb2.BackendProcess.RUNNING:
+                running[(name, backend.model_name, backend.replica_index)] = backend.pid
+    return running
+
+
+def _fleet_rss_kib(self, process: Process) -> int:
+    """Resident set size (KiB, ``VmRSS``) of a fleet process and all its descendants (a
+    gunicorn master and its workers; a qcluster and its worker processes)."""
+    return sum(_vm_rss_kib(pid) for pid in _process_tree(process.popen.pid))
+
+
+def _process_tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _vm_rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+Fleet.running_backends = _fleet_running_backends
+Fleet.rss_kib = _fleet_rss_kib
