@@ -31,7 +31,7 @@ def build() -> None:
             now=now - timedelta(seconds=3 + len(nodes) * 4),
         )
         nodes[name] = registration.node
-    Node.objects.mark_draining(nodes["gpu-l4-01"].pk)
+    Node.objects.mark_draining(nodes["gpu-l4-01"].pk, by=Node.DrainedBy.OPERATOR)
     Node.objects.register(name="gpu-h100-new", address="10.0.0.20:50051", total_vram=80 * GIB, auto_approve=False)
     # A LocalAI worker: bound to the fleet token, heartbeating its disk, found without the
     # worker gRPC service by the reconciler (so never placed on).

@@ -180,10 +180,10 @@ def test_mark_healthy_recovers_unhealthy_and_offline_but_not_pending_or_draining
 def test_drain_keeps_rows_but_makes_them_unroutable_and_resume_restores():
     node = make_node()
     make_replica(node)
-    assert Node.objects.mark_draining(node.pk)
+    assert Node.objects.mark_draining(node.pk, by=Node.DrainedBy.OPERATOR)
     assert NodeModel.objects.filter(node=node).count() == 1
     assert NodeModel.objects.warm_pick("llama") is None
-    assert Node.objects.resume(node.pk)
+    assert Node.objects.resume(node.pk, by=Node.DrainedBy.OPERATOR)
     assert NodeModel.objects.warm_pick("llama") is not None
 
 
@@ -207,8 +207,8 @@ def test_status_and_slot_verbs_write_their_now(now):
     node = make_node(now=now, status=Node.Status.PENDING)
     steps = [
         (Node.objects.approve, {}),
-        (Node.objects.mark_draining, {}),
-        (Node.objects.resume, {}),
+        (Node.objects.mark_draining, {"by": Node.DrainedBy.OPERATOR}),
+        (Node.objects.resume, {"by": Node.DrainedBy.OPERATOR}),
         (Node.objects.mark_unhealthy, {}),
         (Node.objects.mark_healthy, {}),
         (Node.objects.set_max_replicas_per_model, {"slots": 3}),

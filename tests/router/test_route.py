@@ -445,7 +445,7 @@ def test_replicas_on_unhealthy_or_draining_nodes_are_not_routed_to(fleet):
     a, b = fleet.add_node("gpu-a"), fleet.add_node("gpu-b")
     live_replica(fleet, a.node, minutes_ago=10)
     on_b, _ = live_replica(fleet, b.node)
-    Node.objects.mark_draining(a.node.pk)
+    Node.objects.mark_draining(a.node.pk, by=Node.DrainedBy.OPERATOR)
 
     assert router.route("llama").lease.replica_id == on_b.pk
 
