@@ -260,9 +260,23 @@ _NODE_ACTION = {"request": None, "responses": {200: s.NodeSerializer, **problems
 )
 @extend_schema(tags=["nodes"])
 class NodeViewSet(viewsets.GenericViewSet):
-    """Fleet administration (operator key or staff session)."""
+    """Fleet administration (operator key, or a staff session with the permission below)."""
 
     permission_classes = [IsOperator]
+    _change = ("registry.change_node",)
+    session_permissions = {
+        "list": ("registry.view_node",),
+        "retrieve": ("registry.view_node",),
+        "destroy": ("registry.delete_node",),
+        "approve": _change,
+        "drain": _change,
+        "resume": _change,
+        "replace_labels": _change,
+        "merge_labels": _change,
+        "remove_label": _change,
+        "set_max_replicas": _change,
+        "reset_max_replicas": _change,
+    }
     serializer_class = s.NodeSerializer
     queryset = Node.objects.with_load().prefetch_related("labels").order_by("name", "pk")
     lookup_field = "pk"
@@ -406,6 +420,13 @@ class NodeViewSet(viewsets.GenericViewSet):
 @extend_schema(tags=["scheduling"])
 class SchedulingConfigViewSet(viewsets.GenericViewSet):
     permission_classes = [IsOperator]
+    session_permissions = {
+        "list": ("registry.view_modelschedulingconfig",),
+        "retrieve": ("registry.view_modelschedulingconfig",),
+        # An upsert: it may create the row or change it.
+        "update": ("registry.add_modelschedulingconfig", "registry.change_modelschedulingconfig"),
+        "destroy": ("registry.delete_modelschedulingconfig",),
+    }
     serializer_class = s.SchedulingConfigSerializer
     queryset = ModelSchedulingConfig.objects.order_by("model_name")
     lookup_field = "model_name"
