@@ -33,7 +33,7 @@ from reconciler.models import Event, ModelCondition, ReconcilePass
 from reconciler.snapshot import take_snapshot
 
 from .labels import auto_labels, validate_labels
-from .managers import validate_scheduling
+from .managers import max_labels_per_node, validate_scheduling
 from .models import (
     Lease,
     LoadFailure,
@@ -216,9 +216,44 @@ class LabelKeyFilter(admin.SimpleListFilter):
         return queryset
 
 
+class KnownRowChoiceField(forms.ModelChoiceField):
+    """The hidden primary-key field of an inline row, validated against the rows the formset
+    already read (Django's own field runs one query per row on every save)."""
+
+    def __init__(self, rows: dict, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows = rows
+
+    def to_python(self, value):
+        if value in self.empty_values:
+            return None
+        if isinstance(value, self.queryset.model):
+            return value
+        row = self.rows.get(str(value))
+        if row is None:
+            raise ValidationError(self.error_messages["invalid_choice"], code="invalid_choice", params={"value": value})
+        return row
+
+
 class LabelFormSet(BaseInlineFormSet):
     """Labels are edited as a whole and written with ``NodeLabel.objects.replace`` (see
-    ``NodeAdmin.save_formset``), so cooldowns are cleared like the API's label verbs do."""
+    ``NodeAdmin.save_formset``), so cooldowns are cleared like the API's label verbs do. At
+    most ``CONTROLPLANE_MAX_LABELS_PER_NODE`` rows, and a fixed number of queries to validate
+    them, so the page stays small enough to render and to save."""
+
+    def _rows_by_pk(self) -> dict:
+        if not hasattr(self, "_known_rows"):
+            self._known_rows = {str(row.pk): row for row in self.get_queryset()}
+        return self._known_rows
+
+    def add_fields(self, form, index):
+        super().add_fields(form, index)
+        name = self.model._meta.pk.name
+        field = form.fields.get(name)
+        if isinstance(field, forms.ModelChoiceField):
+            form.fields[name] = KnownRowChoiceField(
+                self._rows_by_pk(), field.queryset, initial=field.initial, required=False, widget=field.widget
+            )
 
     def clean(self):
         super().clean()
@@ -230,6 +265,8 @@ class LabelFormSet(BaseInlineFormSet):
             if data["key"] in labels:
                 raise ValidationError(f"label {data['key']!r} appears twice")
             labels[data["key"]] = data.get("value") or ""
+        if len(labels) > max_labels_per_node():
+            raise ValidationError(f"a node carries at most {max_labels_per_node()} labels")
         try:
             self.labels = validate_labels(labels)
         except ValueError as exc:
@@ -240,23 +277,11 @@ class NodeLabelInline(admin.TabularInline):
     model = NodeLabel
     formset = LabelFormSet
     extra = 1
-    fields = ["key", "value"]
+    fields = ["key", "value", "source"]
+    readonly_fields = ["source"]
 
-
-class NodeReplicaInline(admin.TabularInline):
-    model = NodeModel
-    extra = 0
-    can_delete = False
-    show_change_link = True
-    fields = ["model_name", "replica_index", "state", "in_flight", "address", "last_used", "probe_failures"]
-    readonly_fields = fields
-    verbose_name_plural = "replicas (read-only; unload from the replica list)"
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
+    def get_max_num(self, request, obj=None, **kwargs):
+        return max_labels_per_node()
 
 
 class MaxReplicasForm(forms.Form):
@@ -287,7 +312,9 @@ class NodeAdmin(admin.ModelAdmin):
         LabelKeyFilter,
     ]
     search_fields = ["name", "address", "id"]
-    inlines = [NodeLabelInline, NodeReplicaInline]
+    # Replicas are a read-only table (``replica_table``), not an inline formset: a formset
+    # would add form fields and a validation query per row to every save of the page.
+    inlines = [NodeLabelInline]
     actions = [
         "approve",
         "drain",
@@ -300,6 +327,7 @@ class NodeAdmin(admin.ModelAdmin):
         "id",
         "name",
         "status_badge",
+        "drained_by",
         "node_type",
         "address",
         "http_address",
@@ -317,9 +345,10 @@ class NodeAdmin(admin.ModelAdmin):
         "worker_api_checked_at",
         "created_at",
         "updated_at",
+        "replica_table",
     ]
     fieldsets = [
-        (None, {"fields": ["id", "name", "status_badge", "node_type", "address", "http_address"]}),
+        (None, {"fields": ["id", "name", "status_badge", "drained_by", "node_type", "address", "http_address"]}),
         ("Liveness", {"fields": ["heartbeat_age", "last_heartbeat"]}),
         ("Worker service and credentials", {"fields": ["worker_service", "worker_api_checked_at", "auth"]}),
         (
@@ -328,6 +357,7 @@ class NodeAdmin(admin.ModelAdmin):
         ),
         # The node token's hash is never shown: it serves no operator and need not leave the database.
         ("Bookkeeping", {"classes": ["collapse"], "fields": ["created_at", "updated_at"]}),
+        ("Replicas (read-only; unload from the replica list)", {"fields": ["replica_table"]}),
     ]
 
     def get_queryset(self, request):
@@ -357,6 +387,12 @@ class NodeAdmin(admin.ModelAdmin):
         for pk in list(queryset.values_list("pk", flat=True)):
             Node.objects.deregister(pk)
 
+    def save_model(self, request, obj, form, change):
+        """Nothing to write: every field of the node is read-only here (labels are saved by
+        ``save_formset`` through their verb). Django's ``obj.save()`` would write back every
+        column as the page read it, undoing a drain, a heartbeat or a re-registration that
+        happened since."""
+
     def save_formset(self, request, form, formset, change):
         if isinstance(formset, LabelFormSet):
             NodeLabel.objects.replace(form.instance.pk, formset.labels)
@@ -369,6 +405,37 @@ class NodeAdmin(admin.ModelAdmin):
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj):
         return status_badge(obj.status)
+
+    @admin.display(description="replicas")
+    def replica_table(self, obj):
+        """One query, no network call: the rows as stored (state, in flight, last probe)."""
+        rows = obj.replicas.order_by("model_name", "replica_index").values_list(
+            "pk", "model_name", "replica_index", "state", "in_flight", "address", "last_used", "probe_failures"
+        )
+        body = format_html_join(
+            "",
+            '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>',
+            (
+                (
+                    reverse("admin:registry_nodemodel_change", args=[pk]),
+                    model,
+                    index,
+                    state,
+                    in_flight,
+                    address,
+                    age(last_used),
+                    failures,
+                )
+                for pk, model, index, state, in_flight, address, last_used, failures in rows
+            ),
+        )
+        if not body:
+            return "none"
+        return format_html(
+            "<table><thead><tr><th>model</th><th>replica</th><th>state</th><th>in flight</th><th>address</th>"
+            "<th>last used</th><th>probe failures</th></tr></thead><tbody>{}</tbody></table>",
+            body,
+        )
 
     @admin.display(description="heartbeat", ordering="last_heartbeat")
     def heartbeat_age(self, obj):
