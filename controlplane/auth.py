@@ -28,7 +28,7 @@ Permissions (declare one on each view; the default of ``REST_FRAMEWORK`` is ``Is
     from controlplane.auth import IsFrontend, IsOperator, IsNodeSelf, HasRegistrationToken
 
     class RouteView(APIView):
-        permission_classes = [IsFrontend]          # frontend or operator key, or staff session
+        permission_classes = [IsFrontend]          # frontend or operator key, or a permitted staff session
 
 No credential -> 401 ``not_authenticated``; a wrong/revoked/unknown one -> 401
 ``invalid_token``; a valid one without the right -> 403 ``permission_denied``; another node's
