@@ -712,8 +712,9 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
         ]
 
     def reconcile_view(self, request):
-        """POST only: one reconcile pass now; its summary becomes a message."""
-        if request.method != "POST" or not self.has_view_permission(request):
+        """POST only: one reconcile pass now; its summary becomes a message. Needs the change
+        permission of scheduling configs, as the API's ``POST /api/v1/reconcile`` does."""
+        if request.method != "POST" or not self.has_change_permission(request):
             return HttpResponseRedirect(reverse("admin:registry_modelschedulingconfig_changelist"))
         self._reconcile(request)
         target = request.POST.get("next") or ""
@@ -726,7 +727,7 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
         level = messages.SUCCESS if summary.outcome == ReconcilePass.Outcome.OK else messages.WARNING
         self.message_user(request, f"reconcile pass: {summary}", level)
 
-    @admin.action(description="Reconcile now (one pass over the whole fleet)")
+    @admin.action(description="Reconcile now (one pass over the whole fleet)", permissions=["change"])
     def reconcile_now(self, request, queryset):
         self._reconcile(request)
 

@@ -128,3 +128,16 @@ def test_saving_the_page_never_writes_back_the_node_row_it_read(admin_client, no
     node.refresh_from_db()
     assert (node.status, node.drained_by) == (Node.Status.DRAINING, Node.DrainedBy.NODE)
     assert "edited" in NodeLabel.objects.as_dict(node.pk).values()
+
+
+def test_reconcile_now_needs_the_change_permission_as_the_api_does(client, django_user_model):
+    from django.contrib.auth.models import Permission
+
+    from reconciler.models import ReconcilePass
+
+    viewer = django_user_model.objects.create_user("sched-viewer", password="x", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_modelschedulingconfig"))
+    client.force_login(viewer)
+    response = client.post(reverse("admin:registry_modelschedulingconfig_reconcile"))
+    assert response.status_code == 302
+    assert not ReconcilePass.objects.exists()
