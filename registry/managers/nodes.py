@@ -697,13 +697,15 @@ class NodeLabelManager(models.Manager):
         """The labels of a (re-)registration, inside ``Node.objects.register``'s transaction
         (which holds the node's row lock): the worker's labels replace those it sent last time
         (so no caller grows a node's labels by registering again), except on keys an operator
-        set, which keep the operator's value; the auto-labels are rewritten. ``TooManyLabels``
+        set, which keep the operator's value; the auto-labels are rewritten (one that no longer
+        applies, such as ``gpu.vram`` of a node now reporting none, is dropped). ``TooManyLabels``
         past the bound (the caller's transaction rolls back)."""
         Source = self.model.Source
         worker_labels = validate_labels(worker_labels)
         held = set(self.filter(node_id=node_id, source=Source.OPERATOR).values_list("key", flat=True))
         own = {key: value for key, value in worker_labels.items() if key not in held and key not in auto}
         self.filter(node_id=node_id, source=Source.WORKER).exclude(key__in=list(own)).delete()
+        self.filter(node_id=node_id, source=Source.AUTO).exclude(key__in=list(auto)).delete()
         self._upsert(node_id, own, Source.WORKER)
         self._upsert(node_id, auto, Source.AUTO)
         self._check_bound(node_id)

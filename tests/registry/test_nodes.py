@@ -89,6 +89,15 @@ def test_registration_applies_auto_labels_and_merges_worker_labels():
     }
 
 
+def test_an_auto_label_that_no_longer_applies_is_dropped_at_registration():
+    node = make_node(name="gpu-2", total_vram=24 * GIB)
+    assert NodeLabel.objects.as_dict(node.pk)["gpu.vram"] == "24GB"
+
+    Node.objects.register(name="gpu-2", address="a:1", total_vram=0)
+
+    assert "gpu.vram" not in NodeLabel.objects.as_dict(node.pk)
+
+
 def test_registration_clears_every_models_cooldown(now):
     make_scheduling("llama", min_replicas=1)
     ModelSchedulingConfig.objects.filter(model_name="llama").update(
