@@ -16,14 +16,19 @@ Bearer credentials, all sent as ``Authorization: Bearer <secret>``:
   ``settings.CONTROLPLANE_REGISTRATION_TOKEN`` for ``POST /api/node/register``; the LocalAI
   body field ``token`` is accepted too. ``request.auth`` is ``REGISTRATION``.
 
-Staff users may also call the API (JSON) with their Django admin session (``SessionAuthentication``).
+Staff users may also call the API (JSON) with their Django admin session (``SessionAuthentication``),
+with the rights their Django permissions give them, never more: each operator view names the
+model permission of each of its actions in ``session_permissions`` (``registry.change_node`` to
+approve, drain, resume or label a node, ``registry.delete_node`` to delete one, ...), and every
+frontend view needs ``registry.use_frontend_api``. A superuser holds them all; an action a view
+does not map is refused to every session. API keys keep their roles.
 
 Permissions (declare one on each view; the default of ``REST_FRAMEWORK`` is ``IsOperator``)::
 
     from controlplane.auth import IsFrontend, IsOperator, IsNodeSelf, HasRegistrationToken
 
     class RouteView(APIView):
-        permission_classes = [IsFrontend]          # frontend or operator key, or staff session
+        permission_classes = [IsFrontend]          # frontend or operator key, or a permitted staff session
 
 No credential -> 401 ``not_authenticated``; a wrong/revoked/unknown one -> 401
 ``invalid_token``; a valid one without the right -> 403 ``permission_denied``; another node's
@@ -223,22 +228,56 @@ def _api_key_role(request) -> str | None:
     return request.auth.role if isinstance(request.auth, ApiKey) else None
 
 
-class IsFrontend(permissions.BasePermission):
-    """Frontend endpoints: an API key of role ``frontend`` or ``operator``, or a staff session."""
+# The permission a staff session needs on every frontend endpoint (declared on registry.Lease).
+FRONTEND_API_PERMISSION = "registry.use_frontend_api"
 
-    message = "This endpoint needs a frontend or operator API key."
+
+def session_action(request, view) -> str:
+    """The name under which a view's ``session_permissions`` lists the current request: the
+    ViewSet action (``approve``, ``destroy``, ...), else the HTTP method (``get``, ``post``);
+    HEAD and OPTIONS read like GET."""
+    action = getattr(view, "action", None)
+    if action:
+        return action
+    method = request.method.lower()
+    return "get" if method in ("head", "options") else method
+
+
+def session_permissions_for(request, view) -> tuple[str, ...] | None:
+    """The Django permissions a staff session needs for this request to an operator view, or
+    None when the view does not map the action (then no session may call it)."""
+    mapping = getattr(view, "session_permissions", None) or {}
+    needed = mapping.get(session_action(request, view))
+    return tuple(needed) if needed is not None else None
+
+
+def _session_holds(request, needed: tuple[str, ...] | None) -> bool:
+    return _is_staff_session(request) and needed is not None and request.user.has_perms(needed)
+
+
+class IsFrontend(permissions.BasePermission):
+    """Frontend endpoints: an API key of role ``frontend`` or ``operator``, or a staff session
+    whose user holds ``registry.use_frontend_api``."""
+
+    message = "This endpoint needs a frontend or operator API key (or the permission to use the frontend API)."
 
     def has_permission(self, request, view):
-        return _api_key_role(request) in (ApiKey.Role.FRONTEND, ApiKey.Role.OPERATOR) or _is_staff_session(request)
+        if _api_key_role(request) in (ApiKey.Role.FRONTEND, ApiKey.Role.OPERATOR):
+            return True
+        return _session_holds(request, (FRONTEND_API_PERMISSION,))
 
 
 class IsOperator(permissions.BasePermission):
-    """Operator endpoints: an API key of role ``operator``, or a staff session."""
+    """Operator endpoints: an API key of role ``operator``, or a staff session whose user holds
+    the Django permissions the view maps to this action (``view.session_permissions``: action
+    or method name -> permissions), the same ones the admin asks for the same change."""
 
-    message = "This endpoint needs an operator API key."
+    message = "This endpoint needs an operator API key (or the Django permission for this action)."
 
     def has_permission(self, request, view):
-        return _api_key_role(request) == ApiKey.Role.OPERATOR or _is_staff_session(request)
+        if _api_key_role(request) == ApiKey.Role.OPERATOR:
+            return True
+        return _session_holds(request, session_permissions_for(request, view))
 
 
 def fleet_token_nodes_allowed() -> bool:

@@ -57,7 +57,9 @@ def _secret_key() -> str:
 
 SECRET_KEY = _secret_key()
 DEBUG = env_bool("DJANGO_DEBUG", False)
-ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",") if h]
+ALLOWED_HOSTS = [
+    h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",") if h
+]
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
 INSTALLED_APPS = [
@@ -217,6 +219,10 @@ SPECTACULAR_SETTINGS = {
 CONTROLPLANE_REGISTRATION_TOKEN = os.environ.get("CONTROLPLANE_REGISTRATION_TOKEN", "")
 CONTROLPLANE_ALLOW_OPEN_REGISTRATION = env_bool("CONTROLPLANE_ALLOW_OPEN_REGISTRATION", False)
 CONTROLPLANE_AUTO_APPROVE = env_bool("CONTROLPLANE_AUTO_APPROVE", True)
+# Labels one node may carry, every source counted (worker, operator, auto-labels): a worker
+# sends at most 64 per registration and re-registration replaces them, so this bounds what an
+# operator may add on top. A write past it is a 409 ``too_many_labels``.
+CONTROLPLANE_MAX_LABELS_PER_NODE = env_int("CONTROLPLANE_MAX_LABELS_PER_NODE", 128)
 # LocalAI's own workers never ask for a per-node token: they present the fleet registration
 # token on every call. True (the default, for LocalAI interoperability) accepts such nodes, bound
 # to the fleet token (``Node.auth_mode = fleet_token``); False refuses their registration and

@@ -33,7 +33,7 @@ from reconciler.models import Event, ModelCondition, ReconcilePass
 from reconciler.snapshot import take_snapshot
 
 from .labels import auto_labels, validate_labels
-from .managers import validate_scheduling
+from .managers import max_labels_per_node, validate_scheduling
 from .models import (
     Lease,
     LoadFailure,
@@ -128,9 +128,7 @@ def summary_text(summary: dict | None) -> str:
     return ", ".join(parts) or "nothing to do"
 
 
-NO_WORKER_SERVICE = (
-    "does not answer the worker gRPC service (LocalAI workers take backend commands over NATS)"
-)
+NO_WORKER_SERVICE = "does not answer the worker gRPC service (LocalAI workers take backend commands over NATS)"
 
 
 def worker_service_summary(node) -> tuple[bool, str]:
@@ -172,8 +170,18 @@ def _report(modeladmin, request, done: int, total: int, verb: str) -> None:
         modeladmin.message_user(request, f"{verb}: {done} node(s).", messages.SUCCESS)
     if total - done:
         modeladmin.message_user(
-            request, f"{verb}: {total - done} node(s) unchanged (not in a status this verb applies to).", messages.WARNING
+            request,
+            f"{verb}: {total - done} node(s) unchanged (not in a status this verb applies to).",
+            messages.WARNING,
         )
+
+
+def _operator_drain(node_id) -> bool:
+    return Node.objects.mark_draining(node_id, by=Node.DrainedBy.OPERATOR)
+
+
+def _operator_resume(node_id) -> bool:
+    return Node.objects.resume(node_id, by=Node.DrainedBy.OPERATOR)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -208,9 +216,44 @@ class LabelKeyFilter(admin.SimpleListFilter):
         return queryset
 
 
+class KnownRowChoiceField(forms.ModelChoiceField):
+    """The hidden primary-key field of an inline row, validated against the rows the formset
+    already read (Django's own field runs one query per row on every save)."""
+
+    def __init__(self, rows: dict, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows = rows
+
+    def to_python(self, value):
+        if value in self.empty_values:
+            return None
+        if isinstance(value, self.queryset.model):
+            return value
+        row = self.rows.get(str(value))
+        if row is None:
+            raise ValidationError(self.error_messages["invalid_choice"], code="invalid_choice", params={"value": value})
+        return row
+
+
 class LabelFormSet(BaseInlineFormSet):
     """Labels are edited as a whole and written with ``NodeLabel.objects.replace`` (see
-    ``NodeAdmin.save_formset``), so cooldowns are cleared like the API's label verbs do."""
+    ``NodeAdmin.save_formset``), so cooldowns are cleared like the API's label verbs do. At
+    most ``CONTROLPLANE_MAX_LABELS_PER_NODE`` rows, and a fixed number of queries to validate
+    them, so the page stays small enough to render and to save."""
+
+    def _rows_by_pk(self) -> dict:
+        if not hasattr(self, "_known_rows"):
+            self._known_rows = {str(row.pk): row for row in self.get_queryset()}
+        return self._known_rows
+
+    def add_fields(self, form, index):
+        super().add_fields(form, index)
+        name = self.model._meta.pk.name
+        field = form.fields.get(name)
+        if isinstance(field, forms.ModelChoiceField):
+            form.fields[name] = KnownRowChoiceField(
+                self._rows_by_pk(), field.queryset, initial=field.initial, required=False, widget=field.widget
+            )
 
     def clean(self):
         super().clean()
@@ -222,6 +265,8 @@ class LabelFormSet(BaseInlineFormSet):
             if data["key"] in labels:
                 raise ValidationError(f"label {data['key']!r} appears twice")
             labels[data["key"]] = data.get("value") or ""
+        if len(labels) > max_labels_per_node():
+            raise ValidationError(f"a node carries at most {max_labels_per_node()} labels")
         try:
             self.labels = validate_labels(labels)
         except ValueError as exc:
@@ -232,23 +277,11 @@ class NodeLabelInline(admin.TabularInline):
     model = NodeLabel
     formset = LabelFormSet
     extra = 1
-    fields = ["key", "value"]
+    fields = ["key", "value", "source"]
+    readonly_fields = ["source"]
 
-
-class NodeReplicaInline(admin.TabularInline):
-    model = NodeModel
-    extra = 0
-    can_delete = False
-    show_change_link = True
-    fields = ["model_name", "replica_index", "state", "in_flight", "address", "last_used", "probe_failures"]
-    readonly_fields = fields
-    verbose_name_plural = "replicas (read-only; unload from the replica list)"
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
+    def get_max_num(self, request, obj=None, **kwargs):
+        return max_labels_per_node()
 
 
 class MaxReplicasForm(forms.Form):
@@ -279,7 +312,9 @@ class NodeAdmin(admin.ModelAdmin):
         LabelKeyFilter,
     ]
     search_fields = ["name", "address", "id"]
-    inlines = [NodeLabelInline, NodeReplicaInline]
+    # Replicas are a read-only table (``replica_table``), not an inline formset: a formset
+    # would add form fields and a validation query per row to every save of the page.
+    inlines = [NodeLabelInline]
     actions = [
         "approve",
         "drain",
@@ -292,6 +327,7 @@ class NodeAdmin(admin.ModelAdmin):
         "id",
         "name",
         "status_badge",
+        "drained_by",
         "node_type",
         "address",
         "http_address",
@@ -309,9 +345,10 @@ class NodeAdmin(admin.ModelAdmin):
         "worker_api_checked_at",
         "created_at",
         "updated_at",
+        "replica_table",
     ]
     fieldsets = [
-        (None, {"fields": ["id", "name", "status_badge", "node_type", "address", "http_address"]}),
+        (None, {"fields": ["id", "name", "status_badge", "drained_by", "node_type", "address", "http_address"]}),
         ("Liveness", {"fields": ["heartbeat_age", "last_heartbeat"]}),
         ("Worker service and credentials", {"fields": ["worker_service", "worker_api_checked_at", "auth"]}),
         (
@@ -320,6 +357,7 @@ class NodeAdmin(admin.ModelAdmin):
         ),
         # The node token's hash is never shown: it serves no operator and need not leave the database.
         ("Bookkeeping", {"classes": ["collapse"], "fields": ["created_at", "updated_at"]}),
+        ("Replicas (read-only; unload from the replica list)", {"fields": ["replica_table"]}),
     ]
 
     def get_queryset(self, request):
@@ -349,6 +387,12 @@ class NodeAdmin(admin.ModelAdmin):
         for pk in list(queryset.values_list("pk", flat=True)):
             Node.objects.deregister(pk)
 
+    def save_model(self, request, obj, form, change):
+        """Nothing to write: every field of the node is read-only here (labels are saved by
+        ``save_formset`` through their verb). Django's ``obj.save()`` would write back every
+        column as the page read it, undoing a drain, a heartbeat or a re-registration that
+        happened since."""
+
     def save_formset(self, request, form, formset, change):
         if isinstance(formset, LabelFormSet):
             NodeLabel.objects.replace(form.instance.pk, formset.labels)
@@ -362,6 +406,37 @@ class NodeAdmin(admin.ModelAdmin):
     def status_badge(self, obj):
         return status_badge(obj.status)
 
+    @admin.display(description="replicas")
+    def replica_table(self, obj):
+        """One query, no network call: the rows as stored (state, in flight, last probe)."""
+        rows = obj.replicas.order_by("model_name", "replica_index").values_list(
+            "pk", "model_name", "replica_index", "state", "in_flight", "address", "last_used", "probe_failures"
+        )
+        body = format_html_join(
+            "",
+            '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>',
+            (
+                (
+                    reverse("admin:registry_nodemodel_change", args=[pk]),
+                    model,
+                    index,
+                    state,
+                    in_flight,
+                    address,
+                    age(last_used),
+                    failures,
+                )
+                for pk, model, index, state, in_flight, address, last_used, failures in rows
+            ),
+        )
+        if not body:
+            return "none"
+        return format_html(
+            "<table><thead><tr><th>model</th><th>replica</th><th>state</th><th>in flight</th><th>address</th>"
+            "<th>last used</th><th>probe failures</th></tr></thead><tbody>{}</tbody></table>",
+            body,
+        )
+
     @admin.display(description="heartbeat", ordering="last_heartbeat")
     def heartbeat_age(self, obj):
         return age(obj.last_heartbeat)
@@ -374,7 +449,10 @@ class NodeAdmin(admin.ModelAdmin):
     def vram_with_reserved(self, obj):
         return format_html(
             "{} / {}<br><small>{} reserved</small><br><small>disk {}</small>",
-            human_bytes(obj.free_vram), human_bytes(obj.total_vram), human_bytes(obj.reserved_vram), self.disk(obj),
+            human_bytes(obj.free_vram),
+            human_bytes(obj.total_vram),
+            human_bytes(obj.reserved_vram),
+            self.disk(obj),
         )
 
     @admin.display(description="reserved", ordering="reserved_vram")
@@ -421,7 +499,11 @@ class NodeAdmin(admin.ModelAdmin):
     @admin.display(description="labels (operator)")
     def label_list(self, obj):
         labels = [label for label in obj.labels.all() if label.key not in AUTO_LABEL_KEYS]
-        return format_html_join(" ", '<code style="font-size:11px;white-space:nowrap">{}={}</code>', ((label.key, label.value) for label in labels))
+        return format_html_join(
+            " ",
+            '<code style="font-size:11px;white-space:nowrap">{}={}</code>',
+            ((label.key, label.value) for label in labels),
+        )
 
     @admin.display(description="replicas", ordering="replica_count")
     def replica_count(self, obj):
@@ -442,13 +524,15 @@ class NodeAdmin(admin.ModelAdmin):
     def approve(self, request, queryset):
         self._each(request, queryset, Node.objects.approve, "approved")
 
-    @admin.action(description="Drain (stop routing and scheduling here)", permissions=["change"])
+    @admin.action(
+        description="Drain (stop routing and scheduling here; the node cannot lift it)", permissions=["change"]
+    )
     def drain(self, request, queryset):
-        self._each(request, queryset, Node.objects.mark_draining, "draining")
+        self._each(request, queryset, _operator_drain, "draining")
 
-    @admin.action(description="Resume (draining -> healthy)", permissions=["change"])
+    @admin.action(description="Resume (draining -> healthy, whoever drained it)", permissions=["change"])
     def resume(self, request, queryset):
-        self._each(request, queryset, Node.objects.resume, "resumed")
+        self._each(request, queryset, _operator_resume, "resumed")
 
     @admin.action(description="Mark offline (deletes replica rows, keeps load info)", permissions=["change"])
     def mark_offline(self, request, queryset):
@@ -523,7 +607,9 @@ class NodeModelAdmin(ReadOnlyAdmin):
         best effort, once the row is gone and outside any transaction (the reconciler stops
         orphan backends later if this call fails)."""
         rows = list(queryset.select_related("node"))
-        removed = [row for row in rows if NodeModel.objects.remove_replica(row.node_id, row.model_name, row.replica_index)]
+        removed = [
+            row for row in rows if NodeModel.objects.remove_replica(row.node_id, row.model_name, row.replica_index)
+        ]
         if removed:
             self.message_user(request, f"removed {len(removed)} replica row(s).", messages.SUCCESS)
         for row in removed:
@@ -626,8 +712,9 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
         ]
 
     def reconcile_view(self, request):
-        """POST only: one reconcile pass now; its summary becomes a message."""
-        if request.method != "POST" or not self.has_view_permission(request):
+        """POST only: one reconcile pass now; its summary becomes a message. Needs the change
+        permission of scheduling configs, as the API's ``POST /api/v1/reconcile`` does."""
+        if request.method != "POST" or not self.has_change_permission(request):
             return HttpResponseRedirect(reverse("admin:registry_modelschedulingconfig_changelist"))
         self._reconcile(request)
         target = request.POST.get("next") or ""
@@ -640,7 +727,7 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
         level = messages.SUCCESS if summary.outcome == ReconcilePass.Outcome.OK else messages.WARNING
         self.message_user(request, f"reconcile pass: {summary}", level)
 
-    @admin.action(description="Reconcile now (one pass over the whole fleet)")
+    @admin.action(description="Reconcile now (one pass over the whole fleet)", permissions=["change"])
     def reconcile_now(self, request, queryset):
         self._reconcile(request)
 
@@ -667,7 +754,9 @@ def model_diagnosis(model_name: str) -> dict:
     return {
         "diag_model_name": model_name,
         "diag_load_info": info,
-        "diag_options": [(key, json.dumps(value) if not isinstance(value, str) else value) for key, value in options.items()],
+        "diag_options": [
+            (key, json.dumps(value) if not isinstance(value, str) else value) for key, value in options.items()
+        ],
         "diag_options_error": options_error,
         "diag_replicas": rows,
         "diag_ready": ready,
@@ -722,7 +811,17 @@ def _flat(decoded: dict) -> dict[str, str]:
 
 @admin.register(LoadJob)
 class LoadJobAdmin(ReadOnlyAdmin):
-    list_display = ["model_name", "state", "attempts", "runner", "heartbeat_at", "progress", "error_code", "created_at", "finished_at"]
+    list_display = [
+        "model_name",
+        "state",
+        "attempts",
+        "runner",
+        "heartbeat_at",
+        "progress",
+        "error_code",
+        "created_at",
+        "finished_at",
+    ]
     list_filter = ["state", "error_code", "model_name"]
     search_fields = ["model_name", "runner", "id"]
     date_hierarchy = "created_at"
@@ -746,7 +845,16 @@ class LeaseLiveFilter(admin.SimpleListFilter):
 
 @admin.register(Lease)
 class LeaseAdmin(ReadOnlyAdmin):
-    list_display = ["id", "model_name", "node_id", "replica_index", "address", "created_at", "expires_at", "released_at"]
+    list_display = [
+        "id",
+        "model_name",
+        "node_id",
+        "replica_index",
+        "address",
+        "created_at",
+        "expires_at",
+        "released_at",
+    ]
     list_filter = [LeaseLiveFilter, "model_name"]
     search_fields = ["model_name", "address", "id"]
     date_hierarchy = "created_at"
@@ -791,7 +899,8 @@ def dashboard_context(*, now: datetime | None = None) -> dict:
         unhealthy = [
             f"{kind}: {cond['reason']}"
             for kind, cond in conditions.items()
-            if cond and cond["status"] == (kind != ModelCondition.Type.AVAILABLE)
+            if cond
+            and cond["status"] == (kind != ModelCondition.Type.AVAILABLE)
             and kind != ModelCondition.Type.PROGRESSING
         ]
         model_rows.append(
@@ -813,7 +922,9 @@ def dashboard_context(*, now: datetime | None = None) -> dict:
         "models": models,
         "grid": grid,
         "model_rows": model_rows,
-        "status_counts": [(status, label, status_counts.get(status, 0), status_badge(status)) for status, label in Node.Status.choices],
+        "status_counts": [
+            (status, label, status_counts.get(status, 0), status_badge(status)) for status, label in Node.Status.choices
+        ],
         "events": list(Event.objects.all()[:DASHBOARD_EVENTS]),
         "last_pass": last_pass,
         "last_pass_summary": summary_text(last_pass.summary) if last_pass else "",

@@ -63,6 +63,15 @@ class Node(models.Model):
         NODE_TOKEN = "node_token", "per-node token"
         FLEET_TOKEN = "fleet_token", "fleet registration token (LocalAI worker)"
 
+    class DrainedBy(models.TextChoices):
+        """Who drained the node: a drain is lifted by its owner's side only. A node's own drain
+        (graceful shutdown) is lifted by its ``/resume`` or a restart; an operator's drain only
+        by an operator's resume, and it survives the worker's restarts and outages."""
+
+        NONE = "", "not drained"
+        NODE = "node", "the node itself"
+        OPERATOR = "operator", "an operator"
+
     class WorkerApi(models.TextChoices):
         """Whether the node answers the worker gRPC service (StartBackend/StopBackend/
         ListBackends). Only ``available`` nodes are placed on: a LocalAI worker takes its
@@ -78,6 +87,9 @@ class Node(models.Model):
     address = models.CharField(max_length=512, blank=True, help_text="gRPC host:port of the worker")
     http_address = models.CharField(max_length=512, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    # Who set the current drain; kept while an operator-drained node is offline, so the drain
+    # comes back with it.
+    drained_by = models.CharField(max_length=16, choices=DrainedBy.choices, default=DrainedBy.NONE, blank=True)
     # sha256 of the per-node token handed out at registration; the token itself is never stored.
     token_hash = models.CharField(max_length=64, blank=True, editable=False)
 
@@ -136,11 +148,20 @@ class Node(models.Model):
 
 
 class NodeLabel(models.Model):
-    """One key=value label of a node; selectors match on these with AND semantics."""
+    """One key=value label of a node; selectors match on these with AND semantics.
+
+    ``source`` says who wrote it, so that re-registration replaces the worker's own labels
+    instead of accumulating them, and never touches an operator's."""
+
+    class Source(models.TextChoices):
+        WORKER = "worker", "sent by the worker at registration"
+        OPERATOR = "operator", "set by an operator"
+        AUTO = "auto", "derived by the control plane"
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="labels")
     key = models.CharField(max_length=255)
     value = models.CharField(max_length=255, blank=True)
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.OPERATOR)
 
     objects = NodeLabelManager()
 
@@ -191,9 +212,7 @@ class NodeModel(models.Model):
     class Meta:
         ordering = ["model_name", "node", "replica_index"]
         constraints = [
-            models.UniqueConstraint(
-                fields=["node", "model_name", "replica_index"], name="node_model_unique_replica"
-            ),
+            models.UniqueConstraint(fields=["node", "model_name", "replica_index"], name="node_model_unique_replica"),
             models.CheckConstraint(condition=Q(in_flight__gte=0), name="node_model_in_flight_non_negative"),
         ]
         indexes = [models.Index(fields=["model_name", "state"], name="node_model_model_state_idx")]
@@ -367,6 +386,9 @@ class Lease(models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["released_at", "expires_at"], name="lease_released_expires_idx")]
+        # A staff session calls the frontend API (route, leases, load info, replica reports,
+        # model status, events) only with this permission (controlplane.auth.IsFrontend).
+        permissions = [("use_frontend_api", "Can call the frontend API with an admin session")]
 
     def __str__(self):
         return f"lease {self.pk} on {self.model_name}#{self.replica_index}"

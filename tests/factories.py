@@ -9,7 +9,12 @@ GIB = 1024**3
 
 
 def make_node(*, name=None, status=Node.Status.HEALTHY, slots=1, total_vram=24 * GIB, labels=None, now=None, **extra):
-    """Register a node (so auto-labels and the token exist) and force the status wanted."""
+    """Register a node (so auto-labels and the token exist) and bring it to the status wanted:
+    ``pending`` by registering without auto-approval, ``draining`` through the drain verb
+    (``drained_by``, an operator's by default), any other status forced."""
+    drained_by = extra.pop("drained_by", Node.DrainedBy.OPERATOR)
+    if status == Node.Status.PENDING:
+        extra.setdefault("auto_approve", False)
     registration = Node.objects.register(
         name=name or f"node-{next(_sequence)}",
         address=extra.pop("address", f"127.0.0.1:{50000 + next(_sequence)}"),
@@ -20,7 +25,10 @@ def make_node(*, name=None, status=Node.Status.HEALTHY, slots=1, total_vram=24 *
         **extra,
     )
     node = registration.node
-    if node.status != status:
+    if node.status != status and status == Node.Status.DRAINING:
+        Node.objects.mark_draining(node.pk, by=drained_by)
+        node.refresh_from_db()
+    elif node.status != status:
         Node.objects.filter(pk=node.pk).update(status=status)
         node.refresh_from_db()
     node.token = registration.node_token

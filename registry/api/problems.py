@@ -43,3 +43,22 @@ class NodeTokenRequired(ProblemError):
         "delete the node first."
     )
     title = "Node token required"
+
+
+class DrainedByOperator(ProblemError):
+    """A node's ``/resume`` of a drain an operator set: only an operator lifts it."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "drained_by_operator"
+    default_detail = "An operator drained this node; only an operator's resume lifts the drain."
+    title = "Drained by an operator"
+
+
+class TooManyLabels(ProblemError):
+    """A label write (operator API, or a registration) that would leave the node with more
+    labels than ``CONTROLPLANE_MAX_LABELS_PER_NODE``; nothing was written."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "too_many_labels"
+    default_detail = "The node would carry more labels than allowed per node."
+    title = "Too many labels"

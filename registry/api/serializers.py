@@ -227,6 +227,7 @@ class NodeSerializer(serializers.ModelSerializer):
             "name",
             "node_type",
             "status",
+            "drained_by",
             "address",
             "http_address",
             "total_vram",

@@ -28,11 +28,20 @@ from controlplane.auth import (
     fleet_token_nodes_allowed,
 )
 from controlplane.schema import problems
+from registry.managers import DrainedByOperator as DrainedByOperatorError
 from registry.managers import NodeTokenRequired as NodeTokenRequiredError
+from registry.managers import TooManyLabels as TooManyLabelsError
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 
 from . import serializers as s
-from .problems import InvalidModelOptions, InvalidTransition, NodeTokenRequired, NoLoadInfo
+from .problems import (
+    DrainedByOperator,
+    InvalidModelOptions,
+    InvalidTransition,
+    NodeTokenRequired,
+    NoLoadInfo,
+    TooManyLabels,
+)
 
 # The canonical form of controlplane.names: 1-255 characters, no control characters, no outer
 # whitespace, slash-separated segments none of which is empty, "." or "..". Anything else is a 400.
@@ -53,13 +62,22 @@ MODEL = OpenApiParameter(
 MODEL_PROBLEMS = problems(400, description_400="Malformed model name (`validation_error`)")
 
 
+def too_many_labels(exc: TooManyLabelsError) -> TooManyLabels:
+    return TooManyLabels(str(exc), extra={"max_labels_per_node": exc.limit, "labels_after_write": exc.count})
+
+
 def apply_transition(node_id, verb, target_status: str, action: str) -> str:
     """Run a conditional-update verb; returns the node's status afterwards.
 
     The verb answered False: the node is unknown (404), already in ``target_status`` (a no-op,
     so repeating a call is harmless), or in a status the transition does not apply to (409).
+    A node's resume of an operator's drain is a 409 ``drained_by_operator``.
     """
-    if verb(node_id):
+    try:
+        done = verb(node_id)
+    except DrainedByOperatorError as exc:
+        raise DrainedByOperator(str(exc), extra={"node_status": Node.Status.DRAINING}) from None
+    if done:
         return target_status
     current = Node.objects.filter(pk=node_id).values_list("status", flat=True).first()
     if current is None:
@@ -82,9 +100,11 @@ class NodeRegistrationView(APIView):
         tags=["node"],
         summary="Register a worker (or re-register a returning one)",
         description=(
-            "A returning name keeps its id and comes back healthy unless still pending; its "
-            "replica rows are deleted and, in `node_token` mode, a new `node_token` replaces the "
-            "old one. New nodes are healthy when auto-approve is on, else pending. "
+            "A returning name keeps its id and comes back healthy, except that a pending node stays "
+            "pending (only an operator's approval ends it) and a node an operator drained stays "
+            "draining; its replica rows are deleted, the labels it sends replace the ones it sent "
+            "last time (operator labels are kept) and, in `node_token` mode, a new `node_token` "
+            "replaces the old one. New nodes are healthy when auto-approve is on, else pending. "
             "`max_replicas_per_model` 0 means 1. Unknown body fields are ignored.\n\n"
             'Credential modes: with `"auth_mode": "node_token"` the answer carries a per-node '
             "`node_token` for every later call of the node, and the fleet token is refused for it. "
@@ -100,7 +120,10 @@ class NodeRegistrationView(APIView):
                 403,
                 409,
                 description_403="`fleet_token_nodes_refused`",
-                description_409="`node_token_required`, or `conflict` (a concurrent registration)",
+                description_409=(
+                    "`node_token_required`, `too_many_labels` (the node would carry more than "
+                    "CONTROLPLANE_MAX_LABELS_PER_NODE labels), or `conflict` (a concurrent registration)"
+                ),
             ),
         },
     )
@@ -113,6 +136,8 @@ class NodeRegistrationView(APIView):
             registration = Node.objects.register(**body.validated_data, auto_approve=settings.CONTROLPLANE_AUTO_APPROVE)
         except NodeTokenRequiredError as exc:
             raise NodeTokenRequired(str(exc)) from None
+        except TooManyLabelsError as exc:
+            raise too_many_labels(exc) from None
         answer = s.NodeRegisteredSerializer(registration.node).data
         if registration.node_token:
             answer["node_token"] = registration.node_token
@@ -161,29 +186,46 @@ class NodeSelfViewSet(viewsets.ViewSet):
 
     @extend_schema(
         summary="Stop new work on this node (graceful shutdown, step 1)",
-        description="Repeating it is harmless; an offline node cannot drain (409).",
+        description=(
+            "Repeating it is harmless (so is draining a node an operator already drained); a pending "
+            "or offline node cannot drain (409 `invalid_transition`)."
+        ),
         request=None,
         responses={200: s.NodeStatusSerializer, **problems(409), **_NODE_CALL_PROBLEMS},
     )
     def drain(self, request, node_id):
-        return Response(
-            {"status": apply_transition(self.node.pk, Node.objects.mark_draining, Node.Status.DRAINING, "drain")}
-        )
+        def drain(pk):
+            return Node.objects.mark_draining(pk, by=Node.DrainedBy.NODE)
+
+        return Response({"status": apply_transition(self.node.pk, drain, Node.Status.DRAINING, "drain")})
 
     @extend_schema(
-        summary="Accept work again after a drain",
+        summary="Accept work again after the node's own drain",
+        description=(
+            "Lifts a drain this node set. A drain an operator set is lifted by an operator only "
+            "(409 `drained_by_operator`); a pending node is approved by an operator only (409 "
+            "`invalid_transition`)."
+        ),
         request=None,
-        responses={200: s.NodeStatusSerializer, **problems(409), **_NODE_CALL_PROBLEMS},
+        responses={
+            200: s.NodeStatusSerializer,
+            **problems(409, description_409="`drained_by_operator`, `invalid_transition`"),
+            **_NODE_CALL_PROBLEMS,
+        },
     )
     def resume(self, request, node_id):
-        return Response({"status": apply_transition(self.node.pk, Node.objects.resume, Node.Status.HEALTHY, "resume")})
+        def resume(pk):
+            return Node.objects.resume(pk, by=Node.DrainedBy.NODE)
+
+        return Response({"status": apply_transition(self.node.pk, resume, Node.Status.HEALTHY, "resume")})
 
     @extend_schema(
         summary="Go offline (graceful shutdown, last step)",
         description=(
             "The node's replica rows are deleted and its last heartbeat forgotten (it is exiting); "
-            "the node row is kept so that re-registration restores it. `DELETE /api/node/{id}` is "
-            "the same call (LocalAI's route)."
+            "the node row is kept so that re-registration restores it. A pending node stays "
+            "pending (the answer says so): signing off and registering again never approves it. "
+            "`DELETE /api/node/{id}` is the same call (LocalAI's route)."
         ),
         request=None,
         responses={200: s.NodeStatusSerializer, **_NODE_CALL_PROBLEMS},
@@ -191,7 +233,7 @@ class NodeSelfViewSet(viewsets.ViewSet):
     def deregister(self, request, node_id):
         if not Node.objects.mark_offline(self.node.pk, forget_heartbeat=True):
             raise NotFound("No such node.")
-        return Response({"status": Node.Status.OFFLINE})
+        return Response({"status": Node.objects.filter(pk=self.node.pk).values_list("status", flat=True).first()})
 
     @extend_schema(
         summary="This node's replica rows",
@@ -218,9 +260,23 @@ _NODE_ACTION = {"request": None, "responses": {200: s.NodeSerializer, **problems
 )
 @extend_schema(tags=["nodes"])
 class NodeViewSet(viewsets.GenericViewSet):
-    """Fleet administration (operator key or staff session)."""
+    """Fleet administration (operator key, or a staff session with the permission below)."""
 
     permission_classes = [IsOperator]
+    _change = ("registry.change_node",)
+    session_permissions = {
+        "list": ("registry.view_node",),
+        "retrieve": ("registry.view_node",),
+        "destroy": ("registry.delete_node",),
+        "approve": _change,
+        "drain": _change,
+        "resume": _change,
+        "replace_labels": _change,
+        "merge_labels": _change,
+        "remove_label": _change,
+        "set_max_replicas": _change,
+        "reset_max_replicas": _change,
+    }
     serializer_class = s.NodeSerializer
     queryset = Node.objects.with_load().prefetch_related("labels").order_by("name", "pk")
     lookup_field = "pk"
@@ -246,13 +302,27 @@ class NodeViewSet(viewsets.GenericViewSet):
     def approve(self, request, node_id):
         return self._transition(node_id, Node.objects.approve, Node.Status.HEALTHY, "approve")
 
-    @extend_schema(summary="Drain a node: no new work, in-flight work finishes", **_NODE_ACTION)
+    @extend_schema(
+        summary="Drain a node: no new work, in-flight work finishes",
+        description=(
+            "An operator's drain: the node cannot lift it (its `/resume` is a 409 `drained_by_operator`), "
+            "and it survives the worker's restarts and outages until an operator resumes the node. "
+            "A pending node is approved, not drained (409)."
+        ),
+        **_NODE_ACTION,
+    )
     def drain(self, request, node_id):
-        return self._transition(node_id, Node.objects.mark_draining, Node.Status.DRAINING, "drain")
+        def drain(pk):
+            return Node.objects.mark_draining(pk, by=Node.DrainedBy.OPERATOR)
 
-    @extend_schema(summary="Resume a draining node", **_NODE_ACTION)
+        return self._transition(node_id, drain, Node.Status.DRAINING, "drain")
+
+    @extend_schema(summary="Resume a draining node (whoever drained it)", **_NODE_ACTION)
     def resume(self, request, node_id):
-        return self._transition(node_id, Node.objects.resume, Node.Status.HEALTHY, "resume")
+        def resume(pk):
+            return Node.objects.resume(pk, by=Node.DrainedBy.OPERATOR)
+
+        return self._transition(node_id, resume, Node.Status.HEALTHY, "resume")
 
     def _labels_answer(self, node_id):
         return Response({"labels": NodeLabel.objects.as_dict(node_id)})
@@ -262,19 +332,25 @@ class NodeViewSet(viewsets.GenericViewSet):
         body = s.NodeLabelsSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         node = self.get_object()
-        verb(node.pk, body.validated_data["labels"])
+        try:
+            verb(node.pk, body.validated_data["labels"])
+        except TooManyLabelsError as exc:
+            raise too_many_labels(exc) from None
         return self._labels_answer(node.pk)
 
     @extend_schema(
-        summary="Replace the node's labels", request=s.NodeLabelsSerializer, responses={200: s.NodeLabelsSerializer}
+        summary="Replace the node's labels",
+        request=s.NodeLabelsSerializer,
+        responses={200: s.NodeLabelsSerializer, **problems(409, description_409="`too_many_labels`")},
     )
     def replace_labels(self, request, node_id):
         return self._write_labels(request, NodeLabel.objects.replace)
 
     @extend_schema(
         summary="Merge labels into the node's labels (other keys kept)",
+        description="The node may carry at most CONTROLPLANE_MAX_LABELS_PER_NODE labels (409 `too_many_labels`).",
         request=s.NodeLabelsSerializer,
-        responses={200: s.NodeLabelsSerializer},
+        responses={200: s.NodeLabelsSerializer, **problems(409, description_409="`too_many_labels`")},
     )
     def merge_labels(self, request, node_id):
         return self._write_labels(request, NodeLabel.objects.merge)
@@ -344,6 +420,13 @@ class NodeViewSet(viewsets.GenericViewSet):
 @extend_schema(tags=["scheduling"])
 class SchedulingConfigViewSet(viewsets.GenericViewSet):
     permission_classes = [IsOperator]
+    session_permissions = {
+        "list": ("registry.view_modelschedulingconfig",),
+        "retrieve": ("registry.view_modelschedulingconfig",),
+        # An upsert: it may create the row or change it.
+        "update": ("registry.add_modelschedulingconfig", "registry.change_modelschedulingconfig"),
+        "destroy": ("registry.delete_modelschedulingconfig",),
+    }
     serializer_class = s.SchedulingConfigSerializer
     queryset = ModelSchedulingConfig.objects.order_by("model_name")
     lookup_field = "model_name"

@@ -18,11 +18,21 @@ The verbs are grouped by table: ``nodes`` (nodes and labels), ``replicas``, ``lo
 from .leases import LeaseManager
 from .load_info import ModelLoadInfoManager
 from .load_jobs import LoadFailureManager, LoadJobManager, ReapResult
-from .nodes import NodeLabelManager, NodeManager, NodeQuerySet, NodeTokenRequired, Registration
+from .nodes import (
+    DrainedByOperator,
+    NodeLabelManager,
+    NodeManager,
+    NodeQuerySet,
+    NodeTokenRequired,
+    Registration,
+    TooManyLabels,
+    max_labels_per_node,
+)
 from .replicas import NodeModelManager, NodeModelQuerySet
 from .scheduling import ModelSchedulingConfigManager, ModelSchedulingConfigQuerySet, validate_scheduling
 
 __all__ = [
+    "DrainedByOperator",
     "LeaseManager",
     "LoadFailureManager",
     "LoadJobManager",
@@ -37,5 +47,7 @@ __all__ = [
     "NodeTokenRequired",
     "ReapResult",
     "Registration",
+    "TooManyLabels",
+    "max_labels_per_node",
     "validate_scheduling",
 ]

@@ -62,6 +62,27 @@ class NodeTokenRequired(Exception):
     the fleet token would drive it). The operator deletes the node first if that is intended."""
 
 
+class TooManyLabels(Exception):
+    """A label write would leave a node with more than ``CONTROLPLANE_MAX_LABELS_PER_NODE``
+    labels (every source counted: the worker's, the operator's and the auto-labels). Nothing
+    was written."""
+
+    def __init__(self, message: str, *, limit: int, count: int):
+        super().__init__(message)
+        self.limit = limit
+        self.count = count
+
+
+class DrainedByOperator(Exception):
+    """A node asked to lift a drain an operator set; only an operator's resume lifts it."""
+
+
+def max_labels_per_node() -> int:
+    from django.conf import settings
+
+    return int(getattr(settings, "CONTROLPLANE_MAX_LABELS_PER_NODE", 128))
+
+
 class NodeQuerySet(models.QuerySet):
     def healthy(self):
         return self.filter(status=self.model.Status.HEALTHY)
@@ -94,9 +115,7 @@ class NodeQuerySet(models.QuerySet):
         NodeLabel = _model("NodeLabel")
         queryset = self
         for key, value in (selector or {}).items():
-            queryset = queryset.filter(
-                Exists(NodeLabel.objects.filter(node=OuterRef("pk"), key=key, value=value))
-            )
+            queryset = queryset.filter(Exists(NodeLabel.objects.filter(node=OuterRef("pk"), key=key, value=value)))
         return queryset
 
     def candidates(self, selector: dict[str, str] | None = None, node_ids: Iterable | None = None):
@@ -124,9 +143,7 @@ class NodeQuerySet(models.QuerySet):
     def with_free_vram(self, needed: int):
         """Nodes whose ``available - reserved`` VRAM covers ``needed`` bytes; annotates
         ``free_vram_bytes``."""
-        return self.annotate(free_vram_bytes=_free_vram()).filter(
-            free_vram_bytes__gte=needed
-        )
+        return self.annotate(free_vram_bytes=_free_vram()).filter(free_vram_bytes__gte=needed)
 
     def idle(self):
         """Nodes with no request in flight on any replica."""
@@ -186,11 +203,16 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
     ) -> Registration:
         """Register a worker by name, or re-register a returning one.
 
-        A returning node keeps its id, comes back ``healthy`` unless it was still ``pending``,
-        and keeps an operator-set ``max_replicas_per_model``. Its replica rows are deleted (it
-        restarted and runs nothing), its labels are merged one key at a time (operator labels
-        survive), a new node token replaces the old one, and every model's unsatisfiable
-        cooldown is cleared because capacity changed.
+        A returning node keeps its id and comes back ``healthy``, except that a node still
+        ``pending`` stays pending (only ``approve`` ends it) and a node an operator drained
+        comes back ``draining`` (only an operator's resume ends it); its own drain ends with the
+        restart. It keeps an operator-set ``max_replicas_per_model``. Its replica rows are
+        deleted (it restarted and runs nothing), the labels it sent replace the ones it sent
+        last time (operator labels are kept and win on a shared key; auto-labels are
+        rewritten), a new node token replaces the old one, and every model's unsatisfiable
+        cooldown is cleared because capacity changed. A registration that would leave the node
+        with more than ``CONTROLPLANE_MAX_LABELS_PER_NODE`` labels raises ``TooManyLabels``
+        and writes nothing.
 
         ``auth_mode``: ``node_token`` (the defaults describe this project's reference worker)
         mints a per-node token; ``fleet_token`` (LocalAI's worker) mints none: the node's calls
@@ -253,25 +275,21 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                     else:
                         for field, value in capacity.items():
                             setattr(node, field, value)
-                        if node.status != self.model.Status.PENDING:
-                            node.status = self.model.Status.HEALTHY
+                        node.status, node.drained_by = self._status_after_restart(node)
                         if not node.max_replicas_per_model_manual:
                             node.max_replicas_per_model = slots
                         node.save()
                         _model("NodeModel").objects.filter(node=node).delete()
                     effective_slots = node.max_replicas_per_model
-                    _model("NodeLabel").objects.merge(
+                    _model("NodeLabel").objects.apply_registration(
                         node.pk,
-                        {
-                            **labels,
-                            **auto_labels(
-                                name=name,
-                                gpu_vendor=node.gpu_vendor,
-                                total_vram=total_vram,
-                                max_replicas_per_model=effective_slots,
-                            ),
-                        },
-                        clear_cooldowns=False,
+                        labels,
+                        auto_labels(
+                            name=name,
+                            gpu_vendor=node.gpu_vendor,
+                            total_vram=total_vram,
+                            max_replicas_per_model=effective_slots,
+                        ),
                     )
                     _capacity_changed()
                 return Registration(node=node, node_token=token, created=created)
@@ -280,6 +298,16 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                 # attempt finds its row and waits on the row lock.
                 logger.info("node %s registered concurrently; retrying as a re-registration", name)
         raise IntegrityError(f"could not register node {name!r} after concurrent attempts")
+
+    def _status_after_restart(self, node) -> tuple[str, str]:
+        """``(status, drained_by)`` of a returning node (read under its row lock): pending stays
+        pending, an operator's drain stays, anything else (its own drain included) is healthy."""
+        Status, DrainedBy = self.model.Status, self.model.DrainedBy
+        if node.status == Status.PENDING:
+            return Status.PENDING, DrainedBy.NONE
+        if node.drained_by == DrainedBy.OPERATOR:
+            return Status.DRAINING, DrainedBy.OPERATOR
+        return Status.HEALTHY, DrainedBy.NONE
 
     def heartbeat(
         self,
@@ -309,7 +337,11 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         if available_vram is not None:
             changes["available_vram"] = reported("available_vram", available_vram)
             changes["reserved_vram"] = reported("reserved_vram", 0)
-        for column, value in (("available_ram", available_ram), ("total_disk", total_disk), ("available_disk", available_disk)):
+        for column, value in (
+            ("available_ram", available_ram),
+            ("total_disk", total_disk),
+            ("available_disk", available_disk),
+        ):
             if value is not None:
                 changes[column] = reported(column, value)
         return self.filter(pk=node_id).update(**changes) == 1
@@ -342,18 +374,26 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         )
 
     def _transition(
-        self, node_id, to_status: str, *, from_statuses=None, exclude_statuses=None, now: datetime | None = None
+        self,
+        node_id,
+        to_status: str,
+        *,
+        from_statuses=None,
+        exclude_statuses=None,
+        now: datetime | None = None,
+        **extra,
     ) -> bool:
         queryset = self.filter(pk=node_id)
         if from_statuses is not None:
             queryset = queryset.filter(status__in=from_statuses)
         if exclude_statuses is not None:
             queryset = queryset.exclude(status__in=exclude_statuses)
-        return queryset.update(status=to_status, updated_at=_now(now)) == 1
+        return queryset.update(status=to_status, updated_at=_now(now), **extra) == 1
 
     def approve(self, node_id, *, now: datetime | None = None) -> bool:
         """``pending`` -> ``healthy`` (conditional update). False: unknown or not pending.
-        Approval adds capacity, so cooldowns are cleared."""
+        The only way out of ``pending``: no node-side call, heartbeat, re-registration or
+        reconciler pass leaves it. Approval adds capacity, so cooldowns are cleared."""
         Status = self.model.Status
         approved = self._transition(node_id, Status.HEALTHY, from_statuses=[Status.PENDING], now=now)
         if approved:
@@ -362,10 +402,12 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
 
     def mark_healthy(self, node_id, *, now: datetime | None = None) -> bool:
         """``unhealthy``/``offline`` -> ``healthy`` when heartbeats are fresh again (conditional
-        update). Never overrides ``pending`` (needs approval) or ``draining`` (operator's
-        choice). False: unknown node or not in a recoverable status."""
-        Status = self.model.Status
-        return self._transition(node_id, Status.HEALTHY, from_statuses=[Status.UNHEALTHY, Status.OFFLINE], now=now)
+        update); a node an operator drained comes back ``draining`` instead (the drain was kept
+        while it was away). Never overrides ``pending`` (needs approval) or ``draining``
+        (whoever drained it lifts it). False: unknown node or not in a recoverable status."""
+        Status, DrainedBy = self.model.Status, self.model.DrainedBy
+        back = Case(When(drained_by=DrainedBy.OPERATOR, then=Value(Status.DRAINING)), default=Value(Status.HEALTHY))
+        return self._transition(node_id, back, from_statuses=[Status.UNHEALTHY, Status.OFFLINE], now=now)
 
     def mark_unhealthy(self, node_id, *, now: datetime | None = None) -> bool:
         """``healthy`` -> ``unhealthy``: status only, replica rows kept (a blip must not force
@@ -373,24 +415,54 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         Status = self.model.Status
         return self._transition(node_id, Status.UNHEALTHY, from_statuses=[Status.HEALTHY], now=now)
 
-    def mark_draining(self, node_id, *, now: datetime | None = None) -> bool:
-        """Stop routing and scheduling to a node so its in-flight work can finish.
+    def mark_draining(self, node_id, *, by: str, now: datetime | None = None) -> bool:
+        """Stop routing and scheduling to a node so its in-flight work can finish; ``by`` is
+        ``Node.DrainedBy.NODE`` (the node's own ``/drain``) or ``OPERATOR`` (API, admin) and is
+        recorded in ``drained_by``: whoever drained a node lifts the drain (``resume``).
+
+        An operator's drain also takes over a node's own drain (the node can no longer lift
+        it); a node's drain of a node an operator drained changes nothing. A pending node
+        cannot drain (only approval ends ``pending``), nor an offline one.
 
         Replica rows are kept on purpose (LocalAI deleted them): the worker polls its
         rows' in-flight sum before deregistering, and leases on them must still be releasable.
         Draining nodes are not schedulable, so their replicas stop counting as ready and the
-        reconciler places replacements elsewhere. Conditional update; False: unknown node, or
-        already offline/draining.
+        reconciler places replacements elsewhere. Idiom: one conditional UPDATE; False: unknown
+        node, pending/offline, or already drained by ``by`` (or by an operator).
         """
-        Status = self.model.Status
-        return self._transition(node_id, Status.DRAINING, exclude_statuses=[Status.OFFLINE, Status.DRAINING], now=now)
+        Status, DrainedBy = self.model.Status, self.model.DrainedBy
+        if by not in (DrainedBy.NODE, DrainedBy.OPERATOR):
+            raise ValueError(f"a drain is set by the node or an operator, not {by!r}")
+        queryset = self.filter(pk=node_id).exclude(status__in=[Status.OFFLINE, Status.PENDING])
+        if by == DrainedBy.OPERATOR:
+            queryset = queryset.exclude(status=Status.DRAINING, drained_by=DrainedBy.OPERATOR)
+        else:
+            queryset = queryset.exclude(status=Status.DRAINING)
+        return queryset.update(status=Status.DRAINING, drained_by=by, updated_at=_now(now)) == 1
 
-    def resume(self, node_id, *, now: datetime | None = None) -> bool:
-        """``draining`` -> ``healthy`` (conditional update); adds capacity back."""
-        Status = self.model.Status
-        resumed = self._transition(node_id, Status.HEALTHY, from_statuses=[Status.DRAINING], now=now)
+    def resume(self, node_id, *, by: str, now: datetime | None = None) -> bool:
+        """``draining`` -> ``healthy``, lifting the drain (conditional update); adds capacity back.
+
+        ``by=Node.DrainedBy.OPERATOR`` lifts any drain; ``by=NODE`` only the node's own: when an
+        operator drained the node it raises ``DrainedByOperator`` and changes nothing. The
+        owner is part of the UPDATE's condition, so a node's resume racing an operator's drain
+        either lands first (and the drain then applies) or matches nothing. False: unknown node
+        or not draining.
+        """
+        Status, DrainedBy = self.model.Status, self.model.DrainedBy
+        if by not in (DrainedBy.NODE, DrainedBy.OPERATOR):
+            raise ValueError(f"a drain is lifted by the node or an operator, not {by!r}")
+        queryset = self.filter(pk=node_id, status=Status.DRAINING)
+        if by == DrainedBy.NODE:
+            queryset = queryset.exclude(drained_by=DrainedBy.OPERATOR)
+        resumed = queryset.update(status=Status.HEALTHY, drained_by=DrainedBy.NONE, updated_at=_now(now)) == 1
         if resumed:
             _capacity_changed()
+        elif (
+            by == DrainedBy.NODE
+            and self.filter(pk=node_id, status=Status.DRAINING, drained_by=DrainedBy.OPERATOR).exists()
+        ):
+            raise DrainedByOperator("an operator drained this node; only an operator's resume lifts the drain")
         return resumed
 
     def mark_offline(
@@ -403,7 +475,10 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
     ) -> bool:
         """Mark a node ``offline`` and delete its replica rows; load info is untouched.
 
-        The row is kept so that re-registration restores its approval. With
+        The row is kept so that re-registration restores its approval; for the same reason a
+        ``pending`` node stays ``pending`` (its rows and heartbeat are still dropped: it can
+        never come back approved by signing off and registering again), and an operator's
+        drain is kept in ``drained_by`` (it comes back draining). With
         ``expected_heartbeat`` (the ``last_heartbeat`` value the reconciler observed, possibly
         None), the transition only happens while ``last_heartbeat`` still is that value: a
         heartbeat that arrives between the reconciler's snapshot and this call wins
@@ -413,7 +488,15 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         otherwise "recover" the node and place replicas on a worker that is exiting; a new
         heartbeat brings it back. Returns False when nothing changed.
         """
-        changes = {"status": self.model.Status.OFFLINE, "reserved_vram": 0, "updated_at": _now(now)}
+        Status, DrainedBy = self.model.Status, self.model.DrainedBy
+        changes = {
+            "status": Case(When(status=Status.PENDING, then=Value(Status.PENDING)), default=Value(Status.OFFLINE)),
+            "drained_by": Case(
+                When(drained_by=DrainedBy.OPERATOR, then=Value(DrainedBy.OPERATOR)), default=Value(DrainedBy.NONE)
+            ),
+            "reserved_vram": 0,
+            "updated_at": _now(now),
+        }
         if forget_heartbeat:
             changes["last_heartbeat"] = None
         with transaction.atomic():
@@ -471,7 +554,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
             )
             if updated:
                 _model("NodeLabel").objects.merge(
-                    node_id, {"node.replica-slots": str(int(slots))}, clear_cooldowns=False
+                    node_id, {"node.replica-slots": str(int(slots))}, clear_cooldowns=False, source="auto"
                 )
                 _capacity_changed()
         return updated == 1
@@ -486,7 +569,9 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
             )
             if updated:
                 slots = self.filter(pk=node_id).values_list("max_replicas_per_model", flat=True).get()
-                _model("NodeLabel").objects.merge(node_id, {"node.replica-slots": str(slots)}, clear_cooldowns=False)
+                _model("NodeLabel").objects.merge(
+                    node_id, {"node.replica-slots": str(slots)}, clear_cooldowns=False, source="auto"
+                )
                 _capacity_changed()
         return updated == 1
 
@@ -534,8 +619,10 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
     def capacity_for(self, model_name: str, *, selector=None, node_ids: Iterable | None = None) -> int:
         """How many more replicas of ``model_name`` the candidate nodes can take (one query;
         the formula is ``placement.cluster_capacity``)."""
-        rows = self.candidates(selector, node_ids).with_model_rows(model_name).values_list(
-            "pk", "max_replicas_per_model", "model_rows"
+        rows = (
+            self.candidates(selector, node_ids)
+            .with_model_rows(model_name)
+            .values_list("pk", "max_replicas_per_model", "model_rows")
         )
         return placement.cluster_capacity(placement.SlotUsage(pk, slots, used) for pk, slots, used in rows)
 
@@ -546,34 +633,82 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
 
 
 class NodeLabelManager(models.Manager):
-    def merge(self, node_id, labels: dict[str, str], *, clear_cooldowns: bool = True) -> int:
-        """Set each key of ``labels`` on the node, leaving other keys alone (upsert on
-        ``(node, key)``). Returns the number of labels written."""
+    """Label verbs. Every write takes the node's row lock first, so the writes of one node are
+    serialised and the per-node bound (``CONTROLPLANE_MAX_LABELS_PER_NODE``, every source
+    counted) is checked against what is really stored: a write that would exceed it raises
+    ``TooManyLabels`` and is rolled back whole."""
+
+    def _lock_node(self, node_id) -> None:
+        list(_model("Node").objects.select_for_update().filter(pk=node_id).values_list("pk", flat=True))
+
+    def _upsert(self, node_id, labels: dict[str, str], source: str) -> None:
+        if labels:
+            self.bulk_create(
+                [self.model(node_id=node_id, key=key, value=value, source=source) for key, value in labels.items()],
+                update_conflicts=True,
+                unique_fields=["node", "key"],
+                update_fields=["value", "source"],
+            )
+
+    def _check_bound(self, node_id) -> None:
+        limit = max_labels_per_node()
+        count = self.filter(node_id=node_id).count()
+        if count > limit:
+            raise TooManyLabels(
+                f"the node would carry {count} labels; at most {limit} are allowed per node "
+                "(worker, operator and auto-labels together)",
+                limit=limit,
+                count=count,
+            )
+
+    def merge(self, node_id, labels: dict[str, str], *, clear_cooldowns: bool = True, source: str = "operator") -> int:
+        """Set each key of ``labels`` on the node as ``source`` (an operator's by default),
+        leaving other keys alone (upsert on ``(node, key)``). Returns the number of labels
+        written; raises ``TooManyLabels`` (nothing written) past the per-node bound.
+        Idiom: the node's row lock, then upsert and count in one transaction."""
         labels = validate_labels(labels)
         if not labels:
             return 0
-        self.bulk_create(
-            [self.model(node_id=node_id, key=key, value=value) for key, value in labels.items()],
-            update_conflicts=True,
-            unique_fields=["node", "key"],
-            update_fields=["value"],
-        )
-        if clear_cooldowns:
-            _capacity_changed()
+        with transaction.atomic():
+            self._lock_node(node_id)
+            self._upsert(node_id, labels, source)
+            self._check_bound(node_id)
+            if clear_cooldowns:
+                _capacity_changed()
         return len(labels)
 
     def set_label(self, node_id, key: str, value: str) -> None:
-        """Set one label (upsert)."""
+        """Set one operator label (upsert)."""
         self.merge(node_id, {key: value})
 
     def replace(self, node_id, labels: dict[str, str]) -> int:
-        """Make the node's labels exactly ``labels`` (one transaction)."""
+        """Make the node's labels exactly ``labels``, all an operator's (one transaction under
+        the node's row lock; ``TooManyLabels`` past the bound, nothing written)."""
         labels = validate_labels(labels)
         with transaction.atomic():
+            self._lock_node(node_id)
             self.filter(node_id=node_id).exclude(key__in=list(labels)).delete()
-            self.merge(node_id, labels, clear_cooldowns=False)
+            self._upsert(node_id, labels, self.model.Source.OPERATOR)
+            self._check_bound(node_id)
             _capacity_changed()
         return len(labels)
+
+    def apply_registration(self, node_id, worker_labels: dict[str, str], auto: dict[str, str]) -> None:
+        """The labels of a (re-)registration, inside ``Node.objects.register``'s transaction
+        (which holds the node's row lock): the worker's labels replace those it sent last time
+        (so no caller grows a node's labels by registering again), except on keys an operator
+        set, which keep the operator's value; the auto-labels are rewritten (one that no longer
+        applies, such as ``gpu.vram`` of a node now reporting none, is dropped). ``TooManyLabels``
+        past the bound (the caller's transaction rolls back)."""
+        Source = self.model.Source
+        worker_labels = validate_labels(worker_labels)
+        held = set(self.filter(node_id=node_id, source=Source.OPERATOR).values_list("key", flat=True))
+        own = {key: value for key, value in worker_labels.items() if key not in held and key not in auto}
+        self.filter(node_id=node_id, source=Source.WORKER).exclude(key__in=list(own)).delete()
+        self.filter(node_id=node_id, source=Source.AUTO).exclude(key__in=list(auto)).delete()
+        self._upsert(node_id, own, Source.WORKER)
+        self._upsert(node_id, auto, Source.AUTO)
+        self._check_bound(node_id)
 
     def remove(self, node_id, key: str) -> bool:
         """Delete one label; False when the node had no such key."""

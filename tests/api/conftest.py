@@ -70,12 +70,46 @@ def node_client(node):
     return _client_with(node.token)
 
 
-@pytest.fixture
-def staff_client(db):
-    user = get_user_model().objects.create_user("admin", password="x", is_staff=True)
+def staff_user(username: str, *permissions: str):
+    """A staff user (not a superuser) holding ``permissions`` ("app_label.codename")."""
+    from django.contrib.auth.models import Permission
+
+    user = get_user_model().objects.create_user(username, password="x", is_staff=True)
+    for permission in permissions:
+        app_label, codename = permission.split(".")
+        user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+    return get_user_model().objects.get(pk=user.pk)  # fresh: no stale permission cache
+
+
+def session_client(user) -> APIClient:
     client = APIClient()
     client.force_login(user)
     return client
+
+
+# What an operator given the fleet's model permissions in the admin holds.
+OPERATOR_PERMISSIONS = (
+    "registry.view_node",
+    "registry.change_node",
+    "registry.delete_node",
+    "registry.view_modelschedulingconfig",
+    "registry.add_modelschedulingconfig",
+    "registry.change_modelschedulingconfig",
+    "registry.delete_modelschedulingconfig",
+    "registry.use_frontend_api",
+)
+
+
+@pytest.fixture
+def staff_client(db):
+    """A staff session with the fleet's operator permissions."""
+    return session_client(staff_user("admin", *OPERATOR_PERMISSIONS))
+
+
+@pytest.fixture
+def bare_staff_client(db):
+    """A staff session without any model permission: the admin shows it nothing."""
+    return session_client(staff_user("bare-staff"))
 
 
 @pytest.fixture

@@ -426,7 +426,7 @@ def test_available_condition_follows_ready_replicas_and_records_transitions(now,
     reconcile()  # the fake scheduler places one replica
     assert condition("llama", Type.AVAILABLE).status is True
 
-    Node.objects.mark_draining(a.pk)  # rows kept, but not ready
+    Node.objects.mark_draining(a.pk, by=Node.DrainedBy.OPERATOR)  # rows kept, but not ready
     reconcile()
 
     available = condition("llama", Type.AVAILABLE)

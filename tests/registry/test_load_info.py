@@ -94,7 +94,7 @@ def test_no_removal_path_touches_load_info(now):
     NodeModel.objects.remove_replica(node.pk, "llama", 2)
     NodeModel.objects.remove_all_replicas(node.pk, "llama")
     Node.objects.register(name=node.name, address=node.address)
-    Node.objects.mark_draining(node.pk)
+    Node.objects.mark_draining(node.pk, by=Node.DrainedBy.OPERATOR)
     Node.objects.mark_offline(node.pk)
     Node.objects.deregister(node.pk)
 

@@ -89,6 +89,15 @@ def test_registration_applies_auto_labels_and_merges_worker_labels():
     }
 
 
+def test_an_auto_label_that_no_longer_applies_is_dropped_at_registration():
+    node = make_node(name="gpu-2", total_vram=24 * GIB)
+    assert NodeLabel.objects.as_dict(node.pk)["gpu.vram"] == "24GB"
+
+    Node.objects.register(name="gpu-2", address="a:1", total_vram=0)
+
+    assert "gpu.vram" not in NodeLabel.objects.as_dict(node.pk)
+
+
 def test_registration_clears_every_models_cooldown(now):
     make_scheduling("llama", min_replicas=1)
     ModelSchedulingConfig.objects.filter(model_name="llama").update(
@@ -180,10 +189,10 @@ def test_mark_healthy_recovers_unhealthy_and_offline_but_not_pending_or_draining
 def test_drain_keeps_rows_but_makes_them_unroutable_and_resume_restores():
     node = make_node()
     make_replica(node)
-    assert Node.objects.mark_draining(node.pk)
+    assert Node.objects.mark_draining(node.pk, by=Node.DrainedBy.OPERATOR)
     assert NodeModel.objects.filter(node=node).count() == 1
     assert NodeModel.objects.warm_pick("llama") is None
-    assert Node.objects.resume(node.pk)
+    assert Node.objects.resume(node.pk, by=Node.DrainedBy.OPERATOR)
     assert NodeModel.objects.warm_pick("llama") is not None
 
 
@@ -207,8 +216,8 @@ def test_status_and_slot_verbs_write_their_now(now):
     node = make_node(now=now, status=Node.Status.PENDING)
     steps = [
         (Node.objects.approve, {}),
-        (Node.objects.mark_draining, {}),
-        (Node.objects.resume, {}),
+        (Node.objects.mark_draining, {"by": Node.DrainedBy.OPERATOR}),
+        (Node.objects.resume, {"by": Node.DrainedBy.OPERATOR}),
         (Node.objects.mark_unhealthy, {}),
         (Node.objects.mark_healthy, {}),
         (Node.objects.set_max_replicas_per_model, {"slots": 3}),

@@ -405,7 +405,12 @@ def test_an_unreachable_replica_is_removed_and_the_request_rerouted(fleet, close
     a, b = fleet.add_node("gpu-a"), fleet.add_node("gpu-b")
     now = timezone.now()
     dead = make_replica(
-        a.node, "llama", 0, address=closed_address, last_used=now - timedelta(hours=1), last_probe_at=now - timedelta(hours=1)
+        a.node,
+        "llama",
+        0,
+        address=closed_address,
+        last_used=now - timedelta(hours=1),
+        last_probe_at=now - timedelta(hours=1),
     )
     alive, _ = live_replica(fleet, b.node, probed=False)
 
@@ -445,7 +450,7 @@ def test_replicas_on_unhealthy_or_draining_nodes_are_not_routed_to(fleet):
     a, b = fleet.add_node("gpu-a"), fleet.add_node("gpu-b")
     live_replica(fleet, a.node, minutes_ago=10)
     on_b, _ = live_replica(fleet, b.node)
-    Node.objects.mark_draining(a.node.pk)
+    Node.objects.mark_draining(a.node.pk, by=Node.DrainedBy.OPERATOR)
 
     assert router.route("llama").lease.replica_id == on_b.pk
 

@@ -127,6 +127,7 @@ def test_the_admin_refuses_non_staff_users(client):
         assert response.status_code == 302 and "/admin/login/" in response["Location"], (path, response.status_code)
     # a non-staff session is not an operator either
     assert client.get("/api/v1/nodes").status_code == 403
+    # nor is a staff session without the permission (test_operator_permissions.py)
     staff = get_user_model().objects.create_user("staff", password="x-" + uuid.uuid4().hex, is_staff=True)
     client.force_login(staff)
-    assert client.get("/api/v1/nodes").status_code == 200
+    assert client.get("/api/v1/nodes").status_code == 403
