@@ -69,10 +69,11 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
-    "django_q",
     "controlplane",
     "registry",
     "reconciler",
+    # After reconciler: its ``manage.py qcluster`` (bounded stop) replaces django-q2's.
+    "django_q",
 ]
 
 MIDDLEWARE = [

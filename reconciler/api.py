@@ -113,7 +113,9 @@ class ReconcileView(APIView):
         request=None,
         responses={
             200: ReconcileSummarySerializer,
-            **problems(503, description_503="`reconcile_failed` (the summary is in `summary`) or `database_unavailable`"),
+            **problems(
+                503, description_503="`reconcile_failed` (the summary is in `summary`) or `database_unavailable`"
+            ),
         },
     )
     def post(self, request):
@@ -179,7 +181,11 @@ class EventListView(generics.ListAPIView):
     def get_queryset(self):
         # A plain dict, not the QueryDict: DRF skips an empty optional HTML-form value, but
         # ``?kind=`` is not a kind and must be refused.
-        params = {name: self.request.query_params[name] for name in ("model", "node", "kind") if name in self.request.query_params}
+        params = {
+            name: self.request.query_params[name]
+            for name in ("model", "node", "kind")
+            if name in self.request.query_params
+        }
         query = EventFilterSerializer(data=params)
         query.is_valid(raise_exception=True)
         events = Event.objects.newest_first()
