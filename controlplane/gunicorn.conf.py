@@ -27,7 +27,14 @@ Command-line flags still win over these. Two things must live here:
 
 import os
 
+from prometheus_client import multiprocess
+
 from controlplane.httpserver import install_problem_errors
+
+# prometheus_client is imported here, in the arbiter at start, not in child_exit: that hook
+# runs in the arbiter's SIGCHLD handler, and when several workers exit at once (a stop) a
+# second SIGCHLD re-entered the first handler's half-done import, which crashed the arbiter or
+# left it hanging until it was killed.
 
 wsgi_app = "controlplane.wsgi"
 bind = os.environ.get("CONTROLPLANE_BIND", "127.0.0.1:8000")
@@ -50,6 +57,4 @@ install_problem_errors()
 
 def child_exit(server, worker):
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
         multiprocess.mark_process_dead(worker.pid)
