@@ -761,10 +761,11 @@ def run_leader(
                         next_start = pass_started + interval
                         if not time_left(next_start):
                             return result
+                        if not shutdown.stop_requested():
+                            sleep(max(0.0, next_start - clock()))  # ends early on a stop
                         if shutdown.stop_requested():
                             result.reason = STOPPING
                             return result
-                        sleep(max(0.0, next_start - clock()))
                 finally:
                     result.held_s += clock() - took
         # Only reached without the lock: the loop above always returns.
