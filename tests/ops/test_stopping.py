@@ -8,6 +8,7 @@ group left the qcluster logging "stopping" forever, and Ctrl-C on the demo took 
 with workers failing to deregister (the web process had gone first)."""
 
 import os
+import re
 import signal
 
 import pytest
@@ -75,5 +76,31 @@ def test_make_demo_stops_a_worker_then_everything_in_order_within_10_s(tmp_path,
         # Both workers deregistered while the web process still answered.
         assert log.count("deregister accepted") == 2, log[-3000:]
         report(f"make demo, group SIGTERM: all {len(everything)} processes gone in {took:.1f} s, workers deregistered")
+    finally:
+        run.close()
+
+
+def test_make_run_stops_a_running_leader_loop_within_10_s(tmp_path, report):
+    """SIGTERM to the group while the scheduled reconcile task (a leader loop of up to 50 s)
+    runs in a qcluster worker: the loop ends after its current pass, the task completes (it is
+    not killed), and everything is gone within 10 s. django-q2 looks for due schedules every
+    30 s, so this test waits for the first run."""
+    run = ScriptRun("run", tmp_path)
+    run.start()
+    try:
+        run.wait_until(run.answers_livez, timeout=90, what="the web process")
+        run.wait_until(
+            lambda: re.search(r"processing .*'reconciler\.tasks\.run_scheduled_reconcile'", run.log()),
+            timeout=90,
+            what="the scheduled leader loop to start",
+        )
+        started = run.processes()
+        os.killpg(run.popen.pid, signal.SIGTERM)
+        took, left = run.wait_gone(set(started))
+        log = run.log()
+        assert not left and took < STOP_BOUND_S, (took, left, log[-3000:])
+        assert "Processed 'reconciler.tasks.run_scheduled_reconcile'" in log, log[-3000:]
+        assert "killed" not in log, log[-3000:]
+        report(f"make run, group SIGTERM during a leader loop: loop ended, all processes gone in {took:.1f} s")
     finally:
         run.close()
