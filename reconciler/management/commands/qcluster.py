@@ -56,10 +56,12 @@ class GracefulSentinel(Sentinel):
 
 
 def _process_start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks after boot), None when it is gone or a zombie."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+    return None if fields[0] == "Z" else fields[19]
 
 
 def descendants(root: int) -> dict[int, str]:
