@@ -71,10 +71,11 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
-    "django_q",
     "controlplane",
     "registry",
     "reconciler",
+    # After reconciler: its ``manage.py qcluster`` (bounded stop) replaces django-q2's.
+    "django_q",
 ]
 
 MIDDLEWARE = [
@@ -243,6 +244,9 @@ GRPC_HEALTH_TIMEOUT = env_float("CONTROLPLANE_GRPC_HEALTH_TIMEOUT", 2.0)
 GRPC_PROBE_TIMEOUT = env_float("CONTROLPLANE_GRPC_PROBE_TIMEOUT", 1.0)
 GRPC_LOAD_TIMEOUT = env_float("CONTROLPLANE_GRPC_LOAD_TIMEOUT", 120.0)
 GRPC_WORKER_TIMEOUT = env_float("CONTROLPLANE_GRPC_WORKER_TIMEOUT", 30.0)
+# Worker calls (StartBackend, ListBackends, ...) give up on a worker whose connection does not
+# complete the HTTP/2 handshake within this (it accepts TCP and never answers): proto/client.py.
+GRPC_CONNECT_TIMEOUT = env_float("CONTROLPLANE_GRPC_CONNECT_TIMEOUT", 3.0)
 
 # Router (frontends' route calls, leases, cold-load jobs).
 ROUTE_WAIT_SECONDS = env_float("CONTROLPLANE_ROUTE_WAIT_SECONDS", 30.0)

@@ -35,6 +35,7 @@ from proto import backend_pb2, worker_pb2
 __all__ = [
     "DEFAULT_TIMEOUTS",
     "BackendUnavailable",
+    "NotConnected",
     "GrpcCallError",
     "Probe",
     "ProbeResult",
@@ -64,6 +65,10 @@ DEFAULT_TIMEOUTS: dict[str, float] = {
     "load": 120.0,  # LoadModel: reading weights into (V)RAM takes long
     "worker_start": 30.0,  # StartBackend waits for the new process to answer Health
     "worker": 10.0,  # StopBackend, UnloadModel, ListBackends
+    # Worker calls first need a connection that completed the HTTP/2 handshake within this: an
+    # address that accepts TCP and never answers is given up on in seconds, not after the call's
+    # own deadline (StartBackend's 30 s are for a backend process that starts slowly).
+    "connect": 3.0,
     "free": 10.0,
     "inference": 120.0,  # Predict, Embedding (smoke tests and one-off calls)
 }
@@ -71,6 +76,7 @@ _SETTING_NAMES = {
     "health": "GRPC_HEALTH_TIMEOUT",
     "load": "GRPC_LOAD_TIMEOUT",
     "worker": "GRPC_WORKER_TIMEOUT",
+    "connect": "GRPC_CONNECT_TIMEOUT",
 }
 _TOKEN_SETTING = "CONTROLPLANE_REGISTRATION_TOKEN"
 
@@ -114,6 +120,10 @@ class GrpcCallError(Exception):
 
 class BackendUnavailable(GrpcCallError):
     """UNAVAILABLE: nothing is listening at the address or the connection broke."""
+
+
+class NotConnected(BackendUnavailable):
+    """The connection never completed its HTTP/2 handshake: the request was never sent."""
 
 
 # --- channels -----------------------------------------------------------------------------
@@ -213,12 +223,51 @@ def _observe(method: str, code: grpc.StatusCode | None, started: float) -> None:
             logger.debug("gRPC call observer failed", exc_info=True)
 
 
-def _call(address, method, request, response_cls, *, timeout, metadata):
-    """One unary call with deadline and metadata; RpcError becomes GrpcCallError."""
-    call = get_channel(address).unary_unary(
-        method, request_serializer=_serialize, response_deserializer=response_cls.FromString
-    )
+_SETTLED = (
+    grpc.ChannelConnectivity.READY,
+    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+    grpc.ChannelConnectivity.SHUTDOWN,
+)
+
+
+def _require_connection(channel: grpc.Channel, method: str, timeout: float) -> None:
+    """Raise NotConnected unless the channel connects (or fails to) within ``timeout``.
+
+    READY means the server completed the HTTP/2 handshake. A connection that fails (refused,
+    reset) settles at once and the call itself then fails fast with UNAVAILABLE as before; only
+    a connection that stays CONNECTING (a listener that accepts TCP and sends nothing, a black
+    hole) ends here, instead of holding the caller for the call's whole deadline.
+    """
+    settled = threading.Event()
+
+    def on_state(state: grpc.ChannelConnectivity) -> None:
+        if state in _SETTLED:
+            settled.set()
+
+    channel.subscribe(on_state, try_to_connect=True)
+    try:
+        if not settled.wait(timeout):
+            raise NotConnected(
+                method,
+                grpc.StatusCode.UNAVAILABLE,
+                f"no gRPC connection within {timeout:g}s (the address accepts TCP but does not answer)",
+            )
+    finally:
+        channel.unsubscribe(on_state)
+
+
+def _call(address, method, request, response_cls, *, timeout, metadata, connect_timeout=None):
+    """One unary call with deadline and metadata; RpcError becomes GrpcCallError. With
+    ``connect_timeout``, the connection must settle within it first (:func:`_require_connection`)."""
+    channel = get_channel(address)
+    call = channel.unary_unary(method, request_serializer=_serialize, response_deserializer=response_cls.FromString)
     started = time.monotonic()
+    if connect_timeout is not None:
+        try:
+            _require_connection(channel, method, min(connect_timeout, timeout))
+        except BackendUnavailable as error:
+            _observe(method, error.code, started)
+            raise
     try:
         reply = call(request, timeout=timeout, metadata=metadata)
     except grpc.RpcError as exc:
@@ -486,6 +535,7 @@ def start_backend(
         worker_pb2.StartBackendResponse,
         timeout=_timeout("worker_start", timeout),
         metadata=_metadata(token, node_id),
+        connect_timeout=_timeout("connect", None),
     )
 
 
@@ -507,6 +557,7 @@ def stop_backend(
         worker_pb2.StopBackendResponse,
         timeout=_timeout("worker", timeout),
         metadata=_metadata(token, node_id),
+        connect_timeout=_timeout("connect", None),
     )
 
 
@@ -526,6 +577,7 @@ def unload_model(
         worker_pb2.UnloadModelResponse,
         timeout=_timeout("worker", timeout),
         metadata=_metadata(token, node_id),
+        connect_timeout=_timeout("connect", None),
     )
 
 
@@ -544,4 +596,5 @@ def list_backends(
         worker_pb2.ListBackendsResponse,
         timeout=_timeout("worker", timeout),
         metadata=_metadata(token, node_id),
+        connect_timeout=_timeout("connect", None),
     )

@@ -40,7 +40,13 @@ class GrpcProber:
         return client.list_backends(address, node_id=node_id, timeout=timeout)
 
     def stop_backend(
-        self, address: str, model_name: str, replica_index: int, *, node_id: str | None = None, timeout: float | None = None
+        self,
+        address: str,
+        model_name: str,
+        replica_index: int,
+        *,
+        node_id: str | None = None,
+        timeout: float | None = None,
     ):
         from proto import client
 
@@ -113,7 +119,9 @@ class CheckResults:
     worker_api_missing: dict[UUID, str] = field(default_factory=dict)
 
 
-def run_checks(plan: CheckPlan, prober, *, probe_timeout: float, worker_timeout: float, concurrency: int) -> CheckResults:
+def run_checks(
+    plan: CheckPlan, prober, *, probe_timeout: float, worker_timeout: float, concurrency: int
+) -> CheckResults:
     """Run every probe and listing of ``plan`` in parallel; never raises for one failed call.
 
     A probe that raises (the client's ``probe`` does not, a fake might) is recorded as an error

@@ -38,7 +38,7 @@ from controlplane.logs import log_context
 from registry.locks import LockKey, try_advisory_lock
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 
-from . import housekeeping
+from . import housekeeping, shutdown
 from .checks import ALIVE, BUSY, UNREACHABLE, GrpcProber, run_checks
 from .conf import ReconcileConfig
 from .models import Event, ModelCondition, ReconcilePass
@@ -673,6 +673,10 @@ def _when(moment: datetime | None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+#: ``LeaderSummary.reason`` of a leader run cut short because its qcluster is stopping.
+STOPPING = "stopping"
+
+
 @dataclass
 class LeaderSummary:
     """What a leader run did: passes run while holding the lock, their summed actions."""
@@ -716,7 +720,7 @@ def run_leader(
     scheduler=None,
     prober=None,
     clock=time.monotonic,
-    sleep=time.sleep,
+    sleep=shutdown.pause,
 ) -> LeaderSummary:
     """Take the reconcile try-lock and run a pass every ``interval`` seconds until ``budget``
     seconds have passed (``None``: forever), then release it and return.
@@ -739,6 +743,9 @@ def run_leader(
         return deadline is None or at < deadline
 
     while True:
+        if shutdown.stop_requested():
+            result.outcome, result.reason = ReconcilePass.Outcome.SKIPPED, STOPPING
+            return result
         with try_advisory_lock(LockKey.RECONCILE) as held:
             if held:
                 result.outcome, result.reason = ReconcilePass.Outcome.OK, ""
@@ -754,7 +761,11 @@ def run_leader(
                         next_start = pass_started + interval
                         if not time_left(next_start):
                             return result
-                        sleep(max(0.0, next_start - clock()))
+                        if not shutdown.stop_requested():
+                            sleep(max(0.0, next_start - clock()))  # ends early on a stop
+                        if shutdown.stop_requested():
+                            result.reason = STOPPING
+                            return result
                 finally:
                     result.held_s += clock() - took
         # Only reached without the lock: the loop above always returns.

@@ -64,8 +64,10 @@ def model_statuses(names: list[str]) -> list[ModelStatus]:
     loading = _counts(NodeModel.objects.loading(), names)
     total = _counts(NodeModel.objects.all(), names)
     conditions: dict[str, list[dict]] = {}
-    for row in ModelCondition.objects.filter(model_name__in=names).order_by("model_name", "type").values(
-        "model_name", "type", "status", "reason", "message", "since", "updated_at"
+    for row in (
+        ModelCondition.objects.filter(model_name__in=names)
+        .order_by("model_name", "type")
+        .values("model_name", "type", "status", "reason", "message", "since", "updated_at")
     ):
         conditions.setdefault(row.pop("model_name"), []).append(row)
     statuses = []

@@ -539,7 +539,9 @@ def _load(row: NodeModel, worker_address: str, backend_type: str, opts_blob: byt
                     f"LoadModel of {row.model_name!r} on node {node_id} failed: {message or 'success=false'}"
                 )
     except client.GrpcCallError as exc:
-        _abandon(row, worker_address, str(exc), now)
+        # A StartBackend that never got a connection never reached the worker: nothing to stop
+        # (and asking would wait for the same silent connection again).
+        _abandon(row, worker_address if not isinstance(exc, client.NotConnected) else "", str(exc), now)
         raise LoadFailed(f"loading {row.model_name!r} on node {node_id} failed: {exc}") from exc
     except BaseException as exc:
         _abandon(row, worker_address, str(exc), now)

@@ -222,8 +222,8 @@ class WorkerAgent:
 
     def _drain_and_deregister(self) -> None:
         cfg = self.config
-        # A failed drain still waits and deregisters: the control plane may be back by then.
-        self._call("drain", self.client.drain)
+        # A refused drain still waits and deregisters: the control plane may accept them later.
+        drained = self._call("drain", self.client.drain)
         deadline = time.monotonic() + cfg.drain_timeout
         while True:
             in_flight = self._in_flight()
@@ -233,6 +233,11 @@ class WorkerAgent:
             remaining = deadline - time.monotonic()
             if in_flight == -1:
                 log.warning("control plane no longer knows this node; not waiting")
+                break
+            if in_flight is None and not drained:
+                # Neither the drain nor the count got an answer: waiting up to the drain timeout
+                # would only delay the stop (a stop must end within seconds).
+                log.warning("control plane unreachable; not waiting for in-flight requests")
                 break
             if remaining <= 0:
                 log.warning(

@@ -41,7 +41,6 @@ ERROR_LINES = 20
 ERROR_CHARS = 4000
 
 
-
 _SETPRIV = shutil.which("setpriv")
 
 
@@ -335,6 +334,8 @@ class BackendSupervisor:
         with grpc.insecure_channel(self._dial_address(proc)) as channel:
             stub = backend_pb2_grpc.BackendStub(channel)
             while True:
+                if self._closed:
+                    return  # the worker is stopping: start() stops the process (a stop must not wait for it)
                 if proc.popen.poll() is not None:
                     self._fail_start(proc, f"exited with code {proc.popen.returncode} before answering Health")
                 remaining = deadline - time.monotonic()

@@ -1,5 +1,5 @@
 """`make demo` (scripts/demo) end to end: it brings demo-echo to two ready replicas, and Ctrl-C
-(SIGINT) stops every process it started. SQLite in a temporary var dir on both lanes (the
+(SIGINT) stops every process it started within 10 s, the workers deregistering first. SQLite in a temporary var dir on both lanes (the
 demo's default database), a random web port and backend port range."""
 
 import json
@@ -80,8 +80,10 @@ def test_make_demo_reaches_two_ready_replicas_and_ctrl_c_stops_everything(tmp_pa
         assert oct(key_file.stat().st_mode)[-3:] == "600"
     finally:
         demo.send_signal(signal.SIGINT)
+        stop_began = time.monotonic()
         try:
             code = demo.wait(90)
+            stop_took = time.monotonic() - stop_began
         finally:
             leftovers = session_processes(demo.pid)
             for pid in leftovers:  # never leave them running, even when the test fails
@@ -94,3 +96,6 @@ def test_make_demo_reaches_two_ready_replicas_and_ctrl_c_stops_everything(tmp_pa
     assert "demo: stopped" in output, output[-4000:]
     assert not leftovers, f"still running after Ctrl-C: {leftovers}\n{output[-3000:]}"
     assert code in (0, 130, -2), (code, output[-3000:])
+    # Workers first, while the web process still answers them; all of it within 10 s.
+    assert output.count("deregister accepted") == 2, output[-3000:]
+    assert stop_took < 10, (stop_took, output[-3000:])

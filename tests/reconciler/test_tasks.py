@@ -3,6 +3,7 @@
 import io
 import json
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -92,6 +93,41 @@ def test_the_leader_runs_a_pass_every_interval_until_its_budget_ends():
     assert (result.outcome, result.passes) == ("ok", 5)  # passes start at 0, 10, 20, 30, 40 s
     assert ReconcilePass.objects.count() == 5
     assert result.as_dict()["last"]["outcome"] == "ok"
+
+
+@pytest.fixture
+def stop_requested():
+    from reconciler import shutdown
+
+    yield shutdown.STOP_REQUESTED
+    shutdown.STOP_REQUESTED.clear()
+
+
+def test_a_stopping_qcluster_ends_the_leader_loop_after_the_current_pass(stop_requested):
+    """SIGTERM in a qcluster worker sets the event (reconciler.shutdown): the 50 s loop ends
+    after the pass it is running, and its sleep ends at once."""
+    clock = FakeClock()
+
+    def pass_then_stop(seconds):
+        stop_requested.set()  # the signal arrives while the loop sleeps after its first pass
+        clock.sleep(seconds)
+
+    result = run_leader(
+        budget=50, interval=10, scheduler=FakeScheduler(), prober=FakeProber(), clock=clock, sleep=pass_then_stop
+    )
+    assert (result.outcome, result.passes, result.reason) == ("ok", 1, "stopping")
+
+    skipped = run_leader(budget=50, interval=10, scheduler=FakeScheduler(), prober=FakeProber())
+    assert (skipped.outcome, skipped.passes, skipped.reason) == ("skipped", 0, "stopping")
+
+
+def test_the_leader_loop_sleep_ends_when_the_qcluster_stops(stop_requested):
+    from reconciler import shutdown
+
+    threading.Timer(0.2, stop_requested.set).start()
+    began = time.monotonic()
+    shutdown.pause(30)
+    assert time.monotonic() - began < 5
 
 
 def hold_lock(close_thread_connections):

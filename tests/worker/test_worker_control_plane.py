@@ -3,6 +3,7 @@ control plane that records requests. Everything runs in-process; no backend proc
 
 import logging
 import threading
+import time
 
 import pytest
 
@@ -232,3 +233,13 @@ def test_shutdown_still_stops_backends_when_the_control_plane_is_gone(control_pl
     control_plane.close()
     agent.shutdown()
     assert supervisor.stopped
+
+
+def test_shutdown_does_not_wait_the_drain_timeout_when_the_control_plane_is_unreachable(control_plane):
+    supervisor = StubSupervisor()
+    agent = make_agent(control_plane.url, supervisor=supervisor, drain_timeout=30)
+    agent.register(tries=1)
+    control_plane.close()
+    began = time.monotonic()
+    agent.shutdown()
+    assert time.monotonic() - began < 3 and supervisor.stopped

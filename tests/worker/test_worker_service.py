@@ -176,6 +176,27 @@ def test_a_backend_that_never_answers_health_is_killed(make_worker):
     assert not pid_alive(failed.pid)
 
 
+def test_a_stop_does_not_wait_for_a_backend_that_is_still_starting(make_worker):
+    """SIGTERM while StartBackend waits (up to the health timeout, 30 s here) for a backend that
+    never answers Health: the stop ends that wait at once, kills the process, and the start is
+    refused as shutting down, so the worker exits within seconds."""
+    mute = f'mute={sys.executable} -c "import time; time.sleep(60)"'
+    worker = make_worker([mute], health_timeout=30.0)
+    stub = worker.stub()
+    outcome = {}
+    starter = threading.Thread(target=lambda: outcome.update(code=status_code(lambda: start(stub, backend="mute"))))
+    starter.start()
+    wait_for(lambda: list_backends(stub).backends, timeout=10)
+    [starting] = list_backends(stub).backends
+    began = time.monotonic()
+    worker.supervisor.stop_all()
+    took = time.monotonic() - began
+    starter.join(10)
+    assert took < 5, f"stop_all took {took:.1f}s"
+    assert outcome["code"][0] == grpc.StatusCode.UNAVAILABLE, outcome
+    assert not pid_alive(starting.pid)
+
+
 def test_ports_are_exhausted_then_reused_after_a_stop(make_worker):
     port = free_backend_port()
     stub = make_worker(port_range=(port, port)).stub()
