@@ -57,7 +57,9 @@ def _secret_key() -> str:
 
 SECRET_KEY = _secret_key()
 DEBUG = env_bool("DJANGO_DEBUG", False)
-ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",") if h]
+ALLOWED_HOSTS = [
+    h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",") if h
+]
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
 INSTALLED_APPS = [
@@ -211,10 +213,15 @@ SPECTACULAR_SETTINGS = {
 }
 
 # --- Control plane --------------------------------------------------------------------------
-# The fleet's registration token: workers present it to register and it is the bearer token on
-# the workers' and backends' gRPC services. No default: the web process refuses to start
-# without it unless CONTROLPLANE_ALLOW_OPEN_REGISTRATION is set for development.
+# The fleet's registration token: workers present it to register (and LocalAI's fleet-token
+# nodes on their own REST calls). The control plane never sends it anywhere: gRPC calls carry
+# the per-node credentials of controlplane.credentials. No default: the web process refuses to
+# start without it unless CONTROLPLANE_ALLOW_OPEN_REGISTRATION is set for development.
 CONTROLPLANE_REGISTRATION_TOKEN = os.environ.get("CONTROLPLANE_REGISTRATION_TOKEN", "")
+# Key of the per-node gRPC credentials (controlplane.credentials); empty = SECRET_KEY. Every
+# web and qcluster process must share it; changing it rotates every node's backend and worker
+# command tokens (workers get the new ones when they re-register).
+CONTROLPLANE_CREDENTIAL_KEY = os.environ.get("CONTROLPLANE_CREDENTIAL_KEY", "")
 CONTROLPLANE_ALLOW_OPEN_REGISTRATION = env_bool("CONTROLPLANE_ALLOW_OPEN_REGISTRATION", False)
 CONTROLPLANE_AUTO_APPROVE = env_bool("CONTROLPLANE_AUTO_APPROVE", True)
 # LocalAI's own workers never ask for a per-node token: they present the fleet registration

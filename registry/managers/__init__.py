@@ -18,7 +18,7 @@ The verbs are grouped by table: ``nodes`` (nodes and labels), ``replicas``, ``lo
 from .leases import LeaseManager
 from .load_info import ModelLoadInfoManager
 from .load_jobs import LoadFailureManager, LoadJobManager, ReapResult
-from .nodes import NodeLabelManager, NodeManager, NodeQuerySet, NodeTokenRequired, Registration
+from .nodes import NodeCredentialRequired, NodeLabelManager, NodeManager, NodeQuerySet, NodeTokenRequired, Registration
 from .replicas import NodeModelManager, NodeModelQuerySet
 from .scheduling import ModelSchedulingConfigManager, ModelSchedulingConfigQuerySet, validate_scheduling
 
@@ -29,6 +29,7 @@ __all__ = [
     "ModelLoadInfoManager",
     "ModelSchedulingConfigManager",
     "ModelSchedulingConfigQuerySet",
+    "NodeCredentialRequired",
     "NodeLabelManager",
     "NodeManager",
     "NodeModelManager",

@@ -25,7 +25,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Least
 
-from controlplane.tokens import hash_token, new_token
+from controlplane.tokens import hash_token, new_token, token_matches
 
 from .. import placement
 from ..labels import auto_labels, validate_labels
@@ -62,6 +62,12 @@ class NodeTokenRequired(Exception):
     the fleet token would drive it). The operator deletes the node first if that is intended."""
 
 
+class NodeCredentialRequired(Exception):
+    """A re-registration of a name whose node holds a per-node token, without that token: the
+    fleet token alone must not take a node over (new address, the old token revoked). The
+    worker presents its current node token; otherwise an operator deletes the node first."""
+
+
 class NodeQuerySet(models.QuerySet):
     def healthy(self):
         return self.filter(status=self.model.Status.HEALTHY)
@@ -94,9 +100,7 @@ class NodeQuerySet(models.QuerySet):
         NodeLabel = _model("NodeLabel")
         queryset = self
         for key, value in (selector or {}).items():
-            queryset = queryset.filter(
-                Exists(NodeLabel.objects.filter(node=OuterRef("pk"), key=key, value=value))
-            )
+            queryset = queryset.filter(Exists(NodeLabel.objects.filter(node=OuterRef("pk"), key=key, value=value)))
         return queryset
 
     def candidates(self, selector: dict[str, str] | None = None, node_ids: Iterable | None = None):
@@ -124,9 +128,7 @@ class NodeQuerySet(models.QuerySet):
     def with_free_vram(self, needed: int):
         """Nodes whose ``available - reserved`` VRAM covers ``needed`` bytes; annotates
         ``free_vram_bytes``."""
-        return self.annotate(free_vram_bytes=_free_vram()).filter(
-            free_vram_bytes__gte=needed
-        )
+        return self.annotate(free_vram_bytes=_free_vram()).filter(free_vram_bytes__gte=needed)
 
     def idle(self):
         """Nodes with no request in flight on any replica."""
@@ -182,6 +184,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         auth_mode: str = "node_token",
         serves_worker_api: bool = True,
         auto_approve: bool = True,
+        presented_node_token: str | None = None,
         now: datetime | None = None,
     ) -> Registration:
         """Register a worker by name, or re-register a returning one.
@@ -196,7 +199,11 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         mints a per-node token; ``fleet_token`` (LocalAI's worker) mints none: the node's calls
         are authenticated by the fleet token, and the token hash is cleared. A node that holds a
         per-node token is never switched to ``fleet_token`` here: that raises
-        ``NodeTokenRequired`` (nothing is written). ``serves_worker_api``: the worker declared
+        ``NodeTokenRequired`` (nothing is written), and re-registering such a node needs its
+        current node token in ``presented_node_token``: without it (or with another) this raises
+        ``NodeCredentialRequired`` and nothing changes, so the fleet token alone cannot take the
+        node over. A ``fleet_token`` node's credential is the fleet token itself (LocalAI's trust
+        model), so it re-registers without one. ``serves_worker_api``: the worker declared
         that it answers the worker gRPC service, so it starts ``worker_api = available``;
         otherwise ``unknown`` until the reconciler's listing says (only ``available`` nodes are
         placed on).
@@ -242,6 +249,15 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                     if not created and node.auth_mode == AuthMode.NODE_TOKEN and auth_mode != AuthMode.NODE_TOKEN:
                         raise NodeTokenRequired(
                             f"node {name!r} holds a per-node token; it cannot re-register with the fleet token alone"
+                        )
+                    if (
+                        not created
+                        and node.auth_mode == AuthMode.NODE_TOKEN
+                        and node.token_hash
+                        and not token_matches(presented_node_token or "", node.token_hash)
+                    ):
+                        raise NodeCredentialRequired(
+                            f"node {name!r} exists; re-registering it needs its current node token"
                         )
                     if created:
                         node = self.create(
@@ -309,7 +325,11 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         if available_vram is not None:
             changes["available_vram"] = reported("available_vram", available_vram)
             changes["reserved_vram"] = reported("reserved_vram", 0)
-        for column, value in (("available_ram", available_ram), ("total_disk", total_disk), ("available_disk", available_disk)):
+        for column, value in (
+            ("available_ram", available_ram),
+            ("total_disk", total_disk),
+            ("available_disk", available_disk),
+        ):
             if value is not None:
                 changes[column] = reported(column, value)
         return self.filter(pk=node_id).update(**changes) == 1
@@ -534,8 +554,10 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
     def capacity_for(self, model_name: str, *, selector=None, node_ids: Iterable | None = None) -> int:
         """How many more replicas of ``model_name`` the candidate nodes can take (one query;
         the formula is ``placement.cluster_capacity``)."""
-        rows = self.candidates(selector, node_ids).with_model_rows(model_name).values_list(
-            "pk", "max_replicas_per_model", "model_rows"
+        rows = (
+            self.candidates(selector, node_ids)
+            .with_model_rows(model_name)
+            .values_list("pk", "max_replicas_per_model", "model_rows")
         )
         return placement.cluster_capacity(placement.SlotUsage(pk, slots, used) for pk, slots, used in rows)
 
