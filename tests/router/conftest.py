@@ -151,6 +151,8 @@ class FakeWorker:
         self.started_backends: list[FakeBackend] = []  # every backend ever started, stopped ones too
         self.calls: list[tuple[str, object]] = []
         self.authorizations: list[str | None] = []
+        # Backend processes started some other way that ListBackends reports, (model, replica) -> address.
+        self.external: dict[tuple[str, int], str] = {}
         self._lock = threading.Lock()
 
     def count(self, method: str) -> int:
@@ -203,7 +205,10 @@ class FakeWorker:
                     address=address,
                     state=worker_pb2.BackendProcess.RUNNING,
                 )
-                for (model_name, replica_index), (_, address, _) in self.backends.items()
+                for (model_name, replica_index), address in [
+                    *((key, entry[1]) for key, entry in self.backends.items()),
+                    *self.external.items(),
+                ]
             ]
         return worker_pb2.ListBackendsResponse(node_id=self.node_id or "", backends=running)
 
