@@ -29,16 +29,18 @@ _BACKEND_SALT = "controlplane.credentials.backend"
 _WORKER_COMMAND_SALT = "controlplane.credentials.worker-command"
 
 
-def _derive(prefix: str, salt: str, node_id) -> str:
-    key = settings.CONTROLPLANE_CREDENTIAL_KEY or settings.SECRET_KEY
+def _derive(prefix: str, salt: str, node_id, key: str | None) -> str:
+    if key is None:
+        key = settings.CONTROLPLANE_CREDENTIAL_KEY or settings.SECRET_KEY
     return prefix + salted_hmac(salt, str(node_id), secret=key, algorithm="sha256").hexdigest()
 
 
-def backend_token(node_id) -> str:
-    """The data-plane credential of ``node_id``'s backends."""
-    return _derive("cpb_", _BACKEND_SALT, node_id)
+def backend_token(node_id, *, key: str | None = None) -> str:
+    """The data-plane credential of ``node_id``'s backends (``key``: another deployment's
+    credential key, for tools that drive a control plane running elsewhere)."""
+    return _derive("cpb_", _BACKEND_SALT, node_id, key)
 
 
-def worker_command_token(node_id) -> str:
+def worker_command_token(node_id, *, key: str | None = None) -> str:
     """The credential the control plane presents to ``node_id``'s worker gRPC service."""
-    return _derive("cpw_", _WORKER_COMMAND_SALT, node_id)
+    return _derive("cpw_", _WORKER_COMMAND_SALT, node_id, key)

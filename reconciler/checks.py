@@ -123,9 +123,7 @@ class CheckResults:
     worker_api_missing: dict[UUID, str] = field(default_factory=dict)
 
 
-def run_checks(
-    plan: CheckPlan, prober, *, probe_timeout: float, worker_timeout: float, concurrency: int
-) -> CheckResults:
+def run_checks(plan: CheckPlan, prober, *, probe_timeout: float, worker_timeout: float, concurrency: int) -> CheckResults:
     """Run every probe and listing of ``plan`` in parallel; never raises for one failed call.
 
     A probe that raises (the client's ``probe`` does not, a fake might) is recorded as an error

@@ -129,7 +129,9 @@ def summary_text(summary: dict | None) -> str:
     return ", ".join(parts) or "nothing to do"
 
 
-NO_WORKER_SERVICE = "does not answer the worker gRPC service (LocalAI workers take backend commands over NATS)"
+NO_WORKER_SERVICE = (
+    "does not answer the worker gRPC service (LocalAI workers take backend commands over NATS)"
+)
 
 
 def worker_service_summary(node) -> tuple[bool, str]:
@@ -171,9 +173,7 @@ def _report(modeladmin, request, done: int, total: int, verb: str) -> None:
         modeladmin.message_user(request, f"{verb}: {done} node(s).", messages.SUCCESS)
     if total - done:
         modeladmin.message_user(
-            request,
-            f"{verb}: {total - done} node(s) unchanged (not in a status this verb applies to).",
-            messages.WARNING,
+            request, f"{verb}: {total - done} node(s) unchanged (not in a status this verb applies to).", messages.WARNING
         )
 
 
@@ -375,10 +375,7 @@ class NodeAdmin(admin.ModelAdmin):
     def vram_with_reserved(self, obj):
         return format_html(
             "{} / {}<br><small>{} reserved</small><br><small>disk {}</small>",
-            human_bytes(obj.free_vram),
-            human_bytes(obj.total_vram),
-            human_bytes(obj.reserved_vram),
-            self.disk(obj),
+            human_bytes(obj.free_vram), human_bytes(obj.total_vram), human_bytes(obj.reserved_vram), self.disk(obj),
         )
 
     @admin.display(description="reserved", ordering="reserved_vram")
@@ -425,11 +422,7 @@ class NodeAdmin(admin.ModelAdmin):
     @admin.display(description="labels (operator)")
     def label_list(self, obj):
         labels = [label for label in obj.labels.all() if label.key not in AUTO_LABEL_KEYS]
-        return format_html_join(
-            " ",
-            '<code style="font-size:11px;white-space:nowrap">{}={}</code>',
-            ((label.key, label.value) for label in labels),
-        )
+        return format_html_join(" ", '<code style="font-size:11px;white-space:nowrap">{}={}</code>', ((label.key, label.value) for label in labels))
 
     @admin.display(description="replicas", ordering="replica_count")
     def replica_count(self, obj):
@@ -531,9 +524,7 @@ class NodeModelAdmin(ReadOnlyAdmin):
         best effort, once the row is gone and outside any transaction (the reconciler stops
         orphan backends later if this call fails)."""
         rows = list(queryset.select_related("node"))
-        removed = [
-            row for row in rows if NodeModel.objects.remove_replica(row.node_id, row.model_name, row.replica_index)
-        ]
+        removed = [row for row in rows if NodeModel.objects.remove_replica(row.node_id, row.model_name, row.replica_index)]
         if removed:
             self.message_user(request, f"removed {len(removed)} replica row(s).", messages.SUCCESS)
         for row in removed:
@@ -683,9 +674,7 @@ def model_diagnosis(model_name: str) -> dict:
     return {
         "diag_model_name": model_name,
         "diag_load_info": info,
-        "diag_options": [
-            (key, json.dumps(value) if not isinstance(value, str) else value) for key, value in options.items()
-        ],
+        "diag_options": [(key, json.dumps(value) if not isinstance(value, str) else value) for key, value in options.items()],
         "diag_options_error": options_error,
         "diag_replicas": rows,
         "diag_ready": ready,
@@ -740,17 +729,7 @@ def _flat(decoded: dict) -> dict[str, str]:
 
 @admin.register(LoadJob)
 class LoadJobAdmin(ReadOnlyAdmin):
-    list_display = [
-        "model_name",
-        "state",
-        "attempts",
-        "runner",
-        "heartbeat_at",
-        "progress",
-        "error_code",
-        "created_at",
-        "finished_at",
-    ]
+    list_display = ["model_name", "state", "attempts", "runner", "heartbeat_at", "progress", "error_code", "created_at", "finished_at"]
     list_filter = ["state", "error_code", "model_name"]
     search_fields = ["model_name", "runner", "id"]
     date_hierarchy = "created_at"
@@ -774,16 +753,7 @@ class LeaseLiveFilter(admin.SimpleListFilter):
 
 @admin.register(Lease)
 class LeaseAdmin(ReadOnlyAdmin):
-    list_display = [
-        "id",
-        "model_name",
-        "node_id",
-        "replica_index",
-        "address",
-        "created_at",
-        "expires_at",
-        "released_at",
-    ]
+    list_display = ["id", "model_name", "node_id", "replica_index", "address", "created_at", "expires_at", "released_at"]
     list_filter = [LeaseLiveFilter, "model_name"]
     search_fields = ["model_name", "address", "id"]
     date_hierarchy = "created_at"
@@ -828,8 +798,7 @@ def dashboard_context(*, now: datetime | None = None) -> dict:
         unhealthy = [
             f"{kind}: {cond['reason']}"
             for kind, cond in conditions.items()
-            if cond
-            and cond["status"] == (kind != ModelCondition.Type.AVAILABLE)
+            if cond and cond["status"] == (kind != ModelCondition.Type.AVAILABLE)
             and kind != ModelCondition.Type.PROGRESSING
         ]
         model_rows.append(
@@ -851,9 +820,7 @@ def dashboard_context(*, now: datetime | None = None) -> dict:
         "models": models,
         "grid": grid,
         "model_rows": model_rows,
-        "status_counts": [
-            (status, label, status_counts.get(status, 0), status_badge(status)) for status, label in Node.Status.choices
-        ],
+        "status_counts": [(status, label, status_counts.get(status, 0), status_badge(status)) for status, label in Node.Status.choices],
         "events": list(Event.objects.all()[:DASHBOARD_EVENTS]),
         "last_pass": last_pass,
         "last_pass_summary": summary_text(last_pass.summary) if last_pass else "",

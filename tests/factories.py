@@ -8,10 +8,17 @@ _sequence = itertools.count(1)
 GIB = 1024**3
 
 
+# The node token last issued per name: calling make_node again with a name re-registers that
+# node, which needs its current token (as a restarted worker presents it).
+_issued_tokens: dict[str, str] = {}
+
+
 def make_node(*, name=None, status=Node.Status.HEALTHY, slots=1, total_vram=24 * GIB, labels=None, now=None, **extra):
     """Register a node (so auto-labels and the token exist) and force the status wanted."""
+    name = name or f"node-{next(_sequence)}"
     registration = Node.objects.register(
-        name=name or f"node-{next(_sequence)}",
+        name=name,
+        presented_node_token=extra.pop("presented_node_token", _issued_tokens.get(name)),
         address=extra.pop("address", f"127.0.0.1:{50000 + next(_sequence)}"),
         total_vram=total_vram,
         labels=labels,
@@ -20,6 +27,8 @@ def make_node(*, name=None, status=Node.Status.HEALTHY, slots=1, total_vram=24 *
         **extra,
     )
     node = registration.node
+    if registration.node_token:
+        _issued_tokens[name] = registration.node_token
     if node.status != status:
         Node.objects.filter(pk=node.pk).update(status=status)
         node.refresh_from_db()

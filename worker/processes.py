@@ -41,6 +41,7 @@ ERROR_LINES = 20
 ERROR_CHARS = 4000
 
 
+
 _SETPRIV = shutil.which("setpriv")
 
 

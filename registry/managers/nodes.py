@@ -100,7 +100,9 @@ class NodeQuerySet(models.QuerySet):
         NodeLabel = _model("NodeLabel")
         queryset = self
         for key, value in (selector or {}).items():
-            queryset = queryset.filter(Exists(NodeLabel.objects.filter(node=OuterRef("pk"), key=key, value=value)))
+            queryset = queryset.filter(
+                Exists(NodeLabel.objects.filter(node=OuterRef("pk"), key=key, value=value))
+            )
         return queryset
 
     def candidates(self, selector: dict[str, str] | None = None, node_ids: Iterable | None = None):
@@ -128,7 +130,9 @@ class NodeQuerySet(models.QuerySet):
     def with_free_vram(self, needed: int):
         """Nodes whose ``available - reserved`` VRAM covers ``needed`` bytes; annotates
         ``free_vram_bytes``."""
-        return self.annotate(free_vram_bytes=_free_vram()).filter(free_vram_bytes__gte=needed)
+        return self.annotate(free_vram_bytes=_free_vram()).filter(
+            free_vram_bytes__gte=needed
+        )
 
     def idle(self):
         """Nodes with no request in flight on any replica."""
@@ -325,11 +329,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         if available_vram is not None:
             changes["available_vram"] = reported("available_vram", available_vram)
             changes["reserved_vram"] = reported("reserved_vram", 0)
-        for column, value in (
-            ("available_ram", available_ram),
-            ("total_disk", total_disk),
-            ("available_disk", available_disk),
-        ):
+        for column, value in (("available_ram", available_ram), ("total_disk", total_disk), ("available_disk", available_disk)):
             if value is not None:
                 changes[column] = reported(column, value)
         return self.filter(pk=node_id).update(**changes) == 1
@@ -554,10 +554,8 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
     def capacity_for(self, model_name: str, *, selector=None, node_ids: Iterable | None = None) -> int:
         """How many more replicas of ``model_name`` the candidate nodes can take (one query;
         the formula is ``placement.cluster_capacity``)."""
-        rows = (
-            self.candidates(selector, node_ids)
-            .with_model_rows(model_name)
-            .values_list("pk", "max_replicas_per_model", "model_rows")
+        rows = self.candidates(selector, node_ids).with_model_rows(model_name).values_list(
+            "pk", "max_replicas_per_model", "model_rows"
         )
         return placement.cluster_capacity(placement.SlotUsage(pk, slots, used) for pk, slots, used in rows)
 

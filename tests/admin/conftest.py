@@ -34,13 +34,8 @@ def populate(nodes: int = 3, models: int = 2) -> dict:
         ModelLoadInfo.objects.upsert(name, "llama-cpp", llama_blob())
         for i, node in enumerate(fleet_nodes):
             make_replica(node, name, 0, in_flight=(i + j) % 2, address=f"127.0.0.1:{40000 + i}", last_used=now)
-        Event.objects.record(
-            Event.Kind.REPLICA_ADDED,
-            model_name=name,
-            node_id=fleet_nodes[0].pk,
-            node_name=fleet_nodes[0].name,
-            message="scaled up",
-        )
+        Event.objects.record(Event.Kind.REPLICA_ADDED, model_name=name, node_id=fleet_nodes[0].pk,
+                             node_name=fleet_nodes[0].name, message="scaled up")
         ModelCondition.objects.set_condition(name, ModelCondition.Type.AVAILABLE, True, "MinimumReplicasReady")
     ReconcilePass.objects.record(
         outcome=ReconcilePass.Outcome.OK,
@@ -74,3 +69,5 @@ def staff_client(client, django_user_model):
     )
     client.force_login(user)
     return client
+
+

@@ -26,12 +26,8 @@ def build() -> None:
         ("gpu-l4-01", 24, 1, {"gpu": "l4", "zone": "eu-1"}),
     ):
         registration = Node.objects.register(
-            name=name,
-            address=f"10.0.0.{len(nodes) + 11}:50051",
-            total_vram=vram * GIB,
-            available_vram=(vram - 20) * GIB,
-            labels=labels,
-            max_replicas_per_model=slots,
+            name=name, address=f"10.0.0.{len(nodes) + 11}:50051", total_vram=vram * GIB,
+            available_vram=(vram - 20) * GIB, labels=labels, max_replicas_per_model=slots,
             now=now - timedelta(seconds=3 + len(nodes) * 4),
         )
         nodes[name] = registration.node
@@ -40,21 +36,12 @@ def build() -> None:
     # A LocalAI worker: bound to the fleet token, heartbeating its disk, found without the
     # worker gRPC service by the reconciler (so never placed on).
     localai = Node.objects.register(
-        name="mac-studio-01",
-        address="10.0.0.30:50051",
-        gpu_vendor="apple",
-        total_vram=64 * GIB,
-        total_disk=2048 * GIB,
-        auth_mode="fleet_token",
-        serves_worker_api=False,
-        now=now - timedelta(seconds=6),
+        name="mac-studio-01", address="10.0.0.30:50051", gpu_vendor="apple", total_vram=64 * GIB,
+        total_disk=2048 * GIB, auth_mode="fleet_token", serves_worker_api=False, now=now - timedelta(seconds=6),
     ).node
     Node.objects.heartbeat(localai.pk, total_disk=2048 * GIB, available_disk=900 * GIB, now=now - timedelta(seconds=2))
     Node.objects.record_worker_api(
-        localai.pk,
-        available=False,
-        address=localai.address,
-        now=now - timedelta(seconds=1),
+        localai.pk, available=False, address=localai.address, now=now - timedelta(seconds=1),
         detail="10.0.0.30:50051: answers gRPC but not the worker service (ListBackends: UNIMPLEMENTED)",
     )
 
@@ -66,15 +53,9 @@ def build() -> None:
         ModelLoadInfo.objects.upsert(model, "llama-cpp", options_to_blob(backend_pb2.ModelOptions(**options)))
 
     def replica(node, model, index, state=NodeModel.State.LOADED, in_flight=0):
-        NodeModel.objects.create(
-            node=nodes[node],
-            model_name=model,
-            replica_index=index,
-            state=state,
-            in_flight=in_flight,
-            address=f"{nodes[node].address.split(':')[0]}:{30000 + index}",
-            last_used=now - timedelta(seconds=index * 7),
-        )
+        NodeModel.objects.create(node=nodes[node], model_name=model, replica_index=index, state=state,
+                                 in_flight=in_flight, address=f"{nodes[node].address.split(':')[0]}:{30000 + index}",
+                                 last_used=now - timedelta(seconds=index * 7))
 
     replica("gpu-a100-01", "llama-3-8b", 0, in_flight=1)
     replica("gpu-a100-01", "llama-3-8b", 1)
@@ -88,19 +69,14 @@ def build() -> None:
         (Event.Kind.MODEL_UNAVAILABLE, "whisper-large", "", "0 of 1 replicas ready (gpu-l4-01 draining)"),
         (Event.Kind.REPLICA_ADDED, "whisper-large", "gpu-a100-02", "loading replica 0"),
     ):
-        Event.objects.record(
-            kind, model_name=model, node_id=nodes[node].pk if node else None, node_name=node, message=message
-        )
+        Event.objects.record(kind, model_name=model, node_id=nodes[node].pk if node else None, node_name=node,
+                             message=message)
     ModelCondition.objects.set_condition("llama-3-8b", ModelCondition.Type.AVAILABLE, True, "MinimumReplicasReady")
-    ModelCondition.objects.set_condition(
-        "whisper-large", ModelCondition.Type.AVAILABLE, False, "BelowMinimum", "0 of 1 ready"
-    )
+    ModelCondition.objects.set_condition("whisper-large", ModelCondition.Type.AVAILABLE, False, "BelowMinimum",
+                                         "0 of 1 ready")
     ModelCondition.objects.set_condition("whisper-large", ModelCondition.Type.PROGRESSING, True, "ReplicaLoading")
     ReconcilePass.objects.record(
-        outcome=ReconcilePass.Outcome.OK,
-        started_at=now - timedelta(seconds=4),
-        duration=timedelta(milliseconds=38),
+        outcome=ReconcilePass.Outcome.OK, started_at=now - timedelta(seconds=4), duration=timedelta(milliseconds=38),
         summary={"outcome": "ok", "actions": {"replicas_added": 1, "replicas_probed": 5}, "skipped": {}},
-        holder_host="cp-web-1",
-        holder_pid=4242,
+        holder_host="cp-web-1", holder_pid=4242,
     )

@@ -130,23 +130,12 @@ def test_labels_are_edited_on_the_node_page_through_replace(admin_client):
     url = reverse("admin:registry_node_change", args=[node.pk])
     page = admin_client.get(url)
     formset = page.context["inline_admin_formsets"][0].formset
-    data = {
-        f"{formset.prefix}-TOTAL_FORMS": "1",
-        f"{formset.prefix}-INITIAL_FORMS": "0",
-        f"{formset.prefix}-MIN_NUM_FORMS": "0",
-        f"{formset.prefix}-MAX_NUM_FORMS": "1000",
-        f"{formset.prefix}-0-key": "gpu",
-        f"{formset.prefix}-0-value": "a100",
-    }
+    data = {f"{formset.prefix}-TOTAL_FORMS": "1", f"{formset.prefix}-INITIAL_FORMS": "0",
+            f"{formset.prefix}-MIN_NUM_FORMS": "0", f"{formset.prefix}-MAX_NUM_FORMS": "1000",
+            f"{formset.prefix}-0-key": "gpu", f"{formset.prefix}-0-value": "a100"}
     replicas = page.context["inline_admin_formsets"][1].formset
-    data.update(
-        {
-            f"{replicas.prefix}-TOTAL_FORMS": "0",
-            f"{replicas.prefix}-INITIAL_FORMS": "0",
-            f"{replicas.prefix}-MIN_NUM_FORMS": "0",
-            f"{replicas.prefix}-MAX_NUM_FORMS": "1000",
-        }
-    )
+    data.update({f"{replicas.prefix}-TOTAL_FORMS": "0", f"{replicas.prefix}-INITIAL_FORMS": "0",
+                 f"{replicas.prefix}-MIN_NUM_FORMS": "0", f"{replicas.prefix}-MAX_NUM_FORMS": "1000"})
     response = admin_client.post(url, data)
     assert response.status_code == 302, response.content.decode()[:2000]
     # replace(): the posted labels are the node's labels (the zone label was not posted)
@@ -212,10 +201,8 @@ def _model_form(**fields):
 
 
 def test_a_new_model_config_is_saved_through_upsert(admin_client):
-    response = admin_client.post(
-        reverse("admin:registry_modelschedulingconfig_add"),
-        _model_form(model_name="llama", node_selector='{"gpu": "a100"}'),
-    )
+    response = admin_client.post(reverse("admin:registry_modelschedulingconfig_add"),
+                                 _model_form(model_name="llama", node_selector='{"gpu": "a100"}'))
     assert response.status_code == 302
     config = ModelSchedulingConfig.objects.get(model_name="llama")
     assert (config.min_replicas, config.max_replicas, config.node_selector) == (1, 2, {"gpu": "a100"})
@@ -233,9 +220,8 @@ def test_min_above_max_is_shown_on_the_form_like_the_api_says_it(admin_client):
 
 
 def test_a_bad_selector_is_a_form_error(admin_client):
-    response = admin_client.post(
-        reverse("admin:registry_modelschedulingconfig_add"), _model_form(model_name="llama", node_selector='{"gpu": 1}')
-    )
+    response = admin_client.post(reverse("admin:registry_modelschedulingconfig_add"),
+                                 _model_form(model_name="llama", node_selector='{"gpu": 1}'))
     assert response.status_code == 200
     assert "node_selector" in response.context["adminform"].form.errors
     assert not ModelSchedulingConfig.objects.exists()
@@ -264,9 +250,7 @@ def test_reconcile_now_runs_one_pass_and_shows_its_summary(admin_client, monkeyp
     monkeypatch.setattr(reconcile, "reconcile_once", fake_reconcile_once)
     config = ModelSchedulingConfig.objects.upsert("llama", min_replicas=1)
     change = reverse("admin:registry_modelschedulingconfig_change", args=[config.pk])
-    response = admin_client.post(
-        reverse("admin:registry_modelschedulingconfig_reconcile"), {"next": change}, follow=True
-    )
+    response = admin_client.post(reverse("admin:registry_modelschedulingconfig_reconcile"), {"next": change}, follow=True)
     assert len(calls) == 1
     assert response.redirect_chain[-1][0] == change
     assert any("reconcile pass: ok: 2 replicas_added" in text for text in texts(response))
@@ -274,9 +258,7 @@ def test_reconcile_now_runs_one_pass_and_shows_its_summary(admin_client, monkeyp
 
 def test_reconcile_now_for_real_records_a_pass(admin_client):
     make_node()
-    response = act(
-        admin_client, MODELS, "reconcile_now", [ModelSchedulingConfig.objects.upsert("llama", min_replicas=0)]
-    )
+    response = act(admin_client, MODELS, "reconcile_now", [ModelSchedulingConfig.objects.upsert("llama", min_replicas=0)])
     assert ReconcilePass.objects.exists()
     assert any(text.startswith("reconcile pass:") for text in texts(response))
 
@@ -306,7 +288,7 @@ def test_the_plaintext_key_is_shown_once_at_creation_and_never_again(admin_clien
     assert "no-store" in response["Cache-Control"]
     for url in (KEYS, reverse("admin:controlplane_apikey_change", args=[key.pk])):
         page = admin_client.get(url).content.decode()
-        assert plaintext not in page and plaintext[len(key.prefix) :] not in page
+        assert plaintext not in page and plaintext[len(key.prefix):] not in page
         assert key.prefix in page
     # not kept in the session or a cookie either
     assert plaintext not in str(dict(admin_client.session)) and plaintext not in str(admin_client.cookies)

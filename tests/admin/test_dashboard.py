@@ -67,7 +67,5 @@ def test_formatting_helpers(now):
         def __init__(self, state, in_flight):
             self.state, self.in_flight = state, in_flight
 
-    assert (
-        replica_cell([Row("loaded", 1), Row("loaded", 0), Row("loading", 0)]) == "loaded x2 (1 in flight), loading x1"
-    )
+    assert replica_cell([Row("loaded", 1), Row("loaded", 0), Row("loading", 0)]) == "loaded x2 (1 in flight), loading x1"
     assert replica_cell([]) == ""

@@ -9,19 +9,8 @@ from registry.models import Lease, LoadFailure, LoadJob, ModelLoadInfo, ModelSch
 
 pytestmark = pytest.mark.django_db
 
-MODELS = [
-    Node,
-    NodeModel,
-    ModelSchedulingConfig,
-    ModelLoadInfo,
-    LoadJob,
-    Lease,
-    LoadFailure,
-    Event,
-    ModelCondition,
-    ReconcilePass,
-    ApiKey,
-]
+MODELS = [Node, NodeModel, ModelSchedulingConfig, ModelLoadInfo, LoadJob, Lease, LoadFailure,
+          Event, ModelCondition, ReconcilePass, ApiKey]
 
 
 def _url(model, view, *args):
@@ -71,9 +60,7 @@ def test_the_node_list_shows_badges_heartbeat_age_vram_and_load(admin_client, fl
 
 
 @pytest.mark.parametrize("nodes", [2, 12])
-def test_the_node_list_costs_the_same_queries_whatever_the_fleet_size(
-    admin_client, django_assert_max_num_queries, nodes
-):
+def test_the_node_list_costs_the_same_queries_whatever_the_fleet_size(admin_client, django_assert_max_num_queries, nodes):
     from tests.admin.conftest import populate
 
     populate(nodes=nodes, models=3)
@@ -85,14 +72,8 @@ def test_the_node_list_costs_the_same_queries_whatever_the_fleet_size(
 
 def test_node_list_filters_by_status_type_and_label_key_and_searches(admin_client, fleet_rows):
     node = fleet_rows["nodes"][0]
-    for query in (
-        "?status__exact=healthy",
-        "?node_type__exact=backend",
-        "?label_key=gpu",
-        f"?q={node.pk}",
-        "?q=127.0.0.1",
-        "?q=gpu-01",
-    ):
+    for query in ("?status__exact=healthy", "?node_type__exact=backend", "?label_key=gpu", f"?q={node.pk}",
+                  "?q=127.0.0.1", "?q=gpu-01"):
         response = admin_client.get(_url(Node, "changelist") + query)
         assert response.status_code == 200, query
     response = admin_client.get(_url(Node, "changelist") + "?label_key=gpu")
@@ -145,9 +126,7 @@ def test_nodes_cannot_be_added_by_hand_and_node_fields_are_read_only(admin_clien
     node = fleet_rows["nodes"][1]
     response = admin_client.get(_url(Node, "change", node.pk))
     form = response.context["adminform"].form
-    assert not (
-        {"status", "token_hash", "total_vram", "available_vram", "reserved_vram", "last_heartbeat"} & set(form.fields)
-    )
+    assert not ({"status", "token_hash", "total_vram", "available_vram", "reserved_vram", "last_heartbeat"} & set(form.fields))
 
 
 def test_the_node_page_never_shows_the_node_tokens_hash(admin_client, fleet_rows):

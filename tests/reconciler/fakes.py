@@ -82,9 +82,7 @@ class FakeProber:
             worker_pb2.BackendProcess(model_name=model, replica_index=index, state=state, address=f"{address}-{index}")
             for model, index, state in self.listings[address]
         ]
-        return worker_pb2.ListBackendsResponse(
-            node_id=self.listing_node_ids.get(address, node_id or ""), backends=backends
-        )
+        return worker_pb2.ListBackendsResponse(node_id=self.listing_node_ids.get(address, node_id or ""), backends=backends)
 
     def stop_backend(self, address, model_name, replica_index, *, node_id=None, timeout=None):
         self.stopped.append((address, model_name, replica_index, node_id))

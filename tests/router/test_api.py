@@ -72,9 +72,7 @@ def test_the_node_header_is_opt_in(api, fleet, settings):
 def test_a_cold_route_with_json_options_loads_and_stores_the_load_info(api, fleet):
     gpu = fleet.add_node("gpu-1")
 
-    response = route(
-        api, "org/llama-3.1-8b.gguf", {"backend_type": "llama-cpp", "model_options": {"ContextSize": 2048}}
-    )
+    response = route(api, "org/llama-3.1-8b.gguf", {"backend_type": "llama-cpp", "model_options": {"ContextSize": 2048}})
 
     assert response.status_code == 200, response.json()
     assert response.json()["model_name"] == "org/llama-3.1-8b.gguf"
@@ -248,13 +246,7 @@ def test_a_replica_report_needs_a_known_node_and_options(api):
     assert (unknown.status_code, unknown.json()["errors"]) == (400, {"node_id": ["Unknown node."]})
     missing = api.post(
         "/api/v1/replicas",
-        {
-            "node_id": str(uuid.uuid4()),
-            "model_name": "llama",
-            "replica_index": 0,
-            "address": "a:1",
-            "backend_type": "x",
-        },
+        {"node_id": str(uuid.uuid4()), "model_name": "llama", "replica_index": 0, "address": "a:1", "backend_type": "x"},
         format="json",
     )
     assert missing.status_code == 400

@@ -413,12 +413,7 @@ def test_an_unreachable_replica_is_removed_and_the_request_rerouted(fleet, close
     a, b = fleet.add_node("gpu-a"), fleet.add_node("gpu-b")
     now = timezone.now()
     dead = make_replica(
-        a.node,
-        "llama",
-        0,
-        address=closed_address,
-        last_used=now - timedelta(hours=1),
-        last_probe_at=now - timedelta(hours=1),
+        a.node, "llama", 0, address=closed_address, last_used=now - timedelta(hours=1), last_probe_at=now - timedelta(hours=1)
     )
     alive, _ = live_replica(fleet, b.node, probed=False)
 
