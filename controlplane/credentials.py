@@ -15,9 +15,9 @@ HMAC-SHA256 of the node id under ``settings.CONTROLPLANE_CREDENTIAL_KEY`` (defau
 ``SECRET_KEY``, which every web and qcluster process of one deployment shares), each with its
 own salt, so every process can recompute them for any node without a database column, one
 leaked token opens one node only, and neither can be turned into the other or into the fleet
-registration token. Rotation: change the key and restart the workers (re-registration hands
-them the new tokens; a worker restarts its backends when their token changed), or delete a
-node to give its name a new id and so new tokens.
+registration token. Rotation: change the key and restart the workers (their backends stop with
+them; re-registration hands over the new tokens), or delete a node to give its name a new id
+and so new tokens.
 """
 
 from __future__ import annotations
