@@ -356,7 +356,9 @@ class ControlPlaneClient:
         model_options: dict[str, Any] | None = None,
         model_options_b64: str | None = None,
     ) -> dict[str, Any]:
-        """Record a replica this frontend loaded itself; returns the replica row."""
+        """Record a replica this frontend loaded itself; returns the replica row. The node must
+        vouch for it (its worker lists that backend at ``address``; for a LocalAI node, the
+        address is on its registered host), else ``ConflictError`` ``replica_not_vouched``."""
         body = {
             "node_id": str(node_id),
             "model_name": model,
