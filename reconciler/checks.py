@@ -95,8 +95,8 @@ def worker_backends(response) -> tuple[str, list[WorkerBackend]]:
 _NOT_A_WORKER = {
     "UNIMPLEMENTED": "answers gRPC but not the worker service",
     "UNAVAILABLE": "nothing answers gRPC there",
-    "UNAUTHENTICATED": "the worker service refuses the fleet token",
-    "PERMISSION_DENIED": "the worker service refuses the fleet token",
+    "UNAUTHENTICATED": "the worker service refuses this node's command token",
+    "PERMISSION_DENIED": "the worker service refuses this node's command token",
     "FAILED_PRECONDITION": "the worker there serves another node",
 }
 
