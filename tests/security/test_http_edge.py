@@ -37,7 +37,7 @@ def no_traceback_logged(server):
 
 
 def register_body(**fields) -> dict:
-    return {"name": "edge-1", "address": "127.0.0.1:50999", "total_vram": 2**30, **fields}
+    return {"name": "edge-1", "address": "127.0.0.1:50999", "total_vram": 2**30, "auth_mode": "node_token", **fields}
 
 
 # --- numbers and nesting, before authentication ----------------------------------------------

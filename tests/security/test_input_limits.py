@@ -218,7 +218,7 @@ def test_every_get_endpoint_answers_html_only_with_a_406_problem(operator, node)
 
 def test_the_registration_answer_carrying_the_node_token_is_no_store(db):
     response = client_with(REGISTRATION_TOKEN).post(
-        "/api/node/register", {"name": "n", "address": "h:1"}, format="json"
+        "/api/node/register", {"name": "n", "address": "h:1", "auth_mode": "node_token"}, format="json"
     )
     assert response.status_code == 201 and response.json()["node_token"]
     assert response["Cache-Control"] == "no-store"
