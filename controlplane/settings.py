@@ -214,10 +214,15 @@ SPECTACULAR_SETTINGS = {
 }
 
 # --- Control plane --------------------------------------------------------------------------
-# The fleet's registration token: workers present it to register and it is the bearer token on
-# the workers' and backends' gRPC services. No default: the web process refuses to start
-# without it unless CONTROLPLANE_ALLOW_OPEN_REGISTRATION is set for development.
+# The fleet's registration token: workers present it to register (and LocalAI's fleet-token
+# nodes on their own REST calls). The control plane never sends it anywhere: gRPC calls carry
+# the per-node credentials of controlplane.credentials. No default: the web process refuses to
+# start without it unless CONTROLPLANE_ALLOW_OPEN_REGISTRATION is set for development.
 CONTROLPLANE_REGISTRATION_TOKEN = os.environ.get("CONTROLPLANE_REGISTRATION_TOKEN", "")
+# Key of the per-node gRPC credentials (controlplane.credentials); empty = SECRET_KEY. Every
+# web and qcluster process must share it; changing it rotates every node's backend and worker
+# command tokens (workers get the new ones when they re-register).
+CONTROLPLANE_CREDENTIAL_KEY = os.environ.get("CONTROLPLANE_CREDENTIAL_KEY", "")
 CONTROLPLANE_ALLOW_OPEN_REGISTRATION = env_bool("CONTROLPLANE_ALLOW_OPEN_REGISTRATION", False)
 CONTROLPLANE_AUTO_APPROVE = env_bool("CONTROLPLANE_AUTO_APPROVE", True)
 # Labels one node may carry, every source counted (worker, operator, auto-labels): a worker

@@ -61,6 +61,7 @@ class Lease:
     replica_index: int
     expires_at: datetime | None
     model_identity: str = ""
+    backend_token: str = ""
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Lease:
@@ -73,14 +74,21 @@ class Lease:
             replica_index=int(body["replica_index"]),
             expires_at=_parse_time(body.get("expires_at")),
             model_identity=str(body.get("model_identity") or ""),  # "" from an older control plane
+            backend_token=str(body.get("backend_token") or ""),
+        )
+
+    def __repr__(self) -> str:  # the backend token is a secret: never in logs or tracebacks
+        return (
+            f"Lease(lease_id={self.lease_id!r}, model_name={self.model_name!r}, node_id={self.node_id!r}, "
+            f"address={self.address!r}, replica_index={self.replica_index!r})"
         )
 
     # --- calling the leased replica (gRPC, through proto.client) ---------------------------------
     #
-    # ``token``: the bearer token the fleet's backends require (LocalAI's
-    # LOCALAI_GRPC_AUTH_TOKEN; the registration token for backends that our reference
-    # worker starts); "" sends none; None (default) is proto.client's default: Django's
-    # CONTROLPLANE_REGISTRATION_TOKEN when Django is configured, else none. ``timeout``: seconds (default 120). ``fields``: PredictOptions
+    # ``token``: the bearer token the replica's backend requires; None (default) is the lease's
+    # ``backend_token`` (the node's data-plane credential, which the reference worker's backends
+    # require); pass a LocalAI worker's LOCALAI_GRPC_AUTH_TOKEN for its backends; "" sends none.
+    # ``timeout``: seconds (default 120). ``fields``: PredictOptions
     # fields by proto name (Tokens=64, Temperature=0.2, Messages=[...], ...). A failed call
     # raises ``proto.client.GrpcCallError`` (NOT_FOUND "model identity mismatch" when the
     # address now serves another model: route again).
@@ -94,7 +102,7 @@ class Lease:
             prompt,
             options=self._options(fields),
             model_identity=self.model_identity,
-            token=token,
+            token=self._token(token),
             timeout=timeout,
         )
 
@@ -108,7 +116,7 @@ class Lease:
             prompt,
             options=self._options(fields),
             model_identity=self.model_identity,
-            token=token,
+            token=self._token(token),
             timeout=timeout,
         )
 
@@ -121,9 +129,12 @@ class Lease:
             text,
             options=self._options(fields),
             model_identity=self.model_identity,
-            token=token,
+            token=self._token(token),
             timeout=timeout,
         )
+
+    def _token(self, token: str | None) -> str:
+        return self.backend_token if token is None else token
 
     def predict_options(self, **fields: Any):
         """A ``backend.PredictOptions`` with ``fields`` and this lease's ``ModelIdentity`` (for
@@ -345,7 +356,9 @@ class ControlPlaneClient:
         model_options: dict[str, Any] | None = None,
         model_options_b64: str | None = None,
     ) -> dict[str, Any]:
-        """Record a replica this frontend loaded itself; returns the replica row."""
+        """Record a replica this frontend loaded itself; returns the replica row. The node must
+        vouch for it (its worker lists that backend at ``address``; for a LocalAI node, the
+        address is on its registered host), else ``ConflictError`` ``replica_not_vouched``."""
         body = {
             "node_id": str(node_id),
             "model_name": model,

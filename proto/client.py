@@ -10,9 +10,11 @@ Why it looks like this:
   process-wide and a fresh channel in a forked child would pick up the parent's socket.
 * Every call has a deadline (see ``DEFAULT_TIMEOUTS``; overridable from Django settings, read
   lazily so this module imports without Django, and per call with ``timeout=``).
-* Every call carries ``authorization: Bearer <token>``; worker calls add ``x-node-id`` so a
-  worker can refuse a call meant for another node behind a reused address. Tokens are never
-  logged.
+* A call carries ``authorization: Bearer <token>`` only when the caller passes ``token=``:
+  there is no default credential, so the fleet registration token is never sent (the control
+  plane passes ``controlplane.credentials``' per-node tokens). Worker calls add ``x-node-id``
+  so a worker can refuse a call meant for another node behind a reused address. Tokens are
+  never logged.
 * Callers get :class:`GrpcCallError` / :class:`BackendUnavailable` instead of ``grpc.RpcError``,
   so code outside this package never imports grpc.
 """
@@ -78,7 +80,6 @@ _SETTING_NAMES = {
     "worker": "GRPC_WORKER_TIMEOUT",
     "connect": "GRPC_CONNECT_TIMEOUT",
 }
-_TOKEN_SETTING = "CONTROLPLANE_REGISTRATION_TOKEN"
 
 _CHANNEL_OPTIONS = (
     ("grpc.use_local_subchannel_pool", 1),  # no connection sharing across channels/forks
@@ -187,9 +188,7 @@ def _timeout(kind: str, explicit: float | None) -> float:
 
 
 def _metadata(token: str | None, node_id: str | None = None) -> tuple[tuple[str, str], ...]:
-    """Call metadata. token=None means the configured registration token; "" means none."""
-    if token is None:
-        token = _django_setting(_TOKEN_SETTING) or ""
+    """Call metadata. token None or "" sends no credential (never a configured default)."""
     pairs = []
     if token:
         pairs.append(("authorization", f"Bearer {token}"))

@@ -5,7 +5,8 @@ a database transaction: the threads only talk gRPC, and every database write hap
 on the pass's own thread and connection.
 
 The prober is injectable: anything with ``probe``, ``list_backends``, ``stop_backend`` and
-``unload_model`` (the signatures of ``GrpcProber`` below). Tests pass a fake.
+``unload_model`` (the signatures of ``GrpcProber`` below; every call names its node, whose
+credential it carries). Tests pass a fake.
 """
 
 from __future__ import annotations
@@ -25,37 +26,40 @@ ALIVE, BUSY, UNREACHABLE = "alive", "busy", "unreachable"
 
 
 class GrpcProber:
-    """The default prober: ``proto.client`` with the fleet token (the client's default,
-    ``settings.CONTROLPLANE_REGISTRATION_TOKEN``). Imported lazily so that loading the
-    reconciler never imports grpc."""
+    """The default prober: ``proto.client`` with the node's own credentials
+    (``controlplane.credentials``): Health carries the node's backend token, worker calls its
+    worker command token; the fleet registration token is never sent. Imported lazily so that
+    loading the reconciler never imports grpc."""
 
-    def probe(self, address: str, *, timeout: float | None = None):
+    def probe(self, address: str, *, node_id: str, timeout: float | None = None):
+        from controlplane.credentials import backend_token
         from proto import client
 
-        return client.probe(address, timeout=timeout)
+        return client.probe(address, token=backend_token(node_id), timeout=timeout)
 
-    def list_backends(self, address: str, *, node_id: str | None = None, timeout: float | None = None):
+    def list_backends(self, address: str, *, node_id: str, timeout: float | None = None):
+        from controlplane.credentials import worker_command_token
         from proto import client
 
-        return client.list_backends(address, node_id=node_id, timeout=timeout)
+        return client.list_backends(address, node_id=node_id, token=worker_command_token(node_id), timeout=timeout)
 
     def stop_backend(
-        self,
-        address: str,
-        model_name: str,
-        replica_index: int,
-        *,
-        node_id: str | None = None,
-        timeout: float | None = None,
+        self, address: str, model_name: str, replica_index: int, *, node_id: str, timeout: float | None = None
     ):
+        from controlplane.credentials import worker_command_token
         from proto import client
 
-        return client.stop_backend(address, model_name, replica_index, node_id=node_id, timeout=timeout)
+        return client.stop_backend(
+            address, model_name, replica_index, node_id=node_id, token=worker_command_token(node_id), timeout=timeout
+        )
 
-    def unload_model(self, address: str, model_name: str, *, node_id: str | None = None, timeout: float | None = None):
+    def unload_model(self, address: str, model_name: str, *, node_id: str, timeout: float | None = None):
+        from controlplane.credentials import worker_command_token
         from proto import client
 
-        return client.unload_model(address, model_name, node_id=node_id, timeout=timeout)
+        return client.unload_model(
+            address, model_name, node_id=node_id, token=worker_command_token(node_id), timeout=timeout
+        )
 
 
 def probe_outcome(result) -> str:
@@ -91,8 +95,8 @@ def worker_backends(response) -> tuple[str, list[WorkerBackend]]:
 _NOT_A_WORKER = {
     "UNIMPLEMENTED": "answers gRPC but not the worker service",
     "UNAVAILABLE": "nothing answers gRPC there",
-    "UNAUTHENTICATED": "the worker service refuses the fleet token",
-    "PERMISSION_DENIED": "the worker service refuses the fleet token",
+    "UNAUTHENTICATED": "the worker service refuses this node's command token",
+    "PERMISSION_DENIED": "the worker service refuses this node's command token",
     "FAILED_PRECONDITION": "the worker there serves another node",
 }
 
@@ -136,7 +140,8 @@ def run_checks(
         return results
     with ThreadPoolExecutor(max_workers=min(concurrency, jobs), thread_name_prefix="reconcile-check") as pool:
         probe_futures = {
-            replica.id: pool.submit(prober.probe, replica.address, timeout=probe_timeout) for replica in plan.probes
+            replica.id: pool.submit(prober.probe, replica.address, node_id=str(replica.node_id), timeout=probe_timeout)
+            for replica in plan.probes
         }
         listing_futures = {
             node.id: pool.submit(prober.list_backends, node.address, node_id=str(node.id), timeout=worker_timeout)

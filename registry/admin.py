@@ -26,6 +26,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
+from controlplane.credentials import worker_command_token
 from proto import client as grpc_client
 from proto.codec import InvalidModelOptions, options_to_json
 from reconciler import reconcile
@@ -614,7 +615,13 @@ class NodeModelAdmin(ReadOnlyAdmin):
             self.message_user(request, f"removed {len(removed)} replica row(s).", messages.SUCCESS)
         for row in removed:
             try:
-                grpc_client.stop_backend(row.node.address, row.model_name, row.replica_index, node_id=str(row.node_id))
+                grpc_client.stop_backend(
+                    row.node.address,
+                    row.model_name,
+                    row.replica_index,
+                    node_id=str(row.node_id),
+                    token=worker_command_token(row.node_id),
+                )
             except Exception as exc:  # best effort: the reconciler stops orphans later
                 self.message_user(
                     request,

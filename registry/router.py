@@ -27,6 +27,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from controlplane import metrics
+from controlplane.credentials import backend_token, worker_command_token
 from proto import client, codec
 
 from . import placement
@@ -219,7 +220,7 @@ def _warm(model_name: str, node_ids, lease_ttl: float, now: datetime | None) -> 
         checked_at = _now(now)
         if _recently_confirmed(replica, checked_at, cache):
             return _leased(lease)
-        outcome = _probe(replica.address)
+        outcome = _probe(replica.address, replica.node_id)
         if outcome is client.Probe.ALIVE:
             NodeModel.objects.record_probe_ok(replica.pk, now=checked_at)
             return _leased(lease)
@@ -250,10 +251,11 @@ def _recently_confirmed(replica: NodeModel, checked_at: datetime, cache: timedel
     return heartbeat is not None and checked_at - heartbeat < fresh_for
 
 
-def _probe(address: str) -> client.Probe:
+def _probe(address: str, node_id) -> client.Probe:
+    """Health with the node's backend token (the data-plane credential, never the fleet's)."""
     if not address:
         return client.Probe.UNREACHABLE
-    return client.probe(address, timeout=_setting("GRPC_HEALTH_TIMEOUT", None)).outcome
+    return client.probe(address, token=backend_token(node_id), timeout=_setting("GRPC_HEALTH_TIMEOUT", None)).outcome
 
 
 def _leased(lease: Lease) -> RouteResult:
@@ -518,10 +520,15 @@ def _load(row: NodeModel, worker_address: str, backend_type: str, opts_blob: byt
     node_id = str(row.node_id)
     try:
         response = client.start_backend(
-            worker_address, row.model_name, backend_type, row.replica_index, node_id=node_id
+            worker_address,
+            row.model_name,
+            backend_type,
+            row.replica_index,
+            node_id=node_id,
+            token=worker_command_token(node_id),
         )
         address = response.address
-        if response.reused and _holds_model(address, opts_blob):
+        if response.reused and _holds_model(address, node_id, opts_blob):
             logger.info(
                 "adopted the running backend of %s replica %d on node %s", row.model_name, row.replica_index, node_id
             )
@@ -533,7 +540,9 @@ def _load(row: NodeModel, worker_address: str, backend_type: str, opts_blob: byt
                     row.replica_index,
                     node_id,
                 )
-            success, message = client.load_model(address, opts_blob, timeout=_setting("GRPC_LOAD_TIMEOUT", None))
+            success, message = client.load_model(
+                address, opts_blob, token=backend_token(node_id), timeout=_setting("GRPC_LOAD_TIMEOUT", None)
+            )
             if not success:
                 raise LoadFailed(
                     f"LoadModel of {row.model_name!r} on node {node_id} failed: {message or 'success=false'}"
@@ -561,7 +570,7 @@ def _load(row: NodeModel, worker_address: str, backend_type: str, opts_blob: byt
     return row
 
 
-def _holds_model(address: str, opts_blob: bytes) -> bool:
+def _holds_model(address: str, node_id: str, opts_blob: bytes) -> bool:
     """Whether a backend process the worker reused provably holds the model of ``opts_blob``:
     then it is adopted instead of loaded twice. True only on proof; anything else -> False, and
     the caller sends ``LoadModel`` (which, in a LocalAI backend, replaces whatever it held).
@@ -586,7 +595,7 @@ def _holds_model(address: str, opts_blob: bytes) -> bool:
         return False
     deadline = time.monotonic() + float(_setting("GRPC_LOAD_TIMEOUT", 120))
     while True:
-        proven = client.holds_model(address, identity)
+        proven = client.holds_model(address, identity, token=backend_token(node_id))
         if proven is not None:
             return proven
         if time.monotonic() >= deadline:
@@ -624,7 +633,9 @@ def _stop_backend(worker_address: str, node_id, model_name: str, replica_index: 
     if not worker_address:
         return
     try:
-        client.stop_backend(worker_address, model_name, replica_index, node_id=str(node_id))
+        client.stop_backend(
+            worker_address, model_name, replica_index, node_id=str(node_id), token=worker_command_token(node_id)
+        )
     except client.GrpcCallError as exc:
         logger.warning("could not stop %s replica %d on node %s: %s", model_name, replica_index, node_id, exc)
 

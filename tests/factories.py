@@ -8,6 +8,11 @@ _sequence = itertools.count(1)
 GIB = 1024**3
 
 
+# The node token last issued per name: calling make_node again with a name re-registers that
+# node, which needs its current token (as a restarted worker presents it).
+_issued_tokens: dict[str, str] = {}
+
+
 def make_node(*, name=None, status=Node.Status.HEALTHY, slots=1, total_vram=24 * GIB, labels=None, now=None, **extra):
     """Register a node (so auto-labels and the token exist) and bring it to the status wanted:
     ``pending`` by registering without auto-approval, ``draining`` through the drain verb
@@ -15,8 +20,10 @@ def make_node(*, name=None, status=Node.Status.HEALTHY, slots=1, total_vram=24 *
     drained_by = extra.pop("drained_by", Node.DrainedBy.OPERATOR)
     if status == Node.Status.PENDING:
         extra.setdefault("auto_approve", False)
+    name = name or f"node-{next(_sequence)}"
     registration = Node.objects.register(
-        name=name or f"node-{next(_sequence)}",
+        name=name,
+        presented_node_token=extra.pop("presented_node_token", _issued_tokens.get(name)),
         address=extra.pop("address", f"127.0.0.1:{50000 + next(_sequence)}"),
         total_vram=total_vram,
         labels=labels,
@@ -25,6 +32,8 @@ def make_node(*, name=None, status=Node.Status.HEALTHY, slots=1, total_vram=24 *
         **extra,
     )
     node = registration.node
+    if registration.node_token:
+        _issued_tokens[name] = registration.node_token
     if node.status != status and status == Node.Status.DRAINING:
         Node.objects.mark_draining(node.pk, by=drained_by)
         node.refresh_from_db()

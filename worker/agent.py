@@ -1,6 +1,9 @@
 """The worker's lifecycle: serve the Worker service, register, heartbeat, shut down gracefully.
 
-:class:`WorkerAgent` owns the node identity (id and node token, in memory only), the
+:class:`WorkerAgent` owns the node identity (id and node token; the token also in a 0600 state
+file, because re-registering an existing name needs it) and the node's two gRPC credentials
+from the registration answer (the worker command token its service accepts, the backend token
+its backends require; never the fleet registration token), the
 :class:`~worker.processes.BackendSupervisor` and the gRPC server. ``run()`` blocks until
 :meth:`WorkerAgent.request_stop` is called (the CLI calls it on SIGTERM/SIGINT) and then runs
 LocalAI's worker shutdown sequence: drain, wait for in-flight requests to end, deregister,
@@ -9,7 +12,10 @@ stop every backend, stop the server.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -50,7 +56,7 @@ class WorkerAgent:
         self.client = client
         self.supervisor = supervisor or BackendSupervisor(
             config.backends,
-            auth_token=config.registration_token,
+            auth_token=config.backend_token,  # the control plane's backend token once registered
             advertise_host=config.advertise_host,
             bind_host=config.listen_host,
             port_range=config.backend_port_range,
@@ -60,6 +66,9 @@ class WorkerAgent:
         )
         self.node_id: str | None = None
         self._node_token: str | None = None
+        # What the worker service accepts: set by registration (or --no-register's configuration);
+        # until then every call is refused.
+        self._service_token: str | None = config.service_token
         self.server: grpc.Server | None = None
         self.bound_port: int | None = None
         self._stop = threading.Event()
@@ -113,7 +122,7 @@ class WorkerAgent:
         bind = join_host_port(self.config.listen_host, self.config.port)
         self.server, self.bound_port = build_server(
             self.supervisor,
-            token=self.config.registration_token,
+            token=lambda: self._service_token,
             bind=bind,
             node_id=lambda: self.node_id,
         )
@@ -160,26 +169,87 @@ class WorkerAgent:
         return fields
 
     def register(self, *, tries: int) -> None:
-        """Register (with backoff) and keep the new id and node token in memory."""
-        answer = register_with_retry(
-            self.client,
-            self.registration_body(),
-            self.config.registration_token,
-            tries=tries,
-            base_delay=self.config.register_base_delay,
-            max_delay=self.config.register_max_delay,
-            stop=self._stop,
-        )
+        """Register (with backoff), presenting the node token of an earlier run (re-registering
+        an existing name needs it), then keep the new id and tokens."""
+        try:
+            answer = register_with_retry(
+                self.client,
+                self.registration_body(),
+                self.config.registration_token,
+                tries=tries,
+                base_delay=self.config.register_base_delay,
+                max_delay=self.config.register_max_delay,
+                stop=self._stop,
+                node_token=self._node_token or self._load_state().get("node_token"),
+            )
+        except RegistrationFailed as exc:
+            if "node_credential_required" in str(exc):
+                log.error(
+                    "node %r exists and this worker does not hold its node token (state file %s): an operator "
+                    "must delete the node before this worker can take its name",
+                    self.config.name,
+                    self._state_path() or "(none)",
+                )
+            raise
         previous = self.node_id
         self.node_id = str(answer["id"])
         token = answer.get("node_token")
         if not token:
             log.warning("registration answer has no node_token; using the registration token")
         self._node_token = token or self.config.registration_token
+        if token:
+            self._save_state({"node_id": self.node_id, "node_token": token})
+        if answer.get("worker_token"):
+            self._service_token = answer["worker_token"]
+        else:
+            log.error("registration answer has no worker_token: the worker service refuses every call")
+        if answer.get("backend_token"):
+            # Backends started from now on require it; running ones keep the token they got.
+            self.supervisor.auth_token = answer["backend_token"]
         if previous and previous != self.node_id:
             log.info("re-registered as node %s (was %s), status=%s", self.node_id, previous, answer.get("status"))
         else:
             log.info("registered as node %s, status=%s", self.node_id, answer.get("status"))
+
+    # ----- state file --------------------------------------------------------------------
+
+    def _state_path(self) -> str | None:
+        """One file per (control plane, node name), so workers sharing a state directory never
+        present each other's tokens."""
+        if not self.config.state_dir:
+            return None
+        key = hashlib.sha256(f"{self.config.control_plane}\0{self.config.name}".encode()).hexdigest()[:20]
+        return os.path.join(self.config.state_dir, f"node-{key}.json")
+
+    def _load_state(self) -> dict[str, Any]:
+        path = self._state_path()
+        if path is None:
+            return {}
+        try:
+            with open(path, encoding="utf-8") as handle:
+                state = json.load(handle)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the state file %s: %s", path, exc)
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        """Write atomically with mode 0600 (the node token is a secret); never raises."""
+        path = self._state_path()
+        if path is None:
+            return
+        state = {"control_plane": self.config.control_plane, "name": self.config.name, **state}
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            temporary = f"{path}.{os.getpid()}.tmp"
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(state, handle)
+            os.replace(temporary, path)
+        except OSError as exc:
+            log.warning("cannot write the state file %s (a restart will need an operator): %s", path, exc)
 
     def heartbeat_once(self) -> bool:
         """Send one heartbeat; re-register when the control plane forgot us. Never raises.

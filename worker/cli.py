@@ -14,6 +14,14 @@ from worker.config import GPU_VENDORS, WorkerConfig, parse_backends, parse_bytes
 log = logging.getLogger("worker")
 
 TOKEN_ENV = "CONTROLPLANE_REGISTRATION_TOKEN"
+SERVICE_TOKEN_ENV = "WORKER_SERVICE_TOKEN"
+BACKEND_TOKEN_ENV = "WORKER_BACKEND_TOKEN"
+STATE_DIR_ENV = "WORKER_STATE_DIR"
+
+
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "controlplane-worker")
 
 
 def _arg(parser_fn):
@@ -47,8 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--registration-token",
         metavar="TOKEN",
         default=None,
-        help=f"fleet registration token (default: env {TOKEN_ENV}); also the gRPC token of the "
-        "worker service and of its backends",
+        help=f"fleet registration token (default: env {TOKEN_ENV}); used only to register: the "
+        "worker service and the backends accept the tokens the registration answer hands over",
+    )
+    run.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=None,
+        help=f"where the node token is kept (mode 0600) so a restarted worker can re-register its "
+        f"name (default: env {STATE_DIR_ENV}, else $XDG_STATE_HOME or ~/.local/state, /controlplane-worker)",
     )
     run.add_argument("--name", help="node name, the re-registration key (default: host name)")
     run.add_argument(
@@ -116,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-register",
         dest="register",
         action="store_false",
-        help="do not talk to a control plane; only serve the Worker gRPC service",
+        help="do not talk to a control plane; only serve the Worker gRPC service (then the tokens "
+        f"of env {SERVICE_TOKEN_ENV} and {BACKEND_TOKEN_ENV} are required)",
     )
     run.add_argument(
         "--log-level",
@@ -128,9 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     """Raises ValueError with a message fit for the user."""
-    token = args.registration_token or os.environ.get(TOKEN_ENV)
-    if not token:
+    token = args.registration_token or os.environ.get(TOKEN_ENV) or ""
+    service_token = backend_token = None
+    if args.register and not token:
         raise ValueError(f"a registration token is required (--registration-token or {TOKEN_ENV})")
+    if not args.register:
+        service_token, backend_token = os.environ.get(SERVICE_TOKEN_ENV), os.environ.get(BACKEND_TOKEN_ENV)
+        if not service_token or not backend_token:
+            raise ValueError(f"--no-register needs {SERVICE_TOKEN_ENV} and {BACKEND_TOKEN_ENV} in the environment")
+        if token and token in (service_token, backend_token):
+            raise ValueError("the worker service and backend tokens must differ from the registration token")
     if args.register and not args.control_plane:
         raise ValueError("--control-plane is required (or --no-register)")
     if args.max_replicas_per_model < 0:
@@ -156,6 +179,9 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         backend_stop_grace=args.backend_stop_grace,
         drain_timeout=args.drain_timeout,
         register=args.register,
+        state_dir=args.state_dir or os.environ.get(STATE_DIR_ENV) or default_state_dir(),
+        service_token=service_token,
+        backend_token=backend_token,
     )
 
 

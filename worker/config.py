@@ -101,6 +101,13 @@ class WorkerConfig:
     register_base_delay: float = 2.0
     register_max_delay: float = 30.0
     http_timeout: float = 10.0
+    #: Where the node token is kept between runs (re-registering an existing name needs it);
+    #: None keeps it in memory only.
+    state_dir: str | None = None
+    #: Only without registration (``--no-register``): the token the worker service accepts and
+    #: the one its backends require. A registered worker gets both from the control plane.
+    service_token: str | None = None
+    backend_token: str | None = None
 
     @property
     def address(self) -> str:

@@ -2,14 +2,15 @@
 
 Paths and bodies (LocalAI's worker wire, see docs/interoperability.md, plus the per-node token):
 
-- ``POST /api/node/register``: bearer = registration token; answers 201 ``{id, name,
-  node_type, status, created_at, node_token}``.
+- ``POST /api/node/register``: bearer = registration token, plus ``X-Node-Token`` = the node's
+  current token when re-registering an existing name; answers 201 ``{id, name, node_type,
+  status, created_at, node_token, worker_token, backend_token}``.
 - ``POST /api/node/{id}/heartbeat`` ``{"available_vram"|"available_ram": n}`` (unknown values
   omitted), ``POST /api/node/{id}/drain``, ``GET /api/node/{id}/models`` (replica rows),
   ``POST /api/node/{id}/deregister``: bearer = the node token from registration.
 
 Errors are RFC 9457 problem documents; :class:`ControlPlaneError` carries their ``code`` and
-``detail``. Tokens are only ever put in the Authorization header, never in messages or logs.
+``detail``. Tokens are only ever put in headers, never in messages or logs.
 Stdlib ``urllib`` only: the worker should run with nothing but grpcio and protobuf installed.
 """
 
@@ -89,8 +90,11 @@ class ControlPlaneClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
 
-    def register(self, body: dict[str, Any], registration_token: str) -> dict[str, Any]:
-        answer = self._request("POST", "/api/node/register", registration_token, body)
+    def register(self, body: dict[str, Any], registration_token: str, node_token: str | None = None) -> dict[str, Any]:
+        """``node_token``: this node's current token, which re-registering an existing name
+        needs (sent as ``X-Node-Token``); None for a first registration."""
+        extra = {"X-Node-Token": node_token} if node_token else None
+        answer = self._request("POST", "/api/node/register", registration_token, body, extra_headers=extra)
         if not isinstance(answer, dict) or not answer.get("id"):
             raise ControlPlaneError(502, {"title": "bad registration answer", "detail": "no node id"})
         return answer
@@ -114,10 +118,14 @@ class ControlPlaneClient:
     def _id(node_id: str) -> str:
         return urllib.parse.quote(str(node_id), safe="")
 
-    def _request(self, method: str, path: str, token: str, body: dict | None = None) -> Any:
+    def _request(
+        self, method: str, path: str, token: str, body: dict | None = None, extra_headers: dict[str, str] | None = None
+    ) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base_url + path, data=data, method=method)
         request.add_header("Authorization", f"Bearer {token}")
+        for header, value in (extra_headers or {}).items():
+            request.add_header(header, value)
         request.add_header("Accept", "application/json, application/problem+json")
         if data is not None:
             request.add_header("Content-Type", "application/json")
@@ -160,6 +168,7 @@ def register_with_retry(
     base_delay: float = 2.0,
     max_delay: float = 30.0,
     stop: threading.Event | None = None,
+    node_token: str | None = None,
 ) -> dict[str, Any]:
     """Register, retrying unreachable/5xx/429 with backoff ``base_delay`` doubling to ``max_delay``.
 
@@ -172,7 +181,7 @@ def register_with_retry(
     last: Exception | None = None
     for attempt in range(1, tries + 1):
         try:
-            return client.register(body, registration_token)
+            return client.register(body, registration_token, node_token)
         except ControlPlaneError as exc:
             if not exc.retryable:
                 raise RegistrationFailed(f"registration refused: {exc.describe()}") from None

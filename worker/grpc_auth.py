@@ -1,9 +1,11 @@
 """Bearer-token checks for gRPC servers (the worker service and the built-in backends).
 
 LocalAI backends started by a worker require ``authorization: Bearer <token>`` metadata with
-the token they get in ``LOCALAI_GRPC_AUTH_TOKEN``; the worker's own service uses the same fleet
-registration token. Checking in an interceptor keeps every RPC covered, including ones added
-later.
+the token they get in ``LOCALAI_GRPC_AUTH_TOKEN`` (the node's backend token, the data-plane
+credential); the worker's own service requires a different one, the worker command token the
+control plane handed over at registration. Neither is the fleet registration token, which
+therefore opens nothing here. Checking in an interceptor keeps every RPC covered, including
+ones added later.
 """
 
 from __future__ import annotations
@@ -52,14 +54,17 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Refuse calls without the expected bearer token (UNAUTHENTICATED).
 
     ``token`` None or empty disables the check (a backend started by hand without
-    ``LOCALAI_GRPC_AUTH_TOKEN``, as LocalAI does). ``node_id`` is an optional callable that
+    ``LOCALAI_GRPC_AUTH_TOKEN``, as LocalAI does). ``token`` may also be a callable returning
+    the current token (the worker's, known only once registered): while it returns None every
+    call is refused, so an unregistered worker obeys nobody. ``node_id`` is an optional callable that
     returns the node id this server belongs to (None while unknown); a call whose ``x-node-id``
     metadata names another node is refused with FAILED_PRECONDITION, so an address reused by a
     different worker is never driven as if it were the old one.
     """
 
-    def __init__(self, token: str | None, node_id: Callable[[], str | None] | None = None):
-        self._token = token.encode() if token else None
+    def __init__(self, token: str | Callable[[], str | None] | None, node_id: Callable[[], str | None] | None = None):
+        self._current = token if callable(token) else None
+        self._token = token.encode() if token and not callable(token) else None
         self._node_id = node_id
 
     def intercept_service(self, continuation, handler_call_details):
@@ -67,9 +72,15 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         metadata = handler_call_details.invocation_metadata
-        if self._token is not None:
+        expected = self._token
+        if self._current is not None:
+            current = self._current()
+            if not current:
+                return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "no credential is valid here yet")
+            expected = current.encode()
+        if expected is not None:
             presented = bearer_token(metadata)
-            if presented is None or not hmac.compare_digest(presented.encode(), self._token):
+            if presented is None or not hmac.compare_digest(presented.encode(), expected):
                 return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         if self._node_id is not None:
             addressed_to = metadata_value(metadata, "x-node-id")

@@ -138,6 +138,8 @@ class BackendProcess:
     exit_code: int | None = None
     #: Last memory figure reported through Status; None until the backend answered once.
     memory_bytes: int | None = None
+    #: The LOCALAI_GRPC_AUTH_TOKEN it was started with (the worker's own calls present it).
+    auth_token: str | None = field(default=None, repr=False)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -191,8 +193,10 @@ class BackendSupervisor:
     """Starts, watches and stops backend processes.
 
     ``backends`` maps backend_type names to argv prefixes; a process is launched as
-    ``argv + ["--addr", f"{bind_host}:{port}"]`` with ``LOCALAI_GRPC_AUTH_TOKEN`` set, and the
-    address handed back is ``f"{advertise_host}:{port}"``. ``exclude_ports`` are never handed
+    ``argv + ["--addr", f"{bind_host}:{port}"]`` with ``LOCALAI_GRPC_AUTH_TOKEN`` = ``auth_token``
+    (the node's backend token; the agent sets the attribute once registration hands it over,
+    and each process keeps the token it was started with), and the address handed back is
+    ``f"{advertise_host}:{port}"``. ``exclude_ports`` are never handed
     out (the worker's own port).
     """
 
@@ -289,9 +293,14 @@ class BackendSupervisor:
         port = self._allocate_port()
         argv = [*self.backends[backend_type], "--addr", join_host_port(self.bind_host, port)]
         env = dict(os.environ)
-        env.pop("CONTROLPLANE_REGISTRATION_TOKEN", None)  # backends get it as LOCALAI_GRPC_AUTH_TOKEN only
-        if self.auth_token:
-            env["LOCALAI_GRPC_AUTH_TOKEN"] = self.auth_token
+        # A backend holds the node's data-plane credential and nothing else: never the fleet
+        # registration token (it would let anything that reads the backend's environment
+        # register nodes) nor the worker's command token.
+        env.pop("CONTROLPLANE_REGISTRATION_TOKEN", None)
+        env.pop("WORKER_SERVICE_TOKEN", None)
+        auth_token = self.auth_token
+        if auth_token:
+            env["LOCALAI_GRPC_AUTH_TOKEN"] = auth_token
         else:
             env.pop("LOCALAI_GRPC_AUTH_TOKEN", None)
         if backend_type == ECHO_BACKEND:
@@ -323,6 +332,7 @@ class BackendSupervisor:
             address=join_host_port(self.advertise_host, port),
             popen=popen,
             output=OutputRing(popen.stdout, label),
+            auth_token=auth_token,
         )
         with self._lock:
             self._processes[proc.key] = proc
@@ -345,7 +355,7 @@ class BackendSupervisor:
                     reply = stub.Health(
                         backend_pb2.HealthMessage(),
                         timeout=min(1.0, max(remaining, 0.05)),
-                        metadata=backend_metadata(self.auth_token),
+                        metadata=backend_metadata(proc.auth_token),
                     )
                     if reply.message == b"OK":
                         break
@@ -454,7 +464,7 @@ class BackendSupervisor:
         try:
             with grpc.insecure_channel(self._dial_address(proc)) as channel:
                 result = backend_pb2_grpc.BackendStub(channel).Free(
-                    backend_pb2.HealthMessage(), timeout=5, metadata=backend_metadata(self.auth_token)
+                    backend_pb2.HealthMessage(), timeout=5, metadata=backend_metadata(proc.auth_token)
                 )
             if not result.success:
                 log.warning("%s Free answered success=false: %s", proc.label, result.message)
@@ -562,7 +572,7 @@ class BackendSupervisor:
         try:
             with grpc.insecure_channel(self._dial_address(proc)) as channel:
                 status = backend_pb2_grpc.BackendStub(channel).Status(
-                    backend_pb2.HealthMessage(), timeout=timeout, metadata=backend_metadata(self.auth_token)
+                    backend_pb2.HealthMessage(), timeout=timeout, metadata=backend_metadata(proc.auth_token)
                 )
             return int(status.memory.total)
         except grpc.RpcError as exc:

@@ -1,7 +1,8 @@
 """The gRPC ``controlplane.worker.v1.Worker`` service: the control plane's handle on a worker.
 
-Every call is authenticated by :class:`worker.grpc_auth.BearerTokenInterceptor` (fleet
-registration token, and ``x-node-id`` when both sides know the node id). The servicer only maps
+Every call is authenticated by :class:`worker.grpc_auth.BearerTokenInterceptor` (the worker
+command token the control plane handed over at registration, never the fleet registration
+token, and ``x-node-id`` when both sides know the node id). The servicer only maps
 between protobuf and :class:`worker.processes.BackendSupervisor`; error classes map to status
 codes here and nowhere else.
 """
@@ -105,7 +106,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 def build_server(
     supervisor: BackendSupervisor,
     *,
-    token: str,
+    token: str | Callable[[], str | None],
     bind: str,
     node_id: Callable[[], str | None] = lambda: None,
     max_workers: int = 32,

@@ -62,3 +62,27 @@ class TooManyLabels(ProblemError):
     default_code = "too_many_labels"
     default_detail = "The node would carry more labels than allowed per node."
     title = "Too many labels"
+
+
+class NodeCredentialRequired(ProblemError):
+    """A re-registration of an existing node-token node without its current node token
+    (``X-Node-Token``): the fleet token alone must not take the node over."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "node_credential_required"
+    default_detail = (
+        "A node of this name exists and holds a per-node token: present it in the X-Node-Token header to "
+        "re-register, or have an operator delete the node first."
+    )
+    title = "Node credential required"
+
+
+class ReplicaNotVouched(ProblemError):
+    """A frontend reported a replica that the node does not vouch for: its worker does not list
+    a running backend of that model and replica at that address (or, for a node without the
+    worker service, the address is not on the node's registered host)."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "replica_not_vouched"
+    default_detail = "The node does not vouch for a backend of this replica at this address."
+    title = "Replica not vouched for"

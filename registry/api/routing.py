@@ -10,7 +10,9 @@ Thin views: each calls one router function or registry verb (``registry.router.r
 
 from __future__ import annotations
 
+import logging
 import unicodedata
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import transaction
@@ -24,14 +26,19 @@ from rest_framework.views import APIView
 
 from controlplane import names
 from controlplane.auth import IsFrontend
+from controlplane.credentials import backend_token, worker_command_token
 from controlplane.problems import ProblemError
 from controlplane.schema import problems
 from controlplane.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
+from proto import client, worker_pb2
 from registry import router
 from registry.models import Lease, LoadJob, ModelLoadInfo, Node, NodeModel
 
 from . import serializers as s
+from .problems import ReplicaNotVouched
 from .views import MODEL, model_options_blob
+
+logger = logging.getLogger(__name__)
 
 MAX_WAIT_SECONDS = 300.0
 MAX_LEASE_TTL_SECONDS = 24 * 3600
@@ -105,6 +112,11 @@ class LeaseSerializer(serializers.Serializer):
         help_text="send this as `ModelIdentity` in every request to the replica (PredictOptions field 54 and its "
         "namesakes): the `Model` of the ModelOptions the replica was loaded with. A LocalAI backend answers "
         "NOT_FOUND `model identity mismatch` when it holds another model; empty: send none (no check)",
+    )
+    backend_token = serializers.CharField(
+        help_text="send this as `authorization: Bearer <backend_token>` to the replica: the data-plane credential "
+        "of the node's backends (it opens that node's backends only; it cannot register a node or command a "
+        "worker). A LocalAI worker's backends require their own LOCALAI_GRPC_AUTH_TOKEN instead",
     )
 
 
@@ -184,7 +196,50 @@ def _lease_answer(result: router.RouteResult) -> dict:
     lease = result.lease
     lease.node_name = result.node_name
     lease.model_identity = result.model_identity
+    lease.backend_token = backend_token(lease.node_id)
     return LeaseSerializer(lease).data
+
+
+_VOUCHING_STATES = ("RUNNING",)  # a backend that answered its Health check
+
+
+def _host(address: str) -> str:
+    """The host of ``host:port`` (brackets of an IPv6 literal removed, lower case); "" if none."""
+    try:
+        return (urlsplit(f"//{address}").hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _why_not_vouched(node: Node, model_name: str, replica_index: int, address: str) -> str:
+    """Why ``node`` does not vouch for a backend of ``model_name``#``replica_index`` at
+    ``address`` ("" when it does). A frontend's word alone must never make the control plane
+    route to (and probe) an address: the node's own worker must list that backend there,
+    asked with the worker command credential (a network call, so never inside a transaction).
+    A node without the worker service (LocalAI's worker) cannot be asked; its backends run on
+    its own host, so the address must be on the host it registered."""
+    if node.status not in (Node.Status.HEALTHY, Node.Status.DRAINING):
+        return f"node {node.pk} is {node.status}"
+    if node.worker_api != Node.WorkerApi.AVAILABLE:
+        if _host(address) and _host(address) == _host(node.address):
+            return ""
+        return f"node {node.pk} has no worker service to ask, and {address} is not on its registered host"
+    try:
+        listing = client.list_backends(
+            node.address, node_id=str(node.pk), token=worker_command_token(node.pk), timeout=None
+        )
+    except client.GrpcCallError as exc:
+        return f"could not ask node {node.pk}'s worker: {exc.code.name if exc.code else 'UNKNOWN'}"
+    for backend in listing.backends:
+        state = worker_pb2.BackendProcess.State.Name(backend.state)
+        if (
+            backend.model_name == model_name
+            and backend.replica_index == replica_index
+            and backend.address == address
+            and state in _VOUCHING_STATES
+        ):
+            return ""
+    return f"node {node.pk}'s worker lists no backend of {model_name}#{replica_index} at {address}"
 
 
 class RouteView(APIView):
@@ -315,18 +370,43 @@ class ReplicaReportView(APIView):
             "Records the replica row as loaded (upsert on node, model, replica index) with its "
             "per-replica load info, and stores the model's load info, so the reconciler can "
             "restore it later. Send `backend_type` and exactly one of `model_options_b64` or "
-            "`model_options`."
+            "`model_options`.\n\n"
+            "The node must vouch for the address before anything is stored: a node that serves the "
+            "worker service must list (ListBackends) a running backend of this model "
+            "and replica at exactly this address; a node without it (LocalAI's worker) must have "
+            "registered the same host. Otherwise 409 `replica_not_vouched`, and the node must be "
+            "healthy or draining (409 `replica_not_vouched` too)."
         ),
         request=ReplicaReportSerializer,
-        responses={201: ReplicaSerializer, **problems(400, description_400="`validation_error`, `invalid_model_options`")},
+        responses={
+            201: ReplicaSerializer,
+            **problems(
+                400,
+                409,
+                description_400="`validation_error`, `invalid_model_options`",
+                description_409="`replica_not_vouched`",
+            ),
+        },
     )
     def post(self, request):
         body = ReplicaReportSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
         blob = model_options_blob(data)
-        if not Node.objects.filter(pk=data["node_id"]).exists():
+        node = Node.objects.filter(pk=data["node_id"]).first()
+        if node is None:
             raise serializers.ValidationError({"node_id": ["Unknown node."]})
+        refusal = _why_not_vouched(node, data["model_name"], data["replica_index"], data["address"])
+        if refusal:
+            logger.warning(
+                "refused a replica report of %s#%d on node %s at %s: %s",
+                data["model_name"],
+                data["replica_index"],
+                node.pk,
+                data["address"],
+                refusal,
+            )
+            raise ReplicaNotVouched(refusal)
         with transaction.atomic():
             NodeModel.objects.set_replica(
                 data["node_id"],

@@ -167,12 +167,35 @@ class NodeRegisteredSerializer(serializers.ModelSerializer):
 
     # Not read-only: the schema would then list it as always present. It is set by the view.
     node_token = serializers.CharField(
-        required=False, help_text="bearer token for /api/node/{id}/...; only in node_token mode"
+        required=False,
+        help_text="bearer token for /api/node/{id}/...; only in node_token mode. Keep it: re-registering this "
+        "name needs it (X-Node-Token)",
+    )
+    worker_token = serializers.CharField(
+        required=False,
+        help_text="the only bearer token the worker's gRPC service may accept (the control plane's command "
+        "credential); only in node_token mode",
+    )
+    backend_token = serializers.CharField(
+        required=False,
+        help_text="the bearer token this node's backends must require (LOCALAI_GRPC_AUTH_TOKEN); frontends get it "
+        "with each lease; only in node_token mode",
     )
 
     class Meta:
         model = Node
-        fields = ["id", "name", "node_type", "status", "auth_mode", "worker_api", "created_at", "node_token"]
+        fields = [
+            "id",
+            "name",
+            "node_type",
+            "status",
+            "auth_mode",
+            "worker_api",
+            "created_at",
+            "node_token",
+            "worker_token",
+            "backend_token",
+        ]
         read_only_fields = fields
 
 

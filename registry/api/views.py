@@ -8,6 +8,8 @@ and a verb's "did not apply" answer to a problem. Errors are rendered by
 
 from __future__ import annotations
 
+import logging
+
 from django.conf import settings
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import status, viewsets
@@ -27,8 +29,10 @@ from controlplane.auth import (
     calling_node,
     fleet_token_nodes_allowed,
 )
+from controlplane.credentials import backend_token, worker_command_token
 from controlplane.schema import problems
 from registry.managers import DrainedByOperator as DrainedByOperatorError
+from registry.managers import NodeCredentialRequired as NodeCredentialRequiredError
 from registry.managers import NodeTokenRequired as NodeTokenRequiredError
 from registry.managers import TooManyLabels as TooManyLabelsError
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
@@ -38,10 +42,13 @@ from .problems import (
     DrainedByOperator,
     InvalidModelOptions,
     InvalidTransition,
+    NodeCredentialRequired,
     NodeTokenRequired,
     NoLoadInfo,
     TooManyLabels,
 )
+
+logger = logging.getLogger(__name__)
 
 # The canonical form of controlplane.names: 1-255 characters, no control characters, no outer
 # whitespace, slash-separated segments none of which is empty, "." or "..". Anything else is a 400.
@@ -111,7 +118,11 @@ class NodeRegistrationView(APIView):
             "Without it (LocalAI's worker) the node is bound to the fleet registration token: no "
             "`node_token`, later calls present the fleet token; 403 `fleet_token_nodes_refused` "
             "when CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES is off. A node that holds a per-node token "
-            "cannot re-register without asking for one (409 `node_token_required`)."
+            "cannot re-register without asking for one (409 `node_token_required`), nor without "
+            "presenting its current node token in the `X-Node-Token` header (409 "
+            "`node_credential_required`, nothing changed): the fleet token alone cannot take a node over. "
+            "A node_token answer also carries `worker_token` (the only credential its worker gRPC service "
+            "may accept) and `backend_token` (what its backends require)."
         ),
         request=s.NodeRegistrationSerializer,
         responses={
@@ -121,8 +132,9 @@ class NodeRegistrationView(APIView):
                 409,
                 description_403="`fleet_token_nodes_refused`",
                 description_409=(
-                    "`node_token_required`, `too_many_labels` (the node would carry more than "
-                    "CONTROLPLANE_MAX_LABELS_PER_NODE labels), or `conflict` (a concurrent registration)"
+                    "`node_token_required`, `node_credential_required`, `too_many_labels` (the node would "
+                    "carry more than CONTROLPLANE_MAX_LABELS_PER_NODE labels), or `conflict` (a concurrent "
+                    "registration)"
                 ),
             ),
         },
@@ -133,14 +145,28 @@ class NodeRegistrationView(APIView):
         if body.validated_data["auth_mode"] == Node.AuthMode.FLEET_TOKEN and not fleet_token_nodes_allowed():
             raise FleetTokenNodesRefused()
         try:
-            registration = Node.objects.register(**body.validated_data, auto_approve=settings.CONTROLPLANE_AUTO_APPROVE)
+            registration = Node.objects.register(
+                **body.validated_data,
+                auto_approve=settings.CONTROLPLANE_AUTO_APPROVE,
+                presented_node_token=request.headers.get("X-Node-Token") or None,
+            )
         except NodeTokenRequiredError as exc:
             raise NodeTokenRequired(str(exc)) from None
         except TooManyLabelsError as exc:
             raise too_many_labels(exc) from None
+        except NodeCredentialRequiredError:
+            logger.warning(
+                "refused re-registration of existing node %r from %s: no valid node token presented",
+                body.validated_data["name"],
+                request.META.get("REMOTE_ADDR", "?"),
+            )
+            raise NodeCredentialRequired() from None
         answer = s.NodeRegisteredSerializer(registration.node).data
         if registration.node_token:
+            node_id = registration.node.pk
             answer["node_token"] = registration.node_token
+            answer["worker_token"] = worker_command_token(node_id)
+            answer["backend_token"] = backend_token(node_id)
         # The answer may carry a secret: no cache (browser, proxy) may keep a copy.
         return Response(answer, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
 

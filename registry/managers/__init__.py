@@ -20,6 +20,7 @@ from .load_info import ModelLoadInfoManager
 from .load_jobs import LoadFailureManager, LoadJobManager, ReapResult
 from .nodes import (
     DrainedByOperator,
+    NodeCredentialRequired,
     NodeLabelManager,
     NodeManager,
     NodeQuerySet,
@@ -39,6 +40,7 @@ __all__ = [
     "ModelLoadInfoManager",
     "ModelSchedulingConfigManager",
     "ModelSchedulingConfigQuerySet",
+    "NodeCredentialRequired",
     "NodeLabelManager",
     "NodeManager",
     "NodeModelManager",

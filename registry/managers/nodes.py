@@ -25,7 +25,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Least
 
-from controlplane.tokens import hash_token, new_token
+from controlplane.tokens import hash_token, new_token, token_matches
 
 from .. import placement
 from ..labels import auto_labels, validate_labels
@@ -81,6 +81,12 @@ def max_labels_per_node() -> int:
     from django.conf import settings
 
     return int(getattr(settings, "CONTROLPLANE_MAX_LABELS_PER_NODE", 128))
+
+
+class NodeCredentialRequired(Exception):
+    """A re-registration of a name whose node holds a per-node token, without that token: the
+    fleet token alone must not take a node over (new address, the old token revoked). The
+    worker presents its current node token; otherwise an operator deletes the node first."""
 
 
 class NodeQuerySet(models.QuerySet):
@@ -199,6 +205,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         auth_mode: str = "node_token",
         serves_worker_api: bool = True,
         auto_approve: bool = True,
+        presented_node_token: str | None = None,
         now: datetime | None = None,
     ) -> Registration:
         """Register a worker by name, or re-register a returning one.
@@ -218,7 +225,11 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         mints a per-node token; ``fleet_token`` (LocalAI's worker) mints none: the node's calls
         are authenticated by the fleet token, and the token hash is cleared. A node that holds a
         per-node token is never switched to ``fleet_token`` here: that raises
-        ``NodeTokenRequired`` (nothing is written). ``serves_worker_api``: the worker declared
+        ``NodeTokenRequired`` (nothing is written), and re-registering such a node needs its
+        current node token in ``presented_node_token``: without it (or with another) this raises
+        ``NodeCredentialRequired`` and nothing changes, so the fleet token alone cannot take the
+        node over. A ``fleet_token`` node's credential is the fleet token itself (LocalAI's trust
+        model), so it re-registers without one. ``serves_worker_api``: the worker declared
         that it answers the worker gRPC service, so it starts ``worker_api = available``;
         otherwise ``unknown`` until the reconciler's listing says (only ``available`` nodes are
         placed on).
@@ -264,6 +275,15 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                     if not created and node.auth_mode == AuthMode.NODE_TOKEN and auth_mode != AuthMode.NODE_TOKEN:
                         raise NodeTokenRequired(
                             f"node {name!r} holds a per-node token; it cannot re-register with the fleet token alone"
+                        )
+                    if (
+                        not created
+                        and node.auth_mode == AuthMode.NODE_TOKEN
+                        and node.token_hash
+                        and not token_matches(presented_node_token or "", node.token_hash)
+                    ):
+                        raise NodeCredentialRequired(
+                            f"node {name!r} exists; re-registering it needs its current node token"
                         )
                     if created:
                         node = self.create(

@@ -11,6 +11,7 @@ from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 
+from controlplane.credentials import worker_command_token
 from controlplane.models import ApiKey
 from proto import client as grpc_client
 from proto import worker_pb2, worker_pb2_grpc
@@ -178,7 +179,9 @@ def test_unload_removes_the_row_then_stops_the_backend_on_a_real_worker(admin_cl
     assert not NodeModel.objects.filter(pk=replica.pk).exists()
     assert [(model, index) for model, index, _ in servicer.stops] == [("llama", 1)]
     metadata = servicer.stops[0][2]
-    assert metadata["x-node-id"] == str(node.pk) and metadata["authorization"] == f"Bearer {TOKEN}"
+    # The worker command credential of that node, never the registration token.
+    assert metadata["x-node-id"] == str(node.pk)
+    assert metadata["authorization"] == f"Bearer {worker_command_token(node.pk)}"
     assert not any("failed" in text for text in texts(response))
 
 

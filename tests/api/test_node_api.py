@@ -41,7 +41,18 @@ def test_register_with_bearer_token_returns_201_and_a_node_token(registration_cl
 
     assert response.status_code == 201, response.content
     body = response.json()
-    assert set(body) == {"id", "name", "node_type", "status", "auth_mode", "worker_api", "created_at", "node_token"}
+    assert set(body) == {
+        "id",
+        "name",
+        "node_type",
+        "status",
+        "auth_mode",
+        "worker_api",
+        "created_at",
+        "node_token",
+        "worker_token",
+        "backend_token",
+    }
     assert (body["name"], body["node_type"], body["status"]) == ("gpu-1", "backend", "healthy")
     assert (body["auth_mode"], body["worker_api"]) == ("node_token", "available")
     node = Node.objects.get(pk=body["id"])
@@ -96,7 +107,9 @@ def test_register_pending_without_auto_approve(registration_client, settings):
 
 def test_re_registration_keeps_the_id_and_rotates_the_token(registration_client):
     first = registration_client.post(REGISTER, WORKER_BODY, format="json").json()
-    second = registration_client.post(REGISTER, WORKER_BODY, format="json").json()
+    second = registration_client.post(
+        REGISTER, WORKER_BODY, format="json", HTTP_X_NODE_TOKEN=first["node_token"]
+    ).json()
 
     assert first["id"] == second["id"]
     assert first["node_token"] != second["node_token"]

@@ -25,6 +25,23 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "cpr_e2e_" + uuid.uuid4().hex
+# The control plane's credential key (CONTROLPLANE_CREDENTIAL_KEY), so the tests can derive the
+# per-node gRPC credentials it uses: TOKEN only registers, it opens no worker or backend.
+CREDENTIAL_KEY = "e2e-credential-key-" + uuid.uuid4().hex
+
+
+def backend_token(node_id) -> str:
+    """What the node's backends require (the lease's ``backend_token``)."""
+    from controlplane.credentials import backend_token as derive
+
+    return derive(node_id, key=CREDENTIAL_KEY)
+
+
+def command_token(node_id) -> str:
+    """What the node's worker service requires."""
+    from controlplane.credentials import worker_command_token as derive
+
+    return derive(node_id, key=CREDENTIAL_KEY)
 
 
 def free_port() -> int:
@@ -85,6 +102,7 @@ class Fleet:
             **os.environ,
             "DATABASE_URL": self.database_url,
             "CONTROLPLANE_REGISTRATION_TOKEN": TOKEN,
+            "CONTROLPLANE_CREDENTIAL_KEY": CREDENTIAL_KEY,
             "CONTROLPLANE_VAR_DIR": str(self.workdir / "var"),
             "DJANGO_SETTINGS_MODULE": "controlplane.settings",
             "PYTHONUNBUFFERED": "1",
@@ -149,7 +167,7 @@ class Fleet:
             [sys.executable, "-m", "worker", "run", "--control-plane", self.base_url, "--registration-token", TOKEN,
              "--name", name, "--advertise", "127.0.0.1", "--port", str(port), "--vram", vram,
              "--max-replicas-per-model", str(slots), "--heartbeat-interval", str(heartbeat),
-             "--backend-port-range", f"{low}-{low + 99}", *extra],
+             "--backend-port-range", f"{low}-{low + 99}", "--state-dir", str(self.workdir / "worker-state"), *extra],
         )
         process.port = port
         return process
@@ -394,7 +412,7 @@ def _fleet_invariant_violations(self) -> list[str]:
     # 3. no loaded row points at a dead backend
     for r in rows:
         if r["state"] == "loaded":
-            outcome = client.probe(r["address"], token=TOKEN, timeout=2).outcome
+            outcome = client.probe(r["address"], token=backend_token(r["node_id"]), timeout=2).outcome
             if outcome is client.Probe.UNREACHABLE:
                 problems.append(f"{r['model']}#{r['replica_index']} on {r['node']} ({r['address']}) is unreachable")
 
@@ -411,13 +429,13 @@ def _fleet_invariant_violations(self) -> list[str]:
         if r["state"] == "loaded":
             where = f"{r['model']}#{r['replica_index']} on {r['node']} ({r['address']})"
             try:
-                loads = client.status(r["address"], token=TOKEN, timeout=2).memory.breakdown.get("echo.loads")
+                loads = client.status(r["address"], token=backend_token(r["node_id"]), timeout=2).memory.breakdown.get("echo.loads")
             except client.GrpcCallError:
                 continue  # unreachable/busy: invariant 3 speaks for it
             if loads is not None and loads != 1:
                 problems.append(f"{where}: {loads} successful LoadModel calls (a replica's backend loads exactly once)")
             identity = identities.get(r["id"], "")
-            if identity and client.holds_model(r["address"], identity, token=TOKEN, timeout=2) is False:
+            if identity and client.holds_model(r["address"], identity, token=backend_token(r["node_id"]), timeout=2) is False:
                 problems.append(f"{where}: its backend does not hold {identity!r} (TokenizeString with ModelIdentity refused)")
 
     # 4. in-flight equals live leases
@@ -442,7 +460,7 @@ def _fleet_invariant_violations(self) -> list[str]:
     row_keys = {(str(r["node_id"]), r["model"], r["replica_index"]) for r in rows}
     for node_id, row in live.items():
         try:
-            listing = client.list_backends(row[3], node_id=node_id, token=TOKEN, timeout=5)
+            listing = client.list_backends(row[3], node_id=node_id, token=command_token(node_id), timeout=5)
         except client.GrpcCallError as exc:
             problems.append(f"worker {row[1]} does not answer ListBackends: {exc}")
             continue
@@ -558,7 +576,7 @@ class Traffic(threading.Thread):
             else:
                 status, node, address = 200, lease.node_name, lease.address
                 if self.probe:
-                    outcome = client.probe(address, token=TOKEN, timeout=1).outcome.value
+                    outcome = client.probe(address, token=lease.backend_token, timeout=1).outcome.value
                 try:
                     self.client.release(lease)
                 except ControlPlaneError as error:

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 
 from proto import backend_pb2, client, worker_pb2
-from tests.e2e.harness import ECHO_OPTIONS, TOKEN, Traffic, fast_settings, wait_for
+from tests.e2e.harness import ECHO_OPTIONS, Traffic, backend_token, command_token, fast_settings, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -110,7 +110,9 @@ def test_b_stopped_backend_is_busy_not_reaped_then_killed_backend_is_replaced(fl
     fleet.set_floor("tiny", 2)
     fleet.wait_converged("tiny", 2, 60)
     row = fleet.replica_rows("tiny")[0]
-    listing = client.list_backends(row["node_address"], node_id=str(row["node_id"]), token=TOKEN)
+    listing = client.list_backends(
+        row["node_address"], node_id=str(row["node_id"]), token=command_token(row["node_id"])
+    )
     pid = next(
         b.pid for b in listing.backends if b.model_name == "tiny" and b.state == worker_pb2.BackendProcess.RUNNING
     )
@@ -118,7 +120,7 @@ def test_b_stopped_backend_is_busy_not_reaped_then_killed_backend_is_replaced(fl
     fleet.pause(pid)
     paused = time.monotonic()
     time.sleep(1)
-    result = client.probe(row["address"], token=TOKEN, timeout=1)
+    result = client.probe(row["address"], token=backend_token(row["node_id"]), timeout=1)
     assert result.outcome is client.Probe.BUSY and result.code.name == "DEADLINE_EXCEEDED", result
     time.sleep(7)  # ~7 passes, each probing it
     rows = {r["id"]: r for r in fleet.replica_rows("tiny")}
@@ -157,7 +159,9 @@ def test_b2_killed_backend_of_a_silent_worker_is_reaped_after_three_unreachable_
     fleet.set_floor("tiny", 2)
     fleet.wait_converged("tiny", 2, 60)
     row = next(r for r in fleet.replica_rows("tiny") if r["node"] == "silent-a")
-    listing = client.list_backends(row["node_address"], node_id=str(row["node_id"]), token=TOKEN)
+    listing = client.list_backends(
+        row["node_address"], node_id=str(row["node_id"]), token=command_token(row["node_id"])
+    )
     pid = next(
         b.pid for b in listing.backends if b.model_name == "tiny" and b.state == worker_pb2.BackendProcess.RUNNING
     )
@@ -280,7 +284,7 @@ def test_e_racing_control_planes_load_a_cold_model_once(fleet, report):
     rows = fleet.replica_rows("cold")
     running = []
     for node in fleet.nodes().values():
-        listing = client.list_backends(node["address"], node_id=node["id"], token=TOKEN)
+        listing = client.list_backends(node["address"], node_id=node["id"], token=command_token(node["id"]))
         running += [b for b in listing.backends if b.model_name == "cold"]
     for _status, body in results:
         fleet.api("POST", f"/api/v1/leases/{body['lease_id']}/release")
@@ -414,12 +418,16 @@ def test_f2_sigkill_of_the_qcluster_between_start_backend_and_load_model(fleet, 
     fleet.start_qcluster()
 
     def abandoned_backend():
-        listing = client.list_backends(f"127.0.0.1:{worker.port}", node_id=node["id"], token=TOKEN, timeout=5)
+        listing = client.list_backends(
+            f"127.0.0.1:{worker.port}", node_id=node["id"], token=command_token(node["id"]), timeout=5
+        )
         running = [b for b in listing.backends if b.model_name == "cold" and b.state == b.RUNNING]
         return running[0] if running else None
 
     backend = wait_for(abandoned_backend, timeout=30, interval=0.2, what="the abandoned backend running")
-    assert client.status(backend.address, token=TOKEN, timeout=5).memory.breakdown["echo.loads"] == 0
+    assert (
+        client.status(backend.address, token=backend_token(node["id"]), timeout=5).memory.breakdown["echo.loads"] == 0
+    )
 
     def done():
         return fleet.sql("SELECT state FROM registry_loadjob WHERE id = %s", (job,))[0][0] in ("succeeded", "failed")
@@ -433,7 +441,10 @@ def test_f2_sigkill_of_the_qcluster_between_start_backend_and_load_model(fleet, 
     answer = ""
     try:
         reply = client.predict(
-            body["address"], "still there", options=backend_pb2.PredictOptions(ModelIdentity="cold"), token=TOKEN
+            body["address"],
+            "still there",
+            options=backend_pb2.PredictOptions(ModelIdentity="cold"),
+            token=body["backend_token"],
         )
         answer = reply.message.decode()
     except client.GrpcCallError as error:

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from proto import backend_pb2, client, worker_pb2
-from tests.e2e.harness import TOKEN, wait_for
+from tests.e2e.harness import TOKEN, backend_token, command_token, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -28,33 +28,42 @@ def test_workers_register_heartbeat_serve_backends_and_drain_on_sigterm(fleet):
     seen = fleet.nodes()["e2e-a"]["last_heartbeat"]
     wait_for(lambda: fleet.nodes()["e2e-a"]["last_heartbeat"] != seen, timeout=10, what="a later heartbeat")
 
+    # The registration token opens neither the worker service nor (below) a backend.
+    with pytest.raises(client.GrpcCallError) as refused:
+        client.list_backends(node_a["address"], node_id=node_a["id"], token=TOKEN)
+    assert refused.value.code.name == "UNAUTHENTICATED"
+
     # two replicas of one model on one worker, on distinct ports; LoadModel and Predict through them
+    command, data = command_token(node_a["id"]), backend_token(node_a["id"])
     replicas = [
-        client.start_backend(node_a["address"], "tiny", "echo", index, node_id=node_a["id"], token=TOKEN)
+        client.start_backend(node_a["address"], "tiny", "echo", index, node_id=node_a["id"], token=command)
         for index in (0, 1)
     ]
     assert len({replica.address for replica in replicas}) == 2
     options = backend_pb2.ModelOptions(Model="tiny", Options=["echo.memory_bytes=1000"])
     for replica in replicas:
-        loaded, message = client.load_model(replica.address, options, token=TOKEN)
+        loaded, message = client.load_model(replica.address, options, token=data)
         assert loaded, message
-        reply = client.predict(replica.address, "hello fleet", token=TOKEN)
+        reply = client.predict(replica.address, "hello fleet", token=data)
         assert reply.message == b"hello fleet"
+        with pytest.raises(client.GrpcCallError) as refused:
+            client.predict(replica.address, "hello fleet", token=TOKEN)
+        assert refused.value.code.name == "UNAUTHENTICATED"
 
     # the same key again is the same process
-    again = client.start_backend(node_a["address"], "tiny", "echo", 0, node_id=node_a["id"], token=TOKEN)
+    again = client.start_backend(node_a["address"], "tiny", "echo", 0, node_id=node_a["id"], token=command)
     assert (again.address, again.reused) == (replicas[0].address, True)
 
     # a call addressed to another node id is refused by the worker
     with pytest.raises(client.GrpcCallError) as refused:
-        client.list_backends(node_a["address"], node_id=nodes["e2e-b"]["id"], token=TOKEN)
+        client.list_backends(node_a["address"], node_id=nodes["e2e-b"]["id"], token=command)
     assert refused.value.code.name == "FAILED_PRECONDITION"
 
     # a killed backend is reported as exited
     os.kill(replicas[1].pid, signal.SIGKILL)
 
     def exited():
-        listing = client.list_backends(node_a["address"], node_id=node_a["id"], token=TOKEN)
+        listing = client.list_backends(node_a["address"], node_id=node_a["id"], token=command)
         states = {backend.replica_index: backend.state for backend in listing.backends}
         return states.get(1) == worker_pb2.BackendProcess.EXITED
 
@@ -68,5 +77,5 @@ def test_workers_register_heartbeat_serve_backends_and_drain_on_sigterm(fleet):
     log = first.log()
     assert TOKEN not in log
     with pytest.raises(client.GrpcCallError):
-        client.predict(replicas[0].address, "anyone there?", token=TOKEN, timeout=1)
+        client.predict(replicas[0].address, "anyone there?", token=data, timeout=1)
     assert second.alive()

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 import tests.router.conftest as router_fleet
+from controlplane.credentials import backend_token
 from cpclient import (
     AuthenticationError,
     ConflictError,
@@ -83,11 +84,12 @@ def test_load_info_model_and_replica_reports(cp, fleet):
     assert stored.backend_type == "echo"
     assert cp.get_load_info("client-model").model_options["ContextSize"] == 512
 
+    address, _ = entry.worker.launch("client-model", 1)  # the node's worker runs it
     replica = cp.report_replica(
         node_id=str(entry.node.pk),
         model="client-model",
         replica_index=1,
-        address="127.0.0.1:1",
+        address=address,
         backend_type="echo",
         model_options_b64=stored.model_options_b64,
     )
@@ -116,8 +118,8 @@ class InferenceBackend(router_fleet.FakeBackend):
     of the LoadModel served (or ``loaded_model`` for a backend nobody loads in the test);
     another identity is NOT_FOUND "model identity mismatch", an empty one skips the check."""
 
-    def __init__(self, knobs, loaded_model: str = "") -> None:
-        super().__init__(knobs)
+    def __init__(self, knobs, loaded_model: str = "", token: str | None = None) -> None:
+        super().__init__(knobs, token=token)
         self.loaded_model = loaded_model
         self.inference_requests: list[backend_pb2.PredictOptions] = []
 
@@ -146,7 +148,7 @@ class InferenceBackend(router_fleet.FakeBackend):
     def handler(self):
         def unary(method, response_cls):
             return grpc.unary_unary_rpc_method_handler(
-                method,
+                self._checked(method),
                 request_deserializer=backend_pb2.PredictOptions.FromString,
                 response_serializer=response_cls.SerializeToString,
             )
@@ -157,7 +159,7 @@ class InferenceBackend(router_fleet.FakeBackend):
                 "Predict": unary(self.predict, backend_pb2.Reply),
                 "Embedding": unary(self.embedding, backend_pb2.EmbeddingResult),
                 "PredictStream": grpc.unary_stream_rpc_method_handler(
-                    self.predict_stream,
+                    self._checked(self.predict_stream),
                     request_deserializer=backend_pb2.PredictOptions.FromString,
                     response_serializer=backend_pb2.Reply.SerializeToString,
                 ),
@@ -210,8 +212,9 @@ def test_a_replica_now_serving_another_model_refuses_the_leases_request(cp, infe
     """A recycled port: the row says client-model, the process there holds another model. The
     identity the lease sends makes the backend refuse instead of answering from that model."""
     entry = inference_fleet.add_node("client-e")
-    stranger = InferenceBackend(router_fleet.BackendKnobs(), loaded_model="someone-else.gguf")
-    _, address = inference_fleet.servers.start(stranger.handler())
+    address, _ = entry.worker.launch("client-model", 0)
+    stranger = entry.worker.backend("client-model")
+    stranger.loaded_model = "someone-else.gguf"  # what the process at that port holds now
     cp.report_replica(
         node_id=str(entry.node.pk),
         model="client-model",
@@ -236,9 +239,11 @@ def test_the_echo_backend_serves_a_leases_calls_once_loaded(cp, fleet):
     reported: the lease's calls, identity included, are answered."""
     entry = fleet.add_node("client-f")
     address = f"127.0.0.1:{free_port()}"
-    server = echo.serve(address, token=None)
+    token = backend_token(entry.node.pk)  # as the reference worker starts it: the node's backend token
+    server = echo.serve(address, token=token)
+    entry.worker.external[("client-model", 0)] = address  # the worker lists it as its own
     try:
-        assert proto_client.load_model(address, backend_pb2.ModelOptions(**OPTIONS), token="", timeout=5)[0]
+        assert proto_client.load_model(address, backend_pb2.ModelOptions(**OPTIONS), token=token, timeout=5)[0]
         cp.report_replica(
             node_id=str(entry.node.pk),
             model="client-model",
@@ -249,9 +254,14 @@ def test_the_echo_backend_serves_a_leases_calls_once_loaded(cp, fleet):
         )
         with cp.lease("client-model") as lease:
             assert lease.model_identity == "client-model.gguf"
-            assert lease.predict("hello echo", token="").message == b"hello echo"
-            assert b"".join(chunk.message for chunk in lease.predict_stream("a b", token="")) == b"a b"
-            assert len(lease.embedding("hello", token="").embeddings) > 0
+            # The lease carries the node's backend token and its calls present it by default.
+            assert lease.backend_token == token and token not in repr(lease)
+            assert lease.predict("hello echo").message == b"hello echo"
+            assert b"".join(chunk.message for chunk in lease.predict_stream("a b")) == b"a b"
+            assert len(lease.embedding("hello").embeddings) > 0
+            with pytest.raises(GrpcCallError) as refused:
+                lease.predict("hello echo", token="")
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
     finally:
         server.stop(grace=None)
         proto_client.close_channel(address)

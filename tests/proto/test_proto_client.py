@@ -308,15 +308,22 @@ def test_settings_override_defaults_and_explicit_timeout_wins(monkeypatch):
     assert client._timeout("load", None) == 300.0
     assert client._timeout("worker", None) == 7.0
     assert client._timeout("health", 9) == 9.0
-    assert client._metadata(None) == (("authorization", "Bearer from-settings"),)
+    # No default credential: the registration token in the settings is never sent.
+    assert client._metadata(None) == ()
     assert client._metadata("") == ()
 
 
-def test_settings_token_is_used_when_caller_passes_none(serve, monkeypatch, fake_backend, require_bearer, fleet_token):
+def test_the_registration_token_is_never_sent_when_the_caller_passes_no_token(
+    serve, monkeypatch, fake_backend, require_bearer, fleet_token
+):
+    """Issue 12: anything that answers a probe must never receive the fleet registration
+    token; the control plane passes each node's own credential explicitly."""
     monkeypatch.setattr(client, "_django_setting", {"CONTROLPLANE_REGISTRATION_TOKEN": fleet_token}.get)
     address = serve(fake_backend(), interceptors=(require_bearer(),))
 
-    assert client.probe(address, timeout=2).outcome is client.Probe.ALIVE
+    result = client.probe(address, timeout=2)
+    assert (result.outcome, result.code) == (client.Probe.BUSY, grpc.StatusCode.UNAUTHENTICATED)
+    assert client.probe(address, token=fleet_token, timeout=2).outcome is client.Probe.ALIVE
 
 
 # --- channel cache ----------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class FakeProber:
     entered: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def probe(self, address, *, timeout=None):
+    def probe(self, address, *, node_id=None, timeout=None):
         with self.lock:
             self.probed.append(address)
         self.entered.set()

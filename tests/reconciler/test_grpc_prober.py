@@ -9,6 +9,7 @@ import grpc
 import pytest
 from django.test import override_settings
 
+from controlplane.credentials import backend_token, worker_command_token
 from proto import backend_pb2, backend_pb2_grpc, client, worker_pb2, worker_pb2_grpc
 from reconciler.checks import GrpcProber, probe_outcome
 from reconciler.models import Event
@@ -24,8 +25,10 @@ class Backend(backend_pb2_grpc.BackendServicer):
     def __init__(self, delay: float = 0.0):
         self.delay = delay
         self.release = threading.Event()
+        self.authorizations = []
 
     def Health(self, request, context):
+        self.authorizations.append(dict(context.invocation_metadata()).get("authorization"))
         if self.delay:
             self.release.wait(self.delay)
         return backend_pb2.Reply(message=b"OK")
@@ -41,7 +44,7 @@ class Worker(worker_pb2_grpc.WorkerServicer):
     def _check(self, context):
         metadata = dict(context.invocation_metadata())
         self.metadata.append(metadata)
-        if metadata.get("authorization") != f"Bearer {TOKEN}":
+        if metadata.get("authorization") != f"Bearer {worker_command_token(self.node_id)}":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad token")
         if metadata.get("x-node-id") not in (None, self.node_id):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "addressed to another node")
@@ -91,16 +94,17 @@ def test_probe_classifies_alive_busy_and_unreachable(serve):
     alive = serve(Backend())
     slow = serve(Backend(delay=5))
 
-    assert probe_outcome(prober.probe(alive, timeout=1)) == "alive"
-    assert probe_outcome(prober.probe(slow, timeout=0.2)) == "busy"
-    assert probe_outcome(prober.probe(closed_port(), timeout=1)) == "unreachable"
+    assert probe_outcome(prober.probe(alive, node_id="n1", timeout=1)) == "alive"
+    assert probe_outcome(prober.probe(slow, node_id="n1", timeout=0.2)) == "busy"
+    assert probe_outcome(prober.probe(closed_port(), node_id="n1", timeout=1)) == "unreachable"
 
 
 @pytest.mark.django_db
 @override_settings(CONTROLPLANE_REGISTRATION_TOKEN=TOKEN)
 def test_a_pass_with_the_default_prober_reconciles_against_real_servers(serve, now):
     node = make_node(name="gpu-a", now=now, slots=4, address="127.0.0.1:1")
-    alive_address = serve(Backend())
+    backend = Backend()
+    alive_address = serve(backend)
     dead_address = closed_port()
     worker = Worker(
         str(node.pk),
@@ -125,4 +129,7 @@ def test_a_pass_with_the_default_prober_reconciles_against_real_servers(serve, n
     # its row gone it is an orphan like the other one, and is stopped so it can be reloaded.
     assert worker.stops == [("llama", 1), ("orphan", 0)]
     assert all(m.get("x-node-id") == str(node.pk) for m in worker.metadata)
+    # Each call carried the node's own credential for its job, never the registration token.
+    assert {m.get("authorization") for m in worker.metadata} == {f"Bearer {worker_command_token(node.pk)}"}
+    assert set(backend.authorizations) == {f"Bearer {backend_token(node.pk)}"}
     assert Event.objects.filter(kind=Event.Kind.ORPHAN_BACKEND_STOPPED).count() == 2

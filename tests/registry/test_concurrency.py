@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from registry.managers import NodeCredentialRequired
 from registry.models import ModelLoadInfo, Node, NodeModel
 from tests.concurrency import THREADS, run_in_threads
 from tests.factories import GIB, make_node, make_replica
@@ -68,10 +69,17 @@ def test_concurrent_in_flight_decrements_stop_at_zero(close_thread_connections):
 
 
 def test_concurrent_registrations_of_one_name_yield_one_node(close_thread_connections):
-    registrations = run_in_threads(
-        lambda i: Node.objects.register(name="gpu-1", address=f"10.0.0.{i}:50051"), close_thread_connections
+    """Exactly one node; the losers of the race find an existing node that holds a per-node
+    token they do not have, so they are refused instead of taking it over."""
+    outcomes = run_in_threads(
+        lambda i: Node.objects.register(name="gpu-1", address=f"10.0.0.{i}:50051"),
+        close_thread_connections,
+        return_exceptions=True,
     )
 
     assert Node.objects.filter(name="gpu-1").count() == 1
-    assert len({registration.node.pk for registration in registrations}) == 1
-    assert sum(registration.created for registration in registrations) == 1
+    registrations = [outcome for outcome in outcomes if not isinstance(outcome, Exception)]
+    refused = [outcome for outcome in outcomes if isinstance(outcome, NodeCredentialRequired)]
+    assert len(registrations) == 1 and registrations[0].created
+    assert len(refused) == len(outcomes) - 1
+    assert Node.objects.get(name="gpu-1").address == registrations[0].node.address

@@ -93,7 +93,7 @@ def test_no_removal_path_touches_load_info(now):
 
     NodeModel.objects.remove_replica(node.pk, "llama", 2)
     NodeModel.objects.remove_all_replicas(node.pk, "llama")
-    Node.objects.register(name=node.name, address=node.address)
+    Node.objects.register(name=node.name, address=node.address, presented_node_token=node.token)
     Node.objects.mark_draining(node.pk, by=Node.DrainedBy.OPERATOR)
     Node.objects.mark_offline(node.pk)
     Node.objects.deregister(node.pk)

@@ -5,6 +5,7 @@ from datetime import timedelta
 import pytest
 
 from controlplane.tokens import token_matches
+from registry.managers import NodeCredentialRequired
 from registry.models import ModelSchedulingConfig, Node, NodeLabel, NodeModel
 from tests.factories import GIB, make_node, make_replica, make_scheduling
 
@@ -32,7 +33,7 @@ def test_re_registration_keeps_id_restores_health_and_deletes_replica_rows(now):
     node = make_node(name="gpu-1", status=Node.Status.OFFLINE)
     make_replica(node, "llama", 0)
 
-    again = Node.objects.register(name="gpu-1", address="10.0.0.2:50051", now=now)
+    again = Node.objects.register(name="gpu-1", address="10.0.0.2:50051", presented_node_token=node.token, now=now)
 
     assert not again.created
     assert again.node.pk == node.pk
@@ -42,14 +43,16 @@ def test_re_registration_keeps_id_restores_health_and_deletes_replica_rows(now):
 
 
 def test_re_registration_of_a_pending_node_stays_pending():
-    Node.objects.register(name="gpu-1", address="a:1", auto_approve=False)
-    again = Node.objects.register(name="gpu-1", address="a:1", auto_approve=True)
+    first = Node.objects.register(name="gpu-1", address="a:1", auto_approve=False)
+    again = Node.objects.register(
+        name="gpu-1", address="a:1", auto_approve=True, presented_node_token=first.node_token
+    )
     assert again.node.status == Node.Status.PENDING
 
 
 def test_re_registration_rotates_the_node_token():
     first = Node.objects.register(name="gpu-1", address="a:1")
-    second = Node.objects.register(name="gpu-1", address="a:1")
+    second = Node.objects.register(name="gpu-1", address="a:1", presented_node_token=first.node_token)
     node = Node.objects.get(name="gpu-1")
     assert token_matches(second.node_token, node.token_hash)
     assert not token_matches(first.node_token, node.token_hash)
@@ -59,13 +62,35 @@ def test_re_registration_keeps_operator_set_slots_and_updates_reported_ones():
     node = make_node(name="gpu-1", slots=2)
     Node.objects.set_max_replicas_per_model(node.pk, 5)
 
-    again = Node.objects.register(name="gpu-1", address="a:1", max_replicas_per_model=3).node
+    again = Node.objects.register(
+        name="gpu-1", address="a:1", max_replicas_per_model=3, presented_node_token=node.token
+    ).node
     assert (again.max_replicas_per_model, again.reported_max_replicas_per_model) == (5, 3)
 
     Node.objects.reset_max_replicas_per_model(node.pk)
     node.refresh_from_db()
     assert node.max_replicas_per_model == 3
     assert NodeLabel.objects.as_dict(node.pk)["node.replica-slots"] == "3"
+
+
+def test_re_registration_without_the_node_token_changes_nothing(now):
+    """The fleet token alone must not take a node over: without the node's current token (or
+    with another one) a re-registration raises and the node keeps its address and token."""
+    node = make_node(name="gpu-1", address="10.0.0.1:50051")
+    other = make_node(name="gpu-2")
+    for presented in (None, "", other.token, "cpn_guess"):
+        with pytest.raises(NodeCredentialRequired):
+            Node.objects.register(name="gpu-1", address="10.6.6.6:50051", presented_node_token=presented, now=now)
+    node.refresh_from_db()
+    assert node.address == "10.0.0.1:50051"
+    assert token_matches(node.token, node.token_hash)
+
+
+def test_a_fleet_token_node_re_registers_with_the_fleet_token_alone():
+    """LocalAI's trust model: such a node's credential is the fleet token itself."""
+    first = Node.objects.register(name="localai-1", address="a:1", auth_mode="fleet_token")
+    again = Node.objects.register(name="localai-1", address="b:1", auth_mode="fleet_token")
+    assert (again.node.pk, again.node.address) == (first.node.pk, "b:1")
 
 
 def test_zero_slots_are_treated_as_one():
@@ -77,7 +102,14 @@ def test_registration_applies_auto_labels_and_merges_worker_labels():
     node = make_node(name="gpu-1", total_vram=24 * GIB, gpu_vendor="nvidia", labels={"zone": "a"}, slots=2)
     NodeLabel.objects.set_label(node.pk, "team", "research")  # an operator's label
 
-    Node.objects.register(name="gpu-1", address="a:1", total_vram=16 * GIB, gpu_vendor="nvidia", labels={"zone": "b"})
+    Node.objects.register(
+        name="gpu-1",
+        address="a:1",
+        total_vram=16 * GIB,
+        gpu_vendor="nvidia",
+        labels={"zone": "b"},
+        presented_node_token=node.token,
+    )
 
     assert NodeLabel.objects.as_dict(node.pk) == {
         "gpu.vendor": "nvidia",

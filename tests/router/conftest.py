@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from controlplane.credentials import backend_token, worker_command_token
 from proto import backend_pb2, client, codec, worker_pb2
 from tests.factories import GIB, make_node
 
@@ -48,8 +49,10 @@ class FakeBackend:
     successful load (NOT_FOUND on a mismatch, skipped when either side is empty) and fails with
     FAILED_PRECONDITION before a load."""
 
-    def __init__(self, knobs: BackendKnobs) -> None:
+    def __init__(self, knobs: BackendKnobs, token: str | None = None) -> None:
         self.knobs = knobs
+        self.token = token  # the bearer token required (its node's backend token); None: any
+        self.authorizations: list[str | None] = []  # what every call presented
         self.load_requests: list[bytes] = []
         self.health_calls = 0
         self.tokenize_identities: list[str] = []
@@ -94,8 +97,23 @@ class FakeBackend:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "model not loaded")
         return backend_pb2.TokenizationResponse(length=1, tokens=[0])
 
+    def _checked(self, method):
+        """``method`` behind the bearer check a backend started with LOCALAI_GRPC_AUTH_TOKEN does."""
+
+        def call(request, context):
+            presented = dict(context.invocation_metadata()).get("authorization")
+            with self._lock:
+                self.authorizations.append(presented)
+            if self.token is not None and presented != f"Bearer {self.token}":
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            return method(request, context)
+
+        return call
+
     def handler(self):
-        unary = grpc.unary_unary_rpc_method_handler
+        def unary(method, **kwargs):
+            return grpc.unary_unary_rpc_method_handler(self._checked(method), **kwargs)
+
         return grpc.method_handlers_generic_handler(
             "backend.Backend",
             {
@@ -132,6 +150,9 @@ class FakeWorker:
         self.backends: dict[tuple[str, int], tuple[FakeBackend, str, grpc.Server]] = {}
         self.started_backends: list[FakeBackend] = []  # every backend ever started, stopped ones too
         self.calls: list[tuple[str, object]] = []
+        self.authorizations: list[str | None] = []
+        # Backend processes started some other way that ListBackends reports, (model, replica) -> address.
+        self.external: dict[tuple[str, int], str] = {}
         self._lock = threading.Lock()
 
     def count(self, method: str) -> int:
@@ -145,9 +166,13 @@ class FakeWorker:
         return self.backends[(model_name, replica_index)][0]
 
     def _check(self, name, request, context):
+        metadata = dict(context.invocation_metadata())
         with self._lock:
             self.calls.append((name, request))
-        metadata = dict(context.invocation_metadata())
+            self.authorizations.append(metadata.get("authorization"))
+        # As the reference worker: only the command token the registration answer handed over.
+        if self.node_id and metadata.get("authorization") != f"Bearer {worker_command_token(self.node_id)}":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         if self.node_id and metadata.get("x-node-id") not in (None, self.node_id):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "addressed to another node")
 
@@ -155,15 +180,37 @@ class FakeWorker:
         self._check("StartBackend", request, context)
         if self.start_error is not None:
             context.abort(self.start_error, "backend exited during start")
-        key = (request.model_name, request.replica_index)
+        address, reused = self.launch(request.model_name, request.replica_index)
+        return worker_pb2.StartBackendResponse(address=address, reused=reused, pid=1)
+
+    def launch(self, model_name: str, replica_index: int = 0) -> tuple[str, bool]:
+        """Start (or reuse) the backend of a replica, as StartBackend does; ``(address, reused)``."""
+        key = (model_name, replica_index)
         with self._lock:
             if key in self.backends:
-                return worker_pb2.StartBackendResponse(address=self.backends[key][1], reused=True, pid=1)
-            backend = FakeBackend(BackendKnobs(**vars(self.knobs)))
+                return self.backends[key][1], True
+            backend = FakeBackend(BackendKnobs(**vars(self.knobs)), token=backend_token(self.node_id))
             server, address = self.servers.start(backend.handler())
             self.backends[key] = (backend, address, server)
             self.started_backends.append(backend)
-        return worker_pb2.StartBackendResponse(address=address, reused=False, pid=1)
+        return address, False
+
+    def list_backends(self, request, context):
+        self._check("ListBackends", request, context)
+        with self._lock:
+            running = [
+                worker_pb2.BackendProcess(
+                    model_name=model_name,
+                    replica_index=replica_index,
+                    address=address,
+                    state=worker_pb2.BackendProcess.RUNNING,
+                )
+                for (model_name, replica_index), address in [
+                    *((key, entry[1]) for key, entry in self.backends.items()),
+                    *self.external.items(),
+                ]
+            ]
+        return worker_pb2.ListBackendsResponse(node_id=self.node_id or "", backends=running)
 
     def stop(self, request, context):
         self._check("StopBackend", request, context)
@@ -188,6 +235,11 @@ class FakeWorker:
                     self.stop,
                     request_deserializer=worker_pb2.StopBackendRequest.FromString,
                     response_serializer=worker_pb2.StopBackendResponse.SerializeToString,
+                ),
+                "ListBackends": unary(
+                    self.list_backends,
+                    request_deserializer=worker_pb2.ListBackendsRequest.FromString,
+                    response_serializer=worker_pb2.ListBackendsResponse.SerializeToString,
                 ),
             },
         )
@@ -233,9 +285,10 @@ class Fleet:
         self.nodes.append(entry)
         return entry
 
-    def backend_server(self, **knobs) -> tuple[FakeBackend, str]:
-        """A lone fake backend (for replica rows created directly in a test)."""
-        backend = FakeBackend(BackendKnobs(**knobs))
+    def backend_server(self, *, token: str | None = None, **knobs) -> tuple[FakeBackend, str]:
+        """A lone fake backend (for replica rows created directly in a test); ``token``: the
+        bearer token it requires (None: any)."""
+        backend = FakeBackend(BackendKnobs(**knobs), token=token)
         _, address = self.servers.start(backend.handler())
         return backend, address
 

@@ -9,6 +9,7 @@ from django.utils import timezone
 from google.protobuf import json_format
 from rest_framework.test import APIClient
 
+from controlplane.credentials import backend_token
 from proto import backend_pb2
 from registry.models import Lease, LoadJob, ModelLoadInfo, NodeModel
 from tests.factories import make_api_key, make_node, make_replica, make_scheduling
@@ -56,6 +57,7 @@ def test_a_warm_route_answers_the_lease(api, fleet):
         "replica_index": 0,
         "expires_at": body["expires_at"],
         "model_identity": "",  # a row without any recipe: nothing to send, the backend skips the check
+        "backend_token": backend_token(replica.node_id),  # the node's data-plane credential
     }
     assert "X-Control-Plane-Node" not in response
 
@@ -202,7 +204,7 @@ def test_an_unknown_load_job_is_404(api):
 
 def test_a_reported_replica_is_recorded_with_both_load_info_copies_and_routable(api, fleet):
     gpu = fleet.add_node("gpu-1")
-    backend, address = fleet.backend_server()
+    address, _ = gpu.worker.launch("org/llama", 0)  # the frontend had the node's worker start it
     body = {
         "node_id": str(gpu.node.pk),
         "model_name": "org/llama",
@@ -222,7 +224,9 @@ def test_a_reported_replica_is_recorded_with_both_load_info_copies_and_routable(
     answer = route(api, "org/llama").json()
     assert answer["address"] == address
     assert answer["model_identity"] == "llama.gguf"  # the Model of the reported recipe
-    assert gpu.worker.calls == []  # nothing was loaded by the control plane
+    # The control plane only asked the worker whether it runs that backend; it loaded nothing.
+    assert [name for name, _ in gpu.worker.calls] == ["ListBackends"]
+    assert gpu.worker.load_requests == []
 
 
 def test_a_replica_report_needs_a_known_node_and_options(api):

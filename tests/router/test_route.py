@@ -8,6 +8,7 @@ import grpc
 import pytest
 from django.utils import timezone
 
+from controlplane.credentials import backend_token, worker_command_token
 from proto import backend_pb2
 from registry import router
 from registry.models import Lease, LoadFailure, LoadJob, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
@@ -105,8 +106,10 @@ def test_a_reused_backend_without_a_model_is_loaded_although_its_status_says_rea
 
     gpu = fleet.add_node("gpu-1")
     ModelLoadInfo.objects.upsert("llama", "vllm", BLOB)
-    started = client.start_backend(gpu.address, "llama", "vllm", 0, node_id=str(gpu.node.pk))  # running, empty
-    assert client.status(started.address).state == backend_pb2.StatusResponse.READY
+    started = client.start_backend(
+        gpu.address, "llama", "vllm", 0, node_id=str(gpu.node.pk), token=worker_command_token(gpu.node.pk)
+    )  # running, empty
+    assert client.status(started.address, token=backend_token(gpu.node.pk)).state == backend_pb2.StatusResponse.READY
 
     replica = router.schedule_and_load("llama", [gpu.node.pk])
 
@@ -122,8 +125,13 @@ def test_a_reused_backend_holding_another_model_is_loaded_with_this_one(fleet):
 
     gpu = fleet.add_node("gpu-1")
     old = options_blob("llama-old.gguf")
-    started = client.start_backend(gpu.address, "llama", "vllm", 0, node_id=str(gpu.node.pk))
-    assert client.load_model(started.address, old) == (True, "loaded")  # a loader that died before recording it
+    started = client.start_backend(
+        gpu.address, "llama", "vllm", 0, node_id=str(gpu.node.pk), token=worker_command_token(gpu.node.pk)
+    )
+    assert client.load_model(started.address, old, token=backend_token(gpu.node.pk)) == (
+        True,
+        "loaded",
+    )  # a loader that died before recording it
     ModelLoadInfo.objects.upsert("llama", "vllm", BLOB)
 
     replica = router.schedule_and_load("llama", [gpu.node.pk])

@@ -80,7 +80,13 @@ def test_no_secret_in_logs_during_registration_heartbeat_and_key_creation(random
     assert key.startswith("cpk_")
     logged = "\n".join(f"{r.getMessage()} {r.args!r} {getattr(r, 'exc_text', '')}" for r in caplog.records)
     assert caplog.records  # the capture works: registration logs something
-    secrets = {"registration": (random_registration_token, 0), "node": (node["node_token"], 0), "api key": (key, 12)}
+    secrets = {
+        "registration": (random_registration_token, 0),
+        "node": (node["node_token"], 0),
+        "worker command": (node["worker_token"], 0),
+        "backend": (node["backend_token"], 0),
+        "api key": (key, 12),
+    }
     assert not _leaks(logged, secrets), logged[-2000:]
 
 
@@ -93,6 +99,8 @@ def test_no_secret_in_api_answers_after_creation(random_registration_token):
     secrets = {
         "registration": (random_registration_token, 0),
         "node": (token, 0),
+        "worker command": (node["worker_token"], 0),
+        "backend": (node["backend_token"], 0),
         "api key": (key, 12),
         "node hash": (tokens.hash_token(token), 0),
         "key hash": (tokens.hash_token(key), 0),

@@ -19,6 +19,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +36,14 @@ from worker.processes import BackendSupervisor
 from worker.service import build_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Three credentials, three jobs: the fleet registration token only registers; the worker
+# service accepts only the command token the control plane hands over at registration; the
+# backends require only the node's backend (data-plane) token.
 TOKEN = "fleet-registration-s3cret"
-AUTH = [("authorization", f"Bearer {TOKEN}")]
+SERVICE_TOKEN = "cpw_worker-command-s3cret"
+BACKEND_TOKEN = "cpb_backend-data-s3cret"
+AUTH = [("authorization", f"Bearer {BACKEND_TOKEN}")]  # calls to a backend
+SERVICE_AUTH = [("authorization", f"Bearer {SERVICE_TOKEN}")]  # calls to the worker service
 
 
 def free_port() -> int:
@@ -64,10 +71,15 @@ def free_backend_port() -> int:
             return port
 
 
+# Worker subprocesses keep their node tokens here, not in the user's home directory.
+STATE_DIR = tempfile.mkdtemp(prefix="worker-state-")
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.pop("CONTROLPLANE_REGISTRATION_TOKEN", None)
+    env["WORKER_STATE_DIR"] = STATE_DIR
     env.update(extra)
     return env
 
@@ -140,7 +152,7 @@ def spawn():
 def echo_backend(spawn):
     """Start ``python -m worker.backends.echo`` on a free port; returns its address."""
 
-    def start(token: str | None = TOKEN, **env: str) -> tuple[str, subprocess.Popen]:
+    def start(token: str | None = BACKEND_TOKEN, **env: str) -> tuple[str, subprocess.Popen]:
         address = f"127.0.0.1:{free_backend_port()}"
         extra = dict(env)
         if token:
@@ -184,9 +196,9 @@ def make_worker():
         options.setdefault("health_timeout", 15.0)
         options.setdefault("stop_grace", 2.0)
         options.setdefault("poll_interval", 0.2)
-        worker = InProcessWorker(BackendSupervisor(parse_backends(list(backends)), auth_token=TOKEN, **options))
+        worker = InProcessWorker(BackendSupervisor(parse_backends(list(backends)), auth_token=BACKEND_TOKEN, **options))
         worker.server, port = build_server(
-            worker.supervisor, token=TOKEN, bind="127.0.0.1:0", node_id=lambda: worker.node_id
+            worker.supervisor, token=SERVICE_TOKEN, bind="127.0.0.1:0", node_id=lambda: worker.node_id
         )
         worker.address = f"127.0.0.1:{port}"
         workers.append(worker)
@@ -211,6 +223,7 @@ class Recorded:
     path: str
     authorization: str | None
     body: object
+    x_node_token: str | None = None
 
 
 class FakeControlPlane:
@@ -248,7 +261,13 @@ class FakeControlPlane:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 body = json.loads(raw) if raw else None
-                status, answer = fake.handle(self.command, self.path, self.headers.get("Authorization"), body)
+                status, answer = fake.handle(
+                    self.command,
+                    self.path,
+                    self.headers.get("Authorization"),
+                    body,
+                    x_node_token=self.headers.get("X-Node-Token"),
+                )
                 data = b"" if answer is None else json.dumps(answer).encode()
                 self.send_response(status)
                 ctype = "application/problem+json" if status >= 400 else "application/json"
@@ -262,9 +281,11 @@ class FakeControlPlane:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
-    def handle(self, method: str, path: str, authorization: str | None, body) -> tuple[int, object]:
+    def handle(
+        self, method: str, path: str, authorization: str | None, body, x_node_token: str | None = None
+    ) -> tuple[int, object]:
         with self.lock:
-            self.requests.append(Recorded(method, path, authorization, body))
+            self.requests.append(Recorded(method, path, authorization, body, x_node_token))
             verb = path.rstrip("/").rsplit("/", 1)[-1]
             scripted = self.script.get((method, verb))
             if scripted:
@@ -280,6 +301,8 @@ class FakeControlPlane:
                     "status": "healthy",
                     "created_at": "2026-11-26T12:00:00Z",
                     "node_token": self.node_token,
+                    "worker_token": SERVICE_TOKEN,
+                    "backend_token": BACKEND_TOKEN,
                 }
             node_id = path.split("/")[3]
             if node_id != self.node_id:

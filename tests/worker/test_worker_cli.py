@@ -9,6 +9,9 @@ import grpc
 from proto import backend_pb2, worker_pb2, worker_pb2_grpc
 from tests.worker.conftest import (
     AUTH,
+    BACKEND_TOKEN,
+    SERVICE_AUTH,
+    SERVICE_TOKEN,
     TOKEN,
     backend_stub,
     child_env,
@@ -18,6 +21,9 @@ from tests.worker.conftest import (
     problem,
     wait_for,
 )
+
+# --no-register: nothing hands the worker its tokens, so they are configured.
+NO_REGISTER_ENV = child_env(WORKER_SERVICE_TOKEN=SERVICE_TOKEN, WORKER_BACKEND_TOKEN=BACKEND_TOKEN)
 
 
 def worker_argv(control_plane_url: str | None, port: int, *extra: str) -> list[str]:
@@ -64,7 +70,7 @@ def test_sigterm_drains_waits_deregisters_and_stops_backends(control_plane, spaw
 
     # The control plane drives the worker over gRPC, naming the node it registered.
     stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    metadata = [*AUTH, ("x-node-id", "node-1")]
+    metadata = [*SERVICE_AUTH, ("x-node-id", "node-1")]
     started = stub.StartBackend(
         worker_pb2.StartBackendRequest(model_name="tiny", backend_type="echo", replica_index=0),
         metadata=metadata,
@@ -105,12 +111,12 @@ def test_a_rejected_registration_exits_non_zero_with_the_problem(control_plane, 
 
 def test_no_register_serves_the_worker_service_until_sigint(spawn):
     port = free_backend_port()
-    worker = spawn(worker_argv(None, port, "--registration-token", TOKEN), stderr=subprocess.DEVNULL)
+    worker = spawn(worker_argv(None, port), env=NO_REGISTER_ENV, stderr=subprocess.DEVNULL)
     stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
 
     def listening():
         try:
-            return stub.ListBackends(worker_pb2.ListBackendsRequest(), metadata=AUTH, timeout=1) is not None
+            return stub.ListBackends(worker_pb2.ListBackendsRequest(), metadata=SERVICE_AUTH, timeout=1) is not None
         except grpc.RpcError:
             return False
 
@@ -123,14 +129,14 @@ def test_a_sigkilled_worker_takes_its_backends_with_it(spawn):
     """A worker that dies without a chance to clean up (SIGKILL, OOM) leaves no orphan
     backend holding a port: backends are started with PR_SET_PDEATHSIG."""
     port = free_backend_port()
-    worker = spawn(worker_argv(None, port, "--registration-token", TOKEN), stderr=subprocess.DEVNULL)
+    worker = spawn(worker_argv(None, port), env=NO_REGISTER_ENV, stderr=subprocess.DEVNULL)
     stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
 
     def started():
         try:
             return stub.StartBackend(
                 worker_pb2.StartBackendRequest(model_name="m", backend_type="echo", replica_index=0),
-                metadata=AUTH,
+                metadata=SERVICE_AUTH,
                 timeout=20,
             )
         except grpc.RpcError:

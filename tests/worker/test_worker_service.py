@@ -14,16 +14,16 @@ import grpc
 import pytest
 
 from proto import backend_pb2, worker_pb2
-from tests.worker.conftest import AUTH, backend_stub, free_backend_port, pid_alive, wait_for
+from tests.worker.conftest import AUTH, SERVICE_AUTH, backend_stub, free_backend_port, pid_alive, wait_for
 
 
-def start(stub, model="tiny", replica=0, backend="echo", metadata=AUTH, timeout=30):
+def start(stub, model="tiny", replica=0, backend="echo", metadata=SERVICE_AUTH, timeout=30):
     request = worker_pb2.StartBackendRequest(model_name=model, backend_type=backend, replica_index=replica)
     return stub.StartBackend(request, metadata=metadata, timeout=timeout)
 
 
 def list_backends(stub):
-    return stub.ListBackends(worker_pb2.ListBackendsRequest(), metadata=AUTH, timeout=5)
+    return stub.ListBackends(worker_pb2.ListBackendsRequest(), metadata=SERVICE_AUTH, timeout=5)
 
 
 def status_code(call) -> tuple[grpc.StatusCode, str]:
@@ -119,7 +119,7 @@ def test_calls_without_the_registration_token_are_unauthenticated(make_worker):
 def test_a_call_for_another_node_id_is_failed_precondition(make_worker):
     worker = make_worker()
     stub = worker.stub()
-    addressed = [*AUTH, ("x-node-id", "node-b")]
+    addressed = [*SERVICE_AUTH, ("x-node-id", "node-b")]
     # Before registration the worker does not know its id and cannot tell.
     assert stub.ListBackends(worker_pb2.ListBackendsRequest(), metadata=addressed, timeout=5).node_id == ""
     worker.node_id = "node-a"
@@ -128,7 +128,7 @@ def test_a_call_for_another_node_id_is_failed_precondition(make_worker):
     )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "node-a" in details
-    mine = [*AUTH, ("x-node-id", "node-a")]
+    mine = [*SERVICE_AUTH, ("x-node-id", "node-a")]
     assert stub.ListBackends(worker_pb2.ListBackendsRequest(), metadata=mine, timeout=5).node_id == "node-a"
 
 
@@ -136,16 +136,16 @@ def test_stop_backend_stops_the_process_and_forgets_it(make_worker):
     stub = make_worker().stub()
     started = start(stub)
     request = worker_pb2.StopBackendRequest(model_name="tiny", replica_index=0)
-    assert stub.StopBackend(request, metadata=AUTH, timeout=15).stopped
+    assert stub.StopBackend(request, metadata=SERVICE_AUTH, timeout=15).stopped
     assert not pid_alive(started.pid)
     assert list_backends(stub).backends == []
-    assert not stub.StopBackend(request, metadata=AUTH, timeout=15).stopped
+    assert not stub.StopBackend(request, metadata=SERVICE_AUTH, timeout=15).stopped
 
 
 def test_unload_model_stops_every_replica_of_that_model_only(make_worker):
     stub = make_worker().stub()
     a0, a1, other = start(stub, "a", 0), start(stub, "a", 1), start(stub, "b", 0)
-    answer = stub.UnloadModel(worker_pb2.UnloadModelRequest(model_name="a"), metadata=AUTH, timeout=15)
+    answer = stub.UnloadModel(worker_pb2.UnloadModelRequest(model_name="a"), metadata=SERVICE_AUTH, timeout=15)
     assert answer.stopped == 2
     assert not pid_alive(a0.pid) and not pid_alive(a1.pid) and pid_alive(other.pid)
     assert [b.model_name for b in list_backends(stub).backends] == ["b"]
@@ -204,7 +204,7 @@ def test_ports_are_exhausted_then_reused_after_a_stop(make_worker):
     assert first.address == f"127.0.0.1:{port}"
     code, _ = status_code(lambda: start(stub, "b"))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    stub.StopBackend(worker_pb2.StopBackendRequest(model_name="a"), metadata=AUTH, timeout=15)
+    stub.StopBackend(worker_pb2.StopBackendRequest(model_name="a"), metadata=SERVICE_AUTH, timeout=15)
     assert start(stub, "b").address == f"127.0.0.1:{port}"
 
 
