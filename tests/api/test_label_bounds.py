@@ -23,7 +23,23 @@ AUTO = 3  # gpu.vendor, node.name, node.replica-slots (no VRAM reported: no gpu.
 
 
 def register(api_client, labels, **body):
-    return api_client.post(REGISTER, {**BODY, **body, "labels": labels}, format="json", **bearer(REGISTRATION_TOKEN))
+    """Register as the reference worker does; a returning worker presents its kept node token."""
+    body = {**BODY, **body, "labels": labels}
+    headers = bearer(REGISTRATION_TOKEN)
+    if body["name"] in _kept_tokens:
+        headers["HTTP_X_NODE_TOKEN"] = _kept_tokens[body["name"]]
+    response = api_client.post(REGISTER, body, format="json", **headers)
+    if response.status_code == 201:
+        _kept_tokens[body["name"]] = response.json()["node_token"]
+    return response
+
+
+@pytest.fixture(autouse=True)
+def _kept_tokens_per_test():
+    _kept_tokens.clear()
+
+
+_kept_tokens: dict[str, str] = {}
 
 
 def labels_of(node_id) -> dict:

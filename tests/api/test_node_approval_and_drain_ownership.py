@@ -19,9 +19,26 @@ BODY = {"name": "gpu-1", "address": "127.0.0.1:50051", "auth_mode": "node_token"
 
 
 def register(api_client, **body):
-    response = api_client.post(REGISTER, {**BODY, **body}, format="json", **bearer(REGISTRATION_TOKEN))
+    """Register (or come back) as the reference worker does: a returning worker presents the
+    node token it kept (``X-Node-Token``), so only the node itself can re-register its name."""
+    body = {**BODY, **body}
+    headers = bearer(REGISTRATION_TOKEN)
+    kept = _kept_tokens.get(body["name"])
+    if kept:
+        headers["HTTP_X_NODE_TOKEN"] = kept
+    response = api_client.post(REGISTER, body, format="json", **headers)
     assert response.status_code == 201, response.content
-    return response.json()
+    answer = response.json()
+    _kept_tokens[body["name"]] = answer["node_token"]
+    return answer
+
+
+@pytest.fixture(autouse=True)
+def _kept_tokens_per_test():
+    _kept_tokens.clear()
+
+
+_kept_tokens: dict[str, str] = {}
 
 
 def node_call(api_client, registered, verb):

@@ -150,8 +150,10 @@ class Fleet:
         self.web_port = self.web_port or free_port()
         process = self.spawn(
             "web",
-            [sys.executable, "-m", "gunicorn", "controlplane.wsgi", "--bind", f"127.0.0.1:{self.web_port}",
-             "--workers", str(workers), "--timeout", "120"],
+            # The shipped server configuration (threaded workers, limits, problem answers), as
+            # `make run` starts it: what the fault suite exercises is what operators run.
+            [sys.executable, "-m", "gunicorn", "-c", "controlplane/gunicorn.conf.py",
+             "--bind", f"127.0.0.1:{self.web_port}", "--workers", str(workers), "--timeout", "120"],
         )
         wait_for(lambda: self._answers("/livez") or self._answers("/api/schema/"), timeout=30, what="web up")
         return process

@@ -125,7 +125,7 @@ def test_an_auto_label_that_no_longer_applies_is_dropped_at_registration():
     node = make_node(name="gpu-2", total_vram=24 * GIB)
     assert NodeLabel.objects.as_dict(node.pk)["gpu.vram"] == "24GB"
 
-    Node.objects.register(name="gpu-2", address="a:1", total_vram=0)
+    Node.objects.register(name="gpu-2", address="a:1", total_vram=0, presented_node_token=node.token)
 
     assert "gpu.vram" not in NodeLabel.objects.as_dict(node.pk)
 
