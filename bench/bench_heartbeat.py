@@ -4,9 +4,9 @@ running the UPDATE that verb sends, both on the local PostgreSQL, in the same ru
     .venv/bin/python bench/bench_heartbeat.py [--nodes 200] [--seconds 15] [--clients 4] [--web-workers 2]
 
 * API: a throw-away database (migrated), ``--nodes`` nodes registered through the registry verb
-  (each with its own node token), ``gunicorn controlplane.wsgi --workers 2`` on loopback, and a
+  (each with its own node token), ``gunicorn -c controlplane/gunicorn.conf.py --workers 2`` (the shipped configuration: threaded workers, keep-alive) on loopback, and a
   bounded load generator: ``--clients`` threads, each with an ``http.client`` connection
-  (re-opened when gunicorn's sync workers close it), each posting heartbeats for its own share
+  (re-opened whenever the server closes it), each posting heartbeats for its own share
   of the nodes, back to back, for ``--seconds`` s.
 * baseline: ``pgbench -n -T SECONDS -c CLIENTS -f script`` where the script is the exact UPDATE
   the heartbeat verb sends (captured from Django), with the node id picked at random through a
@@ -165,7 +165,8 @@ def main() -> None:
                     sys.executable,
                     "-m",
                     "gunicorn",
-                    "controlplane.wsgi",
+                    "-c",
+                    "controlplane/gunicorn.conf.py",  # the shipped server configuration
                     "--bind",
                     f"127.0.0.1:{port}",
                     "--workers",
@@ -243,7 +244,7 @@ start; the load generator, gunicorn and PostgreSQL share them).
 | what | requests/s | p50 ms | p99 ms | errors |
 |---|---:|---:|---:|---:|
 | baseline: pgbench, the verb's UPDATE (`-c {args.clients} -T {int(args.seconds)}`) | {pg_tps:.0f} | | | |
-| API: `POST /api/node/{{id}}/heartbeat` (gunicorn, {args.web_workers} sync workers, `DATABASE_CONN_MAX_AGE=0`, the default) | {api_rps:.0f} | {p50:.1f} | {p99:.1f} | {errors} |
+| API: `POST /api/node/{{id}}/heartbeat` (gunicorn as shipped: {args.web_workers} workers x 8 threads, keep-alive, `DATABASE_CONN_MAX_AGE=0`, the default) | {api_rps:.0f} | {p50:.1f} | {p99:.1f} | {errors} |
 | API, the same with `DATABASE_CONN_MAX_AGE=60` (persistent connections) | {api["60"][0]:.0f} | {api["60"][2]:.1f} | {api["60"][3]:.1f} | {api["60"][1]} |
 
 **pgbench / API = {pg_tps / api_rps:.1f}x** (default settings; {pg_tps / api["60"][0]:.1f}x with persistent connections).
@@ -254,8 +255,8 @@ UPDATE is the floor.
 
 Method: {args.nodes} nodes registered through `Node.objects.register` (each with its own token);
 {args.clients} load-generator threads, each posting heartbeats back to back for its own share of the
-nodes over an `http.client` connection (gunicorn's sync workers close the connection after each
-answer, so each request reconnects on loopback, as a worker's `urllib` call does); 2 s warm-up,
+nodes over one kept-alive `http.client` connection (re-opened whenever the server closes it);
+2 s warm-up,
 then {args.seconds:g} s timed. Statements per API heartbeat: {len(api_statements)} ({", ".join(api_statements)}):
 the node-token authentication reads the node, then the verb's one conditional UPDATE. The pgbench
 script is that UPDATE as Django sends it, with the node id chosen at random by a primary-key

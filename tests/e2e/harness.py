@@ -146,15 +146,16 @@ class Fleet:
         self.processes.append(process)
         return process
 
+    @staticmethod
+    def web_command(port: int, workers: int = 2) -> list[str]:
+        """gunicorn with the shipped server configuration (threaded workers, limits, problem
+        answers), as `make run` starts it: what the fault suite exercises is what operators run."""
+        return [sys.executable, "-m", "gunicorn", "-c", "controlplane/gunicorn.conf.py",
+                "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--timeout", "120"]
+
     def start_web(self, workers: int = 2) -> Process:
         self.web_port = self.web_port or free_port()
-        process = self.spawn(
-            "web",
-            # The shipped server configuration (threaded workers, limits, problem answers), as
-            # `make run` starts it: what the fault suite exercises is what operators run.
-            [sys.executable, "-m", "gunicorn", "-c", "controlplane/gunicorn.conf.py",
-             "--bind", f"127.0.0.1:{self.web_port}", "--workers", str(workers), "--timeout", "120"],
-        )
+        process = self.spawn("web", self.web_command(self.web_port, workers))
         wait_for(lambda: self._answers("/livez") or self._answers("/api/schema/"), timeout=30, what="web up")
         return process
 
@@ -696,7 +697,7 @@ def _fleet_running_backends(self) -> dict[tuple[str, str, int], int]:
         "SELECT id, name, address FROM registry_node WHERE status = 'healthy' AND node_type = 'backend'"
     ):
         try:
-            listing = client.list_backends(address, node_id=str(node_id), token=TOKEN, timeout=5)
+            listing = client.list_backends(address, node_id=str(node_id), token=command_token(node_id), timeout=5)
         except client.GrpcCallError:
             continue
         for backend in listing.backends:

@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.e2e.harness import TOKEN, Fleet, Process, fast_settings, wait_for  # noqa: E402
+from tests.e2e.harness import Fleet, Process, fast_settings, wait_for  # noqa: E402
 
 FLOORS = {"soak-a": 2, "soak-b": 2, "soak-c": 1}
 WORKERS = ["soak-0", "soak-1", "soak-2"]
@@ -116,7 +116,7 @@ class Frontend(threading.Thread):
             else:
                 prompt = f"soak {model} {started:.3f}"
                 try:
-                    reply = lease.predict(prompt, token=TOKEN, timeout=5)
+                    reply = lease.predict(prompt, timeout=5)  # the lease's backend token
                 except client.GrpcCallError as error:
                     name = error.code.name if error.code is not None else "UNKNOWN"
                     self.outcomes.add(

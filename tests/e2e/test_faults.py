@@ -31,9 +31,7 @@ def start(fleet, workers, *, slots=1, reconcilers=1, webs=1, **settings):
     fleet.settings_env.update(fast_settings(CONTROLPLANE_LOAD_JOB_RUNNER="thread", **settings))
     fleet.start_web()
     for index in range(1, webs):
-        fleet.spawn(
-            f"web-{index}", [*fleet.processes[0].popen.args[:4], "--bind", f"127.0.0.1:{_free()}", "--workers", "1"]
-        )
+        fleet.spawn(f"web-{index}", fleet.web_command(_free(), workers=1))
     procs = {name: fleet.start_worker(name, slots=slots) for name in workers}
     fleet.wait_nodes(set(workers))
     for index in range(reconcilers):
