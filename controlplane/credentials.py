@@ -1,4 +1,11 @@
-"""The two gRPC credentials the control plane derives per node (it stores neither).
+"""The credentials the control plane derives per node (it stores none of them in plain).
+
+* ``node_token(node_id)`` (``cpn_...``): the node's own REST credential (heartbeat, drain,
+  deregister, models, and ``X-Node-Token`` on re-registration), for ``node_token`` nodes. Its
+  sha256 is stored (``Node.token_hash``) for authentication by lookup. Derived rather than
+  random so that it survives a database restore: a worker that registered after the backup
+  presents the same token the restored row's hash was made from (the restore drill,
+  docs/resilience.md).
 
 * ``backend_token(node_id)`` (``cpb_...``), the **data-plane credential**: the bearer token a
   node's backends require (the worker starts them with it as ``LOCALAI_GRPC_AUTH_TOKEN``). The
@@ -27,6 +34,7 @@ from django.utils.crypto import salted_hmac
 
 _BACKEND_SALT = "controlplane.credentials.backend"
 _WORKER_COMMAND_SALT = "controlplane.credentials.worker-command"
+_NODE_SALT = "controlplane.credentials.node"
 
 
 def _derive(prefix: str, salt: str, node_id, key: str | None) -> str:
@@ -44,3 +52,9 @@ def backend_token(node_id, *, key: str | None = None) -> str:
 def worker_command_token(node_id, *, key: str | None = None) -> str:
     """The credential the control plane presents to ``node_id``'s worker gRPC service."""
     return _derive("cpw_", _WORKER_COMMAND_SALT, node_id, key)
+
+
+def node_token(node_id, *, key: str | None = None) -> str:
+    """The REST credential of ``node_id`` (a ``node_token`` node); handed over in every
+    registration answer, authenticated by its stored sha256."""
+    return _derive("cpn_", _NODE_SALT, node_id, key)

@@ -260,7 +260,7 @@ class WorkerAgent:
             return self._reregister("not registered yet")
         body = self.heartbeat_body()
         try:
-            self.client.heartbeat(self.node_id, self._node_token, body)
+            answer = self.client.heartbeat(self.node_id, self._node_token, body)
         except ControlPlaneError as exc:
             if exc.status in _FORGOTTEN:
                 return self._reregister(f"heartbeat answered {exc.describe()}")
@@ -270,6 +270,13 @@ class WorkerAgent:
             log.warning("heartbeat failed, will retry next tick: %s", exc)
             return False
         log.debug("heartbeat sent %s", body)
+        recorded = answer.get("address") if isinstance(answer, dict) else None
+        if recorded is not None and recorded != self.config.address:
+            # The control plane's database says another address (restored from a backup taken
+            # before this worker last registered): register again, with the kept node token.
+            return self._reregister(
+                f"the control plane has address {recorded!r} for this node, not {self.config.address!r}"
+            )
         return True
 
     def _reregister(self, why: str) -> bool:

@@ -221,6 +221,14 @@ class NodeStatusSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=Node.Status.choices, read_only=True)
 
 
+class HeartbeatAnswerSerializer(NodeStatusSerializer):
+    """The node's status, and the gRPC address the control plane has for it: a worker whose
+    advertised address differs (the database was restored from a backup taken before the
+    worker last registered) registers again, with its kept node token, to correct it."""
+
+    address = serializers.CharField(read_only=True)
+
+
 class NodeReplicaSerializer(serializers.ModelSerializer):
     """One replica row of a node, as the worker sees it while draining."""
 

@@ -201,14 +201,14 @@ class NodeSelfViewSet(viewsets.ViewSet):
             "measure). Never changes the node's status."
         ),
         request=s.HeartbeatSerializer,
-        responses={200: s.NodeStatusSerializer, **_NODE_CALL_PROBLEMS},
+        responses={200: s.HeartbeatAnswerSerializer, **_NODE_CALL_PROBLEMS},
     )
     def heartbeat(self, request, node_id):
         body = s.HeartbeatSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         if not Node.objects.heartbeat(self.node.pk, **body.validated_data):
             raise NotFound("No such node.")
-        return Response({"status": self.node.status})
+        return Response({"status": self.node.status, "address": self.node.address})
 
     @extend_schema(
         summary="Stop new work on this node (graceful shutdown, step 1)",

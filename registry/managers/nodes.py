@@ -4,6 +4,7 @@ and label verbs (labels are capacity too)."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,7 +26,8 @@ from django.db.models import (
 )
 from django.db.models.functions import Least
 
-from controlplane.tokens import hash_token, new_token, token_matches
+from controlplane.credentials import node_token
+from controlplane.tokens import hash_token, token_matches
 
 from .. import placement
 from ..labels import auto_labels, validate_labels
@@ -216,7 +218,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         restart. It keeps an operator-set ``max_replicas_per_model``. Its replica rows are
         deleted (it restarted and runs nothing), the labels it sent replace the ones it sent
         last time (operator labels are kept and win on a shared key; auto-labels are
-        rewritten), a new node token replaces the old one, and every model's unsatisfiable
+        rewritten), its node token (derived from its id, ``controlplane.credentials``) is handed over again, and every model's unsatisfiable
         cooldown is cleared because capacity changed. A registration that would leave the node
         with more than ``CONTROLPLANE_MAX_LABELS_PER_NODE`` labels raises ``TooManyLabels``
         and writes nothing.
@@ -246,7 +248,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         labels = validate_labels(labels)
         now = _now(now)
         slots = max(1, int(max_replicas_per_model or 1))
-        token = new_token("cpn_") if auth_mode == AuthMode.NODE_TOKEN else ""
+        issues_token = auth_mode == AuthMode.NODE_TOKEN
         capacity = {
             "node_type": node_type,
             "address": address,
@@ -261,7 +263,6 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
             "reserved_vram": 0,
             "reported_max_replicas_per_model": slots,
             "auth_mode": auth_mode,
-            "token_hash": hash_token(token) if token else "",
             "worker_api": WorkerApi.AVAILABLE if serves_worker_api else WorkerApi.UNKNOWN,
             "worker_api_detail": "declared at registration" if serves_worker_api else "",
             "worker_api_checked_at": now if serves_worker_api else None,
@@ -285,8 +286,15 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                         raise NodeCredentialRequired(
                             f"node {name!r} exists; re-registering it needs its current node token"
                         )
+                    # The node token is derived from the node id (controlplane.credentials), so
+                    # the hash a restored database holds still matches the token a worker kept
+                    # across registrations made after the backup.
+                    node_id = uuid.uuid4() if created else node.pk
+                    token = node_token(node_id) if issues_token else ""
+                    capacity["token_hash"] = hash_token(token) if token else ""
                     if created:
                         node = self.create(
+                            id=node_id,
                             name=name,
                             status=self.model.Status.HEALTHY if auto_approve else self.model.Status.PENDING,
                             max_replicas_per_model=slots,

@@ -143,7 +143,7 @@ def test_heartbeat_with_the_fleet_token_and_disk_figures_is_200_and_stored(local
     response = localai.post(url(localai_node, "heartbeat"), {**LOCALAI_HEARTBEAT, "gpu_temp": 71}, format="json")
 
     assert response.status_code == 200, response.content
-    assert response.json() == {"status": "healthy"}
+    assert response.json() == {"status": "healthy", "address": localai_node.address}
     localai_node.refresh_from_db()
     assert (localai_node.available_vram, localai_node.available_ram) == (30 * GIB, 20 * GIB)
     assert (localai_node.total_disk, localai_node.available_disk) == (2 * TIB, 900 * GIB)

@@ -105,14 +105,30 @@ def test_register_pending_without_auto_approve(registration_client, settings):
     assert response.json()["status"] == "pending"
 
 
-def test_re_registration_keeps_the_id_and_rotates_the_token(registration_client):
+def test_re_registration_keeps_the_id_and_the_derived_token(registration_client):
+    # The node token is derived from the node id, so the hash a restored database holds still
+    # matches what a worker kept across registrations made after the backup.
     first = registration_client.post(REGISTER, WORKER_BODY, format="json").json()
     second = registration_client.post(
         REGISTER, WORKER_BODY, format="json", HTTP_X_NODE_TOKEN=first["node_token"]
     ).json()
 
     assert first["id"] == second["id"]
-    assert first["node_token"] != second["node_token"]
+    assert first["node_token"] == second["node_token"]
+    client = registration_client
+    client.credentials(**bearer(second["node_token"]))
+    assert client.post(f"/api/node/{first['id']}/heartbeat", {}, format="json").status_code == 200
+
+
+def test_a_new_credential_key_rotates_the_node_token_at_the_next_registration(registration_client, settings):
+    first = registration_client.post(REGISTER, WORKER_BODY, format="json").json()
+    settings.CONTROLPLANE_CREDENTIAL_KEY = "a-rotated-credential-key"
+    # the kept token still matches the stored hash, so the worker may come back and get the new one
+    second = registration_client.post(
+        REGISTER, WORKER_BODY, format="json", HTTP_X_NODE_TOKEN=first["node_token"]
+    ).json()
+
+    assert first["id"] == second["id"] and first["node_token"] != second["node_token"]
     client = registration_client
     client.credentials(**bearer(first["node_token"]))
     assert_problem(client.post(f"/api/node/{first['id']}/heartbeat", {}, format="json"), 401, "invalid_token")
@@ -177,7 +193,8 @@ def test_heartbeat_updates_free_memory_and_answers_status(node, node_client, now
     response = node_client.post(node_url(node, "heartbeat"), {"available_vram": 3 * GIB}, format="json")
 
     assert response.status_code == 200
-    assert response.json() == {"status": "healthy"}
+    # the address lets a worker notice a database restored from before its last registration
+    assert response.json() == {"status": "healthy", "address": node.address}
     node.refresh_from_db()
     assert node.available_vram == 3 * GIB
 

@@ -4,6 +4,7 @@ from datetime import timedelta
 
 import pytest
 
+from controlplane.credentials import node_token
 from controlplane.tokens import token_matches
 from registry.managers import NodeCredentialRequired
 from registry.models import ModelSchedulingConfig, Node, NodeLabel, NodeModel
@@ -50,12 +51,12 @@ def test_re_registration_of_a_pending_node_stays_pending():
     assert again.node.status == Node.Status.PENDING
 
 
-def test_re_registration_rotates_the_node_token():
+def test_the_node_token_is_derived_from_the_node_id_and_survives_re_registration():
     first = Node.objects.register(name="gpu-1", address="a:1")
     second = Node.objects.register(name="gpu-1", address="a:1", presented_node_token=first.node_token)
     node = Node.objects.get(name="gpu-1")
+    assert first.node_token == second.node_token == node_token(node.pk)
     assert token_matches(second.node_token, node.token_hash)
-    assert not token_matches(first.node_token, node.token_hash)
 
 
 def test_re_registration_keeps_operator_set_slots_and_updates_reported_ones():

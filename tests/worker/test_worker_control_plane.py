@@ -177,6 +177,17 @@ def test_a_forgotten_node_registers_again_and_uses_the_new_identity(control_plan
     assert (last.path, last.authorization) == ("/api/node/node-2/heartbeat", "Bearer node-token-2")
 
 
+def test_a_heartbeat_answer_naming_another_address_makes_the_worker_register_again(control_plane):
+    # A database restored from a backup taken before the worker's last registration holds its
+    # old address: the worker registers again (presenting its kept node token) to correct it.
+    agent = make_agent(control_plane.url)
+    agent.register(tries=1)
+    control_plane.script[("POST", "heartbeat")] = [(200, {"status": "healthy", "address": "127.0.0.1:1"})]
+    assert agent.heartbeat_once()
+    assert control_plane.verbs() == ["register", "heartbeat", "register"]
+    assert control_plane.calls("register")[-1].body["address"] == agent.config.address
+
+
 def test_network_errors_are_logged_and_never_raised(control_plane, caplog):
     agent = make_agent(control_plane.url)
     agent.register(tries=1)
