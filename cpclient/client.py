@@ -95,36 +95,23 @@ class Lease:
 
     def predict(self, prompt: str, *, token: str | None = None, timeout: float | None = None, **fields: Any):
         """``Predict`` on the replica; returns the ``backend.Reply``."""
-        from proto import client
-
-        return client.predict(
-            self.address,
-            prompt,
-            options=self._options(fields),
-            model_identity=self.model_identity,
-            token=self._token(token),
-            timeout=timeout,
-        )
+        return self._call("predict", prompt, token, timeout, fields)
 
     def predict_stream(self, prompt: str, *, token: str | None = None, timeout: float | None = None, **fields: Any):
         """``PredictStream`` on the replica; yields ``backend.Reply`` chunks (``timeout`` bounds
         the whole stream)."""
-        from proto import client
-
-        return client.predict_stream(
-            self.address,
-            prompt,
-            options=self._options(fields),
-            model_identity=self.model_identity,
-            token=self._token(token),
-            timeout=timeout,
-        )
+        return self._call("predict_stream", prompt, token, timeout, fields)
 
     def embedding(self, text: str, *, token: str | None = None, timeout: float | None = None, **fields: Any):
         """``Embedding`` of ``text`` on the replica; returns the ``backend.EmbeddingResult``."""
+        return self._call("embedding", text, token, timeout, fields)
+
+    def _call(self, rpc: str, text: str, token: str | None, timeout: float | None, fields: dict[str, Any]):
+        """One of ``proto.client``'s inference calls on the leased replica, carrying its
+        ``ModelIdentity`` and credential (imported lazily: the rest of cpclient is stdlib only)."""
         from proto import client
 
-        return client.embedding(
+        return getattr(client, rpc)(
             self.address,
             text,
             options=self._options(fields),
