@@ -80,7 +80,7 @@ def _health_server() -> tuple[grpc.Server, str]:
 
 def _fleet(replicas: int, backend_address: str) -> str:
     """``replicas`` nodes with one loaded replica of MODEL each; returns a frontend API key."""
-    from controlplane.models import ApiKey
+    from core.models import ApiKey
     from registry.models import Node, NodeModel
 
     now = timezone.now()

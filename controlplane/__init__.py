@@ -1,1 +1,1 @@
-"""Project package: settings, root URLs, WSGI/ASGI entry points, authentication and health views."""
+"""Control-plane project package: settings, URLs, WSGI/ASGI and the wiring of the apps."""

@@ -1,7 +1,7 @@
 """ASGI entry point.
 
 Refuses to load (ImproperlyConfigured) without a registration token unless open registration is
-explicitly allowed: see ``controlplane.checks``.
+explicitly allowed: see ``core.checks``.
 """
 
 import os
@@ -12,6 +12,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
 application = get_asgi_application()
 
-from controlplane.checks import require_serving_configuration  # noqa: E402  (needs settings loaded)
+from core.checks import require_serving_configuration  # noqa: E402  (needs settings loaded)
 
 require_serving_configuration()

@@ -30,7 +30,7 @@ from django.db.migrations.executor import MigrationExecutor
 from django.http import JsonResponse
 from django.utils import timezone
 
-from controlplane.problems import Problem, problem_response
+from core.problems import Problem, problem_response
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ def problem_for_server_error(status: int, reason: str, message: str) -> tuple[in
     if status == 400 and message.startswith(_REQUEST_LINE_TOO_LARGE):
         status, reason = 414, "URI Too Long"
     try:
-        from controlplane.problems import generic_problem  # Django is loaded in a serving worker
+        from core.problems import generic_problem  # Django is loaded in a serving worker
 
         document = generic_problem(status).as_dict()
     except Exception:  # noqa: BLE001 - an answer without the project's wording beats no answer
@@ -53,7 +53,7 @@ def write_problem_error(sock, status_int: int, reason: str, mesg: str) -> None:
     """Drop-in for ``gunicorn.util.write_error``: a problem document, then a lingering close."""
     from gunicorn import util
 
-    from controlplane.problems import PROBLEM_CONTENT_TYPE
+    from core.problems import PROBLEM_CONTENT_TYPE
 
     status_int, reason, body = problem_for_server_error(status_int, reason, mesg)
     head = (
@@ -150,7 +150,7 @@ class InvalidPathMiddleware:
             return self.get_response(request)
         from django.http import HttpResponseBadRequest
 
-        from controlplane.problems import Problem, is_api_path, problem_response
+        from core.problems import Problem, is_api_path, problem_response
 
         if not is_api_path(request):
             return HttpResponseBadRequest("The request path is not valid UTF-8.")

@@ -1,25 +1,11 @@
-"""Prometheus metrics: what the processes count, what the database says at scrape time, and
-the ``/metrics`` view.
+"""The ``/metrics`` view: every process's counters (``core.metrics``) plus the fleet's truth
+read from the database at scrape time.
 
-Two kinds of series, on purpose:
-
-* **Counted in-process** (request counts and latencies, reconcile pass durations and outcomes,
-  gRPC calls, load jobs, evictions): prometheus-client metrics defined below, incremented by
-  small hooks (``RequestMetricsMiddleware``, ``observe_reconcile_pass``, ``observe_grpc_call``
-  installed into ``proto.client``, ``observe_load_job``, ``observe_eviction``). When
-  ``PROMETHEUS_MULTIPROC_DIR`` is set (``scripts/run`` sets it for gunicorn and the qcluster),
-  prometheus-client writes them to per-process files in that directory and a scrape of any web
-  process sums every process's files (``MultiProcessCollector``); otherwise they live in this
-  process's default registry.
-* **Read from the database at scrape time** (``FleetCollector``): nodes by status, replicas
-  desired vs ready per configured model, heartbeat ages, the last successful reconcile pass.
-  The database is shared by every process on every machine, so these are the fleet's truth
-  whichever web process is scraped; the collector runs a constant number of queries (pinned in
-  tests/ops).
-
-Label cardinality stays bounded: request metrics carry the URL pattern's name (never the raw
-path), the method (unknown verbs become ``other``) and the status class; per-model series exist
-only for models with a scheduling config; no series carries a node id.
+``FleetCollector`` reads nodes by status, replicas desired vs ready per configured model,
+heartbeat ages and the last successful reconcile pass. The database is shared by every process
+on every machine, so these gauges are the fleet's truth whichever web process is scraped; the
+collector runs a constant number of queries (pinned in tests/ops). Per-model series exist only
+for models with a scheduling config; no series carries a node id.
 """
 
 from __future__ import annotations
@@ -27,7 +13,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import time
 from functools import lru_cache
 
 from django.conf import settings
@@ -35,130 +20,20 @@ from django.db import DatabaseError
 from django.db.models import Count
 from django.http import HttpResponse
 from django.utils import timezone
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from core.auth import ApiKeyAuthentication
+from core.models import ApiKey
+from core.problems import Problem, problem_response
+from reconciler.models import ReconcilePass
+from registry.models import ModelSchedulingConfig, Node, NodeModel
 
 logger = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 HEARTBEAT_AGE_BUCKETS = (1.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
-
-# --- counted in-process ---------------------------------------------------------------------
-
-HTTP_REQUESTS = Counter(
-    "controlplane_http_requests",
-    "HTTP requests answered, by URL pattern name, method and status class.",
-    ["route", "method", "status"],
-)
-HTTP_LATENCY = Histogram(
-    "controlplane_http_request_duration_seconds",
-    "Time to answer an HTTP request, by URL pattern name and method.",
-    ["route", "method"],
-    buckets=LATENCY_BUCKETS,
-)
-RECONCILE_PASSES = Counter(
-    "controlplane_reconcile_passes",
-    "Reconcile passes by outcome (ok, skipped: another process held the lock, error).",
-    ["outcome"],
-)
-RECONCILE_DURATION = Histogram(
-    "controlplane_reconcile_pass_duration_seconds",
-    "Duration of reconcile passes that ran (outcome ok or error).",
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
-)
-RECONCILE_ACTIONS = Counter(
-    "controlplane_reconcile_actions",
-    "What reconcile passes did, by action name (replicas_added, replicas_removed, ...).",
-    ["action"],
-)
-GRPC_CALLS = Counter(
-    "controlplane_grpc_calls",
-    "gRPC calls made by this control plane, by full method and status code.",
-    ["method", "code"],
-)
-GRPC_LATENCY = Histogram(
-    "controlplane_grpc_call_duration_seconds",
-    "gRPC call duration by full method.",
-    ["method"],
-    buckets=LATENCY_BUCKETS + (120.0,),
-)
-LOAD_JOBS = Counter(
-    "controlplane_load_jobs",
-    "Cold-load jobs by event: started (a runner took it), succeeded, failed.",
-    ["event"],
-)
-EVICTIONS = Counter("controlplane_evictions", "Idle replicas evicted to make VRAM room for another model.")
-
-
-def _route_name(request) -> str:
-    match = getattr(request, "resolver_match", None)
-    if match is None:
-        return "unmatched"
-    return match.view_name or match.url_name or "unnamed"
-
-
-def observe_request(request, status_code: int, seconds: float) -> None:
-    route = _route_name(request)
-    method = request.method if request.method in _METHODS else "other"
-    HTTP_REQUESTS.labels(route, method, f"{status_code // 100}xx").inc()
-    HTTP_LATENCY.labels(route, method).observe(seconds)
-
-
-class RequestMetricsMiddleware:
-    """Counts every answer (errors too) by route name, method and status class."""
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-
-    def __call__(self, request):
-        started = time.perf_counter()
-        response = self.get_response(request)
-        try:
-            observe_request(request, response.status_code, time.perf_counter() - started)
-        except Exception:  # metrics must never break a request
-            logger.debug("request metrics failed", exc_info=True)
-        return response
-
-
-_RAN = {"ok", "error"}
-
-
-def observe_reconcile_pass(summary) -> None:
-    """Hook called by ``reconciler.reconcile`` once per pass (stored or skipped)."""
-    try:
-        outcome = str(summary.outcome)
-        RECONCILE_PASSES.labels(outcome).inc()
-        if outcome in _RAN:
-            RECONCILE_DURATION.observe(summary.duration_s)
-        for action, n in summary.actions.items():
-            RECONCILE_ACTIONS.labels(action).inc(n)
-    except Exception:
-        logger.debug("reconcile metrics failed", exc_info=True)
-
-
-def observe_grpc_call(method: str, code: str, seconds: float) -> None:
-    """Installed as ``proto.client.call_observer`` by ``install_hooks``."""
-    GRPC_CALLS.labels(method, code).inc()
-    GRPC_LATENCY.labels(method).observe(seconds)
-
-
-def observe_load_job(event: str) -> None:
-    LOAD_JOBS.labels(event).inc()
-
-
-def observe_eviction() -> None:
-    EVICTIONS.inc()
-
-
-def install_hooks() -> None:
-    """Called from ``ControlPlaneConfig.ready``: ``proto`` does not import Django, so the
-    control plane hands it the observer instead."""
-    from proto import client
-
-    client.call_observer = observe_grpc_call
 
 
 # --- read from the database at scrape time ---------------------------------------------------
@@ -182,9 +57,6 @@ class FleetCollector:
         yield from families
 
     def _families(self):
-        from reconciler.models import ReconcilePass
-        from registry.models import ModelSchedulingConfig, Node, NodeModel
-
         now = timezone.now()
 
         nodes = GaugeMetricFamily("controlplane_nodes", "Registered nodes by status.", labels=["status"])
@@ -308,9 +180,6 @@ def scrape_allowed(request) -> bool:
 
 
 def _has_operator_key(request) -> bool:
-    from controlplane.auth import ApiKeyAuthentication
-    from controlplane.models import ApiKey
-
     try:
         result = ApiKeyAuthentication().authenticate(request)
     except Exception:
@@ -322,8 +191,6 @@ def _has_operator_key(request) -> bool:
 
 
 def metrics_view(request):
-    from controlplane.problems import Problem, problem_response
-
     if not scrape_allowed(request):
         return problem_response(
             Problem(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from controlplane.logs import logging_config
+from core.logs import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CONTROLPLANE_VAR_DIR", BASE_DIR / "var"))
@@ -71,7 +71,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
-    "controlplane",
+    "core.apps.CoreConfig",
     "registry",
     "reconciler",
     # After reconciler: its ``manage.py qcluster`` (bounded stop) replaces django-q2's.
@@ -79,12 +79,12 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # Outermost: X-Request-ID in and out, and the log context of the request (controlplane/logs.py).
-    "controlplane.logs.RequestIdMiddleware",
+    # Outermost: X-Request-ID in and out, and the log context of the request (core/logs.py).
+    "core.logs.RequestIdMiddleware",
     # Counts every answer, by URL pattern name (controlplane/metrics.py).
-    "controlplane.metrics.RequestMetricsMiddleware",
+    "core.metrics.RequestMetricsMiddleware",
     # Turns any HTML error page on /api/ paths into a problem document.
-    "controlplane.problems.ProblemResponseMiddleware",
+    "core.problems.ProblemResponseMiddleware",
     # A path that is not UTF-8 once percent-decoded is a 400 (controlplane/httpserver.py).
     "controlplane.httpserver.InvalidPathMiddleware",
     "django.middleware.security.SecurityMiddleware",
@@ -163,21 +163,21 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("CONTROLPLANE_MAX_BODY_BYTES", 1024 * 1024
 
 # --- REST API -------------------------------------------------------------------------------
 # Deny by default: a view that declares no permission is operator-only. Errors are RFC 9457
-# problem documents (controlplane/problems.py). See controlplane/auth.py for the credentials.
+# problem documents (core/problems.py). See core/auth.py and registry/api/auth.py for the credentials.
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "controlplane.auth.ApiKeyAuthentication",
+        "core.auth.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["controlplane.auth.IsOperator"],
-    "DEFAULT_PARSER_CLASSES": ["controlplane.parsers.StrictJSONParser"],
+    "DEFAULT_PERMISSION_CLASSES": ["core.auth.IsOperator"],
+    "DEFAULT_PARSER_CLASSES": ["core.parsers.StrictJSONParser"],
     # JSON only: a client that accepts nothing but text/html gets a 406 problem (browsers send
     # */* as well and get JSON). The admin is the HTML interface.
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PAGINATION_CLASS": "controlplane.pagination.LimitOffset",
+    "DEFAULT_PAGINATION_CLASS": "core.pagination.LimitOffset",
     "PAGE_SIZE": 100,
-    "EXCEPTION_HANDLER": "controlplane.problems.exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "controlplane.schema.ProblemAutoSchema",
+    "EXCEPTION_HANDLER": "core.problems.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "core.schema.ProblemAutoSchema",
 }
 
 SPECTACULAR_SETTINGS = {
@@ -216,10 +216,10 @@ SPECTACULAR_SETTINGS = {
 # --- Control plane --------------------------------------------------------------------------
 # The fleet's registration token: workers present it to register (and LocalAI's fleet-token
 # nodes on their own REST calls). The control plane never sends it anywhere: gRPC calls carry
-# the per-node credentials of controlplane.credentials. No default: the web process refuses to
+# the per-node credentials of core.credentials. No default: the web process refuses to
 # start without it unless CONTROLPLANE_ALLOW_OPEN_REGISTRATION is set for development.
 CONTROLPLANE_REGISTRATION_TOKEN = os.environ.get("CONTROLPLANE_REGISTRATION_TOKEN", "")
-# Key of the per-node gRPC credentials (controlplane.credentials); empty = SECRET_KEY. Every
+# Key of the per-node gRPC credentials (core.credentials); empty = SECRET_KEY. Every
 # web and qcluster process must share it; changing it rotates every node's backend and worker
 # command tokens (workers get the new ones when they re-register).
 CONTROLPLANE_CREDENTIAL_KEY = os.environ.get("CONTROLPLANE_CREDENTIAL_KEY", "")
@@ -293,7 +293,7 @@ else:
 
 # --- Logging --------------------------------------------------------------------------------
 # Readable lines by default, one JSON object per line with LOG_FORMAT=json; request id, pass
-# id, node and model on every line where known (controlplane/logs.py, docs/operations.md).
+# id, node and model on every line where known (core/logs.py, docs/operations.md).
 LOG_LEVEL = os.environ.get("CONTROLPLANE_LOG_LEVEL", "INFO")
 LOG_FORMAT = os.environ.get("LOG_FORMAT", "readable")
 LOGGING = logging_config(level=LOG_LEVEL, fmt=LOG_FORMAT)

@@ -26,7 +26,7 @@ urlpatterns = [
     path("metrics", metrics.metrics_view, name="metrics"),
 ]
 
-handler400 = "controlplane.problems.handler400"
-handler403 = "controlplane.problems.handler403"
-handler404 = "controlplane.problems.handler404"
-handler500 = "controlplane.problems.handler500"
+handler400 = "core.problems.handler400"
+handler403 = "core.problems.handler403"
+handler404 = "core.problems.handler404"
+handler500 = "core.problems.handler500"

@@ -1,7 +1,7 @@
 """WSGI entry point (gunicorn controlplane.wsgi).
 
 Refuses to load (ImproperlyConfigured) without a registration token unless open registration is
-explicitly allowed: see ``controlplane.checks``. ``RequestPathGuard`` undoes gunicorn's
+explicitly allowed: see ``core.checks``. ``RequestPathGuard`` undoes gunicorn's
 re-encoding of raw UTF-8 bytes in the request path and marks paths that are not UTF-8
 (``controlplane.httpserver``).
 """
@@ -16,6 +16,6 @@ from controlplane.httpserver import RequestPathGuard  # noqa: E402
 
 application = RequestPathGuard(get_wsgi_application())
 
-from controlplane.checks import require_serving_configuration  # noqa: E402  (needs settings loaded)
+from core.checks import require_serving_configuration  # noqa: E402  (needs settings loaded)
 
 require_serving_configuration()

@@ -12,7 +12,7 @@ Why it looks like this:
   lazily so this module imports without Django, and per call with ``timeout=``).
 * A call carries ``authorization: Bearer <token>`` only when the caller passes ``token=``:
   there is no default credential, so the fleet registration token is never sent (the control
-  plane passes ``controlplane.credentials``' per-node tokens). Worker calls add ``x-node-id``
+  plane passes ``core.credentials``' per-node tokens). Worker calls add ``x-node-id``
   so a worker can refuse a call meant for another node behind a reused address. Tokens are
   never logged.
 * Callers get :class:`GrpcCallError` / :class:`BackendUnavailable` instead of ``grpc.RpcError``,

@@ -6,7 +6,7 @@
 - ``GET /events`` (frontend or operator): the event history, newest first, filterable.
 
 Authentication, permissions, pagination and problem documents are the project's
-(``controlplane.auth``, ``controlplane.pagination``, ``controlplane.problems``).
+(``core.auth``, ``core.pagination``, ``core.problems``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from controlplane.auth import IsFrontend, IsOperator
-from controlplane.problems import ProblemError
-from controlplane.schema import problems
+from core.auth import IsFrontend, IsOperator
+from core.problems import ProblemError
+from core.schema import problems
 from registry.api.serializers import validate_model_name
 from registry.api.views import MODEL
 

@@ -27,18 +27,18 @@ ALIVE, BUSY, UNREACHABLE = "alive", "busy", "unreachable"
 
 class GrpcProber:
     """The default prober: ``proto.client`` with the node's own credentials
-    (``controlplane.credentials``): Health carries the node's backend token, worker calls its
+    (``core.credentials``): Health carries the node's backend token, worker calls its
     worker command token; the fleet registration token is never sent. Imported lazily so that
     loading the reconciler never imports grpc."""
 
     def probe(self, address: str, *, node_id: str, timeout: float | None = None):
-        from controlplane.credentials import backend_token
+        from core.credentials import backend_token
         from proto import client
 
         return client.probe(address, token=backend_token(node_id), timeout=timeout)
 
     def list_backends(self, address: str, *, node_id: str, timeout: float | None = None):
-        from controlplane.credentials import worker_command_token
+        from core.credentials import worker_command_token
         from proto import client
 
         return client.list_backends(address, node_id=node_id, token=worker_command_token(node_id), timeout=timeout)
@@ -46,7 +46,7 @@ class GrpcProber:
     def stop_backend(
         self, address: str, model_name: str, replica_index: int, *, node_id: str, timeout: float | None = None
     ):
-        from controlplane.credentials import worker_command_token
+        from core.credentials import worker_command_token
         from proto import client
 
         return client.stop_backend(
@@ -54,7 +54,7 @@ class GrpcProber:
         )
 
     def unload_model(self, address: str, model_name: str, *, node_id: str, timeout: float | None = None):
-        from controlplane.credentials import worker_command_token
+        from core.credentials import worker_command_token
         from proto import client
 
         return client.unload_model(

@@ -33,8 +33,8 @@ from uuid import UUID, uuid4
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django.utils import timezone
 
-from controlplane import metrics
-from controlplane.logs import log_context
+from core import metrics
+from core.logs import log_context
 from registry.locks import LockKey, try_advisory_lock
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 

@@ -26,7 +26,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from controlplane.credentials import worker_command_token
+from core.credentials import worker_command_token
 from proto import client as grpc_client
 from proto.codec import InvalidModelOptions, options_to_json
 from reconciler import reconcile

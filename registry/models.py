@@ -387,7 +387,7 @@ class Lease(models.Model):
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["released_at", "expires_at"], name="lease_released_expires_idx")]
         # A staff session calls the frontend API (route, leases, load info, replica reports,
-        # model status, events) only with this permission (controlplane.auth.IsFrontend).
+        # model status, events) only with this permission (core.auth.IsFrontend).
         permissions = [("use_frontend_api", "Can call the frontend API with an admin session")]
 
     def __str__(self):

@@ -26,8 +26,8 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from controlplane import metrics
-from controlplane.credentials import backend_token, worker_command_token
+from core import metrics
+from core.credentials import backend_token, worker_command_token
 from proto import client, codec
 
 from . import placement

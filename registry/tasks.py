@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db import connections
 from django.utils import timezone
 
-from controlplane import metrics
+from core import metrics
 
 from . import router
 from .models import Lease, LoadJob, NodeModel

@@ -59,6 +59,6 @@ def make_scheduling(model_name="llama", *, min_replicas=0, max_replicas=0, node_
 
 def make_api_key(role="operator", *, name=None):
     """Create an API key; returns ``(api_key, plaintext)`` (the plaintext is the bearer token)."""
-    from controlplane.models import ApiKey
+    from core.models import ApiKey
 
     return ApiKey.objects.create_key(name or f"{role}-{next(_sequence)}", role)

@@ -1,8 +1,8 @@
-"""Domain problems of the registry API (rendered by ``controlplane.problems.exception_handler``)."""
+"""Domain problems of the registry API (rendered by ``core.problems.exception_handler``)."""
 
 from rest_framework import status
 
-from controlplane.problems import ProblemError
+from core.problems import ProblemError
 
 
 class NoLoadInfo(ProblemError):

@@ -5,7 +5,7 @@ Thin views: each calls one router function or registry verb (``registry.router.r
 ``Lease.objects.release``/``renew``, ``NodeModel.objects.set_replica`` +
 ``ModelLoadInfo.objects.upsert``). Router errors become problem documents with their stable
 ``code`` (``RoutingProblem``); everything else is rendered by
-``controlplane.problems.exception_handler``. Callers need a frontend or operator API key.
+``core.problems.exception_handler``. Callers need a frontend or operator API key.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from controlplane import names
-from controlplane.auth import IsFrontend
-from controlplane.credentials import backend_token, worker_command_token
-from controlplane.problems import ProblemError
-from controlplane.schema import problems
-from controlplane.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
+from core import names
+from core.auth import IsFrontend
+from core.credentials import backend_token, worker_command_token
+from core.problems import ProblemError
+from core.schema import problems
+from core.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
 from proto import client, worker_pb2
 from registry import router
 from registry.models import Lease, LoadJob, ModelLoadInfo, Node, NodeModel

@@ -10,8 +10,8 @@ import binascii
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from controlplane import names
-from controlplane.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
+from core import names
+from core.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
 from registry.labels import MAX_LABEL_PART, validate_labels
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 
@@ -33,7 +33,7 @@ MAX_LABELS = 64
 class LabelMapField(serializers.DictField):
     """A map of label key -> value: at most 64 pairs; keys are names (1-255 characters, no
     control characters, no outer whitespace), values at most 255 characters without control
-    characters (``controlplane.names``)."""
+    characters (``core.names``)."""
 
     child = StrictCharField(
         max_length=MAX_LABEL_PART, allow_blank=True, trim_whitespace=False, validators=[names.validate_label_value]
@@ -53,7 +53,7 @@ class LabelMapField(serializers.DictField):
 
 
 def validate_model_name(value: str) -> str:
-    """A model name taken from a URL: the canonical form of ``controlplane.names``, else a 400
+    """A model name taken from a URL: the canonical form of ``core.names``, else a 400
     ``validation_error`` on the field ``model``."""
     errors = names.model_name_errors(value)
     if errors:

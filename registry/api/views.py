@@ -3,7 +3,7 @@
 Every state change is a verb of ``registry.managers`` (``Node.objects.register``,
 ``mark_draining``, ``ModelLoadInfo.objects.upsert``, ...); views translate HTTP to a verb call
 and a verb's "did not apply" answer to a problem. Errors are rendered by
-``controlplane.problems.exception_handler``.
+``core.problems.exception_handler``.
 """
 
 from __future__ import annotations
@@ -17,20 +17,10 @@ from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from controlplane import names
-from controlplane.auth import (
-    FleetTokenNodesRefused,
-    HasRegistrationToken,
-    IsFrontend,
-    IsNodeSelf,
-    IsOperator,
-    NodeTokenAuthentication,
-    RegistrationTokenAuthentication,
-    calling_node,
-    fleet_token_nodes_allowed,
-)
-from controlplane.credentials import backend_token, worker_command_token
-from controlplane.schema import problems
+from core import names
+from core.auth import IsFrontend, IsOperator
+from core.credentials import backend_token, worker_command_token
+from core.schema import problems
 from registry.managers import DrainedByOperator as DrainedByOperatorError
 from registry.managers import NodeCredentialRequired as NodeCredentialRequiredError
 from registry.managers import NodeTokenRequired as NodeTokenRequiredError
@@ -38,6 +28,15 @@ from registry.managers import TooManyLabels as TooManyLabelsError
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 
 from . import serializers as s
+from .auth import (
+    FleetTokenNodesRefused,
+    HasRegistrationToken,
+    IsNodeSelf,
+    NodeTokenAuthentication,
+    RegistrationTokenAuthentication,
+    calling_node,
+    fleet_token_nodes_allowed,
+)
 from .problems import (
     DrainedByOperator,
     InvalidModelOptions,
@@ -50,7 +49,7 @@ from .problems import (
 
 logger = logging.getLogger(__name__)
 
-# The canonical form of controlplane.names: 1-255 characters, no control characters, no outer
+# The canonical form of core.names: 1-255 characters, no control characters, no outer
 # whitespace, slash-separated segments none of which is empty, "." or "..". Anything else is a 400.
 MODEL_NAME_PATTERN = (
     r"^(?!\s)(?!.*\s$)(?!(.*/)?\.{1,2}(/|$))"

@@ -26,8 +26,8 @@ from django.db.models import (
 )
 from django.db.models.functions import Least
 
-from controlplane.credentials import node_token
-from controlplane.tokens import hash_token, token_matches
+from core.credentials import node_token
+from core.tokens import hash_token, token_matches
 
 from .. import placement
 from ..labels import auto_labels, validate_labels
@@ -218,7 +218,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         restart. It keeps an operator-set ``max_replicas_per_model``. Its replica rows are
         deleted (it restarted and runs nothing), the labels it sent replace the ones it sent
         last time (operator labels are kept and win on a shared key; auto-labels are
-        rewritten), its node token (derived from its id, ``controlplane.credentials``) is handed over again, and every model's unsatisfiable
+        rewritten), its node token (derived from its id, ``core.credentials``) is handed over again, and every model's unsatisfiable
         cooldown is cleared because capacity changed. A registration that would leave the node
         with more than ``CONTROLPLANE_MAX_LABELS_PER_NODE`` labels raises ``TooManyLabels``
         and writes nothing.
@@ -286,7 +286,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                         raise NodeCredentialRequired(
                             f"node {name!r} exists; re-registering it needs its current node token"
                         )
-                    # The node token is derived from the node id (controlplane.credentials), so
+                    # The node token is derived from the node id (core.credentials), so
                     # the hash a restored database holds still matches the token a worker kept
                     # across registrations made after the backup.
                     node_id = uuid.uuid4() if created else node.pk

@@ -11,8 +11,8 @@ from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
 
-from controlplane.credentials import worker_command_token
-from controlplane.models import ApiKey
+from core.credentials import worker_command_token
+from core.models import ApiKey
 from proto import client as grpc_client
 from proto import worker_pb2, worker_pb2_grpc
 from reconciler import reconcile

@@ -3,7 +3,7 @@
 import pytest
 from django.urls import reverse
 
-from controlplane.models import ApiKey
+from core.models import ApiKey
 from reconciler.models import Event, ModelCondition, ReconcilePass
 from registry.models import Lease, LoadFailure, LoadJob, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 

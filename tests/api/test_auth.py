@@ -10,9 +10,9 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError, call_command
 
-from controlplane import checks
-from controlplane.models import ApiKey
-from controlplane.tokens import token_matches
+from core import checks
+from core.models import ApiKey
+from core.tokens import token_matches
 from tests.api.helpers import assert_problem, bearer
 from tests.factories import make_api_key
 

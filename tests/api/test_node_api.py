@@ -3,7 +3,7 @@ fleet-token mode of LocalAI's workers: test_localai_worker_api.py)."""
 
 import pytest
 
-from controlplane.tokens import token_matches
+from core.tokens import token_matches
 from registry.models import Node, NodeLabel, NodeModel
 from tests.api.conftest import REGISTRATION_TOKEN
 from tests.api.helpers import assert_problem, bearer

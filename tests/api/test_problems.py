@@ -7,8 +7,8 @@ from django.db import IntegrityError, InterfaceError, OperationalError
 from django.test import Client
 from rest_framework import serializers
 
-from controlplane.problems import ProblemError, flatten_errors, problem_for_exception
-from controlplane.serializers import RejectUnknownFieldsMixin
+from core.problems import ProblemError, flatten_errors, problem_for_exception
+from core.serializers import RejectUnknownFieldsMixin
 from tests.api.helpers import assert_problem
 
 pytestmark = pytest.mark.django_db
@@ -150,7 +150,7 @@ def test_unreachable_database_is_a_503_with_retry_after(operator_client, error):
 
 def test_database_down_during_authentication_is_503(api_client, operator_key):
     """The API key lookup itself fails (patched), as when the database is down."""
-    with mock.patch("controlplane.models.ApiKey.objects.authenticate", side_effect=OperationalError("down")):
+    with mock.patch("core.models.ApiKey.objects.authenticate", side_effect=OperationalError("down")):
         response = api_client.get("/api/v1/nodes", HTTP_AUTHORIZATION=f"Bearer {operator_key}")
     assert_problem(response, 503, "database_unavailable")
 

@@ -32,14 +32,14 @@ CREDENTIAL_KEY = "e2e-credential-key-" + uuid.uuid4().hex
 
 def backend_token(node_id) -> str:
     """What the node's backends require (the lease's ``backend_token``)."""
-    from controlplane.credentials import backend_token as derive
+    from core.credentials import backend_token as derive
 
     return derive(node_id, key=CREDENTIAL_KEY)
 
 
 def command_token(node_id) -> str:
     """What the node's worker service requires."""
-    from controlplane.credentials import worker_command_token as derive
+    from core.credentials import worker_command_token as derive
 
     return derive(node_id, key=CREDENTIAL_KEY)
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 import tests.router.conftest as router_fleet
-from controlplane.credentials import backend_token
+from core.credentials import backend_token
 from cpclient import (
     AuthenticationError,
     ConflictError,

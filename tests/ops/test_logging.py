@@ -7,7 +7,7 @@ import logging
 import pytest
 from django.utils import timezone
 
-from controlplane.logs import ContextFilter, JsonFormatter, ReadableFormatter, log_context, logging_config
+from core.logs import ContextFilter, JsonFormatter, ReadableFormatter, log_context, logging_config
 from reconciler.reconcile import reconcile_once
 from tests.reconciler.fakes import FakeProber, FakeScheduler
 

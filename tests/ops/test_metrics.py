@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from controlplane.metrics import FleetCollector, observe_grpc_call
+from controlplane.metrics import FleetCollector
+from core.metrics import observe_grpc_call
 from reconciler.reconcile import reconcile_once
 from registry.models import ModelLoadInfo, Node
 from tests.factories import make_api_key, make_node, make_replica, make_scheduling
@@ -138,9 +139,10 @@ import django, os, sys
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 django.setup()
 from controlplane import metrics
+from core.metrics import observe_eviction, observe_load_job
 if sys.argv[1] == "count":
-    metrics.observe_load_job("started")
-    metrics.observe_eviction()
+    observe_load_job("started")
+    observe_eviction()
 else:
     from prometheus_client import generate_latest
     sys.stdout.write(generate_latest(metrics.scrape_registry()).decode())

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from rest_framework.test import APIClient
 
-from controlplane.models import ApiKey
+from core.models import ApiKey
 from reconciler.models import Event, ModelCondition
 from registry.locks import LockKey, try_advisory_lock
 from registry.models import ModelLoadInfo

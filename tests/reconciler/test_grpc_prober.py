@@ -9,7 +9,7 @@ import grpc
 import pytest
 from django.test import override_settings
 
-from controlplane.credentials import backend_token, worker_command_token
+from core.credentials import backend_token, worker_command_token
 from proto import backend_pb2, backend_pb2_grpc, client, worker_pb2, worker_pb2_grpc
 from reconciler.checks import GrpcProber, probe_outcome
 from reconciler.models import Event

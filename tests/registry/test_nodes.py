@@ -4,8 +4,8 @@ from datetime import timedelta
 
 import pytest
 
-from controlplane.credentials import node_token
-from controlplane.tokens import token_matches
+from core.credentials import node_token
+from core.tokens import token_matches
 from registry.managers import NodeCredentialRequired
 from registry.models import ModelSchedulingConfig, Node, NodeLabel, NodeModel
 from tests.factories import GIB, make_node, make_replica, make_scheduling

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from controlplane.credentials import backend_token, worker_command_token
+from core.credentials import backend_token, worker_command_token
 from proto import backend_pb2, client, codec, worker_pb2
 from tests.factories import GIB, make_node
 

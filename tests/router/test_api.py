@@ -9,7 +9,7 @@ from django.utils import timezone
 from google.protobuf import json_format
 from rest_framework.test import APIClient
 
-from controlplane.credentials import backend_token
+from core.credentials import backend_token
 from proto import backend_pb2
 from registry.models import Lease, LoadJob, ModelLoadInfo, NodeModel
 from tests.factories import make_api_key, make_node, make_replica, make_scheduling

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from controlplane.credentials import backend_token, worker_command_token
+from core.credentials import backend_token, worker_command_token
 from proto import backend_pb2, client, worker_pb2, worker_pb2_grpc
 from registry import router
 from registry.models import Lease, LoadJob, NodeModel

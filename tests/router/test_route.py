@@ -8,7 +8,7 @@ import grpc
 import pytest
 from django.utils import timezone
 
-from controlplane.credentials import backend_token, worker_command_token
+from core.credentials import backend_token, worker_command_token
 from proto import backend_pb2
 from registry import router
 from registry.models import Lease, LoadFailure, LoadJob, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel

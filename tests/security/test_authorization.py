@@ -13,7 +13,8 @@ from django.contrib.auth import get_user_model
 from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.test import APIClient
 
-from controlplane.auth import IsNodeSelf, IsOperator
+from core.auth import IsOperator
+from registry.api.auth import IsNodeSelf
 from tests.factories import make_api_key, make_node
 
 pytestmark = pytest.mark.django_db

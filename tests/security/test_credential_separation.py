@@ -16,7 +16,7 @@ import grpc
 import pytest
 from rest_framework.test import APIClient
 
-from controlplane.credentials import backend_token, worker_command_token
+from core.credentials import backend_token, worker_command_token
 from proto import client
 from reconciler.reconcile import reconcile_once
 from registry.models import Node, NodeModel

@@ -16,9 +16,9 @@ from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from controlplane import names
-from controlplane.logs import ClientErrorTracebackFilter
-from controlplane.parsers import MAX_JSON_DEPTH, loads_strict, nesting_depth
+from core import names
+from core.logs import ClientErrorTracebackFilter
+from core.parsers import MAX_JSON_DEPTH, loads_strict, nesting_depth
 from registry.models import Lease, NodeModel
 from tests.api.helpers import assert_problem
 from tests.factories import make_api_key, make_node, make_replica

@@ -10,7 +10,7 @@ their effect.
 
 import pytest
 
-from controlplane.auth import IsFrontend, IsOperator
+from core.auth import IsFrontend, IsOperator
 from registry.models import ModelSchedulingConfig, Node, NodeLabel
 from tests.api.conftest import OPERATOR_PERMISSIONS, session_client, staff_user
 from tests.factories import make_api_key, make_node

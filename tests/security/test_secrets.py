@@ -14,7 +14,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from controlplane import tokens
+from core import tokens
 from proto import client
 from tests.e2e.harness import free_port, wait_for
 
@@ -128,7 +128,7 @@ def test_no_secret_in_api_answers_after_creation(random_registration_token):
     admin = get_user_model().objects.create_superuser("sec-admin", password="x-" + uuid.uuid4().hex)
     browser = APIClient()
     browser.force_login(admin)
-    from controlplane.models import ApiKey
+    from core.models import ApiKey
     from registry.models import Node
 
     api_key = ApiKey.objects.get(name="sec-answers")

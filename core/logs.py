@@ -130,12 +130,12 @@ def logging_config(*, level: str = "INFO", fmt: str = "readable") -> dict:
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {
-            "context": {"()": "controlplane.logs.ContextFilter"},
-            "client_errors": {"()": "controlplane.logs.ClientErrorTracebackFilter"},
+            "context": {"()": "core.logs.ContextFilter"},
+            "client_errors": {"()": "core.logs.ClientErrorTracebackFilter"},
         },
         "formatters": {
-            "readable": {"()": "controlplane.logs.ReadableFormatter"},
-            "json": {"()": "controlplane.logs.JsonFormatter"},
+            "readable": {"()": "core.logs.ReadableFormatter"},
+            "json": {"()": "core.logs.JsonFormatter"},
         },
         "handlers": {
             "console": {

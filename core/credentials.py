@@ -32,9 +32,9 @@ from __future__ import annotations
 from django.conf import settings
 from django.utils.crypto import salted_hmac
 
-_BACKEND_SALT = "controlplane.credentials.backend"
-_WORKER_COMMAND_SALT = "controlplane.credentials.worker-command"
-_NODE_SALT = "controlplane.credentials.node"
+_BACKEND_SALT = "core.credentials.backend"
+_WORKER_COMMAND_SALT = "core.credentials.worker-command"
+_NODE_SALT = "core.credentials.node"
 
 
 def _derive(prefix: str, salt: str, node_id, key: str | None) -> str:

@@ -6,7 +6,7 @@ was created is reported on standard error. The key is shown this once: only its 
 
 from django.core.management.base import BaseCommand, CommandError
 
-from controlplane.models import ApiKey
+from core.models import ApiKey
 
 
 class Command(BaseCommand):

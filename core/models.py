@@ -14,7 +14,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from controlplane.tokens import hash_token, new_token, token_matches
+from core.tokens import hash_token, new_token, token_matches
 
 KEY_PREFIX = "cpk_"
 # "cpk_" plus 8 random characters: about 48 bits, enough to tell keys apart in a listing

@@ -16,7 +16,7 @@ leading or trailing slash, no empty segment (``a//b``) and no ``.`` or ``..`` se
 client library may normalise into each other.
 
 The validators raise ``django.core.exceptions.ValidationError``: DRF fields take them as
-``validators=[...]`` and ``controlplane.problems`` answers them as 400 problems.
+``validators=[...]`` and ``core.problems`` answers them as 400 problems.
 """
 
 from __future__ import annotations

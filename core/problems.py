@@ -22,7 +22,7 @@ exception                                              status  code
 =====================================================  ======  ==========================
 ProblemError subclasses                                theirs  theirs
 DRF ValidationError, django ValidationError            400     validation_error
-DRF ParseError (controlplane/parsers.py's bounds too)  400     parse_error
+DRF ParseError (core/parsers.py's bounds too)  400     parse_error
 a path that is not UTF-8 (controlplane/httpserver.py)  400     invalid_path
 django.db.DataError (a value the database refuses)     400     invalid_data
 NotAuthenticated / AuthenticationFailed                401     not_authenticated / invalid_token

@@ -16,8 +16,8 @@ from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework.permissions import AllowAny
 
-from controlplane.problems import PROBLEM_CONTENT_TYPE
-from controlplane.serializers import ProblemSerializer
+from core.problems import PROBLEM_CONTENT_TYPE
+from core.serializers import ProblemSerializer
 
 PROBLEM_DESCRIPTIONS = {
     400: "Invalid request (`validation_error` with `errors`: field -> messages, `parse_error`, or `invalid_path`)",
@@ -81,7 +81,7 @@ class _BearerScheme(OpenApiAuthenticationExtension):
 
 
 class ApiKeyScheme(_BearerScheme):
-    target_class = "controlplane.auth.ApiKeyAuthentication"
+    target_class = "core.auth.ApiKeyAuthentication"
     name = "ApiKey"
     bearer_format = "cpk_..."
     description = (
@@ -91,7 +91,7 @@ class ApiKeyScheme(_BearerScheme):
 
 
 class NodeTokenScheme(_BearerScheme):
-    target_class = "controlplane.auth.NodeTokenAuthentication"
+    target_class = "registry.api.auth.NodeTokenAuthentication"
     name = "NodeToken"
     bearer_format = "cpn_..."
     description = (
@@ -101,7 +101,7 @@ class NodeTokenScheme(_BearerScheme):
 
 
 class RegistrationTokenScheme(_BearerScheme):
-    target_class = "controlplane.auth.RegistrationTokenAuthentication"
+    target_class = "registry.api.auth.RegistrationTokenAuthentication"
     name = "RegistrationToken"
     bearer_format = "opaque"
     description = (
