@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from registry.operations import WorkerClient
 from registry.placement import serves_worker_api
 
 from .planning import CheckPlan, WorkerBackend
@@ -25,11 +26,11 @@ logger = logging.getLogger(__name__)
 ALIVE, BUSY, UNREACHABLE = "alive", "busy", "unreachable"
 
 
-class GrpcProber:
+class GrpcProber(WorkerClient):
     """The default prober: ``proto.client`` with the node's own credentials
-    (``core.credentials``): Health carries the node's backend token, worker calls its
-    worker command token; the fleet registration token is never sent. Imported lazily so that
-    loading the reconciler never imports grpc."""
+    (``core.credentials``): Health carries the node's backend token, worker calls (here and in
+    ``registry.operations.WorkerClient``, whose ``stop_backend`` it inherits) its worker command
+    token; the fleet registration token is never sent."""
 
     def probe(self, address: str, *, node_id: str, timeout: float | None = None):
         from core.credentials import backend_token
@@ -42,16 +43,6 @@ class GrpcProber:
         from proto import client
 
         return client.list_backends(address, node_id=node_id, token=worker_command_token(node_id), timeout=timeout)
-
-    def stop_backend(
-        self, address: str, model_name: str, replica_index: int, *, node_id: str, timeout: float | None = None
-    ):
-        from core.credentials import worker_command_token
-        from proto import client
-
-        return client.stop_backend(
-            address, model_name, replica_index, node_id=node_id, token=worker_command_token(node_id), timeout=timeout
-        )
 
     def unload_model(self, address: str, model_name: str, *, node_id: str, timeout: float | None = None):
         from core.credentials import worker_command_token

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from registry import placement
+from registry import placement, rules
 from registry.models import Node
 
 from .conf import ReconcileConfig
@@ -429,7 +429,7 @@ def model_conditions(
     ready = (plan.ready if plan else len(snapshot.ready(model_name))) - outcome.removed + outcome.added
     loading = plan.loading if plan else len(snapshot.loading(model_name))
     has_load_info = (plan.has_load_info if plan else snapshot.has_load_info(model_name)) and not outcome.no_load_info
-    floor = config.floor
+    floor = rules.ready_for_available(config.min_replicas)
 
     available = ConditionState(
         model_name,

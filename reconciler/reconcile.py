@@ -35,6 +35,7 @@ from django.utils import timezone
 
 from core import metrics
 from core.logs import log_context
+from registry import operations
 from registry.locks import LockKey, try_advisory_lock
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 
@@ -463,13 +464,9 @@ class _Pass:
     def stop_backend(self, node: NodeView, model_name: str, replica_index: int) -> str:
         """Ask the node's worker to stop one backend (best effort, short deadline); returns the
         error as text, or "" when it worked."""
-        try:
-            self.prober.stop_backend(
-                node.address, model_name, replica_index, node_id=str(node.id), timeout=self.cfg.worker_timeout
-            )
-        except Exception as exc:  # any failure is reported, never fatal to the pass
-            return f"{type(exc).__name__}: {exc}"
-        return ""
+        return operations.stop_backend(
+            self.prober, node.address, node.id, model_name, replica_index, timeout=self.cfg.worker_timeout
+        )
 
     def stop_orphans(self, node: NodeView, backends) -> None:
         for backend in backends:
@@ -599,18 +596,20 @@ class _Pass:
         """Row first (so nothing routes to it any more), then ask the worker to stop the
         backend, best effort: a failed stop leaves an orphan the next pass stops."""
         for replica in plan.remove:
-            if not NodeModel.objects.remove_replica(replica.node_id, replica.model_name, replica.replica_index):
+            node = snapshot.nodes.get(replica.node_id)
+            unloaded = operations.unload_replica(
+                self.prober,
+                node_id=replica.node_id,
+                address=node.address if node is not None else "",
+                model_name=replica.model_name,
+                replica_index=replica.replica_index,
+                timeout=self.cfg.worker_timeout,
+            )
+            if not unloaded.removed:
                 continue
             outcome.removed += 1
             self.summary.count("replicas_scaled_down")
-            node = snapshot.nodes.get(replica.node_id)
-            stop_error = ""
-            if node is not None and node.address:
-                stop_error = self.stop_backend(node, replica.model_name, replica.replica_index)
-                if stop_error:
-                    logger.warning(
-                        "scale-down of %s#%s: stop failed: %s", replica.model_name, replica.replica_index, stop_error
-                    )
+            stop_error = unloaded.stop_error
             self.event(
                 Event.Kind.REPLICA_REMOVED,
                 model_name=replica.model_name,

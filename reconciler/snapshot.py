@@ -19,6 +19,7 @@ from uuid import UUID
 from django.db.models.functions import Length
 from django.utils import timezone
 
+from registry import rules
 from registry.labels import selector_matches
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 from registry.placement import serves_worker_api
@@ -108,13 +109,12 @@ class ConfigView:
 
     @property
     def autoscaled(self) -> bool:
-        """Same rule as ``ModelSchedulingConfig.is_autoscaled``."""
-        return self.min_replicas > 0 or self.max_replicas > 0
+        return rules.is_autoscaled(self.min_replicas, self.max_replicas)
 
     @property
     def floor(self) -> int:
-        """Replicas a model should keep even when idle: ``max(min_replicas, 1)``."""
-        return max(self.min_replicas, 1)
+        """Replicas a model keeps even when idle (``registry.rules.replica_floor``)."""
+        return rules.replica_floor(self.min_replicas, self.max_replicas)
 
 
 @dataclass(frozen=True)

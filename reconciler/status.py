@@ -13,6 +13,7 @@ from datetime import datetime
 from django.db.models import Count
 from django.db.models.functions import Length
 
+from registry import rules
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, NodeModel
 
 from .models import ModelCondition
@@ -81,7 +82,7 @@ def model_statuses(names: list[str]) -> list[ModelStatus]:
                 min_replicas=min_replicas,
                 max_replicas=max_replicas,
                 node_selector=config.get("node_selector") or {},
-                autoscaled=min_replicas > 0 or max_replicas > 0,
+                autoscaled=rules.is_autoscaled(min_replicas, max_replicas),
                 unsatisfiable_until=config.get("unsatisfiable_until"),
                 load_info="model" if name in per_model else ("replica" if name in legacy else None),
                 ready_replicas=ready.get(name, 0),

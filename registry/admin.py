@@ -26,13 +26,12 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from core.credentials import worker_command_token
-from proto import client as grpc_client
 from proto.codec import InvalidModelOptions, options_to_json
 from reconciler import reconcile
 from reconciler.models import Event, ModelCondition, ReconcilePass
 from reconciler.snapshot import take_snapshot
 
+from . import operations
 from .labels import auto_labels, validate_labels
 from .managers import max_labels_per_node, validate_scheduling
 from .models import (
@@ -604,29 +603,33 @@ class NodeModelAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Unload (remove the replica row, then stop its backend)")
     def unload(self, request, queryset):
-        """``NodeModel.objects.remove_replica`` per row, then ``stop_backend`` on the worker,
-        best effort, once the row is gone and outside any transaction (the reconciler stops
-        orphan backends later if this call fails)."""
+        """``operations.unload_replica`` per row: the row first, then ``StopBackend`` on the
+        worker, best effort and outside any transaction (the reconciler stops orphan backends
+        later if the call fails)."""
         rows = list(queryset.select_related("node"))
-        removed = [
-            row for row in rows if NodeModel.objects.remove_replica(row.node_id, row.model_name, row.replica_index)
+        results = [
+            (
+                row,
+                operations.unload_replica(
+                    operations.WORKERS,
+                    node_id=row.node_id,
+                    address=row.node.address,
+                    model_name=row.model_name,
+                    replica_index=row.replica_index,
+                ),
+            )
+            for row in rows
         ]
+        removed = sum(1 for _, result in results if result.removed)
         if removed:
-            self.message_user(request, f"removed {len(removed)} replica row(s).", messages.SUCCESS)
-        for row in removed:
-            try:
-                grpc_client.stop_backend(
-                    row.node.address,
-                    row.model_name,
-                    row.replica_index,
-                    node_id=str(row.node_id),
-                    token=worker_command_token(row.node_id),
-                )
-            except Exception as exc:  # best effort: the reconciler stops orphans later
+            self.message_user(request, f"removed {removed} replica row(s).", messages.SUCCESS)
+        for row, result in results:
+            if result.stop_error:
                 self.message_user(
                     request,
                     f"row removed, but stopping {row.model_name}#{row.replica_index} on {row.node.name} "
-                    f"({row.node.address}) failed: {exc}. The reconciler stops orphan backends on its next pass.",
+                    f"({row.node.address}) failed: {result.stop_error}. The reconciler stops orphan backends "
+                    "on its next pass.",
                     messages.WARNING,
                 )
 

@@ -10,6 +10,7 @@ from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
+from . import rules
 from .managers import (
     LeaseManager,
     LoadFailureManager,
@@ -294,7 +295,11 @@ class ModelSchedulingConfig(models.Model):
 
     @property
     def is_autoscaled(self) -> bool:
-        return self.min_replicas > 0 or self.max_replicas > 0
+        return rules.is_autoscaled(self.min_replicas, self.max_replicas)
+
+    @property
+    def floor(self) -> int:
+        return rules.replica_floor(self.min_replicas, self.max_replicas)
 
 
 class LoadJob(models.Model):

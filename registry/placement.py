@@ -195,14 +195,6 @@ class ReplicaInfo:
     floor: int = 0
 
 
-def replica_floor(min_replicas: int, max_replicas: int) -> int:
-    """Replicas an eviction or scale-down must leave: ``max(min, 1)`` for an autoscaled model
-    (``min > 0 or max > 0``), else 0."""
-    if min_replicas > 0 or max_replicas > 0:
-        return max(min_replicas, 1)
-    return 0
-
-
 def choose_victim(
     replicas: Iterable[ReplicaInfo],
     *,

@@ -26,11 +26,10 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from core import metrics
 from core.credentials import backend_token, worker_command_token
 from proto import client, codec
 
-from . import placement
+from . import operations, placement, rules
 from .models import Lease, LoadFailure, LoadJob, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 
 logger = logging.getLogger(__name__)
@@ -621,23 +620,11 @@ def _abandon(row: NodeModel, worker_address: str, error: str, now) -> None:
     itself failed: a timed-out start may have left a process; a row someone else removed may
     mean a takeover now owns that backend); back the node off for this model."""
     logger.warning("load of %s replica %d on node %s failed: %s", row.model_name, row.replica_index, row.node_id, error)
-    if NodeModel.objects.discard_loading(row.pk):
-        _stop_backend(worker_address, row.node_id, row.model_name, row.replica_index)
+    operations.discard_failed_load(operations.WORKERS, row, address=worker_address)
     try:
         LoadFailure.objects.record(row.model_name, row.node_id, error, now=now)
     except Exception:
         logger.warning("could not record the load failure of %s", row.model_name, exc_info=True)
-
-
-def _stop_backend(worker_address: str, node_id, model_name: str, replica_index: int) -> None:
-    if not worker_address:
-        return
-    try:
-        client.stop_backend(
-            worker_address, model_name, replica_index, node_id=str(node_id), token=worker_command_token(node_id)
-        )
-    except client.GrpcCallError as exc:
-        logger.warning("could not stop %s replica %d on node %s: %s", model_name, replica_index, node_id, exc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -650,9 +637,9 @@ def _evict_one(model_name: str, slotted, now) -> placement.ReplicaInfo | None:
     ``model_name``; returns it, or None when nothing may go.
 
     Reads every ready replica of the models present on those nodes (so floors are counted
-    fleet-wide) and their scheduling floors, lets ``placement.choose_victim`` decide, removes
-    the row first (conditional on zero in-flight: a pick that lands first wins), credits its
-    VRAM back to the node, then stops its backend on its worker.
+    fleet-wide) and their scheduling floors, lets ``placement.choose_victim`` decide, and
+    evicts it (``operations.evict_replica``: row first, conditional on zero in-flight, then its
+    VRAM credited back and its backend stopped).
     """
     node_ids = [candidate.node_id for candidate in slotted]
     present = NodeModel.objects.filter(node_id__in=node_ids).exclude(model_name=model_name).values("model_name")
@@ -664,7 +651,7 @@ def _evict_one(model_name: str, slotted, now) -> placement.ReplicaInfo | None:
     if not rows:
         return None
     floors = {
-        name: placement.replica_floor(low, high)
+        name: rules.replica_floor(low, high)
         for name, low, high in ModelSchedulingConfig.objects.filter(
             model_name__in={row["model_name"] for row in rows}
         ).values_list("model_name", "min_replicas", "max_replicas")
@@ -686,12 +673,17 @@ def _evict_one(model_name: str, slotted, now) -> placement.ReplicaInfo | None:
         victim = placement.choose_victim(replicas, node_ids=node_ids, exclude_model=model_name)
         if victim is None:
             return None
-        if NodeModel.objects.remove_if_idle(victim.replica_id):
+        if operations.evict_replica(
+            operations.WORKERS,
+            victim.replica_id,
+            node_id=victim.node_id,
+            model_name=victim.model_name,
+            replica_index=victim.replica_index,
+            vram=victim.vram,
+        ):
             break
         # It became busy (or went) since the snapshot: take it out of the running and retry.
         replicas = [r for r in replicas if r.replica_id != victim.replica_id]
-    Node.objects.credit_vram(victim.node_id, victim.vram)
-    metrics.observe_eviction()
     logger.info(
         "evicted %s replica %d on node %s to make room for %s",
         victim.model_name,
@@ -699,6 +691,4 @@ def _evict_one(model_name: str, slotted, now) -> placement.ReplicaInfo | None:
         victim.node_id,
         model_name,
     )
-    worker_address = Node.objects.filter(pk=victim.node_id).values_list("address", flat=True).first() or ""
-    _stop_backend(worker_address, victim.node_id, victim.model_name, victim.replica_index)
     return victim

@@ -13,6 +13,7 @@ from django.db.models import (
     Q,
 )
 
+from .. import rules
 from ..labels import validate_labels
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,7 +51,7 @@ def validate_scheduling(min_replicas, max_replicas, node_selector) -> tuple[int,
 class ModelSchedulingConfigQuerySet(models.QuerySet):
     def autoscaled(self):
         """Models the reconciler manages: ``min_replicas > 0 or max_replicas > 0``."""
-        return self.filter(Q(min_replicas__gt=0) | Q(max_replicas__gt=0))
+        return self.filter(rules.AUTOSCALED)
 
     def in_cooldown(self, *, now: datetime | None = None):
         return self.filter(unsatisfiable_until__gt=_now(now))

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from registry import placement
+from registry import placement, rules
 from registry.placement import NodeCandidate, ReplicaInfo, choose_node, choose_victim
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -164,7 +164,7 @@ def test_only_replicas_on_the_given_nodes_and_of_other_models_are_considered():
     ("min_replicas", "max_replicas", "floor"), [(0, 0, 0), (0, 3, 1), (2, 0, 2), (1, 4, 1), (3, 3, 3)]
 )
 def test_replica_floor_is_max_of_min_and_one_for_autoscaled_models(min_replicas, max_replicas, floor):
-    assert placement.replica_floor(min_replicas, max_replicas) == floor
+    assert rules.replica_floor(min_replicas, max_replicas) == floor
 
 
 @pytest.mark.parametrize(
