@@ -3,7 +3,8 @@
 import pytest
 from django.urls import reverse
 
-from registry.admin import age, human_bytes, replica_cell
+from reconciler.admin.dashboard import replica_cell
+from registry.admin.display import age, human_bytes
 from registry.models import Node
 from tests.admin.conftest import populate
 from tests.factories import make_node

@@ -2,9 +2,19 @@
 
 from django.contrib import admin
 
-from registry.admin import ReadOnlyAdmin, summary_text
+from registry.admin.base import ReadOnlyAdmin
 
-from .models import Event, ModelCondition, ReconcilePass
+from ..models import Event, ModelCondition, ReconcilePass
+
+
+def summary_text(summary: dict | None) -> str:
+    """One line for a stored ``ReconcilePass.summary``."""
+    summary = summary or {}
+    if summary.get("reason"):
+        return f"{summary.get('outcome', '')}: {summary['reason']}"
+    parts = [f"{n} {name}" for name, n in (summary.get("actions") or {}).items()]
+    parts += [f"skipped {n} {name}" for name, n in (summary.get("skipped") or {}).items()]
+    return ", ".join(parts) or "nothing to do"
 
 
 @admin.register(Event)

@@ -1,0 +1,171 @@
+"""Models in the admin: the scheduling config form (saved with ``ModelSchedulingConfig.objects
+.upsert``, validated like the API) with the model's replicas and load recipe under it, and the
+load info pages.
+
+``ModelSchedulingConfigAdmin`` is not registered here: ``reconciler/admin/scheduling.py``
+registers a subclass that adds what the reconciler knows (conditions, events, "Reconcile now"),
+which this app may not import. The page and its URLs (``admin:registry_modelschedulingconfig_*``)
+are the registry model's, as for any other model of this app.
+"""
+
+from __future__ import annotations
+
+import json
+
+from django import forms
+from django.contrib import admin
+from django.core.exceptions import ValidationError
+from django.shortcuts import get_object_or_404
+from django.utils.html import format_html, format_html_join
+
+from proto.codec import InvalidModelOptions, options_to_json
+
+from ..managers import validate_scheduling
+from ..models import ModelLoadInfo, ModelSchedulingConfig, NodeModel
+from .base import ReadOnlyAdmin
+
+
+class SchedulingForm(forms.ModelForm):
+    """Validated by ``validate_scheduling``, the same function the API's upsert runs."""
+
+    node_selector = forms.JSONField(required=False, help_text='labels every node must carry, e.g. {"gpu": "a100"}')
+
+    class Meta:
+        model = ModelSchedulingConfig
+        fields = ["model_name", "min_replicas", "max_replicas", "node_selector", "placement"]
+
+    def clean_node_selector(self):
+        return self.cleaned_data.get("node_selector") or {}
+
+    def _post_clean(self):
+        # The model's own constraint check would duplicate (and word differently) the verb's.
+        data = self.cleaned_data
+        if {"min_replicas", "max_replicas", "node_selector"} <= set(data):
+            try:
+                validate_scheduling(data["min_replicas"], data["max_replicas"], data["node_selector"])
+            except ValidationError as exc:
+                for field, errors in exc.message_dict.items():
+                    self.add_error(field if field in self.fields else None, errors)
+        if self.instance.pk is None and data.get("model_name"):
+            if ModelSchedulingConfig.objects.filter(model_name=data["model_name"]).exists():
+                self.add_error("model_name", "this model already has a scheduling config")
+
+
+class ModelSchedulingConfigAdmin(admin.ModelAdmin):
+    """The model page as the registry knows it; registered (with the reconciler's additions) by
+    ``reconciler/admin/scheduling.py``."""
+
+    form = SchedulingForm
+    list_display = [
+        "model_name",
+        "min_replicas",
+        "max_replicas",
+        "selector",
+        "placement",
+        "unsatisfiable_until",
+        "unsatisfiable_ticks",
+        "updated_at",
+    ]
+    list_filter = ["placement"]
+    search_fields = ["model_name"]
+    readonly_fields = ["unsatisfiable_until", "unsatisfiable_ticks", "created_at", "updated_at"]
+    change_form_template = "admin/registry/modelschedulingconfig/change_form.html"
+
+    def get_readonly_fields(self, request, obj=None):
+        # The model name is the key of the upsert: fixed once the row exists.
+        return [*self.readonly_fields, "model_name"] if obj else self.readonly_fields
+
+    def get_changeform_initial_data(self, request):
+        return {"model_name": request.GET.get("model_name", "")}
+
+    @admin.display(description="node selector")
+    def selector(self, obj):
+        return ", ".join(f"{k}={v}" for k, v in (obj.node_selector or {}).items()) or "-"
+
+    def save_model(self, request, obj, form, change):
+        data = form.cleaned_data
+        saved = ModelSchedulingConfig.objects.upsert(
+            data.get("model_name") or obj.model_name,
+            min_replicas=data["min_replicas"],
+            max_replicas=data["max_replicas"],
+            node_selector=data["node_selector"],
+            placement=data["placement"],
+        )
+        obj.pk = saved.pk
+        obj.refresh_from_db()
+
+    def delete_model(self, request, obj):
+        ModelSchedulingConfig.objects.remove(obj.model_name)
+
+    def delete_queryset(self, request, queryset):
+        for name in list(queryset.values_list("model_name", flat=True)):
+            ModelSchedulingConfig.objects.remove(name)
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        config = get_object_or_404(ModelSchedulingConfig, pk=object_id)
+        extra_context = {**(extra_context or {}), **self.diagnosis(config.model_name)}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def diagnosis(self, model_name: str) -> dict:
+        """What the page shows under the form: the load recipe and the replica rows."""
+        try:
+            info = ModelLoadInfo.objects.for_model(model_name)
+        except ModelLoadInfo.DoesNotExist:
+            info = None
+        options, options_error = {}, ""
+        if info is not None:
+            try:
+                options = options_to_json(info.model_opts_blob)
+            except InvalidModelOptions as exc:
+                options_error = str(exc)
+        rows = list(
+            NodeModel.objects.for_model(model_name).select_related("node").order_by("node__name", "replica_index")
+        )
+        ready = sum(1 for row in rows if row.state == NodeModel.State.LOADED and row.node.is_schedulable)
+        return {
+            "diag_model_name": model_name,
+            "diag_load_info": info,
+            "diag_options": [(key, value) for key, value in _flat(options).items()],
+            "diag_options_error": options_error,
+            "diag_replicas": rows,
+            "diag_ready": ready,
+        }
+
+
+@admin.register(ModelLoadInfo)
+class ModelLoadInfoAdmin(ReadOnlyAdmin):
+    list_display = ["model_name", "backend_type", "options_summary", "updated_at"]
+    search_fields = ["model_name", "backend_type"]
+    list_filter = ["backend_type"]
+    fields = ["model_name", "backend_type", "source", "options", "updated_at"]
+    readonly_fields = fields
+
+    @admin.display(description="source")
+    def source(self, obj):
+        return ModelLoadInfo.Source(obj.source).label
+
+    @admin.display(description="model options (decoded)")
+    def options(self, obj):
+        try:
+            decoded = options_to_json(bytes(obj.model_opts_blob or b""))
+        except InvalidModelOptions as exc:
+            return f"undecodable blob: {exc}"
+        if not decoded:
+            return "(all defaults)"
+        return format_html(
+            "<table>{}</table>",
+            format_html_join("", "<tr><th>{}</th><td><code>{}</code></td></tr>", sorted(_flat(decoded).items())),
+        )
+
+    @admin.display(description="options")
+    def options_summary(self, obj):
+        try:
+            decoded = options_to_json(bytes(obj.model_opts_blob or b""))
+        except InvalidModelOptions:
+            return "undecodable"
+        text = ", ".join(f"{k}={v}" for k, v in sorted(_flat(decoded).items()))
+        return text[:120] + ("..." if len(text) > 120 else "")
+
+
+def _flat(decoded: dict) -> dict[str, str]:
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in decoded.items()}
