@@ -2,6 +2,7 @@
 and the model form validates like the API."""
 
 from concurrent import futures
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -65,20 +66,68 @@ def test_drain_then_resume_keeps_the_replica_rows(admin_client):
     node = make_node()
     make_replica(node, "llama")
     act(admin_client, NODES, "drain", [node])
-    assert status(node) == Node.Status.DRAINING
+    node.refresh_from_db()
+    assert (node.status, node.drained_by) == (Node.Status.DRAINING, Node.DrainedBy.OPERATOR)
     assert NodeModel.objects.filter(node=node).count() == 1
     act(admin_client, NODES, "resume", [node])
-    assert status(node) == Node.Status.HEALTHY
+    node.refresh_from_db()
+    assert (node.status, node.drained_by) == (Node.Status.HEALTHY, Node.DrainedBy.NONE)
+    assert NodeModel.objects.filter(node=node).count() == 1
+
+
+def test_an_operators_drain_takes_over_a_drain_the_node_started(admin_client):
+    node = make_node()
+    assert Node.objects.mark_draining(node.pk, by=Node.DrainedBy.NODE)
+    act(admin_client, NODES, "drain", [node])
+    node.refresh_from_db()
+    assert (node.status, node.drained_by) == (Node.Status.DRAINING, Node.DrainedBy.OPERATOR)
 
 
 def test_mark_offline_deletes_replica_rows_but_not_load_info(admin_client):
     node = make_node()
     make_replica(node, "llama")
     ModelLoadInfo.objects.upsert("llama", "llama-cpp", b"\n\x05llama")
-    act(admin_client, NODES, "mark_offline", [node])
+    response = act(admin_client, NODES, "mark_offline", [node])
     assert status(node) == Node.Status.OFFLINE
     assert not NodeModel.objects.filter(node=node).exists()
     assert ModelLoadInfo.objects.filter(model_name="llama").exists()
+    assert texts(response) == ["marked offline: 1 node(s)."]
+
+
+def test_mark_offline_says_a_pending_node_stays_pending(admin_client):
+    """The verb keeps a pending node pending (only Approve lets it out) and answers True: the
+    action must not count it as marked offline."""
+    pending = make_node(name="waiting", status=Node.Status.PENDING)
+    healthy = make_node(name="serving")
+    make_replica(healthy, "llama")
+
+    response = act(admin_client, NODES, "mark_offline", [pending, healthy])
+
+    assert (status(pending), status(healthy)) == (Node.Status.PENDING, Node.Status.OFFLINE)
+    assert not NodeModel.objects.filter(node=healthy).exists()
+    messages = texts(response)
+    assert "marked offline: 1 node(s)." in messages
+    assert any("1 pending node(s) stay pending" in text for text in messages)
+    assert not any("unchanged" in text for text in messages)
+
+
+def test_mark_offline_of_a_pending_node_alone_reports_no_node_marked_offline(admin_client):
+    pending = make_node(status=Node.Status.PENDING)
+    response = act(admin_client, NODES, "mark_offline", [pending])
+    assert status(pending) == Node.Status.PENDING
+    assert not any(text.startswith("marked offline: 1 node(s)") for text in texts(response))
+    assert any("stay pending" in text for text in texts(response))
+
+
+def test_a_view_only_operator_cannot_run_node_actions(client, django_user_model):
+    from django.contrib.auth.models import Permission
+
+    viewer = django_user_model.objects.create_user("node-viewer", password="x", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_node"))
+    client.force_login(viewer)
+    node = make_node(status=Node.Status.PENDING)
+    act(client, NODES, "approve", [node])
+    assert status(node) == Node.Status.PENDING
 
 
 def test_deregister_asks_for_confirmation_then_deletes_the_node_its_labels_and_replicas(admin_client):
@@ -234,11 +283,17 @@ def test_a_bad_selector_is_a_form_error(admin_client):
 
 def test_editing_a_config_keeps_the_circuit_breaker_columns(admin_client, now):
     config = ModelSchedulingConfig.objects.upsert("llama", min_replicas=1)
-    ModelSchedulingConfig.objects.filter(pk=config.pk).update(unsatisfiable_ticks=3, unsatisfiable_until=now)
+    # The reconciler's verb: a tripped breaker (cooldown until now + 1 min), then two more
+    # passes without capacity.
+    cooldown = timedelta(minutes=1)
+    assert ModelSchedulingConfig.objects.record_unsatisfiable("llama", threshold=1, cooldown=cooldown, now=now)
+    for _ in range(2):
+        ModelSchedulingConfig.objects.record_unsatisfiable("llama", threshold=5, cooldown=cooldown, now=now)
     url = reverse("admin:registry_modelschedulingconfig_change", args=[config.pk])
     assert admin_client.post(url, _model_form(min_replicas="2", max_replicas="0")).status_code == 302
     config.refresh_from_db()
-    assert (config.min_replicas, config.unsatisfiable_ticks, config.unsatisfiable_until) == (2, 3, now)
+    assert (config.min_replicas, config.max_replicas) == (2, 0)
+    assert (config.unsatisfiable_ticks, config.unsatisfiable_until) == (2, now + cooldown)
 
 
 def test_reconcile_now_runs_one_pass_and_shows_its_summary(admin_client, monkeypatch):
@@ -272,14 +327,44 @@ def test_reconcile_now_for_real_records_a_pass(admin_client):
     assert any(text.startswith("reconcile pass:") for text in texts(response))
 
 
+def test_the_dashboards_reconcile_button_runs_a_real_pass_and_comes_back(admin_client):
+    make_node()
+    dashboard = reverse("admin:fleet_dashboard")
+    page = admin_client.get(dashboard).content.decode()
+    assert reverse("admin:registry_modelschedulingconfig_reconcile") in page and "No reconcile pass" in page
+
+    response = admin_client.post(
+        reverse("admin:registry_modelschedulingconfig_reconcile"), {"next": dashboard}, follow=True
+    )
+
+    assert response.redirect_chain[-1][0] == dashboard
+    recorded = ReconcilePass.objects.get()
+    assert recorded.outcome == ReconcilePass.Outcome.OK
+    assert any(text.startswith("reconcile pass: ok") for text in texts(response))
+    assert response.context["last_pass"] == recorded
+
+
+def test_reconcile_now_never_redirects_off_site(admin_client):
+    response = admin_client.post(reverse("admin:registry_modelschedulingconfig_reconcile"), {"next": "//evil.example"})
+    assert response["Location"] == MODELS
+    assert ReconcilePass.objects.count() == 1
+
+
 def test_reconcile_now_refuses_get(admin_client, monkeypatch):
     monkeypatch.setattr(reconcile, "reconcile_once", lambda **kw: pytest.fail("GET must not reconcile"))
     assert admin_client.get(reverse("admin:registry_modelschedulingconfig_reconcile")).status_code == 302
+    assert not ReconcilePass.objects.exists()
 
 
 def test_deleting_a_config_goes_through_remove(admin_client):
     config = ModelSchedulingConfig.objects.upsert("llama", min_replicas=1)
     admin_client.post(reverse("admin:registry_modelschedulingconfig_delete", args=[config.pk]), {"post": "yes"})
+    assert not ModelSchedulingConfig.objects.exists()
+
+
+def test_deleting_selected_configs_goes_through_remove(admin_client):
+    configs = [ModelSchedulingConfig.objects.upsert(name, min_replicas=1) for name in ("llama", "whisper")]
+    act(admin_client, MODELS, "delete_selected", configs, post="yes")
     assert not ModelSchedulingConfig.objects.exists()
 
 
@@ -312,5 +397,17 @@ def test_revoke_action_revokes_the_key(admin_client):
 
 
 def test_api_keys_cannot_be_deleted_only_revoked(admin_client):
-    key, _ = ApiKey.objects.create_key("frontend-c", "frontend")
-    assert admin_client.get(reverse("admin:controlplane_apikey_delete", args=[key.pk])).status_code == 403
+    key, plaintext = ApiKey.objects.create_key("frontend-c", "frontend")
+    url = reverse("admin:controlplane_apikey_delete", args=[key.pk])
+    assert admin_client.get(url).status_code == 403
+    assert admin_client.post(url, {"post": "yes"}).status_code == 403
+    assert ApiKey.objects.authenticate(plaintext) == key
+
+
+def test_renaming_a_key_keeps_its_role_and_secret(admin_client):
+    key, plaintext = ApiKey.objects.create_key("frontend-d", "frontend")
+    url = reverse("admin:controlplane_apikey_change", args=[key.pk])
+    assert admin_client.post(url, {"name": "frontend-renamed", "role": "operator"}).status_code == 302
+    key.refresh_from_db()
+    assert (key.name, key.role) == ("frontend-renamed", "frontend")
+    assert ApiKey.objects.authenticate(plaintext) == key

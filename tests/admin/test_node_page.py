@@ -76,10 +76,14 @@ def test_saving_the_node_page_costs_a_fixed_number_of_queries(
     admin_client, django_assert_max_num_queries, replicas, labels
 ):
     node = node_with(replicas, labels)
+    before = NodeLabel.objects.as_dict(node.pk)
     data = form_data(admin_client.get(change_url(node)))
     with django_assert_max_num_queries(30):
         response = admin_client.post(change_url(node), data)
     assert response.status_code == 302, response.content[:2000]
+    # The page posted back unchanged: the same labels, the same replica rows.
+    assert NodeLabel.objects.as_dict(node.pk) == before
+    assert node.replicas.count() == replicas
 
 
 def test_the_page_renders_and_saves_with_the_most_labels_a_node_may_carry(admin_client, settings):

@@ -6,6 +6,7 @@ from django.urls import reverse
 from core.models import ApiKey
 from reconciler.models import Event, ModelCondition, ReconcilePass
 from registry.models import Lease, LoadFailure, LoadJob, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+from tests.factories import make_node
 
 pytestmark = pytest.mark.django_db
 
@@ -18,12 +19,13 @@ def _url(model, view, *args):
 
 
 @pytest.fixture
-def extra_rows(fleet_rows, now):
+def extra_rows(fleet_rows):
+    """A failed load job, a live lease and a load failure, each written by its verb."""
     node = fleet_rows["nodes"][0]
-    LoadJob.objects.create(model_name="model-0", state=LoadJob.State.FAILED, error_code="load_failed")
-    replica = NodeModel.objects.filter(node=node).first()
-    Lease.objects.create(replica=replica, model_name=replica.model_name, node_id=node.pk, expires_at=now)
-    LoadFailure.objects.create(model_name="model-1", node=node, failures=2, retry_after=now, last_error="boom")
+    job, _ = LoadJob.objects.claim_or_attach("model-0")
+    assert LoadJob.objects.fail(job.pk, code="load_failed", message="boom")
+    assert Lease.objects.pick_and_grant("model-0", ttl=30) is not None
+    LoadFailure.objects.record("model-1", node.pk, "boom")
     return fleet_rows
 
 
@@ -91,6 +93,37 @@ def test_the_model_page_combines_config_load_info_conditions_and_events(admin_cl
     assert "MinimumReplicasReady" in html
     assert "scaled up" in html
     assert "Reconcile now" in html
+    assert reverse("admin:registry_modelschedulingconfig_reconcile") in html
+
+
+def test_the_model_page_shows_the_conditions_a_real_reconcile_pass_wrote(admin_client):
+    """No load info for a model that wants a replica: the pass records why, the page shows it."""
+    from reconciler import reconcile
+
+    make_node(name="gpu-a")
+    config = ModelSchedulingConfig.objects.upsert("no-recipe", min_replicas=1)
+    page = admin_client.get(_url(ModelSchedulingConfig, "change", config.pk)).content.decode()
+    assert "No conditions recorded yet" in page and "No load info" in page
+
+    reconcile.reconcile_once()
+
+    conditions = list(ModelCondition.objects.filter(model_name="no-recipe"))
+    assert conditions
+    page = admin_client.get(_url(ModelSchedulingConfig, "change", config.pk)).content.decode()
+    assert "No conditions recorded yet" not in page
+    assert all(condition.reason in page for condition in conditions)
+
+
+def test_the_admin_names_the_product_not_django(admin_client, client):
+    for response in (admin_client.get(reverse("admin:index")), client.get(reverse("admin:login"))):
+        html = response.content.decode()
+        assert "Django administration" not in html and "Django site admin" not in html
+        assert '<div id="site-name"><a href="/admin/">Control plane</a></div>' in html
+    index = admin_client.get(reverse("admin:index")).content.decode()
+    assert "<title>Fleet administration | Control plane</title>" in index
+    assert "<h1>Fleet administration</h1>" in index
+    dashboard = admin_client.get(reverse("admin:fleet_dashboard")).content.decode()
+    assert "<title>Fleet dashboard | Control plane</title>" in dashboard
 
 
 def test_the_load_info_page_decodes_model_options(admin_client, fleet_rows):
@@ -123,6 +156,8 @@ def test_an_anonymous_visitor_is_sent_to_the_login_page(client):
 
 def test_nodes_cannot_be_added_by_hand_and_node_fields_are_read_only(admin_client, fleet_rows):
     assert admin_client.get(_url(Node, "add")).status_code == 403
+    assert admin_client.post(_url(Node, "add"), {"name": "by-hand", "address": "10.0.0.1:1"}).status_code == 403
+    assert not Node.objects.filter(name="by-hand").exists()
     node = fleet_rows["nodes"][1]
     response = admin_client.get(_url(Node, "change", node.pk))
     form = response.context["adminform"].form
