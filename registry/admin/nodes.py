@@ -266,9 +266,9 @@ class NodeAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         """Nothing to write: every field of the node is read-only here (labels are saved by
-        ``save_formset`` through their verb). Django's default (saving the instance) would write back every
-        column as the page read it, undoing a drain, a heartbeat or a re-registration that
-        happened since."""
+        ``save_formset`` through their verb). Django's default, saving the instance, would write
+        back every column as the page read it, undoing a drain, a heartbeat or a
+        re-registration that happened since."""
 
     def save_formset(self, request, form, formset, change):
         # The labels' formset is the page's only inline: written as a whole by their verb.
