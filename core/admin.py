@@ -1,6 +1,6 @@
 """API keys in the admin: created through ``ApiKey.objects.create_key`` with the plaintext shown
 once, on the page that answers the creation POST (never stored, never put in a cookie or the
-session, never shown again); revoked through ``ApiKey.revoke``."""
+session, never shown again); renamed and revoked through ``ApiKey.objects.rename`` / ``revoke``."""
 
 from django import forms
 from django.contrib import admin, messages
@@ -51,8 +51,8 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return obj.is_active
 
     def save_model(self, request, obj, form, change):
-        if change:
-            super().save_model(request, obj, form, change)
+        if change:  # only the name is editable (ApiKeyChangeForm)
+            ApiKey.objects.rename(obj.pk, form.cleaned_data["name"])
             return
         key, plaintext = ApiKey.objects.create_key(form.cleaned_data["name"], form.cleaned_data["role"])
         obj.pk = key.pk

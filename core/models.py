@@ -59,9 +59,30 @@ class ApiKeyManager(models.Manager.from_queryset(ApiKeyQuerySet)):
             return None
         for key in self.active().filter(prefix=token[:DISPLAY_PREFIX_LENGTH]):
             if token_matches(token, key.key_hash):
-                key.touch(now=now)
+                if self.touch(key.pk, now=now):
+                    key.last_used_at = now or timezone.now()
                 return key
         return None
+
+    def touch(self, key_id, *, now: datetime | None = None) -> bool:
+        """Stamp ``last_used_at`` unless it was stamped within ``LAST_USED_RESOLUTION``.
+        Idiom: conditional update (``WHERE last_used_at IS NULL OR < now - resolution``), so
+        concurrent uses write it once. Returns True when the row was written."""
+        now = now or timezone.now()
+        stale = Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
+        return self.filter(stale, pk=key_id).update(last_used_at=now) == 1
+
+    def revoke(self, key_id, *, now: datetime | None = None) -> bool:
+        """Revoke a key from now on. Idiom: conditional update (``WHERE revoked_at IS NULL``);
+        False when it already was revoked (or does not exist). The row stays as the record."""
+        return self.filter(pk=key_id, revoked_at__isnull=True).update(revoked_at=now or timezone.now()) == 1
+
+    def rename(self, key_id, name: str) -> bool:
+        """Change a key's display name (role, hash and history stay). Idiom: single-column
+        update by primary key; False for an unknown key. Raises ValueError for an empty name."""
+        if not name or not name.strip():
+            raise ValueError("API key name must not be empty")
+        return self.filter(pk=key_id).update(name=name.strip()) == 1
 
 
 class ApiKey(models.Model):
@@ -93,24 +114,10 @@ class ApiKey(models.Model):
     def is_active(self) -> bool:
         return self.revoked_at is None
 
-    def touch(self, *, now: datetime | None = None) -> bool:
-        """Stamp ``last_used_at`` unless it was stamped within ``LAST_USED_RESOLUTION``
-        (conditional update). Returns True when the row was written."""
-        now = now or timezone.now()
-        written = (
-            type(self)
-            .objects.filter(pk=self.pk)
-            .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION))
-            .update(last_used_at=now)
-        )
-        if written:
-            self.last_used_at = now
-        return written == 1
-
     def revoke(self, *, now: datetime | None = None) -> bool:
-        """Revoke this key from now on (conditional update). False when it already was."""
+        """``ApiKey.objects.revoke`` for this key, keeping this instance in step."""
         now = now or timezone.now()
-        revoked = type(self).objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=now) == 1
+        revoked = type(self).objects.revoke(self.pk, now=now)
         if revoked:
             self.revoked_at = now
         return revoked
