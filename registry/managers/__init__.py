@@ -15,19 +15,17 @@ The verbs are grouped by table: ``nodes`` (nodes and labels), ``replicas``, ``lo
 ``scheduling``, ``load_jobs`` (and load failures) and ``leases``.
 """
 
+from .labels import NodeLabelManager, TooManyLabels, max_labels_per_node
 from .leases import LeaseManager
 from .load_info import ModelLoadInfoManager
 from .load_jobs import LoadFailureManager, LoadJobManager, ReapResult
 from .nodes import (
     DrainedByOperator,
     NodeCredentialRequired,
-    NodeLabelManager,
     NodeManager,
     NodeQuerySet,
     NodeTokenRequired,
     Registration,
-    TooManyLabels,
-    max_labels_per_node,
 )
 from .replicas import NodeModelManager, NodeModelQuerySet
 from .scheduling import ModelSchedulingConfigManager, ModelSchedulingConfigQuerySet, validate_scheduling

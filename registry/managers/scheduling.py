@@ -14,12 +14,12 @@ from django.db.models import (
 )
 
 from .. import rules
+from ..clock import resolve_now
 from ..labels import validate_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import ModelSchedulingConfig
 
-from ._common import _now
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class ModelSchedulingConfigQuerySet(models.QuerySet):
         return self.filter(rules.AUTOSCALED)
 
     def in_cooldown(self, *, now: datetime | None = None):
-        return self.filter(unsatisfiable_until__gt=_now(now))
+        return self.filter(unsatisfiable_until__gt=resolve_now(now))
 
 
 class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingConfigQuerySet)):
@@ -77,7 +77,9 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         min_replicas, max_replicas, selector = validate_scheduling(min_replicas, max_replicas, node_selector)
         if placement is not None and placement not in self.model.Placement.values:
             raise ValidationError({"placement": f"must be one of {', '.join(self.model.Placement.values)}"})
-        row = self.model(model_name=model_name, min_replicas=min_replicas, max_replicas=max_replicas, node_selector=selector)
+        row = self.model(
+            model_name=model_name, min_replicas=min_replicas, max_replicas=max_replicas, node_selector=selector
+        )
         update_fields = ["min_replicas", "max_replicas", "node_selector", "updated_at"]
         if placement is not None:
             row.placement = placement
@@ -90,11 +92,13 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         )
         return self.get(model_name=model_name)
 
-    def record_unsatisfiable(self, model_name: str, *, threshold: int, cooldown: timedelta, now: datetime | None = None) -> bool:
+    def record_unsatisfiable(
+        self, model_name: str, *, threshold: int, cooldown: timedelta, now: datetime | None = None
+    ) -> bool:
         """Count a pass in which the model had no capacity; after ``threshold`` consecutive
         passes start a cooldown of ``cooldown`` and reset the count. Returns True when this
         call tripped the breaker. Idiom: two conditional updates in one transaction."""
-        now = _now(now)
+        now = resolve_now(now)
         with transaction.atomic():
             self.filter(model_name=model_name).update(unsatisfiable_ticks=F("unsatisfiable_ticks") + 1)
             tripped = self.filter(model_name=model_name, unsatisfiable_ticks__gte=threshold).update(
