@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ReapResult:
     """What ``LoadJob.objects.reap_dead`` did. ``requeued``: ids of jobs now ``pending`` that
-    the caller must enqueue again (``registry.tasks.enqueue_load_job``); ``failed``: ids of jobs
+    the caller must enqueue again (``registry.jobs.enqueue_load_job``); ``failed``: ids of jobs
     that ran out of attempts; ``cleaned``: leftover ``loading`` rows removed."""
 
     requeued: tuple = ()
@@ -258,13 +258,7 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
 # --------------------------------------------------------------------------------------------
 
 
-class LoadFailureQuerySet(models.QuerySet):
-    def active(self, *, now: datetime | None = None):
-        """Failures still in their backoff window."""
-        return self.filter(retry_after__gt=resolve_now(now))
-
-
-class LoadFailureManager(models.Manager.from_queryset(LoadFailureQuerySet)):
+class LoadFailureManager(models.Manager):
     def record(self, model_name: str, node_id, error: str, *, now: datetime | None = None):
         """Count one more failed load of ``model_name`` on ``node_id`` and push its
         ``retry_after`` to ``now + placement.failure_backoff(failures)``. Returns the row.

@@ -53,9 +53,6 @@ class ModelSchedulingConfigQuerySet(models.QuerySet):
         """Models the reconciler manages: ``min_replicas > 0 or max_replicas > 0``."""
         return self.filter(rules.AUTOSCALED)
 
-    def in_cooldown(self, *, now: datetime | None = None):
-        return self.filter(unsatisfiable_until__gt=resolve_now(now))
-
 
 class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingConfigQuerySet)):
     def upsert(
