@@ -59,9 +59,33 @@ class ApiKeyManager(models.Manager.from_queryset(ApiKeyQuerySet)):
             return None
         for key in self.active().filter(prefix=token[:DISPLAY_PREFIX_LENGTH]):
             if token_matches(token, key.key_hash):
-                key.touch(now=now)
+                self.touch(key, now=now)
                 return key
         return None
+
+    def touch(self, key: ApiKey, *, now: datetime | None = None) -> bool:
+        """Stamp ``key.last_used_at`` unless it was stamped within ``LAST_USED_RESOLUTION``.
+        Idiom: conditional update by id (``WHERE last_used_at IS NULL OR last_used_at <
+        now - resolution``), so concurrent uses write at most once. Returns True when the row
+        was written (``key`` is updated in memory too)."""
+        now = now or timezone.now()
+        written = (
+            self.filter(pk=key.pk)
+            .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION))
+            .update(last_used_at=now)
+        )
+        if written:
+            key.last_used_at = now
+        return written == 1
+
+    def revoke(self, key: ApiKey, *, now: datetime | None = None) -> bool:
+        """Revoke ``key`` from ``now`` on. Idiom: conditional update ``WHERE revoked_at IS
+        NULL``; False when it already was revoked (``key`` is updated in memory on success)."""
+        now = now or timezone.now()
+        revoked = self.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=now) == 1
+        if revoked:
+            key.revoked_at = now
+        return revoked
 
 
 class ApiKey(models.Model):
@@ -94,23 +118,9 @@ class ApiKey(models.Model):
         return self.revoked_at is None
 
     def touch(self, *, now: datetime | None = None) -> bool:
-        """Stamp ``last_used_at`` unless it was stamped within ``LAST_USED_RESOLUTION``
-        (conditional update). Returns True when the row was written."""
-        now = now or timezone.now()
-        written = (
-            type(self)
-            .objects.filter(pk=self.pk)
-            .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION))
-            .update(last_used_at=now)
-        )
-        if written:
-            self.last_used_at = now
-        return written == 1
+        """Stamp ``last_used_at`` (``ApiKey.objects.touch``); True when the row was written."""
+        return type(self).objects.touch(self, now=now)
 
     def revoke(self, *, now: datetime | None = None) -> bool:
-        """Revoke this key from now on (conditional update). False when it already was."""
-        now = now or timezone.now()
-        revoked = type(self).objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=now) == 1
-        if revoked:
-            self.revoked_at = now
-        return revoked
+        """Revoke this key from now on (``ApiKey.objects.revoke``). False when it already was."""
+        return type(self).objects.revoke(self, now=now)
