@@ -36,6 +36,7 @@ class NodeLabelManager(models.Manager):
         list(registry_model("Node").objects.select_for_update().filter(pk=node_id).values_list("pk", flat=True))
 
     def _upsert(self, node_id, labels: dict[str, str], source: str) -> None:
+        """Upsert on ``(node, key)``; callers hold the node's row lock."""
         if labels:
             self.bulk_create(
                 [self.model(node_id=node_id, key=key, value=value, source=source) for key, value in labels.items()],

@@ -50,6 +50,8 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         Must run inside the transaction that made the increment (``pick_and_grant`` does), so a
         crash can never leave an increment without its lease or the reverse: ``in_flight`` then
         always equals the replica's live leases. Raises RuntimeError outside a transaction.
+        Idiom: insert inside the caller's transaction (the one holding the replica's row lock).
+        Returns the lease.
         """
         if not transaction.get_connection().in_atomic_block:
             raise RuntimeError("Lease.objects.grant must run in the transaction of the in-flight increment")
@@ -69,7 +71,9 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
     ):
         """Warm pick + lease in one short transaction (``NodeModel.objects.warm_pick``'s row
         lock is held until the lease row is written). Returns the lease (its ``replica`` is the
-        picked row, already in memory) or None when no loaded replica is routable."""
+        picked row, already in memory) or None when no loaded replica is routable. Idiom: row
+        lock (the warm pick's) inside one short ``atomic()``, with the increment and the lease
+        insert."""
         now = resolve_now(now)
         with transaction.atomic():
             replica = registry_model("NodeModel").objects.warm_pick(model_name, node_ids=node_ids, now=now)
@@ -98,7 +102,7 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         """Extend a live lease to ``now + ttl``; returns the new ``expires_at``, or None when the
         lease is unknown or already released (conditional update on ``released_at IS NULL``).
         A lease past its TTL that ``expire`` has not swept yet can still be renewed: its
-        in-flight slot is still held."""
+        in-flight slot is still held. Idiom: conditional update ``WHERE released_at IS NULL``."""
         now = resolve_now(now)
         expires_at = now + timedelta(seconds=float(ttl))
         renewed = self.filter(pk=lease_id, released_at__isnull=True).update(expires_at=expires_at) == 1
@@ -156,6 +160,7 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
 
     def purge(self, *, released_before: datetime) -> int:
         """Delete leases released before ``released_before`` (the table grows by one row per
-        routed request); returns how many went."""
+        routed request); returns how many went. Idiom: one set-based DELETE of released rows (no
+        live lease matches)."""
         deleted, _ = self.filter(released_at__lt=released_before).delete()
         return deleted

@@ -32,6 +32,7 @@ class ModelLoadInfoManager(models.Manager):
         Last write wins under concurrent frontends (the row converges to whichever statement
         commits last); ``updated_at`` is refreshed. The blob is stored as the exact bytes given.
         Raises ValueError for an empty model name.
+        Idiom: upsert. Returns the row as written (unsaved instance carrying the values).
         """
         if not model_name or not model_name.strip():
             raise ValueError("model name must not be empty")

@@ -99,7 +99,8 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
 
     def start(self, job_id, runner: str, *, now: datetime | None = None) -> bool:
         """``pending`` -> ``running`` owned by ``runner`` (conditional update; counts an
-        attempt). False: someone else started it, or it finished."""
+        attempt). False: someone else started it, or it finished. Idiom: conditional update
+        ``WHERE state = 'pending'``."""
         now = resolve_now(now)
         return (
             self.filter(pk=job_id, state=self.model.State.PENDING).update(
@@ -114,14 +115,17 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
 
     def heartbeat(self, job_id, runner: str, *, progress: str | None = None, now: datetime | None = None) -> bool:
         """The runner is alive (and optionally says how far it got). Conditional on the job
-        still running under ``runner``: False means it was taken over or reaped; stop."""
+        still running under ``runner``: False means it was taken over or reaped; stop. Idiom:
+        conditional update ``WHERE state = 'running' AND runner = runner``."""
         changes = {"heartbeat_at": resolve_now(now)}
         if progress is not None:
             changes["progress"] = progress[:255]
         return self.filter(pk=job_id, state=self.model.State.RUNNING, runner=runner).update(**changes) == 1
 
     def record_replica(self, job_id, runner: str, replica_id, *, now: datetime | None = None) -> bool:
-        """Note the ``loading`` row the job just inserted, so a takeover can clean it up."""
+        """Note the ``loading`` row the job just inserted, so a takeover can clean it up. Idiom:
+        conditional update on (running, ``runner``); False: the job is no longer this
+        runner's."""
         return (
             self.filter(pk=job_id, state=self.model.State.RUNNING, runner=runner).update(
                 replica_id=replica_id, heartbeat_at=resolve_now(now)
@@ -138,6 +142,7 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
         the dead runner's ``loading`` row and its VRAM reservation in the same transaction and
         runs the load from scratch. False: the runner is alive, the job finished, someone else
         took it over, or it has no attempts left (``reap_dead`` fails it).
+        Idiom: conditional update, then the leftover row's discard, in one short ``atomic()``.
         """
         now = resolve_now(now)
         with transaction.atomic():
@@ -155,7 +160,8 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
 
     def succeed(self, job_id, runner: str, replica, *, now: datetime | None = None) -> bool:
         """``running`` -> ``succeeded`` with the replica's coordinates (conditional on
-        ``runner`` still owning it). False: the job was taken over or reaped meanwhile."""
+        ``runner`` still owning it). False: the job was taken over or reaped meanwhile. Idiom:
+        conditional update on (running, ``runner``)."""
         now = resolve_now(now)
         return (
             self.filter(pk=job_id, state=self.model.State.RUNNING, runner=runner).update(
@@ -176,7 +182,9 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
     def fail(self, job_id, *, code: str, message: str, runner: str | None = None, now: datetime | None = None) -> bool:
         """An active job -> ``failed`` with a stable error ``code`` (conditional; with ``runner``
         only while that runner owns it). A ``loading`` row the job recorded is removed and its
-        VRAM returned. False: the job had already finished or changed hands."""
+        VRAM returned. False: the job had already finished or changed hands. Idiom: conditional
+        update on the active states (and ``runner``), then the row's discard, in one short
+        ``atomic()``."""
         now = resolve_now(now)
         queryset = self.active().filter(pk=job_id)
         if runner is not None:
@@ -248,7 +256,8 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
         return ReapResult(requeued=tuple(requeued), failed=tuple(failed), cleaned=cleaned)
 
     def purge(self, *, finished_before: datetime) -> int:
-        """Delete finished jobs older than ``finished_before``; returns how many went."""
+        """Delete finished jobs older than ``finished_before``; returns how many went. Idiom:
+        one set-based DELETE of finished rows."""
         deleted, _ = self.filter(state__in=self.model.FINISHED_STATES, finished_at__lt=finished_before).delete()
         return deleted
 
@@ -284,6 +293,7 @@ class LoadFailureManager(models.Manager):
         raise IntegrityError(f"could not record a load failure of {model_name!r} on {node_id}")
 
     def clear(self, model_name: str, node_id) -> bool:
-        """A load succeeded there: forget the failures. False when there were none."""
+        """A load succeeded there: forget the failures. False when there were none. Idiom:
+        conditional delete by ``(model, node)``."""
         deleted, _ = self.filter(model_name=model_name, node_id=node_id).delete()
         return deleted > 0

@@ -1,5 +1,5 @@
-"""Node verbs: registration, heartbeats, status transitions, slots, VRAM reservations,
-and label verbs (labels are capacity too)."""
+"""Node verbs: registration, heartbeats, status transitions, slots, VRAM reservations (label
+verbs are in ``labels``)."""
 
 from __future__ import annotations
 
@@ -166,7 +166,8 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         restart. It keeps an operator-set ``max_replicas_per_model``. Its replica rows are
         deleted (it restarted and runs nothing), the labels it sent replace the ones it sent
         last time (operator labels are kept and win on a shared key; auto-labels are
-        rewritten), its node token (derived from its id, ``core.credentials``) is handed over again, and every model's unsatisfiable
+        rewritten), its node token (derived from its id, ``core.credentials``) is handed over
+        again, and every model's unsatisfiable
         cooldown is cleared because capacity changed. A registration that would leave the node
         with more than ``CONTROLPLANE_MAX_LABELS_PER_NODE`` labels raises ``TooManyLabels``
         and writes nothing.
@@ -359,6 +360,8 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         now: datetime | None = None,
         **extra,
     ) -> bool:
+        """Status change of one node. Idiom: conditional update by id and the expected statuses;
+        True when the row changed."""
         queryset = self.filter(pk=node_id)
         if from_statuses is not None:
             queryset = queryset.filter(status__in=from_statuses)
@@ -369,7 +372,8 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
     def approve(self, node_id, *, now: datetime | None = None) -> bool:
         """``pending`` -> ``healthy`` (conditional update). False: unknown or not pending.
         The only way out of ``pending``: no node-side call, heartbeat, re-registration or
-        reconciler pass leaves it. Approval adds capacity, so cooldowns are cleared."""
+        reconciler pass leaves it. Approval adds capacity, so cooldowns are cleared. Idiom:
+        conditional update ``WHERE status = 'pending'``."""
         Status = self.model.Status
         approved = self._transition(node_id, Status.HEALTHY, from_statuses=[Status.PENDING], now=now)
         if approved:
@@ -380,14 +384,16 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         """``unhealthy``/``offline`` -> ``healthy`` when heartbeats are fresh again (conditional
         update); a node an operator drained comes back ``draining`` instead (the drain was kept
         while it was away). Never overrides ``pending`` (needs approval) or ``draining``
-        (whoever drained it lifts it). False: unknown node or not in a recoverable status."""
+        (whoever drained it lifts it). False: unknown node or not in a recoverable status.
+        Idiom: conditional update ``WHERE status IN ('unhealthy', 'offline')``."""
         Status, DrainedBy = self.model.Status, self.model.DrainedBy
         back = Case(When(drained_by=DrainedBy.OPERATOR, then=Value(Status.DRAINING)), default=Value(Status.HEALTHY))
         return self._transition(node_id, back, from_statuses=[Status.UNHEALTHY, Status.OFFLINE], now=now)
 
     def mark_unhealthy(self, node_id, *, now: datetime | None = None) -> bool:
         """``healthy`` -> ``unhealthy``: status only, replica rows kept (a blip must not force
-        reloads). Conditional update; False when the node was not healthy."""
+        reloads). Conditional update; False when the node was not healthy. Idiom: conditional
+        update ``WHERE status = 'healthy'``."""
         Status = self.model.Status
         return self._transition(node_id, Status.UNHEALTHY, from_statuses=[Status.HEALTHY], now=now)
 
@@ -424,6 +430,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         owner is part of the UPDATE's condition, so a node's resume racing an operator's drain
         either lands first (and the drain then applies) or matches nothing. False: unknown node
         or not draining.
+        Idiom: conditional update on status and drain owner.
         """
         Status, DrainedBy = self.model.Status, self.model.DrainedBy
         if by not in (DrainedBy.NODE, DrainedBy.OPERATOR):
@@ -463,6 +470,8 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         ``last_heartbeat``: the worker's last heartbeat is still fresh, and the reconciler would
         otherwise "recover" the node and place replicas on a worker that is exiting; a new
         heartbeat brings it back. Returns False when nothing changed.
+        Idiom: conditional update of the node, then ``NodeModel.objects.forget_node_replicas``
+        in the same short ``atomic()``: the status and the rows change together.
         """
         Status, DrainedBy = self.model.Status, self.model.DrainedBy
         changes = {
@@ -514,14 +523,17 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
 
     def deregister(self, node_id) -> bool:
         """Operator hard delete: the node, its labels and replica rows go in one transaction.
-        Returns False for an unknown node."""
+        Returns False for an unknown node. Idiom: one DELETE by id (labels, replica rows and
+        load failures cascade) in a short ``atomic()``."""
         with transaction.atomic():
             deleted, _ = self.filter(pk=node_id).delete()
         return deleted > 0
 
     def set_max_replicas_per_model(self, node_id, slots: int, *, now: datetime | None = None) -> bool:
         """Operator override of a node's replica slots; re-registration keeps it. Clears
-        cooldowns (capacity changed) and refreshes the `node.replica-slots` label."""
+        cooldowns (capacity changed) and refreshes the `node.replica-slots` label. Idiom:
+        conditional update by id, then the label upsert and the cooldown clear, in one short
+        ``atomic()``. False: unknown node."""
         if int(slots) < 1:
             raise ValueError("max_replicas_per_model must be at least 1")
         with transaction.atomic():
@@ -536,7 +548,9 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         return updated == 1
 
     def reset_max_replicas_per_model(self, node_id, *, now: datetime | None = None) -> bool:
-        """Drop the operator override: back to what the worker reported at registration."""
+        """Drop the operator override: back to what the worker reported at registration. Idiom:
+        conditional update by id, then the label upsert and the cooldown clear, in one short
+        ``atomic()``. False: unknown node."""
         with transaction.atomic():
             updated = self.filter(pk=node_id).update(
                 max_replicas_per_model=F("reported_max_replicas_per_model"),
@@ -556,6 +570,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
 
         Admission happens in the database: ``reserved += n WHERE available - reserved >= n``,
         so concurrent loads can never over-commit a node. False: not enough free VRAM.
+        Idiom: conditional update (admission in the ``WHERE``).
         """
         if amount <= 0:
             return True
@@ -571,6 +586,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         """Return a reservation: ``reserved -= n WHERE reserved >= n`` (never underflows).
 
         False when a heartbeat already reset the reservation (nothing left to return).
+        Idiom: conditional update ``WHERE reserved_vram >= n``.
         """
         if amount <= 0:
             return True
@@ -584,6 +600,8 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         released; otherwise the heartbeat already counted the replica in ``available_vram``, so
         ``amount`` is added back there, capped at ``total_vram``. The next heartbeat replaces
         both with the real figure. Conditional updates; False: unknown node.
+        Idiom: conditional updates (``release_vram``, else a capped increment of
+        ``available_vram``).
         """
         if amount <= 0:
             return True

@@ -1,4 +1,5 @@
-"""Replica-row verbs: upsert, removal, in-flight accounting, warm pick, probes."""
+"""Replica-row verbs: report, claim a loading slot, load outcome, removal, in-flight accounting,
+warm pick, probes."""
 
 from __future__ import annotations
 
@@ -253,7 +254,8 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         update). False: the row was removed during the load (node restarted or went offline,
         or the load job was taken over); the caller must not treat the load as recorded.
         ``state_changed_at`` is set to ``now``: ``.update()`` skips ``auto_now``, so
-        ``updated_at`` would still say when the ``loading`` row was inserted."""
+        ``updated_at`` would still say when the ``loading`` row was inserted. Idiom: conditional
+        update ``WHERE state = 'loading'``."""
         now = resolve_now(now)
         return (
             self.filter(pk=replica_id, state=self.model.State.LOADING).update(
@@ -271,7 +273,9 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
     def discard_loading(self, replica_id) -> bool:
         """Delete a ``loading`` row left by a failed or dead load and return the VRAM its load
         reserved to its node. A row that reached ``loaded`` is left alone. Conditional delete
-        (``WHERE state = 'loading'``); only the call that deleted releases the reservation."""
+        (``WHERE state = 'loading'``); only the call that deleted releases the reservation.
+        Idiom: conditional delete ``WHERE state = 'loading'``, then
+        ``Node.objects.release_vram`` by the deleter only."""
         if replica_id is None:
             return False
         row = self.filter(pk=replica_id, state=self.model.State.LOADING).values("node_id", "reserved_vram").first()
@@ -285,6 +289,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
     def remove_if_idle(self, replica_id) -> bool:
         """Delete a loaded replica row only while nothing is in flight on it (eviction).
         Conditional delete (``WHERE in_flight = 0``): a pick that committed first wins and the
-        row stays. False: busy, or already gone."""
+        row stays. False: busy, or already gone. Idiom: conditional delete ``WHERE state =
+        'loaded' AND in_flight = 0``."""
         deleted, _ = self.filter(pk=replica_id, state=self.model.State.LOADED, in_flight=0).delete()
         return deleted > 0

@@ -68,6 +68,7 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
 
         Validated first (``ValidationError``); the circuit-breaker columns are not overwritten.
         ``placement`` (``spread``/``binpack``) is only written when given.
+        Idiom: upsert on ``model_name``. Returns the stored row (read back).
         """
         if not model_name or not model_name.strip():
             raise ValidationError({"model_name": "must not be empty"})
@@ -104,24 +105,31 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         return tripped == 1
 
     def record_satisfiable(self, model_name: str) -> bool:
-        """The model had capacity this pass: reset the consecutive count (conditional)."""
+        """The model had capacity this pass: reset the consecutive count (conditional). Idiom:
+        conditional update ``WHERE unsatisfiable_ticks > 0``; True when the count was reset."""
         return self.filter(model_name=model_name, unsatisfiable_ticks__gt=0).update(unsatisfiable_ticks=0) == 1
 
     def remove(self, model_name: str) -> bool:
         """Forget a model's scheduling config: the reconciler stops managing it (its replicas
-        and load info stay). False when there was none."""
+        and load info stay). False when there was none. Idiom: conditional delete by
+        ``model_name``."""
         deleted, _ = self.filter(model_name=model_name).delete()
         return deleted > 0
 
     def clear_cooldown(self, model_name: str) -> bool:
+        """End one model's cooldown and reset its count. Idiom: conditional update (only a
+        config in cooldown or counting is written); True when it was."""
         return self._clear(self.filter(model_name=model_name)) == 1
 
     def clear_cooldowns(self) -> int:
-        """End every model's cooldown and count (a capacity event happened)."""
+        """End every model's cooldown and count (a capacity event happened). Idiom: one
+        set-based conditional update (only configs in cooldown or counting are written); returns
+        how many."""
         return self._clear(self.all())
 
     @staticmethod
     def _clear(queryset) -> int:
+        """The conditional update behind ``clear_cooldown(s)``; returns rows written."""
         return queryset.filter(Q(unsatisfiable_until__isnull=False) | Q(unsatisfiable_ticks__gt=0)).update(
             unsatisfiable_until=None, unsatisfiable_ticks=0
         )
