@@ -364,3 +364,41 @@ def test_foreign_models_are_not_ours():
     source = (ROOT / "reconciler" / "schedule.py").read_text()
     assert "update_or_create" in source
     assert find_writes(source, "reconciler/schedule.py") == []
+
+
+# --- the verbs name their idiom -----------------------------------------------------------------
+
+
+def _method_writes(method: ast.FunctionDef, methods: dict, seen: tuple = ()) -> bool:
+    for node in ast.walk(method):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in WRITES:
+                return True
+            called = node.func.attr
+            if _dotted(node.func.value) == "self" and called in methods and called not in seen:
+                if _method_writes(methods[called], methods, (*seen, method.name)):
+                    return True
+    return False
+
+
+def _writing_verbs(relative: str):
+    """Public methods (verbs) of the manager classes of ``relative`` that write: a write call of
+    their own, or a call of another writing method of the same manager (``self.<name>(...)``,
+    private helpers included: their callers name the idiom)."""
+    tree = ast.parse((ROOT / relative).read_text(), relative)
+    for cls in tree.body:
+        if isinstance(cls, ast.ClassDef) and _is_manager_class(cls):
+            methods = {node.name: node for node in cls.body if isinstance(node, ast.FunctionDef)}
+            for name, method in methods.items():
+                if not name.startswith("_") and _method_writes(method, methods):
+                    yield cls.name, name, ast.get_docstring(method) or ""
+
+
+def test_every_writing_registry_verb_names_its_idiom():
+    missing = [
+        f"{relative}: {cls}.{name}"
+        for relative in sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "registry" / "managers").glob("*.py"))
+        for cls, name, doc in _writing_verbs(relative)
+        if "Idiom" not in doc
+    ]
+    assert not missing, "writing verbs whose docstring does not name its idiom:\n" + "\n".join(missing)
