@@ -43,10 +43,6 @@ logger = logging.getLogger(__name__)
 # value there: "still no heartbeat").
 ANY_HEARTBEAT = object()
 
-# --------------------------------------------------------------------------------------------
-# Nodes
-# --------------------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class Registration:
@@ -75,15 +71,9 @@ class NodeCredentialRequired(Exception):
 
 
 class NodeQuerySet(models.QuerySet):
-    def healthy(self):
-        return self.filter(status=self.model.Status.HEALTHY)
-
-    def backends(self):
-        return self.filter(node_type=self.model.NodeType.BACKEND)
-
     def schedulable(self):
         """Healthy backend nodes: the only ones routed to (their replicas count as ready)."""
-        return self.healthy().backends()
+        return self.filter(status=self.model.Status.HEALTHY, node_type=self.model.NodeType.BACKEND)
 
     def placeable(self):
         """Schedulable nodes that answer the worker gRPC service: the only ones new replicas
