@@ -99,7 +99,6 @@ def error_from_code(code: str, message: str = "") -> RouterError:
     return ERRORS.get(code, LoadFailed)(message)
 
 
-
 # --------------------------------------------------------------------------------------------
 # schedule_and_load()
 # --------------------------------------------------------------------------------------------
@@ -128,10 +127,10 @@ def schedule_and_load(
     reconciler calls it); none -> :class:`NoLoadInfo`. Candidates are the model's selector
     matches, restricted to ``candidate_node_ids`` when given.
 
-    Placement comes from one snapshot query (``placement.choose_node``). The replica row is
-    inserted as ``loading`` before any network call: the unique ``(node, model, index)``
-    constraint stops a duplicate, and a lost race re-plans. VRAM is reserved in the database
-    (admission), the worker starts the backend, ``LoadModel`` gets the stored bytes, and only
+    Placement comes from one snapshot query (``placement.choose_node``). Before any network
+    call, ``NodeModel.objects.claim_loading`` inserts the replica row as ``loading`` and
+    reserves its VRAM in the database (admission), both or neither: the unique ``(node, model,
+    index)`` constraint stops a duplicate, and a lost race re-plans. The worker starts the backend, ``LoadModel`` gets the stored bytes, and only
     then does a conditional update mark the row ``loaded``; both load-info copies are written
     best effort. Any failure releases the reservation, deletes the ``loading`` row, stops the
     backend (best effort), backs the node off for this model and raises :class:`LoadFailed`.

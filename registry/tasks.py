@@ -25,6 +25,7 @@ from .models import Lease, LoadJob, NodeModel
 
 logger = logging.getLogger(__name__)
 
+
 def runner_id() -> str:
     """``host:pid`` of this process: who runs a load job (shown in the job row)."""
     return f"{socket.gethostname()}:{os.getpid()}"
