@@ -1,14 +1,9 @@
 """django-q2 entry points of the registry: run a load job, and the load/lease housekeeping.
 
 Thin on purpose: the state transitions are manager verbs (``LoadJob.objects.*``,
-``Lease.objects.*``) and the work is ``router.schedule_and_load``.
-
-How a load job runs (``CONTROLPLANE_LOAD_JOB_RUNNER``):
-
-* ``qcluster`` (default): ``django_q.tasks.async_task`` -> a qcluster process;
-* ``thread``: a daemon thread of the process that created the job (one-machine setups
-  without a qcluster);
-* ``inline``: synchronously in the creating call (tests; the claiming thread does the load).
+``Lease.objects.*``) and the work is ``loading.schedule_and_load``. Where a load job runs
+(``CONTROLPLANE_LOAD_JOB_RUNNER``: a qcluster, a thread, inline) is decided by
+``registry.jobs.enqueue_load_job``, which names ``run_load_job`` by its dotted path.
 """
 
 from __future__ import annotations
@@ -25,44 +20,15 @@ from django.utils import timezone
 
 from core import metrics
 
-from . import router
+from . import jobs, loading
 from .models import Lease, LoadJob, NodeModel
 
 logger = logging.getLogger(__name__)
-
-RUN_LOAD_JOB = "registry.tasks.run_load_job"
-
-
-def _setting(name: str, default):
-    return getattr(settings, name, default)
 
 
 def runner_id() -> str:
     """``host:pid`` of this process: who runs a load job (shown in the job row)."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def enqueue_load_job(job_id) -> None:
-    """Hand a pending job to whatever runs load jobs here (see the module docstring). A lost
-    message is harmless: ``reap_load_jobs`` requeues pending jobs nobody started."""
-    mode = _setting("CONTROLPLANE_LOAD_JOB_RUNNER", "qcluster")
-    if mode == "inline":
-        run_load_job(job_id)
-    elif mode == "thread":
-        threading.Thread(target=_run_in_thread, args=(job_id,), name=f"load-job-{job_id}", daemon=True).start()
-    else:
-        from django_q.tasks import async_task
-
-        async_task(RUN_LOAD_JOB, str(job_id), task_name=f"load-{job_id}")
-
-
-def _run_in_thread(job_id) -> None:
-    try:
-        run_load_job(job_id)
-    except Exception:
-        logger.exception("load job %s crashed", job_id)
-    finally:
-        connections.close_all()
 
 
 class _Heartbeat:
@@ -109,8 +75,8 @@ def run_load_job(job_id, *, runner: str | None = None) -> str:
     a heartbeat thread, then ``succeed``/``fail`` (typed error codes).
     """
     runner = runner or runner_id()
-    stale_after = timedelta(seconds=float(_setting("LOAD_JOB_STALE_AFTER", 60.0)))
-    max_attempts = int(_setting("LOAD_JOB_MAX_ATTEMPTS", 3))
+    stale_after = timedelta(seconds=float(settings.LOAD_JOB_STALE_AFTER))
+    max_attempts = int(settings.LOAD_JOB_MAX_ATTEMPTS)
     if not LoadJob.objects.start(job_id, runner):
         stale_before = timezone.now() - stale_after
         if not LoadJob.objects.take_over(job_id, runner, stale_before, max_attempts=max_attempts):
@@ -130,23 +96,23 @@ def run_load_job(job_id, *, runner: str | None = None) -> str:
         return LoadJob.State.SUCCEEDED
 
     opts_blob = bytes(job.opts_blob) if job.opts_blob else None
-    with _Heartbeat(job_id, runner, float(_setting("LOAD_JOB_HEARTBEAT_INTERVAL", 5.0))):
+    with _Heartbeat(job_id, runner, float(settings.LOAD_JOB_HEARTBEAT_INTERVAL)):
         try:
-            replica = router.schedule_and_load(
+            replica = loading.schedule_and_load(
                 job.model_name,
                 job.candidate_node_ids,
                 backend_type=job.backend_type or None,
                 opts_blob=opts_blob,
                 on_replica=lambda row: LoadJob.objects.record_replica(job_id, runner, row.pk),
             )
-        except router.RouterError as exc:
+        except loading.RouterError as exc:
             LoadJob.objects.fail(job_id, code=exc.code, message=exc.message, runner=runner)
             metrics.observe_load_job("failed")
             return LoadJob.State.FAILED
         except Exception as exc:
             logger.exception("load job %s crashed", job_id)
             LoadJob.objects.fail(
-                job_id, code=router.LoadFailed.code, message=f"{type(exc).__name__}: {exc}", runner=runner
+                job_id, code=loading.LoadFailed.code, message=f"{type(exc).__name__}: {exc}", runner=runner
             )
             metrics.observe_load_job("failed")
             return LoadJob.State.FAILED
@@ -163,12 +129,12 @@ def reap_load_jobs(now: datetime | None = None, *, requeue: bool = True):
     insert each; ``requeue=False`` leaves that to a later pass). Returns the ``ReapResult``."""
     result = LoadJob.objects.reap_dead(
         now=now,
-        stale_after=timedelta(seconds=float(_setting("LOAD_JOB_STALE_AFTER", 60.0))),
-        max_attempts=int(_setting("LOAD_JOB_MAX_ATTEMPTS", 3)),
+        stale_after=timedelta(seconds=float(settings.LOAD_JOB_STALE_AFTER)),
+        max_attempts=int(settings.LOAD_JOB_MAX_ATTEMPTS),
     )
     if requeue:
         for job_id in result.requeued:
-            enqueue_load_job(job_id)
+            jobs.enqueue_load_job(job_id)
     if result.requeued or result.failed:
         logger.warning("load jobs reaped: %d requeued, %d failed", len(result.requeued), len(result.failed))
     return result
@@ -184,7 +150,7 @@ def housekeeping(now: datetime | None = None, *, requeue: bool = True) -> dict[s
     update, idempotent and safe in several processes at once. Returns counts per step.
     """
     now = now or timezone.now()
-    retention = timedelta(seconds=float(_setting("ROUTER_RETENTION_SECONDS", 86400)))
+    retention = timedelta(seconds=float(settings.ROUTER_RETENTION_SECONDS))
     reaped = reap_load_jobs(now, requeue=requeue)
     return {
         "leases_expired": Lease.objects.expire(now),

@@ -6,7 +6,6 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from django.db import models, transaction
 from django.db.models import (
@@ -16,12 +15,10 @@ from django.db.models import (
     Subquery,
     Value,
 )
-from django.db.models.functions import Coalesce, Greatest
+from django.db.models.functions import Coalesce
 
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
-from ._common import _model, _now
+from ..clock import resolve_now
+from .shared import registry_model
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def _live_leases_of_replica():
     """Live leases of the outer replica row, as a correlated count."""
-    Lease = _model("Lease")
+    Lease = registry_model("Lease")
     live = Lease.objects.filter(replica=OuterRef("pk"), released_at__isnull=True).order_by().values("replica")
     return Coalesce(Subquery(live.annotate(count=Count("pk")).values("count")[:1]), Value(0))
 
@@ -43,7 +40,7 @@ class LeaseQuerySet(models.QuerySet):
 
     def expired(self, *, now: datetime | None = None):
         """Live leases whose TTL has passed (``expires_at <= now``)."""
-        return self.live().filter(expires_at__lte=_now(now))
+        return self.live().filter(expires_at__lte=resolve_now(now))
 
 
 class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
@@ -53,10 +50,12 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         Must run inside the transaction that made the increment (``pick_and_grant`` does), so a
         crash can never leave an increment without its lease or the reverse: ``in_flight`` then
         always equals the replica's live leases. Raises RuntimeError outside a transaction.
+        Idiom: insert inside the caller's transaction (the one holding the replica's row lock).
+        Returns the lease.
         """
         if not transaction.get_connection().in_atomic_block:
             raise RuntimeError("Lease.objects.grant must run in the transaction of the in-flight increment")
-        now = _now(now)
+        now = resolve_now(now)
         return self.create(
             replica=replica,
             model_name=replica.model_name,
@@ -67,13 +66,17 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
             created_at=now,
         )
 
-    def pick_and_grant(self, model_name: str, *, ttl: float, node_ids: Iterable | None = None, now: datetime | None = None):
+    def pick_and_grant(
+        self, model_name: str, *, ttl: float, node_ids: Iterable | None = None, now: datetime | None = None
+    ):
         """Warm pick + lease in one short transaction (``NodeModel.objects.warm_pick``'s row
         lock is held until the lease row is written). Returns the lease (its ``replica`` is the
-        picked row, already in memory) or None when no loaded replica is routable."""
-        now = _now(now)
+        picked row, already in memory) or None when no loaded replica is routable. Idiom: row
+        lock (the warm pick's) inside one short ``atomic()``, with the increment and the lease
+        insert."""
+        now = resolve_now(now)
         with transaction.atomic():
-            replica = _model("NodeModel").objects.warm_pick(model_name, node_ids=node_ids, now=now)
+            replica = registry_model("NodeModel").objects.warm_pick(model_name, node_ids=node_ids, now=now)
             if replica is None:
                 return None
             lease = self.grant(replica, ttl=ttl, now=now)
@@ -87,20 +90,20 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         that transition decrements ``in_flight`` (never below zero), in the same transaction.
         False: unknown lease or already released (by the caller or by ``expire``).
         """
-        now = _now(now)
+        now = resolve_now(now)
         replica_id = self.filter(pk=lease_id).values_list("replica_id", flat=True).first()
         with transaction.atomic():
             released = self.filter(pk=lease_id, released_at__isnull=True).update(released_at=now) == 1
             if released and replica_id is not None:
-                _model("NodeModel").objects.filter(pk=replica_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1)
+                registry_model("NodeModel").objects.decrement_in_flight(replica_id)
         return released
 
     def renew(self, lease_id, *, ttl: float, now: datetime | None = None):
         """Extend a live lease to ``now + ttl``; returns the new ``expires_at``, or None when the
         lease is unknown or already released (conditional update on ``released_at IS NULL``).
         A lease past its TTL that ``expire`` has not swept yet can still be renewed: its
-        in-flight slot is still held."""
-        now = _now(now)
+        in-flight slot is still held. Idiom: conditional update ``WHERE released_at IS NULL``."""
+        now = resolve_now(now)
         expires_at = now + timedelta(seconds=float(ttl))
         renewed = self.filter(pk=lease_id, released_at__isnull=True).update(expires_at=expires_at) == 1
         return expires_at if renewed else None
@@ -113,17 +116,19 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         ``release`` of the same lease is skipped, not waited for), mark them released and
         decrement each replica once per lease (never below zero), all in one transaction.
         """
-        now = _now(now)
-        NodeModel = _model("NodeModel")
+        now = resolve_now(now)
+        NodeModel = registry_model("NodeModel")
         total = 0
         while True:
             with transaction.atomic():
-                rows = list(self.expired(now=now).select_for_update(skip_locked=True).values_list("pk", "replica_id")[:batch])
+                rows = list(
+                    self.expired(now=now).select_for_update(skip_locked=True).values_list("pk", "replica_id")[:batch]
+                )
                 if not rows:
                     break
                 count = self.filter(pk__in=[pk for pk, _ in rows], released_at__isnull=True).update(released_at=now)
                 for replica_id, leases in Counter(replica_id for _, replica_id in rows if replica_id).items():
-                    NodeModel.objects.filter(pk=replica_id).update(in_flight=Greatest(F("in_flight") - leases, Value(0)))
+                    NodeModel.objects.decrement_in_flight(replica_id, leases)
             total += count
             if len(rows) < batch:
                 break
@@ -139,7 +144,7 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         row has either committed its lease (counted) or not yet incremented, so the count is
         exact at commit.
         """
-        NodeModel = _model("NodeModel")
+        NodeModel = registry_model("NodeModel")
         with transaction.atomic():
             drifting = list(
                 NodeModel.objects.annotate(live=_live_leases_of_replica())
@@ -155,6 +160,7 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
 
     def purge(self, *, released_before: datetime) -> int:
         """Delete leases released before ``released_before`` (the table grows by one row per
-        routed request); returns how many went."""
+        routed request); returns how many went. Idiom: one set-based DELETE of released rows (no
+        live lease matches)."""
         deleted, _ = self.filter(released_at__lt=released_before).delete()
         return deleted

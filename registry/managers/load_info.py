@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 from django.db import models
 from django.db.models.functions import Length
 
+from ..clock import resolve_now
+from .shared import registry_model
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import ModelLoadInfo
 
-from ._common import _model, _now
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +24,15 @@ logger = logging.getLogger(__name__)
 
 
 class ModelLoadInfoManager(models.Manager):
-    def upsert(self, model_name: str, backend_type: str, opts_blob: bytes, *, now: datetime | None = None) -> ModelLoadInfo:
+    def upsert(
+        self, model_name: str, backend_type: str, opts_blob: bytes, *, now: datetime | None = None
+    ) -> ModelLoadInfo:
         """Store the load recipe of a model: one ``INSERT ... ON CONFLICT (model_name) DO UPDATE``.
 
         Last write wins under concurrent frontends (the row converges to whichever statement
         commits last); ``updated_at`` is refreshed. The blob is stored as the exact bytes given.
         Raises ValueError for an empty model name.
+        Idiom: upsert. Returns the row as written (unsaved instance carrying the values).
         """
         if not model_name or not model_name.strip():
             raise ValueError("model name must not be empty")
@@ -35,7 +40,7 @@ class ModelLoadInfoManager(models.Manager):
             model_name=model_name,
             backend_type=backend_type or "",
             model_opts_blob=bytes(opts_blob or b""),
-            updated_at=_now(now),
+            updated_at=resolve_now(now),
         )
         self.bulk_create(
             [row],
@@ -58,7 +63,7 @@ class ModelLoadInfoManager(models.Manager):
             row.model_opts_blob = bytes(row.model_opts_blob)
             return row
         replica = (
-            _model("NodeModel")
+            registry_model("NodeModel")
             .objects.for_model(model_name)
             .loaded()
             .annotate(blob_length=Length("model_opts_blob"))

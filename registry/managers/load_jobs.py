@@ -6,7 +6,6 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from django.db import IntegrityError, models, transaction
 from django.db.models import (
@@ -15,11 +14,8 @@ from django.db.models import (
 )
 
 from .. import placement
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
-from ._common import _model, _now
+from ..clock import resolve_now
+from .shared import registry_model
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +27,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ReapResult:
     """What ``LoadJob.objects.reap_dead`` did. ``requeued``: ids of jobs now ``pending`` that
-    the caller must enqueue again (``registry.tasks.enqueue_load_job``); ``failed``: ids of jobs
+    the caller must enqueue again (``registry.jobs.enqueue_load_job``); ``failed``: ids of jobs
     that ran out of attempts; ``cleaned``: leftover ``loading`` rows removed."""
 
     requeued: tuple = ()
@@ -40,7 +36,7 @@ class ReapResult:
 
 
 def _discard_loading_row(replica_id) -> bool:
-    return _model("NodeModel").objects.discard_loading(replica_id)
+    return registry_model("NodeModel").objects.discard_loading(replica_id)
 
 
 class LoadJobQuerySet(models.QuerySet):
@@ -79,7 +75,7 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
         """
         if not model_name or not model_name.strip():
             raise ValueError("model name must not be empty")
-        now = _now(now)
+        now = resolve_now(now)
         node_ids = None if candidate_node_ids is None else [str(pk) for pk in candidate_node_ids]
         for _attempt in range(3):
             try:
@@ -103,8 +99,9 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
 
     def start(self, job_id, runner: str, *, now: datetime | None = None) -> bool:
         """``pending`` -> ``running`` owned by ``runner`` (conditional update; counts an
-        attempt). False: someone else started it, or it finished."""
-        now = _now(now)
+        attempt). False: someone else started it, or it finished. Idiom: conditional update
+        ``WHERE state = 'pending'``."""
+        now = resolve_now(now)
         return (
             self.filter(pk=job_id, state=self.model.State.PENDING).update(
                 state=self.model.State.RUNNING,
@@ -118,17 +115,20 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
 
     def heartbeat(self, job_id, runner: str, *, progress: str | None = None, now: datetime | None = None) -> bool:
         """The runner is alive (and optionally says how far it got). Conditional on the job
-        still running under ``runner``: False means it was taken over or reaped; stop."""
-        changes = {"heartbeat_at": _now(now)}
+        still running under ``runner``: False means it was taken over or reaped; stop. Idiom:
+        conditional update ``WHERE state = 'running' AND runner = runner``."""
+        changes = {"heartbeat_at": resolve_now(now)}
         if progress is not None:
             changes["progress"] = progress[:255]
         return self.filter(pk=job_id, state=self.model.State.RUNNING, runner=runner).update(**changes) == 1
 
     def record_replica(self, job_id, runner: str, replica_id, *, now: datetime | None = None) -> bool:
-        """Note the ``loading`` row the job just inserted, so a takeover can clean it up."""
+        """Note the ``loading`` row the job just inserted, so a takeover can clean it up. Idiom:
+        conditional update on (running, ``runner``); False: the job is no longer this
+        runner's."""
         return (
             self.filter(pk=job_id, state=self.model.State.RUNNING, runner=runner).update(
-                replica_id=replica_id, heartbeat_at=_now(now)
+                replica_id=replica_id, heartbeat_at=resolve_now(now)
             )
             == 1
         )
@@ -142,8 +142,9 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
         the dead runner's ``loading`` row and its VRAM reservation in the same transaction and
         runs the load from scratch. False: the runner is alive, the job finished, someone else
         took it over, or it has no attempts left (``reap_dead`` fails it).
+        Idiom: conditional update, then the leftover row's discard, in one short ``atomic()``.
         """
-        now = _now(now)
+        now = resolve_now(now)
         with transaction.atomic():
             taken = (
                 self.stale(stale_before=stale_before)
@@ -159,8 +160,9 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
 
     def succeed(self, job_id, runner: str, replica, *, now: datetime | None = None) -> bool:
         """``running`` -> ``succeeded`` with the replica's coordinates (conditional on
-        ``runner`` still owning it). False: the job was taken over or reaped meanwhile."""
-        now = _now(now)
+        ``runner`` still owning it). False: the job was taken over or reaped meanwhile. Idiom:
+        conditional update on (running, ``runner``)."""
+        now = resolve_now(now)
         return (
             self.filter(pk=job_id, state=self.model.State.RUNNING, runner=runner).update(
                 state=self.model.State.SUCCEEDED,
@@ -177,13 +179,13 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
             == 1
         )
 
-    def fail(
-        self, job_id, *, code: str, message: str, runner: str | None = None, now: datetime | None = None
-    ) -> bool:
+    def fail(self, job_id, *, code: str, message: str, runner: str | None = None, now: datetime | None = None) -> bool:
         """An active job -> ``failed`` with a stable error ``code`` (conditional; with ``runner``
         only while that runner owns it). A ``loading`` row the job recorded is removed and its
-        VRAM returned. False: the job had already finished or changed hands."""
-        now = _now(now)
+        VRAM returned. False: the job had already finished or changed hands. Idiom: conditional
+        update on the active states (and ``runner``), then the row's discard, in one short
+        ``atomic()``."""
+        now = resolve_now(now)
         queryset = self.active().filter(pk=job_id)
         if runner is not None:
             queryset = queryset.filter(runner=runner)
@@ -218,12 +220,14 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
         runner that heartbeats in between wins, and two reapers never both act on one job.
         The caller enqueues ``requeued`` (``registry.tasks.reap_load_jobs`` does both).
         """
-        now = _now(now)
+        now = resolve_now(now)
         cutoff = now - stale_after
         State = self.model.State
         requeued, failed, cleaned = [], [], 0
         for job in self.stale(stale_before=cutoff).values("pk", "heartbeat_at", "attempts", "replica_id", "runner"):
-            same = self.filter(pk=job["pk"], state=State.RUNNING, runner=job["runner"], heartbeat_at=job["heartbeat_at"])
+            same = self.filter(
+                pk=job["pk"], state=State.RUNNING, runner=job["runner"], heartbeat_at=job["heartbeat_at"]
+            )
             with transaction.atomic():
                 if job["attempts"] >= max_attempts:
                     changed = same.update(
@@ -236,7 +240,9 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
                     )
                     target = failed
                 else:
-                    changed = same.update(state=State.PENDING, runner="", heartbeat_at=now, replica=None, progress="requeued")
+                    changed = same.update(
+                        state=State.PENDING, runner="", heartbeat_at=now, replica=None, progress="requeued"
+                    )
                     target = requeued
                 if changed:
                     cleaned += _discard_loading_row(job["replica_id"])
@@ -250,7 +256,8 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
         return ReapResult(requeued=tuple(requeued), failed=tuple(failed), cleaned=cleaned)
 
     def purge(self, *, finished_before: datetime) -> int:
-        """Delete finished jobs older than ``finished_before``; returns how many went."""
+        """Delete finished jobs older than ``finished_before``; returns how many went. Idiom:
+        one set-based DELETE of finished rows."""
         deleted, _ = self.filter(state__in=self.model.FINISHED_STATES, finished_at__lt=finished_before).delete()
         return deleted
 
@@ -260,13 +267,7 @@ class LoadJobManager(models.Manager.from_queryset(LoadJobQuerySet)):
 # --------------------------------------------------------------------------------------------
 
 
-class LoadFailureQuerySet(models.QuerySet):
-    def active(self, *, now: datetime | None = None):
-        """Failures still in their backoff window."""
-        return self.filter(retry_after__gt=_now(now))
-
-
-class LoadFailureManager(models.Manager.from_queryset(LoadFailureQuerySet)):
+class LoadFailureManager(models.Manager):
     def record(self, model_name: str, node_id, error: str, *, now: datetime | None = None):
         """Count one more failed load of ``model_name`` on ``node_id`` and push its
         ``retry_after`` to ``now + placement.failure_backoff(failures)``. Returns the row.
@@ -274,7 +275,7 @@ class LoadFailureManager(models.Manager.from_queryset(LoadFailureQuerySet)):
         Idiom: row lock on the pair inside one transaction; two first failures race on the
         unique constraint and the loser retries into the row lock.
         """
-        now = _now(now)
+        now = resolve_now(now)
         for _attempt in range(3):
             try:
                 with transaction.atomic():
@@ -292,6 +293,7 @@ class LoadFailureManager(models.Manager.from_queryset(LoadFailureQuerySet)):
         raise IntegrityError(f"could not record a load failure of {model_name!r} on {node_id}")
 
     def clear(self, model_name: str, node_id) -> bool:
-        """A load succeeded there: forget the failures. False when there were none."""
+        """A load succeeded there: forget the failures. False when there were none. Idiom:
+        conditional delete by ``(model, node)``."""
         deleted, _ = self.filter(model_name=model_name, node_id=node_id).delete()
         return deleted > 0

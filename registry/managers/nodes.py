@@ -1,5 +1,5 @@
-"""Node verbs: registration, heartbeats, status transitions, slots, VRAM reservations,
-and label verbs (labels are capacity too)."""
+"""Node verbs: registration, heartbeats, status transitions, slots, VRAM reservations (label
+verbs are in ``labels``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from django.db import IntegrityError, models, transaction
@@ -29,23 +29,19 @@ from django.db.models.functions import Least
 from core.credentials import node_token
 from core.tokens import hash_token, token_matches
 
-from .. import placement
+from ..clock import resolve_now
 from ..labels import auto_labels, validate_labels
+from .shared import capacity_changed, free_vram, registry_model, replica_rows_subquery
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import Node
 
-from ._common import _capacity_changed, _free_vram, _model, _now, _replica_rows_subquery
 
 logger = logging.getLogger(__name__)
 
 # ``mark_offline(expected_heartbeat=ANY_HEARTBEAT)``: no condition on the heartbeat (None is a
 # value there: "still no heartbeat").
 ANY_HEARTBEAT = object()
-
-# --------------------------------------------------------------------------------------------
-# Nodes
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -64,25 +60,8 @@ class NodeTokenRequired(Exception):
     the fleet token would drive it). The operator deletes the node first if that is intended."""
 
 
-class TooManyLabels(Exception):
-    """A label write would leave a node with more than ``CONTROLPLANE_MAX_LABELS_PER_NODE``
-    labels (every source counted: the worker's, the operator's and the auto-labels). Nothing
-    was written."""
-
-    def __init__(self, message: str, *, limit: int, count: int):
-        super().__init__(message)
-        self.limit = limit
-        self.count = count
-
-
 class DrainedByOperator(Exception):
     """A node asked to lift a drain an operator set; only an operator's resume lifts it."""
-
-
-def max_labels_per_node() -> int:
-    from django.conf import settings
-
-    return int(getattr(settings, "CONTROLPLANE_MAX_LABELS_PER_NODE", 128))
 
 
 class NodeCredentialRequired(Exception):
@@ -92,15 +71,9 @@ class NodeCredentialRequired(Exception):
 
 
 class NodeQuerySet(models.QuerySet):
-    def healthy(self):
-        return self.filter(status=self.model.Status.HEALTHY)
-
-    def backends(self):
-        return self.filter(node_type=self.model.NodeType.BACKEND)
-
     def schedulable(self):
         """Healthy backend nodes: the only ones routed to (their replicas count as ready)."""
-        return self.healthy().backends()
+        return self.filter(status=self.model.Status.HEALTHY, node_type=self.model.NodeType.BACKEND)
 
     def placeable(self):
         """Schedulable nodes that answer the worker gRPC service: the only ones new replicas
@@ -108,19 +81,9 @@ class NodeQuerySet(models.QuerySet):
         plane does not speak; a StartBackend sent to it could only fail."""
         return self.schedulable().filter(worker_api=self.model.WorkerApi.AVAILABLE)
 
-    def stale(self, *, threshold: timedelta, now: datetime | None = None):
-        """Nodes whose last heartbeat is older than ``threshold`` and whose status still claims
-        liveness (unhealthy, offline and pending nodes are not news). A display helper on the
-        web processes' timestamps: the reconciler reaps on its own observations instead
-        (``observe_heartbeats``, ``reconciler.planning.plan_node_health``)."""
-        cutoff = _now(now) - threshold
-        return self.exclude(status__in=self.model.NOT_SWEPT_STATUSES).filter(
-            Q(last_heartbeat__lt=cutoff) | Q(last_heartbeat__isnull=True)
-        )
-
     def matching_selector(self, selector: dict[str, str] | None):
         """Nodes carrying every ``key=value`` pair of ``selector`` (AND); ``{}`` matches all."""
-        NodeLabel = _model("NodeLabel")
+        NodeLabel = registry_model("NodeLabel")
         queryset = self
         for key, value in (selector or {}).items():
             queryset = queryset.filter(Exists(NodeLabel.objects.filter(node=OuterRef("pk"), key=key, value=value)))
@@ -136,42 +99,13 @@ class NodeQuerySet(models.QuerySet):
     def with_load(self):
         """Annotate ``in_flight_total`` (sum over replicas) and ``replica_count`` (all models)."""
         return self.annotate(
-            in_flight_total=_replica_rows_subquery(aggregate=Sum("in_flight")),
-            replica_count=_replica_rows_subquery(),
+            in_flight_total=replica_rows_subquery(aggregate=Sum("in_flight")),
+            replica_count=replica_rows_subquery(),
         )
 
     def with_model_rows(self, model_name: str):
         """Annotate ``model_rows``: replica rows of ``model_name`` (any state) on each node."""
-        return self.annotate(model_rows=_replica_rows_subquery(model_name))
-
-    def with_free_slot(self, model_name: str):
-        """Nodes that can take one more replica of ``model_name`` (rows in any state count)."""
-        return self.with_model_rows(model_name).filter(model_rows__lt=F("max_replicas_per_model"))
-
-    def with_free_vram(self, needed: int):
-        """Nodes whose ``available - reserved`` VRAM covers ``needed`` bytes; annotates
-        ``free_vram_bytes``."""
-        return self.annotate(free_vram_bytes=_free_vram()).filter(free_vram_bytes__gte=needed)
-
-    def idle(self):
-        """Nodes with no request in flight on any replica."""
-        return self.with_load().filter(in_flight_total=0)
-
-    def least_loaded(self):
-        """Ordered by in-flight sum, then name for a stable tie-break."""
-        return self.with_load().order_by("in_flight_total", "name")
-
-    def with_vram_for(self, needed: int):
-        """Nodes that fit ``needed`` bytes, idle nodes first, then the most free VRAM."""
-        return (
-            self.with_free_vram(needed)
-            .with_load()
-            .order_by(
-                Case(When(in_flight_total=0, then=Value(0)), default=Value(1)),
-                F("free_vram_bytes").desc(),
-                "name",
-            )
-        )
+        return self.annotate(model_rows=replica_rows_subquery(model_name))
 
     def for_placement(self, model_name: str):
         """Annotate what the scheduler needs for one model, for one snapshot query:
@@ -179,11 +113,15 @@ class NodeQuerySet(models.QuerySet):
         ``free_vram_bytes`` (``available - reserved``; not filtered, so a node whose
         reservations exceed a stale report stays a candidate for models of unknown size) and
         ``failure_backoff_until`` (``LoadFailure.retry_after`` of the model here, or None)."""
-        backoff = _model("LoadFailure").objects.filter(node=OuterRef("pk"), model_name=model_name).values("retry_after")
+        backoff = (
+            registry_model("LoadFailure")
+            .objects.filter(node=OuterRef("pk"), model_name=model_name)
+            .values("retry_after")
+        )
         return (
             self.with_model_rows(model_name)
             .with_load()
-            .annotate(free_vram_bytes=_free_vram(), failure_backoff_until=Subquery(backoff[:1]))
+            .annotate(free_vram_bytes=free_vram(), failure_backoff_until=Subquery(backoff[:1]))
         )
 
 
@@ -218,7 +156,8 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         restart. It keeps an operator-set ``max_replicas_per_model``. Its replica rows are
         deleted (it restarted and runs nothing), the labels it sent replace the ones it sent
         last time (operator labels are kept and win on a shared key; auto-labels are
-        rewritten), its node token (derived from its id, ``core.credentials``) is handed over again, and every model's unsatisfiable
+        rewritten), its node token (derived from its id, ``core.credentials``) is handed over
+        again, and every model's unsatisfiable
         cooldown is cleared because capacity changed. A registration that would leave the node
         with more than ``CONTROLPLANE_MAX_LABELS_PER_NODE`` labels raises ``TooManyLabels``
         and writes nothing.
@@ -246,7 +185,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         if auth_mode not in AuthMode.values:
             raise ValueError(f"unknown auth mode {auth_mode!r}")
         labels = validate_labels(labels)
-        now = _now(now)
+        now = resolve_now(now)
         slots = max(1, int(max_replicas_per_model or 1))
         issues_token = auth_mode == AuthMode.NODE_TOKEN
         capacity = {
@@ -307,9 +246,9 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                         if not node.max_replicas_per_model_manual:
                             node.max_replicas_per_model = slots
                         node.save()
-                        _model("NodeModel").objects.filter(node=node).delete()
+                        registry_model("NodeModel").objects.forget_node_replicas(node.pk)
                     effective_slots = node.max_replicas_per_model
-                    _model("NodeLabel").objects.apply_registration(
+                    registry_model("NodeLabel").objects.apply_registration(
                         node.pk,
                         labels,
                         auto_labels(
@@ -319,7 +258,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                             max_replicas_per_model=effective_slots,
                         ),
                     )
-                    _capacity_changed()
+                    capacity_changed()
                 return Registration(node=node, node_token=token, created=created)
             except IntegrityError:
                 # Another process inserted this name between our lookup and insert; the next
@@ -355,7 +294,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         changes status: the reconciler does. Pending and offline nodes only get the timestamp.
         Idiom: one conditional UPDATE (CASE on status), no read.
         """
-        now = _now(now)
+        now = resolve_now(now)
         timestamp_only = Q(status__in=self.model.HEARTBEAT_TIMESTAMP_ONLY_STATUSES)
         changes = {"last_heartbeat": now}
 
@@ -387,7 +326,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         pass's listing corrects it. Returns False when nothing was written (unknown node, or
         its address changed).
         """
-        now = _now(now)
+        now = resolve_now(now)
         WorkerApi = self.model.WorkerApi
         queryset = self.filter(pk=node_id)
         if address is not None:
@@ -411,35 +350,40 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         now: datetime | None = None,
         **extra,
     ) -> bool:
+        """Status change of one node. Idiom: conditional update by id and the expected statuses;
+        True when the row changed."""
         queryset = self.filter(pk=node_id)
         if from_statuses is not None:
             queryset = queryset.filter(status__in=from_statuses)
         if exclude_statuses is not None:
             queryset = queryset.exclude(status__in=exclude_statuses)
-        return queryset.update(status=to_status, updated_at=_now(now), **extra) == 1
+        return queryset.update(status=to_status, updated_at=resolve_now(now), **extra) == 1
 
     def approve(self, node_id, *, now: datetime | None = None) -> bool:
         """``pending`` -> ``healthy`` (conditional update). False: unknown or not pending.
         The only way out of ``pending``: no node-side call, heartbeat, re-registration or
-        reconciler pass leaves it. Approval adds capacity, so cooldowns are cleared."""
+        reconciler pass leaves it. Approval adds capacity, so cooldowns are cleared. Idiom:
+        conditional update ``WHERE status = 'pending'``."""
         Status = self.model.Status
         approved = self._transition(node_id, Status.HEALTHY, from_statuses=[Status.PENDING], now=now)
         if approved:
-            _capacity_changed()
+            capacity_changed()
         return approved
 
     def mark_healthy(self, node_id, *, now: datetime | None = None) -> bool:
         """``unhealthy``/``offline`` -> ``healthy`` when heartbeats are fresh again (conditional
         update); a node an operator drained comes back ``draining`` instead (the drain was kept
         while it was away). Never overrides ``pending`` (needs approval) or ``draining``
-        (whoever drained it lifts it). False: unknown node or not in a recoverable status."""
+        (whoever drained it lifts it). False: unknown node or not in a recoverable status.
+        Idiom: conditional update ``WHERE status IN ('unhealthy', 'offline')``."""
         Status, DrainedBy = self.model.Status, self.model.DrainedBy
         back = Case(When(drained_by=DrainedBy.OPERATOR, then=Value(Status.DRAINING)), default=Value(Status.HEALTHY))
         return self._transition(node_id, back, from_statuses=[Status.UNHEALTHY, Status.OFFLINE], now=now)
 
     def mark_unhealthy(self, node_id, *, now: datetime | None = None) -> bool:
         """``healthy`` -> ``unhealthy``: status only, replica rows kept (a blip must not force
-        reloads). Conditional update; False when the node was not healthy."""
+        reloads). Conditional update; False when the node was not healthy. Idiom: conditional
+        update ``WHERE status = 'healthy'``."""
         Status = self.model.Status
         return self._transition(node_id, Status.UNHEALTHY, from_statuses=[Status.HEALTHY], now=now)
 
@@ -466,7 +410,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
             queryset = queryset.exclude(status=Status.DRAINING, drained_by=DrainedBy.OPERATOR)
         else:
             queryset = queryset.exclude(status=Status.DRAINING)
-        return queryset.update(status=Status.DRAINING, drained_by=by, updated_at=_now(now)) == 1
+        return queryset.update(status=Status.DRAINING, drained_by=by, updated_at=resolve_now(now)) == 1
 
     def resume(self, node_id, *, by: str, now: datetime | None = None) -> bool:
         """``draining`` -> ``healthy``, lifting the drain (conditional update); adds capacity back.
@@ -476,6 +420,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         owner is part of the UPDATE's condition, so a node's resume racing an operator's drain
         either lands first (and the drain then applies) or matches nothing. False: unknown node
         or not draining.
+        Idiom: conditional update on status and drain owner.
         """
         Status, DrainedBy = self.model.Status, self.model.DrainedBy
         if by not in (DrainedBy.NODE, DrainedBy.OPERATOR):
@@ -483,9 +428,9 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         queryset = self.filter(pk=node_id, status=Status.DRAINING)
         if by == DrainedBy.NODE:
             queryset = queryset.exclude(drained_by=DrainedBy.OPERATOR)
-        resumed = queryset.update(status=Status.HEALTHY, drained_by=DrainedBy.NONE, updated_at=_now(now)) == 1
+        resumed = queryset.update(status=Status.HEALTHY, drained_by=DrainedBy.NONE, updated_at=resolve_now(now)) == 1
         if resumed:
-            _capacity_changed()
+            capacity_changed()
         elif (
             by == DrainedBy.NODE
             and self.filter(pk=node_id, status=Status.DRAINING, drained_by=DrainedBy.OPERATOR).exists()
@@ -515,6 +460,8 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         ``last_heartbeat``: the worker's last heartbeat is still fresh, and the reconciler would
         otherwise "recover" the node and place replicas on a worker that is exiting; a new
         heartbeat brings it back. Returns False when nothing changed.
+        Idiom: conditional update of the node, then ``NodeModel.objects.forget_node_replicas``
+        in the same short ``atomic()``: the status and the rows change together.
         """
         Status, DrainedBy = self.model.Status, self.model.DrainedBy
         changes = {
@@ -523,7 +470,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                 When(drained_by=DrainedBy.OPERATOR, then=Value(DrainedBy.OPERATOR)), default=Value(DrainedBy.NONE)
             ),
             "reserved_vram": 0,
-            "updated_at": _now(now),
+            "updated_at": resolve_now(now),
         }
         if forget_heartbeat:
             changes["last_heartbeat"] = None
@@ -535,7 +482,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                 queryset = queryset.filter(last_heartbeat=expected_heartbeat)
             changed = queryset.update(**changes) == 1
             if changed:
-                _model("NodeModel").objects.filter(node_id=node_id).delete()
+                registry_model("NodeModel").objects.forget_node_replicas(node_id)
         return changed
 
     def observe_heartbeats(self, *, now: datetime | None = None, restart: bool = False) -> int:
@@ -562,45 +509,50 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                     & ~Q(heartbeat_seen=F("last_heartbeat"))
                 )
             )
-        return queryset.update(heartbeat_seen=F("last_heartbeat"), heartbeat_seen_at=_now(now))
+        return queryset.update(heartbeat_seen=F("last_heartbeat"), heartbeat_seen_at=resolve_now(now))
 
     def deregister(self, node_id) -> bool:
         """Operator hard delete: the node, its labels and replica rows go in one transaction.
-        Returns False for an unknown node."""
+        Returns False for an unknown node. Idiom: one DELETE by id (labels, replica rows and
+        load failures cascade) in a short ``atomic()``."""
         with transaction.atomic():
             deleted, _ = self.filter(pk=node_id).delete()
         return deleted > 0
 
     def set_max_replicas_per_model(self, node_id, slots: int, *, now: datetime | None = None) -> bool:
         """Operator override of a node's replica slots; re-registration keeps it. Clears
-        cooldowns (capacity changed) and refreshes the `node.replica-slots` label."""
+        cooldowns (capacity changed) and refreshes the `node.replica-slots` label. Idiom:
+        conditional update by id, then the label upsert and the cooldown clear, in one short
+        ``atomic()``. False: unknown node."""
         if int(slots) < 1:
             raise ValueError("max_replicas_per_model must be at least 1")
         with transaction.atomic():
             updated = self.filter(pk=node_id).update(
-                max_replicas_per_model=int(slots), max_replicas_per_model_manual=True, updated_at=_now(now)
+                max_replicas_per_model=int(slots), max_replicas_per_model_manual=True, updated_at=resolve_now(now)
             )
             if updated:
-                _model("NodeLabel").objects.merge(
+                registry_model("NodeLabel").objects.merge(
                     node_id, {"node.replica-slots": str(int(slots))}, clear_cooldowns=False, source="auto"
                 )
-                _capacity_changed()
+                capacity_changed()
         return updated == 1
 
     def reset_max_replicas_per_model(self, node_id, *, now: datetime | None = None) -> bool:
-        """Drop the operator override: back to what the worker reported at registration."""
+        """Drop the operator override: back to what the worker reported at registration. Idiom:
+        conditional update by id, then the label upsert and the cooldown clear, in one short
+        ``atomic()``. False: unknown node."""
         with transaction.atomic():
             updated = self.filter(pk=node_id).update(
                 max_replicas_per_model=F("reported_max_replicas_per_model"),
                 max_replicas_per_model_manual=False,
-                updated_at=_now(now),
+                updated_at=resolve_now(now),
             )
             if updated:
                 slots = self.filter(pk=node_id).values_list("max_replicas_per_model", flat=True).get()
-                _model("NodeLabel").objects.merge(
+                registry_model("NodeLabel").objects.merge(
                     node_id, {"node.replica-slots": str(slots)}, clear_cooldowns=False, source="auto"
                 )
-                _capacity_changed()
+                capacity_changed()
         return updated == 1
 
     def reserve_vram(self, node_id, amount: int) -> bool:
@@ -608,12 +560,13 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
 
         Admission happens in the database: ``reserved += n WHERE available - reserved >= n``,
         so concurrent loads can never over-commit a node. False: not enough free VRAM.
+        Idiom: conditional update (admission in the ``WHERE``).
         """
         if amount <= 0:
             return True
         return (
             self.filter(pk=node_id)
-            .annotate(free=_free_vram())
+            .annotate(free=free_vram())
             .filter(free__gte=amount)
             .update(reserved_vram=F("reserved_vram") + amount)
             == 1
@@ -623,6 +576,7 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         """Return a reservation: ``reserved -= n WHERE reserved >= n`` (never underflows).
 
         False when a heartbeat already reset the reservation (nothing left to return).
+        Idiom: conditional update ``WHERE reserved_vram >= n``.
         """
         if amount <= 0:
             return True
@@ -636,6 +590,8 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
         released; otherwise the heartbeat already counted the replica in ``available_vram``, so
         ``amount`` is added back there, capped at ``total_vram``. The next heartbeat replaces
         both with the real figure. Conditional updates; False: unknown node.
+        Idiom: conditional updates (``release_vram``, else a capped increment of
+        ``available_vram``).
         """
         if amount <= 0:
             return True
@@ -643,107 +599,3 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
             return True
         grown = ExpressionWrapper(F("available_vram") + Value(int(amount)), output_field=BigIntegerField())
         return self.filter(pk=node_id).update(available_vram=Least(grown, F("total_vram"))) == 1
-
-    def capacity_for(self, model_name: str, *, selector=None, node_ids: Iterable | None = None) -> int:
-        """How many more replicas of ``model_name`` the candidate nodes can take (one query;
-        the formula is ``placement.cluster_capacity``)."""
-        rows = (
-            self.candidates(selector, node_ids)
-            .with_model_rows(model_name)
-            .values_list("pk", "max_replicas_per_model", "model_rows")
-        )
-        return placement.cluster_capacity(placement.SlotUsage(pk, slots, used) for pk, slots, used in rows)
-
-
-# --------------------------------------------------------------------------------------------
-# Labels
-# --------------------------------------------------------------------------------------------
-
-
-class NodeLabelManager(models.Manager):
-    """Label verbs. Every write takes the node's row lock first, so the writes of one node are
-    serialised and the per-node bound (``CONTROLPLANE_MAX_LABELS_PER_NODE``, every source
-    counted) is checked against what is really stored: a write that would exceed it raises
-    ``TooManyLabels`` and is rolled back whole."""
-
-    def _lock_node(self, node_id) -> None:
-        list(_model("Node").objects.select_for_update().filter(pk=node_id).values_list("pk", flat=True))
-
-    def _upsert(self, node_id, labels: dict[str, str], source: str) -> None:
-        if labels:
-            self.bulk_create(
-                [self.model(node_id=node_id, key=key, value=value, source=source) for key, value in labels.items()],
-                update_conflicts=True,
-                unique_fields=["node", "key"],
-                update_fields=["value", "source"],
-            )
-
-    def _check_bound(self, node_id) -> None:
-        limit = max_labels_per_node()
-        count = self.filter(node_id=node_id).count()
-        if count > limit:
-            raise TooManyLabels(
-                f"the node would carry {count} labels; at most {limit} are allowed per node "
-                "(worker, operator and auto-labels together)",
-                limit=limit,
-                count=count,
-            )
-
-    def merge(self, node_id, labels: dict[str, str], *, clear_cooldowns: bool = True, source: str = "operator") -> int:
-        """Set each key of ``labels`` on the node as ``source`` (an operator's by default),
-        leaving other keys alone (upsert on ``(node, key)``). Returns the number of labels
-        written; raises ``TooManyLabels`` (nothing written) past the per-node bound.
-        Idiom: the node's row lock, then upsert and count in one transaction."""
-        labels = validate_labels(labels)
-        if not labels:
-            return 0
-        with transaction.atomic():
-            self._lock_node(node_id)
-            self._upsert(node_id, labels, source)
-            self._check_bound(node_id)
-            if clear_cooldowns:
-                _capacity_changed()
-        return len(labels)
-
-    def set_label(self, node_id, key: str, value: str) -> None:
-        """Set one operator label (upsert)."""
-        self.merge(node_id, {key: value})
-
-    def replace(self, node_id, labels: dict[str, str]) -> int:
-        """Make the node's labels exactly ``labels``, all an operator's (one transaction under
-        the node's row lock; ``TooManyLabels`` past the bound, nothing written)."""
-        labels = validate_labels(labels)
-        with transaction.atomic():
-            self._lock_node(node_id)
-            self.filter(node_id=node_id).exclude(key__in=list(labels)).delete()
-            self._upsert(node_id, labels, self.model.Source.OPERATOR)
-            self._check_bound(node_id)
-            _capacity_changed()
-        return len(labels)
-
-    def apply_registration(self, node_id, worker_labels: dict[str, str], auto: dict[str, str]) -> None:
-        """The labels of a (re-)registration, inside ``Node.objects.register``'s transaction
-        (which holds the node's row lock): the worker's labels replace those it sent last time
-        (so no caller grows a node's labels by registering again), except on keys an operator
-        set, which keep the operator's value; the auto-labels are rewritten (one that no longer
-        applies, such as ``gpu.vram`` of a node now reporting none, is dropped). ``TooManyLabels``
-        past the bound (the caller's transaction rolls back)."""
-        Source = self.model.Source
-        worker_labels = validate_labels(worker_labels)
-        held = set(self.filter(node_id=node_id, source=Source.OPERATOR).values_list("key", flat=True))
-        own = {key: value for key, value in worker_labels.items() if key not in held and key not in auto}
-        self.filter(node_id=node_id, source=Source.WORKER).exclude(key__in=list(own)).delete()
-        self.filter(node_id=node_id, source=Source.AUTO).exclude(key__in=list(auto)).delete()
-        self._upsert(node_id, own, Source.WORKER)
-        self._upsert(node_id, auto, Source.AUTO)
-        self._check_bound(node_id)
-
-    def remove(self, node_id, key: str) -> bool:
-        """Delete one label; False when the node had no such key."""
-        deleted, _ = self.filter(node_id=node_id, key=key).delete()
-        if deleted:
-            _capacity_changed()
-        return deleted > 0
-
-    def as_dict(self, node_id) -> dict[str, str]:
-        return dict(self.filter(node_id=node_id).values_list("key", "value"))

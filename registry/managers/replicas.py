@@ -1,4 +1,5 @@
-"""Replica-row verbs: upsert, removal, in-flight accounting, warm pick, probes."""
+"""Replica-row verbs: report, claim a loading slot, load outcome, removal, in-flight accounting,
+warm pick, probes."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from django.db import models, transaction
-from django.db.models import (
-    F,
-)
+from django.db import IntegrityError, models, transaction
+from django.db.models import F, Value
+from django.db.models.functions import Greatest
+
+from ..clock import resolve_now
+from .shared import free_vram, registry_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import NodeModel
 
-from ._common import _free_vram, _model, _now
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ class NodeModelQuerySet(models.QuerySet):
 
     def on_schedulable_nodes(self):
         """Rows on healthy backend nodes: the only replicas that are routable ("ready")."""
-        Node = _model("Node")
+        Node = registry_model("Node")
         return self.filter(node__status=Node.Status.HEALTHY, node__node_type=Node.NodeType.BACKEND)
 
     def ready(self):
@@ -64,7 +66,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         """
         if not model_name:
             raise ValueError("model name must not be empty")
-        now = _now(now)
+        now = resolve_now(now)
         row = self.model(
             node_id=node_id,
             model_name=model_name,
@@ -90,8 +92,11 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         )
         return row
 
-    def set_replica_load_info(self, node_id, model_name: str, replica_index: int, backend_type: str, opts_blob: bytes) -> bool:
-        """Stamp the per-replica copy of the load recipe. False when the row is gone."""
+    def set_replica_load_info(
+        self, node_id, model_name: str, replica_index: int, backend_type: str, opts_blob: bytes
+    ) -> bool:
+        """Stamp the per-replica copy of the load recipe. Idiom: conditional update by the
+        replica's coordinates; False when the row is gone."""
         return (
             self.filter(node_id=node_id, model_name=model_name, replica_index=replica_index).update(
                 backend_type=backend_type, model_opts_blob=bytes(opts_blob)
@@ -100,43 +105,92 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         )
 
     def remove_replica(self, node_id, model_name: str, replica_index: int) -> bool:
-        """Delete one replica row; False when it was already gone."""
+        """Delete one replica row. Idiom: conditional delete by the replica's coordinates;
+        False when it was already gone (only one of several removers sees True)."""
         deleted, _ = self.filter(node_id=node_id, model_name=model_name, replica_index=replica_index).delete()
         return deleted > 0
 
-    def remove_all_replicas(self, node, model_name: str) -> int:
-        """Delete every replica of ``model_name`` on ``node`` (a node or its id); returns how
-        many rows went. Load info is untouched."""
-        node_id = getattr(node, "pk", node)
-        deleted, _ = self.filter(node_id=node_id, model_name=model_name).delete()
+    def forget_node_replicas(self, node_id) -> int:
+        """Delete every replica row of a node that restarted or went offline: it runs nothing we
+        know of any more. Load info (per-model and the node's VRAM figures) is untouched; the
+        caller resets the node's reservation in the same transaction. Idiom: one set-based
+        DELETE, run inside the caller's transaction (``Node.objects.register``,
+        ``Node.objects.mark_offline``) so the node's status and its rows change together.
+        Returns how many rows went."""
+        deleted, _ = self.filter(node_id=node_id).delete()
         return deleted
-
-    def count_loaded(self, model_name: str) -> int:
-        """Loaded replicas of a model on any node (LocalAI's count)."""
-        return self.for_model(model_name).loaded().count()
 
     def next_free_index(self, node, model_name: str) -> int | None:
         """Lowest replica index of ``model_name`` not used on ``node`` and below its slot
         count, or None when every slot is taken. The unique constraint, not this read, is
         what stops two loaders from taking the same index."""
-        used = set(self.filter(node_id=node.pk, model_name=model_name).values_list("replica_index", flat=True))
-        for index in range(max(1, node.max_replicas_per_model)):
+        return self._free_index(node.pk, node.max_replicas_per_model, model_name)
+
+    def _free_index(self, node_id, slots: int, model_name: str) -> int | None:
+        used = set(self.filter(node_id=node_id, model_name=model_name).values_list("replica_index", flat=True))
+        for index in range(max(1, slots)):
             if index not in used:
                 return index
         return None
 
-    def touch(self, replica_id, *, now: datetime | None = None) -> bool:
-        """Record use of a replica (``last_used``); drives round robin and idle scale-down."""
-        return self.filter(pk=replica_id).update(last_used=_now(now)) == 1
+    def claim_loading(
+        self,
+        node_id,
+        model_name: str,
+        *,
+        slots: int,
+        backend_type: str = "",
+        reserved_vram: int = 0,
+        now: datetime | None = None,
+    ) -> NodeModel | None:
+        """Claim a slot for a new replica on a node: insert its ``loading`` row on the lowest
+        free index below ``slots`` and reserve ``reserved_vram`` bytes of the node's VRAM, both
+        or neither. Returns the row, or None when another loader took the index or the VRAM
+        first (the caller re-plans).
+
+        Idiom: insert guarded by the unique ``(node, model, index)`` constraint, then the
+        node's admission (``Node.objects.reserve_vram``: a conditional update on free VRAM), in
+        one short ``atomic()``: a refused reservation rolls the insert back, so no ``loading``
+        row ever exists without its reservation. No network call inside.
+        """
+        index = self._free_index(node_id, slots, model_name)
+        if index is None:
+            return None
+        now = resolve_now(now)
+        try:
+            with transaction.atomic():
+                row = self.create(
+                    node_id=node_id,
+                    model_name=model_name,
+                    replica_index=index,
+                    state=self.model.State.LOADING,
+                    backend_type=backend_type or "",
+                    reserved_vram=reserved_vram,
+                    last_used=now,
+                    state_changed_at=now,
+                )
+                if registry_model("Node").objects.reserve_vram(node_id, reserved_vram):
+                    return row
+                transaction.set_rollback(True)
+        except IntegrityError:
+            pass
+        return None
 
     def increment_in_flight(self, replica_id, *, now: datetime | None = None) -> bool:
-        """One more request on this replica (conditional update; False when the row is gone)."""
-        return self.filter(pk=replica_id).update(in_flight=F("in_flight") + 1, last_used=_now(now)) == 1
+        """One more request on this replica, and ``last_used = now`` (round robin, idle
+        scale-down). Idiom: conditional update by id (``in_flight = in_flight + 1``, no read);
+        False when the row is gone."""
+        return self.filter(pk=replica_id).update(in_flight=F("in_flight") + 1, last_used=resolve_now(now)) == 1
 
-    def decrement_in_flight(self, replica_id) -> bool:
-        """One request fewer, never below zero (``WHERE in_flight > 0``). A miss means a double
-        release or a removed row: logged as a warning, never an error."""
-        changed = self.filter(pk=replica_id, in_flight__gt=0).update(in_flight=F("in_flight") - 1) == 1
+    def decrement_in_flight(self, replica_id, count: int = 1) -> bool:
+        """``count`` requests fewer on this replica, never below zero. Idiom: conditional update
+        ``SET in_flight = GREATEST(in_flight - count, 0) WHERE in_flight > 0``. A miss means a
+        double release or a removed row: logged as a warning, never an error. Returns whether
+        the row was changed."""
+        changed = (
+            self.filter(pk=replica_id, in_flight__gt=0).update(in_flight=Greatest(F("in_flight") - count, Value(0)))
+            == 1
+        )
         if not changed:
             logger.warning("in-flight decrement missed for replica %s (already zero or removed)", replica_id)
         return changed
@@ -145,7 +199,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         """A probe found the replica's backend alive or busy: refresh ``last_probe_at`` and
         reset the consecutive ``probe_failures``. Idiom: one conditional UPDATE by id. False
         when the row is gone (removed since the probe was sent)."""
-        return self.filter(pk=replica_id).update(last_probe_at=_now(now), probe_failures=0) == 1
+        return self.filter(pk=replica_id).update(last_probe_at=resolve_now(now), probe_failures=0) == 1
 
     def record_probe_unreachable(self, replica_id) -> int | None:
         """A probe found nothing at the replica's address: count one more consecutive failure.
@@ -161,7 +215,9 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
                 return None
             return self.filter(pk=replica_id).values_list("probe_failures", flat=True).first()
 
-    def warm_pick(self, model_name: str, *, node_ids: Iterable | None = None, now: datetime | None = None) -> NodeModel | None:
+    def warm_pick(
+        self, model_name: str, *, node_ids: Iterable | None = None, now: datetime | None = None
+    ) -> NodeModel | None:
         """Reserve the best loaded replica of ``model_name`` on a healthy backend node.
 
         Best = least ``in_flight``, then least recently used (round robin), then the node with
@@ -171,11 +227,11 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         best one. Its ``in_flight`` is then incremented; the caller must release it with
         ``decrement_in_flight``. Returns None when no replica is loaded on a candidate node.
         """
-        now = _now(now)
+        now = resolve_now(now)
         candidates = (
             self.for_model(model_name)
             .ready()
-            .annotate(node_free_vram=_free_vram("node__"), node_last_heartbeat=F("node__last_heartbeat"))
+            .annotate(node_free_vram=free_vram("node__"), node_last_heartbeat=F("node__last_heartbeat"))
             .order_by("in_flight", F("last_used").asc(nulls_first=True), F("node_free_vram").desc(), "pk")
         )
         if node_ids is not None:
@@ -186,7 +242,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
                 replica = candidates.select_for_update(of=("self",)).first()
             if replica is None:
                 return None
-            self.filter(pk=replica.pk).update(in_flight=F("in_flight") + 1, last_used=now)
+            self.increment_in_flight(replica.pk, now=now)
         replica.in_flight += 1
         replica.last_used = now
         return replica
@@ -198,8 +254,9 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         update). False: the row was removed during the load (node restarted or went offline,
         or the load job was taken over); the caller must not treat the load as recorded.
         ``state_changed_at`` is set to ``now``: ``.update()`` skips ``auto_now``, so
-        ``updated_at`` would still say when the ``loading`` row was inserted."""
-        now = _now(now)
+        ``updated_at`` would still say when the ``loading`` row was inserted. Idiom: conditional
+        update ``WHERE state = 'loading'``."""
+        now = resolve_now(now)
         return (
             self.filter(pk=replica_id, state=self.model.State.LOADING).update(
                 state=self.model.State.LOADED,
@@ -216,7 +273,9 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
     def discard_loading(self, replica_id) -> bool:
         """Delete a ``loading`` row left by a failed or dead load and return the VRAM its load
         reserved to its node. A row that reached ``loaded`` is left alone. Conditional delete
-        (``WHERE state = 'loading'``); only the call that deleted releases the reservation."""
+        (``WHERE state = 'loading'``); only the call that deleted releases the reservation.
+        Idiom: conditional delete ``WHERE state = 'loading'``, then
+        ``Node.objects.release_vram`` by the deleter only."""
         if replica_id is None:
             return False
         row = self.filter(pk=replica_id, state=self.model.State.LOADING).values("node_id", "reserved_vram").first()
@@ -224,12 +283,13 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
             return False
         deleted, _ = self.filter(pk=replica_id, state=self.model.State.LOADING).delete()
         if deleted:
-            _model("Node").objects.release_vram(row["node_id"], row["reserved_vram"])
+            registry_model("Node").objects.release_vram(row["node_id"], row["reserved_vram"])
         return deleted > 0
 
     def remove_if_idle(self, replica_id) -> bool:
         """Delete a loaded replica row only while nothing is in flight on it (eviction).
         Conditional delete (``WHERE in_flight = 0``): a pick that committed first wins and the
-        row stays. False: busy, or already gone."""
+        row stays. False: busy, or already gone. Idiom: conditional delete ``WHERE state =
+        'loaded' AND in_flight = 0``."""
         deleted, _ = self.filter(pk=replica_id, state=self.model.State.LOADED, in_flight=0).delete()
         return deleted > 0

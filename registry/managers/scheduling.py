@@ -14,12 +14,12 @@ from django.db.models import (
 )
 
 from .. import rules
+from ..clock import resolve_now
 from ..labels import validate_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import ModelSchedulingConfig
 
-from ._common import _now
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,6 @@ class ModelSchedulingConfigQuerySet(models.QuerySet):
         """Models the reconciler manages: ``min_replicas > 0 or max_replicas > 0``."""
         return self.filter(rules.AUTOSCALED)
 
-    def in_cooldown(self, *, now: datetime | None = None):
-        return self.filter(unsatisfiable_until__gt=_now(now))
-
 
 class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingConfigQuerySet)):
     def upsert(
@@ -71,13 +68,16 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
 
         Validated first (``ValidationError``); the circuit-breaker columns are not overwritten.
         ``placement`` (``spread``/``binpack``) is only written when given.
+        Idiom: upsert on ``model_name``. Returns the stored row (read back).
         """
         if not model_name or not model_name.strip():
             raise ValidationError({"model_name": "must not be empty"})
         min_replicas, max_replicas, selector = validate_scheduling(min_replicas, max_replicas, node_selector)
         if placement is not None and placement not in self.model.Placement.values:
             raise ValidationError({"placement": f"must be one of {', '.join(self.model.Placement.values)}"})
-        row = self.model(model_name=model_name, min_replicas=min_replicas, max_replicas=max_replicas, node_selector=selector)
+        row = self.model(
+            model_name=model_name, min_replicas=min_replicas, max_replicas=max_replicas, node_selector=selector
+        )
         update_fields = ["min_replicas", "max_replicas", "node_selector", "updated_at"]
         if placement is not None:
             row.placement = placement
@@ -90,11 +90,13 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         )
         return self.get(model_name=model_name)
 
-    def record_unsatisfiable(self, model_name: str, *, threshold: int, cooldown: timedelta, now: datetime | None = None) -> bool:
+    def record_unsatisfiable(
+        self, model_name: str, *, threshold: int, cooldown: timedelta, now: datetime | None = None
+    ) -> bool:
         """Count a pass in which the model had no capacity; after ``threshold`` consecutive
         passes start a cooldown of ``cooldown`` and reset the count. Returns True when this
         call tripped the breaker. Idiom: two conditional updates in one transaction."""
-        now = _now(now)
+        now = resolve_now(now)
         with transaction.atomic():
             self.filter(model_name=model_name).update(unsatisfiable_ticks=F("unsatisfiable_ticks") + 1)
             tripped = self.filter(model_name=model_name, unsatisfiable_ticks__gte=threshold).update(
@@ -103,24 +105,31 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         return tripped == 1
 
     def record_satisfiable(self, model_name: str) -> bool:
-        """The model had capacity this pass: reset the consecutive count (conditional)."""
+        """The model had capacity this pass: reset the consecutive count (conditional). Idiom:
+        conditional update ``WHERE unsatisfiable_ticks > 0``; True when the count was reset."""
         return self.filter(model_name=model_name, unsatisfiable_ticks__gt=0).update(unsatisfiable_ticks=0) == 1
 
     def remove(self, model_name: str) -> bool:
         """Forget a model's scheduling config: the reconciler stops managing it (its replicas
-        and load info stay). False when there was none."""
+        and load info stay). False when there was none. Idiom: conditional delete by
+        ``model_name``."""
         deleted, _ = self.filter(model_name=model_name).delete()
         return deleted > 0
 
     def clear_cooldown(self, model_name: str) -> bool:
+        """End one model's cooldown and reset its count. Idiom: conditional update (only a
+        config in cooldown or counting is written); True when it was."""
         return self._clear(self.filter(model_name=model_name)) == 1
 
     def clear_cooldowns(self) -> int:
-        """End every model's cooldown and count (a capacity event happened)."""
+        """End every model's cooldown and count (a capacity event happened). Idiom: one
+        set-based conditional update (only configs in cooldown or counting are written); returns
+        how many."""
         return self._clear(self.all())
 
     @staticmethod
     def _clear(queryset) -> int:
+        """The conditional update behind ``clear_cooldown(s)``; returns rows written."""
         return queryset.filter(Q(unsatisfiable_until__isnull=False) | Q(unsatisfiable_ticks__gt=0)).update(
             unsatisfiable_until=None, unsatisfiable_ticks=0
         )

@@ -119,7 +119,7 @@ def test_patch_labels_merges_them(operator_client, node):
 
 
 def test_delete_one_label_including_keys_with_slashes(operator_client, node):
-    NodeLabel.objects.set_label(node.pk, "topology.kubernetes.io/zone", "eu-1")
+    NodeLabel.objects.merge(node.pk, {"topology.kubernetes.io/zone": "eu-1"})
     assert operator_client.delete(url(node, "/labels/topology.kubernetes.io/zone")).status_code == 204
     assert "topology.kubernetes.io/zone" not in NodeLabel.objects.as_dict(node.pk)
     assert_problem(operator_client.delete(url(node, "/labels/topology.kubernetes.io/zone")), 404, "not_found")

@@ -4,7 +4,6 @@ from datetime import timedelta
 
 import pytest
 
-from registry import placement, router
 from registry.models import Lease, Node, NodeModel
 from tests.factories import GIB, make_node, make_replica
 
@@ -14,11 +13,14 @@ pytestmark = pytest.mark.django_db
 def test_a_loading_row_older_than_every_load_deadline_is_discarded_with_its_reservation(reconcile, now, settings):
     settings.RECONCILE_STALE_LOADING_AFTER = 200
     node = make_node(total_vram=16 * GIB, now=now, slots=2)
-    # Both loading rows are claimed by the router's claim (row + VRAM reservation), each with
+    # Both loading rows are claimed by the router's verb (row + VRAM reservation), each with
     # its loader's clock; the first loader then died.
-    candidate = placement.NodeCandidate(node_id=node.pk, name=node.name, slots=2)
-    router._claim_row("llama", candidate, "llama-cpp", 4 * GIB, now - timedelta(seconds=201))
-    live = router._claim_row("llama", candidate, "llama-cpp", 2 * GIB, now - timedelta(seconds=10))
+    NodeModel.objects.claim_loading(
+        node.pk, "llama", slots=2, backend_type="llama-cpp", reserved_vram=4 * GIB, now=now - timedelta(seconds=201)
+    )
+    live = NodeModel.objects.claim_loading(
+        node.pk, "llama", slots=2, backend_type="llama-cpp", reserved_vram=2 * GIB, now=now - timedelta(seconds=10)
+    )
 
     summary = reconcile(heartbeat=False)
 

@@ -383,7 +383,7 @@ def test_breaker_clears_when_labels_change(now, reconcile, scheduler, load_info)
     _passes(reconcile, now, 3)
     assert ModelSchedulingConfig.objects.get(model_name="llama").unsatisfiable_until is not None
 
-    NodeLabel.objects.set_label(b.pk, "zone", "b")
+    NodeLabel.objects.merge(b.pk, {"zone": "b"})
     reconcile(at=now + timedelta(seconds=30))
 
     assert scheduler.calls == [("llama", [b.pk])]

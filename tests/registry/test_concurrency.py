@@ -83,3 +83,68 @@ def test_concurrent_registrations_of_one_name_yield_one_node(close_thread_connec
     assert len(registrations) == 1 and registrations[0].created
     assert len(refused) == len(outcomes) - 1
     assert Node.objects.get(name="gpu-1").address == registrations[0].node.address
+
+
+def _claim_with_retries(node_id, slots, needed, attempts=3 * THREADS):
+    """What the router's placement loop does with a lost claim: try again (bounded)."""
+    for _attempt in range(attempts):
+        row = NodeModel.objects.claim_loading(node_id, "llama", slots=slots, backend_type="x", reserved_vram=needed)
+        if row is not None:
+            return row
+    return None
+
+
+def test_concurrent_claims_never_over_commit_vram_nor_leave_a_row_without_its_reservation(close_thread_connections):
+    node = make_node(total_vram=10 * GIB, slots=THREADS)
+
+    rows = run_in_threads(lambda i: _claim_with_retries(node.pk, THREADS, 3 * GIB), close_thread_connections)
+
+    claimed = [row for row in rows if row is not None]
+    node.refresh_from_db()
+    assert len(claimed) == 3
+    assert node.reserved_vram == 9 * GIB
+    stored = list(NodeModel.objects.filter(node=node).values_list("pk", "replica_index", "reserved_vram", "state"))
+    assert sorted(stored) == sorted((row.pk, row.replica_index, 3 * GIB, NodeModel.State.LOADING) for row in claimed)
+    assert len({index for _, index, _, _ in stored}) == 3
+
+
+def test_concurrent_claims_take_distinct_slots_and_no_more(close_thread_connections):
+    node = make_node(total_vram=80 * GIB, slots=3)
+
+    rows = run_in_threads(lambda i: _claim_with_retries(node.pk, 3, GIB), close_thread_connections)
+
+    claimed = [row for row in rows if row is not None]
+    assert sorted(row.replica_index for row in claimed) == [0, 1, 2]
+    node.refresh_from_db()
+    assert node.reserved_vram == 3 * GIB
+    assert NodeModel.objects.filter(node=node).count() == 3
+
+
+def test_concurrent_forgets_delete_each_row_once(close_thread_connections):
+    node, other = make_node(slots=4), make_node()
+    for index in range(4):
+        make_replica(node, "llama", index)
+    make_replica(other, "llama", 0)
+
+    counts = run_in_threads(lambda i: NodeModel.objects.forget_node_replicas(node.pk), close_thread_connections)
+
+    assert sum(counts) == 4
+    assert list(NodeModel.objects.values_list("node_id", flat=True)) == [other.pk]
+
+
+def test_claims_racing_a_node_going_offline_keep_reservations_and_rows_in_step(close_thread_connections):
+    """``mark_offline`` forgets the node's rows and zeroes its reservation in one transaction;
+    a claim inserts its row and reserves in one transaction. Whatever the interleaving, the
+    node's reservation is exactly what its remaining ``loading`` rows hold."""
+    node = make_node(total_vram=80 * GIB, slots=THREADS)
+
+    def act(i):
+        if i % 2:
+            return Node.objects.mark_offline(node.pk)
+        return _claim_with_retries(node.pk, THREADS, 2 * GIB)
+
+    run_in_threads(act, close_thread_connections)
+
+    node.refresh_from_db()
+    held = sum(NodeModel.objects.filter(node=node).values_list("reserved_vram", flat=True))
+    assert node.reserved_vram == held

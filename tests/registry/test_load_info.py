@@ -19,7 +19,8 @@ def test_per_model_row_survives_removing_every_replica_row(now):
     make_replica(node, "llama", 1, backend_type="llama-cpp", model_opts_blob=BLOB_A)
     ModelLoadInfo.objects.upsert("llama", "llama-cpp", BLOB_A, now=now)
 
-    NodeModel.objects.remove_all_replicas(node, "llama")
+    NodeModel.objects.remove_replica(node.pk, "llama", 0)
+    NodeModel.objects.remove_replica(node.pk, "llama", 1)
 
     assert not NodeModel.objects.for_model("llama").exists()
     info = ModelLoadInfo.objects.for_model("llama")
@@ -92,7 +93,7 @@ def test_no_removal_path_touches_load_info(now):
     ModelLoadInfo.objects.upsert("llama", "llama-cpp", BLOB_A, now=now)
 
     NodeModel.objects.remove_replica(node.pk, "llama", 2)
-    NodeModel.objects.remove_all_replicas(node.pk, "llama")
+    NodeModel.objects.forget_node_replicas(node.pk)
     Node.objects.register(name=node.name, address=node.address, presented_node_token=node.token)
     Node.objects.mark_draining(node.pk, by=Node.DrainedBy.OPERATOR)
     Node.objects.mark_offline(node.pk)

@@ -101,7 +101,7 @@ def test_zero_slots_are_treated_as_one():
 
 def test_registration_applies_auto_labels_and_merges_worker_labels():
     node = make_node(name="gpu-1", total_vram=24 * GIB, gpu_vendor="nvidia", labels={"zone": "a"}, slots=2)
-    NodeLabel.objects.set_label(node.pk, "team", "research")  # an operator's label
+    NodeLabel.objects.merge(node.pk, {"team": "research"})  # an operator's label
 
     Node.objects.register(
         name="gpu-1",
@@ -300,19 +300,6 @@ def test_deregister_deletes_node_labels_and_replicas():
     assert not NodeLabel.objects.filter(node_id=node.pk).exists()
     assert not NodeModel.objects.exists()
     assert not Node.objects.deregister(node.pk)
-
-
-def test_stale_finds_old_heartbeats_among_live_statuses_only(now):
-    old = now - timedelta(seconds=31)
-    stale_healthy = make_node(now=old)
-    stale_draining = make_node(now=old, status=Node.Status.DRAINING)
-    make_node(now=now - timedelta(seconds=29))
-    for status in Node.NOT_SWEPT_STATUSES:
-        make_node(now=old, status=status)
-
-    stale = set(Node.objects.stale(threshold=timedelta(seconds=30), now=now))
-
-    assert stale == {stale_healthy, stale_draining}
 
 
 def test_selector_uses_and_semantics_and_ignores_unhealthy_nodes():

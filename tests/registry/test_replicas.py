@@ -37,7 +37,7 @@ def test_set_replica_load_info_stamps_the_row():
     assert not NodeModel.objects.set_replica_load_info(node.pk, "llama", 9, "vllm", b"x")
 
 
-def test_remove_one_and_remove_all_of_node_and_model():
+def test_remove_one_replica_and_forget_every_replica_of_a_node():
     node, other = make_node(slots=3), make_node(slots=3)
     for index in range(3):
         make_replica(node, "llama", index)
@@ -46,15 +46,35 @@ def test_remove_one_and_remove_all_of_node_and_model():
 
     assert NodeModel.objects.remove_replica(node.pk, "llama", 2)
     assert not NodeModel.objects.remove_replica(node.pk, "llama", 2)
-    assert NodeModel.objects.remove_all_replicas(node, "llama") == 2
-    assert set(NodeModel.objects.values_list("node_id", "model_name")) == {(node.pk, "phi"), (other.pk, "llama")}
+    assert NodeModel.objects.forget_node_replicas(node.pk) == 3
+    assert NodeModel.objects.forget_node_replicas(node.pk) == 0
+    assert set(NodeModel.objects.values_list("node_id", "model_name")) == {(other.pk, "llama")}
 
 
-def test_count_loaded_counts_only_loaded_rows():
-    node = make_node(slots=3)
-    make_replica(node, "llama", 0)
-    make_replica(node, "llama", 1, state=NodeModel.State.LOADING)
-    assert NodeModel.objects.count_loaded("llama") == 1
+def test_claim_loading_inserts_the_row_and_reserves_its_vram_together(now):
+    node = make_node(slots=2, total_vram=10 * GIB)
+
+    first = NodeModel.objects.claim_loading(
+        node.pk, "llama", slots=2, backend_type="llama-cpp", reserved_vram=6 * GIB, now=now
+    )
+    # the second slot is free but the VRAM is not: no row is left behind
+    assert NodeModel.objects.claim_loading(node.pk, "llama", slots=2, reserved_vram=5 * GIB, now=now) is None
+
+    assert (first.replica_index, first.state, first.reserved_vram, first.state_changed_at) == (
+        0,
+        NodeModel.State.LOADING,
+        6 * GIB,
+        now,
+    )
+    assert list(NodeModel.objects.values_list("pk", flat=True)) == [first.pk]
+    node.refresh_from_db()
+    assert node.reserved_vram == 6 * GIB
+
+    second = NodeModel.objects.claim_loading(node.pk, "llama", slots=2, reserved_vram=4 * GIB, now=now)
+    assert second.replica_index == 1
+    assert NodeModel.objects.claim_loading(node.pk, "llama", slots=2, now=now) is None  # no slot left
+    node.refresh_from_db()
+    assert node.reserved_vram == 10 * GIB
 
 
 def test_next_free_index_takes_the_lowest_gap_below_the_slot_count():
@@ -74,13 +94,6 @@ def test_in_flight_never_goes_below_zero():
     assert not NodeModel.objects.decrement_in_flight(row.pk)
     row.refresh_from_db()
     assert row.in_flight == 0
-
-
-def test_touch_records_last_use(now):
-    row = make_replica(make_node())
-    assert NodeModel.objects.touch(row.pk, now=now)
-    row.refresh_from_db()
-    assert row.last_used == now
 
 
 def test_warm_pick_prefers_least_in_flight_then_least_recently_used(now):
@@ -134,35 +147,6 @@ def test_warm_pick_runs_a_constant_number_of_queries(django_assert_max_num_queri
         assert NodeModel.objects.warm_pick("llama", now=now) is not None
 
 
-def test_capacity_sums_free_slots_over_candidates():
-    busy = make_node(slots=2, labels={"zone": "a"})
-    make_node(slots=3, labels={"zone": "a"})
-    make_node(slots=4, labels={"zone": "b"})
-    make_node(slots=5, labels={"zone": "a"}, status=Node.Status.UNHEALTHY)
-    make_replica(busy, "llama", 0)
-    make_replica(busy, "llama", 1, state=NodeModel.State.LOADING)
-    make_replica(busy, "phi", 0)  # other models do not count
-
-    assert Node.objects.capacity_for("llama", selector={"zone": "a"}) == 0 + 3
-    assert Node.objects.capacity_for("llama") == 0 + 3 + 4
-    assert Node.objects.capacity_for("llama", node_ids=[busy.pk]) == 0
-
-
-def test_free_slot_vram_idle_and_least_loaded_queries():
-    full = make_node(name="full", slots=1, total_vram=80 * GIB)
-    idle = make_node(name="idle", slots=2, total_vram=16 * GIB)
-    loaded = make_node(name="loaded", slots=2, total_vram=48 * GIB)
-    make_replica(full, "llama", 0)
-    make_replica(loaded, "phi", 0, in_flight=3)
-
-    assert set(Node.objects.schedulable().with_free_slot("llama")) == {idle, loaded}
-    assert set(Node.objects.idle()) == {full, idle}
-    assert list(Node.objects.least_loaded())[-1] == loaded
-    # idle nodes first, then most free VRAM
-    assert list(Node.objects.with_vram_for(10 * GIB)) == [full, idle, loaded]
-    assert list(Node.objects.with_vram_for(20 * GIB)) == [full, loaded]
-
-
 def test_vram_reservation_cannot_over_commit_or_underflow():
     node = make_node(total_vram=10 * GIB)
     assert Node.objects.reserve_vram(node.pk, 6 * GIB)
@@ -172,8 +156,6 @@ def test_vram_reservation_cannot_over_commit_or_underflow():
     assert not Node.objects.release_vram(node.pk, 6 * GIB)
     node.refresh_from_db()
     assert node.reserved_vram == 4 * GIB
-    assert list(Node.objects.with_vram_for(6 * GIB)) == [node]
-    assert list(Node.objects.with_vram_for(7 * GIB)) == []
 
 
 def test_in_flight_check_constraint_holds_in_the_database():

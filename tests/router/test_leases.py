@@ -78,7 +78,7 @@ def test_a_lease_outlives_its_replica_row_and_still_releases(now):
     node = make_node()
     make_replica(node)
     lease = Lease.objects.pick_and_grant("llama", ttl=TTL, now=now)
-    NodeModel.objects.remove_all_replicas(node, "llama")
+    NodeModel.objects.remove_replica(node.pk, "llama", 0)
 
     assert Lease.objects.release(lease.pk, now=now)
     lease.refresh_from_db()

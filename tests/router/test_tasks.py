@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from registry import tasks
+from registry import jobs, tasks
 from registry.models import Lease, LoadJob, ModelLoadInfo, Node, NodeModel
 from tests.factories import GIB, make_replica
 
@@ -106,7 +106,7 @@ def test_reap_load_jobs_enqueues_the_requeued_ones(fleet, monkeypatch):
     job, _ = LoadJob.objects.claim_or_attach("llama")
     LoadJob.objects.start(job.pk, "dead:1", now=timezone.now() - timedelta(minutes=10))
     queued = []
-    monkeypatch.setattr(tasks, "enqueue_load_job", queued.append)
+    monkeypatch.setattr(jobs, "enqueue_load_job", queued.append)
 
     result = tasks.reap_load_jobs()
 
@@ -118,7 +118,7 @@ def test_housekeeping_expires_sweeps_and_reaps(fleet, monkeypatch):
     row = make_replica(gpu.node, "llama", 0, in_flight=5)
     now = timezone.now()
     Lease.objects.pick_and_grant("llama", ttl=1, now=now - timedelta(minutes=1))
-    monkeypatch.setattr(tasks, "enqueue_load_job", lambda job_id: None)
+    monkeypatch.setattr(jobs, "enqueue_load_job", lambda job_id: None)
 
     summary = tasks.housekeeping(now)
 
