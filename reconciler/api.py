@@ -12,7 +12,8 @@ Authentication, permissions, pagination and problem documents are the project's
 from __future__ import annotations
 
 import django_filters
-from drf_spectacular.utils import extend_schema, extend_schema_view
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
@@ -87,7 +88,7 @@ class EventFilter(StrictFilterSet):
     model = django_filters.CharFilter(
         method="filter_model", max_length=255, help_text="exact model name; empty: events of no model"
     )
-    node = django_filters.UUIDFilter(field_name="node_id", help_text="node id (events outlive deleted nodes)")
+    node = django_filters.UUIDFilter(field_name="node_id", help_text="node id")
     kind = django_filters.ChoiceFilter(choices=Event.Kind.choices, help_text="event kind")
     since = django_filters.IsoDateTimeFilter(
         field_name="created_at", lookup_expr="gte", help_text="created at or after this instant (ISO 8601)"
@@ -166,15 +167,16 @@ class ReconcileViewSet(viewsets.ViewSet):
 )
 @extend_schema(tags=["reconciler"])
 class ModelStatusViewSet(viewsets.GenericViewSet):
-    """Every model known from scheduling configs, load info or replica rows
-    (``GET /api/v1/models``), or one of them (``GET /api/v1/models/{model}``)."""
+    # GET /api/v1/models and GET /api/v1/models/{model}
 
     permission_classes = [IsFrontend]
     serializer_class = ModelStatusSerializer
+    filter_backends = []  # a list of names from three tables (reconciler.status), not a queryset
     lookup_url_kwarg = "model"
     lookup_value_converter = "model_name"
 
     def list(self, request):
+        """Every model known from scheduling configs, load info or replica rows."""
         # Page over names (one query), then read the page's statuses (a fixed number of queries).
         page = self.paginate_queryset(known_model_names())
         return self.get_paginated_response(self.get_serializer(model_statuses(page), many=True).data)
@@ -187,7 +189,13 @@ class ModelStatusViewSet(viewsets.GenericViewSet):
         return Response(self.get_serializer(found).data)
 
 
-@extend_schema_view(list=extend_schema(summary="List events, newest first"))
+@extend_schema_view(
+    list=extend_schema(
+        summary="List events, newest first",
+        # As published before the FilterSet: the kinds are the enum's values.
+        parameters=[OpenApiParameter("kind", OpenApiTypes.STR, enum=Event.Kind.values, description="event kind")],
+    )
+)
 @extend_schema(tags=["reconciler"])
 class EventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """The reconciler's event history, newest first."""

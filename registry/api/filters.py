@@ -56,7 +56,7 @@ def validate_label_selector(value: str) -> None:
 
 class NodeFilter(StrictFilterSet):
     status = django_filters.ChoiceFilter(choices=Node.Status.choices, help_text="the node's status")
-    node_type = django_filters.ChoiceFilter(choices=Node.NodeType.choices, help_text="backend or frontend")
+    node_type = django_filters.ChoiceFilter(choices=Node.NodeType.choices, help_text="backend or agent")
     name = django_filters.CharFilter(max_length=names.MAX_NAME_LENGTH, help_text="exact node name")
     label = django_filters.CharFilter(
         method="filter_label",

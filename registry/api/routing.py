@@ -237,7 +237,7 @@ def _why_not_vouched(node: Node, model_name: str, replica_index: int, address: s
 
 
 class RouteViewSet(viewsets.ViewSet):
-    """``POST /api/v1/models/{model}/route``."""
+    # POST /api/v1/models/{model}/route
 
     permission_classes = [IsFrontend]
     lookup_url_kwarg = "model"
@@ -302,7 +302,7 @@ class RouteViewSet(viewsets.ViewSet):
 
 @extend_schema(tags=["routing"])
 class LeaseViewSet(viewsets.ViewSet):
-    """``/api/v1/leases/{lease_id}/release`` and ``/renew``."""
+    # /api/v1/leases/{lease_id}/release and /renew
 
     permission_classes = [IsFrontend]
     lookup_url_kwarg = "lease_id"
@@ -349,7 +349,7 @@ class LeaseViewSet(viewsets.ViewSet):
 @extend_schema_view(retrieve=extend_schema(summary="A load job's state and progress"))
 @extend_schema(tags=["routing"])
 class LoadJobViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
-    """``GET /api/v1/load-jobs/{job_id}``: a cold load's progress, for the frontends that wait on it."""
+    # GET /api/v1/load-jobs/{job_id}: a cold load's progress, for the frontends that wait on it.
 
     permission_classes = [IsFrontend]
     serializer_class = LoadJobSerializer
@@ -372,8 +372,8 @@ class LoadJobViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
 )
 @extend_schema(tags=["routing"])
 class ReplicaViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
-    """``/api/v1/replicas``: an operator lists the replica rows; a frontend reports a replica
-    it loaded itself (the only action a frontend key opens here)."""
+    # /api/v1/replicas: an operator lists the replica rows; a frontend reports a replica it
+    # loaded itself (the only action a frontend key opens here).
 
     permission_classes = [IsFrontend]
     action_permission_classes = {"list": [IsOperator]}

@@ -382,10 +382,11 @@ class ModelOptionsJsonField(serializers.JSONField):
 
 class LoadInfoWriteSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     """Exactly one of ``model_options_b64`` (serialized ModelOptions, stored byte for byte) and
-    ``model_options`` (ModelOptions fields by proto name). Either is decoded once, by its field:
-    ``validated_data["opts_blob"]`` holds the bytes to store; options that are not a
-    ModelOptions are a 400 ``invalid_model_options`` problem (raised by the field, so before
-    any later field's errors are collected)."""
+    ``model_options`` (ModelOptions fields by proto name)."""
+
+    # Either form is decoded once, by its field: ``validated_data["opts_blob"]`` holds the bytes
+    # to store. Options that are not a ModelOptions are a 400 ``invalid_model_options`` problem,
+    # raised by the field (so before the errors of any later field are collected).
 
     backend_type = StrictCharField(max_length=255, allow_blank=True, trim_whitespace=False)
     model_options_b64 = ModelOptionsBase64Field(required=False, help_text="base64 of a serialized backend.ModelOptions")

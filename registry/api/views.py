@@ -100,7 +100,7 @@ def apply_transition(node_id, verb, target_status: str, action: str) -> str:
 
 
 class NodeRegistrationViewSet(viewsets.ViewSet):
-    """``POST /api/node/register``: the one call a worker makes with the fleet registration token."""
+    # POST /api/node/register: the one call a worker makes with the fleet registration token.
 
     authentication_classes = [RegistrationTokenAuthentication]
     permission_classes = [HasRegistrationToken]
@@ -453,14 +453,14 @@ class _SchedulingConfigs:
 @extend_schema_view(list=extend_schema(summary="List scheduling configs (by model name)"))
 @extend_schema(tags=["scheduling"])
 class SchedulingConfigViewSet(_SchedulingConfigs, mixins.ListModelMixin, viewsets.GenericViewSet):
-    """``GET /api/v1/scheduling``: every model's scheduling config."""
+    # GET /api/v1/scheduling: every model's scheduling config.
 
     session_permissions = {"list": ("registry.view_modelschedulingconfig",)}
 
 
 @extend_schema(tags=["scheduling"], parameters=[MODEL])
 class ModelSchedulingViewSet(_SchedulingConfigs, viewsets.GenericViewSet):
-    """``/api/v1/models/{model}/scheduling``: one model's scheduling config."""
+    # /api/v1/models/{model}/scheduling: one model's scheduling config.
 
     session_permissions = {
         "config": ("registry.view_modelschedulingconfig",),
