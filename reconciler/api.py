@@ -21,7 +21,7 @@ from rest_framework.response import Response
 from core.auth import IsFrontend, IsOperator
 from core.problems import ProblemError
 from core.schema import problems
-from registry.api.filters import StableOrderingFilter, StrictFilterSet
+from registry.api.filters import InstantFilter, StableOrderingFilter, StrictFilterSet
 from registry.api.serializers import validate_model_name
 from registry.api.views import MODEL
 
@@ -90,12 +90,10 @@ class EventFilter(StrictFilterSet):
     )
     node = django_filters.UUIDFilter(field_name="node_id", help_text="node id")
     kind = django_filters.ChoiceFilter(choices=Event.Kind.choices, help_text="event kind")
-    since = django_filters.IsoDateTimeFilter(
+    since = InstantFilter(
         field_name="created_at", lookup_expr="gte", help_text="created at or after this instant (ISO 8601)"
     )
-    until = django_filters.IsoDateTimeFilter(
-        field_name="created_at", lookup_expr="lt", help_text="created before this instant (ISO 8601)"
-    )
+    until = InstantFilter(field_name="created_at", lookup_expr="lt", help_text="created before this instant (ISO 8601)")
     ordering = StableOrderingFilter(
         fields=("created_at",), help_text="`created_at` (oldest first) or `-created_at` (newest first, the default)"
     )

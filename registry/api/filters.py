@@ -10,8 +10,12 @@ several), and a unique key always breaks ties so that ``limit``/``offset`` pages
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import django_filters
+from django.core.exceptions import ValidationError
 from django.db.models import Exists, OuterRef
+from django_filters.fields import IsoDateTimeField
 
 from core import names
 from registry.models import Node, NodeLabel, NodeModel
@@ -27,6 +31,24 @@ class StableOrderingFilter(django_filters.OrderingFilter):
         ordering = [self.get_ordering_value(param) for param in value]
         tie_breaker = "-pk" if ordering[0].startswith("-") else "pk"
         return qs.order_by(*ordering, tie_breaker)
+
+
+class InstantField(IsoDateTimeField):
+    """An ISO 8601 instant, in UTC once parsed: an instant a database cannot hold (year 1 at a
+    positive offset is before year 1 in UTC) is a validation error, not an overflow later."""
+
+    def to_python(self, value):
+        instant = super().to_python(value)
+        if instant is None:
+            return None
+        try:
+            return instant.astimezone(UTC)
+        except OverflowError:
+            raise ValidationError("Enter an instant between the years 1 and 9999 in UTC.", code="invalid") from None
+
+
+class InstantFilter(django_filters.IsoDateTimeFilter):
+    field_class = InstantField
 
 
 class StrictFilterSet(django_filters.FilterSet):
