@@ -21,7 +21,7 @@ from rest_framework.response import Response
 from core.auth import IsFrontend, IsOperator
 from core.problems import ProblemError
 from core.schema import problems
-from registry.api.filters import InstantFilter, StableOrderingFilter, StrictFilterSet
+from registry.api.filters import InstantFilter, StableOrderingFilter, StrictFilterSet, ordering_parameter
 from registry.api.serializers import validate_model_name
 from registry.api.views import MODEL
 
@@ -191,7 +191,10 @@ class ModelStatusViewSet(viewsets.GenericViewSet):
     list=extend_schema(
         summary="List events, newest first",
         # As published before the FilterSet: the kinds are the enum's values.
-        parameters=[OpenApiParameter("kind", OpenApiTypes.STR, enum=Event.Kind.values, description="event kind")],
+        parameters=[
+            OpenApiParameter("kind", OpenApiTypes.STR, enum=Event.Kind.values, description="event kind"),
+            ordering_parameter(EventFilter),
+        ],
     )
 )
 @extend_schema(tags=["reconciler"])

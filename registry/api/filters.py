@@ -10,12 +10,14 @@ several), and a unique key always breaks ties so that ``limit``/``offset`` pages
 
 from __future__ import annotations
 
+import re
 from datetime import UTC
 
 import django_filters
 from django.core.exceptions import ValidationError
 from django.db.models import Exists, OuterRef
 from django_filters.fields import IsoDateTimeField
+from drf_spectacular.utils import OpenApiParameter
 
 from core import names
 from registry.models import Node, NodeLabel, NodeModel
@@ -31,6 +33,19 @@ class StableOrderingFilter(django_filters.OrderingFilter):
         ordering = [self.get_ordering_value(param) for param in value]
         tie_breaker = "-pk" if ordering[0].startswith("-") else "pk"
         return qs.order_by(*ordering, tie_breaker)
+
+
+def ordering_parameter(filterset_class) -> OpenApiParameter:
+    """The ``ordering`` query parameter of a FilterSet as one string with a pattern (the
+    allowed fields, ``-`` for descending, comma-separated): the form django-filter reads, and
+    one whose every invalid value a schema can describe."""
+    ordering = filterset_class.base_filters["ordering"]
+    fields = "|".join(re.escape(field) for field in ordering.param_map)
+    return OpenApiParameter(
+        "ordering",
+        {"type": "string", "pattern": f"^-?({fields})(,-?({fields}))*$"},
+        description=ordering.extra["help_text"],
+    )
 
 
 class InstantField(IsoDateTimeField):
@@ -53,7 +68,9 @@ class InstantFilter(django_filters.IsoDateTimeFilter):
 
 class StrictFilterSet(django_filters.FilterSet):
     """A FilterSet that refuses an explicitly empty parameter (``?kind=`` is not a kind) unless
-    the filter is listed in ``blank_allowed``; absent parameters do not filter."""
+    the filter is listed in ``blank_allowed``, and an empty item of a comma-separated one
+    (``?ordering=name,``: django-filter checks each item against the choices but lets an empty
+    one through, and the database cannot sort by it); absent parameters do not filter."""
 
     blank_allowed: tuple[str, ...] = ()
 
@@ -66,6 +83,10 @@ class StrictFilterSet(django_filters.FilterSet):
                 if name not in self.form.errors:
                     self.form.add_error(name, "This field may not be blank.")
                 valid = False
+            elif isinstance(self.filters[name], django_filters.filters.BaseCSVFilter):
+                if any(item in ("", None) for item in self.form.cleaned_data.get(name) or ()):
+                    self.form.add_error(name, "Leave no item empty between two commas.")
+                    valid = False
         return valid
 
 

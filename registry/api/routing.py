@@ -33,7 +33,7 @@ from registry import router
 from registry.models import Lease, LoadJob, Node, NodeModel
 
 from . import serializers as s
-from .filters import ReplicaFilter
+from .filters import ReplicaFilter, ordering_parameter
 from .problems import ReplicaNotVouched
 from .views import MODEL
 
@@ -368,6 +368,7 @@ class LoadJobViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     list=extend_schema(
         summary="List replica rows (operator)",
         description="Every replica row of every node, by model, node name and replica index unless `ordering` says.",
+        parameters=[ordering_parameter(ReplicaFilter)],
     )
 )
 @extend_schema(tags=["routing"])

@@ -38,7 +38,7 @@ from .auth import (
     calling_node,
     fleet_token_nodes_allowed,
 )
-from .filters import NodeFilter
+from .filters import NodeFilter, ordering_parameter
 from .problems import (
     DrainedByOperator,
     InvalidTransition,
@@ -300,7 +300,9 @@ _LABELS_WRITE = {
 
 
 @extend_schema_view(
-    list=extend_schema(summary="List nodes (by name) with labels and load"),
+    list=extend_schema(
+        summary="List nodes (by name) with labels and load", parameters=[ordering_parameter(NodeFilter)]
+    ),
     retrieve=extend_schema(summary="One node with labels and load"),
     destroy=extend_schema(summary="Delete a node, its labels and replica rows (hard delete)"),
 )
