@@ -131,6 +131,7 @@ class RegistrationTokenAuthentication(BearerAuthentication):
         return token if isinstance(token, str) and token else None
 
 
+
 def fleet_token_nodes_allowed() -> bool:
     """Whether nodes bound to the fleet token may register and call: the setting is on and a
     registration token exists (without one, such a node could never authenticate again)."""
