@@ -249,10 +249,11 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         per-replica load recipe, and the recipe as the model's load info. None when the node is
         gone (nothing stored).
 
-        Idiom: row lock inside a short atomic(): the node row is locked (``SELECT ... FOR
-        UPDATE``) so that a concurrent delete or deregistration of the node either commits
-        first (None) or waits for this report, then the two upserts (``set_replica`` on the
-        replica's unique triple, ``ModelLoadInfo.objects.upsert`` on the model) commit together.
+        Idiom: row lock inside a short atomic(): the node row is locked first (``SELECT ... FOR
+        UPDATE``), so a deletion of the node not yet committed makes this wait and then answer
+        None (instead of failing on the foreign key), and a deletion that comes later waits for
+        this commit; then the two upserts (``set_replica`` on the replica's unique triple,
+        ``ModelLoadInfo.objects.upsert`` on the model) commit together.
         """
         with transaction.atomic():
             locked = _model("Node").objects.select_for_update().filter(pk=node_id).values_list("pk", flat=True)
