@@ -1,10 +1,13 @@
 """Frontend API of the router: route a request to a replica (or a cold load), release and renew
-leases, follow a load job, and report a replica a frontend loaded itself.
+leases, follow a load job, and report a replica a frontend loaded itself; operators list the
+replica rows.
 
-Thin viewsets: each action calls one router function or registry verb (``registry.router.route``,
-``Lease.objects.release``/``renew``, ``NodeModel.objects.report_loaded``). Router errors become problem documents with their stable
+Thin viewsets: each action calls one router function or registry verb
+(``registry.router.route``, ``Lease.objects.release``/``renew``,
+``NodeModel.objects.report_loaded``). Router errors become problem documents with their stable
 ``code`` (``RoutingProblem``); everything else is rendered by
-``core.problems.exception_handler``. Callers need a frontend or operator API key (listing replicas: an operator key).
+``core.problems.exception_handler``. Callers need a frontend or operator API key (listing
+replicas: an operator key).
 """
 
 from __future__ import annotations
