@@ -11,16 +11,17 @@ Authentication, permissions, pagination and problem documents are the project's
 
 from __future__ import annotations
 
+import django_filters
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import generics, serializers, status
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from core.auth import IsFrontend, IsOperator
 from core.problems import ProblemError
 from core.schema import problems
+from registry.api.filters import InstantFilter, StableOrderingFilter, StrictFilterSet, ordering_parameter
 from registry.api.serializers import validate_model_name
 from registry.api.views import MODEL
 
@@ -78,12 +79,38 @@ class EventSerializer(serializers.ModelSerializer):
         fields = ["id", "created_at", "kind", "model_name", "node_id", "node_name", "message", "details"]
 
 
-class EventFilterSerializer(serializers.Serializer):
-    model = serializers.CharField(
-        required=False, allow_blank=True, max_length=255, help_text="exact model name; empty: events of no model"
+class EventFilter(StrictFilterSet):
+    """``?model=`` (an explicitly empty value: the events of no model), ``?node=``, ``?kind=``,
+    ``?since=``/``?until=`` (ISO 8601 instants: created at or after, before) and ``?ordering=``."""
+
+    blank_allowed = ("model",)
+
+    model = django_filters.CharFilter(
+        method="filter_model", max_length=255, help_text="exact model name; empty: events of no model"
     )
-    node = serializers.UUIDField(required=False, help_text="node id (events outlive deleted nodes)")
-    kind = serializers.ChoiceField(required=False, choices=Event.Kind.choices)
+    node = django_filters.UUIDFilter(field_name="node_id", help_text="node id")
+    kind = django_filters.ChoiceFilter(choices=Event.Kind.choices, help_text="event kind")
+    since = InstantFilter(
+        field_name="created_at", lookup_expr="gte", help_text="created at or after this instant (ISO 8601)"
+    )
+    until = InstantFilter(field_name="created_at", lookup_expr="lt", help_text="created before this instant (ISO 8601)")
+    ordering = StableOrderingFilter(
+        fields=("created_at",), help_text="`created_at` (oldest first) or `-created_at` (newest first, the default)"
+    )
+
+    class Meta:
+        model = Event
+        fields = ["model", "node", "kind", "since", "until"]
+
+    def filter_model(self, queryset, name, value):
+        return queryset.for_model(value)
+
+    def filter_queryset(self, queryset):
+        queryset = super().filter_queryset(queryset)
+        # A method filter skips an empty value; here it names the events of no model.
+        if "model" in self.data and self.form.cleaned_data.get("model") == "":
+            queryset = queryset.for_model("")
+        return queryset
 
 
 class ReconcileFailed(ProblemError):
@@ -99,12 +126,12 @@ class ReconcileFailed(ProblemError):
 
 
 @extend_schema(tags=["reconciler"])
-class ReconcileView(APIView):
+class ReconcileViewSet(viewsets.ViewSet):
     """Run one reconcile pass now (operator key, or a staff session allowed to change
     scheduling configs, as the admin's "Reconcile now")."""
 
     permission_classes = [IsOperator]
-    session_permissions = {"post": ("registry.change_modelschedulingconfig",)}
+    session_permissions = {"create": ("registry.change_modelschedulingconfig",)}
 
     @extend_schema(
         summary="Run one reconcile pass now",
@@ -120,41 +147,39 @@ class ReconcileView(APIView):
             ),
         },
     )
-    def post(self, request):
+    def create(self, request):
         summary = reconcile_once()
         if summary.outcome == ReconcilePass.Outcome.ERROR:
             raise ReconcileFailed(summary.reason, extra={"summary": summary.as_dict()})
         return Response(ReconcileSummarySerializer(summary.as_dict()).data)
 
 
+@extend_schema_view(
+    list=extend_schema(summary="List models with replica counts and conditions (by name)", operation_id="models_list"),
+    retrieve=extend_schema(
+        summary="A model's replica counts and conditions",
+        operation_id="models_status_retrieve",
+        parameters=[MODEL],
+        responses={200: ModelStatusSerializer},
+    ),
+)
 @extend_schema(tags=["reconciler"])
-class ModelStatusListView(generics.ListAPIView):
-    """Every model known from scheduling configs, load info or replica rows."""
+class ModelStatusViewSet(viewsets.GenericViewSet):
+    # GET /api/v1/models and GET /api/v1/models/{model}
 
     permission_classes = [IsFrontend]
     serializer_class = ModelStatusSerializer
+    filter_backends = []  # a list of names from three tables (reconciler.status), not a queryset
+    lookup_url_kwarg = "model"
+    lookup_value_converter = "model_name"
 
-    @extend_schema(summary="List models with replica counts and conditions (by name)", operation_id="models_list")
-    def get(self, request, *args, **kwargs):
-        return super().get(request, *args, **kwargs)
-
-    def list(self, request, *args, **kwargs):
+    def list(self, request):
+        """Every model known from scheduling configs, load info or replica rows."""
         # Page over names (one query), then read the page's statuses (a fixed number of queries).
         page = self.paginate_queryset(known_model_names())
         return self.get_paginated_response(self.get_serializer(model_statuses(page), many=True).data)
 
-
-@extend_schema(tags=["reconciler"], parameters=[MODEL])
-class ModelStatusView(generics.GenericAPIView):
-    permission_classes = [IsFrontend]
-    serializer_class = ModelStatusSerializer
-
-    @extend_schema(
-        summary="A model's replica counts and conditions",
-        operation_id="models_status_retrieve",
-        responses={200: ModelStatusSerializer},
-    )
-    def get(self, request, model):
+    def retrieve(self, request, model):
         model = validate_model_name(model)
         found = model_status(model)
         if found is None:
@@ -162,39 +187,21 @@ class ModelStatusView(generics.GenericAPIView):
         return Response(self.get_serializer(found).data)
 
 
+@extend_schema_view(
+    list=extend_schema(
+        summary="List events, newest first",
+        # As published before the FilterSet: the kinds are the enum's values.
+        parameters=[
+            OpenApiParameter("kind", OpenApiTypes.STR, enum=Event.Kind.values, description="event kind"),
+            ordering_parameter(EventFilter),
+        ],
+    )
+)
 @extend_schema(tags=["reconciler"])
-class EventListView(generics.ListAPIView):
+class EventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
     """The reconciler's event history, newest first."""
 
     permission_classes = [IsFrontend]
     serializer_class = EventSerializer
-
-    @extend_schema(
-        summary="List events, newest first",
-        parameters=[
-            OpenApiParameter("model", OpenApiTypes.STR, description="exact model name; empty: events of no model"),
-            OpenApiParameter("node", OpenApiTypes.UUID, description="node id"),
-            OpenApiParameter("kind", OpenApiTypes.STR, enum=Event.Kind.values, description="event kind"),
-        ],
-    )
-    def get(self, request, *args, **kwargs):
-        return super().get(request, *args, **kwargs)
-
-    def get_queryset(self):
-        # A plain dict, not the QueryDict: DRF skips an empty optional HTML-form value, but
-        # ``?kind=`` is not a kind and must be refused.
-        params = {
-            name: self.request.query_params[name]
-            for name in ("model", "node", "kind")
-            if name in self.request.query_params
-        }
-        query = EventFilterSerializer(data=params)
-        query.is_valid(raise_exception=True)
-        events = Event.objects.newest_first()
-        if "model" in query.validated_data:
-            events = events.for_model(query.validated_data["model"])
-        if "node" in query.validated_data:
-            events = events.for_node(query.validated_data["node"])
-        if "kind" in query.validated_data:
-            events = events.of_kind(query.validated_data["kind"])
-        return events
+    queryset = Event.objects.newest_first()
+    filterset_class = EventFilter

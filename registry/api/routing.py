@@ -1,11 +1,13 @@
 """Frontend API of the router: route a request to a replica (or a cold load), release and renew
-leases, follow a load job, and report a replica a frontend loaded itself.
+leases, follow a load job, and report a replica a frontend loaded itself; operators list the
+replica rows.
 
-Thin views: each calls one router function or registry verb (``registry.router.route``,
-``Lease.objects.release``/``renew``, ``NodeModel.objects.set_replica`` +
-``ModelLoadInfo.objects.upsert``). Router errors become problem documents with their stable
+Thin viewsets: each action calls one router function or registry verb
+(``registry.router.route``, ``Lease.objects.release``/``renew``,
+``NodeModel.objects.report_loaded``). Router errors become problem documents with their stable
 ``code`` (``RoutingProblem``); everything else is rendered by
-``core.problems.exception_handler``. Callers need a frontend or operator API key.
+``core.problems.exception_handler``. Callers need a frontend or operator API key (listing
+replicas: an operator key).
 """
 
 from __future__ import annotations
@@ -15,28 +17,28 @@ import unicodedata
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import serializers, status
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from core import names
-from core.auth import IsFrontend
+from core.auth import IsFrontend, IsOperator
 from core.credentials import backend_token, worker_command_token
 from core.problems import ProblemError
 from core.schema import problems
 from core.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
 from proto import client, worker_pb2
 from registry import router
-from registry.models import Lease, LoadJob, ModelLoadInfo, Node, NodeModel
+from registry.models import Lease, LoadJob, Node, NodeModel
 
 from . import serializers as s
+from .filters import ReplicaFilter, ordering_parameter
 from .problems import ReplicaNotVouched
-from .views import MODEL, model_options_blob
+from .views import MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ ROUTE_503 = (
 
 
 def retry_after_seconds() -> str:
-    return str(int(getattr(settings, "ROUTE_RETRY_AFTER_SECONDS", 2)))
+    return str(int(settings.ROUTE_RETRY_AFTER_SECONDS))
 
 
 class RoutingProblem(ProblemError):
@@ -81,6 +83,8 @@ class RouteBodySerializer(s.LoadInfoWriteSerializer):
     """Optional body of a route call. Options, when sent, become the model's load info (and are
     what a cold load uses); at most one of the two forms."""
 
+    options_required = False
+
     backend_type = StrictCharField(max_length=255, required=False, allow_blank=True, trim_whitespace=False)
     wait_seconds = serializers.FloatField(
         required=False,
@@ -88,13 +92,6 @@ class RouteBodySerializer(s.LoadInfoWriteSerializer):
         max_value=MAX_WAIT_SECONDS,
         help_text="how long to wait for a cold load before answering 202 (default ROUTE_WAIT_SECONDS, 30)",
     )
-
-    def validate(self, attrs):
-        if attrs.get("model_options_b64") is not None and attrs.get("model_options") is not None:
-            raise serializers.ValidationError(
-                {"non_field_errors": ["Send at most one of model_options_b64 and model_options."]}
-            )
-        return attrs
 
 
 class LeaseSerializer(serializers.Serializer):
@@ -242,8 +239,12 @@ def _why_not_vouched(node: Node, model_name: str, replica_index: int, address: s
     return f"node {node.pk}'s worker lists no backend of {model_name}#{replica_index} at {address}"
 
 
-class RouteView(APIView):
+class RouteViewSet(viewsets.ViewSet):
+    # POST /api/v1/models/{model}/route
+
     permission_classes = [IsFrontend]
+    lookup_url_kwarg = "model"
+    lookup_value_converter = "model_name"
 
     @extend_schema(
         tags=["routing"],
@@ -271,17 +272,15 @@ class RouteView(APIView):
             ),
         },
     )
-    def post(self, request, model):
+    @action(detail=True, methods=["post"])
+    def route(self, request, model):
         model = s.validate_model_name(model)
         body = RouteBodySerializer(data=request.data if request.data else {})
         body.is_valid(raise_exception=True)
         data = body.validated_data
-        blob = None
-        if data.get("model_options_b64") is not None or data.get("model_options") is not None:
-            blob = model_options_blob(data)
         try:
             result = router.route(
-                model, backend_type=data.get("backend_type"), opts_blob=blob, wait=data.get("wait_seconds")
+                model, backend_type=data.get("backend_type"), opts_blob=data["opts_blob"], wait=data.get("wait_seconds")
             )
         except router.RouterError as exc:
             raise RoutingProblem(exc, model) from exc
@@ -294,7 +293,7 @@ class RouteView(APIView):
             return Response({"load_job": LoadJobSerializer(job).data}, status=status.HTTP_202_ACCEPTED, headers=headers)
         try:
             headers = {}
-            if getattr(settings, "CONTROLPLANE_NODE_HEADER", False):
+            if settings.CONTROLPLANE_NODE_HEADER:
                 headers["X-Control-Plane-Node"] = node_header_value(result.node_name)
             return Response(_lease_answer(result), headers=headers)
         except BaseException:
@@ -304,17 +303,22 @@ class RouteView(APIView):
             raise
 
 
-class LeaseReleaseView(APIView):
+@extend_schema(tags=["routing"])
+class LeaseViewSet(viewsets.ViewSet):
+    # /api/v1/leases/{lease_id}/release and /renew
+
     permission_classes = [IsFrontend]
+    lookup_url_kwarg = "lease_id"
+    lookup_value_converter = "uuid"
 
     @extend_schema(
-        tags=["routing"],
         summary="Release a lease (idempotent)",
         description="Gives the replica's in-flight slot back. Releasing twice is harmless: `released` is false.",
         request=None,
         responses={200: LeaseReleaseSerializer},
     )
-    def post(self, request, lease_id):
+    @action(detail=True, methods=["post"])
+    def release(self, request, lease_id):
         now = timezone.now()
         if Lease.objects.release(lease_id, now=now):
             return Response(LeaseReleaseSerializer({"pk": lease_id, "released": True, "released_at": now}).data)
@@ -324,12 +328,7 @@ class LeaseReleaseView(APIView):
             raise NotFound("No such lease.")
         return Response(LeaseReleaseSerializer({**lease, "released": False}).data)
 
-
-class LeaseRenewView(APIView):
-    permission_classes = [IsFrontend]
-
     @extend_schema(
-        tags=["routing"],
         summary="Extend a live lease (long requests, streams)",
         request=LeaseRenewBodySerializer,
         responses={
@@ -337,10 +336,11 @@ class LeaseRenewView(APIView):
             **problems(409, description_409="`lease_released`: the lease was released or expired"),
         },
     )
-    def post(self, request, lease_id):
+    @action(detail=True, methods=["post"])
+    def renew(self, request, lease_id):
         body = LeaseRenewBodySerializer(data=request.data if request.data else {})
         body.is_valid(raise_exception=True)
-        ttl = body.validated_data.get("ttl_seconds") or getattr(settings, "LEASE_TTL_SECONDS", 600)
+        ttl = body.validated_data.get("ttl_seconds") or settings.LEASE_TTL_SECONDS
         if not Lease.objects.filter(pk=lease_id).exists():
             raise NotFound("No such lease.")
         expires_at = Lease.objects.renew(lease_id, ttl=ttl)
@@ -349,22 +349,47 @@ class LeaseRenewView(APIView):
         return Response(LeaseRenewSerializer({"pk": lease_id, "expires_at": expires_at}).data)
 
 
-class LoadJobView(APIView):
-    permission_classes = [IsFrontend]
+@extend_schema_view(retrieve=extend_schema(summary="A load job's state and progress"))
+@extend_schema(tags=["routing"])
+class LoadJobViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    # GET /api/v1/load-jobs/{job_id}: a cold load's progress, for the frontends that wait on it.
 
-    @extend_schema(tags=["routing"], summary="A load job's state and progress", responses={200: LoadJobSerializer})
-    def get(self, request, job_id):
-        job = LoadJob.objects.filter(pk=job_id).first()
+    permission_classes = [IsFrontend]
+    serializer_class = LoadJobSerializer
+    queryset = LoadJob.objects.all()
+    lookup_url_kwarg = "job_id"
+    lookup_value_converter = "uuid"
+
+    def get_object(self):
+        job = LoadJob.objects.filter(pk=self.kwargs["job_id"]).first()
         if job is None:
             raise NotFound("No such load job.")
-        return Response(LoadJobSerializer(job).data)
+        return job
 
 
-class ReplicaReportView(APIView):
+@extend_schema_view(
+    list=extend_schema(
+        summary="List replica rows (operator)",
+        description="Every replica row of every node, by model, node name and replica index unless `ordering` says.",
+        parameters=[ordering_parameter(ReplicaFilter)],
+    )
+)
+@extend_schema(tags=["routing"])
+class ReplicaViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    # /api/v1/replicas: an operator lists the replica rows; a frontend reports a replica it
+    # loaded itself (the only action a frontend key opens here).
+
     permission_classes = [IsFrontend]
+    action_permission_classes = {"list": [IsOperator]}
+    session_permissions = {"list": ("registry.view_nodemodel",)}
+    serializer_class = ReplicaSerializer
+    queryset = NodeModel.objects.order_by("model_name", "node__name", "replica_index", "pk")
+    filterset_class = ReplicaFilter
+
+    def get_permissions(self):
+        return [permission() for permission in self.action_permission_classes.get(self.action, self.permission_classes)]
 
     @extend_schema(
-        tags=["routing"],
         summary="Report a replica this frontend loaded itself",
         description=(
             "Records the replica row as loaded (upsert on node, model, replica index) with its "
@@ -388,11 +413,10 @@ class ReplicaReportView(APIView):
             ),
         },
     )
-    def post(self, request):
+    def create(self, request):
         body = ReplicaReportSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
-        blob = model_options_blob(data)
         node = Node.objects.filter(pk=data["node_id"]).first()
         if node is None:
             raise serializers.ValidationError({"node_id": ["Unknown node."]})
@@ -407,18 +431,14 @@ class ReplicaReportView(APIView):
                 refusal,
             )
             raise ReplicaNotVouched(refusal)
-        with transaction.atomic():
-            NodeModel.objects.set_replica(
-                data["node_id"],
-                data["model_name"],
-                data["replica_index"],
-                address=data["address"],
-                state=NodeModel.State.LOADED,
-                backend_type=data["backend_type"],
-                opts_blob=blob,
-            )
-            ModelLoadInfo.objects.upsert(data["model_name"], data["backend_type"], blob)
-        replica = NodeModel.objects.get(
-            node_id=data["node_id"], model_name=data["model_name"], replica_index=data["replica_index"]
+        replica = NodeModel.objects.report_loaded(
+            node.pk,
+            data["model_name"],
+            data["replica_index"],
+            address=data["address"],
+            backend_type=data["backend_type"],
+            opts_blob=data["opts_blob"],
         )
+        if replica is None:
+            raise serializers.ValidationError({"node_id": ["Unknown node."]})
         return Response(ReplicaSerializer(replica).data, status=status.HTTP_201_CREATED)

@@ -12,8 +12,11 @@ from rest_framework import serializers
 
 from core import names
 from core.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
+from proto import codec
 from registry.labels import MAX_LABEL_PART, validate_labels
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+
+from .problems import InvalidModelOptions
 
 # Column limits: PositiveBigIntegerField (bytes of VRAM/RAM) and PositiveIntegerField.
 MAX_BYTES = 2**63 - 1
@@ -342,35 +345,64 @@ class SchedulingConfigSerializer(serializers.ModelSerializer):
 # --- frontend: load info ---------------------------------------------------------------------
 
 
+class ModelOptionsBase64Field(StrictCharField):
+    """``backend.ModelOptions`` serialized and base64-encoded, decoded once into the bytes to
+    store: exactly as received (after checking that they parse), so fields a newer LocalAI sets
+    and this server does not declare survive."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_blank=True, trim_whitespace=False, **kwargs)
+
+    def to_internal_value(self, data) -> bytes:
+        text = super().to_internal_value(data)
+        try:
+            blob = base64.b64decode(text.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            raise serializers.ValidationError("Not valid base64.") from None
+        try:
+            codec.options_from_blob(blob)
+        except codec.InvalidModelOptions as exc:
+            raise InvalidModelOptions(str(exc)) from exc
+        return blob
+
+
+class ModelOptionsJsonField(serializers.JSONField):
+    """``backend.ModelOptions`` in its JSON form (fields by proto name), decoded once into the
+    serialized bytes to store."""
+
+    def to_internal_value(self, data) -> bytes:
+        value = super().to_internal_value(data)
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("Must be an object of ModelOptions fields.")
+        try:
+            return codec.options_to_blob(codec.options_from_json(value))
+        except codec.InvalidModelOptions as exc:
+            raise InvalidModelOptions(str(exc)) from exc
+
+
 class LoadInfoWriteSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     """Exactly one of ``model_options_b64`` (serialized ModelOptions, stored byte for byte) and
     ``model_options`` (ModelOptions fields by proto name)."""
 
+    # Either form is decoded once, by its field: ``validated_data["opts_blob"]`` holds the bytes
+    # to store. Options that are not a ModelOptions are a 400 ``invalid_model_options`` problem,
+    # raised by the field (so before the errors of any later field are collected).
+
     backend_type = StrictCharField(max_length=255, allow_blank=True, trim_whitespace=False)
-    model_options_b64 = StrictCharField(
-        required=False, allow_blank=True, trim_whitespace=False, help_text="base64 of a serialized backend.ModelOptions"
-    )
-    model_options = serializers.JSONField(
+    model_options_b64 = ModelOptionsBase64Field(required=False, help_text="base64 of a serialized backend.ModelOptions")
+    model_options = ModelOptionsJsonField(
         required=False, help_text="backend.ModelOptions in its JSON form, fields by proto name (e.g. ContextSize)"
     )
-
-    def validate_model_options_b64(self, value: str) -> bytes:
-        try:
-            return base64.b64decode(value.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError, ValueError):
-            raise serializers.ValidationError("Not valid base64.") from None
-
-    def validate_model_options(self, value):
-        if not isinstance(value, dict):
-            raise serializers.ValidationError("Must be an object of ModelOptions fields.")
-        return value
+    options_required = True
 
     def validate(self, attrs):
-        given = [name for name in ("model_options_b64", "model_options") if attrs.get(name) is not None]
-        if len(given) != 1:
+        given = [attrs.pop(name) for name in ("model_options_b64", "model_options") if attrs.get(name) is not None]
+        if len(given) > 1 or (self.options_required and not given):
+            wanted = "exactly one" if self.options_required else "at most one"
             raise serializers.ValidationError(
-                {"non_field_errors": ["Send exactly one of model_options_b64 and model_options."]}
+                {"non_field_errors": [f"Send {wanted} of model_options_b64 and model_options."]}
             )
+        attrs["opts_blob"] = given[0] if given else None
         return attrs
 
 
@@ -400,9 +432,7 @@ class LoadInfoSerializer(serializers.ModelSerializer):
         }
     )
     def get_model_options(self, info):
-        from proto.codec import InvalidModelOptions, options_to_json
-
         try:
-            return options_to_json(bytes(info.model_opts_blob or b""))
-        except InvalidModelOptions:
+            return codec.options_to_json(bytes(info.model_opts_blob or b""))
+        except codec.InvalidModelOptions:
             return None

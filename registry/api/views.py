@@ -12,10 +12,11 @@ import logging
 
 from django.conf import settings
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
-from rest_framework import status, viewsets
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
+from rest_framework.generics import get_object_or_404
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from core import names
 from core.auth import IsFrontend, IsOperator
@@ -37,9 +38,9 @@ from .auth import (
     calling_node,
     fleet_token_nodes_allowed,
 )
+from .filters import NodeFilter, ordering_parameter
 from .problems import (
     DrainedByOperator,
-    InvalidModelOptions,
     InvalidTransition,
     NodeCredentialRequired,
     NodeTokenRequired,
@@ -98,7 +99,9 @@ def apply_transition(node_id, verb, target_status: str, action: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class NodeRegistrationView(APIView):
+class NodeRegistrationViewSet(viewsets.ViewSet):
+    # POST /api/node/register: the one call a worker makes with the fleet registration token.
+
     authentication_classes = [RegistrationTokenAuthentication]
     permission_classes = [HasRegistrationToken]
 
@@ -138,7 +141,7 @@ class NodeRegistrationView(APIView):
             ),
         },
     )
-    def post(self, request):
+    def create(self, request):
         body = s.NodeRegistrationSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         if body.validated_data["auth_mode"] == Node.AuthMode.FLEET_TOKEN and not fleet_token_nodes_allowed():
@@ -181,6 +184,19 @@ _NODE_CALL_PROBLEMS = problems(
 )
 
 
+_GO_OFFLINE = {
+    "summary": "Go offline (graceful shutdown, last step)",
+    "description": (
+        "The node's replica rows are deleted and its last heartbeat forgotten (it is exiting); "
+        "the node row is kept so that re-registration restores it. A pending node stays "
+        "pending (the answer says so): signing off and registering again never approves it. "
+        "`DELETE /api/node/{id}` is the same call (LocalAI's route)."
+    ),
+    "request": None,
+    "responses": {200: s.NodeStatusSerializer, **_NODE_CALL_PROBLEMS},
+}
+
+
 @extend_schema(tags=["node"])
 class NodeSelfViewSet(viewsets.ViewSet):
     """Calls a worker makes about itself: authenticated by its own node token, or by the fleet
@@ -188,6 +204,8 @@ class NodeSelfViewSet(viewsets.ViewSet):
 
     authentication_classes = [NodeTokenAuthentication]
     permission_classes = [IsNodeSelf]
+    lookup_url_kwarg = "node_id"
+    lookup_value_converter = "uuid"
 
     @property
     def node(self) -> Node:
@@ -202,6 +220,7 @@ class NodeSelfViewSet(viewsets.ViewSet):
         request=s.HeartbeatSerializer,
         responses={200: s.HeartbeatAnswerSerializer, **_NODE_CALL_PROBLEMS},
     )
+    @action(detail=True, methods=["post"])
     def heartbeat(self, request, node_id):
         body = s.HeartbeatSerializer(data=request.data)
         body.is_valid(raise_exception=True)
@@ -218,6 +237,7 @@ class NodeSelfViewSet(viewsets.ViewSet):
         request=None,
         responses={200: s.NodeStatusSerializer, **problems(409), **_NODE_CALL_PROBLEMS},
     )
+    @action(detail=True, methods=["post"])
     def drain(self, request, node_id):
         def drain(pk):
             return Node.objects.mark_draining(pk, by=Node.DrainedBy.NODE)
@@ -238,33 +258,30 @@ class NodeSelfViewSet(viewsets.ViewSet):
             **_NODE_CALL_PROBLEMS,
         },
     )
+    @action(detail=True, methods=["post"])
     def resume(self, request, node_id):
         def resume(pk):
             return Node.objects.resume(pk, by=Node.DrainedBy.NODE)
 
         return Response({"status": apply_transition(self.node.pk, resume, Node.Status.HEALTHY, "resume")})
 
-    @extend_schema(
-        summary="Go offline (graceful shutdown, last step)",
-        description=(
-            "The node's replica rows are deleted and its last heartbeat forgotten (it is exiting); "
-            "the node row is kept so that re-registration restores it. A pending node stays "
-            "pending (the answer says so): signing off and registering again never approves it. "
-            "`DELETE /api/node/{id}` is the same call (LocalAI's route)."
-        ),
-        request=None,
-        responses={200: s.NodeStatusSerializer, **_NODE_CALL_PROBLEMS},
-    )
+    @extend_schema(**_GO_OFFLINE)
+    @action(detail=True, methods=["post"])
     def deregister(self, request, node_id):
         if not Node.objects.mark_offline(self.node.pk, forget_heartbeat=True):
             raise NotFound("No such node.")
         return Response({"status": Node.objects.filter(pk=self.node.pk).values_list("status", flat=True).first()})
+
+    @extend_schema(**_GO_OFFLINE)
+    def destroy(self, request, node_id):
+        return self.deregister(request, node_id)
 
     @extend_schema(
         summary="This node's replica rows",
         description="Polled by a draining worker until the in-flight sum is 0. Not paginated.",
         responses={200: s.NodeReplicaSerializer(many=True), **_NODE_CALL_PROBLEMS},
     )
+    @action(detail=True, methods=["get"])
     def models(self, request, node_id):
         rows = NodeModel.objects.filter(node_id=self.node.pk).order_by("model_name", "replica_index")
         return Response(s.NodeReplicaSerializer(rows, many=True).data)
@@ -276,15 +293,21 @@ class NodeSelfViewSet(viewsets.ViewSet):
 
 
 _NODE_ACTION = {"request": None, "responses": {200: s.NodeSerializer, **problems(409)}}
+_LABELS_WRITE = {
+    "request": s.NodeLabelsSerializer,
+    "responses": {200: s.NodeLabelsSerializer, **problems(409, description_409="`too_many_labels`")},
+}
 
 
 @extend_schema_view(
-    list=extend_schema(summary="List nodes (by name) with labels and load"),
+    list=extend_schema(
+        summary="List nodes (by name) with labels and load", parameters=[ordering_parameter(NodeFilter)]
+    ),
     retrieve=extend_schema(summary="One node with labels and load"),
     destroy=extend_schema(summary="Delete a node, its labels and replica rows (hard delete)"),
 )
 @extend_schema(tags=["nodes"])
-class NodeViewSet(viewsets.GenericViewSet):
+class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Fleet administration (operator key, or a staff session with the permission below)."""
 
     permission_classes = [IsOperator]
@@ -303,27 +326,28 @@ class NodeViewSet(viewsets.GenericViewSet):
         "reset_max_replicas": _change,
     }
     serializer_class = s.NodeSerializer
-    queryset = Node.objects.with_load().prefetch_related("labels").order_by("name", "pk")
+    queryset = Node.objects.with_load().prefetch_related("labels")
+    filterset_class = NodeFilter
+    ordering_fields = ["name", "status", "created_at", "last_heartbeat"]
+    ordering = ["name"]
     lookup_field = "pk"
     lookup_url_kwarg = "node_id"
-
-    def list(self, request):
-        page = self.paginate_queryset(self.get_queryset())
-        return self.get_paginated_response(self.get_serializer(page, many=True).data)
-
-    def retrieve(self, request, node_id):
-        return Response(self.get_serializer(self.get_object()).data)
+    lookup_value_converter = "uuid"
 
     def destroy(self, request, node_id):
         if not Node.objects.deregister(node_id):
             raise NotFound("No such node.")
         return Response(status=status.HTTP_204_NO_CONTENT)
 
+    def _node_answer(self, node_id):
+        return Response(self.get_serializer(get_object_or_404(self.get_queryset(), pk=node_id)).data)
+
     def _transition(self, node_id, verb, target_status, action):
         apply_transition(node_id, verb, target_status, action)
-        return self.retrieve(self.request, node_id)
+        return self._node_answer(node_id)
 
     @extend_schema(summary="Approve a pending node", **_NODE_ACTION)
+    @action(detail=True, methods=["post"])
     def approve(self, request, node_id):
         return self._transition(node_id, Node.objects.approve, Node.Status.HEALTHY, "approve")
 
@@ -336,6 +360,7 @@ class NodeViewSet(viewsets.GenericViewSet):
         ),
         **_NODE_ACTION,
     )
+    @action(detail=True, methods=["post"], url_name="admin-drain")
     def drain(self, request, node_id):
         def drain(pk):
             return Node.objects.mark_draining(pk, by=Node.DrainedBy.OPERATOR)
@@ -343,42 +368,38 @@ class NodeViewSet(viewsets.GenericViewSet):
         return self._transition(node_id, drain, Node.Status.DRAINING, "drain")
 
     @extend_schema(summary="Resume a draining node (whoever drained it)", **_NODE_ACTION)
+    @action(detail=True, methods=["post"], url_name="admin-resume")
     def resume(self, request, node_id):
         def resume(pk):
             return Node.objects.resume(pk, by=Node.DrainedBy.OPERATOR)
 
         return self._transition(node_id, resume, Node.Status.HEALTHY, "resume")
 
-    def _labels_answer(self, node_id):
-        return Response({"labels": NodeLabel.objects.as_dict(node_id)})
-
-    def _write_labels(self, request, verb):
+    def _write_labels(self, request, node_id, verb):
         """Validate a labels body, apply ``verb`` (replace or merge) to this node, answer its labels."""
         body = s.NodeLabelsSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        node = self.get_object()
+        if not Node.objects.filter(pk=node_id).exists():
+            raise NotFound("No such node.")
         try:
-            verb(node.pk, body.validated_data["labels"])
+            verb(node_id, body.validated_data["labels"])
         except TooManyLabelsError as exc:
             raise too_many_labels(exc) from None
-        return self._labels_answer(node.pk)
+        return Response({"labels": NodeLabel.objects.as_dict(node_id)})
 
-    @extend_schema(
-        summary="Replace the node's labels",
-        request=s.NodeLabelsSerializer,
-        responses={200: s.NodeLabelsSerializer, **problems(409, description_409="`too_many_labels`")},
-    )
+    @extend_schema(summary="Replace the node's labels", **_LABELS_WRITE)
+    @action(detail=True, methods=["put"], url_path="labels", url_name="labels")
     def replace_labels(self, request, node_id):
-        return self._write_labels(request, NodeLabel.objects.replace)
+        return self._write_labels(request, node_id, NodeLabel.objects.replace)
 
     @extend_schema(
         summary="Merge labels into the node's labels (other keys kept)",
         description="The node may carry at most CONTROLPLANE_MAX_LABELS_PER_NODE labels (409 `too_many_labels`).",
-        request=s.NodeLabelsSerializer,
-        responses={200: s.NodeLabelsSerializer, **problems(409, description_409="`too_many_labels`")},
+        **_LABELS_WRITE,
     )
+    @replace_labels.mapping.patch
     def merge_labels(self, request, node_id):
-        return self._write_labels(request, NodeLabel.objects.merge)
+        return self._write_labels(request, node_id, NodeLabel.objects.merge)
 
     @extend_schema(
         summary="Remove one label",
@@ -386,12 +407,14 @@ class NodeViewSet(viewsets.GenericViewSet):
         request=None,
         responses={204: None},
     )
+    @action(detail=True, methods=["delete"], url_path="labels/<path:key>", url_name="label")
     def remove_label(self, request, node_id, key):
-        node = self.get_object()
+        if not Node.objects.filter(pk=node_id).exists():
+            raise NotFound("No such node.")
         # A key no label can have (too long, control characters) is not looked up: PostgreSQL
         # refuses NUL.
         storable = not names.name_errors(key, what="Label key", trimmed=False)
-        if not storable or not NodeLabel.objects.remove(node.pk, key):
+        if not storable or not NodeLabel.objects.remove(node_id, key):
             raise NotFound(f"The node has no label {key!r}.")
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -400,20 +423,22 @@ class NodeViewSet(viewsets.GenericViewSet):
         request=s.MaxReplicasSerializer,
         responses={200: s.NodeSerializer},
     )
+    @action(detail=True, methods=["put"], url_path="max-replicas-per-model", url_name="max-replicas")
     def set_max_replicas(self, request, node_id):
         body = s.MaxReplicasSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         if not Node.objects.set_max_replicas_per_model(node_id, body.validated_data["max_replicas_per_model"]):
             raise NotFound("No such node.")
-        return self.retrieve(request, node_id)
+        return self._node_answer(node_id)
 
     @extend_schema(
         summary="Back to the replica slots the worker reports", request=None, responses={200: s.NodeSerializer}
     )
+    @set_max_replicas.mapping.delete
     def reset_max_replicas(self, request, node_id):
         if not Node.objects.reset_max_replicas_per_model(node_id):
             raise NotFound("No such node.")
-        return self.retrieve(request, node_id)
+        return self._node_answer(node_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,61 +446,65 @@ class NodeViewSet(viewsets.GenericViewSet):
 # --------------------------------------------------------------------------------------------
 
 
-@extend_schema_view(
-    list=extend_schema(summary="List scheduling configs (by model name)"),
-    retrieve=extend_schema(
-        summary="A model's scheduling config",
-        parameters=[MODEL],
-        responses={200: s.SchedulingConfigSerializer, **MODEL_PROBLEMS},
-    ),
-    update=extend_schema(
-        summary="Create or replace a model's scheduling config",
-        description=(
-            "`min_replicas >= 0`, `max_replicas >= 0` (0 = unlimited), `min <= max` when max > 0; "
-            "`node_selector` labels must all match. The circuit breaker's columns are kept."
-        ),
-        parameters=[MODEL],
-        request=s.SchedulingConfigWriteSerializer,
-        responses={200: s.SchedulingConfigSerializer},
-    ),
-    destroy=extend_schema(
-        summary="Delete a model's scheduling config", parameters=[MODEL], responses={204: None, **MODEL_PROBLEMS}
-    ),
-)
-@extend_schema(tags=["scheduling"])
-class SchedulingConfigViewSet(viewsets.GenericViewSet):
+class _SchedulingConfigs:
     permission_classes = [IsOperator]
-    session_permissions = {
-        "list": ("registry.view_modelschedulingconfig",),
-        "retrieve": ("registry.view_modelschedulingconfig",),
-        # An upsert: it may create the row or change it.
-        "update": ("registry.add_modelschedulingconfig", "registry.change_modelschedulingconfig"),
-        "destroy": ("registry.delete_modelschedulingconfig",),
-    }
     serializer_class = s.SchedulingConfigSerializer
     queryset = ModelSchedulingConfig.objects.order_by("model_name")
+
+
+@extend_schema_view(list=extend_schema(summary="List scheduling configs (by model name)"))
+@extend_schema(tags=["scheduling"])
+class SchedulingConfigViewSet(_SchedulingConfigs, mixins.ListModelMixin, viewsets.GenericViewSet):
+    # GET /api/v1/scheduling: every model's scheduling config.
+
+    session_permissions = {"list": ("registry.view_modelschedulingconfig",)}
+
+
+@extend_schema(tags=["scheduling"], parameters=[MODEL])
+class ModelSchedulingViewSet(_SchedulingConfigs, viewsets.GenericViewSet):
+    # /api/v1/models/{model}/scheduling: one model's scheduling config.
+
+    session_permissions = {
+        "config": ("registry.view_modelschedulingconfig",),
+        # An upsert: it may create the row or change it.
+        "upsert_config": ("registry.add_modelschedulingconfig", "registry.change_modelschedulingconfig"),
+        "delete_config": ("registry.delete_modelschedulingconfig",),
+    }
     lookup_field = "model_name"
     lookup_url_kwarg = "model"
+    lookup_value_converter = "model_name"
 
     def get_object(self):
         s.validate_model_name(self.kwargs["model"])
         return super().get_object()
 
-    def list(self, request):
-        page = self.paginate_queryset(self.get_queryset())
-        return self.get_paginated_response(self.get_serializer(page, many=True).data)
-
-    def retrieve(self, request, model):
+    @extend_schema(
+        summary="A model's scheduling config", responses={200: s.SchedulingConfigSerializer, **MODEL_PROBLEMS}
+    )
+    @action(detail=True, methods=["get"], url_path="scheduling", url_name="scheduling")
+    def config(self, request, model):
         return Response(self.get_serializer(self.get_object()).data)
 
-    def update(self, request, model):
+    @extend_schema(
+        summary="Create or replace a model's scheduling config",
+        description=(
+            "`min_replicas >= 0`, `max_replicas >= 0` (0 = unlimited), `min <= max` when max > 0; "
+            "`node_selector` labels must all match. The circuit breaker's columns are kept."
+        ),
+        request=s.SchedulingConfigWriteSerializer,
+        responses={200: s.SchedulingConfigSerializer},
+    )
+    @config.mapping.put
+    def upsert_config(self, request, model):
         model = s.validate_model_name(model)
         body = s.SchedulingConfigWriteSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         config = ModelSchedulingConfig.objects.upsert(model, **body.validated_data)
         return Response(self.get_serializer(config).data)
 
-    def destroy(self, request, model):
+    @extend_schema(summary="Delete a model's scheduling config", responses={204: None, **MODEL_PROBLEMS})
+    @config.mapping.delete
+    def delete_config(self, request, model):
         if not ModelSchedulingConfig.objects.remove(self.get_object().model_name):
             raise NotFound()
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -486,26 +515,13 @@ class SchedulingConfigViewSet(viewsets.GenericViewSet):
 # --------------------------------------------------------------------------------------------
 
 
-def model_options_blob(validated: dict) -> bytes:
-    """The bytes to store: the base64-decoded blob exactly as received (after checking that it
-    parses, so unknown fields of a newer LocalAI survive), or the JSON form serialized."""
-    from proto import codec
-
-    try:
-        if validated.get("model_options_b64") is not None:
-            blob = validated["model_options_b64"]
-            codec.options_from_blob(blob)
-            return blob
-        return codec.options_to_blob(codec.options_from_json(validated["model_options"]))
-    except codec.InvalidModelOptions as exc:
-        raise InvalidModelOptions(str(exc)) from exc
-
-
 @extend_schema(tags=["load-info"], parameters=[MODEL])
-class ModelLoadInfoView(APIView):
+class ModelLoadInfoViewSet(viewsets.ViewSet):
     """The per-model load recipe that outlives every replica row (frontend key or better)."""
 
     permission_classes = [IsFrontend]
+    lookup_url_kwarg = "model"
+    lookup_value_converter = "model_name"
 
     @extend_schema(
         summary="A model's load info",
@@ -516,7 +532,8 @@ class ModelLoadInfoView(APIView):
             **MODEL_PROBLEMS,
         },
     )
-    def get(self, request, model):
+    @action(detail=True, methods=["get"], url_path="load-info", url_name="load-info")
+    def load_info(self, request, model):
         model = s.validate_model_name(model)
         try:
             info = ModelLoadInfo.objects.for_model(model)
@@ -538,10 +555,12 @@ class ModelLoadInfoView(APIView):
             **problems(400, description_400="`validation_error` (body or model name), or `invalid_model_options`"),
         },
     )
-    def put(self, request, model):
+    @load_info.mapping.put
+    def store_load_info(self, request, model):
         model = s.validate_model_name(model)
         body = s.LoadInfoWriteSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        blob = model_options_blob(body.validated_data)
-        info = ModelLoadInfo.objects.upsert(model, body.validated_data["backend_type"], blob)
+        info = ModelLoadInfo.objects.upsert(
+            model, body.validated_data["backend_type"], body.validated_data["opts_blob"]
+        )
         return Response(s.LoadInfoSerializer(info).data)

@@ -293,3 +293,41 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         'loaded' AND in_flight = 0``."""
         deleted, _ = self.filter(pk=replica_id, state=self.model.State.LOADED, in_flight=0).delete()
         return deleted > 0
+
+    def report_loaded(
+        self,
+        node_id,
+        model_name: str,
+        replica_index: int,
+        *,
+        address: str,
+        backend_type: str,
+        opts_blob: bytes,
+        now: datetime | None = None,
+    ) -> NodeModel | None:
+        """Record a replica a frontend loaded itself: its row as loaded at ``address`` with its
+        per-replica load recipe, and the recipe as the model's load info. None when the node is
+        gone (nothing stored).
+
+        Idiom: row lock inside a short atomic(): the node row is locked first (``SELECT ... FOR
+        UPDATE``), so a deletion of the node not yet committed makes this wait and then answer
+        None (instead of failing on the foreign key), and a deletion that comes later waits for
+        this commit; then the two upserts (``set_replica`` on the replica's unique triple,
+        ``ModelLoadInfo.objects.upsert`` on the model) commit together.
+        """
+        with transaction.atomic():
+            locked = _model("Node").objects.select_for_update().filter(pk=node_id).values_list("pk", flat=True)
+            if not list(locked):
+                return None
+            self.set_replica(
+                node_id,
+                model_name,
+                replica_index,
+                address=address,
+                state=self.model.State.LOADED,
+                backend_type=backend_type,
+                opts_blob=opts_blob,
+                now=now,
+            )
+            _model("ModelLoadInfo").objects.upsert(model_name, backend_type, opts_blob, now=now)
+            return self.get(node_id=node_id, model_name=model_name, replica_index=replica_index)

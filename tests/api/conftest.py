@@ -96,6 +96,7 @@ OPERATOR_PERMISSIONS = (
     "registry.add_modelschedulingconfig",
     "registry.change_modelschedulingconfig",
     "registry.delete_modelschedulingconfig",
+    "registry.view_nodemodel",
     "registry.use_frontend_api",
 )
 

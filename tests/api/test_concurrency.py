@@ -3,10 +3,12 @@
 import threading
 
 import pytest
+from django.db import transaction
 from rest_framework.test import APIClient
 
-from registry.models import Node
+from registry.models import ModelLoadInfo, Node, NodeModel
 from tests.api.conftest import REGISTRATION_TOKEN
+from tests.factories import make_node
 
 THREADS = 8
 
@@ -49,3 +51,53 @@ def test_concurrent_registration_of_one_name_yields_one_node_and_no_server_error
     assert Node.objects.filter(name="gpu-race").count() == 1
     node = Node.objects.get(name="gpu-race")
     assert {body["id"] for status, body in answers if status == 201} == {str(node.pk)}
+
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_replica_report_waits_for_a_deletion_of_its_node_and_then_stores_nothing(close_thread_connections):
+    """``NodeModel.objects.report_loaded`` locks the node row first: while a deletion of the
+    node is uncommitted the report waits, and once it commits the report stores nothing and
+    answers None (the API's 400 "Unknown node"), instead of failing on the foreign key."""
+    node = make_node(name="going-away")
+    deleted, release, reported = threading.Event(), threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def delete() -> None:
+        try:
+            with transaction.atomic():
+                outcome["deleted"] = Node.objects.deregister(node.pk)
+                deleted.set()
+                release.wait(timeout=10)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+        finally:
+            close_thread_connections()
+
+    def report() -> None:
+        try:
+            deleted.wait(timeout=10)
+            outcome["report"] = NodeModel.objects.report_loaded(
+                node.pk, "llama", 0, address="10.0.0.1:4000", backend_type="x", opts_blob=b"\x0a\x01m"
+            )
+            reported.set()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            close_thread_connections()
+
+    threads = [threading.Thread(target=delete), threading.Thread(target=report)]
+    for thread in threads:
+        thread.start()
+    assert deleted.wait(timeout=10)
+    assert not reported.wait(timeout=0.5), "the report did not wait for the node's row lock"
+    release.set()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert not errors, errors
+    assert outcome == {"deleted": True, "report": None}
+    assert not NodeModel.objects.exists()
+    assert not ModelLoadInfo.objects.exists()

@@ -154,7 +154,11 @@ def test_a_legacy_blob_that_does_not_parse_reads_as_null_options(frontend_client
 def test_load_info_needs_a_frontend_or_operator_key(api_client, operator_client, node, method):
     payload = {"backend_type": "x", "model_options": {}}
     assert_problem(getattr(api_client, method)(URL, payload, format="json"), 401, "not_authenticated")
-    assert getattr(operator_client, method)(URL, payload, format="json").status_code in (200, 404)
+    answer = getattr(operator_client, method)(URL, payload, format="json")
+    if method == "put":
+        assert answer.status_code == 200 and ModelLoadInfo.objects.for_model(MODEL).backend_type == "x"
+    else:
+        assert_problem(answer, 404, "no_load_info")
     api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {node.token}")
     assert_problem(getattr(api_client, method)(URL, payload, format="json"), 401, "invalid_token")
 
@@ -167,3 +171,8 @@ def test_staff_session_may_use_frontend_endpoints(staff_client):
     assert_problem(staff_client.get(URL), 404, "no_load_info")
     response = staff_client.put(URL, {"backend_type": "x", "model_options": {"Model": "m"}}, format="json")
     assert response.status_code == 200
+    stored = ModelLoadInfo.objects.for_model(MODEL)
+    assert (stored.backend_type, bytes(stored.model_opts_blob)) == (
+        "x",
+        backend_pb2.ModelOptions(Model="m").SerializeToString(),
+    )

@@ -107,6 +107,7 @@ def test_refused_when_fleet_token_nodes_are_not_allowed(localai, settings):
     # a node asking for its own token is still welcome
     body = {**LOCALAI_REGISTRATION, "auth_mode": "node_token"}
     assert localai.post(REGISTER, body, format="json").status_code == 201
+    assert Node.objects.get(name="mac-studio-1").auth_mode == Node.AuthMode.NODE_TOKEN
 
 
 def test_open_registration_refuses_fleet_token_nodes_there_is_no_fleet_token(api_client, settings):
@@ -152,6 +153,7 @@ def test_heartbeat_with_the_fleet_token_and_disk_figures_is_200_and_stored(local
 def test_heartbeat_with_an_empty_body_is_200(localai, localai_node):
     # Agent workers send {}; a Go map with nothing in it.
     assert localai.post(url(localai_node, "heartbeat"), {}, format="json").status_code == 200
+    assert Node.objects.get(pk=localai_node.pk).last_heartbeat > localai_node.last_heartbeat
 
 
 def test_graceful_shutdown_drain_poll_deregister_each_answer_200(localai, localai_node):
@@ -245,3 +247,14 @@ def test_the_nodes_api_shows_credential_mode_worker_service_and_disk(operator_cl
     }
     assert (shown["gpu_vendor"], shown["worker_api_checked_at"]) == ("apple", None)
     assert (reference["auth_mode"], reference["worker_api"]) == ("node_token", "available")
+
+
+def test_delete_of_the_node_path_is_localais_deregister(localai, localai_node):
+    make_replica(localai_node, "llama", 0)
+
+    response = localai.delete(f"/api/node/{localai_node.pk}")
+
+    assert (response.status_code, response.json()) == (200, {"status": "offline"})
+    localai_node.refresh_from_db()  # the row is kept: re-registration restores the node
+    assert (localai_node.status, localai_node.last_heartbeat) == (Node.Status.OFFLINE, None)
+    assert not NodeModel.objects.filter(node=localai_node).exists()

@@ -200,10 +200,14 @@ def test_heartbeat_updates_free_memory_and_answers_status(node, node_client, now
 
 
 def test_heartbeat_with_empty_body_or_nulls_only_stamps(node, node_client):
+    before = Node.objects.get(pk=node.pk)
     assert node_client.post(node_url(node, "heartbeat"), {}, format="json").status_code == 200
     assert node_client.post(node_url(node, "heartbeat"), format="json").status_code == 200
     response = node_client.post(node_url(node, "heartbeat"), {"available_vram": None}, format="json")
     assert response.status_code == 200
+    after = Node.objects.get(pk=node.pk)
+    assert after.last_heartbeat is not None and after.last_heartbeat >= (before.last_heartbeat or after.last_heartbeat)
+    assert (after.available_vram, after.available_ram) == (before.available_vram, before.available_ram)
 
 
 def test_heartbeat_validation_ignores_unknown_fields_but_not_bad_numbers(node, node_client):
@@ -263,6 +267,8 @@ def test_drain_keeps_replica_rows_and_is_repeatable(node, node_client):
         assert response.status_code == 200
         assert response.json() == {"status": "draining"}
     assert NodeModel.objects.filter(node=node).count() == 1
+    node.refresh_from_db()
+    assert (node.status, node.drained_by) == (Node.Status.DRAINING, Node.DrainedBy.NODE)
 
 
 def test_drain_of_an_offline_node_is_409(node, node_client):
@@ -275,6 +281,8 @@ def test_resume_after_drain(node, node_client):
     node_client.post(node_url(node, "drain"))
     assert node_client.post(node_url(node, "resume")).json() == {"status": "healthy"}
     assert node_client.post(node_url(node, "resume")).json() == {"status": "healthy"}
+    node.refresh_from_db()
+    assert (node.status, node.drained_by) == (Node.Status.HEALTHY, Node.DrainedBy.NONE)
 
 
 def test_resume_of_a_pending_node_is_409(node, node_client):
@@ -318,7 +326,9 @@ def test_the_worker_flow_register_heartbeat_drain_wait_deregister(api_client):
     base = f"/api/node/{answer['id']}"
 
     assert api_client.post(f"{base}/heartbeat", {"available_vram": GIB}, format="json").status_code == 200
+    assert Node.objects.get(pk=answer["id"]).available_vram == GIB
     assert api_client.post(f"{base}/drain").status_code == 200
+    assert Node.objects.get(pk=answer["id"]).status == "draining"
     assert sum(row["in_flight"] for row in api_client.get(f"{base}/models").json()) == 0
     assert api_client.post(f"{base}/deregister").json() == {"status": "offline"}
     assert Node.objects.get(pk=answer["id"]).status == "offline"

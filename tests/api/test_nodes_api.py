@@ -82,8 +82,12 @@ def test_approve_a_pending_node(operator_client):
     node = make_node(status=Node.Status.PENDING)
     response = operator_client.post(url(node, "/approve"))
     assert response.status_code == 200 and response.json()["status"] == "healthy"
+    node.refresh_from_db()
+    assert node.status == Node.Status.HEALTHY
     # Repeating it is a no-op.
     assert operator_client.post(url(node, "/approve")).status_code == 200
+    node.refresh_from_db()
+    assert node.status == Node.Status.HEALTHY
 
 
 def test_approve_a_draining_node_is_409(operator_client):
@@ -94,7 +98,11 @@ def test_approve_a_draining_node_is_409(operator_client):
 
 def test_drain_and_resume(operator_client, node):
     assert operator_client.post(url(node, "/drain")).json()["status"] == "draining"
+    node.refresh_from_db()
+    assert (node.status, node.drained_by) == (Node.Status.DRAINING, Node.DrainedBy.OPERATOR)
     assert operator_client.post(url(node, "/resume")).json()["status"] == "healthy"
+    node.refresh_from_db()
+    assert (node.status, node.drained_by) == (Node.Status.HEALTHY, Node.DrainedBy.NONE)
 
 
 @pytest.mark.parametrize("verb", ["approve", "drain", "resume"])
@@ -116,6 +124,7 @@ def test_patch_labels_merges_them(operator_client, node):
     response = operator_client.patch(url(node, "/labels"), {"labels": {"zone": "a"}}, format="json")
     labels = response.json()["labels"]
     assert labels["zone"] == "a" and labels["node.name"] == "gpu-1"
+    assert NodeLabel.objects.as_dict(node.pk) == labels
 
 
 def test_delete_one_label_including_keys_with_slashes(operator_client, node):
@@ -156,10 +165,15 @@ def test_set_and_reset_max_replicas_per_model(operator_client):
     assert response.status_code == 200
     assert (response.json()["max_replicas_per_model"], response.json()["max_replicas_per_model_manual"]) == (4, True)
     assert response.json()["labels"]["node.replica-slots"] == "4"
+    node.refresh_from_db()
+    assert (node.max_replicas_per_model, node.max_replicas_per_model_manual) == (4, True)
+    assert NodeLabel.objects.as_dict(node.pk)["node.replica-slots"] == "4"
 
     response = operator_client.delete(url(node, "/max-replicas-per-model"))
     assert response.status_code == 200
     assert (response.json()["max_replicas_per_model"], response.json()["max_replicas_per_model_manual"]) == (2, False)
+    node.refresh_from_db()
+    assert (node.max_replicas_per_model, node.max_replicas_per_model_manual) == (2, False)
 
 
 @pytest.mark.parametrize("value", [0, -1, "3", 1.5, None, 2**31])

@@ -102,6 +102,10 @@ def test_a_cold_route_with_a_b64_blob_sends_those_bytes(api, fleet):
 
     assert route(api, body={"backend_type": "x", "model_options_b64": B64}).status_code == 200
     assert gpu.worker.load_requests == [BLOB]
+    info = ModelLoadInfo.objects.for_model("llama")  # the options sent are the model's recipe now
+    assert (info.backend_type, bytes(info.model_opts_blob)) == ("x", BLOB)
+    lease = Lease.objects.get()
+    assert lease.released_at is None and lease.replica.in_flight == 1
 
 
 def test_a_load_that_outlasts_the_wait_answers_202_with_the_job(api, fleet, settings):
@@ -181,6 +185,7 @@ def test_release_is_idempotent_and_unknown_leases_are_404(api, fleet):
     assert first.json()["released_at"] == second.json()["released_at"]
     replica.refresh_from_db()
     assert replica.in_flight == 0
+    assert Lease.objects.get(pk=lease_id).released_at is not None
     assert api.post(f"/api/v1/leases/{uuid.uuid4()}/release").status_code == 404
 
 
@@ -251,3 +256,4 @@ def test_a_replica_report_needs_a_known_node_and_options(api):
     )
     assert missing.status_code == 400
     assert not NodeModel.objects.exists()
+    assert not ModelLoadInfo.objects.exists()

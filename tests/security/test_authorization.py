@@ -42,19 +42,28 @@ def _concrete(route: str, node_id: uuid.UUID) -> str:
     return "/" + path.lstrip("^").rstrip("$")
 
 
+def _permission_classes(view, actions, method):
+    """The permission classes of one action: a viewset may set some per action
+    (``action_permission_classes``, e.g. listing replicas is an operator's, reporting one a
+    frontend's)."""
+    per_action = getattr(view, "action_permission_classes", {})
+    action = (actions or {}).get(method)
+    return per_action.get(action, getattr(view, "permission_classes", ()))
+
+
 def _endpoints(permission):
     """(route, method) of every view whose permission classes include ``permission``."""
     found = []
     for route, callback in _walk(get_resolver().url_patterns):
         view = getattr(callback, "cls", None)
-        if view is None or permission not in getattr(view, "permission_classes", ()):
+        if view is None:
             continue
         actions = getattr(callback, "actions", None)
         methods = sorted(actions) if actions else [m for m in HTTP_METHODS if hasattr(view, m)]
         # DRF adds ``head`` to a viewset's actions after its first GET; HEAD mirrors GET, which
         # is already in the list, and its empty body would not parse as a problem.
         methods = [m for m in methods if m != "head"]
-        found += [(route, method) for method in methods]
+        found += [(route, method) for method in methods if permission in _permission_classes(view, actions, method)]
     return found
 
 

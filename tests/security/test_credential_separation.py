@@ -115,6 +115,7 @@ def test_a_backend_the_worker_runs_is_accepted_and_probed_with_the_data_plane_cr
 
     accepted = report(victim["id"], address)
     assert accepted.status_code == 201, accepted.json()
+    assert NodeModel.objects.filter(node_id=victim["id"], model_name="llama", address=address, state="loaded").exists()
     lease = frontend().post("/api/v1/models/llama/route", {}, format="json")
 
     assert lease.status_code == 200, lease.json()
@@ -138,6 +139,7 @@ def test_a_node_without_a_worker_service_vouches_only_for_its_own_host_and_is_ne
     refused = report(node_id, elsewhere)
     assert (refused.status_code, refused.json()["code"]) == (409, "replica_not_vouched")
     assert report(node_id, same_host).status_code == 201
+    assert NodeModel.objects.get().address == same_host
     assert frontend().post("/api/v1/models/llama/route", {}, format="json").status_code == 200
 
     assert attacker.authorizations, "the route probes the replica"
