@@ -74,12 +74,27 @@ def options_from_blob(blob: bytes | bytearray | memoryview) -> backend_pb2.Model
     return message
 
 
-def options_to_blob(message: backend_pb2.ModelOptions) -> bytes:
+class CheckedOptions(bytes):
+    """Serialized ``ModelOptions`` already known to parse: what ``check_options`` and
+    ``options_to_blob`` return. A layer that received one (the router, from the API's
+    serializer field) does not decode it again to validate it."""
+
+
+def check_options(blob: bytes | bytearray | memoryview) -> CheckedOptions:
+    """The received bytes, unchanged, once they parse as ``ModelOptions`` (so fields a newer
+    LocalAI sets and this module does not declare survive); raises InvalidModelOptions."""
+    if isinstance(blob, CheckedOptions):
+        return blob
+    options_from_blob(blob)
+    return CheckedOptions(blob)
+
+
+def options_to_blob(message: backend_pb2.ModelOptions) -> CheckedOptions:
     """Serialize a message built by the control plane (e.g. from JSON an operator posted).
 
     Do not use this to re-store a blob that came from elsewhere: keep the received bytes.
     """
-    return message.SerializeToString()
+    return CheckedOptions(message.SerializeToString())
 
 
 def options_to_json(

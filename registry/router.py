@@ -100,8 +100,8 @@ def route(
 
     1. Candidates from the model's node selector (none = every schedulable node); a selector
        matching no healthy node raises :class:`NoMatchingNodes`.
-    2. Options given are stored as the model's load info (validated first:
-       ``codec.InvalidModelOptions``).
+    2. Options given are stored as the model's load info (validated first unless they are
+       ``codec.CheckedOptions`` already: ``codec.InvalidModelOptions``).
     3. Warm path: warm pick + lease (one transaction), then a Health probe outside it unless
        the row was confirmed in the last 30 s. BUSY counts as alive; UNREACHABLE releases the
        lease, removes the row and tries the next replica (bounded).
@@ -128,8 +128,9 @@ def route(
             raise NoMatchingNodes(f"no healthy backend node matches the node selector of {model_name!r}: {selector}")
 
     if opts_blob is not None:
-        opts_blob = bytes(opts_blob)
-        codec.options_from_blob(opts_blob)  # refuse garbage before storing it
+        # Refuse garbage before storing it; the API's serializer already checked (and says so
+        # by handing over CheckedOptions), so those bytes are not decoded a second time.
+        opts_blob = bytes(codec.check_options(opts_blob))
         if backend_type is None:  # options alone keep the backend type already stored
             stored = ModelLoadInfo.objects.filter(model_name=model_name).values_list("backend_type", flat=True)
             backend_type = stored.first() or ""

@@ -353,24 +353,23 @@ class ModelOptionsBase64Field(StrictCharField):
     def __init__(self, **kwargs):
         super().__init__(allow_blank=True, trim_whitespace=False, **kwargs)
 
-    def to_internal_value(self, data) -> bytes:
+    def to_internal_value(self, data) -> codec.CheckedOptions:
         text = super().to_internal_value(data)
         try:
             blob = base64.b64decode(text.encode("ascii"), validate=True)
         except (binascii.Error, UnicodeEncodeError, ValueError):
             raise serializers.ValidationError("Not valid base64.") from None
         try:
-            codec.options_from_blob(blob)
+            return codec.check_options(blob)
         except codec.InvalidModelOptions as exc:
             raise InvalidModelOptions(str(exc)) from exc
-        return blob
 
 
 class ModelOptionsJsonField(serializers.JSONField):
     """``backend.ModelOptions`` in its JSON form (fields by proto name), decoded once into the
     serialized bytes to store."""
 
-    def to_internal_value(self, data) -> bytes:
+    def to_internal_value(self, data) -> codec.CheckedOptions:
         value = super().to_internal_value(data)
         if not isinstance(value, dict):
             raise serializers.ValidationError("Must be an object of ModelOptions fields.")

@@ -513,9 +513,14 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
 
     def deregister(self, node_id) -> bool:
         """Operator hard delete: the node, its labels and replica rows go in one transaction.
-        Returns False for an unknown node. Idiom: one DELETE by id (labels, replica rows and
-        load failures cascade) in a short ``atomic()``."""
+        Returns False for an unknown node. Idiom: row lock, then one DELETE by id (labels,
+        replica rows and load failures cascade) in a short ``atomic()``. The lock comes first
+        because Django collects the cascaded rows before deleting the node: a replica report
+        (``NodeModel.objects.report_loaded`` locks the node too) committing in between would
+        otherwise leave a row pointing at a deleted node (a foreign-key error)."""
         with transaction.atomic():
+            if not self.select_for_update().filter(pk=node_id).exists():
+                return False
             deleted, _ = self.filter(pk=node_id).delete()
         return deleted > 0
 

@@ -316,7 +316,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         ``ModelLoadInfo.objects.upsert`` on the model) commit together.
         """
         with transaction.atomic():
-            locked = _model("Node").objects.select_for_update().filter(pk=node_id).values_list("pk", flat=True)
+            locked = registry_model("Node").objects.select_for_update().filter(pk=node_id).values_list("pk", flat=True)
             if not list(locked):
                 return None
             self.set_replica(
@@ -329,5 +329,5 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
                 opts_blob=opts_blob,
                 now=now,
             )
-            _model("ModelLoadInfo").objects.upsert(model_name, backend_type, opts_blob, now=now)
+            registry_model("ModelLoadInfo").objects.upsert(model_name, backend_type, opts_blob, now=now)
             return self.get(node_id=node_id, model_name=model_name, replica_index=replica_index)
