@@ -101,3 +101,53 @@ def test_a_replica_report_waits_for_a_deletion_of_its_node_and_then_stores_nothi
     assert outcome == {"deleted": True, "report": None}
     assert not NodeModel.objects.exists()
     assert not ModelLoadInfo.objects.exists()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_deletion_waits_for_a_replica_report_of_its_node_and_then_deletes_its_row(close_thread_connections):
+    """The other order: ``Node.objects.deregister`` locks the node row before Django collects
+    the rows that cascade, so a report committing meanwhile is collected and deleted with the
+    node (without the lock the delete failed on the foreign key of the reported row)."""
+    node = make_node(name="reporting")
+    reported, release, deleted = threading.Event(), threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def report() -> None:
+        try:
+            with transaction.atomic():
+                outcome["report"] = NodeModel.objects.report_loaded(
+                    node.pk, "llama", 0, address="10.0.0.1:4000", backend_type="x", opts_blob=b"\x0a\x01m"
+                )
+                reported.set()
+                release.wait(timeout=10)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+        finally:
+            close_thread_connections()
+
+    def delete() -> None:
+        try:
+            reported.wait(timeout=10)
+            outcome["deleted"] = Node.objects.deregister(node.pk)
+            deleted.set()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            close_thread_connections()
+
+    threads = [threading.Thread(target=report), threading.Thread(target=delete)]
+    for thread in threads:
+        thread.start()
+    assert reported.wait(timeout=10)
+    assert not deleted.wait(timeout=0.5), "the deletion did not wait for the node's row lock"
+    release.set()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert not errors, errors
+    assert outcome["deleted"] is True and outcome["report"] is not None
+    assert not Node.objects.filter(pk=node.pk).exists()
+    assert not NodeModel.objects.exists()
+    assert ModelLoadInfo.objects.filter(model_name="llama").exists()  # load info outlives nodes
