@@ -262,6 +262,11 @@ def _load(row: NodeModel, worker_address: str, backend_type: str, opts_blob: byt
             token=worker_command_token(node_id),
         )
         address = response.address
+        if not response.reused:
+            # A new process listens there: a channel this process cached for an earlier backend
+            # at the same address may sit in reconnect backoff (every call failing at once with
+            # "connection refused") long after the new one is up.
+            client.close_channel(address)
         if response.reused and _holds_model(address, node_id, opts_blob):
             logger.info(
                 "adopted the running backend of %s replica %d on node %s", row.model_name, row.replica_index, node_id
