@@ -40,7 +40,7 @@ from registry.locks import LockKey, try_advisory_lock
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 
 from . import housekeeping, shutdown
-from .checks import ALIVE, BUSY, UNREACHABLE, GrpcProber, run_checks
+from .probes import ALIVE, BUSY, UNREACHABLE, GrpcProber, run_checks
 from .conf import ReconcileConfig
 from .models import Event, ModelCondition, ReconcilePass
 from .planning import (

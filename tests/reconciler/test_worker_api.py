@@ -13,7 +13,7 @@ from django.test import override_settings
 from rest_framework.test import APIClient
 
 from proto import backend_pb2, backend_pb2_grpc, client
-from reconciler.checks import missing_worker_service
+from reconciler.probes import missing_worker_service
 from reconciler.conf import ReconcileConfig
 from reconciler.models import Event
 from reconciler.planning import WORKER_API_RECHECK_AFTER, plan_checks
