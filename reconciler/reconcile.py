@@ -40,7 +40,6 @@ from registry.locks import LockKey, try_advisory_lock
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 
 from . import housekeeping, shutdown
-from .probes import ALIVE, BUSY, UNREACHABLE, GrpcProber, run_checks
 from .conf import ReconcileConfig
 from .models import Event, ModelCondition, ReconcilePass
 from .planning import (
@@ -56,6 +55,7 @@ from .planning import (
     plan_worker_reconciliation,
     transition_event_kind,
 )
+from .probes import ALIVE, BUSY, UNREACHABLE, GrpcProber, run_checks
 from .snapshot import NodeView, Snapshot, replica_views, take_snapshot
 
 logger = logging.getLogger(__name__)

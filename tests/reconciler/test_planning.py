@@ -20,7 +20,7 @@ from reconciler.snapshot import ConfigView, NodeView, ReplicaView, Snapshot
 from registry.models import Node, NodeModel
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
-CFG = ReconcileConfig()
+CFG = ReconcileConfig.from_settings()
 _ids = iter(range(1, 10_000))
 
 
