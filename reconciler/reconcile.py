@@ -41,17 +41,19 @@ from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeMode
 
 from . import housekeeping, shutdown
 from .conf import ReconcileConfig
-from .models import Event, ModelCondition, ReconcilePass
+from .models import Event, ModelCondition, ReconcilePass, UnansweredListing
 from .planning import (
     NodeHealthPlan,
     ObservationPlan,
     ScaleOutcome,
     ScalePlan,
+    WorkerHealthPlan,
     model_conditions,
     plan_checks,
     plan_node_health,
     plan_observation,
     plan_scaling,
+    plan_worker_health,
     plan_worker_reconciliation,
     transition_event_kind,
 )
@@ -326,6 +328,8 @@ class _Pass:
             # Only while its heartbeat is still the value observed: one that landed since wins.
             if Node.objects.mark_offline(node.id, expected_heartbeat=node.last_heartbeat, now=self.now):
                 changed = True
+                if node.unanswered_listings:
+                    UnansweredListing.objects.clear(node.id)
                 rows = len(snapshot.replicas_by_node.get(node.id, ()))
                 self.summary.count("nodes_marked_offline")
                 self.event(
@@ -338,13 +342,7 @@ class _Pass:
         for node in plan.mark_healthy:
             if Node.objects.mark_healthy(node.id, now=self.now):
                 changed = True
-                self.summary.count("nodes_recovered")
-                self.event(
-                    Event.Kind.NODE_RECOVERED,
-                    node=node,
-                    message=f"{node.status} node heartbeating again (last {_when(node.last_heartbeat)})",
-                    previous_status=node.status,
-                )
+                self.node_back(node, f"{node.status} node heartbeating again (last {_when(node.last_heartbeat)})")
         if plan.silent:
             self.summary.skip("heartbeat_ingestion_silent", max(1, len(plan.stale)))
             logger.warning(
@@ -360,6 +358,17 @@ class _Pass:
                 ", ".join(node.name for node in plan.stale),
             )
         return changed
+
+    def node_back(self, node: NodeView, why: str) -> None:
+        """After ``mark_healthy`` took ``node`` out of offline/unhealthy: a node an operator
+        drained comes back ``draining`` (the drain is kept), which is no recovery: it gets a
+        log line, not a ``node_recovered`` event."""
+        if node.drained_by == Node.DrainedBy.OPERATOR:
+            self.summary.count("nodes_back_draining")
+            logger.info("node %s is back (%s) and stays drained by an operator", node.name, why)
+            return
+        self.summary.count("nodes_recovered")
+        self.event(Event.Kind.NODE_RECOVERED, node=node, message=why, previous_status=node.status)
 
     def run_checks(self, snapshot: Snapshot, *, guard: bool) -> bool:
         """Probe and list (network), then apply. Returns True when a replica row was removed."""
@@ -407,6 +416,9 @@ class _Pass:
         self.summary.count("workers_listed", len(results.listings))
         self.summary.skip("list_failed", len(results.listing_errors))
         self.record_worker_api(plan, results)
+        changed |= self.apply_worker_health(
+            snapshot, plan_worker_health(plan.listings, answered=results.listings, failed=results.unanswered), results
+        )
         if results.listings:
             # Re-read after the listings: a row must be judged by what existed once the worker
             # answered, never by the older snapshot (a loader may have written it meanwhile).
@@ -439,6 +451,45 @@ class _Pass:
             if recorded and not available and node.worker_api != Node.WorkerApi.MISSING:
                 self.summary.count("nodes_without_worker_service")
                 logger.warning("node %s is not placed on: %s", node.name, detail)
+
+    def apply_worker_health(self, snapshot: Snapshot, plan: WorkerHealthPlan, results) -> bool:
+        """Count unanswered listings; a heartbeating node whose worker stays silent for
+        ``worker_failures_before_unhealthy`` passes becomes ``unhealthy`` (not routed to, not
+        placed on, its rows kept); the first answer ends the streak and brings an unhealthy
+        node back. Returns True when a node changed status."""
+        changed = False
+        for node in plan.unanswered:
+            error = results.unanswered[node.id]
+            failures = UnansweredListing.objects.record_unanswered(node.id, error=error, now=self.now)
+            self.summary.count("worker_listings_unanswered")
+            if failures < self.cfg.worker_failures_before_unhealthy or node.status != Node.Status.HEALTHY:
+                continue
+            if Node.objects.mark_unhealthy(node.id, now=self.now):
+                changed = True
+                self.summary.count("nodes_marked_unhealthy")
+                rows = len(snapshot.replicas_by_node.get(node.id, ()))
+                logger.warning(
+                    "node %s marked unhealthy: its worker did not answer ListBackends for %d passes (%s)",
+                    node.name,
+                    failures,
+                    error,
+                )
+                self.event(
+                    Event.Kind.NODE_UNHEALTHY,
+                    node=node,
+                    message=f"heartbeating, but its worker did not answer ListBackends for {failures} passes "
+                    f"({error}); not routed to or placed on, {rows} replica row(s) kept",
+                    unanswered_listings=failures,
+                    error=error,
+                    replica_rows=rows,
+                )
+        for node in plan.answered:
+            UnansweredListing.objects.clear(node.id)
+            if node.status == Node.Status.UNHEALTHY and Node.objects.mark_healthy(node.id, now=self.now):
+                changed = True
+                logger.info("node %s is healthy again: its worker answers ListBackends", node.name)
+                self.node_back(node, "its worker answers ListBackends again")
+        return changed
 
     def remove_gone_backends(self, node: NodeView, rows, backends, *, guard: bool) -> bool:
         changed = False

@@ -110,7 +110,7 @@ class NodeQuerySet(models.QuerySet):
 
     def stale(self, *, threshold: timedelta, now: datetime | None = None):
         """Nodes whose last heartbeat is older than ``threshold`` and whose status still claims
-        liveness (unhealthy, offline and pending nodes are not news). A display helper on the
+        liveness (offline and pending nodes are not news). A display helper on the
         web processes' timestamps: the reconciler reaps on its own observations instead
         (``observe_heartbeats``, ``reconciler.planning.plan_node_health``)."""
         cutoff = _now(now) - threshold
