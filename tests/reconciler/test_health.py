@@ -42,7 +42,7 @@ def test_a_lone_stale_node_is_marked_offline_and_loses_its_rows_but_not_load_inf
 def test_a_heartbeat_between_snapshot_and_update_wins(now, watch, monkeypatch):
     """mark_offline is conditional on the heartbeat still being the value observed, even when
     the new heartbeat's timestamp (from a web process with a slow clock) is older."""
-    from reconciler import reconcile as module
+    from reconciler import apply as module
 
     stale = make_node(name="gpu-a", now=now)
     fresh = [make_node(name="gpu-b", now=now), make_node(name="gpu-c", now=now)]
