@@ -72,7 +72,7 @@ class EventManager(models.Manager.from_queryset(EventQuerySet)):
         return self.bulk_create(events)
 
     def record(self, kind: str, **fields):
-        """Append one event (``build``'s arguments) and return it."""
+        """Append one event (``build``'s arguments) and return it. Idiom: append (``record_many``)."""
         return self.record_many([self.build(kind, **fields)])[0]
 
     def prune(self, *, older_than: timedelta, now: datetime | None = None) -> int:
