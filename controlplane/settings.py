@@ -1,6 +1,9 @@
-"""Settings, read from environment variables with safe defaults.
+"""Settings, read from environment variables with safe defaults: THE settings table.
 
-Every knob is documented in the README ("Configuration"). Nothing here has a default
+Every setting and its default is defined here once, with one comment; code reads
+``settings.NAME`` and never carries a default of its own (tests/ops/test_settings_table.py).
+Every knob is documented in the README ("Configuration") or docs/operations.md ("Settings").
+Nothing here has a default
 credential: the secret key is generated per checkout for development (see ``_secret_key``)
 and the registration token must be set explicitly.
 """
