@@ -325,13 +325,15 @@ class Pass:
 
     def apply_worker_health(self, snapshot: Snapshot, plan: WorkerHealthPlan, results) -> bool:
         """Count unanswered listings; a heartbeating node whose worker stays silent for
-        ``worker_failures_before_unhealthy`` passes becomes ``unhealthy`` (not routed to, not
+        ``worker_failures_before_unhealthy`` passes (each after a new heartbeat) becomes ``unhealthy`` (not routed to, not
         placed on, its rows kept); the first answer ends the streak and brings an unhealthy
         node back. Returns True when a node changed status."""
         changed = False
         for node in plan.unanswered:
             error = results.unanswered[node.id]
-            failures = UnansweredListing.objects.record_unanswered(node.id, error=error, now=self.now)
+            failures = UnansweredListing.objects.record_unanswered(
+                node.id, heartbeat=node.last_heartbeat, error=error, now=self.now
+            )
             self.summary.count("worker_listings_unanswered")
             if failures < self.cfg.worker_failures_before_unhealthy or node.status != Node.Status.HEALTHY:
                 continue

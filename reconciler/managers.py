@@ -266,9 +266,10 @@ class ReconcilePassManager(models.Manager):
 
 
 class UnansweredListingManager(models.Manager):
-    def record_unanswered(self, node_id, *, error: str, now: datetime | None = None) -> int:
-        """Count one more consecutive pass in which the node's worker did not answer
-        ``ListBackends``; returns the streak's length (0: the node is gone).
+    def record_unanswered(self, node_id, *, heartbeat, error: str, now: datetime | None = None) -> int:
+        """Count one more pass in which the node's worker did not answer ``ListBackends``
+        although the node heartbeated (``heartbeat``: its ``last_heartbeat``, kept in
+        ``counted_heartbeat``); returns the streak's length (0: the node is gone).
 
         Idiom: upsert. The row is created at the first failure of a streak (``since``), then
         incremented with an ``F()`` UPDATE; only the reconcile lock's holder calls it, so an
@@ -280,11 +281,20 @@ class UnansweredListingManager(models.Manager):
         try:
             with transaction.atomic():
                 row, created = self.get_or_create(
-                    node_id=node_id, defaults={"failures": 1, "since": now, "last_error": error, "updated_at": now}
+                    node_id=node_id,
+                    defaults={
+                        "failures": 1,
+                        "since": now,
+                        "counted_heartbeat": heartbeat,
+                        "last_error": error,
+                        "updated_at": now,
+                    },
                 )
                 if created:
                     return 1
-                self.filter(pk=row.pk).update(failures=F("failures") + 1, last_error=error, updated_at=now)
+                self.filter(pk=row.pk).update(
+                    failures=F("failures") + 1, counted_heartbeat=heartbeat, last_error=error, updated_at=now
+                )
                 return self.filter(pk=row.pk).values_list("failures", flat=True).get()
         except IntegrityError:
             return 0

@@ -124,7 +124,9 @@ class ReconcilePass(models.Model):
 
 class UnansweredListing(models.Model):
     """A node whose worker, known to serve the worker gRPC service, has not answered the
-    reconciler's ``ListBackends`` for ``failures`` consecutive passes (since ``since``).
+    reconciler's ``ListBackends`` for ``failures`` consecutive passes (since ``since``), each
+    after a new heartbeat of the node (``counted_heartbeat``: a node whose heartbeats stopped
+    too is not sick but gone, and is left to the stale sweep).
 
     The row exists only during such a streak: the first answer deletes it. At
     ``RECONCILE_WORKER_FAILURES_BEFORE_UNHEALTHY`` failures the node is marked ``unhealthy``;
@@ -136,6 +138,9 @@ class UnansweredListing(models.Model):
     )
     failures = models.PositiveIntegerField()
     since = models.DateTimeField(help_text="the first unanswered listing of this streak")
+    counted_heartbeat = models.DateTimeField(
+        null=True, blank=True, help_text="the node's last_heartbeat when the streak last counted a pass"
+    )
     last_error = models.TextField(blank=True)
     updated_at = models.DateTimeField()
 

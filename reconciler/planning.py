@@ -242,14 +242,20 @@ def plan_worker_health(
 
     Only a node whose worker is known to serve the worker gRPC service (``worker_api``
     available), or is already in a streak, counts a failed listing: a LocalAI worker never
-    answers it and is not sick for that. A node in a streak, or unhealthy, whose worker
-    answered ends its streak. How long a streak makes a node unhealthy is the apply step's
-    ``worker_failures_before_unhealthy``, compared with the count the database returns.
+    answers it and is not sick for that. After the first, a failed listing counts only when
+    the node heartbeated since the streak last counted: a node that keeps heartbeating while
+    its worker is silent is sick; one whose heartbeats stopped too (a stopped or partitioned
+    machine) is left to the stale sweep, healthy until then. A node in a streak, or
+    unhealthy, whose worker answered ends its streak. How long a streak makes a node
+    unhealthy is the apply step's ``worker_failures_before_unhealthy``, compared with the
+    count the database returns.
     """
     unanswered = tuple(
         node
         for node in listings
-        if node.id in failed and (placement.serves_worker_api(node.worker_api) or node.unanswered_listings)
+        if node.id in failed
+        and (placement.serves_worker_api(node.worker_api) or node.unanswered_listings)
+        and (not node.unanswered_listings or node.last_heartbeat != node.unanswered_heartbeat)
     )
     back = tuple(
         node

@@ -49,9 +49,11 @@ class NodeView:
     labels: Mapping[str, str] = field(default_factory=_empty)
     worker_api: str = Node.WorkerApi.AVAILABLE
     worker_api_checked_at: datetime | None = None
-    # Consecutive passes whose ListBackends this node's worker has not answered
-    # (``UnansweredListing``; 0 outside such a streak).
+    # Consecutive passes whose ListBackends this node's worker has not answered while the
+    # node heartbeated (``UnansweredListing``; 0 outside such a streak), and the heartbeat
+    # value the streak last counted.
     unanswered_listings: int = 0
+    unanswered_heartbeat: datetime | None = None
 
     @property
     def schedulable(self) -> bool:
@@ -220,6 +222,7 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
             worker_api=row["worker_api"],
             worker_api_checked_at=row["worker_api_checked_at"],
             unanswered_listings=row["unanswered_listing__failures"] or 0,
+            unanswered_heartbeat=row["unanswered_listing__counted_heartbeat"],
         )
         for row in Node.objects.order_by("name").values(
             "id",
@@ -236,6 +239,7 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
             "worker_api",
             "worker_api_checked_at",
             "unanswered_listing__failures",
+            "unanswered_listing__counted_heartbeat",
         )
     }
     replicas = tuple(replica_views(NodeModel.objects.all()))

@@ -176,6 +176,25 @@ def test_a_worker_that_goes_away_makes_its_node_unhealthy_then_offline_once_hear
     assert summary.outcome == "ok"
 
 
+@override_settings(RECONCILE_WORKER_TIMEOUT=0.3, RECONCILE_WORKER_FAILURES_BEFORE_UNHEALTHY=3)
+def test_a_node_whose_heartbeats_stop_with_its_worker_is_left_to_the_stale_sweep(worker, node, now):
+    """A stopped (SIGSTOP) or cut-off machine: its worker and its heartbeats go silent together.
+    That is not a sick node but a gone one: healthy until stale, then offline."""
+    servicer, _ = worker
+    heartbeat_and_pass(node, now)
+    servicer.silent.set()
+
+    summaries = [reconcile_once(now=now + timedelta(seconds=10 * i)) for i in range(1, 4)]
+
+    assert all("nodes_marked_unhealthy" not in summary.actions for summary in summaries)
+    assert UnansweredListing.objects.get(node=node).failures == 1  # no heartbeat since the first
+    assert state(node) == Node.Status.HEALTHY
+    reaped = reconcile_once(now=now + timedelta(seconds=40))  # 40 s without a heartbeat
+    assert reaped.actions["nodes_marked_offline"] == 1
+    assert state(node) == Node.Status.OFFLINE
+    assert not Event.objects.filter(kind=Event.Kind.NODE_UNHEALTHY).exists()
+
+
 def test_an_operator_drained_node_that_comes_back_is_not_reported_recovered(now, reconcile):
     """A node an operator drained keeps its drain while offline and comes back ``draining``
     (``mark_healthy``): that is no recovery, so no ``node_recovered`` event."""
@@ -193,18 +212,24 @@ def test_an_operator_drained_node_that_comes_back_is_not_reported_recovered(now,
     assert not Event.objects.filter(kind=Event.Kind.NODE_RECOVERED).exists()
 
 
-def test_only_nodes_known_to_serve_the_worker_service_count_a_silence():
+def test_only_heartbeating_nodes_known_to_serve_the_worker_service_count_a_silence(now):
     def view(name, worker_api=Node.WorkerApi.AVAILABLE, **fields):
         return NodeView(id=uuid4(), name=name, status=Node.Status.HEALTHY, worker_api=worker_api, **fields)
 
     worker, localai, unknown = view("w"), view("l", Node.WorkerApi.MISSING), view("u", Node.WorkerApi.UNKNOWN)
-    in_streak = view("s", Node.WorkerApi.MISSING, unanswered_listings=1)
+    before, after = now, now + timedelta(seconds=10)
+    in_streak = view(
+        "s", Node.WorkerApi.MISSING, last_heartbeat=after, unanswered_listings=1, unanswered_heartbeat=before
+    )
+    no_new_heartbeat = view("h", last_heartbeat=before, unanswered_listings=1, unanswered_heartbeat=before)
     sick = NodeView(id=uuid4(), name="x", status=Node.Status.UNHEALTHY, worker_api=Node.WorkerApi.AVAILABLE)
     fine = view("f")
-    listings = (worker, localai, unknown, in_streak, sick, fine)
+    listings = (worker, localai, unknown, in_streak, no_new_heartbeat, sick, fine)
 
     plan = plan_worker_health(
-        listings, answered={sick.id, fine.id}, failed={worker.id, localai.id, unknown.id, in_streak.id}
+        listings,
+        answered={sick.id, fine.id},
+        failed={worker.id, localai.id, unknown.id, in_streak.id, no_new_heartbeat.id},
     )
 
     assert plan.unanswered == (worker, in_streak)
