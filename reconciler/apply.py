@@ -288,7 +288,14 @@ class Pass:
         self.summary.skip("list_failed", len(results.listing_errors))
         self.record_worker_api(plan, results)
         changed |= self.apply_worker_health(
-            snapshot, plan_worker_health(plan.listings, answered=results.listings, failed=results.unanswered), results
+            snapshot,
+            plan_worker_health(
+                plan.listings,
+                answered=results.listings,
+                failed=results.unanswered,
+                mass_silence_fraction=self.cfg.mass_stale_fraction,
+            ),
+            results,
         )
         if results.listings:
             # Re-read after the listings: a row must be judged by what existed once the worker
@@ -325,9 +332,10 @@ class Pass:
 
     def apply_worker_health(self, snapshot: Snapshot, plan: WorkerHealthPlan, results) -> bool:
         """Count unanswered listings; a heartbeating node whose worker stays silent for
-        ``worker_failures_before_unhealthy`` passes (each after a new heartbeat) becomes ``unhealthy`` (not routed to, not
-        placed on, its rows kept); the first answer ends the streak and brings an unhealthy
-        node back. Returns True when a node changed status."""
+        ``worker_failures_before_unhealthy`` passes (each after a new heartbeat) becomes
+        ``unhealthy`` (not routed to, not placed on, its rows kept), unless most workers are
+        silent at once (``plan.guard``); the first answer ends the streak and brings an
+        unhealthy node back. Returns True when a node changed status."""
         changed = False
         for node in plan.unanswered:
             error = results.unanswered[node.id]
@@ -336,6 +344,9 @@ class Pass:
             )
             self.summary.count("worker_listings_unanswered")
             if failures < self.cfg.worker_failures_before_unhealthy or node.status != Node.Status.HEALTHY:
+                continue
+            if plan.guard:
+                self.summary.skip("mass_worker_silence")
                 continue
             if Node.objects.mark_unhealthy(node.id, now=self.now):
                 changed = True

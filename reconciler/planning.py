@@ -231,10 +231,17 @@ def plan_checks(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -
 class WorkerHealthPlan:
     unanswered: tuple[NodeView, ...] = ()  # one more pass in their streak of unanswered listings
     answered: tuple[NodeView, ...] = ()  # streak over: the worker answered (unhealthy ones recover)
+    # Most watched workers silent at once: the control plane's own network is the likelier
+    # culprit, so no node is marked unhealthy this pass (streaks still count).
+    guard: bool = False
 
 
 def plan_worker_health(
-    listings: tuple[NodeView, ...], *, answered: Collection[UUID], failed: Collection[UUID]
+    listings: tuple[NodeView, ...],
+    *,
+    answered: Collection[UUID],
+    failed: Collection[UUID],
+    mass_silence_fraction: float = 1.0,
 ) -> WorkerHealthPlan:
     """Whose worker stopped, or resumed, answering ``ListBackends`` this pass (``failed``: the
     listings nothing answered, no connection or no answer within the deadline; an answer that
@@ -249,7 +256,20 @@ def plan_worker_health(
     unhealthy, whose worker answered ends its streak. How long a streak makes a node
     unhealthy is the apply step's ``worker_failures_before_unhealthy``, compared with the
     count the database returns.
+
+    Mass-silence guard, as for stale heartbeats: when at least two and more than
+    ``mass_silence_fraction`` of the healthy workers known to serve the worker service are
+    silent in the same pass, none is marked unhealthy (an outage of the control plane's own
+    outbound network must not take every node out of routing).
     """
+    watched = [
+        node
+        for node in listings
+        if node.status == Node.Status.HEALTHY
+        and (placement.serves_worker_api(node.worker_api) or node.unanswered_listings)
+    ]
+    silent = [node for node in watched if node.id in failed]
+    guard = len(silent) >= 2 and len(silent) > mass_silence_fraction * len(watched)
     unanswered = tuple(
         node
         for node in listings
@@ -262,7 +282,7 @@ def plan_worker_health(
         for node in listings
         if node.id in answered and (node.unanswered_listings or node.status == Node.Status.UNHEALTHY)
     )
-    return WorkerHealthPlan(unanswered=unanswered, answered=back)
+    return WorkerHealthPlan(unanswered=unanswered, answered=back, guard=guard)
 
 
 @dataclass(frozen=True)

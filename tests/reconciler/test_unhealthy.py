@@ -234,3 +234,18 @@ def test_only_heartbeating_nodes_known_to_serve_the_worker_service_count_a_silen
 
     assert plan.unanswered == (worker, in_streak)
     assert plan.answered == (sick,)  # ``fine`` had no streak to end: no write
+
+
+def test_most_workers_silent_at_once_marks_none_unhealthy():
+    """As with stale heartbeats: when most workers fall silent together, the control plane's
+    own outbound network is the likelier culprit; streaks count, nobody is marked."""
+    nodes = [NodeView(id=uuid4(), name=f"w{i}", status=Node.Status.HEALTHY) for i in range(4)]
+    ids = [node.id for node in nodes]
+
+    half = plan_worker_health(tuple(nodes), answered=set(ids[2:]), failed=set(ids[:2]), mass_silence_fraction=0.5)
+    most = plan_worker_health(tuple(nodes), answered={ids[3]}, failed=set(ids[:3]), mass_silence_fraction=0.5)
+    lone = plan_worker_health(tuple(nodes[:2]), answered=set(), failed={ids[0]}, mass_silence_fraction=0.5)
+
+    assert not half.guard and len(half.unanswered) == 2  # exactly half: not "most"
+    assert most.guard and len(most.unanswered) == 3
+    assert not lone.guard  # one silent worker is never a mass silence
