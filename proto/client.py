@@ -170,8 +170,8 @@ def close_all_channels() -> None:
 
 def _django_setting(name: str):
     """The control plane's setting ``name`` (controlplane/settings.py defines every one this
-    module reads), or None when Django is absent or unconfigured (plain scripts, the reference
-    worker): then ``DEFAULT_TIMEOUTS`` apply."""
+    module reads), or None when Django is absent or unconfigured (plain scripts, the
+    project's own worker): then ``DEFAULT_TIMEOUTS`` apply."""
     try:
         from django.conf import settings
     except ImportError:
