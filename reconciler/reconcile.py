@@ -42,10 +42,11 @@ from core.logs import log_context
 from registry.locks import LockKey, try_advisory_lock
 
 from . import shutdown
-from .apply import Pass, PassSummary, SchedulerUnavailable
+from .apply import Pass, SchedulerUnavailable
 from .conf import ReconcileConfig
 from .models import ReconcilePass
 from .probes import GrpcProber
+from .summary import PassSummary
 
 __all__ = [
     "LeaderSummary",
