@@ -38,14 +38,10 @@ PROCESS_STARTED = time.monotonic()
 _migrations_applied = False
 
 
-def _setting(name: str, default):
-    return getattr(settings, name, default)
-
-
 def check_database() -> str:
     """Raises when the database does not answer ``SELECT 1`` in time."""
     connection = connections[DEFAULT_DB_ALIAS]
-    timeout_ms = int(_setting("READYZ_DB_TIMEOUT_MS", 2000))
+    timeout_ms = int(settings.READYZ_DB_TIMEOUT_MS)
     if connection.vendor != "postgresql":
         # No transaction on SQLite: ours are IMMEDIATE, they would take the write lock.
         with connection.cursor() as cursor:
@@ -77,7 +73,7 @@ def check_migrations() -> str:
 def check_reconciler(now=None) -> str:
     from reconciler.models import ReconcilePass
 
-    interval = float(_setting("RECONCILE_INTERVAL", 10.0))
+    interval = float(settings.RECONCILE_INTERVAL)
     max_age = timedelta(seconds=3 * interval)
     now = now or timezone.now()
     last_ok = (
@@ -89,7 +85,7 @@ def check_reconciler(now=None) -> str:
     if last_ok is not None and now - last_ok <= max_age:
         return f"last successful pass {(now - last_ok).total_seconds():.1f}s ago"
     uptime = time.monotonic() - PROCESS_STARTED
-    grace = float(_setting("READYZ_STARTUP_GRACE", 120.0))
+    grace = float(settings.READYZ_STARTUP_GRACE)
     if uptime < grace:
         return f"in start-up grace ({uptime:.0f}s of {grace:.0f}s)"
     if last_ok is None:
@@ -105,7 +101,7 @@ class NotReady(Exception):
 
 def run_checks() -> dict[str, dict]:
     checks = {"database": check_database, "migrations": check_migrations}
-    if _setting("READYZ_REQUIRE_RECONCILER", True):
+    if settings.READYZ_REQUIRE_RECONCILER:
         checks["reconciler"] = check_reconciler
     results: dict[str, dict] = {}
     database_ok = True

@@ -174,7 +174,7 @@ def scrape_allowed(request) -> bool:
     if address is not None:
         if getattr(address, "ipv4_mapped", None):
             address = address.ipv4_mapped
-        if any(address in network for network in _networks(getattr(settings, "METRICS_ALLOW", ""))):
+        if any(address in network for network in _networks(settings.METRICS_ALLOW)):
             return True
     return _has_operator_key(request)
 

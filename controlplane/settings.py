@@ -1,6 +1,9 @@
-"""Settings, read from environment variables with safe defaults.
+"""Settings, read from environment variables with safe defaults: THE settings table.
 
-Every knob is documented in the README ("Configuration"). Nothing here has a default
+Every setting and its default is defined here once, with one comment; code reads
+``settings.NAME`` and never carries a default of its own (tests/ops/test_settings_table.py).
+Every knob is documented in the README ("Configuration") or docs/operations.md ("Settings").
+Nothing here has a default
 credential: the secret key is generated per checkout for development (see ``_secret_key``)
 and the registration token must be set explicitly.
 """
@@ -13,6 +16,7 @@ from pathlib import Path
 import dj_database_url
 
 from core.logs import logging_config
+from proto.client import DEFAULT_TIMEOUTS
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CONTROLPLANE_VAR_DIR", BASE_DIR / "var"))
@@ -33,6 +37,13 @@ def env_float(name: str, default: float) -> float:
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
+
+
+def env_optional_float(name: str) -> float | None:
+    """A number of seconds, or None when unset: the reader derives the value from other
+    settings (each such setting's comment says how)."""
+    value = os.environ.get(name)
+    return float(value) if value not in (None, "") else None
 
 
 def _secret_key() -> str:
@@ -237,40 +248,95 @@ CONTROLPLANE_MAX_LABELS_PER_NODE = env_int("CONTROLPLANE_MAX_LABELS_PER_NODE", 1
 # every fleet-token call of an existing one (403 ``fleet_token_nodes_refused``).
 CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES = env_bool("CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES", True)
 
-# Timing knobs (seconds). Defaults are architecture.md's.
+# --- Timing (seconds; defaults are architecture.md's) ----------------------------------------
+# Seconds between worker heartbeats (told to workers at registration).
 HEARTBEAT_INTERVAL = env_float("CONTROLPLANE_HEARTBEAT_INTERVAL", 10.0)
+# Seconds the reconciler has not seen a node's heartbeat change before the node is stale.
 STALE_AFTER = env_float("CONTROLPLANE_STALE_AFTER", 30.0)
+# Seconds between reconcile passes.
 RECONCILE_INTERVAL = env_float("CONTROLPLANE_RECONCILE_INTERVAL", 10.0)
+# Idle seconds before a replica above its model's floor is removed.
 SCALE_DOWN_IDLE_AFTER = env_float("CONTROLPLANE_SCALE_DOWN_IDLE_AFTER", 300.0)
+# Circuit breaker: passes without capacity for a model below its floor, then a cooldown.
 UNSATISFIABLE_TICKS = env_int("CONTROLPLANE_UNSATISFIABLE_TICKS", 3)
 UNSATISFIABLE_COOLDOWN = env_float("CONTROLPLANE_UNSATISFIABLE_COOLDOWN", 300.0)
+# Consecutive unreachable probes of a loaded replica before its row is removed.
 PROBE_FAILURES_BEFORE_REMOVAL = env_int("CONTROLPLANE_PROBE_FAILURES_BEFORE_REMOVAL", 3)
+# How long ``manage.py migrate_locked`` waits for another process's migration.
 MIGRATE_LOCK_TIMEOUT = env_float("CONTROLPLANE_MIGRATE_LOCK_TIMEOUT", 120.0)
 
-GRPC_HEALTH_TIMEOUT = env_float("CONTROLPLANE_GRPC_HEALTH_TIMEOUT", 2.0)
+# gRPC deadlines (seconds). proto/client.py reads the ones it knows (health, load, worker,
+# connect) when Django is configured; its DEFAULT_TIMEOUTS are the defaults here too, so a
+# script without Django and the control plane agree.
+# Health/Status of a backend on the routing path (a slow answer counts as busy).
+GRPC_HEALTH_TIMEOUT = env_float("CONTROLPLANE_GRPC_HEALTH_TIMEOUT", DEFAULT_TIMEOUTS["health"])
+# Health of a loaded replica probed by the reconciler.
 GRPC_PROBE_TIMEOUT = env_float("CONTROLPLANE_GRPC_PROBE_TIMEOUT", 1.0)
-GRPC_LOAD_TIMEOUT = env_float("CONTROLPLANE_GRPC_LOAD_TIMEOUT", 120.0)
-GRPC_WORKER_TIMEOUT = env_float("CONTROLPLANE_GRPC_WORKER_TIMEOUT", 30.0)
+# LoadModel: reading weights into (V)RAM.
+GRPC_LOAD_TIMEOUT = env_float("CONTROLPLANE_GRPC_LOAD_TIMEOUT", DEFAULT_TIMEOUTS["load"])
+# Worker calls without a deadline of their own (StopBackend, UnloadModel, ListBackends outside
+# a pass): longer than proto's stand-alone 10 s, as long as StartBackend's wait for a new backend.
+GRPC_WORKER_TIMEOUT = env_float("CONTROLPLANE_GRPC_WORKER_TIMEOUT", DEFAULT_TIMEOUTS["worker_start"])
 # Worker calls (StartBackend, ListBackends, ...) give up on a worker whose connection does not
 # complete the HTTP/2 handshake within this (it accepts TCP and never answers): proto/client.py.
-GRPC_CONNECT_TIMEOUT = env_float("CONTROLPLANE_GRPC_CONNECT_TIMEOUT", 3.0)
+GRPC_CONNECT_TIMEOUT = env_float("CONTROLPLANE_GRPC_CONNECT_TIMEOUT", DEFAULT_TIMEOUTS["connect"])
 
-# Router (frontends' route calls, leases, cold-load jobs).
+# --- Router (frontends' route calls, leases, cold-load jobs) ---------------------------------
+# How long a route call waits for a cold load before answering 202.
 ROUTE_WAIT_SECONDS = env_float("CONTROLPLANE_ROUTE_WAIT_SECONDS", 30.0)
+# ``Retry-After`` of 202 and 503 route answers.
 ROUTE_RETRY_AFTER_SECONDS = env_int("CONTROLPLANE_ROUTE_RETRY_AFTER_SECONDS", 2)
+# A replica confirmed this recently is routed to without a Health probe.
 ROUTE_PROBE_CACHE_SECONDS = env_float("CONTROLPLANE_ROUTE_PROBE_CACHE_SECONDS", 30.0)
+# Lease lifetime (renewable); a route call may ask for less.
 LEASE_TTL_SECONDS = env_float("CONTROLPLANE_LEASE_TTL_SECONDS", 600.0)
+# Add ``X-Control-Plane-Node`` to route answers.
 CONTROLPLANE_NODE_HEADER = env_bool("CONTROLPLANE_NODE_HEADER", False)
 # Where cold-load jobs run: "qcluster" (django-q2, production), "thread" or "inline" (tests).
 CONTROLPLANE_LOAD_JOB_RUNNER = os.environ.get("CONTROLPLANE_LOAD_JOB_RUNNER", "qcluster")
+# Load-job progress heartbeat; takeover after that much silence; attempts before failing.
 LOAD_JOB_HEARTBEAT_INTERVAL = env_float("CONTROLPLANE_LOAD_JOB_HEARTBEAT_INTERVAL", 5.0)
 LOAD_JOB_STALE_AFTER = env_float("CONTROLPLANE_LOAD_JOB_STALE_AFTER", 60.0)
 LOAD_JOB_MAX_ATTEMPTS = env_int("CONTROLPLANE_LOAD_JOB_MAX_ATTEMPTS", 3)
+# Released leases and finished load jobs are kept this long.
 ROUTER_RETENTION_SECONDS = env_float("CONTROLPLANE_ROUTER_RETENTION_SECONDS", 86400.0)
 
-# Reconciler-only knobs (defaults in reconciler/conf.py).
+# --- Reconciler (read at the start of every pass: reconciler/conf.py) ------------------------
+# Seconds a scheduled leader run keeps passing before it returns (under Q_CLUSTER's timeout).
 RECONCILE_LEADER_BUDGET = env_float("CONTROLPLANE_RECONCILE_LEADER_BUDGET", 50.0)
+# Reap no node when more than this fraction of the healthy nodes turn stale in one pass (and at
+# least two do): the control plane or its network is the likelier culprit.
 RECONCILE_MASS_STALE_FRACTION = env_float("CONTROLPLANE_RECONCILE_MASS_STALE_FRACTION", 0.5)
+# Parallel gRPC calls (probes, ListBackends) per pass.
+RECONCILE_PROBE_CONCURRENCY = env_int("CONTROLPLANE_RECONCILE_PROBE_CONCURRENCY", 16)
+# Seconds after which a loaded replica's last confirmation is old enough to probe again
+# (unset: RECONCILE_INTERVAL).
+RECONCILE_PROBE_AFTER = env_optional_float("CONTROLPLANE_RECONCILE_PROBE_AFTER")
+# Deadline (seconds) of the worker calls a pass makes: ListBackends and StopBackend.
+RECONCILE_WORKER_TIMEOUT = env_float("CONTROLPLANE_RECONCILE_WORKER_TIMEOUT", 2.0)
+# Consecutive passes in which a node's worker, known to serve the worker API, does not answer
+# ListBackends (while the node still heartbeats) before the node is marked unhealthy: not
+# routed to, not placed on, its replica rows kept. It is healthy again at the first answer.
+RECONCILE_WORKER_FAILURES_BEFORE_UNHEALTHY = env_int("CONTROLPLANE_RECONCILE_WORKER_FAILURES_BEFORE_UNHEALTHY", 3)
+# Seconds of a pass after which no further scale-up call is started (the rest waits for the next
+# pass), so one slow load cannot hold the reconcile lock for every model.
+RECONCILE_SCALE_UP_BUDGET = env_float("CONTROLPLANE_RECONCILE_SCALE_UP_BUDGET", 30.0)
+# How many ReconcilePass rows are kept (older ones are pruned after each pass).
+RECONCILE_PASSES_KEPT = env_int("CONTROLPLANE_RECONCILE_PASSES_KEPT", 1000)
+# Days of events kept (older ones are pruned by housekeeping); 0 keeps them forever.
+RECONCILE_EVENTS_KEPT_DAYS = env_int("CONTROLPLANE_RECONCILE_EVENTS_KEPT_DAYS", 30)
+# Seconds after which a `loading` row is a dead loader's leftover and is discarded (with its VRAM
+# reservation). Unset: GRPC_WORKER_TIMEOUT + GRPC_LOAD_TIMEOUT + 60, longer than any deadline a
+# live load has.
+RECONCILE_STALE_LOADING_AFTER = env_optional_float("CONTROLPLANE_RECONCILE_STALE_LOADING_AFTER")
+# Seconds without any observed heartbeat change (or without any pass) after which the reconciler
+# treats heartbeats as not observable: it reaps nothing while that lasts and counts every node's
+# staleness again from when observation resumes. Unset: HEARTBEAT_INTERVAL + 2 x
+# RECONCILE_INTERVAL (the longest quiet a live fleet shows, plus one pass of margin), kept
+# between STALE_AFTER / 2 and STALE_AFTER.
+RECONCILE_OBSERVATION_GAP = env_optional_float("CONTROLPLANE_RECONCILE_OBSERVATION_GAP")
+# Name of the django-q2 schedule that runs the leader loop (reconciler/schedule.py).
+RECONCILE_SCHEDULE_NAME = "controlplane.reconcile"
 
 # --- django-q2 ------------------------------------------------------------------------------
 # ORM broker by default (no extra service); Redis when REDIS_URL is set.
@@ -292,6 +358,8 @@ if REDIS_URL:
     Q_CLUSTER["redis"] = REDIS_URL
 else:
     Q_CLUSTER["orm"] = "default"
+# Seconds ``manage.py qcluster`` waits for its processes after SIGTERM/SIGINT before killing them.
+Q_STOP_GRACE = env_float("Q_STOP_GRACE", 6.0)
 
 # --- Logging --------------------------------------------------------------------------------
 # Readable lines by default, one JSON object per line with LOG_FORMAT=json; request id, pass
@@ -307,5 +375,4 @@ READYZ_REQUIRE_RECONCILER = env_bool("READYZ_REQUIRE_RECONCILER", True)
 READYZ_STARTUP_GRACE = env_float("READYZ_STARTUP_GRACE", 120.0)
 READYZ_DB_TIMEOUT_MS = env_int("READYZ_DB_TIMEOUT_MS", 2000)
 
-RECONCILE_SCHEDULE_NAME = "controlplane.reconcile"
 SESSION_COOKIE_AGE = int(timedelta(hours=12).total_seconds())

@@ -169,14 +169,14 @@ def close_all_channels() -> None:
 
 
 def _django_setting(name: str):
-    """A Django setting, or None when Django is absent/unconfigured (e.g. in plain scripts)."""
+    """The control plane's setting ``name`` (controlplane/settings.py defines every one this
+    module reads), or None when Django is absent or unconfigured (plain scripts, the
+    project's own worker): then ``DEFAULT_TIMEOUTS`` apply."""
     try:
         from django.conf import settings
     except ImportError:
         return None
-    if not settings.configured:
-        return None
-    return getattr(settings, name, None)
+    return getattr(settings, name) if settings.configured else None
 
 
 def _timeout(kind: str, explicit: float | None) -> float:

@@ -1,4 +1,5 @@
-"""Verbs that write the reconciler's own tables (events, conditions, passes), one each.
+"""Verbs that write the reconciler's own tables (events, conditions, passes, unanswered
+worker listings), one each.
 
 Only the reconciler writes these tables, and its passes are serialised by the reconcile lock,
 so the idioms here guard against the rare overlap (an operator's "reconcile now" racing a
@@ -11,7 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
+from django.db.models import F
 from django.utils import timezone
 
 
@@ -70,11 +72,12 @@ class EventManager(models.Manager.from_queryset(EventQuerySet)):
         return self.bulk_create(events)
 
     def record(self, kind: str, **fields):
-        """Append one event (``build``'s arguments) and return it."""
+        """Append one event (``build``'s arguments) and return it. Idiom: append (``record_many``)."""
         return self.record_many([self.build(kind, **fields)])[0]
 
     def prune(self, *, older_than: timedelta, now: datetime | None = None) -> int:
-        """Delete events older than ``older_than``; returns how many went."""
+        """Delete events older than ``older_than``; returns how many went. Idiom: one DELETE
+        by age (append-only rows: nothing else writes them)."""
         deleted, _ = self.filter(created_at__lt=_now(now) - older_than).delete()
         return deleted
 
@@ -192,7 +195,8 @@ class ModelConditionManager(models.Manager.from_queryset(ModelConditionQuerySet)
         return bool(self.set_conditions([ConditionState(model_name, type, status, reason, message)], now=now))
 
     def forget(self, model_names: Iterable[str]) -> int:
-        """Delete every condition of models nobody knows any more; returns rows deleted."""
+        """Delete every condition of models nobody knows any more; returns rows deleted.
+        Idiom: one conditional DELETE (a model known again gets its rows back next pass)."""
         model_names = [name for name in model_names if name != self.model.CLUSTER]
         if not model_names:
             return 0
@@ -219,8 +223,9 @@ class ReconcilePassManager(models.Manager):
     ):
         """Store one pass and, with ``keep``, prune all but the newest ``keep`` rows.
 
-        Pruning deletes by id below the ``keep``-th newest (ids grow with time), two queries
-        whatever the table size. Returns the saved row.
+        Idiom: append (one INSERT; pass rows are never updated), then ``prune``. Pruning
+        deletes by id below the ``keep``-th newest (ids grow with time), two queries whatever
+        the table size. Returns the saved row.
         """
         row = self.create(
             outcome=outcome,
@@ -236,7 +241,9 @@ class ReconcilePassManager(models.Manager):
         return row
 
     def prune(self, *, keep: int) -> int:
-        """Delete all but the newest ``keep`` passes (by id); returns how many went."""
+        """Delete all but the newest ``keep`` passes (by id); returns how many went. Idiom: one
+        DELETE below a boundary id read just before (an overlapping pass can only add newer
+        rows, never make the DELETE take a kept one)."""
         boundary = self.order_by("-id").values_list("id", flat=True)[keep : keep + 1]
         boundary = list(boundary)
         if not boundary:
@@ -251,3 +258,50 @@ class ReconcilePassManager(models.Manager):
 
     def latest_pass(self):
         return self.order_by("-id").first()
+
+
+# --------------------------------------------------------------------------------------------
+# Unanswered worker listings
+# --------------------------------------------------------------------------------------------
+
+
+class UnansweredListingManager(models.Manager):
+    def record_unanswered(self, node_id, *, heartbeat, error: str, now: datetime | None = None) -> int:
+        """Count one more pass in which the node's worker did not answer ``ListBackends``
+        although the node heartbeated (``heartbeat``: its ``last_heartbeat``, kept in
+        ``counted_heartbeat``); returns the streak's length (0: the node is gone).
+
+        Idiom: upsert. The row is created at the first failure of a streak (``since``), then
+        incremented with an ``F()`` UPDATE; only the reconcile lock's holder calls it, so an
+        overlap is at most an operator's pass racing a scheduled one (both counts land). A node
+        deleted meanwhile is an IntegrityError on the foreign key: no streak, 0.
+        """
+        now = _now(now)
+        error = (error or "")[:1000]
+        try:
+            with transaction.atomic():
+                row, created = self.get_or_create(
+                    node_id=node_id,
+                    defaults={
+                        "failures": 1,
+                        "since": now,
+                        "counted_heartbeat": heartbeat,
+                        "last_error": error,
+                        "updated_at": now,
+                    },
+                )
+                if created:
+                    return 1
+                self.filter(pk=row.pk).update(
+                    failures=F("failures") + 1, counted_heartbeat=heartbeat, last_error=error, updated_at=now
+                )
+                return self.filter(pk=row.pk).values_list("failures", flat=True).get()
+        except IntegrityError:
+            return 0
+
+    def clear(self, node_id) -> bool:
+        """End the node's streak of unanswered listings: its worker answered, or the node went
+        offline (back, a new streak counts from one). Idiom: one conditional DELETE; True when
+        there was a streak."""
+        deleted, _ = self.filter(node_id=node_id).delete()
+        return deleted > 0

@@ -8,7 +8,7 @@ reconciler do?". They are written only through the verbs in ``managers.py``.
 from django.db import models
 from django.utils import timezone
 
-from .managers import EventManager, ModelConditionManager, ReconcilePassManager
+from .managers import EventManager, ModelConditionManager, ReconcilePassManager, UnansweredListingManager
 
 
 class Event(models.Model):
@@ -20,7 +20,8 @@ class Event(models.Model):
 
     class Kind(models.TextChoices):
         NODE_OFFLINE = "node_offline", "node marked offline (stale heartbeat)"
-        NODE_RECOVERED = "node_recovered", "node healthy again (fresh heartbeat)"
+        NODE_RECOVERED = "node_recovered", "node healthy again (fresh heartbeat, or its worker answers again)"
+        NODE_UNHEALTHY = "node_unhealthy", "node unhealthy (heartbeating, its worker not answering)"
         MASS_STALENESS_GUARD = "mass_staleness_guard", "reaping paused: most nodes stale at once"
         MASS_STALENESS_CLEARED = "mass_staleness_cleared", "reaping resumed"
         REPLICA_ADDED = "replica_added", "replica added"
@@ -119,3 +120,31 @@ class ReconcilePass(models.Model):
 
     def __str__(self):
         return f"{self.started_at:%Y-%m-%d %H:%M:%S} {self.outcome}"
+
+
+class UnansweredListing(models.Model):
+    """A node whose worker, known to serve the worker gRPC service, has not answered the
+    reconciler's ``ListBackends`` for ``failures`` consecutive passes (since ``since``), each
+    after a new heartbeat of the node (``counted_heartbeat``: a node whose heartbeats stopped
+    too is not sick but gone, and is left to the stale sweep).
+
+    The row exists only during such a streak: the first answer deletes it. At
+    ``RECONCILE_WORKER_FAILURES_BEFORE_UNHEALTHY`` failures the node is marked ``unhealthy``;
+    it is ``healthy`` again when its worker answers.
+    """
+
+    node = models.OneToOneField(
+        "registry.Node", on_delete=models.CASCADE, primary_key=True, related_name="unanswered_listing"
+    )
+    failures = models.PositiveIntegerField()
+    since = models.DateTimeField(help_text="the first unanswered listing of this streak")
+    counted_heartbeat = models.DateTimeField(
+        null=True, blank=True, help_text="the node's last_heartbeat when the streak last counted a pass"
+    )
+    last_error = models.TextField(blank=True)
+    updated_at = models.DateTimeField()
+
+    objects = UnansweredListingManager()
+
+    def __str__(self):
+        return f"{self.node_id}: {self.failures} unanswered listing(s) since {self.since:%Y-%m-%d %H:%M:%S}"

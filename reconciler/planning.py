@@ -7,6 +7,7 @@ Each function answers one question of a pass, in LocalAI's order:
 - ``plan_node_health``: which nodes go offline (stale) or healthy (fresh again), unless the
   mass-staleness guard holds or heartbeat ingestion is silent;
 - ``plan_checks``: which replicas to probe and which workers to ask what they run;
+- ``plan_worker_health``: whose worker stopped (or resumed) answering what it runs;
 - ``plan_worker_reconciliation``: rows whose backend is gone, backends nobody has a row for;
 - ``plan_scaling``: per autoscaled model, the cooldown gate, scale-up to the floor, busy +1,
   idle scale-down;
@@ -15,9 +16,10 @@ Each function answers one question of a pass, in LocalAI's order:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from uuid import UUID
 
 from registry import placement, rules
 from registry.models import Node
@@ -116,8 +118,9 @@ class NodeHealthPlan:
 
 
 def _sweepable(node: NodeView) -> bool:
-    """Nodes whose stale heartbeat is news: not already unhealthy/offline/pending, and not
-    draining (an operator's choice; the worker deregisters itself when done)."""
+    """Nodes whose stale heartbeat is news (``Node.NOT_SWEPT_STATUSES``: healthy ones, and
+    unhealthy ones whose heartbeat stops as well), except draining ones (an operator's
+    choice; the worker deregisters itself when done)."""
     return node.status not in Node.NOT_SWEPT_STATUSES and node.status != Node.Status.DRAINING
 
 
@@ -136,11 +139,13 @@ def _is_stale(node: NodeView, observation: ObservationPlan, config: ReconcileCon
 def plan_node_health(
     snapshot: Snapshot, config: ReconcileConfig, *, now: datetime, observation: ObservationPlan | None = None
 ) -> NodeHealthPlan:
-    """Stale healthy nodes go offline; unhealthy/offline nodes heartbeating again recover.
+    """Stale healthy (or unhealthy) nodes go offline; offline nodes heartbeating again recover.
 
     A node is stale when the reconciler has not seen its heartbeat change for ``stale_after``
-    (``observation``; see ``plan_observation``). An unhealthy or offline node recovers when its
-    heartbeat changed since it was last observed (a new heartbeat, whatever its timestamp).
+    (``observation``; see ``plan_observation``). An offline node recovers when its heartbeat
+    changed since it was last observed (a new heartbeat, whatever its timestamp). An
+    unhealthy node heartbeats all along: it recovers when its worker answers again
+    (``plan_worker_health``), not on a heartbeat.
 
     Mass-staleness guard: when at least two nodes and more than ``mass_stale_fraction`` of the
     healthy nodes are stale in the same pass, none is reaped (the likelier story is that the
@@ -154,7 +159,7 @@ def plan_node_health(
     recovering = tuple(
         node
         for node in snapshot.nodes.values()
-        if node.status in (Node.Status.UNHEALTHY, Node.Status.OFFLINE)
+        if node.status == Node.Status.OFFLINE
         and node.last_heartbeat is not None
         and node.id in observation.changed
         and node.heartbeat_seen_at is not None  # a first sight is no news; the next heartbeat is
@@ -188,16 +193,26 @@ WORKER_API_RECHECK_AFTER = timedelta(seconds=60)
 
 def due_for_listing(node: NodeView, now: datetime) -> bool:
     """Whether to ask ``node``'s worker what it runs this pass: always, unless its address was
-    found without the worker service less than ``WORKER_API_RECHECK_AFTER`` ago."""
+    found without the worker service less than ``WORKER_API_RECHECK_AFTER`` ago and it is not
+    in a streak of unanswered listings (each pass of a streak counts)."""
     if node.worker_api != Node.WorkerApi.MISSING or node.worker_api_checked_at is None:
+        return True
+    if node.unanswered_listings:
         return True
     return node.worker_api_checked_at <= now - WORKER_API_RECHECK_AFTER
 
 
+def listed(node: NodeView) -> bool:
+    """Nodes whose worker a pass asks what it runs: schedulable ones, and unhealthy backend
+    nodes (their first answer makes them healthy again)."""
+    unhealthy_backend = node.status == Node.Status.UNHEALTHY and node.node_type == Node.NodeType.BACKEND
+    return (node.schedulable or unhealthy_backend) and bool(node.address)
+
+
 def plan_checks(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -> CheckPlan:
     """Probe loaded rows on healthy nodes whose last confirmation is older than
-    ``probe_after``; list the backends of every healthy backend node with an address (a node
-    without the worker service only every ``WORKER_API_RECHECK_AFTER``)."""
+    ``probe_after``; list the backends of every node ``listed`` (a node without the worker
+    service only every ``WORKER_API_RECHECK_AFTER``)."""
     confirmed_after = now - config.probe_after
     probes = tuple(
         replica
@@ -208,10 +223,66 @@ def plan_checks(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -
         and snapshot.nodes[replica.node_id].healthy
         and (replica.last_probe_at is None or replica.last_probe_at < confirmed_after)
     )
-    listings = tuple(
-        node for node in snapshot.nodes.values() if node.schedulable and node.address and due_for_listing(node, now)
-    )
+    listings = tuple(node for node in snapshot.nodes.values() if listed(node) and due_for_listing(node, now))
     return CheckPlan(probes=probes, listings=listings)
+
+
+@dataclass(frozen=True)
+class WorkerHealthPlan:
+    unanswered: tuple[NodeView, ...] = ()  # one more pass in their streak of unanswered listings
+    answered: tuple[NodeView, ...] = ()  # streak over: the worker answered (unhealthy ones recover)
+    # Most watched workers silent at once: the control plane's own network is the likelier
+    # culprit, so no node is marked unhealthy this pass (streaks still count).
+    guard: bool = False
+
+
+def plan_worker_health(
+    listings: tuple[NodeView, ...],
+    *,
+    answered: Collection[UUID],
+    failed: Collection[UUID],
+    mass_silence_fraction: float = 1.0,
+) -> WorkerHealthPlan:
+    """Whose worker stopped, or resumed, answering ``ListBackends`` this pass (``failed``: the
+    listings nothing answered, no connection or no answer within the deadline; an answer that
+    refuses the call is the worker-API check's business, not a silence).
+
+    Only a node whose worker is known to serve the worker gRPC service (``worker_api``
+    available), or is already in a streak, counts a failed listing: a LocalAI worker never
+    answers it and is not sick for that. After the first, a failed listing counts only when
+    the node heartbeated since the streak last counted: a node that keeps heartbeating while
+    its worker is silent is sick; one whose heartbeats stopped too (a stopped or partitioned
+    machine) is left to the stale sweep, healthy until then. A node in a streak, or
+    unhealthy, whose worker answered ends its streak. How long a streak makes a node
+    unhealthy is the apply step's ``worker_failures_before_unhealthy``, compared with the
+    count the database returns.
+
+    Mass-silence guard, as for stale heartbeats: when at least two and more than
+    ``mass_silence_fraction`` of the healthy workers known to serve the worker service are
+    silent in the same pass, none is marked unhealthy (an outage of the control plane's own
+    outbound network must not take every node out of routing).
+    """
+    watched = [
+        node
+        for node in listings
+        if node.status == Node.Status.HEALTHY
+        and (placement.serves_worker_api(node.worker_api) or node.unanswered_listings)
+    ]
+    silent = [node for node in watched if node.id in failed]
+    guard = len(silent) >= 2 and len(silent) > mass_silence_fraction * len(watched)
+    unanswered = tuple(
+        node
+        for node in listings
+        if node.id in failed
+        and (placement.serves_worker_api(node.worker_api) or node.unanswered_listings)
+        and (not node.unanswered_listings or node.last_heartbeat != node.unanswered_heartbeat)
+    )
+    back = tuple(
+        node
+        for node in listings
+        if node.id in answered and (node.unanswered_listings or node.status == Node.Status.UNHEALTHY)
+    )
+    return WorkerHealthPlan(unanswered=unanswered, answered=back, guard=guard)
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,19 @@ twice, or after a crash half-way, is harmless. Its phases, in order:
 1. node health: the pass records which heartbeats changed since it last looked (on its own
    clock; counting restarts after an observation gap), nodes not seen heartbeating for the
    stale threshold go offline (unless the mass-staleness guard holds or heartbeat ingestion is
-   silent), offline/unhealthy nodes heartbeating again recover;
+   silent), offline nodes heartbeating again recover;
 2. checks (network, outside any transaction, bounded parallelism and deadlines): probe loaded
-   replicas not confirmed recently; ask each healthy worker which backends it runs; apply:
-   refresh or count probe failures, remove rows after three unreachable probes or when the
-   worker no longer runs their backend, stop orphan backends;
+   replicas not confirmed recently; ask each healthy or unhealthy worker which backends it
+   runs; apply: refresh or count probe failures, remove rows after three unreachable probes or
+   when the worker no longer runs their backend, stop orphan backends; a heartbeating node
+   whose worker does not answer for several passes turns unhealthy, and healthy again at its
+   worker's first answer;
 3. housekeeping: leaked VRAM reservations, the router's lease/load-job hook;
 4. scaling per autoscaled model (cooldown gate, floor, busy +1, idle scale-down);
 5. conditions per model, with an event per state change.
+
+The phases themselves are ``apply.Pass``; this module drives them: the reconcile lock, the
+pass's clock, the stored summary, and the leader loop of the scheduled task.
 
 The snapshot is re-read (same fixed number of queries) after a phase that changed rows, so each
 phase plans from what the database says, not from what the previous phase hoped it did.
@@ -22,108 +27,45 @@ phase plans from what the database says, not from what the previous phase hoped 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from uuid import UUID, uuid4
+from uuid import uuid4
 
+from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django.utils import timezone
 
 from core import metrics
 from core.logs import log_context
-from registry import operations
 from registry.locks import LockKey, try_advisory_lock
-from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 
-from . import housekeeping, shutdown
-from .checks import ALIVE, BUSY, UNREACHABLE, GrpcProber, run_checks
+from . import shutdown
+from .apply import Pass, SchedulerUnavailable
 from .conf import ReconcileConfig
-from .models import Event, ModelCondition, ReconcilePass
-from .planning import (
-    NodeHealthPlan,
-    ObservationPlan,
-    ScaleOutcome,
-    ScalePlan,
-    model_conditions,
-    plan_checks,
-    plan_node_health,
-    plan_observation,
-    plan_scaling,
-    plan_worker_reconciliation,
-    transition_event_kind,
-)
-from .snapshot import NodeView, Snapshot, replica_views, take_snapshot
+from .models import ReconcilePass
+from .probes import GrpcProber
+from .summary import PassSummary
+
+__all__ = [
+    "LeaderSummary",
+    "PassSummary",
+    "RouterScheduler",
+    "SchedulerUnavailable",
+    "database_now",
+    "reconcile_once",
+    "record_skipped",
+    "run_leader",
+    "run_pass",
+]
 
 logger = logging.getLogger(__name__)
-
-HOLDER_HOST = socket.gethostname()
-
-
-# --------------------------------------------------------------------------------------------
-# Summary
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PassSummary:
-    """What one pass did. ``actions`` and ``skipped`` count by name; only non-zero counts are
-    kept. ``outcome`` is ``ok``, ``skipped`` (``reason`` = ``held``: another pass runs) or
-    ``error`` (``reason`` = the error)."""
-
-    started_at: datetime
-    outcome: str = ReconcilePass.Outcome.OK
-    reason: str = ""
-    duration_s: float = 0.0
-    nodes: int = 0
-    models: int = 0  # autoscaled models planned
-    known_models: int = 0  # every model with a config, load info or replica rows
-    actions: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)
-    holder: str = field(default_factory=lambda: f"{HOLDER_HOST}:{os.getpid()}")
-    # A database error that may have cost the connection, and with it the reconcile lock.
-    fatal: bool = False
-
-    def count(self, action: str, n: int = 1) -> None:
-        if n:
-            self.actions[action] += n
-
-    def skip(self, reason: str, n: int = 1) -> None:
-        if n:
-            self.skipped[reason] += n
-
-    def as_dict(self) -> dict:
-        return {
-            "outcome": str(self.outcome),
-            "reason": self.reason,
-            "started_at": self.started_at.isoformat(),
-            "duration_s": round(self.duration_s, 4),
-            "nodes": self.nodes,
-            "models": self.models,
-            "known_models": self.known_models,
-            "actions": dict(sorted(self.actions.items())),
-            "skipped": dict(sorted(self.skipped.items())),
-            "holder": self.holder,
-        }
-
-    def __str__(self) -> str:
-        if self.outcome != ReconcilePass.Outcome.OK:
-            return f"{self.outcome}: {self.reason}"
-        parts = [f"{n} {name}" for name, n in sorted(self.actions.items())]
-        parts += [f"skipped {n} {name}" for name, n in sorted(self.skipped.items())]
-        return "ok: " + (", ".join(parts) if parts else "nothing to do")
 
 
 # --------------------------------------------------------------------------------------------
 # The default scheduler
 # --------------------------------------------------------------------------------------------
-
-
-class SchedulerUnavailable(Exception):
-    """No scheduler to call (``registry.router`` is not installed yet)."""
 
 
 class RouterScheduler:
@@ -180,7 +122,7 @@ def run_pass(*, now: datetime | None = None, scheduler=None, prober=None) -> Pas
             now = timezone.now()
     summary = PassSummary(started_at=now)
     started = time.monotonic()
-    run = _Pass(
+    run = Pass(
         now=now,
         cfg=cfg,
         scheduler=scheduler or RouterScheduler(),
@@ -204,7 +146,7 @@ def database_now() -> datetime:
     return timezone.now()
 
 
-def _finish_pass(run: _Pass, summary: PassSummary, cfg: ReconcileConfig, started: float) -> PassSummary:
+def _finish_pass(run: Pass, summary: PassSummary, cfg: ReconcileConfig, started: float) -> PassSummary:
     try:
         run.run()
     except Exception as exc:
@@ -237,434 +179,6 @@ def _store(summary: PassSummary, cfg: ReconcileConfig) -> None:
         holder_pid=int(pid) if pid.isdigit() else None,
         keep=cfg.passes_kept,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# The pass
-# --------------------------------------------------------------------------------------------
-
-
-class _Pass:
-    def __init__(self, *, now, cfg: ReconcileConfig, scheduler, prober, summary: PassSummary, started: float):
-        self.now = now
-        self.cfg = cfg
-        self.scheduler = scheduler
-        self.prober = prober
-        self.summary = summary
-        self.started = started
-        self.events: list[Event] = []
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def event(self, kind: str, *, model_name: str = "", node: NodeView | None = None, message: str = "", **details):
-        """Queue an event (written by ``flush_events`` after each phase); ``details`` with
-        empty values are dropped."""
-        self.events.append(
-            Event.objects.build(
-                kind,
-                model_name=model_name,
-                node_id=node.id if node else None,
-                node_name=node.name if node else "",
-                message=message,
-                details={k: v for k, v in details.items() if v not in (None, "")},
-                now=self.now,
-            )
-        )
-
-    def flush_events(self) -> None:
-        events, self.events = self.events, []
-        if events:
-            Event.objects.record_many(events)
-            self.summary.count("events_recorded", len(events))
-
-    # -- phases --------------------------------------------------------------------------------
-
-    def run(self) -> None:
-        snapshot = take_snapshot(now=self.now)
-        observation = plan_observation(
-            snapshot, self.cfg, now=self.now, previous_pass_at=ReconcilePass.objects.last_ok_finished_at()
-        )
-        self.apply_observation(observation)
-        health = plan_node_health(snapshot, self.cfg, now=self.now, observation=observation)
-        if self.apply_node_health(snapshot, health):
-            snapshot = take_snapshot(now=self.now)
-        self.flush_events()
-
-        if self.run_checks(snapshot, guard=health.reaping_paused):
-            snapshot = take_snapshot(now=self.now)
-        self.flush_events()
-
-        self.housekeeping(snapshot)
-
-        plans = plan_scaling(snapshot, self.cfg, now=self.now)
-        self.summary.nodes = len(snapshot.nodes)
-        self.summary.models = len(plans)
-        self.summary.known_models = len(snapshot.model_names)
-        outcomes = {plan.model_name: self.apply_scaling(snapshot, plan) for plan in plans}
-        self.flush_events()
-
-        self.update_conditions(snapshot, health, {plan.model_name: plan for plan in plans}, outcomes)
-        self.flush_events()
-
-    def apply_observation(self, plan: ObservationPlan) -> None:
-        """Record this pass's view of the heartbeats (one UPDATE, whatever the fleet size)."""
-        Node.objects.observe_heartbeats(now=self.now, restart=plan.restart)
-        self.summary.count("heartbeats_observed", len(plan.changed))
-        if plan.restart:
-            self.summary.count("observation_restarted")
-            logger.warning(
-                "heartbeat observation resumed after a gap (last pass ended %s, last heartbeat change seen %s): "
-                "every node's staleness is counted from now",
-                _when(plan.previous_pass_at),
-                _when(plan.quiet_since),
-            )
-
-    def apply_node_health(self, snapshot: Snapshot, plan: NodeHealthPlan) -> bool:
-        """Returns True when a node changed status (its rows may be gone)."""
-        changed = False
-        for node in plan.mark_offline:
-            # Only while its heartbeat is still the value observed: one that landed since wins.
-            if Node.objects.mark_offline(node.id, expected_heartbeat=node.last_heartbeat, now=self.now):
-                changed = True
-                rows = len(snapshot.replicas_by_node.get(node.id, ()))
-                self.summary.count("nodes_marked_offline")
-                self.event(
-                    Event.Kind.NODE_OFFLINE,
-                    node=node,
-                    message=f"no heartbeat since {_when(node.last_heartbeat)}; {rows} replica row(s) removed",
-                    last_heartbeat=_when(node.last_heartbeat),
-                    replica_rows=rows,
-                )
-        for node in plan.mark_healthy:
-            if Node.objects.mark_healthy(node.id, now=self.now):
-                changed = True
-                self.summary.count("nodes_recovered")
-                self.event(
-                    Event.Kind.NODE_RECOVERED,
-                    node=node,
-                    message=f"{node.status} node heartbeating again (last {_when(node.last_heartbeat)})",
-                    previous_status=node.status,
-                )
-        if plan.silent:
-            self.summary.skip("heartbeat_ingestion_silent", max(1, len(plan.stale)))
-            logger.warning(
-                "no heartbeat arrived from any of %d healthy nodes for longer than the observation gap; reaping none",
-                plan.swept,
-            )
-        elif plan.guard:
-            self.summary.skip("mass_staleness", len(plan.stale))
-            logger.warning(
-                "mass-staleness guard: %d of %d healthy nodes stale at once; reaping none (%s)",
-                len(plan.stale),
-                plan.swept,
-                ", ".join(node.name for node in plan.stale),
-            )
-        return changed
-
-    def run_checks(self, snapshot: Snapshot, *, guard: bool) -> bool:
-        """Probe and list (network), then apply. Returns True when a replica row was removed."""
-        plan = plan_checks(snapshot, self.cfg, now=self.now)
-        # The snapshot was read before any worker is asked: a row it held loaded, in the same
-        # state change, was loaded before the listing (see plan_worker_reconciliation).
-        loaded_before_listing = {row.id: row.state_changed_at for row in snapshot.replicas if row.loaded}
-        results = run_checks(
-            plan,
-            self.prober,
-            probe_timeout=self.cfg.probe_timeout,
-            worker_timeout=self.cfg.worker_timeout,
-            concurrency=self.cfg.probe_concurrency,
-        )
-        changed = False
-        self.summary.count("replicas_probed", len(plan.probes))
-        self.summary.skip("probe_error", len(results.probe_errors))
-        for replica in plan.probes:
-            outcome = results.probes.get(replica.id)
-            if outcome in (ALIVE, BUSY):
-                if NodeModel.objects.record_probe_ok(replica.id, now=self.now):
-                    self.summary.count("probes_ok")
-            elif outcome == UNREACHABLE:
-                failures = NodeModel.objects.record_probe_unreachable(replica.id)
-                self.summary.count("probes_unreachable")
-                if failures is None or failures < self.cfg.probe_failures_before_removal:
-                    continue
-                if guard:
-                    self.summary.skip("mass_staleness")
-                    continue
-                if NodeModel.objects.remove_replica(replica.node_id, replica.model_name, replica.replica_index):
-                    changed = True
-                    self.summary.count("replicas_removed_unreachable")
-                    self.event(
-                        Event.Kind.REPLICA_REMOVED,
-                        model_name=replica.model_name,
-                        node=snapshot.nodes.get(replica.node_id),
-                        message=f"replica {replica.replica_index} unreachable at {replica.address} "
-                        f"for {failures} consecutive probes",
-                        reason="probe_unreachable",
-                        replica_index=replica.replica_index,
-                        address=replica.address,
-                    )
-
-        self.summary.count("workers_listed", len(results.listings))
-        self.summary.skip("list_failed", len(results.listing_errors))
-        self.record_worker_api(plan, results)
-        if results.listings:
-            # Re-read after the listings: a row must be judged by what existed once the worker
-            # answered, never by the older snapshot (a loader may have written it meanwhile).
-            rows_by_node: dict = {}
-            for row in replica_views(NodeModel.objects.filter(node_id__in=list(results.listings))):
-                rows_by_node.setdefault(row.node_id, []).append(row)
-            for node_id, backends in results.listings.items():
-                node = snapshot.nodes[node_id]
-                plan_ = plan_worker_reconciliation(
-                    rows_by_node.get(node_id, []), backends, loaded_before_listing=loaded_before_listing
-                )
-                changed |= self.remove_gone_backends(node, plan_.remove, backends, guard=guard)
-                self.stop_orphans(node, plan_.stop)
-        return changed
-
-    def record_worker_api(self, plan, results) -> None:
-        """Whether each listed node answers the worker gRPC service: only those that do are
-        placed on (a LocalAI worker never is, so it is never sent a StartBackend that can only
-        fail). A failure that proves nothing (a deadline) leaves the node's state as it was."""
-        for node in plan.listings:
-            if node.id in results.listings:
-                available, detail = True, ""
-            elif node.id in results.worker_api_missing:
-                available, detail = False, results.worker_api_missing[node.id]
-            else:
-                continue
-            recorded = Node.objects.record_worker_api(
-                node.id, available=available, detail=detail, address=node.address, now=self.now
-            )
-            if recorded and not available and node.worker_api != Node.WorkerApi.MISSING:
-                self.summary.count("nodes_without_worker_service")
-                logger.warning("node %s is not placed on: %s", node.name, detail)
-
-    def remove_gone_backends(self, node: NodeView, rows, backends, *, guard: bool) -> bool:
-        changed = False
-        states = {b.key: b.state for b in backends}
-        for row in rows:
-            if guard:
-                self.summary.skip("mass_staleness")
-                continue
-            if NodeModel.objects.remove_replica(row.node_id, row.model_name, row.replica_index):
-                changed = True
-                state = states.get(row.key, "absent")
-                self.summary.count("replicas_removed_exited")
-                self.event(
-                    Event.Kind.REPLICA_REMOVED,
-                    model_name=row.model_name,
-                    node=node,
-                    message=f"worker reports replica {row.replica_index}'s backend as {state.lower()}",
-                    reason="backend_exited" if state == "EXITED" else "backend_absent",
-                    replica_index=row.replica_index,
-                )
-        return changed
-
-    def stop_backend(self, node: NodeView, model_name: str, replica_index: int) -> str:
-        """Ask the node's worker to stop one backend (best effort, short deadline); returns the
-        error as text, or "" when it worked."""
-        return operations.stop_backend(
-            self.prober, node.address, node.id, model_name, replica_index, timeout=self.cfg.worker_timeout
-        )
-
-    def stop_orphans(self, node: NodeView, backends) -> None:
-        for backend in backends:
-            error = self.stop_backend(node, backend.model_name, backend.replica_index)
-            if error:
-                logger.warning(
-                    "could not stop orphan %s#%s on %s: %s", backend.model_name, backend.replica_index, node.name, error
-                )
-                self.summary.skip("stop_failed")
-                continue
-            self.summary.count("orphans_stopped")
-            self.event(
-                Event.Kind.ORPHAN_BACKEND_STOPPED,
-                model_name=backend.model_name,
-                node=node,
-                message=f"running backend {backend.model_name}#{backend.replica_index} had no replica row",
-                replica_index=backend.replica_index,
-                address=backend.address,
-            )
-
-    def housekeeping(self, snapshot: Snapshot) -> None:
-        for replica in housekeeping.stale_loading_rows(snapshot, older_than=self.cfg.stale_loading_after, now=self.now):
-            if housekeeping.discard_stale_loading_row(replica.id):
-                self.summary.count("stale_loading_rows_discarded")
-                self.event(
-                    Event.Kind.VRAM_RESERVATION_RELEASED,
-                    model_name=replica.model_name,
-                    node=snapshot.nodes.get(replica.node_id),
-                    message=(
-                        f"replica {replica.model_name}#{replica.replica_index} was still loading after "
-                        f"{self.cfg.stale_loading_after.total_seconds():.0f}s: row removed, "
-                        f"{replica.reserved_vram} bytes of VRAM released"
-                    ),
-                    replica_index=replica.replica_index,
-                    amount=replica.reserved_vram,
-                )
-        for action, n in housekeeping.expire_leases_and_dead_load_jobs(now=self.now).items():
-            self.summary.count(action, n)
-        self.summary.count(
-            "events_pruned", housekeeping.prune_events(keep_days=self.cfg.events_kept_days, now=self.now)
-        )
-
-    # -- scaling -------------------------------------------------------------------------------
-
-    def apply_scaling(self, snapshot: Snapshot, plan: ScalePlan) -> ScaleOutcome:
-        outcome = ScaleOutcome()
-        name = plan.model_name
-        if plan.cooldown_over and ModelSchedulingConfig.objects.clear_cooldown(name):
-            outcome.cooldown_cleared = True
-            self.summary.count("cooldowns_left")
-            self.event(Event.Kind.COOLDOWN_LEFT, model_name=name, message="cooldown over; scheduling again")
-        if plan.record_unsatisfiable:
-            tripped = ModelSchedulingConfig.objects.record_unsatisfiable(
-                name, threshold=self.cfg.unsatisfiable_ticks, cooldown=self.cfg.unsatisfiable_cooldown, now=self.now
-            )
-            if tripped:
-                outcome.tripped = True
-                outcome.cooldown_until = self.now + self.cfg.unsatisfiable_cooldown
-                self.summary.count("cooldowns_entered")
-                self.event(
-                    Event.Kind.COOLDOWN_ENTERED,
-                    model_name=name,
-                    message=f"below min_replicas ({plan.current}/{plan.config.min_replicas}) with no free slot on "
-                    f"{len(plan.candidate_ids)} candidate node(s) for {self.cfg.unsatisfiable_ticks} passes; "
-                    f"paused until {outcome.cooldown_until.isoformat()}",
-                    until=outcome.cooldown_until.isoformat(),
-                    candidates=len(plan.candidate_ids),
-                )
-        if plan.record_satisfiable:
-            ModelSchedulingConfig.objects.record_satisfiable(name)
-        if plan.skipped:
-            self.summary.skip(plan.skipped)
-        if plan.scale_up:
-            self.scale_up(snapshot, plan, outcome)
-        if plan.remove:
-            self.scale_down(snapshot, plan, outcome)
-        return outcome
-
-    def scale_up(self, snapshot: Snapshot, plan: ScalePlan, outcome: ScaleOutcome) -> None:
-        name = plan.model_name
-        try:
-            ModelLoadInfo.objects.for_model(name)
-        except ModelLoadInfo.DoesNotExist:
-            outcome.no_load_info = True
-            self.summary.skip("no_load_info")
-            return
-        for _ in range(plan.scale_up):
-            if time.monotonic() - self.started > self.cfg.scale_up_budget:
-                outcome.skipped = "scale_up_budget"
-                self.summary.skip("scale_up_budget")
-                return
-            try:
-                result = self.scheduler.schedule_and_load(name, list(plan.candidate_ids))
-            except SchedulerUnavailable as exc:
-                logger.warning("cannot scale %s up: %s", name, exc)
-                outcome.skipped = "scheduler_unavailable"
-                self.summary.skip("scheduler_unavailable")
-                return
-            except Exception as exc:
-                outcome.failed = f"{type(exc).__name__}: {exc}"[:1000]
-                self.summary.count("scale_up_failed")
-                logger.warning("scale-up of %s failed: %s", name, outcome.failed)
-                if _same_failure_as_last_pass(snapshot, name, outcome.failed):
-                    return  # one event per failure state, not one per pass while it persists
-                self.event(
-                    Event.Kind.SCALE_UP_FAILED,
-                    model_name=name,
-                    message=outcome.failed,
-                    reason=plan.scale_up_reason,
-                    error_code=str(getattr(exc, "code", "") or ""),
-                    added_before_failure=outcome.added,
-                )
-                return
-            outcome.added += 1
-            self.summary.count("replicas_added")
-            self.event(
-                Event.Kind.REPLICA_ADDED,
-                model_name=name,
-                node=_node_of(snapshot, result),
-                message=f"replica added ({plan.scale_up_reason}); {plan.current + outcome.added} "
-                f"replica(s), min {plan.config.min_replicas}",
-                reason=plan.scale_up_reason,
-                replica_index=getattr(result, "replica_index", None),
-            )
-
-    def scale_down(self, snapshot: Snapshot, plan: ScalePlan, outcome: ScaleOutcome) -> None:
-        """Row first (so nothing routes to it any more), then ask the worker to stop the
-        backend, best effort: a failed stop leaves an orphan the next pass stops."""
-        for replica in plan.remove:
-            node = snapshot.nodes.get(replica.node_id)
-            unloaded = operations.unload_replica(
-                self.prober,
-                node_id=replica.node_id,
-                address=node.address if node is not None else "",
-                model_name=replica.model_name,
-                replica_index=replica.replica_index,
-                timeout=self.cfg.worker_timeout,
-            )
-            if not unloaded.removed:
-                continue
-            outcome.removed += 1
-            self.summary.count("replicas_scaled_down")
-            stop_error = unloaded.stop_error
-            self.event(
-                Event.Kind.REPLICA_REMOVED,
-                model_name=replica.model_name,
-                node=node,
-                message=f"replica {replica.replica_index} idle since {_when(replica.last_used)}; scaled down",
-                reason="scale_down",
-                replica_index=replica.replica_index,
-                stop_error=stop_error,
-            )
-
-    # -- conditions ----------------------------------------------------------------------------
-
-    def update_conditions(self, snapshot: Snapshot, health: NodeHealthPlan, plans: dict, outcomes: dict) -> None:
-        states = [health.guard_condition()]
-        for name in snapshot.model_names:
-            states.extend(model_conditions(snapshot, name, plans.get(name), outcomes.get(name), now=self.now))
-        for transition in ModelCondition.objects.set_conditions(states, now=self.now):
-            state = transition.state
-            self.summary.count("conditions_changed")
-            kind = transition_event_kind(state.type, state.status, is_new=transition.is_new)
-            if kind is None:
-                continue
-            self.event(
-                kind,
-                model_name=state.model_name,
-                message=state.message or f"{state.type} is now {state.status} ({state.reason})",
-                condition=state.type,
-                status=state.status,
-                reason=state.reason,
-                previous_reason=transition.previous_reason,
-            )
-        forgotten = {name for name, _ in snapshot.conditions} - set(snapshot.model_names) - {ModelCondition.CLUSTER}
-        if forgotten:
-            ModelCondition.objects.forget(forgotten)
-
-
-def _same_failure_as_last_pass(snapshot: Snapshot, model_name: str, failure: str) -> bool:
-    """True when the model's Progressing condition already reports this scale-up failure."""
-    previous = snapshot.conditions.get((model_name, ModelCondition.Type.PROGRESSING))
-    return bool(previous) and previous["reason"] == "scale_up_failed" and previous["message"].endswith(failure)
-
-
-def _node_of(snapshot: Snapshot, result) -> NodeView | None:
-    """The node a scheduler result names (``result.node_id``), if the result says."""
-    node_id = getattr(result, "node_id", None)
-    if node_id is None:
-        return None
-    try:
-        return snapshot.nodes.get(node_id if isinstance(node_id, UUID) else UUID(str(node_id)))
-    except ValueError:
-        return None
-
-
-def _when(moment: datetime | None) -> str:
-    return moment.isoformat() if moment else "never"
 
 
 # --------------------------------------------------------------------------------------------
@@ -731,8 +245,6 @@ def run_leader(
     starts before the budget ends; a database error that may have cost the connection ends the
     run (the lock may be gone).
     """
-    from django.conf import settings
-
     interval = float(settings.RECONCILE_INTERVAL if interval is None else interval)
     began = clock()
     deadline = None if budget is None else began + float(budget)

@@ -37,6 +37,7 @@ class NodeView:
     name: str
     status: str
     node_type: str = Node.NodeType.BACKEND
+    drained_by: str = Node.DrainedBy.NONE
     address: str = ""
     last_heartbeat: datetime | None = None
     # The reconciler's observation (``Node.objects.observe_heartbeats``): the last_heartbeat
@@ -48,6 +49,11 @@ class NodeView:
     labels: Mapping[str, str] = field(default_factory=_empty)
     worker_api: str = Node.WorkerApi.AVAILABLE
     worker_api_checked_at: datetime | None = None
+    # Consecutive passes whose ListBackends this node's worker has not answered while the
+    # node heartbeated (``UnansweredListing``; 0 outside such a streak), and the heartbeat
+    # value the streak last counted.
+    unanswered_listings: int = 0
+    unanswered_heartbeat: datetime | None = None
 
     @property
     def schedulable(self) -> bool:
@@ -205,6 +211,7 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
             name=row["name"],
             status=row["status"],
             node_type=row["node_type"],
+            drained_by=row["drained_by"],
             address=row["address"],
             last_heartbeat=row["last_heartbeat"],
             heartbeat_seen=row["heartbeat_seen"],
@@ -214,12 +221,15 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
             labels=MappingProxyType(labels.get(row["id"], {})),
             worker_api=row["worker_api"],
             worker_api_checked_at=row["worker_api_checked_at"],
+            unanswered_listings=row["unanswered_listing__failures"] or 0,
+            unanswered_heartbeat=row["unanswered_listing__counted_heartbeat"],
         )
         for row in Node.objects.order_by("name").values(
             "id",
             "name",
             "status",
             "node_type",
+            "drained_by",
             "address",
             "last_heartbeat",
             "heartbeat_seen",
@@ -228,6 +238,8 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
             "reserved_vram",
             "worker_api",
             "worker_api_checked_at",
+            "unanswered_listing__failures",
+            "unanswered_listing__counted_heartbeat",
         )
     }
     replicas = tuple(replica_views(NodeModel.objects.all()))

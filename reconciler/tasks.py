@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .conf import setting
+from django.conf import settings
+
 from .reconcile import run_leader
 
 
@@ -14,5 +15,5 @@ def run_scheduled_reconcile(budget: float | None = None) -> dict:
     (default 50 s, under the Q_CLUSTER timeout) is spent, and returns the summary, which
     django-q2 stores as the task result.
     """
-    budget = float(setting("RECONCILE_LEADER_BUDGET") if budget is None else budget)
+    budget = float(settings.RECONCILE_LEADER_BUDGET if budget is None else budget)
     return run_leader(budget=budget).as_dict()

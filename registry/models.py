@@ -33,8 +33,9 @@ class Node(models.Model):
         OFFLINE = "offline", "offline"
         DRAINING = "draining", "draining"
 
-    # Statuses whose heartbeat going stale is not news (the stale sweep skips them).
-    NOT_SWEPT_STATUSES = (Status.UNHEALTHY, Status.OFFLINE, Status.PENDING)
+    # Statuses whose heartbeat going stale is not news (the stale sweep skips them). An
+    # unhealthy node (heartbeating, its worker silent) whose heartbeat stops as well is news.
+    NOT_SWEPT_STATUSES = (Status.OFFLINE, Status.PENDING)
     # Statuses a heartbeat only timestamps: their reported capacity is not trusted for placement.
     HEARTBEAT_TIMESTAMP_ONLY_STATUSES = (Status.PENDING, Status.OFFLINE)
 

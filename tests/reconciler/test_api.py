@@ -92,12 +92,12 @@ def test_reconcile_now_while_a_pass_runs_answers_skipped_held(operator, close_th
 
 
 def test_a_failing_pass_is_a_503_problem_with_the_summary(operator, monkeypatch):
-    from reconciler import reconcile
+    from reconciler import apply
 
     def broken(**kwargs):
         raise RuntimeError("snapshot exploded")
 
-    monkeypatch.setattr(reconcile, "take_snapshot", broken)
+    monkeypatch.setattr(apply, "take_snapshot", broken)
 
     response = operator.post("/api/v1/reconcile")
 

@@ -11,8 +11,8 @@ from django.test import override_settings
 
 from core.credentials import backend_token, worker_command_token
 from proto import backend_pb2, backend_pb2_grpc, client, worker_pb2, worker_pb2_grpc
-from reconciler.checks import GrpcProber, probe_outcome
 from reconciler.models import Event
+from reconciler.probes import GrpcProber, probe_outcome
 from reconciler.reconcile import reconcile_once
 from registry.models import Node, NodeModel
 from tests.factories import make_node, make_replica

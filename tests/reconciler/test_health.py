@@ -42,7 +42,7 @@ def test_a_lone_stale_node_is_marked_offline_and_loses_its_rows_but_not_load_inf
 def test_a_heartbeat_between_snapshot_and_update_wins(now, watch, monkeypatch):
     """mark_offline is conditional on the heartbeat still being the value observed, even when
     the new heartbeat's timestamp (from a web process with a slow clock) is older."""
-    from reconciler import reconcile as module
+    from reconciler import apply as module
 
     stale = make_node(name="gpu-a", now=now)
     fresh = [make_node(name="gpu-b", now=now), make_node(name="gpu-c", now=now)]
@@ -61,24 +61,25 @@ def test_a_heartbeat_between_snapshot_and_update_wins(now, watch, monkeypatch):
     assert status(stale) == Node.Status.HEALTHY
 
 
-def test_a_new_heartbeat_brings_offline_and_unhealthy_nodes_back(now, reconcile):
+def test_a_new_heartbeat_brings_offline_nodes_back(now, reconcile):
+    """(An unhealthy node heartbeats all along: it comes back when its worker answers again,
+    tests/reconciler/test_unhealthy.py.)"""
     offline = make_node(name="gpu-a", now=now, status=Node.Status.OFFLINE)
-    unhealthy = make_node(name="gpu-b", now=now, status=Node.Status.UNHEALTHY)
     pending = make_node(name="gpu-c", now=now, status=Node.Status.PENDING)
     still_silent = make_node(name="gpu-d", now=now, status=Node.Status.OFFLINE)
     first = reconcile()  # first sight: observed, nobody recovered on an old heartbeat
-    for node in (offline, unhealthy, pending):
+    for node in (offline, pending):
         # the web process that received them has a clock an hour behind: a new value is news
         Node.objects.heartbeat(node.pk, now=now - timedelta(hours=1))
 
     summary = reconcile(at=now + timedelta(seconds=10))
 
     assert "nodes_recovered" not in first.actions
-    assert summary.actions["nodes_recovered"] == 2
-    assert (status(offline), status(unhealthy)) == (Node.Status.HEALTHY, Node.Status.HEALTHY)
+    assert summary.actions["nodes_recovered"] == 1
+    assert status(offline) == Node.Status.HEALTHY
     assert status(pending) == Node.Status.PENDING  # needs approval, not a heartbeat
     assert status(still_silent) == Node.Status.OFFLINE
-    assert Event.objects.filter(kind=Event.Kind.NODE_RECOVERED).count() == 2
+    assert Event.objects.filter(kind=Event.Kind.NODE_RECOVERED).count() == 1
 
 
 def test_draining_nodes_are_not_reaped(now, watch):

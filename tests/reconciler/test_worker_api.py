@@ -13,10 +13,10 @@ from django.test import override_settings
 from rest_framework.test import APIClient
 
 from proto import backend_pb2, backend_pb2_grpc, client
-from reconciler.checks import missing_worker_service
 from reconciler.conf import ReconcileConfig
 from reconciler.models import Event
 from reconciler.planning import WORKER_API_RECHECK_AFTER, plan_checks
+from reconciler.probes import missing_worker_service
 from reconciler.reconcile import reconcile_once
 from reconciler.snapshot import NodeView, Snapshot
 from registry.models import LoadFailure, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
@@ -53,9 +53,9 @@ def test_a_node_without_the_worker_service_is_listed_again_only_after_a_minute(n
     unknown = NodeView(id=uuid4(), name="new", status=Node.Status.HEALTHY, address="10.0.0.8:1", worker_api="unknown")
     snapshot = Snapshot(taken_at=now, nodes=MappingProxyType({missing.id: missing, unknown.id: unknown}))
 
-    assert plan_checks(snapshot, ReconcileConfig(), now=now).listings == (unknown,)
+    assert plan_checks(snapshot, ReconcileConfig.from_settings(), now=now).listings == (unknown,)
     later = now + WORKER_API_RECHECK_AFTER
-    assert plan_checks(snapshot, ReconcileConfig(), now=later).listings == (missing, unknown)
+    assert plan_checks(snapshot, ReconcileConfig.from_settings(), now=later).listings == (missing, unknown)
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ logger = logging.getLogger("reconciler.qcluster")
 
 
 def stop_grace() -> float:
-    return float(os.environ.get("Q_STOP_GRACE", "6"))
+    return float(settings.Q_STOP_GRACE)
 
 
 class GracefulSentinel(Sentinel):

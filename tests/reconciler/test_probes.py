@@ -175,7 +175,7 @@ def test_a_load_that_finishes_while_the_worker_answers_keeps_its_row(now, reconc
     backend, then the load job's ``mark_loaded`` commits, then the pass applies the listing.
     ``mark_loaded`` is an ``.update()`` (``auto_now`` never runs), so a check on ``updated_at``
     took the fresh row for one loaded long before the listing and removed it as exited."""
-    from reconciler import reconcile as module
+    from reconciler import apply as module
 
     node = make_node(name="gpu-a", now=now, slots=2)
     loading = NodeModel.objects.set_replica(node.pk, "llama", 1, state=NodeModel.State.LOADING, now=now)

@@ -104,6 +104,16 @@ def missing_worker_service(exc: Exception, address: str, *, known_available: boo
     return f"{address}: {why} (ListBackends: {code})" if why else ""
 
 
+# ListBackends failures in which nothing answered at all (no connection, or no answer within
+# the deadline), as opposed to an answer refusing the call: grpc.StatusCode names.
+_NO_ANSWER = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+
+
+def no_answer(exc: Exception) -> bool:
+    """Whether a failed call got no answer at all (what makes a silent worker's node unhealthy)."""
+    return getattr(getattr(exc, "code", None), "name", "") in _NO_ANSWER
+
+
 @dataclass
 class CheckResults:
     probes: dict[int, str] = field(default_factory=dict)  # replica id -> alive/busy/unreachable
@@ -112,6 +122,8 @@ class CheckResults:
     listing_errors: dict[UUID, str] = field(default_factory=dict)
     # node id -> why its address does not serve its worker service (a subset of listing_errors)
     worker_api_missing: dict[UUID, str] = field(default_factory=dict)
+    # node id -> the error of a listing nothing answered (a subset of listing_errors)
+    unanswered: dict[UUID, str] = field(default_factory=dict)
 
 
 def run_checks(
@@ -123,7 +135,8 @@ def run_checks(
     and changes nothing. A listing that fails, or whose reported node id is another node's (an
     address reused by a different worker), is recorded as an error and that node is skipped;
     when the failure shows that the address does not serve the node's worker service, the
-    reason is also put in ``worker_api_missing``.
+    reason is also put in ``worker_api_missing``; when nothing answered at all, in
+    ``unanswered``.
     """
     results = CheckResults()
     jobs = len(plan.probes) + len(plan.listings)
@@ -151,6 +164,8 @@ def run_checks(
             except Exception as exc:
                 logger.info("ListBackends on node %s failed: %s", node_id, exc)
                 results.listing_errors[node_id] = str(exc)
+                if no_answer(exc):
+                    results.unanswered[node_id] = str(exc)
                 node = listed[node_id]
                 missing = missing_worker_service(exc, node.address, known_available=serves_worker_api(node.worker_api))
                 if missing:
