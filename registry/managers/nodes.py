@@ -1,5 +1,5 @@
-"""Node verbs: registration, heartbeats, status transitions, slots, VRAM reservations (label
-verbs are in ``labels``)."""
+"""Node verbs: registration, heartbeats, status transitions (replica slots and VRAM
+reservations are in ``capacity``, label verbs in ``labels``)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from typing import TYPE_CHECKING
 
 from django.db import IntegrityError, models, transaction
 from django.db.models import (
-    BigIntegerField,
     Case,
     Exists,
-    ExpressionWrapper,
     F,
     OuterRef,
     Q,
@@ -24,13 +22,13 @@ from django.db.models import (
     Value,
     When,
 )
-from django.db.models.functions import Least
 
 from core.credentials import node_token
 from core.tokens import hash_token, token_matches
 
 from ..clock import resolve_now
 from ..labels import auto_labels, validate_labels
+from .capacity import NodeCapacityVerbs
 from .shared import capacity_changed, free_vram, registry_model, replica_rows_subquery
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,7 +123,7 @@ class NodeQuerySet(models.QuerySet):
         )
 
 
-class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
+class NodeManager(NodeCapacityVerbs, models.Manager.from_queryset(NodeQuerySet)):
     def register(
         self,
         *,
@@ -523,84 +521,3 @@ class NodeManager(models.Manager.from_queryset(NodeQuerySet)):
                 return False
             deleted, _ = self.filter(pk=node_id).delete()
         return deleted > 0
-
-    def set_max_replicas_per_model(self, node_id, slots: int, *, now: datetime | None = None) -> bool:
-        """Operator override of a node's replica slots; re-registration keeps it. Clears
-        cooldowns (capacity changed) and refreshes the `node.replica-slots` label. Idiom:
-        conditional update by id, then the label upsert and the cooldown clear, in one short
-        ``atomic()``. False: unknown node."""
-        if int(slots) < 1:
-            raise ValueError("max_replicas_per_model must be at least 1")
-        with transaction.atomic():
-            updated = self.filter(pk=node_id).update(
-                max_replicas_per_model=int(slots), max_replicas_per_model_manual=True, updated_at=resolve_now(now)
-            )
-            if updated:
-                registry_model("NodeLabel").objects.merge(
-                    node_id, {"node.replica-slots": str(int(slots))}, clear_cooldowns=False, source="auto"
-                )
-                capacity_changed()
-        return updated == 1
-
-    def reset_max_replicas_per_model(self, node_id, *, now: datetime | None = None) -> bool:
-        """Drop the operator override: back to what the worker reported at registration. Idiom:
-        conditional update by id, then the label upsert and the cooldown clear, in one short
-        ``atomic()``. False: unknown node."""
-        with transaction.atomic():
-            updated = self.filter(pk=node_id).update(
-                max_replicas_per_model=F("reported_max_replicas_per_model"),
-                max_replicas_per_model_manual=False,
-                updated_at=resolve_now(now),
-            )
-            if updated:
-                slots = self.filter(pk=node_id).values_list("max_replicas_per_model", flat=True).get()
-                registry_model("NodeLabel").objects.merge(
-                    node_id, {"node.replica-slots": str(slots)}, clear_cooldowns=False, source="auto"
-                )
-                capacity_changed()
-        return updated == 1
-
-    def reserve_vram(self, node_id, amount: int) -> bool:
-        """Soft-reserve ``amount`` bytes for an in-progress load.
-
-        Admission happens in the database: ``reserved += n WHERE available - reserved >= n``,
-        so concurrent loads can never over-commit a node. False: not enough free VRAM.
-        Idiom: conditional update (admission in the ``WHERE``).
-        """
-        if amount <= 0:
-            return True
-        return (
-            self.filter(pk=node_id)
-            .annotate(free=free_vram())
-            .filter(free__gte=amount)
-            .update(reserved_vram=F("reserved_vram") + amount)
-            == 1
-        )
-
-    def release_vram(self, node_id, amount: int) -> bool:
-        """Return a reservation: ``reserved -= n WHERE reserved >= n`` (never underflows).
-
-        False when a heartbeat already reset the reservation (nothing left to return).
-        Idiom: conditional update ``WHERE reserved_vram >= n``.
-        """
-        if amount <= 0:
-            return True
-        return self.filter(pk=node_id, reserved_vram__gte=amount).update(reserved_vram=F("reserved_vram") - amount) == 1
-
-    def credit_vram(self, node_id, amount: int) -> bool:
-        """Give back the VRAM of a replica that was removed (eviction), before the worker's
-        next heartbeat reports it.
-
-        If the replica's load reservation is still pending (no heartbeat since the load), it is
-        released; otherwise the heartbeat already counted the replica in ``available_vram``, so
-        ``amount`` is added back there, capped at ``total_vram``. The next heartbeat replaces
-        both with the real figure. Conditional updates; False: unknown node.
-        Idiom: conditional updates (``release_vram``, else a capped increment of
-        ``available_vram``).
-        """
-        if amount <= 0:
-            return True
-        if self.release_vram(node_id, amount):
-            return True
-        grown = ExpressionWrapper(F("available_vram") + Value(int(amount)), output_field=BigIntegerField())
-        return self.filter(pk=node_id).update(available_vram=Least(grown, F("total_vram"))) == 1
