@@ -58,7 +58,7 @@ class NodeView:
     @property
     def schedulable(self) -> bool:
         """Healthy backend nodes are the only ones routed to (their replicas count as ready)."""
-        return self.status == Node.Status.HEALTHY and self.node_type == Node.NodeType.BACKEND
+        return Node.schedulable_with(self.status, self.node_type)
 
     @property
     def placeable(self) -> bool:

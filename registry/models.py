@@ -43,6 +43,11 @@ class Node(models.Model):
         BACKEND = "backend", "backend"
         AGENT = "agent", "agent (never scheduled)"
 
+    # Healthy backend nodes are the only ones routed to and placed on; only their replicas
+    # count as ready. One definition, read by the querysets (``schedulable_filter``) and the
+    # reconciler's snapshot and ``is_schedulable`` (``schedulable_with``).
+    SCHEDULABLE = {"status": Status.HEALTHY, "node_type": NodeType.BACKEND}
+
     class GpuVendor(models.TextChoices):
         """Vendors the control plane knows by name. Not enforced: LocalAI's workers report
         others (``apple``, ...), and any short string is stored as sent."""
@@ -144,9 +149,19 @@ class Node(models.Model):
         """VRAM a new load may reserve: reported available minus in-progress reservations."""
         return max(0, self.available_vram - self.reserved_vram)
 
+    @classmethod
+    def schedulable_with(cls, status: str, node_type: str) -> bool:
+        return status == cls.SCHEDULABLE["status"] and node_type == cls.SCHEDULABLE["node_type"]
+
+    @classmethod
+    def schedulable_filter(cls, via: str = "") -> Q:
+        """``SCHEDULABLE`` as a filter on nodes, or on rows reaching a node through ``via``
+        (``"node__"`` for replica rows)."""
+        return Q(**{f"{via}{field}": value for field, value in cls.SCHEDULABLE.items()})
+
     @property
     def is_schedulable(self) -> bool:
-        return self.status == self.Status.HEALTHY and self.node_type == self.NodeType.BACKEND
+        return self.schedulable_with(self.status, self.node_type)
 
 
 class NodeLabel(models.Model):

@@ -71,7 +71,7 @@ class NodeCredentialRequired(Exception):
 class NodeQuerySet(models.QuerySet):
     def schedulable(self):
         """Healthy backend nodes: the only ones routed to (their replicas count as ready)."""
-        return self.filter(status=self.model.Status.HEALTHY, node_type=self.model.NodeType.BACKEND)
+        return self.filter(self.model.schedulable_filter())
 
     def placeable(self):
         """Schedulable nodes that answer the worker gRPC service: the only ones new replicas

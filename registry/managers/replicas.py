@@ -38,8 +38,7 @@ class NodeModelQuerySet(models.QuerySet):
 
     def on_schedulable_nodes(self):
         """Rows on healthy backend nodes: the only replicas that are routable ("ready")."""
-        Node = registry_model("Node")
-        return self.filter(node__status=Node.Status.HEALTHY, node__node_type=Node.NodeType.BACKEND)
+        return self.filter(registry_model("Node").schedulable_filter(via="node__"))
 
     def ready(self):
         return self.loaded().on_schedulable_nodes()
