@@ -34,7 +34,8 @@ class ApiKeyManager(models.Manager.from_queryset(ApiKeyQuerySet)):
     def create_key(self, name: str, role: str) -> tuple[ApiKey, str]:
         """Create a key; returns ``(api_key, plaintext)``. The plaintext is never stored, so
         this is the only moment it can be shown. Raises ValueError for an empty name or an
-        unknown role."""
+        unknown role. Idiom: insert guarded by a unique constraint (``key_hash``; a collision
+        of 256-bit random tokens would be refused, never stored twice)."""
         if not name or not name.strip():
             raise ValueError("API key name must not be empty")
         if role not in self.model.Role.values:
@@ -54,6 +55,7 @@ class ApiKeyManager(models.Manager.from_queryset(ApiKeyQuerySet)):
         Candidates are found by their display prefix (indexed), then the sha256 of the presented
         token is compared with each candidate's hash in constant time. A successful use stamps
         ``last_used_at`` with a conditional update at most once per ``LAST_USED_RESOLUTION``.
+        Idiom: read, then a conditional update (``touch``).
         """
         if not token or not token.startswith(KEY_PREFIX) or len(token) <= DISPLAY_PREFIX_LENGTH:
             return None

@@ -64,8 +64,8 @@ class EventManager(models.Manager.from_queryset(EventQuerySet)):
         )
 
     def record_many(self, events: Iterable) -> list:
-        """Append events (built with ``build``) in one INSERT. Append-only: events are never
-        updated, so there is nothing to lock. Returns the saved events."""
+        """Append events (built with ``build``) in one INSERT; returns the saved events.
+        Idiom: append-only insert (events are never updated, so there is nothing to lock)."""
         events = list(events)
         if not events:
             return []
@@ -191,7 +191,8 @@ class ModelConditionManager(models.Manager.from_queryset(ModelConditionQuerySet)
     def set_condition(
         self, model_name: str, type: str, status: bool, reason: str, message: str = "", *, now: datetime | None = None
     ) -> bool:
-        """Upsert one condition (see ``set_conditions``); True when status or reason changed."""
+        """Upsert one condition; True when status or reason changed. Idiom: upsert
+        (``set_conditions``)."""
         return bool(self.set_conditions([ConditionState(model_name, type, status, reason, message)], now=now))
 
     def forget(self, model_names: Iterable[str]) -> int:

@@ -18,7 +18,9 @@ Every time-dependent verb takes ``now=`` so tests can pass a fixed clock
 Modules, by table:
 
 - ``nodes``: registration, heartbeats, status transitions (approve, healthy/unhealthy, drain,
-  resume, offline), slots, VRAM admission (reserve, release, credit);
+  resume, offline), deregistration;
+- ``capacity`` (mixed into ``Node.objects``): replica slots (operator override and reset) and
+  VRAM admission (reserve, release, credit);
 - ``labels``: a node's labels under its row lock, and the per-node bound;
 - ``replicas``: replica rows: report (``set_replica``), claim a ``loading`` slot with its VRAM
   (``claim_loading``), ``mark_loaded``, ``discard_loading``, ``remove_replica``,
