@@ -27,10 +27,17 @@ NO_WORKER_SERVICE = "does not answer the worker gRPC service (LocalAI workers ta
 
 
 def worker_service_summary(node) -> tuple[bool, str]:
-    """``(placed on, why not)`` from ``node.worker_api`` (and the node type)."""
+    """``(placed on, why not)`` from ``node.worker_api``, the node type and its status (only
+    schedulable nodes get new replicas: ``Node.SCHEDULABLE``)."""
     WorkerApi = Node.WorkerApi
     if node.node_type != Node.NodeType.BACKEND:
         return False, "agent node"
+    if node.status == Node.Status.UNHEALTHY:
+        # Marked by the reconciler because its worker stopped answering ListBackends, while
+        # worker_api still records the last answer it gave.
+        return False, "its worker stopped answering the worker gRPC service (node unhealthy)"
+    if not node.is_schedulable:
+        return False, f"node {Node.Status(node.status).label}"
     if node.worker_api == WorkerApi.AVAILABLE:
         return True, ""
     if node.worker_api == WorkerApi.MISSING:

@@ -62,3 +62,21 @@ def test_the_node_list_filters_by_worker_service_and_credential(admin_client, lo
 
     assert [node.name for node in missing] == ["mac-1"]
     assert [node.name for node in by_token] == ["reference-1"]
+
+
+def test_an_unhealthy_or_draining_node_is_not_shown_as_placed_on(admin_client, now):
+    """The reconciler marks a heartbeating node unhealthy when its worker stops answering
+    ListBackends; ``worker_api`` still records the worker's last answer, so the column must
+    not say "answers" for it (nor for a draining node)."""
+    silent, drained, serving = (make_node(name=name) for name in ("silent-1", "drained-1", "serving-1"))
+    for node in (silent, drained, serving):  # each worker once answered ListBackends
+        assert Node.objects.record_worker_api(node.pk, available=True, detail="", address=node.address, now=now)
+    assert Node.objects.mark_unhealthy(silent.pk, now=now)
+    assert Node.objects.mark_draining(drained.pk, by=Node.DrainedBy.OPERATOR, now=now)
+
+    html = admin_client.get(reverse("admin:registry_node_changelist")).content.decode()
+    assert "its worker stopped answering the worker gRPC service (node unhealthy)" in html
+    assert "node draining" in html
+    assert html.count(">answers<") == 1  # serving-1 only
+    page = admin_client.get(reverse("admin:registry_node_change", args=[silent.pk])).content.decode()
+    assert "not placed on: its worker stopped answering" in page
