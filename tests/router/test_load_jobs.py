@@ -16,9 +16,7 @@ RUNNER, OTHER = "host-a:100", "host-b:200"
 
 def loading_row_with_reservation(node, amount=4 * GIB):
     """What a runner leaves behind mid-load: a ``loading`` row and its VRAM reservation."""
-    row = make_replica(node, "llama", 0, state=NodeModel.State.LOADING, reserved_vram=amount)
-    assert Node.objects.reserve_vram(node.pk, amount)
-    return row
+    return make_replica(node, "llama", 0, state=NodeModel.State.LOADING, reserved_vram=amount)
 
 
 def running_job(now, *, runner=RUNNER, replica=None):
