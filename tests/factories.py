@@ -9,6 +9,7 @@ lock helpers in ``tests/concurrency.py``; ports and child processes in ``tests/p
 """
 
 import itertools
+from datetime import timedelta
 
 from registry.clock import resolve_now
 from registry.models import ModelSchedulingConfig, Node, NodeModel
@@ -135,6 +136,20 @@ def make_scheduling(model_name="llama", *, min_replicas=0, max_replicas=0, node_
     return ModelSchedulingConfig.objects.upsert(
         model_name, min_replicas=min_replicas, max_replicas=max_replicas, node_selector=node_selector
     )
+
+
+def trip_breaker(model_name, *, until, now):
+    """A pass that found no capacity for ``model_name`` and tripped its circuit breaker: in
+    cooldown until ``until`` (``record_unsatisfiable`` with a threshold of one pass)."""
+    assert ModelSchedulingConfig.objects.record_unsatisfiable(model_name, threshold=1, cooldown=until - now, now=now)
+
+
+def count_unsatisfiable(model_name, passes, *, now=None):
+    """``passes`` passes that found no capacity for ``model_name``, below any breaker threshold."""
+    for _ in range(passes):
+        assert not ModelSchedulingConfig.objects.record_unsatisfiable(
+            model_name, threshold=passes + 1, cooldown=timedelta(minutes=5), now=now
+        )
 
 
 def make_api_key(role="operator", *, name=None):
