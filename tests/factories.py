@@ -12,7 +12,7 @@ import itertools
 from datetime import timedelta
 
 from registry.clock import resolve_now
-from registry.models import ModelSchedulingConfig, Node, NodeModel
+from registry.models import LoadJob, ModelSchedulingConfig, Node, NodeModel
 
 _sequence = itertools.count(1)
 GIB = 1024**3
@@ -136,6 +136,24 @@ def make_scheduling(model_name="llama", *, min_replicas=0, max_replicas=0, node_
     return ModelSchedulingConfig.objects.upsert(
         model_name, min_replicas=min_replicas, max_replicas=max_replicas, node_selector=node_selector
     )
+
+
+def make_load_job(model_name="llama", state=LoadJob.State.PENDING, *, runner="factory-runner:1", now=None):
+    """A load job in ``state`` through the load-job verbs: ``claim_or_attach`` (pending),
+    ``start`` (running), then ``succeed`` with a replica on a new node, or ``fail``; every
+    timestamp at ``now``."""
+    State = LoadJob.State
+    job, created = LoadJob.objects.claim_or_attach(model_name, backend_type="x", opts_blob=b"x", now=now)
+    assert created, f"{model_name!r} already has an active load job"
+    if state != State.PENDING:
+        assert LoadJob.objects.start(job.pk, runner, now=now)
+    if state == State.SUCCEEDED:
+        assert LoadJob.objects.succeed(job.pk, runner, make_replica(make_node(now=now), model_name), now=now)
+    elif state == State.FAILED:
+        assert LoadJob.objects.fail(job.pk, code="load_failed", message="LoadModel said no", runner=runner, now=now)
+    else:
+        assert state in (State.PENDING, State.RUNNING), f"no verb makes a {state!r} load job"
+    return LoadJob.objects.get(pk=job.pk)
 
 
 def trip_breaker(model_name, *, until, now):
