@@ -13,7 +13,7 @@ from django.core.management import CommandError, call_command
 from core import checks
 from core.models import ApiKey
 from core.tokens import token_matches
-from tests.api.helpers import assert_problem, bearer
+from tests.clients import assert_problem, bearer
 from tests.factories import make_api_key
 
 pytestmark = pytest.mark.django_db

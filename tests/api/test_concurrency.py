@@ -4,10 +4,9 @@ import threading
 
 import pytest
 from django.db import transaction
-from rest_framework.test import APIClient
 
 from registry.models import ModelLoadInfo, Node, NodeModel
-from tests.api.conftest import REGISTRATION_TOKEN
+from tests.clients import REGISTRATION_TOKEN, client_with
 from tests.factories import make_node
 
 THREADS = 8
@@ -23,8 +22,7 @@ def test_concurrent_registration_of_one_name_yields_one_node_and_no_server_error
 
     def register(index: int) -> None:
         try:
-            client = APIClient()
-            client.credentials(HTTP_AUTHORIZATION=f"Bearer {REGISTRATION_TOKEN}")
+            client = client_with(REGISTRATION_TOKEN)
             body = {"name": "gpu-race", "address": f"10.0.0.{index}:50051", "total_vram": 1024}
             barrier.wait(timeout=10)
             response = client.post("/api/node/register", body, format="json")

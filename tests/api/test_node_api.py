@@ -5,8 +5,7 @@ import pytest
 
 from core.tokens import token_matches
 from registry.models import Node, NodeLabel, NodeModel
-from tests.api.conftest import REGISTRATION_TOKEN
-from tests.api.helpers import assert_problem, bearer
+from tests.clients import REGISTRATION_TOKEN, assert_problem, bearer
 from tests.factories import GIB, make_node, make_replica
 
 pytestmark = pytest.mark.django_db

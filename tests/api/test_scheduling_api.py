@@ -5,7 +5,7 @@ from datetime import timedelta
 import pytest
 
 from registry.models import ModelSchedulingConfig
-from tests.api.helpers import assert_problem
+from tests.clients import assert_problem
 from tests.factories import make_scheduling, trip_breaker
 
 pytestmark = pytest.mark.django_db
