@@ -1,15 +1,15 @@
 """The reconciler's operator API: /api/v1/reconcile, /models, /models/{model}, /events."""
 
-import threading
 from datetime import timedelta
 
 import pytest
 from rest_framework.test import APIClient
 
 from reconciler.models import Event, ModelCondition
-from registry.locks import LockKey, try_advisory_lock
+from registry.locks import LockKey, advisory_lock
 from registry.models import ModelLoadInfo
 from tests.clients import assert_problem
+from tests.concurrency import held_in_another_thread
 from tests.factories import make_node, make_replica, make_scheduling
 
 pytestmark = pytest.mark.django_db
@@ -42,24 +42,8 @@ def test_reconcile_now_needs_an_operator(frontend_client):
 
 
 def test_reconcile_now_while_a_pass_runs_answers_skipped_held(operator_client, close_thread_connections):
-    taken, release = threading.Event(), threading.Event()
-
-    def hold():
-        try:
-            with try_advisory_lock(LockKey.RECONCILE):
-                taken.set()
-                release.wait(timeout=10)
-        finally:
-            close_thread_connections()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    assert taken.wait(timeout=10)
-    try:
+    with held_in_another_thread(lambda: advisory_lock(LockKey.RECONCILE, timeout=5), close_thread_connections):
         response = operator_client.post("/api/v1/reconcile")
-    finally:
-        release.set()
-        thread.join()
 
     assert response.status_code == 200
     assert (response.json()["outcome"], response.json()["reason"]) == ("skipped", "held")
