@@ -1,11 +1,12 @@
 """Factories: each creates one object and the parents it needs, through the registry verbs.
 
 A factory reaches every state the way production does (``Node.objects.register``, ``approve``,
-``mark_draining``, ``mark_unhealthy``, ``mark_offline``; ``NodeModel.objects.claim_loading``,
-``mark_loaded``, ``set_replica``, ``increment_in_flight``, ``record_probe_ok``,
-``record_probe_unreachable``), never by writing a column by hand: a test must not stand on a row
-production could not have written. Shared fixtures live in ``tests/conftest.py``; thread and
-lock helpers in ``tests/concurrency.py``; ports and child processes in ``tests/processes.py``.
+``resume``, ``mark_draining``, ``mark_unhealthy``, ``mark_offline``;
+``NodeModel.objects.claim_loading``, ``mark_loaded``, ``set_replica``, ``increment_in_flight``,
+``record_probe_ok``, ``record_probe_unreachable``; the load-job verbs;
+``record_unsatisfiable``), never by writing a column by hand: a test must not stand on a row
+production could not have written. (Where the other shared test helpers live:
+``tests/clients.py``.)
 """
 
 import itertools
