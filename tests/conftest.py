@@ -1,4 +1,6 @@
-"""Suite-wide fixtures: the database lane, a fixed clock, and the ``postgres`` marker.
+"""Suite-wide fixtures: the database lane, a fixed clock, the ``postgres`` marker, the fleet's
+registration settings and API clients by role (what each shared test module holds:
+``tests/clients.py``).
 
 The same suite runs twice (``make test``): once on SQLite, once on PostgreSQL, chosen by
 ``DATABASE_URL``. Tests marked ``postgres`` (locks, threads, processes) skip themselves on
@@ -10,6 +12,9 @@ from datetime import UTC, datetime
 import pytest
 from django.conf import settings
 from django.db import connections
+
+from tests.clients import REGISTRATION_TOKEN, client_with
+from tests.factories import make_api_key
 
 
 def _lane() -> str:
@@ -75,3 +80,45 @@ def close_thread_connections():
             connection.close()
 
     return close
+
+
+@pytest.fixture
+def registration_settings(settings):
+    """The web process refuses to serve without a registration token; tests set one
+    (``tests.clients.REGISTRATION_TOKEN``), closed registration, auto-approval."""
+    settings.CONTROLPLANE_REGISTRATION_TOKEN = REGISTRATION_TOKEN
+    settings.CONTROLPLANE_ALLOW_OPEN_REGISTRATION = False
+    settings.CONTROLPLANE_AUTO_APPROVE = True
+    return settings
+
+
+@pytest.fixture
+def api_client():
+    """An anonymous API client."""
+    return client_with()
+
+
+@pytest.fixture
+def operator_key(db):
+    return make_api_key("operator", name="ops")[1]
+
+
+@pytest.fixture
+def frontend_key(db):
+    return make_api_key("frontend", name="frontend-1")[1]
+
+
+@pytest.fixture
+def operator_client(operator_key):
+    return client_with(operator_key)
+
+
+@pytest.fixture
+def frontend_client(frontend_key):
+    return client_with(frontend_key)
+
+
+@pytest.fixture
+def registration_client(registration_settings):
+    """A client presenting the fleet's registration token."""
+    return client_with(REGISTRATION_TOKEN)

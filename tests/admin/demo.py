@@ -13,6 +13,7 @@ from proto import backend_pb2
 from proto.codec import options_to_blob
 from reconciler.models import Event, ModelCondition, ReconcilePass
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+from tests.factories import make_replica
 
 GIB = 1024**3
 
@@ -66,10 +67,10 @@ def build() -> None:
         ModelLoadInfo.objects.upsert(model, "llama-cpp", options_to_blob(backend_pb2.ModelOptions(**options)))
 
     def replica(node, model, index, state=NodeModel.State.LOADED, in_flight=0):
-        NodeModel.objects.create(
-            node=nodes[node],
-            model_name=model,
-            replica_index=index,
+        make_replica(
+            nodes[node],
+            model,
+            index,
             state=state,
             in_flight=in_flight,
             address=f"{nodes[node].address.split(':')[0]}:{30000 + index}",

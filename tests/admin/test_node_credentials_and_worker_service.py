@@ -3,9 +3,9 @@ not), and its disk figures: a LocalAI worker next to a reference worker."""
 
 import pytest
 from django.urls import reverse
-from rest_framework.test import APIClient
 
 from registry.models import Node
+from tests.clients import client_with
 from tests.factories import GIB, make_node
 
 pytestmark = pytest.mark.django_db
@@ -21,8 +21,7 @@ def localai_node(settings, now):
     """Registered and heartbeating as LocalAI's worker does, then found without the worker
     service by the reconciler's ListBackends (the verb its pass calls)."""
     settings.CONTROLPLANE_REGISTRATION_TOKEN = FLEET_TOKEN
-    api = APIClient()
-    api.credentials(HTTP_AUTHORIZATION=f"Bearer {FLEET_TOKEN}")
+    api = client_with(FLEET_TOKEN)
     body = {"name": "mac-1", "address": "10.0.0.9:50051", "gpu_vendor": "apple", "token": FLEET_TOKEN}
     node_id = api.post("/api/node/register", body, format="json").json()["id"]
     beat = {"available_ram": GIB, "total_disk": 2 * TIB, "available_disk": 900 * GIB}

@@ -13,7 +13,7 @@ from django.core.management import CommandError, call_command
 from core import checks
 from core.models import ApiKey
 from core.tokens import token_matches
-from tests.api.helpers import assert_problem, bearer
+from tests.clients import assert_problem, bearer
 from tests.factories import make_api_key
 
 pytestmark = pytest.mark.django_db
@@ -173,23 +173,13 @@ def test_other_commands_are_not_blocked_but_check_deploy_reports_it(settings, mo
     assert [e.id for e in checks.check_registration_token_for_deploy()] == [checks.E001]
 
 
-def test_wsgi_module_refuses_to_load_without_a_token(settings, monkeypatch):
+@pytest.mark.parametrize("module", ["controlplane.wsgi", "controlplane.asgi"])
+def test_the_server_entry_module_refuses_to_load_without_a_token(settings, monkeypatch, module):
     settings.CONTROLPLANE_REGISTRATION_TOKEN = ""
     settings.CONTROLPLANE_ALLOW_OPEN_REGISTRATION = False
-    monkeypatch.delitem(sys.modules, "controlplane.wsgi", raising=False)
+    monkeypatch.delitem(sys.modules, module, raising=False)
 
     with pytest.raises(ImproperlyConfigured):
-        importlib.import_module("controlplane.wsgi")
+        importlib.import_module(module)
     settings.CONTROLPLANE_REGISTRATION_TOKEN = "set"
-    assert importlib.import_module("controlplane.wsgi").application is not None
-
-
-def test_asgi_module_refuses_to_load_without_a_token(settings, monkeypatch):
-    settings.CONTROLPLANE_REGISTRATION_TOKEN = ""
-    settings.CONTROLPLANE_ALLOW_OPEN_REGISTRATION = False
-    monkeypatch.delitem(sys.modules, "controlplane.asgi", raising=False)
-
-    with pytest.raises(ImproperlyConfigured):
-        importlib.import_module("controlplane.asgi")
-    settings.CONTROLPLANE_REGISTRATION_TOKEN = "set"
-    assert importlib.import_module("controlplane.asgi").application is not None
+    assert importlib.import_module(module).application is not None

@@ -8,7 +8,7 @@ import pytest
 
 from reconciler.models import Event
 from registry.models import Node
-from tests.api.helpers import assert_problem
+from tests.clients import assert_problem
 from tests.factories import make_node, make_replica, make_scheduling
 
 pytestmark = pytest.mark.django_db

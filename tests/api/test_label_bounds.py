@@ -12,8 +12,7 @@ import pytest
 
 from registry.managers import max_labels_per_node
 from registry.models import Node, NodeLabel
-from tests.api.conftest import REGISTRATION_TOKEN
-from tests.api.helpers import assert_problem, bearer
+from tests.clients import REGISTRATION_TOKEN, assert_problem, bearer
 
 pytestmark = pytest.mark.django_db
 

@@ -7,7 +7,7 @@ from google.protobuf import json_format
 
 from proto import backend_pb2
 from registry.models import ModelLoadInfo
-from tests.api.helpers import assert_problem
+from tests.clients import assert_problem
 from tests.factories import make_node, make_replica
 from tests.proto.every_field import model_options_with_every_field, recorded_model_options_fields
 

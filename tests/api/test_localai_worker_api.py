@@ -9,11 +9,9 @@ node that holds a per-node token is never driven with the fleet token.
 """
 
 import pytest
-from rest_framework.test import APIClient
 
 from registry.models import Node, NodeLabel, NodeModel
-from tests.api.conftest import REGISTRATION_TOKEN
-from tests.api.helpers import assert_problem, bearer
+from tests.clients import REGISTRATION_TOKEN, assert_problem, client_with
 from tests.factories import GIB, make_replica
 
 pytestmark = pytest.mark.django_db
@@ -47,12 +45,6 @@ LOCALAI_HEARTBEAT = {
     "total_disk": 2 * TIB,
     "available_disk": 900 * GIB,
 }
-
-
-def client_with(token: str) -> APIClient:
-    client = APIClient()
-    client.credentials(**bearer(token))
-    return client
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ import pytest
 
 from core.tokens import token_matches
 from registry.models import Node, NodeLabel, NodeModel
-from tests.api.conftest import REGISTRATION_TOKEN
-from tests.api.helpers import assert_problem, bearer
+from tests.clients import REGISTRATION_TOKEN, assert_problem, bearer
 from tests.factories import GIB, make_node, make_replica
 
 pytestmark = pytest.mark.django_db
@@ -285,9 +284,11 @@ def test_resume_after_drain(node, node_client):
     assert (node.status, node.drained_by) == (Node.Status.HEALTHY, Node.DrainedBy.NONE)
 
 
-def test_resume_of_a_pending_node_is_409(node, node_client):
-    Node.objects.filter(pk=node.pk).update(status=Node.Status.PENDING)
-    assert_problem(node_client.post(node_url(node, "resume")), 409, "invalid_transition")
+def test_resume_of_a_pending_node_is_409(api_client):
+    pending = make_node(name="waiting", status=Node.Status.PENDING)
+    assert_problem(api_client.post(node_url(pending, "resume"), **bearer(pending.token)), 409, "invalid_transition")
+    pending.refresh_from_db()
+    assert pending.status == Node.Status.PENDING
 
 
 def test_deregister_marks_offline_keeps_the_row_and_deletes_replicas(node, node_client):

@@ -9,8 +9,7 @@ deregistering and registering again; a node undid an operator's drain with its `
 import pytest
 
 from registry.models import Node
-from tests.api.conftest import REGISTRATION_TOKEN
-from tests.api.helpers import assert_problem, bearer
+from tests.clients import REGISTRATION_TOKEN, assert_problem, bearer
 
 pytestmark = pytest.mark.django_db
 

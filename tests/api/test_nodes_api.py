@@ -5,7 +5,7 @@ import uuid
 import pytest
 
 from registry.models import Node, NodeLabel, NodeModel
-from tests.api.helpers import assert_problem
+from tests.clients import assert_problem
 from tests.factories import make_node, make_replica
 
 pytestmark = pytest.mark.django_db

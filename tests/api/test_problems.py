@@ -9,7 +9,7 @@ from rest_framework import serializers
 
 from core.problems import ProblemError, flatten_errors, problem_for_exception
 from core.serializers import RejectUnknownFieldsMixin
-from tests.api.helpers import assert_problem
+from tests.clients import assert_problem
 
 pytestmark = pytest.mark.django_db
 

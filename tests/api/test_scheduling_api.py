@@ -5,8 +5,8 @@ from datetime import timedelta
 import pytest
 
 from registry.models import ModelSchedulingConfig
-from tests.api.helpers import assert_problem
-from tests.factories import make_scheduling
+from tests.clients import assert_problem
+from tests.factories import make_scheduling, trip_breaker
 
 pytestmark = pytest.mark.django_db
 
@@ -32,7 +32,7 @@ def test_put_creates_then_replaces_and_get_reads_it(operator_client):
 
 def test_put_keeps_the_circuit_breaker(operator_client, now):
     make_scheduling(MODEL, min_replicas=1)
-    ModelSchedulingConfig.objects.filter(model_name=MODEL).update(unsatisfiable_until=now + timedelta(minutes=5))
+    trip_breaker(MODEL, until=now + timedelta(minutes=5), now=now)
     operator_client.put(URL, {"min_replicas": 3}, format="json")
     assert ModelSchedulingConfig.objects.get().unsatisfiable_until == now + timedelta(minutes=5)
 

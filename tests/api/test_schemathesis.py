@@ -41,8 +41,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.api import conftest as api_conftest
 from tests.api import hostile
+from tests.clients import REGISTRATION_TOKEN
 from tests.factories import make_api_key, make_node
 
 pytestmark = pytest.mark.django_db
@@ -154,7 +154,7 @@ def test_schemathesis_finds_no_server_errors_and_no_schema_violations(wsgi_app, 
             case.path_parameters = {**(case.path_parameters or {}), "node_id": str(node.pk)}
             return {"Authorization": f"Bearer {node.token}"}
         if "RegistrationToken" in schemes:
-            return {"Authorization": f"Bearer {api_conftest.REGISTRATION_TOKEN}"}
+            return {"Authorization": f"Bearer {REGISTRATION_TOKEN}"}
         if "node_id" in (case.path_parameters or {}):
             case.path_parameters["node_id"] = str(make_node(name="st-target").pk)
         return {"Authorization": f"Bearer {operator_key}"}
@@ -238,7 +238,7 @@ def test_hostile_requests_get_no_server_error_and_log_no_traceback(caplog, repor
                 operation,
                 api_key=operator_key,
                 node_token=node.token,
-                registration_token=api_conftest.REGISTRATION_TOKEN,
+                registration_token=REGISTRATION_TOKEN,
             )
             if credential is not None:
                 headers["HTTP_AUTHORIZATION"] = credential

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+
+from tests import processes
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "cpr_e2e_" + uuid.uuid4().hex
@@ -44,21 +46,10 @@ def command_token(node_id) -> str:
     return derive(node_id, key=CREDENTIAL_KEY)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for(predicate, *, timeout: float, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(interval)
+    """``tests.processes.wait_for`` at the fleet's pace: its conditions are HTTP calls and
+    database reads, polled five times a second."""
+    return processes.wait_for(predicate, timeout, interval, what=what)
 
 
 @dataclass

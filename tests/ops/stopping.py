@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.e2e.harness import free_port
+from tests.processes import free_port, live_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 #: What every process must do after a stop signal (issue: "exit within 10 s").
@@ -25,19 +25,7 @@ STOP_BOUND_S = 10.0
 def processes_with_env(marker: str) -> dict[int, str]:
     """Live (not zombie) processes whose environment holds ``marker``: {pid: command line}."""
     needle = marker.encode()
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state != "Z":
-                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError):
-            pass
-    return found
+    return live_processes(lambda entry: needle in (entry / "environ").read_bytes().split(b"\0"))
 
 
 def parent_of(pid: int) -> int | None:

@@ -28,7 +28,7 @@ from proto.client import GrpcCallError
 from registry.models import Lease as LeaseRow
 from registry.models import NodeModel
 from tests.factories import make_api_key
-from tests.worker.conftest import free_port
+from tests.processes import free_port
 from worker.backends import echo
 
 OPTIONS = {"Model": "client-model.gguf", "ContextSize": 512}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import free_port
+from tests.processes import free_port, live_processes
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,18 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def session_processes(sid: int) -> dict[int, str]:
     """Live (not zombie) processes of a session: {pid: command line}."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) != sid:
-                    continue
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except (OSError, IndexError):
-                pass
-    return found
+    return live_processes(lambda entry: os.getsid(int(entry.name)) == sid)
 
 
 def test_make_demo_reaches_two_ready_replicas_and_ctrl_c_stops_everything(tmp_path):

@@ -1,58 +1,32 @@
 """The reconciler's operator API: /api/v1/reconcile, /models, /models/{model}, /events."""
 
-import threading
 from datetime import timedelta
 
 import pytest
 from rest_framework.test import APIClient
 
-from core.models import ApiKey
 from reconciler.models import Event, ModelCondition
-from registry.locks import LockKey, try_advisory_lock
+from registry.locks import LockKey, advisory_lock
 from registry.models import ModelLoadInfo
+from tests.clients import assert_problem
+from tests.concurrency import held_in_another_thread
 from tests.factories import make_node, make_replica, make_scheduling
 
 pytestmark = pytest.mark.django_db
 
-PROBLEM = "application/problem+json"
-
-
 @pytest.fixture(autouse=True)
-def registration_token(settings):
-    settings.CONTROLPLANE_REGISTRATION_TOKEN = "reconciler-api-tests"
-
-
-def client_for(role):
-    _, token = ApiKey.objects.create_key(f"reconciler-tests-{role}", role)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
-    return client
-
-
-@pytest.fixture
-def operator():
-    return client_for("operator")
-
-
-@pytest.fixture
-def frontend():
-    return client_for("frontend")
-
-
-def assert_problem(response, status, code):
-    assert response.status_code == status, response.content[:500]
-    assert response["Content-Type"].startswith(PROBLEM)
-    assert response.json()["code"] == code
+def _registration(registration_settings):
+    return registration_settings
 
 
 # --- POST /reconcile ------------------------------------------------------------------------
 
 
-def test_reconcile_now_runs_a_pass_and_answers_its_summary(operator):
+def test_reconcile_now_runs_a_pass_and_answers_its_summary(operator_client):
     make_node(name="gpu-a", address="")  # no worker address: nothing to call over gRPC
     make_scheduling("llama", min_replicas=1)  # no load info: skipped, the scheduler is not needed
 
-    response = operator.post("/api/v1/reconcile")
+    response = operator_client.post("/api/v1/reconcile")
 
     assert response.status_code == 200, response.content
     body = response.json()
@@ -62,36 +36,20 @@ def test_reconcile_now_runs_a_pass_and_answers_its_summary(operator):
     assert ModelCondition.objects.filter(model_name="llama").exists()
 
 
-def test_reconcile_now_needs_an_operator(frontend):
-    assert_problem(frontend.post("/api/v1/reconcile"), 403, "permission_denied")
+def test_reconcile_now_needs_an_operator(frontend_client):
+    assert_problem(frontend_client.post("/api/v1/reconcile"), 403, "permission_denied")
     assert_problem(APIClient().post("/api/v1/reconcile"), 401, "not_authenticated")
 
 
-def test_reconcile_now_while_a_pass_runs_answers_skipped_held(operator, close_thread_connections):
-    taken, release = threading.Event(), threading.Event()
-
-    def hold():
-        try:
-            with try_advisory_lock(LockKey.RECONCILE):
-                taken.set()
-                release.wait(timeout=10)
-        finally:
-            close_thread_connections()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    assert taken.wait(timeout=10)
-    try:
-        response = operator.post("/api/v1/reconcile")
-    finally:
-        release.set()
-        thread.join()
+def test_reconcile_now_while_a_pass_runs_answers_skipped_held(operator_client, close_thread_connections):
+    with held_in_another_thread(lambda: advisory_lock(LockKey.RECONCILE, timeout=5), close_thread_connections):
+        response = operator_client.post("/api/v1/reconcile")
 
     assert response.status_code == 200
     assert (response.json()["outcome"], response.json()["reason"]) == ("skipped", "held")
 
 
-def test_a_failing_pass_is_a_503_problem_with_the_summary(operator, monkeypatch):
+def test_a_failing_pass_is_a_503_problem_with_the_summary(operator_client, monkeypatch):
     from reconciler import apply
 
     def broken(**kwargs):
@@ -99,7 +57,7 @@ def test_a_failing_pass_is_a_503_problem_with_the_summary(operator, monkeypatch)
 
     monkeypatch.setattr(apply, "take_snapshot", broken)
 
-    response = operator.post("/api/v1/reconcile")
+    response = operator_client.post("/api/v1/reconcile")
 
     assert_problem(response, 503, "reconcile_failed")
     assert response.json()["summary"]["outcome"] == "error"
@@ -109,7 +67,7 @@ def test_a_failing_pass_is_a_503_problem_with_the_summary(operator, monkeypatch)
 # --- GET /models -----------------------------------------------------------------------------
 
 
-def test_models_lists_every_known_model_with_counts_and_conditions(frontend, now):
+def test_models_lists_every_known_model_with_counts_and_conditions(frontend_client, now):
     node = make_node(name="gpu-a", slots=3)
     make_scheduling("llama", min_replicas=2, max_replicas=3, node_selector={"zone": "a"})
     ModelLoadInfo.objects.upsert("only-info", "llama-cpp", b"x")
@@ -117,7 +75,7 @@ def test_models_lists_every_known_model_with_counts_and_conditions(frontend, now
     make_replica(node, "org/qwen-2.5.gguf", 1, state="loading")
     ModelCondition.objects.set_condition("llama", ModelCondition.Type.AVAILABLE, False, "below_minimum", "0 of 2", now=now)
 
-    response = frontend.get("/api/v1/models")
+    response = frontend_client.get("/api/v1/models")
 
     assert response.status_code == 200, response.content
     body = response.json()
@@ -136,46 +94,46 @@ def test_models_lists_every_known_model_with_counts_and_conditions(frontend, now
     assert by_name["only-info"]["load_info"] == "model"
 
 
-def test_models_are_paginated(frontend):
+def test_models_are_paginated(frontend_client):
     for i in range(5):
         make_scheduling(f"m-{i}", min_replicas=1)
 
-    body = frontend.get("/api/v1/models", {"limit": 2, "offset": 2}).json()
+    body = frontend_client.get("/api/v1/models", {"limit": 2, "offset": 2}).json()
 
     assert body["count"] == 5
     assert [m["model_name"] for m in body["results"]] == ["m-2", "m-3"]
 
 
-def test_one_model_by_a_name_with_slashes(frontend):
+def test_one_model_by_a_name_with_slashes(frontend_client):
     node = make_node(name="gpu-a")
     make_replica(node, "org/llama-3.1-8b.gguf", 0)
 
-    response = frontend.get("/api/v1/models/org/llama-3.1-8b.gguf")
+    response = frontend_client.get("/api/v1/models/org/llama-3.1-8b.gguf")
 
     assert response.status_code == 200, response.content
     assert response.json()["ready_replicas"] == 1
 
 
-def test_an_unknown_model_is_a_404_problem(frontend):
-    assert_problem(frontend.get("/api/v1/models/nope"), 404, "not_found")
+def test_an_unknown_model_is_a_404_problem(frontend_client):
+    assert_problem(frontend_client.get("/api/v1/models/nope"), 404, "not_found")
 
 
-def test_registry_sub_resources_are_not_taken_for_model_names(operator):
+def test_registry_sub_resources_are_not_taken_for_model_names(operator_client):
     make_scheduling("org/llama", min_replicas=1)
 
-    scheduling = operator.get("/api/v1/models/org/llama/scheduling")
-    load_info = operator.get("/api/v1/models/org/llama/load-info")
+    scheduling = operator_client.get("/api/v1/models/org/llama/scheduling")
+    load_info = operator_client.get("/api/v1/models/org/llama/load-info")
 
     assert scheduling.status_code == 200 and "ready_replicas" not in scheduling.json()
     assert scheduling.json()["min_replicas"] == 1
     assert_problem(load_info, 404, "no_load_info")
 
 
-def test_models_after_a_pass_show_the_reconcilers_conditions(operator, frontend):
+def test_models_after_a_pass_show_the_reconcilers_conditions(operator_client, frontend_client):
     make_scheduling("llama", min_replicas=1)
-    operator.post("/api/v1/reconcile")
+    operator_client.post("/api/v1/reconcile")
 
-    body = frontend.get("/api/v1/models/llama").json()
+    body = frontend_client.get("/api/v1/models/llama").json()
 
     conditions = {c["type"]: (c["status"], c["reason"]) for c in body["conditions"]}
     assert conditions["NoLoadInfo"] == (True, "no_load_info")
@@ -199,21 +157,21 @@ def events(now):
     return node, recorded
 
 
-def test_events_newest_first_and_paginated(frontend, events):
+def test_events_newest_first_and_paginated(frontend_client, events):
     _, recorded = events
 
-    body = frontend.get("/api/v1/events", {"limit": 3}).json()
+    body = frontend_client.get("/api/v1/events", {"limit": 3}).json()
 
     assert body["count"] == 4
     assert [e["id"] for e in body["results"]] == [e.pk for e in reversed(recorded)][:3]
     assert set(body["results"][0]) == {"id", "created_at", "kind", "model_name", "node_id", "node_name", "message", "details"}
 
 
-def test_events_filter_by_model_node_and_kind(frontend, events):
+def test_events_filter_by_model_node_and_kind(frontend_client, events):
     node, _ = events
 
     def kinds(**params):
-        return [e["kind"] for e in frontend.get("/api/v1/events", params).json()["results"]]
+        return [e["kind"] for e in frontend_client.get("/api/v1/events", params).json()["results"]]
 
     assert kinds(model="llama") == ["replica_removed", "replica_added"]
     assert kinds(node=str(node.pk)) == ["replica_removed", "node_offline"]
@@ -222,13 +180,13 @@ def test_events_filter_by_model_node_and_kind(frontend, events):
     assert kinds(model="") == ["node_offline"]
 
 
-def test_events_reject_bad_filters(frontend, events):
-    assert_problem(frontend.get("/api/v1/events", {"kind": "nonsense"}), 400, "validation_error")
-    assert_problem(frontend.get("/api/v1/events", {"node": "not-a-uuid"}), 400, "validation_error")
-    assert_problem(frontend.get("/api/v1/events", {"kind": ""}), 400, "validation_error")
+def test_events_reject_bad_filters(frontend_client, events):
+    assert_problem(frontend_client.get("/api/v1/events", {"kind": "nonsense"}), 400, "validation_error")
+    assert_problem(frontend_client.get("/api/v1/events", {"node": "not-a-uuid"}), 400, "validation_error")
+    assert_problem(frontend_client.get("/api/v1/events", {"kind": ""}), 400, "validation_error")
 
 
-def test_the_schema_documents_the_reconciler_endpoints(operator):
+def test_the_schema_documents_the_reconciler_endpoints(operator_client):
     schema = APIClient().get("/api/schema/", {"format": "json"}).json()
 
     for path in ("/api/v1/reconcile", "/api/v1/models", "/api/v1/models/{model}", "/api/v1/events"):

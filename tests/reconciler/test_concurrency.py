@@ -64,7 +64,8 @@ def test_the_same_pass_twice_adds_nothing_the_second_time(db, now, load_info):
 @pytest.mark.django_db(transaction=True)
 def test_two_concurrent_passes_one_runs_and_the_other_skips(now, close_thread_connections):
     node = make_node(name="gpu-a", now=now)
-    make_replica(node, "llama", 0, address="10.0.0.1:7000")  # probed: the first pass blocks there
+    # Last confirmed a minute before the pass: probed, and the first pass blocks there.
+    make_replica(node, "llama", 0, address="10.0.0.1:7000", last_probe_at=now - timedelta(minutes=1))
     prober = FakeProber(gate=threading.Event())
     results = {}
 

@@ -14,7 +14,7 @@ from proto import backend_pb2, backend_pb2_grpc, client, worker_pb2, worker_pb2_
 from reconciler.models import Event
 from reconciler.probes import GrpcProber, probe_outcome
 from reconciler.reconcile import reconcile_once
-from registry.models import Node, NodeModel
+from registry.models import NodeModel
 from tests.factories import make_node, make_replica
 from tests.reconciler.fakes import FakeScheduler
 
@@ -114,7 +114,7 @@ def test_a_pass_with_the_default_prober_reconciles_against_real_servers(serve, n
             worker_pb2.BackendProcess(model_name="orphan", replica_index=0, address="127.0.0.1:9", state=2),
         ],
     )
-    Node.objects.filter(pk=node.pk).update(address=serve(worker))
+    make_node(name="gpu-a", now=now, slots=4, address=serve(worker))  # re-registered where its worker serves
     old = now - timedelta(minutes=1)
     alive = make_replica(node, "llama", 0, address=alive_address, last_probe_at=old, probe_failures=2)
     dead = make_replica(node, "llama", 1, address=dead_address, last_probe_at=old, probe_failures=2)

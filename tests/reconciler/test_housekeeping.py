@@ -32,8 +32,7 @@ def test_a_loading_row_older_than_every_load_deadline_is_discarded_with_its_rese
 
 def test_a_successful_loads_reservation_is_left_for_the_next_heartbeat(reconcile, now):
     node = make_node(total_vram=16 * GIB, now=now)
-    Node.objects.reserve_vram(node.pk, 4 * GIB)
-    make_replica(node, "llama", 0, reserved_vram=4 * GIB, last_probe_at=now)
+    make_replica(node, "llama", 0, reserved_vram=4 * GIB, last_probe_at=now)  # claimed, then loaded
 
     reconcile()
 

@@ -32,7 +32,8 @@ def passes(reconcile, now, count):
 
 
 def test_alive_probe_refreshes_last_probe_at_and_resets_failures(now, reconcile, prober, replica):
-    NodeModel.objects.filter(pk=replica.pk).update(probe_failures=2)
+    for _ in range(2):
+        NodeModel.objects.record_probe_unreachable(replica.pk)
 
     summary = reconcile()
 
@@ -43,7 +44,7 @@ def test_alive_probe_refreshes_last_probe_at_and_resets_failures(now, reconcile,
 
 
 def test_recently_confirmed_replicas_are_not_probed(now, reconcile, prober, replica):
-    NodeModel.objects.filter(pk=replica.pk).update(last_probe_at=now - timedelta(seconds=5))
+    NodeModel.objects.record_probe_ok(replica.pk, now=now - timedelta(seconds=5))
 
     reconcile()
 
@@ -84,8 +85,7 @@ def test_three_consecutive_unreachable_probes_reap_the_row(now, reconcile, probe
 def test_an_alive_answer_in_between_restarts_the_count(now, reconcile, prober, replica):
     prober.outcomes[ADDRESS] = Probe.UNREACHABLE
     passes(reconcile, now, 2)
-    prober.outcomes[ADDRESS] = Probe.ALIVE
-    NodeModel.objects.filter(pk=replica.pk).update(last_probe_at=now - timedelta(minutes=1))
+    prober.outcomes[ADDRESS] = Probe.ALIVE  # unreachable probes left last_probe_at a minute old: probed
     reconcile(at=now + timedelta(seconds=20), heartbeat=True)
     prober.outcomes[ADDRESS] = Probe.UNREACHABLE
 

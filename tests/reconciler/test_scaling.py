@@ -238,7 +238,8 @@ def test_all_replicas_busy_adds_one_up_to_max_and_not_past_it(now, reconcile, sc
 
     reconcile()
     assert len(scheduler.calls) == 1
-    NodeModel.objects.filter(model_name="llama").update(in_flight=1)  # the new one is busy too
+    for idle in NodeModel.objects.filter(model_name="llama", in_flight=0):
+        NodeModel.objects.increment_in_flight(idle.pk)  # the new one is busy too
 
     reconcile()
 
@@ -408,7 +409,9 @@ def test_capacity_again_resets_the_consecutive_count(now, reconcile, scheduler, 
     a = _no_capacity(now)
     load_info("llama")
     _passes(reconcile, now, 2)
-    Node.objects.filter(pk=a.pk).update(max_replicas_per_model=2)  # no capacity event: count only
+    # Its replica went away (as a reaped unreachable one does): a free slot, and no capacity
+    # event to clear the count: only the next pass's placement can reset it.
+    assert NodeModel.objects.remove_replica(a.pk, "llama", 0)
 
     reconcile(at=now + timedelta(seconds=20))
 

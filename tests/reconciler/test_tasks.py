@@ -20,7 +20,8 @@ from django_q.scheduler import scheduler as run_django_q_scheduler
 from reconciler.models import ReconcilePass
 from reconciler.reconcile import run_leader
 from reconciler.schedule import TASK, register_schedule
-from registry.locks import LockKey, try_advisory_lock
+from registry.locks import LockKey, advisory_lock
+from tests.concurrency import held_in_another_thread
 from tests.reconciler.fakes import FakeProber, FakeScheduler
 
 pytestmark = pytest.mark.django_db
@@ -130,53 +131,36 @@ def test_the_leader_loop_sleep_ends_when_the_qcluster_stops(stop_requested):
     assert time.monotonic() - began < 5
 
 
-def hold_lock(close_thread_connections):
-    taken, release = threading.Event(), threading.Event()
-
-    def hold():
-        try:
-            with try_advisory_lock(LockKey.RECONCILE) as held:
-                assert held
-                taken.set()
-                release.wait(timeout=10)
-        finally:
-            close_thread_connections()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    assert taken.wait(timeout=10)
-    return thread, release
+def another_leader(close_thread_connections):
+    """The reconcile lock held by another leader (another connection) for the with-block."""
+    return held_in_another_thread(lambda: advisory_lock(LockKey.RECONCILE, timeout=5), close_thread_connections)
 
 
 def test_the_scheduled_task_returns_at_once_when_another_leader_holds_the_lock(close_thread_connections):
     from reconciler.tasks import run_scheduled_reconcile
 
-    thread, release = hold_lock(close_thread_connections)
-    try:
+    with another_leader(close_thread_connections):
         result = run_scheduled_reconcile(budget=50)
-    finally:
-        release.set()
-        thread.join()
 
     assert (result["outcome"], result["reason"], result["passes"]) == ("skipped", "held", 0)
     assert list(ReconcilePass.objects.values_list("outcome", flat=True)) == ["skipped"]
 
 
 def test_a_standby_leader_takes_over_when_the_lock_is_released(close_thread_connections):
-    thread, release = hold_lock(close_thread_connections)
     clock = FakeClock()
     attempts = []
 
-    def sleep(seconds):
-        attempts.append(clock.t)
-        if len(attempts) == 2:
-            release.set()
-            thread.join()
-        clock.sleep(seconds)
+    with another_leader(close_thread_connections) as release:
 
-    result = run_leader(
-        budget=60, interval=10, standby=True, scheduler=FakeScheduler(), prober=FakeProber(), clock=clock, sleep=sleep
-    )
+        def sleep(seconds):
+            attempts.append(clock.t)
+            if len(attempts) == 2:
+                release()
+            clock.sleep(seconds)
+
+        result = run_leader(
+            budget=60, interval=10, standby=True, scheduler=FakeScheduler(), prober=FakeProber(), clock=clock, sleep=sleep
+        )
 
     assert result.outcome == "ok"
     assert result.passes == 4  # took over at 20 s, passes at 20, 30, 40, 50

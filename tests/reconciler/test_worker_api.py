@@ -10,7 +10,6 @@ from uuid import uuid4
 import grpc
 import pytest
 from django.test import override_settings
-from rest_framework.test import APIClient
 
 from proto import backend_pb2, backend_pb2_grpc, client
 from reconciler.conf import ReconcileConfig
@@ -20,6 +19,7 @@ from reconciler.probes import missing_worker_service
 from reconciler.reconcile import reconcile_once
 from reconciler.snapshot import NodeView, Snapshot
 from registry.models import LoadFailure, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+from tests.clients import client_with
 from tests.reconciler.test_grpc_prober import closed_port
 
 TOKEN = "fleet-token-for-tests"
@@ -115,8 +115,7 @@ def localai_address():
 
 def register_as_localai(name: str, address: str) -> Node:
     """LocalAI's worker registration: the fleet token, nothing declared."""
-    api = APIClient()
-    api.credentials(HTTP_AUTHORIZATION=f"Bearer {TOKEN}")
+    api = client_with(TOKEN)
     body = {"name": name, "address": address, "total_vram": 0, "available_vram": 0, "max_replicas_per_model": 1}
     response = api.post("/api/node/register", body, format="json")
     assert response.status_code == 201, response.content

@@ -1,52 +1,29 @@
 """Advisory locks (PostgreSQL) and their file-lock fallback (SQLite)."""
 
-import threading
-
 import pytest
 
 from registry.locks import LockKey, LockTimeout, advisory_lock, try_advisory_lock, xact_advisory_lock
+from tests.concurrency import held_in_another_thread, start_in_thread
 
 
-def hold_in_thread(key, close_thread_connections):
-    """Take ``key`` in another thread (another connection); returns (taken, release) events."""
-    taken, release = threading.Event(), threading.Event()
-
-    def hold():
-        try:
-            with advisory_lock(key, timeout=5):
-                taken.set()
-                release.wait(timeout=10)
-        finally:
-            close_thread_connections()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    assert taken.wait(timeout=10)
-    return thread, release
+def held_elsewhere(key, close_thread_connections):
+    """``key`` taken by another connection (another thread) for the with-block."""
+    return held_in_another_thread(lambda: advisory_lock(key, timeout=5), close_thread_connections)
 
 
 @pytest.mark.django_db(transaction=True)
 def test_try_lock_fails_while_another_connection_holds_it(close_thread_connections):
-    thread, release = hold_in_thread(LockKey.RECONCILE, close_thread_connections)
-    try:
-        with try_advisory_lock(LockKey.RECONCILE) as held:
-            assert held is False
-    finally:
-        release.set()
-        thread.join()
+    with held_elsewhere(LockKey.RECONCILE, close_thread_connections), try_advisory_lock(LockKey.RECONCILE) as held:
+        assert held is False
     with try_advisory_lock(LockKey.RECONCILE) as held:
         assert held is True
 
 
 @pytest.mark.django_db(transaction=True)
 def test_blocking_lock_times_out_instead_of_hanging(close_thread_connections):
-    thread, release = hold_in_thread(LockKey.MIGRATE, close_thread_connections)
-    try:
+    with held_elsewhere(LockKey.MIGRATE, close_thread_connections):
         with pytest.raises(LockTimeout), advisory_lock(LockKey.MIGRATE, timeout=0.3):
             pass
-    finally:
-        release.set()
-        thread.join()
     with advisory_lock(LockKey.MIGRATE, timeout=1):
         pass
 
@@ -65,13 +42,8 @@ def test_transaction_lock_is_released_at_commit(close_thread_connections):
 
     with transaction.atomic():
         xact_advisory_lock(LockKey.RECONCILE)
-        result = []
-        worker = threading.Thread(
-            target=lambda: (result.append(_try_in_new_connection(LockKey.RECONCILE)), close_thread_connections())
-        )
-        worker.start()
-        worker.join()
-        assert result == [False]
+        other = start_in_thread(lambda: _try_in_new_connection(LockKey.RECONCILE), close_thread_connections)
+        assert other.result(timeout=10) is False
     with try_advisory_lock(LockKey.RECONCILE) as held:
         assert held
 

@@ -8,7 +8,7 @@ from core.credentials import node_token
 from core.tokens import token_matches
 from registry.managers import NodeCredentialRequired
 from registry.models import ModelSchedulingConfig, Node, NodeLabel, NodeModel
-from tests.factories import GIB, make_node, make_replica, make_scheduling
+from tests.factories import GIB, count_unsatisfiable, make_node, make_replica, make_scheduling, trip_breaker
 
 pytestmark = pytest.mark.django_db
 
@@ -133,9 +133,8 @@ def test_an_auto_label_that_no_longer_applies_is_dropped_at_registration():
 
 def test_registration_clears_every_models_cooldown(now):
     make_scheduling("llama", min_replicas=1)
-    ModelSchedulingConfig.objects.filter(model_name="llama").update(
-        unsatisfiable_until=now + timedelta(minutes=5), unsatisfiable_ticks=2
-    )
+    trip_breaker("llama", until=now + timedelta(minutes=5), now=now)
+    count_unsatisfiable("llama", 2, now=now)
 
     make_node()
 
@@ -317,7 +316,7 @@ def test_label_verbs_merge_replace_remove_and_clear_cooldowns(now):
     make_scheduling("llama", min_replicas=1)
 
     def cool():
-        ModelSchedulingConfig.objects.update(unsatisfiable_until=now + timedelta(minutes=5))
+        trip_breaker("llama", until=now + timedelta(minutes=5), now=now)
 
     def cooled():
         return ModelSchedulingConfig.objects.get().unsatisfiable_until is not None

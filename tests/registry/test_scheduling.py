@@ -7,19 +7,20 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
 from registry.models import ModelSchedulingConfig
-from tests.factories import make_scheduling
+from tests.factories import count_unsatisfiable, make_scheduling, trip_breaker
 
 pytestmark = pytest.mark.django_db
 
 
 def test_upsert_creates_then_replaces_without_touching_the_breaker(now):
     make_scheduling("llama", min_replicas=1, max_replicas=3, node_selector={"zone": "a"})
-    ModelSchedulingConfig.objects.update(unsatisfiable_ticks=2, unsatisfiable_until=now)
+    trip_breaker("llama", until=now + timedelta(minutes=5), now=now)
+    count_unsatisfiable("llama", 2, now=now)
 
     config = ModelSchedulingConfig.objects.upsert("llama", min_replicas=2, max_replicas=0)
 
     assert (config.min_replicas, config.max_replicas, config.node_selector) == (2, 0, {})
-    assert (config.unsatisfiable_ticks, config.unsatisfiable_until) == (2, now)
+    assert (config.unsatisfiable_ticks, config.unsatisfiable_until) == (2, now + timedelta(minutes=5))
     assert ModelSchedulingConfig.objects.count() == 1
 
 

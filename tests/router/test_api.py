@@ -12,6 +12,7 @@ from rest_framework.test import APIClient
 from core.credentials import backend_token
 from proto import backend_pb2
 from registry.models import Lease, LoadJob, ModelLoadInfo, NodeModel
+from tests.clients import client_for_role, client_with
 from tests.factories import make_api_key, make_node, make_replica, make_scheduling
 from tests.proto.every_field import model_options_with_every_field
 
@@ -25,9 +26,7 @@ B64 = base64.b64encode(BLOB).decode()
 
 @pytest.fixture
 def api():
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {make_api_key('frontend')[1]}")
-    return client
+    return client_for_role("frontend")
 
 
 def route(api, model="llama", body=None):
@@ -168,8 +167,7 @@ def test_route_needs_a_frontend_or_operator_key(fleet):
     warm(fleet)
     anonymous = APIClient()
     assert route(anonymous).status_code == 401
-    operator = APIClient()
-    operator.credentials(HTTP_AUTHORIZATION=f"Bearer {make_api_key('operator')[1]}")
+    operator = client_with(make_api_key('operator')[1])
     assert route(operator).status_code == 200
 
 

@@ -7,7 +7,7 @@ import pytest
 from django.db import IntegrityError, transaction
 
 from registry.models import LoadFailure, LoadJob, Node, NodeModel
-from tests.factories import GIB, make_node, make_replica
+from tests.factories import GIB, make_load_job, make_node, make_replica
 
 pytestmark = pytest.mark.django_db
 
@@ -16,9 +16,7 @@ RUNNER, OTHER = "host-a:100", "host-b:200"
 
 def loading_row_with_reservation(node, amount=4 * GIB):
     """What a runner leaves behind mid-load: a ``loading`` row and its VRAM reservation."""
-    row = make_replica(node, "llama", 0, state=NodeModel.State.LOADING, reserved_vram=amount)
-    assert Node.objects.reserve_vram(node.pk, amount)
-    return row
+    return make_replica(node, "llama", 0, state=NodeModel.State.LOADING, reserved_vram=amount)
 
 
 def running_job(now, *, runner=RUNNER, replica=None):
@@ -40,10 +38,12 @@ def test_claim_creates_one_job_and_later_callers_attach_to_it(now):
 
 
 def test_the_database_allows_one_active_job_per_model_but_any_number_of_finished_ones(now):
-    LoadJob.objects.create(model_name="llama", state=LoadJob.State.SUCCEEDED)
-    LoadJob.objects.create(model_name="llama", state=LoadJob.State.FAILED)
-    LoadJob.objects.create(model_name="llama", state=LoadJob.State.RUNNING)
-    LoadJob.objects.create(model_name="phi", state=LoadJob.State.PENDING)
+    make_load_job("llama", LoadJob.State.SUCCEEDED, now=now)
+    make_load_job("llama", LoadJob.State.FAILED, now=now)
+    make_load_job("llama", LoadJob.State.RUNNING, now=now)
+    make_load_job("phi", LoadJob.State.PENDING, now=now)
+    # A bare insert on purpose: claim_or_attach attaches to the active job, so only the
+    # partial unique index is left to refuse a second one.
     with pytest.raises(IntegrityError), transaction.atomic():
         LoadJob.objects.create(model_name="llama", state=LoadJob.State.PENDING)
 
@@ -179,7 +179,7 @@ def test_reap_dead_fails_a_job_that_ran_out_of_attempts(now):
 
 def test_reap_dead_leaves_live_runners_and_finished_jobs_alone(now):
     live = running_job(now)
-    LoadJob.objects.create(model_name="phi", state=LoadJob.State.SUCCEEDED, heartbeat_at=now - timedelta(hours=1))
+    make_load_job("phi", LoadJob.State.SUCCEEDED, now=now - timedelta(hours=1))
 
     result = LoadJob.objects.reap_dead(now=now + timedelta(seconds=30), stale_after=timedelta(seconds=60))
 
@@ -197,9 +197,9 @@ def test_reap_dead_requeues_a_pending_job_nobody_started_once_per_window(now):
 
 
 def test_purge_deletes_only_old_finished_jobs(now):
-    old = LoadJob.objects.create(model_name="a", state=LoadJob.State.SUCCEEDED, finished_at=now - timedelta(days=2))
-    LoadJob.objects.create(model_name="b", state=LoadJob.State.FAILED, finished_at=now)
-    LoadJob.objects.create(model_name="c", state=LoadJob.State.PENDING)
+    old = make_load_job("a", LoadJob.State.SUCCEEDED, now=now - timedelta(days=2))
+    make_load_job("b", LoadJob.State.FAILED, now=now)
+    make_load_job("c", LoadJob.State.PENDING, now=now)
 
     assert LoadJob.objects.purge(finished_before=now - timedelta(days=1)) == 1
     assert not LoadJob.objects.filter(pk=old.pk).exists()

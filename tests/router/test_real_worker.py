@@ -20,7 +20,8 @@ from proto import backend_pb2, client, worker_pb2, worker_pb2_grpc
 from registry import router
 from registry.models import Lease, LoadJob, NodeModel
 from tests.factories import make_node
-from tests.worker.conftest import child_env, free_port, port_range, wait_for
+from tests.processes import free_port, wait_for
+from tests.worker.conftest import child_env, port_range
 
 from .conftest import options_blob
 

@@ -12,7 +12,7 @@ from core.credentials import backend_token, worker_command_token
 from proto import backend_pb2
 from registry import router
 from registry.models import Lease, LoadFailure, LoadJob, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
-from tests.factories import GIB, make_replica, make_scheduling
+from tests.factories import GIB, make_node, make_replica, make_scheduling
 
 from .conftest import options_blob
 
@@ -296,8 +296,8 @@ def test_a_start_backend_error_is_a_load_failure_with_cleanup(fleet):
 
 
 def test_an_unreachable_worker_is_a_load_failure(fleet, closed_address):
-    gpu = fleet.add_node("gpu-1")
-    Node.objects.filter(pk=gpu.node.pk).update(address=closed_address)
+    fleet.add_node("gpu-1")
+    make_node(name="gpu-1", address=closed_address)  # re-registered where nothing answers any more
 
     with pytest.raises(router.LoadFailed):
         router.schedule_and_load("llama", backend_type="x", opts_blob=BLOB)
@@ -390,7 +390,7 @@ def test_a_confirmed_replica_is_probed_again_once_its_node_stops_heartbeating(fl
     settings.HEARTBEAT_INTERVAL = 10
     gpu = fleet.add_node("gpu-1")
     _, backend = live_replica(fleet, gpu.node, probed=True)
-    Node.objects.filter(pk=gpu.node.pk).update(last_heartbeat=timezone.now() - timedelta(seconds=21))
+    Node.objects.heartbeat(gpu.node.pk, now=timezone.now() - timedelta(seconds=21))  # its last one
 
     router.route("llama")
 
@@ -476,9 +476,10 @@ def evictable_fleet(fleet):
 
 def test_eviction_frees_the_least_recently_used_idle_replica(fleet):
     gpu = fleet.add_node("gpu-1", slots=1, total_vram=12 * GIB)
-    for name, minutes in (("phi", 30), ("qwen", 5)):
-        router.schedule_and_load(name, backend_type="x", opts_blob=options_blob(vram=4 * GIB))
-        NodeModel.objects.filter(model_name=name).update(last_used=timezone.now() - timedelta(minutes=minutes))
+    for name, minutes in (("phi", 30), ("qwen", 5)):  # loaded, and last used, that long ago
+        router.schedule_and_load(
+            name, backend_type="x", opts_blob=options_blob(vram=4 * GIB), now=timezone.now() - timedelta(minutes=minutes)
+        )
 
     result = router.route("llama", backend_type="x", opts_blob=options_blob(vram=6 * GIB))
 
@@ -517,8 +518,9 @@ def test_all_replicas_busy_when_the_only_candidate_victim_has_a_request_in_fligh
 
 
 def test_a_model_without_a_vram_estimate_never_triggers_eviction(fleet):
-    evictable_fleet(fleet)
-    Node.objects.update(reserved_vram=10 * GIB)  # nothing free at all
+    gpu = evictable_fleet(fleet)
+    gpu.node.refresh_from_db()
+    assert Node.objects.reserve_vram(gpu.node.pk, gpu.node.free_vram)  # another load takes the rest
 
     replica = router.schedule_and_load("llama", backend_type="x", opts_blob=options_blob())
 

@@ -76,7 +76,6 @@ def test_a_dead_runners_job_is_taken_over_with_no_leftover_row_or_reservation(fl
     LoadJob.objects.start(job.pk, "dead:1", now=long_ago)
     # The dead runner got as far as its loading row and reservation (index 0).
     leftover = make_replica(gpu.node, "llama", 0, state=NodeModel.State.LOADING, reserved_vram=2 * GIB)
-    Node.objects.reserve_vram(gpu.node.pk, 2 * GIB)
     LoadJob.objects.record_replica(job.pk, "dead:1", leftover.pk, now=long_ago)
 
     assert tasks.run_load_job(job.pk, runner="me:1") == "succeeded"

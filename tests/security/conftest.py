@@ -1,13 +1,9 @@
-"""Security review fixtures (both lanes): a registration token and credentials of every kind."""
+"""Security review fixtures (both lanes): the registration settings on every test (the shared
+fixtures and clients: ``tests/conftest.py``, ``tests/clients.py``)."""
 
 import pytest
 
-REGISTRATION_TOKEN = "sec-registration-token-" + "7f3a9c1e5b2d4806"
-
 
 @pytest.fixture(autouse=True)
-def registration_settings(settings):
-    settings.CONTROLPLANE_REGISTRATION_TOKEN = REGISTRATION_TOKEN
-    settings.CONTROLPLANE_ALLOW_OPEN_REGISTRATION = False
-    settings.CONTROLPLANE_AUTO_APPROVE = True
-    return settings
+def _registration(registration_settings):
+    return registration_settings

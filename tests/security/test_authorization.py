@@ -11,10 +11,10 @@ import uuid
 import pytest
 from django.contrib.auth import get_user_model
 from django.urls import URLPattern, URLResolver, get_resolver
-from rest_framework.test import APIClient
 
 from core.auth import IsOperator
 from registry.api.auth import IsNodeSelf
+from tests.clients import client_with
 from tests.factories import make_api_key, make_node
 
 pytestmark = pytest.mark.django_db
@@ -67,13 +67,6 @@ def _endpoints(permission):
     return found
 
 
-def _client(token=None) -> APIClient:
-    client = APIClient()
-    if token:
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
-    return client
-
-
 def _call(client, method, path):
     body = {} if method in ("post", "put", "patch") else None
     return getattr(client, method)(path, body, format="json") if body is not None else getattr(client, method)(path)
@@ -90,7 +83,7 @@ def test_the_enumeration_finds_the_known_operator_and_node_endpoints():
 
 def test_a_node_token_cannot_act_on_another_node():
     mine, other = make_node(name="sec-mine"), make_node(name="sec-other")
-    client = _client(mine.token)
+    client = client_with(mine.token)
     endpoints = _endpoints(IsNodeSelf)
     assert endpoints
     for route, method in endpoints:
@@ -106,8 +99,8 @@ def test_a_node_token_cannot_act_on_another_node():
 
 def test_a_frontend_key_cannot_use_any_operator_endpoint():
     node = make_node(name="sec-target")
-    frontend = _client(make_api_key("frontend")[1])
-    operator = _client(make_api_key("operator")[1])
+    frontend = client_with(make_api_key("frontend")[1])
+    operator = client_with(make_api_key("operator")[1])
     endpoints = _endpoints(IsOperator)
     assert len(endpoints) >= 10, endpoints
     for route, method in endpoints:
@@ -125,8 +118,8 @@ def test_no_credential_and_a_node_token_are_refused_on_operator_and_frontend_end
     node = make_node(name="sec-node")
     for route, method in _endpoints(IsOperator):
         path = _concrete(route, node.pk)
-        assert _call(_client(), method, path).status_code in (401, 403)
-        assert _call(_client(node.token), method, path).status_code in (401, 403)
+        assert _call(client_with(), method, path).status_code in (401, 403)
+        assert _call(client_with(node.token), method, path).status_code in (401, 403)
 
 
 def test_the_admin_refuses_non_staff_users(client):

@@ -20,11 +20,10 @@ from core.credentials import backend_token, worker_command_token
 from proto import client
 from reconciler.reconcile import reconcile_once
 from registry.models import Node, NodeModel
+from tests.clients import REGISTRATION_TOKEN, client_for_role, client_with
 from tests.factories import make_api_key
 from tests.reconciler.fakes import FakeScheduler
 from tests.router.conftest import BackendKnobs, FakeBackend, FakeWorker, Servers, options_blob
-
-from .conftest import REGISTRATION_TOKEN
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -39,21 +38,14 @@ def servers():
     client.close_all_channels()
 
 
-def api(token: str | None = None, **headers) -> APIClient:
-    caller = APIClient()
-    if token:
-        caller.credentials(HTTP_AUTHORIZATION=f"Bearer {token}", **headers)
-    return caller
-
-
 def frontend() -> APIClient:
-    return api(make_api_key("frontend")[1])
+    return client_for_role("frontend")
 
 
 def register(name: str, address: str, *, token: str = REGISTRATION_TOKEN, node_token: str | None = None, **body):
     headers = {"HTTP_X_NODE_TOKEN": node_token} if node_token else {}
     payload = {"name": name, "address": address, "total_vram": 24 * 2**30, **body}
-    return api(token, **headers).post("/api/node/register", payload, format="json")
+    return client_with(token, **headers).post("/api/node/register", payload, format="json")
 
 
 def register_worker(servers: Servers, name: str = "victim") -> tuple[FakeWorker, dict]:
@@ -165,7 +157,7 @@ def test_re_registering_a_name_with_only_the_fleet_token_cannot_take_the_node_ov
     # Nothing changed: the victim's address and token are as before.
     node.refresh_from_db()
     assert node.address != "10.6.6.6:50051"
-    heartbeat = api(victim["node_token"]).post(f"/api/node/{victim['id']}/heartbeat", {}, format="json")
+    heartbeat = client_with(victim["node_token"]).post(f"/api/node/{victim['id']}/heartbeat", {}, format="json")
     assert heartbeat.status_code == 200
 
     # The node itself (a restarted worker that kept its token) comes back under the same id.
@@ -184,7 +176,7 @@ def test_no_other_credential_registers_a_node_or_drives_one(kind):
     }[kind]
 
     assert register("n2", "127.0.0.1:2", token=token).status_code == 401
-    assert api(token).post(f"/api/node/{node['id']}/heartbeat", {}, format="json").status_code == 401
+    assert client_with(token).post(f"/api/node/{node['id']}/heartbeat", {}, format="json").status_code == 401
     assert not Node.objects.filter(name="n2").exists()
 
 

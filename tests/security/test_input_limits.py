@@ -20,10 +20,8 @@ from core import names
 from core.logs import ClientErrorTracebackFilter
 from core.parsers import MAX_JSON_DEPTH, loads_strict, nesting_depth
 from registry.models import Lease, NodeModel
-from tests.api.helpers import assert_problem
+from tests.clients import REGISTRATION_TOKEN, assert_problem, client_with
 from tests.factories import make_api_key, make_node, make_replica
-
-from .conftest import REGISTRATION_TOKEN
 
 pytestmark = pytest.mark.django_db
 
@@ -31,21 +29,9 @@ NUMBER = "__NUMBER__"
 UNKNOWN_ID = str(uuid.UUID(int=7))
 
 
-def client_with(token: str | None) -> APIClient:
-    client = APIClient(raise_request_exception=False)
-    if token:
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
-    return client
-
-
 @pytest.fixture
 def node():
     return make_node(name="limits-1")
-
-
-@pytest.fixture
-def operator():
-    return client_with(make_api_key("operator")[1])
 
 
 # (name, method, path, credential kind, body with NUMBER where the number goes)
@@ -77,7 +63,8 @@ def send_write(write, number: str, node):
         "operator": make_api_key("operator")[1],
     }[credential]
     raw = json.dumps(body).replace(f'"{NUMBER}"', number).replace("{node}", str(node.pk))
-    return client_with(token).generic(method, path.format(node=node.pk), raw, content_type="application/json")
+    client = client_with(token, raise_request_exception=False)
+    return client.generic(method, path.format(node=node.pk), raw, content_type="application/json")
 
 
 @pytest.mark.parametrize("write", WRITES, ids=[write[0] for write in WRITES])
@@ -130,14 +117,14 @@ def test_the_depth_scan_of_a_1_mib_body_is_linear(body):
 
 
 def test_deep_nesting_on_register_without_credentials_is_a_400(db):
-    response = client_with(None).generic(
+    response = client_with(None, raise_request_exception=False).generic(
         "POST", "/api/node/register", "[" * 5000 + "]" * 5000, content_type="application/json"
     )
     assert_problem(response, 400, "parse_error")
 
 
-def test_a_lone_surrogate_is_still_a_parse_error(operator):
-    response = operator.generic(
+def test_a_lone_surrogate_is_still_a_parse_error(operator_client):
+    response = operator_client.generic(
         "PUT", "/api/v1/models/m/scheduling", '{"node_selector": {"k": "\\ud800"}}', content_type="application/json"
     )
     assert_problem(response, 400, "parse_error")
@@ -163,7 +150,7 @@ def test_non_canonical_model_names_are_refused(name):
 
 
 @pytest.mark.parametrize("name", ["a/", "../x", "a//b", "a\x01b"])
-def test_a_non_canonical_name_in_a_replica_report_body_is_a_400(operator, node, name):
+def test_a_non_canonical_name_in_a_replica_report_body_is_a_400(operator_client, node, name):
     body = {
         "node_id": str(node.pk),
         "model_name": name,
@@ -172,27 +159,28 @@ def test_a_non_canonical_name_in_a_replica_report_body_is_a_400(operator, node, 
         "backend_type": "x",
         "model_options": {},
     }
-    errors = assert_problem(operator.post("/api/v1/replicas", body, format="json"), 400, "validation_error")["errors"]
+    errors = assert_problem(operator_client.post("/api/v1/replicas", body, format="json"), 400, "validation_error")["errors"]
     assert list(errors) == ["model_name"]
 
 
 @pytest.mark.parametrize("path", ["/api/v1/models/a/", "/api/v1/models/a/.%2E/b", "/api/v1/models/%20a/load-info"])
-def test_a_non_canonical_name_in_a_path_is_a_400(operator, path):
-    assert "model" in assert_problem(operator.get(path), 400, "validation_error")["errors"]
+def test_a_non_canonical_name_in_a_path_is_a_400(operator_client, path):
+    assert "model" in assert_problem(operator_client.get(path), 400, "validation_error")["errors"]
 
 
 @pytest.mark.parametrize("name", ["gpu\r\nX-Evil: 1", "gpu\x00", "gpu\x1b[31m", "x" * 256])
 def test_a_node_name_with_control_characters_is_refused_at_registration(name):
     body = {"name": name, "address": "h:1"}
-    response = client_with(REGISTRATION_TOKEN).post("/api/node/register", body, format="json")
+    client = client_with(REGISTRATION_TOKEN, raise_request_exception=False)
+    response = client.post("/api/node/register", body, format="json")
     assert "name" in assert_problem(response, 400, "validation_error")["errors"]
 
 
 @pytest.mark.parametrize(
     "labels", [{"zo\nne": "a"}, {"zone": "a\r\nb"}, {" zone": "a"}, {f"k{i}": "v" for i in range(65)}]
 )
-def test_labels_with_control_characters_or_too_many_are_refused(operator, node, labels):
-    response = operator.put(f"/api/v1/nodes/{node.pk}/labels", {"labels": labels}, format="json")
+def test_labels_with_control_characters_or_too_many_are_refused(operator_client, node, labels):
+    response = operator_client.put(f"/api/v1/nodes/{node.pk}/labels", {"labels": labels}, format="json")
     assert_problem(response, 400, "validation_error")
 
 
@@ -205,19 +193,19 @@ def get_endpoints(node) -> list[str]:
     return [path.format(**values) for path, operations in schema["paths"].items() if "get" in operations]
 
 
-def test_every_get_endpoint_answers_html_only_with_a_406_problem(operator, node):
+def test_every_get_endpoint_answers_html_only_with_a_406_problem(operator_client, node):
     staff = get_user_model().objects.create_user("staff", password="x", is_staff=True, is_superuser=True)
     session = APIClient(raise_request_exception=False)
     session.force_login(staff)
     endpoints = get_endpoints(node)
     assert len(endpoints) >= 10
     for path in endpoints:
-        for client in (operator, session):
+        for client in (operator_client, session):
             assert_problem(client.get(path, HTTP_ACCEPT="text/html"), 406, "not_acceptable")
 
 
 def test_the_registration_answer_carrying_the_node_token_is_no_store(db):
-    response = client_with(REGISTRATION_TOKEN).post(
+    response = client_with(REGISTRATION_TOKEN, raise_request_exception=False).post(
         "/api/node/register", {"name": "n", "address": "h:1", "auth_mode": "node_token"}, format="json"
     )
     assert response.status_code == 201 and response.json()["node_token"]
@@ -275,22 +263,22 @@ def warm_replica(fleet, node_name: str):
     return make_replica(gpu.node, "llama", 0, address=address, last_probe_at=timezone.now())
 
 
-def test_a_node_name_with_cr_lf_is_carried_percent_encoded_and_the_lease_reaches_the_caller(fleet, operator, settings):
+def test_a_node_name_with_cr_lf_is_carried_percent_encoded_and_the_lease_reaches_the_caller(fleet, operator_client, settings):
     settings.CONTROLPLANE_NODE_HEADER = True
     replica = warm_replica(fleet, "gpu\r\nX-Evil: 1")
 
-    response = operator.post("/api/v1/models/llama/route", {}, format="json")
+    response = operator_client.post("/api/v1/models/llama/route", {}, format="json")
 
     assert response.status_code == 200, response.content
     assert response["X-Control-Plane-Node"] == "gpu%0D%0AX-Evil: 1"
     assert "X-Evil" not in response.headers
     lease_id = response.json()["lease_id"]
     assert NodeModel.objects.get(pk=replica.pk).in_flight == 1
-    assert operator.post(f"/api/v1/leases/{lease_id}/release").json()["released"] is True
+    assert operator_client.post(f"/api/v1/leases/{lease_id}/release").json()["released"] is True
     assert NodeModel.objects.get(pk=replica.pk).in_flight == 0
 
 
-def test_a_failure_after_the_lease_was_granted_releases_it(fleet, operator, settings, monkeypatch):
+def test_a_failure_after_the_lease_was_granted_releases_it(fleet, operator_key, settings, monkeypatch):
     from registry.api import routing
 
     settings.CONTROLPLANE_NODE_HEADER = True
@@ -300,6 +288,7 @@ def test_a_failure_after_the_lease_was_granted_releases_it(fleet, operator, sett
         raise RuntimeError("the answer cannot be built")
 
     monkeypatch.setattr(routing, "_lease_answer", answer_cannot_be_built)
+    operator = client_with(operator_key, raise_request_exception=False)  # the 500 is the answer
     response = operator.post("/api/v1/models/llama/route", {}, format="json")
 
     assert response.status_code == 500

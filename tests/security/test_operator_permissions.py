@@ -12,7 +12,7 @@ import pytest
 
 from core.auth import IsFrontend, IsOperator
 from registry.models import ModelSchedulingConfig, Node, NodeLabel
-from tests.api.conftest import OPERATOR_PERMISSIONS, session_client, staff_user
+from tests.clients import OPERATOR_PERMISSIONS, client_with, session_client, staff_user
 from tests.factories import make_api_key, make_node
 from tests.security.test_authorization import _call, _concrete, _endpoints, _permission_classes, _walk
 
@@ -110,8 +110,6 @@ def test_superusers_and_api_keys_keep_their_rights(django_user_model):
     node = make_node(name="su-target")
     superuser = django_user_model.objects.create_superuser("root", password="x")
     assert session_client(superuser).post(f"/api/v1/nodes/{node.pk}/drain").status_code == 200
-    from rest_framework.test import APIClient
 
-    operator = APIClient()
-    operator.credentials(HTTP_AUTHORIZATION=f"Bearer {make_api_key('operator')[1]}")
+    operator = client_with(make_api_key('operator')[1])
     assert operator.post(f"/api/v1/nodes/{node.pk}/resume").json()["status"] == Node.Status.HEALTHY

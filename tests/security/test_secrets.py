@@ -16,6 +16,7 @@ from rest_framework.test import APIClient
 
 from core import tokens
 from proto import client
+from tests.clients import client_with
 from tests.e2e.harness import free_port, wait_for
 
 pytestmark = pytest.mark.django_db
@@ -38,8 +39,7 @@ def random_registration_token(settings):
 
 
 def _register(token: str, name: str) -> dict:
-    api = APIClient()
-    api.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    api = client_with(token)
     response = api.post(
         "/api/node/register",
         {
@@ -60,8 +60,7 @@ def test_no_secret_in_logs_during_registration_heartbeat_and_key_creation(random
     stdout = io.StringIO()
     with caplog.at_level(logging.DEBUG):
         node = _register(random_registration_token, "sec-logs")
-        worker = APIClient()
-        worker.credentials(HTTP_AUTHORIZATION=f"Bearer {node['node_token']}")
+        worker = client_with(node['node_token'])
         assert (
             worker.post(f"/api/node/{node['id']}/heartbeat", {"available_vram": 2**30}, format="json").status_code
             == 200
@@ -71,11 +70,9 @@ def test_no_secret_in_logs_during_registration_heartbeat_and_key_creation(random
         assert bad.post(f"/api/node/{node['id']}/heartbeat", {}, format="json").status_code in (401, 403)
         call_command("create_api_key", "sec-logs", "--role", "operator", stdout=stdout)
         key = stdout.getvalue().strip()
-        operator = APIClient()
-        operator.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+        operator = client_with(key)
         assert operator.get("/api/v1/nodes").status_code == 200
-        wrong = APIClient()
-        wrong.credentials(HTTP_AUTHORIZATION=f"Bearer {random_registration_token}")
+        wrong = client_with(random_registration_token)
         assert wrong.get("/api/v1/nodes").status_code in (401, 403)
     assert key.startswith("cpk_")
     logged = "\n".join(f"{r.getMessage()} {r.args!r} {getattr(r, 'exc_text', '')}" for r in caplog.records)
@@ -106,10 +103,8 @@ def test_no_secret_in_api_answers_after_creation(random_registration_token):
         "key hash": (tokens.hash_token(key), 0),
     }
 
-    operator = APIClient()
-    operator.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
-    worker = APIClient()
-    worker.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    operator = client_with(key)
+    worker = client_with(token)
     answers = [
         worker.post(f"/api/node/{node['id']}/heartbeat", {"available_vram": 2**30}, format="json"),
         worker.get(f"/api/node/{node['id']}/models"),

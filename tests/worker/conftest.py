@@ -21,8 +21,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,6 +29,7 @@ import grpc
 import pytest
 
 from proto import backend_pb2, backend_pb2_grpc, worker_pb2_grpc
+from tests.processes import pid_alive, wait_for
 from worker.config import parse_backends
 from worker.processes import BackendSupervisor
 from worker.service import build_server
@@ -44,12 +43,6 @@ SERVICE_TOKEN = "cpw_worker-command-s3cret"
 BACKEND_TOKEN = "cpb_backend-data-s3cret"
 AUTH = [("authorization", f"Bearer {BACKEND_TOKEN}")]  # calls to a backend
 SERVICE_AUTH = [("authorization", f"Bearer {SERVICE_TOKEN}")]  # calls to the worker service
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def port_range(size: int = 20) -> tuple[int, int]:
@@ -82,30 +75,6 @@ def child_env(**extra: str) -> dict[str, str]:
     env["WORKER_STATE_DIR"] = STATE_DIR
     env.update(extra)
     return env
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet waited for) is gone for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 def backend_stub(address: str) -> backend_pb2_grpc.BackendStub:

@@ -7,6 +7,7 @@ import sys
 import grpc
 
 from proto import backend_pb2, worker_pb2, worker_pb2_grpc
+from tests.processes import pid_alive, wait_for
 from tests.worker.conftest import (
     AUTH,
     BACKEND_TOKEN,
@@ -16,10 +17,8 @@ from tests.worker.conftest import (
     backend_stub,
     child_env,
     free_backend_port,
-    pid_alive,
     port_range,
     problem,
-    wait_for,
 )
 
 # --no-register: nothing hands the worker its tokens, so they are configured.

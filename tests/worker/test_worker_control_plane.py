@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tests.worker.conftest import TOKEN, free_port, problem
+from tests.processes import free_port
+from tests.worker.conftest import TOKEN, problem
 from worker.agent import WorkerAgent
 from worker.config import WorkerConfig
 from worker.control_plane import (

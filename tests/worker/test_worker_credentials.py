@@ -11,6 +11,7 @@ import subprocess
 import grpc
 
 from proto import backend_pb2, worker_pb2, worker_pb2_grpc
+from tests.processes import wait_for
 from tests.worker.conftest import (
     AUTH,
     BACKEND_TOKEN,
@@ -20,7 +21,6 @@ from tests.worker.conftest import (
     backend_stub,
     child_env,
     free_backend_port,
-    wait_for,
 )
 from tests.worker.test_worker_cli import worker_argv
 

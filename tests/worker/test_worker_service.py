@@ -14,7 +14,8 @@ import grpc
 import pytest
 
 from proto import backend_pb2, worker_pb2
-from tests.worker.conftest import AUTH, SERVICE_AUTH, backend_stub, free_backend_port, pid_alive, wait_for
+from tests.processes import pid_alive, wait_for
+from tests.worker.conftest import AUTH, SERVICE_AUTH, backend_stub, free_backend_port
 
 
 def start(stub, model="tiny", replica=0, backend="echo", metadata=SERVICE_AUTH, timeout=30):
