@@ -2,7 +2,7 @@
 
 A factory reaches every state the way production does (``Node.objects.register``, ``approve``,
 ``resume``, ``mark_draining``, ``mark_unhealthy``, ``mark_offline``;
-``NodeModel.objects.claim_loading``, ``mark_loaded``, ``set_replica``, ``increment_in_flight``,
+``NodeModel.objects.claim_loading``, ``mark_loaded``, ``record_loaded``, ``increment_in_flight``,
 ``record_probe_ok``, ``record_probe_unreachable``; the load-job verbs;
 ``record_unsatisfiable``), never by writing a column by hand: a test must not stand on a row
 production could not have written. (Where the other shared test helpers live:
@@ -86,7 +86,7 @@ def make_replica(
     A ``loading`` row, and any row with ``reserved_vram``, is claimed by the router's verb
     (``claim_loading``: the lowest free index below the node's slots, the VRAM reserved on the
     node), then ``mark_loaded`` when ``loaded``; a plain ``loaded`` row is recorded as a
-    frontend reports one (``set_replica``). ``last_used`` is when it was recorded (``now`` of
+    frontend reports one (``record_loaded``). ``last_used`` is when it was recorded (``now`` of
     the verbs), ``last_probe_at`` a later probe (``record_probe_ok``), ``in_flight`` that many
     picks (``increment_in_flight``), ``probe_failures`` that many failed probes."""
     State = NodeModel.State
@@ -112,12 +112,11 @@ def make_replica(
         else:
             assert state == State.LOADING, f"no verb makes a {state!r} replica row"
     else:
-        NodeModel.objects.set_replica(
+        NodeModel.objects.record_loaded(
             node.pk,
             model_name,
             replica_index,
             address=address,
-            state=state,
             backend_type=backend_type,
             opts_blob=model_opts_blob,
             now=recorded_at,

@@ -22,7 +22,7 @@ Modules, by table:
 - ``capacity`` (mixed into ``Node.objects``): replica slots (operator override and reset) and
   VRAM admission (reserve, release, credit);
 - ``labels``: a node's labels under its row lock, and the per-node bound;
-- ``replicas``: replica rows: report (``set_replica``), claim a ``loading`` slot with its VRAM
+- ``replicas``: replica rows: a reported loaded replica (``record_loaded``, ``report_loaded``), claim a ``loading`` slot with its VRAM
   (``claim_loading``), ``mark_loaded``, ``discard_loading``, ``remove_replica``,
   ``remove_if_idle``, ``forget_node_replicas``, the in-flight counter
   (``increment_in_flight``/``decrement_in_flight``, the only writers of it besides the lease

@@ -45,23 +45,25 @@ class NodeModelQuerySet(models.QuerySet):
 
 
 class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
-    def set_replica(
+    def record_loaded(
         self,
         node_id,
         model_name: str,
         replica_index: int,
         *,
         address: str = "",
-        state: str | None = None,
         backend_type: str | None = None,
         opts_blob: bytes | None = None,
         now: datetime | None = None,
     ) -> NodeModel:
-        """Insert or update the replica row of ``(node, model, replica_index)`` keeping its id.
+        """Record the replica of ``(node, model, replica_index)`` as ``loaded`` at ``address``
+        (a replica someone else loaded: a frontend's report), keeping the row's id if it exists.
 
-        Idiom: upsert on the unique triple. ``backend_type``/``opts_blob`` are only written when
-        given, so a plain state update does not erase the per-replica load info. Every call is a
-        (re-)recording of the row's state: ``state_changed_at`` is set to ``now``.
+        Only ``loaded``: a ``loading`` row exists only with its VRAM reservation, which
+        ``claim_loading`` takes. Idiom: upsert on the unique triple. ``backend_type``/
+        ``opts_blob`` are only written when given, so a re-report without them keeps the
+        per-replica load info. A (re-)recording sets ``state_changed_at`` and the probe stamp
+        to ``now``; ``last_used`` is set on insert only (use is what leases record).
         """
         if not model_name:
             raise ValueError("model name must not be empty")
@@ -71,7 +73,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
             model_name=model_name,
             replica_index=replica_index,
             address=address,
-            state=state or self.model.State.LOADED,
+            state=self.model.State.LOADED,
             last_used=now,
             last_probe_at=now,
             state_changed_at=now,
@@ -311,19 +313,18 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         Idiom: row lock inside a short atomic(): the node row is locked first (``SELECT ... FOR
         UPDATE``), so a deletion of the node not yet committed makes this wait and then answer
         None (instead of failing on the foreign key), and a deletion that comes later waits for
-        this commit; then the two upserts (``set_replica`` on the replica's unique triple,
+        this commit; then the two upserts (``record_loaded`` on the replica's unique triple,
         ``ModelLoadInfo.objects.upsert`` on the model) commit together.
         """
         with transaction.atomic():
             locked = registry_model("Node").objects.select_for_update().filter(pk=node_id).values_list("pk", flat=True)
             if not list(locked):
                 return None
-            self.set_replica(
+            self.record_loaded(
                 node_id,
                 model_name,
                 replica_index,
                 address=address,
-                state=self.model.State.LOADED,
                 backend_type=backend_type,
                 opts_blob=opts_blob,
                 now=now,

@@ -42,7 +42,7 @@ class FakeScheduler:
         for node in Node.objects.filter(pk__in=candidate_node_ids).order_by("name"):
             index = NodeModel.objects.next_free_index(node, model_name)
             if index is not None:
-                NodeModel.objects.set_replica(node.pk, model_name, index, address=f"10.9.0.1:{7000 + index}")
+                NodeModel.objects.record_loaded(node.pk, model_name, index, address=f"10.9.0.1:{7000 + index}")
                 return Placed(node.pk, index)
         raise RuntimeError("no free slot")
 

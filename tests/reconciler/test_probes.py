@@ -178,7 +178,7 @@ def test_a_load_that_finishes_while_the_worker_answers_keeps_its_row(now, reconc
     from reconciler import apply as module
 
     node = make_node(name="gpu-a", now=now, slots=2)
-    loading = NodeModel.objects.set_replica(node.pk, "llama", 1, state=NodeModel.State.LOADING, now=now)
+    loading = make_replica(node, "llama", 0, state=NodeModel.State.LOADING, last_used=now)
     prober.listings[node.address] = []  # the backend does not exist yet when the worker answers
     real_run_checks = module.run_checks
 

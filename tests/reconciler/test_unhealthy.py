@@ -79,7 +79,7 @@ def node(worker, now):
     servicer, _ = worker
     node = make_node(name="gpu-a", now=now, address=servicer.address)
     servicer.node_id = str(node.pk)
-    NodeModel.objects.set_replica(node.pk, MODEL, 0, address=servicer.address, now=now)
+    NodeModel.objects.record_loaded(node.pk, MODEL, 0, address=servicer.address, now=now)
     return node
 
 

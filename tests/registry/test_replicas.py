@@ -10,22 +10,23 @@ from tests.factories import GIB, make_node, make_replica
 pytestmark = pytest.mark.django_db
 
 
-def test_set_replica_upserts_on_the_triple_and_keeps_the_row_id(now):
+def test_record_loaded_upserts_on_the_triple_and_keeps_the_row_id(now):
     node = make_node(slots=2)
-    first = NodeModel.objects.set_replica(node.pk, "llama", 0, address="a:1", state=NodeModel.State.LOADING, now=now)
+    first = NodeModel.objects.record_loaded(node.pk, "llama", 0, address="a:1", now=now)
     row_id = NodeModel.objects.get().pk
 
-    NodeModel.objects.set_replica(node.pk, "llama", 0, address="a:2", state=NodeModel.State.LOADED, now=now)
+    later = now + timedelta(seconds=5)
+    NodeModel.objects.record_loaded(node.pk, "llama", 0, address="a:2", now=later)
 
     row = NodeModel.objects.get()
     assert row.pk == row_id == first.pk
-    assert (row.address, row.state) == ("a:2", NodeModel.State.LOADED)
+    assert (row.address, row.state, row.state_changed_at, row.last_used) == ("a:2", NodeModel.State.LOADED, later, now)
 
 
-def test_set_replica_without_load_info_keeps_the_per_replica_blob(now):
+def test_record_loaded_without_load_info_keeps_the_per_replica_blob(now):
     node = make_node()
-    NodeModel.objects.set_replica(node.pk, "llama", 0, address="a:1", backend_type="llama-cpp", opts_blob=b"blob")
-    NodeModel.objects.set_replica(node.pk, "llama", 0, address="a:1", state=NodeModel.State.LOADED)
+    NodeModel.objects.record_loaded(node.pk, "llama", 0, address="a:1", backend_type="llama-cpp", opts_blob=b"blob")
+    NodeModel.objects.record_loaded(node.pk, "llama", 0, address="a:1")
     row = NodeModel.objects.get()
     assert (row.backend_type, bytes(row.model_opts_blob)) == ("llama-cpp", b"blob")
 
