@@ -256,18 +256,20 @@ class Pass:
     def record_worker_api(self, plan, results) -> None:
         """Whether each listed node answers the worker gRPC service: only those that do are
         placed on (a LocalAI worker never is, so it is never sent a StartBackend that can only
-        fail). A failure that proves nothing (a deadline) leaves the node's state as it was."""
+        fail). A failure that proves nothing (a deadline) leaves the node's state as it was.
+        The nodes that answered are written in one statement; each missing one on its own
+        (rare: a node found missing is asked again only every ``WORKER_API_RECHECK_AFTER``)."""
+        Node.objects.record_workers_answering(
+            {node.id: node.address for node in plan.listings if node.id in results.listings}, now=self.now
+        )
         for node in plan.listings:
-            if node.id in results.listings:
-                available, detail = True, ""
-            elif node.id in results.worker_api_missing:
-                available, detail = False, results.worker_api_missing[node.id]
-            else:
+            if node.id in results.listings or node.id not in results.worker_api_missing:
                 continue
+            detail = results.worker_api_missing[node.id]
             recorded = Node.objects.record_worker_api(
-                node.id, available=available, detail=detail, address=node.address, now=self.now
+                node.id, available=False, detail=detail, address=node.address, now=self.now
             )
-            if recorded and not available and node.worker_api != Node.WorkerApi.MISSING:
+            if recorded and node.worker_api != Node.WorkerApi.MISSING:
                 self.summary.count("nodes_without_worker_service")
                 logger.warning("node %s is not placed on: %s", node.name, detail)
 

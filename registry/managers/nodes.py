@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -336,6 +336,25 @@ class NodeManager(NodeCapacityVerbs, models.Manager.from_queryset(NodeQuerySet))
                 worker_api_checked_at=now,
             )
             == 1
+        )
+
+    def record_workers_answering(self, addresses: Mapping, *, now: datetime | None = None) -> int:
+        """``record_worker_api(available=True)`` for every node whose worker answered this
+        pass's ``ListBackends``: ``addresses`` maps each node id to the address it was asked at.
+
+        Idiom: one conditional UPDATE for all of them (``WHERE (id = .. AND address = ..) OR
+        ...``), so a steady pass writes the fleet's worker-service state in one statement
+        whatever its size; each row keeps ``record_worker_api``'s address condition (an answer
+        about an address the node no longer registers is not about this node). Returns the
+        rows written.
+        """
+        if not addresses:
+            return 0
+        answered = Q()
+        for node_id, address in addresses.items():
+            answered |= Q(pk=node_id, address=address)
+        return self.filter(answered).update(
+            worker_api=self.model.WorkerApi.AVAILABLE, worker_api_detail="", worker_api_checked_at=resolve_now(now)
         )
 
     def _transition(

@@ -1,0 +1,95 @@
+"""A steady pass (nothing to do) costs a fixed number of queries, whatever the fleet size, and
+its per-pass writes are one statement each, not one per node or per model."""
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from reconciler.models import ModelCondition
+from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+from tests.factories import make_node
+
+pytestmark = pytest.mark.django_db
+
+
+def steady_fleet(prober, *, models: int, nodes: int, now):
+    """``nodes`` healthy nodes and ``models`` autoscaled models (min 1), each with load info and
+    one loaded, recently probed replica, and every worker listing exactly its node's rows."""
+    hosts = [make_node(name=f"gpu-{i:03d}", slots=models, now=now) for i in range(nodes)]
+    ModelSchedulingConfig.objects.bulk_create(
+        ModelSchedulingConfig(model_name=f"m-{i:04d}", min_replicas=1) for i in range(models)
+    )
+    ModelLoadInfo.objects.bulk_create(
+        ModelLoadInfo(model_name=f"m-{i:04d}", backend_type="echo", model_opts_blob=b"x", updated_at=timezone.now())
+        for i in range(models)
+    )
+    for i in range(models):
+        host = hosts[i % nodes]
+        NodeModel.objects.set_replica(host.pk, f"m-{i:04d}", 0, address=f"{host.address}-0", now=now)
+        prober.listings.setdefault(host.address, []).append((f"m-{i:04d}", 0, "RUNNING"))
+    for host in hosts:
+        prober.listings.setdefault(host.address, [])
+    return hosts
+
+
+def steady_pass_queries(reconcile, prober, *, models: int, nodes: int, now) -> list[str]:
+    steady_fleet(prober, models=models, nodes=nodes, now=now)
+    first = reconcile(heartbeat=True)  # writes every condition once
+    assert first.outcome == "ok", first
+    with CaptureQueriesContext(connection) as captured:
+        summary = reconcile()
+    assert summary.outcome == "ok", summary
+    assert summary.actions.get("workers_listed") == nodes
+    assert summary.known_models == models
+    assert "conditions_changed" not in summary.actions  # steady: nothing to write
+    return [query["sql"] for query in captured.captured_queries]
+
+
+def test_a_steady_pass_costs_the_same_queries_for_a_small_and_a_ten_times_larger_fleet(reconcile, prober, now):
+    small = steady_pass_queries(reconcile, prober, models=20, nodes=3, now=now)
+    for table in (NodeModel, ModelLoadInfo, ModelSchedulingConfig, ModelCondition, Node):
+        table.objects.all().delete()
+    prober.listings.clear()
+    large = steady_pass_queries(reconcile, prober, models=200, nodes=30, now=now)
+
+    assert len(small) == len(large), (small, large)
+
+
+def test_a_steady_pass_records_every_answering_worker_in_one_update(reconcile, prober, now):
+    hosts = steady_fleet(prober, models=6, nodes=3, now=now)
+    reconcile(heartbeat=True)
+    later = now + timezone.timedelta(seconds=10)
+    for host in hosts:
+        Node.objects.heartbeat(host.pk, now=later)
+
+    with CaptureQueriesContext(connection) as captured:
+        reconcile(at=later)
+
+    worker_api_updates = [
+        q["sql"] for q in captured.captured_queries if q["sql"].startswith('UPDATE "registry_node" SET "worker_api"')
+    ]
+    assert len(worker_api_updates) == 1
+    checked = set(Node.objects.filter(pk__in=[h.pk for h in hosts]).values_list("worker_api_checked_at", flat=True))
+    assert checked == {later}
+
+
+def test_record_workers_answering_keeps_the_address_condition(now):
+    kept = make_node(name="kept", address="10.0.0.1:50051", now=now)
+    moved = make_node(name="moved", address="10.0.0.2:50051", now=now)
+    Node.objects.record_worker_api(kept.pk, available=False, detail="nothing answers", address=kept.address, now=now)
+    Node.objects.record_worker_api(moved.pk, available=False, detail="nothing answers", address=moved.address, now=now)
+    later = now + timezone.timedelta(seconds=5)
+
+    # ``moved`` was asked at an address it no longer registers: that answer is not about it.
+    written = Node.objects.record_workers_answering({kept.pk: kept.address, moved.pk: "10.0.0.99:50051"}, now=later)
+
+    assert written == 1
+    rows = {row.name: row for row in Node.objects.filter(pk__in=[kept.pk, moved.pk])}
+    assert (rows["kept"].worker_api, rows["kept"].worker_api_detail, rows["kept"].worker_api_checked_at) == (
+        Node.WorkerApi.AVAILABLE,
+        "",
+        later,
+    )
+    assert (rows["moved"].worker_api, rows["moved"].worker_api_checked_at) == (Node.WorkerApi.MISSING, now)
+    assert Node.objects.record_workers_answering({}, now=later) == 0
