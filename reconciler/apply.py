@@ -41,7 +41,7 @@ from .planning import (
     transition_event_kind,
 )
 from .probes import ALIVE, BUSY, UNREACHABLE, run_checks
-from .snapshot import NodeView, Snapshot, replica_views, take_snapshot
+from .snapshot import NodeView, Snapshot, replica_states, take_snapshot
 from .summary import PassSummary
 
 logger = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class Pass:
             # Re-read after the listings: a row must be judged by what existed once the worker
             # answered, never by the older snapshot (a loader may have written it meanwhile).
             rows_by_node: dict = {}
-            for row in replica_views(NodeModel.objects.filter(node_id__in=list(results.listings))):
+            for row in replica_states(NodeModel.objects.filter(node_id__in=list(results.listings))):
                 rows_by_node.setdefault(row.node_id, []).append(row)
             for node_id, backends in results.listings.items():
                 node = snapshot.nodes[node_id]
@@ -504,7 +504,7 @@ class Pass:
         states = [health.guard_condition()]
         for name in snapshot.model_names:
             states.extend(model_conditions(snapshot, name, plans.get(name), outcomes.get(name), now=self.now))
-        for transition in ModelCondition.objects.set_conditions(states, now=self.now):
+        for transition in ModelCondition.objects.set_conditions(states, now=self.now, known=snapshot.conditions):
             state = transition.state
             self.summary.count("conditions_changed")
             kind = transition_event_kind(state.type, state.status, is_new=transition.is_new)

@@ -398,7 +398,7 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
         "ready": len(ready),
         "loading": len(loading),
         "capacity": None,  # filled in below only when the model wants to grow
-        "candidate_ids": tuple(node.id for node in candidates),
+        "candidate_ids": snapshot.candidate_ids(config.node_selector),
         "has_load_info": snapshot.has_load_info(name),
     }
 

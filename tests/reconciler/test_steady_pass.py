@@ -93,3 +93,28 @@ def test_record_workers_answering_keeps_the_address_condition(now):
     )
     assert (rows["moved"].worker_api, rows["moved"].worker_api_checked_at) == (Node.WorkerApi.MISSING, now)
     assert Node.objects.record_workers_answering({}, now=later) == 0
+
+
+def test_set_conditions_with_known_rows_reads_and_writes_only_what_differs(now, django_assert_num_queries):
+    from reconciler.managers import ConditionState
+
+    Type = ModelCondition.Type
+    ModelCondition.objects.set_condition("llama", Type.AVAILABLE, True, "minimum_replicas_ready", "1 of 1", now=now)
+    ModelCondition.objects.set_condition("phi", Type.AVAILABLE, True, "minimum_replicas_ready", "1 of 1", now=now)
+    known = ModelCondition.objects.as_map()
+    same = [
+        ConditionState("llama", Type.AVAILABLE, True, "minimum_replicas_ready", "1 of 1"),
+        ConditionState("phi", Type.AVAILABLE, True, "minimum_replicas_ready", "1 of 1"),
+    ]
+
+    with django_assert_num_queries(0):
+        assert ModelCondition.objects.set_conditions(same, now=now, known=known) == []
+
+    later = now + timezone.timedelta(seconds=30)
+    changed = [same[0], ConditionState("phi", Type.AVAILABLE, False, "below_minimum", "0 of 1")]
+    transitions = ModelCondition.objects.set_conditions(changed, now=later, known=known)
+
+    assert [(t.state.model_name, t.previous_reason) for t in transitions] == [("phi", "minimum_replicas_ready")]
+    rows = {row.model_name: row for row in ModelCondition.objects.filter(type=Type.AVAILABLE)}
+    assert (rows["phi"].status, rows["phi"].since, rows["phi"].updated_at) == (False, later, later)
+    assert (rows["llama"].since, rows["llama"].updated_at) == (now, now)  # equal to known: not written
