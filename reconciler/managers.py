@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from django.db import IntegrityError, models, transaction
 from django.db.models import F
@@ -87,9 +88,9 @@ class EventManager(models.Manager.from_queryset(EventQuerySet)):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ConditionState:
-    """The desired value of one condition, as a plan computes it."""
+class ConditionState(NamedTuple):
+    """The desired value of one condition, as a plan computes it (a named tuple: a pass
+    builds four per model)."""
 
     model_name: str
     type: str

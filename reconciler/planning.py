@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 from uuid import UUID
 
 from registry import placement, rules
@@ -343,9 +344,9 @@ def plan_worker_reconciliation(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ScalePlan:
-    """What one autoscaled model needs this pass, and the facts behind it."""
+class ScalePlan(NamedTuple):
+    """What one autoscaled model needs this pass, and the facts behind it (a named tuple: a
+    pass builds one per autoscaled model)."""
 
     model_name: str
     config: ConfigView
