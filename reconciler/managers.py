@@ -166,9 +166,12 @@ class ModelConditionManager(models.Manager.from_queryset(ModelConditionQuerySet)
         transition. A fixed number of queries however many conditions are given.
         """
         now = _now(now)
-        states = {(s.model_name, s.type): s for s in states}
-        if known is not None:
-            states = {key: state for key, state in states.items() if not _same_condition(known.get(key), state)}
+        if known is None:
+            states = {(s.model_name, s.type): s for s in states}
+        else:
+            states = {
+                (s.model_name, s.type): s for s in states if not _same_condition(known.get((s.model_name, s.type)), s)
+            }
         if not states:
             return []
         names = {name for name, _ in states}

@@ -23,7 +23,7 @@ from typing import NamedTuple
 from uuid import UUID
 
 from registry import placement, rules
-from registry.models import Node
+from registry.models import Node, NodeModel
 
 from .conf import ReconcileConfig
 from .managers import ConditionState
@@ -215,13 +215,14 @@ def plan_checks(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -
     ``probe_after``; list the backends of every node ``listed`` (a node without the worker
     service only every ``WORKER_API_RECHECK_AFTER``)."""
     confirmed_after = now - config.probe_after
+    healthy = {node_id for node_id, node in snapshot.nodes.items() if node.healthy}
+    loaded = NodeModel.State.LOADED
     probes = tuple(
         replica
         for replica in snapshot.replicas
-        if replica.loaded
+        if replica.state == loaded
         and replica.address
-        and snapshot.nodes.get(replica.node_id) is not None
-        and snapshot.nodes[replica.node_id].healthy
+        and replica.node_id in healthy
         and (replica.last_probe_at is None or replica.last_probe_at < confirmed_after)
     )
     listings = tuple(node for node in snapshot.nodes.values() if listed(node) and due_for_listing(node, now))
@@ -286,9 +287,9 @@ def plan_worker_health(
     return WorkerHealthPlan(unanswered=unanswered, answered=back, guard=guard)
 
 
-@dataclass(frozen=True)
-class WorkerBackend:
-    """One backend process as a worker reports it (``state``: STARTING, RUNNING, EXITED)."""
+class WorkerBackend(NamedTuple):
+    """One backend process as a worker reports it (``state``: STARTING, RUNNING, EXITED); a
+    named tuple: a pass builds one per backend of the fleet."""
 
     model_name: str
     replica_index: int

@@ -8,6 +8,7 @@ database and can never issue a query per model or per node.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from types import MappingProxyType
 from typing import NamedTuple
 from uuid import UUID
 
-from django.db.models.functions import Length
+from django.db.models import TextField
+from django.db.models.functions import Cast, Length
 from django.utils import timezone
 
 from registry import rules
@@ -159,7 +161,7 @@ class Snapshot:
     @cached_property
     def model_names(self) -> tuple[str, ...]:
         """Every model known from scheduling configs, load info or replica rows, sorted."""
-        return tuple(sorted(set(self.configs) | set(self.load_info_models) | set(self.replicas_by_model)))
+        return tuple(sorted({*self.configs, *self.load_info_models, *(r.model_name for r in self.replicas)}))
 
     def config_for(self, model_name: str) -> ConfigView:
         """The model's scheduling config, or the not-autoscaled default."""
@@ -261,14 +263,21 @@ REPLICA_COLUMNS = (
     "state_changed_at",
 )
 
+# The node selector is read as its JSON text: most models share a handful of selectors
+# (usually ``{}``), each decoded once (``_selector_view``), not once per model.
 CONFIG_COLUMNS = (
     "model_name",
     "min_replicas",
     "max_replicas",
-    "node_selector",
+    "selector_text",
     "unsatisfiable_until",
     "unsatisfiable_ticks",
 )
+
+
+def _selector_view(text: str | None) -> Mapping[str, str]:
+    selector = json.loads(text) if text else None
+    return MappingProxyType(dict(selector)) if selector else _NO_SELECTOR
 
 
 def take_snapshot(*, now: datetime | None = None) -> Snapshot:
@@ -318,19 +327,22 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
             unanswered_heartbeat=unanswered_heartbeat,
         )
     replicas = tuple(replica_views(NodeModel.objects.all()))
-    configs = {
-        name: ConfigView(
-            name,
-            min_replicas,
-            max_replicas,
-            MappingProxyType(dict(selector)) if selector else _NO_SELECTOR,
-            unsatisfiable_until,
-            unsatisfiable_ticks,
-        )
-        for name, min_replicas, max_replicas, selector, unsatisfiable_until, unsatisfiable_ticks in (
-            ModelSchedulingConfig.objects.values_list(*CONFIG_COLUMNS)
-        )
-    }
+    selectors: dict[str | None, Mapping[str, str]] = {}  # JSON text -> view: decoded once per distinct text
+    configs = {}
+    for (
+        name,
+        min_replicas,
+        max_replicas,
+        selector_text,
+        unsatisfiable_until,
+        unsatisfiable_ticks,
+    ) in ModelSchedulingConfig.objects.annotate(selector_text=Cast("node_selector", TextField())).values_list(
+        *CONFIG_COLUMNS
+    ):
+        selector = selectors.get(selector_text)
+        if selector is None:
+            selector = selectors[selector_text] = _selector_view(selector_text)
+        configs[name] = ConfigView(name, min_replicas, max_replicas, selector, unsatisfiable_until, unsatisfiable_ticks)
     load_info_models = frozenset(ModelLoadInfo.objects.values_list("model_name", flat=True))
     conditions = {
         (name, type_): {"status": status, "reason": reason, "message": message}

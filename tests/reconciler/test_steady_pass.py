@@ -118,3 +118,24 @@ def test_set_conditions_with_known_rows_reads_and_writes_only_what_differs(now, 
     rows = {row.model_name: row for row in ModelCondition.objects.filter(type=Type.AVAILABLE)}
     assert (rows["phi"].status, rows["phi"].since, rows["phi"].updated_at) == (False, later, later)
     assert (rows["llama"].since, rows["llama"].updated_at) == (now, now)  # equal to known: not written
+
+
+def test_the_snapshot_decodes_each_distinct_node_selector_once(now):
+    from reconciler.snapshot import take_snapshot
+
+    ModelSchedulingConfig.objects.bulk_create(
+        [
+            ModelSchedulingConfig(model_name="a", min_replicas=1, node_selector={"zone": "eu", "gpu": "h100"}),
+            ModelSchedulingConfig(model_name="b", min_replicas=1, node_selector={"zone": "eu", "gpu": "h100"}),
+            ModelSchedulingConfig(model_name="b2", min_replicas=1, node_selector={"gpu": "h100", "zone": "eu"}),
+            ModelSchedulingConfig(model_name="c", min_replicas=1, node_selector={}),
+            ModelSchedulingConfig(model_name="d", min_replicas=1),
+        ]
+    )
+
+    configs = take_snapshot(now=now).configs
+
+    assert dict(configs["a"].node_selector) == {"zone": "eu", "gpu": "h100"}
+    assert configs["a"].node_selector is configs["b"].node_selector  # one view per distinct selector
+    assert dict(configs["b2"].node_selector) == dict(configs["a"].node_selector)
+    assert dict(configs["c"].node_selector) == dict(configs["d"].node_selector) == {}
