@@ -31,6 +31,7 @@ from .planning import (
     ScaleOutcome,
     ScalePlan,
     WorkerHealthPlan,
+    alive_keys,
     model_conditions,
     plan_checks,
     plan_node_health,
@@ -41,7 +42,7 @@ from .planning import (
     transition_event_kind,
 )
 from .probes import ALIVE, BUSY, UNREACHABLE, run_checks
-from .snapshot import NodeView, Snapshot, replica_states, take_snapshot
+from .snapshot import NodeView, Snapshot, rows_now, take_snapshot
 from .summary import PassSummary
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class Pass:
         self.summary.nodes = len(snapshot.nodes)
         self.summary.models = len(plans)
         self.summary.known_models = len(snapshot.model_names)
-        outcomes = {plan.model_name: self.apply_scaling(snapshot, plan) for plan in plans}
+        outcomes = {plan.model_name: self.apply_scaling(snapshot, plan) for plan in plans if plan.acts}
         self.flush_events()
 
         self.update_conditions(snapshot, health, {plan.model_name: plan for plan in plans}, outcomes)
@@ -241,9 +242,15 @@ class Pass:
         if results.listings:
             # Re-read after the listings: a row must be judged by what existed once the worker
             # answered, never by the older snapshot (a loader may have written it meanwhile).
-            rows_by_node: dict = {}
-            for row in replica_states(NodeModel.objects.filter(node_id__in=list(results.listings))):
-                rows_by_node.setdefault(row.node_id, []).append(row)
+            # The rows the snapshot holds loaded whose backend the worker does not report alive
+            # may be removed, so they are re-read in full (their state may have changed).
+            maybe_removed = set()
+            for node_id, backends in results.listings.items():
+                alive = alive_keys(backends)
+                maybe_removed.update(
+                    row.id for row in snapshot.replicas_by_node.get(node_id, ()) if row.loaded and row.key not in alive
+                )
+            rows_by_node = rows_now(snapshot, list(results.listings), refresh=maybe_removed)
             for node_id, backends in results.listings.items():
                 node = snapshot.nodes[node_id]
                 plan_ = plan_worker_reconciliation(

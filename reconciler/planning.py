@@ -307,6 +307,11 @@ class WorkerPlan:
     stop: tuple[WorkerBackend, ...] = ()  # running backends without any row
 
 
+def alive_keys(reported: list[WorkerBackend]) -> set[tuple[str, int]]:
+    """The ``(model, replica index)`` of the backends a worker reports starting or running."""
+    return {b.key for b in reported if b.state in ("STARTING", "RUNNING")}
+
+
 def plan_worker_reconciliation(
     rows: list[ReplicaView] | tuple[ReplicaView, ...],
     reported: list[WorkerBackend],
@@ -326,7 +331,7 @@ def plan_worker_reconciliation(
       Loaders write the ``loading`` row before starting the backend, so a running backend
       without a row is one nobody will ever route to.
     """
-    alive = {b.key for b in reported if b.state in ("STARTING", "RUNNING")}
+    alive = alive_keys(reported)
     rows_by_key = {row.key: row for row in rows}
     remove = tuple(
         row
@@ -368,6 +373,19 @@ class ScalePlan(NamedTuple):
     @property
     def current(self) -> int:
         return self.ready + self.loading
+
+    @property
+    def acts(self) -> bool:
+        """Whether applying the plan writes, calls or counts anything (most models, in a
+        steady fleet, need nothing)."""
+        return bool(
+            self.cooldown_over
+            or self.record_unsatisfiable
+            or self.record_satisfiable
+            or self.skipped
+            or self.scale_up
+            or self.remove
+        )
 
 
 def _capacity(snapshot: Snapshot, config: ConfigView, candidates) -> int:

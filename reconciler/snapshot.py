@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -404,3 +404,24 @@ def replica_states(queryset) -> list[ReplicaView]:
             "model_name", "node_id", "replica_index"
         ).values_list("id", "node_id", "model_name", "replica_index", "state", "state_changed_at")
     ]
+
+
+def rows_now(snapshot: Snapshot, node_ids: list, *, refresh: Collection[int] = ()) -> dict[UUID, list[ReplicaView]]:
+    """The replica rows of ``node_ids`` as they are now, by node (each in model, index order).
+
+    A row keeps its node, model and replica index for life, so a row the snapshot holds and
+    that still exists is the snapshot's copy, unless its id is in ``refresh`` (its state may
+    matter). Only the ids are re-read for every row (one query); rows the snapshot does not
+    hold and the ``refresh`` ones are read in full (``replica_states``, a second query, only
+    when there are any), so a pass in which nothing changed re-reads one integer per row.
+    """
+    held = {row.id: row for node_id in node_ids for row in snapshot.replicas_by_node.get(node_id, ())}
+    current = set(NodeModel.objects.filter(node_id__in=node_ids).values_list("id", flat=True))
+    reread = {row_id for row_id in current if row_id not in held or row_id in refresh}
+    rows = [held[row_id] for row_id in current if row_id not in reread]
+    if reread:
+        rows.extend(replica_states(NodeModel.objects.filter(id__in=reread)))
+    by_node: dict[UUID, list[ReplicaView]] = {}
+    for row in sorted(rows, key=lambda row: (row.model_name, row.replica_index)):
+        by_node.setdefault(row.node_id, []).append(row)
+    return by_node

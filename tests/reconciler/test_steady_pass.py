@@ -139,3 +139,34 @@ def test_the_snapshot_decodes_each_distinct_node_selector_once(now):
     assert configs["a"].node_selector is configs["b"].node_selector  # one view per distinct selector
     assert dict(configs["b2"].node_selector) == dict(configs["a"].node_selector)
     assert dict(configs["c"].node_selector) == dict(configs["d"].node_selector) == {}
+
+
+def test_rows_now_sees_rows_written_and_removed_since_the_snapshot(now, django_assert_num_queries):
+    from reconciler.snapshot import rows_now, take_snapshot
+
+    node = make_node(name="gpu-a", slots=4, now=now)
+    kept = NodeModel.objects.set_replica(node.pk, "kept", 0, address="a:1", now=now)
+    gone = NodeModel.objects.set_replica(node.pk, "gone", 0, address="a:2", now=now)
+    refreshed = NodeModel.objects.set_replica(node.pk, "refreshed", 0, address="a:3", now=now)
+    snapshot = take_snapshot(now=now)
+    later = now + timezone.timedelta(seconds=5)
+    NodeModel.objects.remove_replica(node.pk, "gone", 0)
+    NodeModel.objects.set_replica(node.pk, "refreshed", 0, address="a:3", state=NodeModel.State.LOADING, now=later)
+    new = NodeModel.objects.set_replica(node.pk, "new", 0, address="a:4", now=later)
+
+    with django_assert_num_queries(2):  # the ids, then the new and the refreshed rows in full
+        rows = rows_now(snapshot, [node.pk], refresh={refreshed.pk})[node.pk]
+
+    assert [(row.id, row.model_name, row.state) for row in rows] == [
+        (kept.pk, "kept", NodeModel.State.LOADED),
+        (new.pk, "new", NodeModel.State.LOADED),
+        (refreshed.pk, "refreshed", NodeModel.State.LOADING),
+    ]
+    assert gone.pk not in {row.id for row in rows}
+    fresh = take_snapshot(now=later)
+    with django_assert_num_queries(1):  # nothing changed since this snapshot: the ids only
+        assert [row.id for row in rows_now(fresh, [node.pk])[node.pk]] == [
+            kept.pk,
+            new.pk,
+            refreshed.pk,
+        ]
