@@ -23,7 +23,7 @@ from typing import NamedTuple
 from uuid import UUID
 
 from registry import placement, rules
-from registry.models import Node, NodeModel
+from registry.models import Node
 
 from .conf import ReconcileConfig
 from .managers import ConditionState
@@ -216,11 +216,10 @@ def plan_checks(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -
     service only every ``WORKER_API_RECHECK_AFTER``)."""
     confirmed_after = now - config.probe_after
     healthy = {node_id for node_id, node in snapshot.nodes.items() if node.healthy}
-    loaded = NodeModel.State.LOADED
     probes = tuple(
         replica
         for replica in snapshot.replicas
-        if replica.state == loaded
+        if replica.loaded
         and replica.address
         and replica.node_id in healthy
         and (replica.last_probe_at is None or replica.last_probe_at < confirmed_after)
@@ -288,8 +287,7 @@ def plan_worker_health(
 
 
 class WorkerBackend(NamedTuple):
-    """One backend process as a worker reports it (``state``: STARTING, RUNNING, EXITED); a
-    named tuple: a pass builds one per backend of the fleet."""
+    """One backend process as a worker reports it (``state``: STARTING, RUNNING, EXITED)."""
 
     model_name: str
     replica_index: int
@@ -351,8 +349,7 @@ def plan_worker_reconciliation(
 
 
 class ScalePlan(NamedTuple):
-    """What one autoscaled model needs this pass, and the facts behind it (a named tuple: a
-    pass builds one per autoscaled model)."""
+    """What one autoscaled model needs this pass, and the facts behind it (one per model)."""
 
     model_name: str
     config: ConfigView
@@ -376,16 +373,9 @@ class ScalePlan(NamedTuple):
 
     @property
     def acts(self) -> bool:
-        """Whether applying the plan writes, calls or counts anything (most models, in a
-        steady fleet, need nothing)."""
-        return bool(
-            self.cooldown_over
-            or self.record_unsatisfiable
-            or self.record_satisfiable
-            or self.skipped
-            or self.scale_up
-            or self.remove
-        )
+        """Whether applying the plan writes, calls or counts anything (a steady model: no)."""
+        flags = (self.cooldown_over, self.record_unsatisfiable, self.record_satisfiable, self.skipped, self.scale_up)
+        return any(flags) or bool(self.remove)
 
 
 def _capacity(snapshot: Snapshot, config: ConfigView, candidates) -> int:
