@@ -14,8 +14,10 @@ snapshot, then writes what the plan says through the manager verbs, in order:
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from uuid import UUID
 
@@ -50,6 +52,26 @@ logger = logging.getLogger(__name__)
 
 class SchedulerUnavailable(Exception):
     """No scheduler to call (``registry.router`` is not installed yet)."""
+
+
+@contextmanager
+def cyclic_gc_paused():
+    """Pause Python's cyclic garbage collector while a pass runs; it resumes (and catches up)
+    when the pass ends.
+
+    A pass over a large fleet allocates a few hundred thousand short-lived, acyclic objects
+    (row tuples, views, plans, conditions) that reference counting frees; their allocation
+    alone triggers hundreds of collections, the full ones walking every live object: about a
+    third of a steady pass at 10,000 models. The pause is process-wide (another thread of the
+    process allocates without cyclic collection meanwhile), for one pass's duration.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +117,10 @@ class Pass:
     # -- phases --------------------------------------------------------------------------------
 
     def run(self) -> None:
+        with cyclic_gc_paused():
+            self.run_phases()
+
+    def run_phases(self) -> None:
         snapshot = take_snapshot(now=self.now)
         observation = plan_observation(
             snapshot, self.cfg, now=self.now, previous_pass_at=ReconcilePass.objects.last_ok_finished_at()

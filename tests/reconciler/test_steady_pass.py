@@ -170,3 +170,27 @@ def test_rows_now_sees_rows_written_and_removed_since_the_snapshot(now, django_a
             new.pk,
             refreshed.pk,
         ]
+
+
+def test_a_pass_pauses_the_cyclic_collector_and_resumes_it_even_when_it_fails(reconcile, monkeypatch):
+    import gc
+
+    from reconciler import apply
+
+    seen = []
+    real = apply.take_snapshot
+
+    def snapshot_then_fail(**kwargs):
+        seen.append(gc.isenabled())
+        if len(seen) > 1:
+            raise RuntimeError("snapshot failed")
+        return real(**kwargs)
+
+    monkeypatch.setattr(apply, "take_snapshot", snapshot_then_fail)
+    assert gc.isenabled()
+
+    assert reconcile().outcome == "ok"
+    assert reconcile().outcome == "error"
+
+    assert seen == [False, False]
+    assert gc.isenabled()
