@@ -17,7 +17,7 @@ Each function answers one question of a pass, in LocalAI's order:
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
 from uuid import UUID
@@ -493,7 +493,6 @@ class ScaleOutcome:
     cooldown_cleared: bool = False
     no_load_info: bool = False  # ``for_model`` said so at apply time
     skipped: str = ""  # e.g. scheduler_unavailable, scale_up_budget
-    details: dict = field(default_factory=dict)
 
 
 def model_conditions(
