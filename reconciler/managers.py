@@ -8,9 +8,10 @@ scheduled pass that lost its lock) rather than against sustained contention.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from django.db import IntegrityError, models, transaction
 from django.db.models import F
@@ -87,9 +88,9 @@ class EventManager(models.Manager.from_queryset(EventQuerySet)):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ConditionState:
-    """The desired value of one condition, as a plan computes it."""
+class ConditionState(NamedTuple):
+    """The desired value of one condition, as a plan computes it (a named tuple: a pass
+    builds four per model)."""
 
     model_name: str
     type: str
@@ -109,6 +110,16 @@ class ConditionTransition:
     @property
     def is_new(self) -> bool:
         return self.previous_status is None
+
+
+def _same_condition(row: Mapping | None, state: ConditionState) -> bool:
+    """Whether a stored condition (``as_map``'s values) already says what ``state`` says."""
+    return (
+        row is not None
+        and row["status"] == state.status
+        and row["reason"] == state.reason
+        and row["message"] == state.message
+    )
 
 
 class ModelConditionQuerySet(models.QuerySet):
@@ -131,7 +142,11 @@ class ModelConditionManager(models.Manager.from_queryset(ModelConditionQuerySet)
     _IN_LIST_LIMIT = 500
 
     def set_conditions(
-        self, states: Iterable[ConditionState], *, now: datetime | None = None
+        self,
+        states: Iterable[ConditionState],
+        *,
+        now: datetime | None = None,
+        known: Mapping[tuple[str, str], Mapping] | None = None,
     ) -> list[ConditionTransition]:
         """Upsert conditions and return the ones whose ``status`` or ``reason`` changed.
 
@@ -139,13 +154,24 @@ class ModelConditionManager(models.Manager.from_queryset(ModelConditionQuerySet)
         without counting as a transition (so events are recorded once per state change, not
         every pass); an identical condition is not written at all.
 
+        ``known``: the conditions as the caller read them shortly before (``as_map``, or the
+        reconciler's snapshot: ``status``, ``reason`` and ``message`` per key). A state equal
+        to its known row is left alone without being read again, so a pass in which nothing
+        changed sends no query here; the others are re-read and written as below. (A row
+        another writer changed since ``known`` was read is corrected by the next pass.)
+
         Idiom: row lock. The current rows are read with ``SELECT ... FOR UPDATE`` and the
         changed ones written with one ``INSERT ... ON CONFLICT (model_name, type) DO UPDATE``
         in the same short transaction, so two overlapping writers cannot both report the same
         transition. A fixed number of queries however many conditions are given.
         """
         now = _now(now)
-        states = {(s.model_name, s.type): s for s in states}
+        if known is None:
+            states = {(s.model_name, s.type): s for s in states}
+        else:
+            states = {
+                (s.model_name, s.type): s for s in states if not _same_condition(known.get((s.model_name, s.type)), s)
+            }
         if not states:
             return []
         names = {name for name, _ in states}

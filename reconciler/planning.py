@@ -17,8 +17,9 @@ Each function answers one question of a pass, in LocalAI's order:
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 from uuid import UUID
 
 from registry import placement, rules
@@ -214,13 +215,13 @@ def plan_checks(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -
     ``probe_after``; list the backends of every node ``listed`` (a node without the worker
     service only every ``WORKER_API_RECHECK_AFTER``)."""
     confirmed_after = now - config.probe_after
+    healthy = {node_id for node_id, node in snapshot.nodes.items() if node.healthy}
     probes = tuple(
         replica
         for replica in snapshot.replicas
         if replica.loaded
         and replica.address
-        and snapshot.nodes.get(replica.node_id) is not None
-        and snapshot.nodes[replica.node_id].healthy
+        and replica.node_id in healthy
         and (replica.last_probe_at is None or replica.last_probe_at < confirmed_after)
     )
     listings = tuple(node for node in snapshot.nodes.values() if listed(node) and due_for_listing(node, now))
@@ -285,8 +286,7 @@ def plan_worker_health(
     return WorkerHealthPlan(unanswered=unanswered, answered=back, guard=guard)
 
 
-@dataclass(frozen=True)
-class WorkerBackend:
+class WorkerBackend(NamedTuple):
     """One backend process as a worker reports it (``state``: STARTING, RUNNING, EXITED)."""
 
     model_name: str
@@ -303,6 +303,11 @@ class WorkerBackend:
 class WorkerPlan:
     remove: tuple[ReplicaView, ...] = ()  # loaded rows whose backend is absent or exited
     stop: tuple[WorkerBackend, ...] = ()  # running backends without any row
+
+
+def alive_keys(reported: list[WorkerBackend]) -> set[tuple[str, int]]:
+    """The ``(model, replica index)`` of the backends a worker reports starting or running."""
+    return {b.key for b in reported if b.state in ("STARTING", "RUNNING")}
 
 
 def plan_worker_reconciliation(
@@ -324,7 +329,7 @@ def plan_worker_reconciliation(
       Loaders write the ``loading`` row before starting the backend, so a running backend
       without a row is one nobody will ever route to.
     """
-    alive = {b.key for b in reported if b.state in ("STARTING", "RUNNING")}
+    alive = alive_keys(reported)
     rows_by_key = {row.key: row for row in rows}
     remove = tuple(
         row
@@ -343,9 +348,8 @@ def plan_worker_reconciliation(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ScalePlan:
-    """What one autoscaled model needs this pass, and the facts behind it."""
+class ScalePlan(NamedTuple):
+    """What one autoscaled model needs this pass, and the facts behind it (one per model)."""
 
     model_name: str
     config: ConfigView
@@ -366,6 +370,12 @@ class ScalePlan:
     @property
     def current(self) -> int:
         return self.ready + self.loading
+
+    @property
+    def acts(self) -> bool:
+        """Whether applying the plan writes, calls or counts anything (a steady model: no)."""
+        flags = (self.cooldown_over, self.record_unsatisfiable, self.record_satisfiable, self.skipped, self.scale_up)
+        return any(flags) or bool(self.remove)
 
 
 def _capacity(snapshot: Snapshot, config: ConfigView, candidates) -> int:
@@ -398,7 +408,7 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
         "ready": len(ready),
         "loading": len(loading),
         "capacity": None,  # filled in below only when the model wants to grow
-        "candidate_ids": tuple(node.id for node in candidates),
+        "candidate_ids": snapshot.candidate_ids(config.node_selector),
         "has_load_info": snapshot.has_load_info(name),
     }
 
@@ -483,7 +493,6 @@ class ScaleOutcome:
     cooldown_cleared: bool = False
     no_load_info: bool = False  # ``for_model`` said so at apply time
     skipped: str = ""  # e.g. scheduler_unavailable, scale_up_budget
-    details: dict = field(default_factory=dict)
 
 
 def model_conditions(

@@ -71,12 +71,7 @@ def worker_backends(response) -> tuple[str, list[WorkerBackend]]:
         state = backend.state
         state = _STATE_NAMES.get(state, str(state)) if isinstance(state, int) else str(state).upper()
         backends.append(
-            WorkerBackend(
-                model_name=backend.model_name,
-                replica_index=int(backend.replica_index),
-                state=state,
-                address=getattr(backend, "address", ""),
-            )
+            WorkerBackend(backend.model_name, int(backend.replica_index), state, getattr(backend, "address", ""))
         )
     return getattr(response, "node_id", "") or "", backends
 

@@ -1,4 +1,4 @@
-"""The reconciler's view of the fleet: plain dataclasses read in a fixed number of queries.
+"""The reconciler's view of the fleet: plain views read in a fixed number of queries.
 
 ``take_snapshot`` runs the same six queries whether the fleet has one model or ten thousand
 (nodes, labels, replica rows, scheduling configs, load-info names, conditions). Everything
@@ -8,15 +8,18 @@ database and can never issue a query per model or per node.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
 from types import MappingProxyType
+from typing import NamedTuple
 from uuid import UUID
 
-from django.db.models.functions import Length
+from django.db.models import TextField
+from django.db.models.functions import Cast, Length
 from django.utils import timezone
 
 from registry import rules
@@ -72,8 +75,10 @@ class NodeView:
         return self.status == Node.Status.HEALTHY
 
 
-@dataclass(frozen=True)
-class ReplicaView:
+class ReplicaView(NamedTuple):
+    """One replica row. A named tuple, not a dataclass: a pass builds one per row of the fleet,
+    straight from a ``values_list`` tuple (``REPLICA_COLUMNS``, in field order)."""
+
     id: int
     node_id: UUID
     model_name: str
@@ -104,12 +109,16 @@ class ReplicaView:
         return (self.model_name, self.replica_index)
 
 
-@dataclass(frozen=True)
-class ConfigView:
+_NO_SELECTOR: Mapping[str, str] = MappingProxyType({})
+
+
+class ConfigView(NamedTuple):
+    """One model's scheduling config (a named tuple: one per model per pass)."""
+
     model_name: str
     min_replicas: int = 0
     max_replicas: int = 0
-    node_selector: Mapping[str, str] = field(default_factory=_empty)
+    node_selector: Mapping[str, str] = _NO_SELECTOR
     unsatisfiable_until: datetime | None = None
     unsatisfiable_ticks: int = 0
 
@@ -132,7 +141,7 @@ class Snapshot:
     replicas: tuple[ReplicaView, ...] = ()
     configs: Mapping[str, ConfigView] = field(default_factory=_empty)
     load_info_models: frozenset[str] = frozenset()
-    # {(model_name, type): {"status", "reason", "message", "since"}}
+    # {(model_name, type): {"status", "reason", "message"}}
     conditions: Mapping[tuple[str, str], dict] = field(default_factory=dict)
 
     @cached_property
@@ -152,18 +161,20 @@ class Snapshot:
     @cached_property
     def model_names(self) -> tuple[str, ...]:
         """Every model known from scheduling configs, load info or replica rows, sorted."""
-        return tuple(sorted(set(self.configs) | set(self.load_info_models) | set(self.replicas_by_model)))
+        return tuple(sorted({*self.configs, *self.load_info_models, *(r.model_name for r in self.replicas)}))
 
     def config_for(self, model_name: str) -> ConfigView:
         """The model's scheduling config, or the not-autoscaled default."""
         return self.configs.get(model_name) or ConfigView(model_name)
 
+    @cached_property
+    def _models_with_blob_rows(self) -> frozenset[str]:
+        return frozenset(r.model_name for r in self.replicas if r.loaded and r.has_blob)
+
     def has_load_info(self, model_name: str) -> bool:
         """Mirrors ``ModelLoadInfo.objects.for_model``: the per-model row, else a loaded replica
         row carrying a blob. The apply step still asks ``for_model`` before scheduling."""
-        if model_name in self.load_info_models:
-            return True
-        return any(r.loaded and r.has_blob for r in self.replicas_by_model.get(model_name, ()))
+        return model_name in self.load_info_models or model_name in self._models_with_blob_rows
 
     @cached_property
     def _placeable_by_name(self) -> tuple[NodeView, ...]:
@@ -179,85 +190,166 @@ class Snapshot:
         Memoised per selector: most models share a handful of selectors (usually ``{}``), so a
         pass costs O(nodes x distinct selectors), not O(nodes x models).
         """
-        key = tuple(sorted(selector.items()))
+        return self._candidates(selector)[0]
+
+    def candidate_ids(self, selector: Mapping[str, str]) -> tuple[UUID, ...]:
+        """The ids of ``candidates(selector)``, memoised with them."""
+        return self._candidates(selector)[1]
+
+    def _candidates(self, selector: Mapping[str, str]) -> tuple[tuple[NodeView, ...], tuple[UUID, ...]]:
+        key = tuple(sorted(selector.items())) if selector else ()
         found = self._candidates_by_selector.get(key)
         if found is None:
             wanted = dict(selector)
-            found = tuple(node for node in self._placeable_by_name if selector_matches(wanted, node.labels))
-            self._candidates_by_selector[key] = found
+            nodes = tuple(node for node in self._placeable_by_name if selector_matches(wanted, node.labels))
+            found = self._candidates_by_selector[key] = (nodes, tuple(node.id for node in nodes))
         return found
+
+    @cached_property
+    def _routable(self) -> Mapping[str, tuple[tuple[ReplicaView, ...], tuple[ReplicaView, ...]]]:
+        """``{model: (ready rows, loading rows)}`` on schedulable nodes, in one pass over the rows."""
+        schedulable = {node_id for node_id, node in self.nodes.items() if node.schedulable}
+        ready, loading = defaultdict(list), defaultdict(list)
+        for replica in self.replicas:
+            if replica.node_id in schedulable:
+                if replica.loaded:
+                    ready[replica.model_name].append(replica)
+                elif replica.loading:
+                    loading[replica.model_name].append(replica)
+        return {name: (tuple(ready.get(name, ())), tuple(loading.get(name, ()))) for name in ready.keys() | loading}
 
     def ready(self, model_name: str) -> tuple[ReplicaView, ...]:
         """Loaded rows on schedulable nodes: the routable replicas."""
-        return tuple(r for r in self.replicas_by_model.get(model_name, ()) if r.loaded and self._on_schedulable(r))
+        return self._routable.get(model_name, ((), ()))[0]
 
     def loading(self, model_name: str) -> tuple[ReplicaView, ...]:
         """Rows still loading on schedulable nodes (a scale-up in progress)."""
-        return tuple(r for r in self.replicas_by_model.get(model_name, ()) if r.loading and self._on_schedulable(r))
+        return self._routable.get(model_name, ((), ()))[1]
 
-    def _on_schedulable(self, replica: ReplicaView) -> bool:
-        node = self.nodes.get(replica.node_id)
-        return node is not None and node.schedulable
+
+NODE_COLUMNS = (
+    "id",
+    "name",
+    "status",
+    "node_type",
+    "drained_by",
+    "address",
+    "last_heartbeat",
+    "heartbeat_seen",
+    "heartbeat_seen_at",
+    "max_replicas_per_model",
+    "reserved_vram",
+    "worker_api",
+    "worker_api_checked_at",
+    "unanswered_listing__failures",
+    "unanswered_listing__counted_heartbeat",
+)
+
+# ``ReplicaView``'s fields in order, with the blob's length in place of ``has_blob``.
+REPLICA_COLUMNS = (
+    "id",
+    "node_id",
+    "model_name",
+    "replica_index",
+    "state",
+    "address",
+    "in_flight",
+    "last_used",
+    "probe_failures",
+    "last_probe_at",
+    "reserved_vram",
+    "blob_length",
+    "updated_at",
+    "state_changed_at",
+)
+
+# The node selector is read as its JSON text: most models share a handful of selectors
+# (usually ``{}``), each decoded once (``_selector_view``), not once per model.
+CONFIG_COLUMNS = (
+    "model_name",
+    "min_replicas",
+    "max_replicas",
+    "selector_text",
+    "unsatisfiable_until",
+    "unsatisfiable_ticks",
+)
+
+
+def _selector_view(text: str | None) -> Mapping[str, str]:
+    selector = json.loads(text) if text else None
+    return MappingProxyType(dict(selector)) if selector else _NO_SELECTOR
 
 
 def take_snapshot(*, now: datetime | None = None) -> Snapshot:
-    """Read the fleet in six queries (pinned by a test), whatever its size."""
+    """Read the fleet in six queries (pinned by a test), whatever its size.
+
+    Each table is read as ``values_list`` tuples and turned into views in one pass (no model
+    instances, no per-row dicts): a pass reads every replica row, config and condition of the
+    fleet, so per-row overhead is what its cost is made of.
+    """
     labels = defaultdict(dict)
     for node_id, key, value in NodeLabel.objects.values_list("node_id", "key", "value"):
         labels[node_id][key] = value
-    nodes = {
-        row["id"]: NodeView(
-            id=row["id"],
-            name=row["name"],
-            status=row["status"],
-            node_type=row["node_type"],
-            drained_by=row["drained_by"],
-            address=row["address"],
-            last_heartbeat=row["last_heartbeat"],
-            heartbeat_seen=row["heartbeat_seen"],
-            heartbeat_seen_at=row["heartbeat_seen_at"],
-            slots=row["max_replicas_per_model"],
-            reserved_vram=row["reserved_vram"],
-            labels=MappingProxyType(labels.get(row["id"], {})),
-            worker_api=row["worker_api"],
-            worker_api_checked_at=row["worker_api_checked_at"],
-            unanswered_listings=row["unanswered_listing__failures"] or 0,
-            unanswered_heartbeat=row["unanswered_listing__counted_heartbeat"],
+    nodes = {}
+    for (
+        node_id,
+        name,
+        status,
+        node_type,
+        drained_by,
+        address,
+        last_heartbeat,
+        heartbeat_seen,
+        heartbeat_seen_at,
+        slots,
+        reserved_vram,
+        worker_api,
+        worker_api_checked_at,
+        unanswered_listings,
+        unanswered_heartbeat,
+    ) in Node.objects.order_by("name").values_list(*NODE_COLUMNS):
+        nodes[node_id] = NodeView(
+            id=node_id,
+            name=name,
+            status=status,
+            node_type=node_type,
+            drained_by=drained_by,
+            address=address,
+            last_heartbeat=last_heartbeat,
+            heartbeat_seen=heartbeat_seen,
+            heartbeat_seen_at=heartbeat_seen_at,
+            slots=slots,
+            reserved_vram=reserved_vram,
+            labels=MappingProxyType(labels.get(node_id, {})),
+            worker_api=worker_api,
+            worker_api_checked_at=worker_api_checked_at,
+            unanswered_listings=unanswered_listings or 0,
+            unanswered_heartbeat=unanswered_heartbeat,
         )
-        for row in Node.objects.order_by("name").values(
-            "id",
-            "name",
-            "status",
-            "node_type",
-            "drained_by",
-            "address",
-            "last_heartbeat",
-            "heartbeat_seen",
-            "heartbeat_seen_at",
-            "max_replicas_per_model",
-            "reserved_vram",
-            "worker_api",
-            "worker_api_checked_at",
-            "unanswered_listing__failures",
-            "unanswered_listing__counted_heartbeat",
-        )
-    }
     replicas = tuple(replica_views(NodeModel.objects.all()))
-    configs = {
-        row["model_name"]: ConfigView(
-            model_name=row["model_name"],
-            min_replicas=row["min_replicas"],
-            max_replicas=row["max_replicas"],
-            node_selector=MappingProxyType(dict(row["node_selector"] or {})),
-            unsatisfiable_until=row["unsatisfiable_until"],
-            unsatisfiable_ticks=row["unsatisfiable_ticks"],
-        )
-        for row in ModelSchedulingConfig.objects.values(
-            "model_name", "min_replicas", "max_replicas", "node_selector", "unsatisfiable_until", "unsatisfiable_ticks"
+    selectors: dict[str | None, Mapping[str, str]] = {}  # JSON text -> view: decoded once per distinct text
+    configs = {}
+    for (
+        name,
+        min_replicas,
+        max_replicas,
+        selector_text,
+        unsatisfiable_until,
+        unsatisfiable_ticks,
+    ) in ModelSchedulingConfig.objects.annotate(selector_text=Cast("node_selector", TextField())).values_list(
+        *CONFIG_COLUMNS
+    ):
+        selector = selectors.get(selector_text)
+        if selector is None:
+            selector = selectors[selector_text] = _selector_view(selector_text)
+        configs[name] = ConfigView(name, min_replicas, max_replicas, selector, unsatisfiable_until, unsatisfiable_ticks)
+    load_info_models = frozenset(ModelLoadInfo.objects.values_list("model_name", flat=True))
+    conditions = {
+        (name, type_): {"status": status, "reason": reason, "message": message}
+        for name, type_, status, reason, message in ModelCondition.objects.values_list(
+            "model_name", "type", "status", "reason", "message"
         )
     }
-    load_info_models = frozenset(ModelLoadInfo.objects.values_list("model_name", flat=True))
-    conditions = ModelCondition.objects.as_map()
     return Snapshot(
         taken_at=now or timezone.now(),
         nodes=MappingProxyType(nodes),
@@ -269,32 +361,67 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
 
 
 def read_replicas(queryset):
-    """Replica rows as dicts (one query), with ``blob_length`` instead of the blob itself."""
+    """Replica rows as ``REPLICA_COLUMNS`` tuples (one query), with the blob's length instead
+    of the blob itself."""
     return (
         queryset.annotate(blob_length=Length("model_opts_blob"))
         .order_by("model_name", "node_id", "replica_index")
-        .values(
-            "id",
-            "node_id",
-            "model_name",
-            "replica_index",
-            "state",
-            "address",
-            "in_flight",
-            "last_used",
-            "probe_failures",
-            "last_probe_at",
-            "reserved_vram",
-            "blob_length",
-            "updated_at",
-            "state_changed_at",
-        )
+        .values_list(*REPLICA_COLUMNS)
     )
 
 
 def replica_views(queryset) -> list[ReplicaView]:
-    """``read_replicas`` as ``ReplicaView`` objects (used to re-read one node's rows)."""
+    """``read_replicas`` as ``ReplicaView`` objects."""
     return [
-        ReplicaView(**{k: v for k, v in row.items() if k != "blob_length"}, has_blob=bool(row["blob_length"]))
-        for row in read_replicas(queryset)
+        ReplicaView(
+            id_,
+            node,
+            model,
+            index,
+            state,
+            address,
+            in_flight,
+            used,
+            failures,
+            probed,
+            vram,
+            bool(blob),
+            updated,
+            changed,
+        )
+        for id_, node, model, index, state, address, in_flight, used, failures, probed, vram, blob, updated, changed in (
+            read_replicas(queryset)
+        )
     ]
+
+
+def replica_states(queryset) -> list[ReplicaView]:
+    """The rows' identity and state only (one query): what ``plan_worker_reconciliation``
+    compares with a worker's listing. The other fields keep their defaults."""
+    return [
+        ReplicaView(id_, node, model, index, state, state_changed_at=changed)
+        for id_, node, model, index, state, changed in queryset.order_by(
+            "model_name", "node_id", "replica_index"
+        ).values_list("id", "node_id", "model_name", "replica_index", "state", "state_changed_at")
+    ]
+
+
+def rows_now(snapshot: Snapshot, node_ids: list, *, refresh: Collection[int] = ()) -> dict[UUID, list[ReplicaView]]:
+    """The replica rows of ``node_ids`` as they are now, by node (each in model, index order).
+
+    A row keeps its node, model and replica index for life, so a row the snapshot holds and
+    that still exists is the snapshot's copy, unless its id is in ``refresh`` (its state may
+    matter). Only the ids are re-read for every row (one query); rows the snapshot does not
+    hold and the ``refresh`` ones are read in full (``replica_states``, a second query, only
+    when there are any), so a pass in which nothing changed re-reads one integer per row.
+    """
+    held = {row.id: row for node_id in node_ids for row in snapshot.replicas_by_node.get(node_id, ())}
+    current = set(NodeModel.objects.filter(node_id__in=node_ids).values_list("id", flat=True))
+    reread = {row_id for row_id in current if row_id not in held or row_id in refresh}
+    rows = [held[row_id] for row_id in current if row_id not in reread]
+    if reread:
+        rows.extend(replica_states(NodeModel.objects.filter(id__in=reread)))
+    by_node: dict[UUID, list[ReplicaView]] = {}
+    for row in sorted(rows, key=lambda row: (row.model_name, row.replica_index)):
+        by_node.setdefault(row.node_id, []).append(row)
+    return by_node

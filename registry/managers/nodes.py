@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connections, models, transaction
 from django.db.models import (
     Case,
     Exists,
@@ -22,6 +22,7 @@ from django.db.models import (
     Value,
     When,
 )
+from django.db.models.expressions import RawSQL
 
 from core.credentials import node_token
 from core.tokens import hash_token, token_matches
@@ -336,6 +337,37 @@ class NodeManager(NodeCapacityVerbs, models.Manager.from_queryset(NodeQuerySet))
                 worker_api_checked_at=now,
             )
             == 1
+        )
+
+    def record_workers_answering(self, addresses: Mapping, *, now: datetime | None = None) -> int:
+        """``record_worker_api(available=True)`` for every node whose worker answered this
+        pass's ``ListBackends``: ``addresses`` maps each node id to the address it was asked at.
+
+        Idiom: one conditional UPDATE for all of them (``WHERE (id, address) IN (VALUES ...)``),
+        so a steady pass writes the fleet's worker-service state in one statement whatever its
+        size; each row keeps ``record_worker_api``'s address condition (an answer about an
+        address the node no longer registers is not about this node). A row-value list, not
+        an OR of ``Q`` pairs: compiling a thousand ``Q`` objects costs more than the UPDATE.
+        Returns the rows written.
+        """
+        if not addresses:
+            return 0
+        connection = connections[self.db]
+        quote = connection.ops.quote_name
+        pk = self.model._meta.pk
+        table = quote(self.model._meta.db_table)
+        pairs = ", ".join(["(%s, %s)"] * len(addresses))
+        answered = RawSQL(
+            f"({table}.{quote(pk.column)}, {table}.{quote('address')}) IN (VALUES {pairs})",
+            [
+                value
+                for node_id, address in addresses.items()
+                for value in (pk.get_db_prep_value(node_id, connection), address)
+            ],
+            output_field=models.BooleanField(),
+        )
+        return self.filter(answered).update(
+            worker_api=self.model.WorkerApi.AVAILABLE, worker_api_detail="", worker_api_checked_at=resolve_now(now)
         )
 
     def _transition(
