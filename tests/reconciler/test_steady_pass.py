@@ -26,7 +26,7 @@ def steady_fleet(prober, *, models: int, nodes: int, now):
     )
     for i in range(models):
         host = hosts[i % nodes]
-        NodeModel.objects.set_replica(host.pk, f"m-{i:04d}", 0, address=f"{host.address}-0", now=now)
+        NodeModel.objects.record_loaded(host.pk, f"m-{i:04d}", 0, address=f"{host.address}-0", now=now)
         prober.listings.setdefault(host.address, []).append((f"m-{i:04d}", 0, "RUNNING"))
     for host in hosts:
         prober.listings.setdefault(host.address, [])
@@ -145,22 +145,22 @@ def test_rows_now_sees_rows_written_and_removed_since_the_snapshot(now, django_a
     from reconciler.snapshot import rows_now, take_snapshot
 
     node = make_node(name="gpu-a", slots=4, now=now)
-    kept = NodeModel.objects.set_replica(node.pk, "kept", 0, address="a:1", now=now)
-    gone = NodeModel.objects.set_replica(node.pk, "gone", 0, address="a:2", now=now)
-    refreshed = NodeModel.objects.set_replica(node.pk, "refreshed", 0, address="a:3", now=now)
+    kept = NodeModel.objects.record_loaded(node.pk, "kept", 0, address="a:1", now=now)
+    gone = NodeModel.objects.record_loaded(node.pk, "gone", 0, address="a:2", now=now)
+    refreshed = NodeModel.objects.record_loaded(node.pk, "refreshed", 0, address="a:3", now=now)
     snapshot = take_snapshot(now=now)
     later = now + timezone.timedelta(seconds=5)
     NodeModel.objects.remove_replica(node.pk, "gone", 0)
-    NodeModel.objects.set_replica(node.pk, "refreshed", 0, address="a:3", state=NodeModel.State.LOADING, now=later)
-    new = NodeModel.objects.set_replica(node.pk, "new", 0, address="a:4", now=later)
+    NodeModel.objects.record_loaded(node.pk, "refreshed", 0, address="a:5", now=later)  # reported again, moved
+    new = NodeModel.objects.record_loaded(node.pk, "new", 0, address="a:4", now=later)
 
     with django_assert_num_queries(2):  # the ids, then the new and the refreshed rows in full
         rows = rows_now(snapshot, [node.pk], refresh={refreshed.pk})[node.pk]
 
-    assert [(row.id, row.model_name, row.state) for row in rows] == [
-        (kept.pk, "kept", NodeModel.State.LOADED),
-        (new.pk, "new", NodeModel.State.LOADED),
-        (refreshed.pk, "refreshed", NodeModel.State.LOADING),
+    assert [(row.id, row.model_name, row.state_changed_at) for row in rows] == [
+        (kept.pk, "kept", now),
+        (new.pk, "new", later),
+        (refreshed.pk, "refreshed", later),
     ]
     assert gone.pk not in {row.id for row in rows}
     fresh = take_snapshot(now=later)
