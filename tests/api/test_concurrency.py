@@ -53,7 +53,6 @@ def test_concurrent_registration_of_one_name_yields_one_node_and_no_server_error
     assert {body["id"] for status, body in answers if status == 201} == {str(node.pk)}
 
 
-
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_a_replica_report_waits_for_a_deletion_of_its_node_and_then_stores_nothing(close_thread_connections):
