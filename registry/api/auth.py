@@ -199,6 +199,14 @@ class IsNodeSelf(permissions.BasePermission):
         return isinstance(credential, Node) and str(credential.pk) == str(view.kwargs.get("node_id"))
 
 
+def authenticate_claim_by_reading(view, request) -> None:
+    """Replace an unchecked ``NodeTokenClaim`` by what ``NodeTokenAuthentication`` finds by
+    reading (raising its 401), then check the view's permissions again (403/404)."""
+    authentication = NodeTokenAuthentication().authenticate_by_reading(bearer_token(request), view.kwargs["node_id"])
+    request.user, request.auth = authentication
+    view.check_permissions(request)
+
+
 def calling_node(request):
     """The node a request to ``/api/node/<node_id>/...`` acts for, once ``IsNodeSelf`` passed."""
     credential = request.auth

@@ -19,7 +19,7 @@ from rest_framework.generics import get_object_or_404
 from rest_framework.response import Response
 
 from core import names
-from core.auth import IsFrontend, IsOperator, bearer_token
+from core.auth import IsFrontend, IsOperator
 from core.credentials import backend_token, worker_command_token
 from core.schema import problems
 from registry.managers import DrainedByOperator as DrainedByOperatorError
@@ -36,6 +36,7 @@ from .auth import (
     NodeTokenAuthentication,
     NodeTokenClaim,
     RegistrationTokenAuthentication,
+    authenticate_claim_by_reading,
     calling_node,
     fleet_token_nodes_allowed,
 )
@@ -236,33 +237,21 @@ class NodeSelfViewSet(viewsets.ViewSet):
         return Response({"status": self.node.status, "address": self.node.address})
 
     def _heartbeat_checked_by_write(self, request, node_id) -> Response | None:
-        """The heartbeat of an unchecked node token: its UPDATE checks the token (one
-        statement, no read). When that finds no row, or the body is not a valid heartbeat, the
-        caller is authenticated by reading first, so an unknown or foreign token gets the
-        401/403/404 of every node call before any complaint about its body; None then lets the
-        ordinary heartbeat run (it answers the body's problem, or, should the token have
-        become valid meanwhile, records the heartbeat). A body that cannot be read at all is
-        answered after authenticating too (DRF would read it as empty the second time)."""
+        """The UPDATE checks the token (one statement, no read). No row, or a body that is not
+        a valid heartbeat: authenticate by reading first (the 401/403/404 of every node call
+        come before any complaint about the body), then None lets the ordinary path answer."""
         try:
             data = request.data
-        except Exception as unreadable:  # 400/413/415: answered as before, once authenticated
-            self._authenticate_by_reading(request)
+        except Exception as unreadable:  # 400/413/415, once authenticated (DRF reads it as empty next time)
+            authenticate_claim_by_reading(self, request)
             raise unreadable
         body = s.HeartbeatSerializer(data=data)
         if body.is_valid():
             answer = Node.objects.heartbeat_with_token(node_id, request.auth.token_hash, **body.validated_data)
             if answer is not None:
                 return Response({"status": answer[0], "address": answer[1]})
-        self._authenticate_by_reading(request)
+        authenticate_claim_by_reading(self, request)
         return None
-
-    def _authenticate_by_reading(self, request) -> None:
-        """Replace an unchecked ``NodeTokenClaim`` by what ``NodeTokenAuthentication`` finds
-        (raising its 401), then check the permissions again (403/404)."""
-        request.user, request.auth = NodeTokenAuthentication().authenticate_by_reading(
-            bearer_token(request), node_id=self.kwargs["node_id"]
-        )
-        self.check_permissions(request)
 
     @extend_schema(
         summary="Stop new work on this node (graceful shutdown, step 1)",
