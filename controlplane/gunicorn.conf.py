@@ -10,8 +10,8 @@ Command-line flags still win over these. Two things must live here:
   waits for its first byte in a poller), never a whole worker. With the former sync workers,
   two idle connections stopped ``make run``'s web tier (``/livez`` and heartbeats unanswered
   for as long as they stayed open). Each thread that serves a request uses its own database
-  connection, closed after the request (``DATABASE_CONN_MAX_AGE`` 0), so a web process opens at
-  most ``WEB_WORKERS * WEB_THREADS`` connections (default 2 x 8 = 16). A client that trickles
+  connection, kept for ``DATABASE_CONN_MAX_AGE`` (60 s) idle, so a host opens at most
+  ``WEB_WORKERS * WEB_THREADS`` connections (default 2 x 8 = 16). A client that trickles
   its request holds its thread until the request is complete: a host exposed to untrusted
   networks belongs behind a buffering reverse proxy (README, Production);
 * how long a stop waits: ``graceful_timeout`` (``WEB_GRACEFUL_TIMEOUT``, 5 s) bounds the wait
@@ -41,9 +41,13 @@ bind = os.environ.get("CONTROLPLANE_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_WORKERS", "2"))
 worker_class = "gthread"
 threads = int(os.environ.get("WEB_THREADS", "8"))
-# Seconds an idle keep-alive connection is kept after an answer (workers send heartbeats every
-# few seconds over one connection); at most worker_connections per worker process.
-keepalive = int(os.environ.get("WEB_KEEPALIVE", "5"))
+# Seconds an idle keep-alive connection is kept after an answer. A worker sends its heartbeats
+# over one kept connection every 10 s (its default interval), so the keep-alive outlasts that
+# interval with margin: 20 s. An idle kept connection costs a socket in the worker's poller,
+# never a thread (gthread). At most worker_connections - threads (992) are kept per worker
+# process; above that gunicorn closes a connection after its answer instead of keeping it, so a
+# larger fleet still gets answers, the excess nodes reconnecting per heartbeat.
+keepalive = int(os.environ.get("WEB_KEEPALIVE", "20"))
 worker_connections = 1000
 timeout = int(os.environ.get("WEB_TIMEOUT", "120"))
 graceful_timeout = int(os.environ.get("WEB_GRACEFUL_TIMEOUT", "5"))

@@ -134,7 +134,21 @@ WSGI_APPLICATION = "controlplane.wsgi.application"
 # at BEGIN instead of failing with "database is locked" on upgrade) and a busy timeout.
 DEFAULT_SQLITE_PATH = VAR_DIR / "controlplane.sqlite3"
 DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{DEFAULT_SQLITE_PATH}"
-DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0))}
+# Persistent connections by default: opening a PostgreSQL connection per request cost more than
+# the request itself (heartbeats: 118/s against 308/s persistent, bench/bench_heartbeat.py).
+# Each thread of a web process keeps at most one connection (gthread: WEB_WORKERS x WEB_THREADS
+# per host, README "Production"), closed once idle for DATABASE_CONN_MAX_AGE seconds at the
+# start or end of a request. CONN_HEALTH_CHECKS: before a kept connection's first use in a
+# request Django checks it is still alive and reconnects if not, so a PostgreSQL restart costs
+# no failed request. django-q2 closes expired or broken connections before each task the same
+# way, and closes all of them before it forks. SQLite holds its file lock per transaction, not
+# per connection, so a kept idle connection blocks no writer. DATABASE_CONN_MAX_AGE=0 restores
+# a connection per request.
+DATABASES = {
+    "default": dj_database_url.parse(
+        DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60), conn_health_checks=False
+    )
+}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES["default"]["OPTIONS"] = {

@@ -11,17 +11,31 @@ Paths and bodies (LocalAI's worker wire, see docs/interoperability.md, plus the 
 
 Errors are RFC 9457 problem documents; :class:`ControlPlaneError` carries their ``code`` and
 ``detail``. Tokens are only ever put in headers, never in messages or logs.
-Stdlib ``urllib`` only: the worker should run with nothing but grpcio and protobuf installed.
+Stdlib ``http.client`` only: the worker should run with nothing but grpcio and protobuf
+installed. (Proxy variables such as ``HTTP_PROXY`` are not read: the control plane is
+reached directly.)
+
+**One kept connection.** The client keeps one HTTP/1.1 connection open and sends every call
+over it (the control plane's gunicorn keeps an idle connection 20 s, longer than the 10 s
+heartbeat interval), so a heartbeat costs no TCP (or TLS) handshake. A kept connection the
+server has closed in the meantime is found before sending: an idle connection with something
+to read (the server's FIN) is stale, and is replaced by a new one, so no request is ever sent
+on it. A connection reset *after* the request went out (the server closed it at the same
+moment) is retried once on a new connection only for calls that are safe to repeat (heartbeat,
+listing models); any other call (registration above all: it rotates the node's credentials)
+surfaces as :class:`ControlPlaneUnreachable` and its caller decides. Timeouts are never
+retried: the server may have acted.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import select
+import ssl
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any
 
 log = logging.getLogger("worker.control_plane")
@@ -82,13 +96,29 @@ def _problem_from_body(status: int, reason: str, body: bytes) -> dict[str, Any]:
     return problem
 
 
+# What a peer's close looks like when a request is written to, or its answer read from, a
+# connection the server has just closed.
+_CLOSED_BY_PEER = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
 class ControlPlaneClient:
     """One method per node-API call. Raises :class:`ControlPlaneUnreachable` or
-    :class:`ControlPlaneError`; returns the decoded JSON answer (None for an empty body)."""
+    :class:`ControlPlaneError`; returns the decoded JSON answer (None for an empty body).
+
+    Calls are serialised over one kept connection (module docstring); ``close`` drops it."""
 
     def __init__(self, base_url: str, *, timeout: float = 10.0):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"control plane URL must be http:// or https://host[:port]: {base_url!r}")
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port
+        self._prefix = parts.path
+        self._connection: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
 
     def register(self, body: dict[str, Any], registration_token: str, node_token: str | None = None) -> dict[str, Any]:
         """``node_token``: this node's current token, which re-registering an existing name
@@ -100,13 +130,13 @@ class ControlPlaneClient:
         return answer
 
     def heartbeat(self, node_id: str, node_token: str, body: dict[str, Any]) -> Any:
-        return self._request("POST", f"/api/node/{self._id(node_id)}/heartbeat", node_token, body)
+        return self._request("POST", f"/api/node/{self._id(node_id)}/heartbeat", node_token, body, repeatable=True)
 
     def drain(self, node_id: str, node_token: str) -> Any:
         return self._request("POST", f"/api/node/{self._id(node_id)}/drain", node_token, {})
 
     def models(self, node_id: str, node_token: str) -> list[dict[str, Any]]:
-        answer = self._request("GET", f"/api/node/{self._id(node_id)}/models", node_token)
+        answer = self._request("GET", f"/api/node/{self._id(node_id)}/models", node_token, repeatable=True)
         if isinstance(answer, dict) and isinstance(answer.get("results"), list):
             return answer["results"]  # tolerate a paginated envelope
         return answer if isinstance(answer, list) else []
@@ -114,34 +144,40 @@ class ControlPlaneClient:
     def deregister(self, node_id: str, node_token: str) -> Any:
         return self._request("POST", f"/api/node/{self._id(node_id)}/deregister", node_token, {})
 
+    def close(self) -> None:
+        """Close the kept connection (the next call opens a new one)."""
+        with self._lock:
+            self._drop_connection()
+
     @staticmethod
     def _id(node_id: str) -> str:
         return urllib.parse.quote(str(node_id), safe="")
 
     def _request(
-        self, method: str, path: str, token: str, body: dict | None = None, extra_headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        token: str,
+        body: dict | None = None,
+        extra_headers: dict[str, str] | None = None,
+        *,
+        repeatable: bool = False,
     ) -> Any:
+        """``repeatable``: the call may be sent a second time when the connection was reset
+        after it went out (module docstring)."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {token}")
-        for header, value in (extra_headers or {}).items():
-            request.add_header(header, value)
-        request.add_header("Accept", "application/json, application/problem+json")
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json, application/problem+json"}
+        headers.update(extra_headers or {})
         if data is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                raw = exc.read()
-                retry_after = exc.headers.get("Retry-After") if exc.headers else None
-            raise ControlPlaneError(
-                exc.code, _problem_from_body(exc.code, str(exc.reason), raw), _seconds(retry_after)
-            ) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ControlPlaneUnreachable(f"{method} {path}: {reason}") from None
+            headers["Content-Type"] = "application/json"
+        with self._lock:
+            try:
+                status, reason, retry_after, raw = self._exchange(method, path, data, headers, repeatable)
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop_connection()
+                raise ControlPlaneUnreachable(f"{method} {path}: {exc or type(exc).__name__}") from None
+        if status >= 400:
+            raise ControlPlaneError(status, _problem_from_body(status, reason, raw), _seconds(retry_after))
         if not raw:
             return None
         try:
@@ -150,6 +186,51 @@ class ControlPlaneClient:
             raise ControlPlaneError(
                 502, {"title": "bad answer", "detail": f"{method} {path} did not answer JSON"}
             ) from None
+
+    def _exchange(
+        self, method: str, path: str, data: bytes | None, headers: dict[str, str], repeatable: bool
+    ) -> tuple[int, str, str | None, bytes]:
+        connection, kept = self._usable_connection()
+        try:
+            response, raw = self._send(connection, method, path, data, headers)
+        except _CLOSED_BY_PEER:
+            self._drop_connection()
+            if not (kept and repeatable):
+                raise
+            log.debug("kept connection closed by the control plane during %s %s; sending it again", method, path)
+            connection, _ = self._usable_connection()
+            response, raw = self._send(connection, method, path, data, headers)
+        if response.will_close:
+            self._drop_connection()
+        return response.status, response.reason, response.getheader("Retry-After"), raw
+
+    def _send(self, connection, method, path, data, headers) -> tuple[http.client.HTTPResponse, bytes]:
+        connection.request(method, self._prefix + path, body=data, headers=headers)
+        response = connection.getresponse()
+        return response, response.read()
+
+    def _usable_connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """The kept connection when it is still open (True), else a new one (False). An idle
+        kept connection that has something to read was closed by the server (or is out of
+        step): it is dropped before anything is written to it."""
+        connection = self._connection
+        if connection is not None and connection.sock is not None:
+            readable, _, _ = select.select([connection.sock], [], [], 0)
+            if not readable:
+                return connection, True
+        self._drop_connection()
+        if self._scheme == "https":
+            self._connection = http.client.HTTPSConnection(
+                self._host, self._port, timeout=self.timeout, context=ssl.create_default_context()
+            )
+        else:
+            self._connection = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        return self._connection, False
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 def _seconds(value: str | None) -> float | None:

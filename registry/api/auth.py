@@ -12,6 +12,11 @@
   ``settings.CONTROLPLANE_REGISTRATION_TOKEN`` for ``POST /api/node/register``; the LocalAI
   body field ``token`` is accepted too. ``request.auth`` is ``REGISTRATION``.
 
+Heartbeats skip the authenticating read: the token's hash
+becomes a ``NodeTokenClaim`` that the heartbeat's UPDATE checks itself (``WHERE id = ... AND
+token_hash = ...``); only when that UPDATE finds no row does the view authenticate by reading,
+to answer the same problem as any other node call.
+
 Another node's token -> 403 ``node_token_mismatch``; the fleet token on a node that holds a
 per-node token -> 403 ``fleet_token_not_accepted``; the fleet token on a fleet-token node while
 such nodes are refused -> 403 ``fleet_token_nodes_refused``; the fleet token on an unknown node
@@ -73,6 +78,20 @@ class FleetTokenNodesRefused(exceptions.PermissionDenied):
     )
 
 
+class NodeTokenClaim:
+    """``request.auth`` of a heartbeat presenting a node token that nothing has checked yet:
+    the URL's ``node_id`` and the presented token's hash. The write that acts on it checks it
+    (``Node.objects.heartbeat_with_token``); only a view that sets
+    ``node_token_checked_by_write`` gets one."""
+
+    def __init__(self, node_id, token_hash: str):
+        self.node_id = node_id
+        self.token_hash = token_hash
+
+    def __repr__(self):
+        return f"<unchecked node token for node {self.node_id}>"
+
+
 class NodeTokenAuthentication(BearerAuthentication):
     """``Authorization: Bearer <node token or fleet token>`` on ``/api/node/<node_id>/...``.
 
@@ -82,6 +101,16 @@ class NodeTokenAuthentication(BearerAuthentication):
     URL's node. Only when both fail is the token looked up by hash, to tell "another node's
     token" (authenticated as that node; ``IsNodeSelf`` then answers 403 ``node_token_mismatch``)
     from "no such token" (401 ``invalid_token``).
+
+    On a view whose ``node_token_checked_by_write`` is set (the heartbeat, the hottest call:
+    every node, every 10 s) the read is skipped: a bearer that is not the fleet token becomes a
+    ``NodeTokenClaim`` and the view's UPDATE matches the row on id *and* token hash, so the
+    write itself checks the credential on the committed row. Why not a cache of checked
+    tokens instead: a token rotated (re-registration) or a node deleted through another web
+    process could not invalidate this process's cache, and the old token would keep writing
+    until the entry expired; checking in the write is correct across any number of processes
+    and costs nothing extra. The fleet token (LocalAI's workers) needs the node's
+    ``auth_mode``, so it always takes the reading path.
     """
 
     realm = "node"
@@ -90,7 +119,17 @@ class NodeTokenAuthentication(BearerAuthentication):
         token = bearer_token(request)
         if token is None:
             return None
-        node_id = (getattr(request, "parser_context", None) or {}).get("kwargs", {}).get("node_id")
+        context = getattr(request, "parser_context", None) or {}
+        node_id = context.get("kwargs", {}).get("node_id")
+        if (
+            getattr(context.get("view"), "node_token_checked_by_write", False)
+            and node_id is not None
+            and not secret_matches(token, settings.CONTROLPLANE_REGISTRATION_TOKEN)
+        ):
+            return Principal("node", str(node_id)), NodeTokenClaim(node_id, hash_token(token))
+        return self.authenticate_by_reading(token, node_id)
+
+    def authenticate_by_reading(self, token: str, node_id):
         node = Node.objects.filter(pk=node_id).first() if node_id is not None else None
         if node is not None and token_matches(token, node.token_hash):
             return Principal("node", node.name), node
@@ -131,7 +170,6 @@ class RegistrationTokenAuthentication(BearerAuthentication):
         return token if isinstance(token, str) and token else None
 
 
-
 def fleet_token_nodes_allowed() -> bool:
     """Whether nodes bound to the fleet token may register and call: the setting is on and a
     registration token exists (without one, such a node could never authenticate again)."""
@@ -156,7 +194,17 @@ class IsNodeSelf(permissions.BasePermission):
             if not fleet_token_nodes_allowed():
                 raise FleetTokenNodesRefused()
             return True
+        if isinstance(credential, NodeTokenClaim):
+            return str(credential.node_id) == str(view.kwargs.get("node_id"))
         return isinstance(credential, Node) and str(credential.pk) == str(view.kwargs.get("node_id"))
+
+
+def authenticate_claim_by_reading(view, request) -> None:
+    """Replace an unchecked ``NodeTokenClaim`` by what ``NodeTokenAuthentication`` finds by
+    reading (raising its 401), then check the view's permissions again (403/404)."""
+    authentication = NodeTokenAuthentication().authenticate_by_reading(bearer_token(request), view.kwargs["node_id"])
+    request.user, request.auth = authentication
+    view.check_permissions(request)
 
 
 def calling_node(request):

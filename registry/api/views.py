@@ -34,7 +34,9 @@ from .auth import (
     HasRegistrationToken,
     IsNodeSelf,
     NodeTokenAuthentication,
+    NodeTokenClaim,
     RegistrationTokenAuthentication,
+    authenticate_claim_by_reading,
     calling_node,
     fleet_token_nodes_allowed,
 )
@@ -206,6 +208,8 @@ class NodeSelfViewSet(viewsets.ViewSet):
     permission_classes = [IsNodeSelf]
     lookup_url_kwarg = "node_id"
     lookup_value_converter = "uuid"
+    # Set on the heartbeat only: its UPDATE checks the node token (NodeTokenAuthentication).
+    node_token_checked_by_write = False
 
     @property
     def node(self) -> Node:
@@ -220,13 +224,34 @@ class NodeSelfViewSet(viewsets.ViewSet):
         request=s.HeartbeatSerializer,
         responses={200: s.HeartbeatAnswerSerializer, **_NODE_CALL_PROBLEMS},
     )
-    @action(detail=True, methods=["post"])
+    @action(detail=True, methods=["post"], node_token_checked_by_write=True)
     def heartbeat(self, request, node_id):
+        if isinstance(request.auth, NodeTokenClaim):
+            answer = self._heartbeat_checked_by_write(request, node_id)
+            if answer is not None:
+                return answer
         body = s.HeartbeatSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         if not Node.objects.heartbeat(self.node.pk, **body.validated_data):
             raise NotFound("No such node.")
         return Response({"status": self.node.status, "address": self.node.address})
+
+    def _heartbeat_checked_by_write(self, request, node_id) -> Response | None:
+        """The UPDATE checks the token (one statement, no read). No row, or a body that is not
+        a valid heartbeat: authenticate by reading first (the 401/403/404 of every node call
+        come before any complaint about the body), then None lets the ordinary path answer."""
+        try:
+            data = request.data
+        except Exception as unreadable:  # 400/413/415, once authenticated (DRF reads it as empty next time)
+            authenticate_claim_by_reading(self, request)
+            raise unreadable
+        body = s.HeartbeatSerializer(data=data)
+        if body.is_valid():
+            answer = Node.objects.heartbeat_with_token(node_id, request.auth.token_hash, **body.validated_data)
+            if answer is not None:
+                return Response({"status": answer[0], "address": answer[1]})
+        authenticate_claim_by_reading(self, request)
+        return None
 
     @extend_schema(
         summary="Stop new work on this node (graceful shutdown, step 1)",

@@ -1,0 +1,54 @@
+"""Persistent database connections are the default (``DATABASE_CONN_MAX_AGE`` 60 s, health
+checks on): against the real web process (gunicorn, the shipped configuration) a web thread
+keeps its PostgreSQL connection across requests, and when PostgreSQL drops every connection
+(what a server restart does to them) the next requests still succeed: the health check finds
+the dead connection before it is used and opens a new one."""
+
+import time
+
+import pytest
+from django.conf import settings
+
+from tests.e2e.harness import TOKEN
+from tests.security.edge import start_edge_server
+from worker.control_plane import ControlPlaneClient
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = start_edge_server(tmp_path_factory.mktemp("persistent"), settings.DATABASES["default"])
+    yield server
+    server.close()
+
+
+def backends(server) -> list[int]:
+    """The PostgreSQL sessions connected to the web process's database."""
+    with server._admin_connection() as connection:
+        rows = connection.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (server.database,)
+        ).fetchall()
+    return [pid for (pid,) in rows]
+
+
+def test_connections_are_kept_and_a_dropped_one_costs_no_failed_request(server):
+    client = ControlPlaneClient(server.base_url, timeout=20)
+    node = client.register({"name": f"kept-{time.monotonic_ns()}", "address": "127.0.0.1:50996"}, TOKEN)
+    token = node.get("node_token") or TOKEN
+    for _ in range(30):
+        client.heartbeat(node["id"], token, {})
+    kept = backends(server)
+    assert 1 <= len(kept) <= 8  # at most one per thread of the one web process, not one per request
+    for _ in range(30):
+        client.heartbeat(node["id"], token, {})
+    assert len(backends(server)) <= 8  # no growth with the number of requests
+
+    with server._admin_connection() as connection:
+        for pid in kept:
+            connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    for _ in range(30):  # every thread's connection is dead: each is replaced, no call fails
+        assert client.heartbeat(node["id"], token, {"available_vram": 2**30})["status"] == "healthy"
+    assert not set(backends(server)) & set(kept)
+    status, stored = server.api("GET", f"/api/v1/nodes/{node['id']}")
+    assert status == 200 and stored["available_vram"] == 2**30
