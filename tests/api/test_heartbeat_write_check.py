@@ -13,8 +13,7 @@ from django.test.utils import CaptureQueriesContext
 
 from core.tokens import hash_token
 from registry.models import Node
-from tests.api.conftest import REGISTRATION_TOKEN
-from tests.api.helpers import assert_problem, bearer
+from tests.clients import REGISTRATION_TOKEN, assert_problem, bearer
 from tests.e2e.harness import TOKEN, free_port, wait_for
 from tests.factories import GIB, make_node
 from tests.security.edge import start_edge_server

@@ -40,7 +40,7 @@ def start(fleet, workers, *, slots=1, reconcilers=1, webs=1, **settings):
 
 
 def _free():
-    from tests.e2e.harness import free_port
+    from tests.processes import free_port
 
     return free_port()
 

@@ -17,7 +17,7 @@ from rest_framework.test import APIClient
 from core import tokens
 from proto import client
 from tests.clients import client_with
-from tests.e2e.harness import free_port, wait_for
+from tests.processes import free_port, wait_for
 
 pytestmark = pytest.mark.django_db
 
