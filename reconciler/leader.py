@@ -44,7 +44,7 @@ def run_leader_process(parent_pid: int) -> None:
     """Target of the leader process (forked from the qcluster's main process, which closes its
     database connections first: a forked process must not share them)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the qcluster, which stops us
-    signal.signal(signal.SIGTERM, lambda signum, frame: shutdown.STOP_REQUESTED.set())
+    shutdown.stop_on_sigterm()
     threading.Thread(target=watch_parent, args=(parent_pid,), name="parent watch", daemon=True).start()
     logger.info("reconcile leader started (pid %d)", os.getpid())
     summary = lead()
