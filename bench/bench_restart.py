@@ -6,7 +6,7 @@ jobs; ``--reconciler loop`` uses ``manage.py reconcile --loop`` instead), 4 refe
 (2 slots each) with echo backends, 3 models with floors 2, 1, 2, stale after 4 s, a pass every
 second. Each run SIGKILLs web, qcluster and one worker that serves replicas, keeps the control
 plane down 8 s (no heartbeat is received: every node is stale, and the killed worker's never
-come again), starts web and qcluster again and times:
+come again), starts qcluster and web again (at once, as ``make run`` does) and times:
 
 * restart -> the dead worker reaped (``offline``);
 * restart -> every model at its floor on live workers (after the reaping: the floors count
@@ -95,9 +95,10 @@ def main(argv=None) -> int:
             live.remove(doomed)
             time.sleep(args.down_for)
             restarted = time.monotonic()
+            # both at once, as ``make run`` starts them (start_web returns once the web answers)
+            procs["reconciler"] = start_reconciler(fleet, args.reconciler)
             procs["web"] = fleet.start_web()
             web_up = time.monotonic() - restarted
-            procs["reconciler"] = start_reconciler(fleet, args.reconciler)
             wait_for(lambda name=doomed: fleet.nodes()[name]["status"] == "offline", timeout=120, interval=0.2,
                      what=f"{doomed} reaped")
             reaped = time.monotonic() - restarted

@@ -21,7 +21,7 @@ STALE_AFTER = 4.0
 INTERVAL = 1.0
 # The qcluster's leader process passes from its first second; margin for starting processes
 # on a busy machine.
-SCHEDULER_TICK = 10.0
+STARTUP_MARGIN = 10.0
 
 
 def ready_replicas(fleet, model):
@@ -48,7 +48,7 @@ def test_floor_is_restored_after_control_plane_restart_with_stale_heartbeats_and
     with frontend.lease("tiny", backend_type="echo", model_options={"Model": "tiny"}, wait_seconds=30) as lease:
         assert lease.address
     assert frontend.get_model("tiny")["min_replicas"] == 2
-    wait_for(lambda: ready_replicas(fleet, "tiny") == 2, timeout=SCHEDULER_TICK + 60, what="2 ready replicas before the restart")
+    wait_for(lambda: ready_replicas(fleet, "tiny") == 2, timeout=STARTUP_MARGIN + 60, what="2 ready replicas before the restart")
 
     # everything goes down at once; one worker never comes back
     fleet.stop(web, signal.SIGKILL)
@@ -64,7 +64,7 @@ def test_floor_is_restored_after_control_plane_restart_with_stale_heartbeats_and
         # ready = loaded on a healthy backend node; the dead worker must have been reaped
         return fleet.nodes()["recover-b"]["status"] == "offline" and ready_replicas(fleet, "tiny") == 2
 
-    wait_for(converged, timeout=SCHEDULER_TICK + STALE_AFTER + 60, interval=0.5, what="floor restored on live workers")
+    wait_for(converged, timeout=STARTUP_MARGIN + STALE_AFTER + 60, interval=0.5, what="floor restored on live workers")
     elapsed = time.monotonic() - restarted
     report(f"e2e restart recovery: floor of 2 restored {elapsed:.1f}s after web+qcluster restarted")
     assert survivor.alive()
