@@ -310,7 +310,7 @@ def lead(*, budget: float | None = None, interval: float | None = None, sleep=sh
         if remaining is not None and remaining <= 0:
             break
         try:
-            result = run_leader(budget=remaining, interval=interval, standby=True)
+            result = run_leader(budget=remaining, interval=interval, standby=True, sleep=sleep)
         except DatabaseError as exc:
             logger.warning("reconcile leader: database unavailable (%s); retrying in %gs", exc, pause)
             result = LeaderSummary(

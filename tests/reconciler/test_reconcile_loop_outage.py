@@ -17,7 +17,7 @@ pytestmark = pytest.mark.django_db
 def test_the_loop_retries_after_database_errors_and_lost_connections(monkeypatch):
     calls = []
 
-    def run_leader(*, budget, interval, standby):
+    def run_leader(*, budget, interval, standby, sleep):
         calls.append(budget)
         if len(calls) == 1:
             raise OperationalError("connection refused")
