@@ -85,8 +85,11 @@ def main(argv=None) -> int:
         for model, floor in RESTART_FLOORS.items():
             fleet.set_floor(model, floor)
         wait_for(at_floor, timeout=120, what="every model at its floor")
-        print(f"# fleet up and at its floors in {time.monotonic() - started:.1f}s ({workdir}); "
-              f"reconciler: {args.reconciler}; {os.getloadavg()[0]:.2f} load", flush=True)
+        print(
+            f"# fleet up and at its floors in {time.monotonic() - started:.1f}s ({workdir}); "
+            f"reconciler: {args.reconciler}; {os.getloadavg()[0]:.2f} load",
+            flush=True,
+        )
         for run in range(1, args.runs + 1):
             doomed = busiest_worker(fleet, live)
             fleet.stop(procs["web"], signal.SIGKILL)
@@ -99,8 +102,12 @@ def main(argv=None) -> int:
             procs["reconciler"] = start_reconciler(fleet, args.reconciler)
             procs["web"] = fleet.start_web()
             web_up = time.monotonic() - restarted
-            wait_for(lambda name=doomed: fleet.nodes()[name]["status"] == "offline", timeout=120, interval=0.2,
-                     what=f"{doomed} reaped")
+            wait_for(
+                lambda name=doomed: fleet.nodes()[name]["status"] == "offline",
+                timeout=120,
+                interval=0.2,
+                what=f"{doomed} reaped",
+            )
             reaped = time.monotonic() - restarted
             wait_for(at_floor, timeout=120, interval=0.2, what=f"every model at its floor {RESTART_FLOORS}")
             floors = time.monotonic() - restarted

@@ -39,14 +39,10 @@ from django.conf import settings
 from django_q.cluster import Cluster, Sentinel, get_mp_context
 from django_q.conf import setproctitle
 from django_q.management.commands.qcluster import Command as DjangoQClusterCommand
+from prometheus_client import multiprocess as prometheus_multiprocess
 
 from reconciler import shutdown
 from reconciler.leader import run_leader_process
-
-try:
-    from prometheus_client import multiprocess as prometheus_multiprocess
-except ImportError:  # pragma: no cover - prometheus-client is a requirement
-    prometheus_multiprocess = None
 
 logger = logging.getLogger("reconciler.qcluster")
 
@@ -149,9 +145,10 @@ class BoundedCluster(Cluster):
     def start_leader(self) -> None:
         """Start the reconciler's leader process (again, after it died)."""
         if self.leader is not None:
-            logger.critical("Q Cluster %s: reconcile leader exited with %s; starting it again", self.name,
-                            self.leader.exitcode)
-            if prometheus_multiprocess is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            logger.critical(
+                "Q Cluster %s: reconcile leader exited with %s; starting it again", self.name, self.leader.exitcode
+            )
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # its live gauges are summed no more
                 prometheus_multiprocess.mark_process_dead(self.leader.pid)
         db.connections.close_all()  # a forked process must not share this process's connections
         self.leader = get_mp_context().Process(
