@@ -75,6 +75,14 @@ def test_passes_start_with_the_qcluster_and_again_after_a_sigkill(fast, report):
     time.sleep(5 * INTERVAL)
     assert len(passes(fleet, mark)) >= 4
 
+    # the leader process alone dies: the qcluster starts another one
+    os.kill(leader, signal.SIGKILL)
+    mark = last_id(fleet)
+    killed = time.monotonic()
+    respawned, successor = first_pass_after(fleet, killed, mark, timeout=INTERVAL + STARTUP + 30)
+    assert successor != leader and parent_of(successor) == qcluster.popen.pid
+    assert respawned < INTERVAL + STARTUP, respawned
+
     # SIGKILL of the qcluster's whole process group, then a restart
     fleet.stop(qcluster, signal.SIGKILL)
     mark = last_id(fleet)
@@ -95,7 +103,8 @@ def test_passes_start_with_the_qcluster_and_again_after_a_sigkill(fast, report):
     assert orphaned < INTERVAL + STARTUP, orphaned
     assert parent_of(leader) == replacement.popen.pid
     report(
-        f"qcluster leader: first pass {first:.1f}s after the qcluster started, {again:.1f}s after a restart "
+        f"qcluster leader: first pass {first:.1f}s after the qcluster started, {respawned:.1f}s after its leader "
+        f"process was SIGKILLed (the qcluster starts another), {again:.1f}s after a restart "
         f"following a SIGKILL of its group, {orphaned:.1f}s after a restart following a SIGKILL of its main "
         f"process (interval {INTERVAL:g}s)"
     )
