@@ -240,16 +240,21 @@ def run_leader(
     clock=time.monotonic,
     sleep=shutdown.pause,
 ) -> LeaderSummary:
-    """Take the reconcile try-lock and run a pass every ``interval`` seconds until ``budget``
+    """Take the leader try-lock and run a pass every ``interval`` seconds until ``budget``
     seconds have passed (``None``: forever), then release it and return.
 
-    Without the lock: return at once (``skipped: held``), or with ``standby`` keep trying every
-    interval until the budget ends (a hot spare: every qcluster's leader process, ``manage.py
-    reconcile --loop``). The lock is
-    a session lock on this thread's database connection, so if the process dies the lock dies
-    with the connection and a standby leader takes over at its next try. A pass is only started if it
-    starts before the budget ends; a database error that may have cost the connection ends the
-    run (the lock may be gone).
+    Two locks: the leader lock (``LockKey.RECONCILE_LEADER``), held for the whole run, makes one
+    process the leader; each pass also takes the pass lock (``LockKey.RECONCILE``) for its own
+    duration only, as ``reconcile_once`` does, so passes stay one at a time while a forced pass
+    (``POST /api/v1/reconcile``, ``manage.py reconcile --once``) can still run between the
+    leader's passes. A tick whose pass lock is taken is skipped (counted in ``skipped.held``).
+
+    Without the leader lock: return at once (``skipped: held``), or with ``standby`` keep trying
+    every interval until the budget ends (a hot spare: every qcluster's leader process,
+    ``manage.py reconcile --loop``). Both are session locks on this thread's database connection,
+    so if the process dies they die with the connection and a standby leader takes over at its
+    next try. A pass is only started if it starts before the budget ends; a database error that
+    may have cost the connection ends the run (the locks may be gone).
     """
     interval = float(settings.RECONCILE_INTERVAL if interval is None else interval)
     began = clock()
@@ -263,18 +268,22 @@ def run_leader(
         if shutdown.stop_requested():
             result.outcome, result.reason = ReconcilePass.Outcome.SKIPPED, STOPPING
             return result
-        with try_advisory_lock(LockKey.RECONCILE) as held:
-            if held:
+        with try_advisory_lock(LockKey.RECONCILE_LEADER) as leading:
+            if leading:
                 result.outcome, result.reason = ReconcilePass.Outcome.OK, ""
                 took = clock()
                 try:
                     while True:
                         pass_started = clock()
-                        summary = run_pass(scheduler=scheduler, prober=prober)
-                        result.add(summary)
-                        if summary.fatal:
-                            result.reason = LOST
-                            return result
+                        with try_advisory_lock(LockKey.RECONCILE) as held:
+                            summary = run_pass(scheduler=scheduler, prober=prober) if held else None
+                        if summary is None:
+                            result.skipped["held"] += 1  # a forced pass is running
+                        else:
+                            result.add(summary)
+                            if summary.fatal:
+                                result.reason = LOST
+                                return result
                         next_start = pass_started + interval
                         if not time_left(next_start):
                             return result
@@ -285,7 +294,7 @@ def run_leader(
                             return result
                 finally:
                     result.held_s += clock() - took
-        # Only reached without the lock: the loop above always returns.
+        # Only reached without the leader lock: the loop above always returns.
         result.outcome, result.reason = ReconcilePass.Outcome.SKIPPED, "held"
         if not standby:
             record_skipped()

@@ -97,12 +97,12 @@ def test_the_leader_loop_sleep_ends_when_the_qcluster_stops(stop_requested):
     assert time.monotonic() - began < 5
 
 
-def hold_lock(close_thread_connections):
+def hold_lock(close_thread_connections, key=LockKey.RECONCILE_LEADER):
     taken, release = threading.Event(), threading.Event()
 
     def hold():
         try:
-            with try_advisory_lock(LockKey.RECONCILE) as held:
+            with try_advisory_lock(key) as held:
                 assert held
                 taken.set()
                 release.wait(timeout=10)
@@ -145,6 +145,26 @@ def test_a_standby_leader_takes_over_when_the_lock_is_released(close_thread_conn
 
     assert result.outcome == "ok"
     assert result.passes == 4  # took over at 20 s, passes at 20, 30, 40, 50
+
+
+def test_the_leader_skips_a_tick_while_a_forced_pass_runs_and_keeps_leading(close_thread_connections):
+    """The leader holds the leader lock for its run but the pass lock only for each pass: a
+    forced pass (``POST /api/v1/reconcile``) runs between the leader's passes, one at a time."""
+    thread, release = hold_lock(close_thread_connections, LockKey.RECONCILE)  # a pass is running
+    clock = FakeClock()
+    ticks = []
+
+    def sleep(seconds):
+        ticks.append(clock.t)
+        if len(ticks) == 1:
+            release.set()
+            thread.join()
+        clock.sleep(seconds)
+
+    result = run_leader(budget=30, interval=10, scheduler=FakeScheduler(), prober=FakeProber(), clock=clock, sleep=sleep)
+
+    assert (result.outcome, result.passes, result.skipped["held"]) == ("ok", 2, 1)  # passes at 10, 20 s
+    assert ReconcilePass.objects.filter(outcome=ReconcilePass.Outcome.OK).count() == 2
 
 
 def test_manage_py_reconcile_once_prints_the_summary():
