@@ -52,10 +52,10 @@ def test_floor_is_restored_after_control_plane_restart_with_stale_heartbeats_and
     # still running when the qcluster is killed leaves a `loading` row that counts towards the
     # floor until RECONCILE_STALE_LOADING_AFTER (a different scenario: f, f2)
     wait_for(
-        lambda: ready_replicas(fleet, "tiny") == 2
+        lambda: ready_replicas(fleet, "tiny") >= 2
         and not fleet.sql("SELECT 1 FROM registry_nodemodel WHERE state = 'loading'"),
         timeout=STARTUP_MARGIN + 60,
-        what="2 ready replicas and no load in progress before the restart",
+        what="the floor of 2 ready and no load in progress before the restart",
     )
 
     # everything goes down at once; one worker never comes back
