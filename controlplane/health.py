@@ -12,7 +12,7 @@ OpenAPI entry), for load balancers and orchestrators.
   - ``reconciler`` (when ``READYZ_REQUIRE_RECONCILER``, default on): a successful pass
     finished within ``3 x RECONCILE_INTERVAL``. Skipped during ``READYZ_STARTUP_GRACE``
     seconds after this process started, so a fleet that is just starting (qcluster not yet
-    running its first scheduled leader loop) is not reported unready.
+    started, or its first pass not yet finished) is not reported unready.
 
   200 ``{"status": "ok", "checks": {...}}``, else 503 ``application/problem+json`` with
   ``code: "not_ready"``, ``checks`` (each ``{"ok": bool, "detail": str}``) and ``failing``.

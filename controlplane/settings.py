@@ -316,8 +316,6 @@ LOAD_JOB_MAX_ATTEMPTS = env_int("CONTROLPLANE_LOAD_JOB_MAX_ATTEMPTS", 3)
 ROUTER_RETENTION_SECONDS = env_float("CONTROLPLANE_ROUTER_RETENTION_SECONDS", 86400.0)
 
 # --- Reconciler (read at the start of every pass: reconciler/conf.py) ------------------------
-# Seconds a scheduled leader run keeps passing before it returns (under Q_CLUSTER's timeout).
-RECONCILE_LEADER_BUDGET = env_float("CONTROLPLANE_RECONCILE_LEADER_BUDGET", 50.0)
 # Reap no node when more than this fraction of the healthy nodes turn stale in one pass (and at
 # least two do): the control plane or its network is the likelier culprit.
 RECONCILE_MASS_STALE_FRACTION = env_float("CONTROLPLANE_RECONCILE_MASS_STALE_FRACTION", 0.5)
@@ -349,8 +347,6 @@ RECONCILE_STALE_LOADING_AFTER = env_optional_float("CONTROLPLANE_RECONCILE_STALE
 # RECONCILE_INTERVAL (the longest quiet a live fleet shows, plus one pass of margin), kept
 # between STALE_AFTER / 2 and STALE_AFTER.
 RECONCILE_OBSERVATION_GAP = env_optional_float("CONTROLPLANE_RECONCILE_OBSERVATION_GAP")
-# Name of the django-q2 schedule that runs the leader loop (reconciler/schedule.py).
-RECONCILE_SCHEDULE_NAME = "controlplane.reconcile"
 
 # --- django-q2 ------------------------------------------------------------------------------
 # ORM broker by default (no extra service); Redis when REDIS_URL is set.
@@ -358,9 +354,9 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 Q_CLUSTER = {
     "name": "controlplane",
     "workers": env_int("Q_WORKERS", 2),
-    # A leader run (RECONCILE_LEADER_BUDGET, 50 s) may start a scale-up just before its budget
-    # ends, and a load can take GRPC_WORKER_TIMEOUT + GRPC_LOAD_TIMEOUT: the task timeout covers
-    # both, and the broker's retry is longer than the timeout (django-q2 requires it).
+    # A load job can take GRPC_WORKER_TIMEOUT + GRPC_LOAD_TIMEOUT: the task timeout covers it,
+    # and the broker's retry is longer than the timeout (django-q2 requires it). The reconciler's
+    # passes run in the qcluster's leader process, not as django-q2 tasks (reconciler/leader.py).
     "timeout": env_int("Q_TIMEOUT", 300),
     "retry": env_int("Q_RETRY", 360),
     "max_attempts": 1,

@@ -18,7 +18,9 @@ twice, or after a crash half-way, is harmless. Its phases, in order:
 5. conditions per model, with an event per state change.
 
 The phases themselves are ``apply.Pass``; this module drives them: the reconcile lock, the
-pass's clock, the stored summary, and the leader loop of the scheduled task.
+pass's clock, the stored summary, and the leader loop (``run_leader``, and ``lead``, which keeps
+it going across database outages: the qcluster's leader process and ``manage.py reconcile
+--loop``; docs/resilience.md, "The leader loop").
 
 The snapshot is re-read (same fixed number of queries) after a phase that changed rows, so each
 phase plans from what the database says, not from what the previous phase hoped it did.
@@ -34,7 +36,7 @@ from datetime import datetime, timedelta
 from uuid import uuid4
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, connection
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, connections
 from django.utils import timezone
 
 from core import metrics
@@ -54,6 +56,7 @@ __all__ = [
     "RouterScheduler",
     "SchedulerUnavailable",
     "database_now",
+    "lead",
     "reconcile_once",
     "record_skipped",
     "run_leader",
@@ -188,6 +191,8 @@ def _store(summary: PassSummary, cfg: ReconcileConfig) -> None:
 
 #: ``LeaderSummary.reason`` of a leader run cut short because its qcluster is stopping.
 STOPPING = "stopping"
+#: ``LeaderSummary.reason`` of a leader run that ended on a database error (lock maybe gone).
+LOST = "database connection lost"
 
 
 @dataclass
@@ -235,15 +240,21 @@ def run_leader(
     clock=time.monotonic,
     sleep=shutdown.pause,
 ) -> LeaderSummary:
-    """Take the reconcile try-lock and run a pass every ``interval`` seconds until ``budget``
+    """Take the leader try-lock and run a pass every ``interval`` seconds until ``budget``
     seconds have passed (``None``: forever), then release it and return.
 
-    Without the lock: return at once (``skipped: held``), or with ``standby`` keep trying every
-    interval until the budget ends (``manage.py reconcile --loop`` as a hot spare). The lock is
-    a session lock on this thread's database connection, so if the process dies the lock dies
-    with the connection and the next scheduled run takes over. A pass is only started if it
-    starts before the budget ends; a database error that may have cost the connection ends the
-    run (the lock may be gone).
+    Two locks: the leader lock (``LockKey.RECONCILE_LEADER``), held for the whole run, makes one
+    process the leader; each pass also takes the pass lock (``LockKey.RECONCILE``) for its own
+    duration only, as ``reconcile_once`` does, so passes stay one at a time while a forced pass
+    (``POST /api/v1/reconcile``, ``manage.py reconcile --once``) can still run between the
+    leader's passes. A tick whose pass lock is taken is skipped (counted in ``skipped.held``).
+
+    Without the leader lock: return at once (``skipped: held``), or with ``standby`` keep trying
+    every interval until the budget ends (a hot spare: every qcluster's leader process,
+    ``manage.py reconcile --loop``). Both are session locks on this thread's database connection,
+    so if the process dies they die with the connection and a standby leader takes over at its
+    next try. A pass is only started if it starts before the budget ends; a database error that
+    may have cost the connection ends the run (the locks may be gone).
     """
     interval = float(settings.RECONCILE_INTERVAL if interval is None else interval)
     began = clock()
@@ -257,18 +268,22 @@ def run_leader(
         if shutdown.stop_requested():
             result.outcome, result.reason = ReconcilePass.Outcome.SKIPPED, STOPPING
             return result
-        with try_advisory_lock(LockKey.RECONCILE) as held:
-            if held:
+        with try_advisory_lock(LockKey.RECONCILE_LEADER) as leading:
+            if leading:
                 result.outcome, result.reason = ReconcilePass.Outcome.OK, ""
                 took = clock()
                 try:
                     while True:
                         pass_started = clock()
-                        summary = run_pass(scheduler=scheduler, prober=prober)
-                        result.add(summary)
-                        if summary.fatal:
-                            result.reason = "database connection lost"
-                            return result
+                        with try_advisory_lock(LockKey.RECONCILE) as held:
+                            summary = run_pass(scheduler=scheduler, prober=prober) if held else None
+                        if summary is None:
+                            result.skipped["held"] += 1  # a forced pass is running
+                        else:
+                            result.add(summary)
+                            if summary.fatal:
+                                result.reason = LOST
+                                return result
                         next_start = pass_started + interval
                         if not time_left(next_start):
                             return result
@@ -279,7 +294,7 @@ def run_leader(
                             return result
                 finally:
                     result.held_s += clock() - took
-        # Only reached without the lock: the loop above always returns.
+        # Only reached without the leader lock: the loop above always returns.
         result.outcome, result.reason = ReconcilePass.Outcome.SKIPPED, "held"
         if not standby:
             record_skipped()
@@ -287,3 +302,37 @@ def run_leader(
         if not time_left(clock() + interval):
             return result
         sleep(interval)
+
+
+def lead(*, budget: float | None = None, interval: float | None = None, sleep=shutdown.pause) -> LeaderSummary:
+    """A standby leader loop that outlives database outages: ``run_leader`` until ``budget``
+    seconds have passed (``None``: until the process is asked to stop), starting again, on a
+    fresh connection, every ``interval`` after a run that lost its connection or could not reach
+    the database at all. The advisory lock died with the old connection, so whichever leader
+    reconnects first leads. Returns the last run's summary (``LOST`` if the budget ran out
+    during an outage)."""
+    pause = float(settings.RECONCILE_INTERVAL if interval is None else interval)
+    began = time.monotonic()
+    result = LeaderSummary(started_at=timezone.now(), outcome=ReconcilePass.Outcome.ERROR, reason=LOST)
+    while not shutdown.stop_requested():
+        remaining = None if budget is None else budget - (time.monotonic() - began)
+        if remaining is not None and remaining <= 0:
+            break
+        try:
+            result = run_leader(budget=remaining, interval=interval, standby=True, sleep=sleep)
+        except DatabaseError as exc:
+            logger.warning("reconcile leader: database unavailable (%s); retrying in %gs", exc, pause)
+            result = LeaderSummary(
+                started_at=timezone.now(), outcome=ReconcilePass.Outcome.ERROR, reason=f"{LOST}: {exc}"
+            )
+        else:
+            if result.reason != LOST:
+                break
+            logger.warning("reconcile leader: %s; retrying in %gs", LOST, pause)
+        for alias in connections:
+            try:
+                connections[alias].close()
+            except DatabaseError:
+                pass
+        sleep(pause)
+    return result

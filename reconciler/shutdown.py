@@ -1,11 +1,12 @@
-"""Ending the qcluster's long-running tasks promptly when the qcluster stops.
+"""Ending the qcluster's long-running work promptly when the qcluster stops.
 
-django-q2 stops a cluster by letting each worker process finish its current task, and the
-reconciler's leader loop is a task that runs for up to ``RECONCILE_LEADER_BUDGET`` (50 s). The
-project's ``manage.py qcluster`` (``reconciler/management/commands/qcluster.py``) therefore
-sends SIGTERM to its worker processes when it stops; in those processes (and only there, see
-:func:`install_in_cluster_worker`) SIGTERM sets :data:`STOP_REQUESTED`, and the leader loop
-returns after the pass it is running instead of sleeping until its budget is spent.
+The project's ``manage.py qcluster`` (``reconciler/management/commands/qcluster.py``) stops by
+sending SIGTERM to every process it started, then kills what is still running after
+``Q_STOP_GRACE``. In its reconcile leader process (``reconciler.leader``) and in django-q2's
+worker processes (only under that command, see :func:`install_in_cluster_worker`), SIGTERM
+sets :data:`STOP_REQUESTED` instead of killing: the leader loop returns after the pass it is
+running instead of sleeping until its next one, and a worker finishes the load job it runs
+(django-q2 then stops it) instead of dying half-way through it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import signal
 import threading
 
-#: Set in a qcluster worker process when the cluster is stopping.
+#: Set in the qcluster's leader and worker processes when the qcluster is stopping (in the
+#: leader also when its qcluster is gone).
 STOP_REQUESTED = threading.Event()
 
 # Set in the sentinel before it forks its workers (fork copies it): post_spawn receivers only
@@ -31,6 +33,11 @@ def pause(seconds: float) -> None:
     STOP_REQUESTED.wait(max(0.0, seconds))
 
 
+def stop_on_sigterm() -> None:
+    """In this process, SIGTERM requests a stop (sets :data:`STOP_REQUESTED`)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: STOP_REQUESTED.set())
+
+
 def mark_graceful_cluster() -> None:
     global _graceful_cluster
     _graceful_cluster = True
@@ -39,4 +46,4 @@ def mark_graceful_cluster() -> None:
 def install_in_cluster_worker(sender=None, proc_name=None, **kwargs) -> None:
     """django-q2 ``post_spawn`` receiver (runs in each new worker process)."""
     if _graceful_cluster:
-        signal.signal(signal.SIGTERM, lambda signum, frame: STOP_REQUESTED.set())
+        stop_on_sigterm()

@@ -29,6 +29,7 @@ class LockKey(enum.IntEnum):
 
     MIGRATE = 0x6370_0000_0001
     RECONCILE = 0x6370_0000_0002
+    RECONCILE_LEADER = 0x6370_0000_0003
 
 
 class LockTimeout(Exception):

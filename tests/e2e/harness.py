@@ -293,10 +293,9 @@ def _fleet_resume(self, process_or_pid) -> None:
 def _fleet_start_reconciler(self, interval: float = 1.0, name: str = "reconciler") -> Process:
     """``manage.py reconcile --loop``: passes every ``interval`` s from the first second.
 
-    The fault scenarios use it instead of the qcluster because django-q2 looks for due
-    schedules only every 30 s: a (re)started qcluster would add up to 30 s of dead time to
-    every measured convergence. Cold loads requested through the API still need a load-job
-    runner: ``CONTROLPLANE_LOAD_JOB_RUNNER=thread`` runs them inside the web process.
+    The same standby leader loop as the qcluster's leader process, without django-q2's
+    processes. Cold loads requested through the API still need a load-job runner:
+    ``CONTROLPLANE_LOAD_JOB_RUNNER=thread`` runs them inside the web process.
     """
     return self.spawn(name, [sys.executable, "manage.py", "reconcile", "--loop", "--interval", str(interval)])
 

@@ -81,25 +81,24 @@ def test_make_demo_stops_a_worker_then_everything_in_order_within_10_s(tmp_path,
 
 
 def test_make_run_stops_a_running_leader_loop_within_10_s(tmp_path, report):
-    """SIGTERM to the group while the scheduled reconcile task (a leader loop of up to 50 s)
-    runs in a qcluster worker: the loop ends after its current pass, the task completes (it is
-    not killed), and everything is gone within 10 s. django-q2 looks for due schedules every
-    30 s, so this test waits for the first run."""
+    """SIGTERM to the group while the qcluster's reconcile leader process runs its loop (it
+    starts with the qcluster and runs until stopped): the loop ends after its current pass (it
+    is not killed), and everything is gone within 10 s."""
     run = ScriptRun("run", tmp_path)
     run.start()
     try:
         run.wait_until(run.answers_livez, timeout=90, what="the web process")
         run.wait_until(
-            lambda: re.search(r"processing .*'reconciler\.tasks\.run_scheduled_reconcile'", run.log()),
+            lambda: "reconcile leader started" in run.log() and re.search(r"reconcile pass (ok|error)", run.log()),
             timeout=90,
-            what="the scheduled leader loop to start",
+            what="the leader loop's first pass",
         )
         started = run.processes()
         os.killpg(run.popen.pid, signal.SIGTERM)
         took, left = run.wait_gone(set(started))
         log = run.log()
         assert not left and took < STOP_BOUND_S, (took, left, log[-3000:])
-        assert "Processed 'reconciler.tasks.run_scheduled_reconcile'" in log, log[-3000:]
+        assert "reconcile leader stopped: stopping" in log, log[-3000:]
         assert "killed" not in log, log[-3000:]
         report(f"make run, group SIGTERM during a leader loop: loop ended, all processes gone in {took:.1f} s")
     finally:

@@ -1,25 +1,19 @@
-"""django-q2 wiring, the leader loop and ``manage.py reconcile``."""
+"""The leader loop, the retired django-q2 schedule and ``manage.py reconcile``."""
 
 import io
 import json
 import threading
 import time
-from datetime import timedelta
 
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.test import override_settings
-from django.utils import timezone
-from django_q.brokers import get_broker
-from django_q.conf import Conf
-from django_q.models import Schedule, Task
-from django_q.scheduler import scheduler as run_django_q_scheduler
+from django.db import connection
+from django.db.migrations.executor import MigrationExecutor
+from django_q.models import Schedule
 
 from reconciler.models import ReconcilePass
 from reconciler.reconcile import run_leader
-from reconciler.schedule import TASK, register_schedule
 from registry.locks import LockKey, advisory_lock
 from tests.concurrency import held_in_another_thread
 from tests.reconciler.fakes import FakeProber, FakeScheduler
@@ -27,50 +21,23 @@ from tests.reconciler.fakes import FakeProber, FakeScheduler
 pytestmark = pytest.mark.django_db
 
 
-def schedules():
-    return Schedule.objects.filter(name=settings.RECONCILE_SCHEDULE_NAME)
-
-
-def test_the_schedule_exists_once_after_migrating_twice():
-    call_command("migrate", verbosity=0)
-    call_command("migrate", verbosity=0)
-
-    schedule = schedules().get()
-    assert (schedule.func, schedule.schedule_type, schedule.minutes, schedule.repeats) == (
-        TASK,
-        Schedule.MINUTES,
-        1,
-        -1,
+@pytest.mark.django_db(transaction=True)  # migrating backwards (SQLite: outside a transaction)
+def test_migrating_removes_the_retired_reconcile_schedule():
+    """Earlier versions ran the leader loop as a django-q2 schedule; its task is gone (the
+    qcluster's leader process runs the passes), so migrating removes the schedule."""
+    before = [("reconciler", "0002_unanswered_listings")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    django_q_leaf = [key for key in executor.loader.graph.leaf_nodes() if key[0] == "django_q"]
+    old_apps = executor.loader.project_state(before + django_q_leaf).apps
+    old_apps.get_model("django_q", "Schedule").objects.create(
+        name="controlplane.reconcile", func="reconciler.tasks.run_scheduled_reconcile", schedule_type="I", minutes=1
     )
+    Schedule.objects.create(name="someone.elses", func="app.tasks.job", schedule_type=Schedule.HOURLY)
 
+    call_command("migrate", verbosity=0)
 
-def test_registering_again_restores_the_schedule_and_removes_duplicates():
-    original = schedules().get()
-    Schedule.objects.create(name=settings.RECONCILE_SCHEDULE_NAME, func="old.path", schedule_type=Schedule.HOURLY)
-    schedules().filter(pk=original.pk).update(func="edited.by.hand")
-
-    register_schedule(Schedule)
-
-    schedule = schedules().get()
-    assert (schedule.pk, schedule.func, schedule.schedule_type) == (original.pk, TASK, Schedule.MINUTES)
-    schedules().delete()
-    register_schedule(Schedule)
-    assert schedules().count() == 1
-
-
-@override_settings(RECONCILE_LEADER_BUDGET=0)
-def test_a_scheduled_run_executes_a_pass(monkeypatch):
-    """The real django-q2 scheduler, in sync mode, picks the due schedule and runs the task."""
-    monkeypatch.setattr(Conf, "SYNC", True)
-    schedules().update(next_run=timezone.now() - timedelta(minutes=1))
-
-    run_django_q_scheduler(broker=get_broker())
-
-    task = Task.objects.get(func=TASK)
-    assert task.success, task.result
-    assert (task.result["outcome"], task.result["passes"]) == ("ok", 1)
-    assert ReconcilePass.objects.filter(outcome=ReconcilePass.Outcome.OK).count() == 1
-    assert schedules().get().next_run > timezone.now()
+    assert list(Schedule.objects.values_list("name", flat=True)) == ["someone.elses"]
 
 
 class FakeClock:
@@ -131,16 +98,15 @@ def test_the_leader_loop_sleep_ends_when_the_qcluster_stops(stop_requested):
     assert time.monotonic() - began < 5
 
 
-def another_leader(close_thread_connections):
-    """The reconcile lock held by another leader (another connection) for the with-block."""
-    return held_in_another_thread(lambda: advisory_lock(LockKey.RECONCILE, timeout=5), close_thread_connections)
+def another_holder(close_thread_connections, key=LockKey.RECONCILE_LEADER):
+    """``key`` held by another process (another connection) for the with-block; the block's
+    value lets go of it early."""
+    return held_in_another_thread(lambda: advisory_lock(key, timeout=5), close_thread_connections)
 
 
-def test_the_scheduled_task_returns_at_once_when_another_leader_holds_the_lock(close_thread_connections):
-    from reconciler.tasks import run_scheduled_reconcile
-
-    with another_leader(close_thread_connections):
-        result = run_scheduled_reconcile(budget=50)
+def test_a_leader_returns_at_once_when_another_leader_holds_the_lock(close_thread_connections):
+    with another_holder(close_thread_connections):
+        result = run_leader(budget=50).as_dict()
 
     assert (result["outcome"], result["reason"], result["passes"]) == ("skipped", "held", 0)
     assert list(ReconcilePass.objects.values_list("outcome", flat=True)) == ["skipped"]
@@ -149,13 +115,12 @@ def test_the_scheduled_task_returns_at_once_when_another_leader_holds_the_lock(c
 def test_a_standby_leader_takes_over_when_the_lock_is_released(close_thread_connections):
     clock = FakeClock()
     attempts = []
-
-    with another_leader(close_thread_connections) as release:
+    with another_holder(close_thread_connections) as let_go:
 
         def sleep(seconds):
             attempts.append(clock.t)
             if len(attempts) == 2:
-                release()
+                let_go()
             clock.sleep(seconds)
 
         result = run_leader(
@@ -164,6 +129,27 @@ def test_a_standby_leader_takes_over_when_the_lock_is_released(close_thread_conn
 
     assert result.outcome == "ok"
     assert result.passes == 4  # took over at 20 s, passes at 20, 30, 40, 50
+
+
+def test_the_leader_skips_a_tick_while_a_forced_pass_runs_and_keeps_leading(close_thread_connections):
+    """The leader holds the leader lock for its run but the pass lock only for each pass: a
+    forced pass (``POST /api/v1/reconcile``) runs between the leader's passes, one at a time."""
+    clock = FakeClock()
+    ticks = []
+    with another_holder(close_thread_connections, LockKey.RECONCILE) as let_go:  # a pass is running
+
+        def sleep(seconds):
+            ticks.append(clock.t)
+            if len(ticks) == 1:
+                let_go()
+            clock.sleep(seconds)
+
+        result = run_leader(
+            budget=30, interval=10, scheduler=FakeScheduler(), prober=FakeProber(), clock=clock, sleep=sleep
+        )
+
+    assert (result.outcome, result.passes, result.skipped["held"]) == ("ok", 2, 1)  # passes at 10, 20 s
+    assert ReconcilePass.objects.filter(outcome=ReconcilePass.Outcome.OK).count() == 2
 
 
 def test_manage_py_reconcile_once_prints_the_summary():

@@ -1,8 +1,11 @@
 """``manage.py qcluster``: django-q2's cluster, with a stop that always ends, within seconds.
 
 This command replaces django-q2's own ``qcluster`` (the ``reconciler`` app comes before
-``django_q`` in ``INSTALLED_APPS``); it runs the same cluster with the same settings. What it
-changes is stopping:
+``django_q`` in ``INSTALLED_APPS``); it runs the same cluster with the same settings (load jobs
+are django-q2 tasks), plus the reconciler's **leader process** (``reconciler.leader``), started
+with the cluster and restarted if it dies: reconcile passes from the cluster's first second,
+every ``RECONCILE_INTERVAL``, one at a time across every qcluster (the reconcile advisory lock;
+the other qclusters' leader processes are hot spares). What else it changes is stopping:
 
 * **SIGTERM to the whole process group** (a supervisor, systemd's default ``KillMode``, a
   terminal): django-q2's sentinel and its workers die of it at once (its sentinel restores
@@ -10,10 +13,10 @@ changes is stopping:
   ``Event.set()`` then waits forever for the dead sentinel to acknowledge the wake-up (a
   multiprocessing condition counts sleepers): the cluster logged "stopping" and never exited.
   Here the sentinel ignores SIGTERM, so only this process decides what happens.
-* **A task that runs long**: django-q2 waits for each worker's current task, and the
-  reconciler's leader loop runs up to 50 s (a cold load longer). This process sends SIGTERM to
-  its worker processes, where it ends the leader loop after its current pass
-  (``reconciler.shutdown``).
+* **Work that runs long**: django-q2 waits for each worker's current task, and the leader
+  process runs until it is stopped. This process sends SIGTERM to all its descendants: the
+  leader process ends its loop after its current pass, a worker running a load job lets it
+  finish (``reconciler.shutdown``).
 * **A bound**: whatever is still running ``Q_STOP_GRACE`` seconds (default 6) after the signal
   is killed (SIGKILL). An interrupted load job is requeued by the reconciler's housekeeping and
   its backend adopted (docs/resilience.md); the reconcile lock dies with the connection.
@@ -31,14 +34,21 @@ import time
 import uuid
 from pathlib import Path
 
+from django import db
 from django.conf import settings
 from django_q.cluster import Cluster, Sentinel, get_mp_context
 from django_q.conf import setproctitle
 from django_q.management.commands.qcluster import Command as DjangoQClusterCommand
+from prometheus_client import multiprocess as prometheus_multiprocess
 
 from reconciler import shutdown
+from reconciler.leader import run_leader_process
 
 logger = logging.getLogger("reconciler.qcluster")
+
+#: Seconds between two starts of the leader process (a leader that dies at once is not
+#: restarted in a tight loop).
+LEADER_RESTART_PAUSE = 1.0
 
 
 def stop_grace() -> float:
@@ -105,6 +115,8 @@ class BoundedCluster(Cluster):
     def __init__(self, broker=None):
         self.signals: list[int] = []
         self.stopped_cleanly = True
+        self.leader = None
+        self.leader_started = 0.0
         super().__init__(broker)  # installs self.sig_handler for SIGTERM and SIGINT
 
     def sig_handler(self, signum, frame):
@@ -122,6 +134,7 @@ class BoundedCluster(Cluster):
             args=(self.stop_event, self.start_event, self.cluster_id, self.broker, self.timeout),
         )
         self.sentinel.start()
+        self.start_leader()
         logger.info("Q Cluster %s starting.", self.name)
         while not self.start_event.is_set() and not self.signals:
             if not self.sentinel.is_alive():
@@ -129,9 +142,27 @@ class BoundedCluster(Cluster):
             time.sleep(0.1)
         return self.pid
 
+    def start_leader(self) -> None:
+        """Start the reconciler's leader process (again, after it died)."""
+        if self.leader is not None:
+            logger.critical(
+                "Q Cluster %s: reconcile leader exited with %s; starting it again", self.name, self.leader.exitcode
+            )
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # its live gauges are summed no more
+                prometheus_multiprocess.mark_process_dead(self.leader.pid)
+        db.connections.close_all()  # a forked process must not share this process's connections
+        self.leader = get_mp_context().Process(
+            target=run_leader_process, args=(os.getpid(),), name="reconcile leader", daemon=False
+        )
+        self.leader.start()
+        self.leader_started = time.monotonic()
+
     def serve(self) -> int:
-        """Block until a signal (then stop, bounded) or the sentinel's death. Exit code."""
+        """Block until a signal (then stop, bounded) or the sentinel's death, keeping the leader
+        process running. Exit code."""
         while not self.signals and self.sentinel.is_alive():
+            if not self.leader.is_alive() and time.monotonic() - self.leader_started >= LEADER_RESTART_PAUSE:
+                self.start_leader()
             time.sleep(0.2)
         if not self.signals:
             logger.error("Q Cluster %s: sentinel exited with %s", self.name, self.sentinel.exitcode)
@@ -143,13 +174,15 @@ class BoundedCluster(Cluster):
 
     def stop_within(self, grace: float) -> None:
         tree = descendants(self.pid)
-        # Workers end a leader loop after its pass; the sentinel, pusher and monitor ignore it.
+        # The leader process ends its loop after its pass, workers their task; the sentinel,
+        # pusher and monitor ignore it.
         signal_processes(tree, signal.SIGTERM)
         stopper = threading.Thread(target=Cluster.stop, args=(self,), name="cluster stop", daemon=True)
         stopper.start()
         deadline = time.monotonic() + grace
-        while self.sentinel.is_alive() and time.monotonic() < deadline:
+        while (self.sentinel.is_alive() or self.leader.is_alive()) and time.monotonic() < deadline:
             self.sentinel.join(0.1)
+            self.leader.join(0.05)
         tree.update(descendants(self.pid))
         killed = signal_processes(tree, signal.SIGKILL)
         if killed:
@@ -157,6 +190,7 @@ class BoundedCluster(Cluster):
                 "Q Cluster %s: killed %d process(es) still running %gs after the stop", self.name, len(killed), grace
             )
         self.sentinel.join(2)
+        self.leader.join(2)
         stopper.join(1)
         self.stopped_cleanly = not stopper.is_alive()
 

@@ -1,8 +1,8 @@
 """``manage.py reconcile``: run the reconciler without django-q2.
 
-``--once`` (the default) runs one pass and prints its summary as JSON. ``--loop`` is a leader
-loop like the scheduled task, but as a standby: while another process holds the reconcile lock
-it keeps retrying every interval, so several ``--loop`` processes give one active reconciler
+``--once`` (the default) runs one pass and prints its summary as JSON. ``--loop`` is what
+the qcluster's leader process runs (``reconcile.lead``), on its own: a standby leader loop;
+while another process holds the reconcile lock it keeps retrying every interval, so several ``--loop`` processes give one active reconciler
 and hot spares. ``--budget`` ends the loop after that many seconds (default: never).
 
 A database outage does not end ``--loop``: a leader run that lost its connection (or could not
@@ -11,17 +11,11 @@ ends; the advisory lock died with the old connection, so whichever loop reconnec
 """
 
 import json
-import logging
-import time
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DatabaseError, connections
 
-from reconciler.reconcile import reconcile_once, run_leader
-
-logger = logging.getLogger(__name__)
-LOST = "database connection lost"
+from reconciler.reconcile import lead, reconcile_once
 
 
 class Command(BaseCommand):
@@ -53,26 +47,4 @@ class Command(BaseCommand):
             raise CommandError(f"reconcile pass failed: {result['reason']}")
 
     def loop(self, budget: float | None, interval: float | None) -> dict:
-        pause = float(settings.RECONCILE_INTERVAL if interval is None else interval)
-        began = time.monotonic()
-        result = {"outcome": "error", "reason": LOST}
-        while True:
-            remaining = None if budget is None else budget - (time.monotonic() - began)
-            if remaining is not None and remaining <= 0:
-                return result
-            try:
-                summary = run_leader(budget=remaining, interval=interval, standby=True)
-            except DatabaseError as exc:
-                logger.warning("reconcile loop: database unavailable (%s); retrying in %gs", exc, pause)
-                result = {"outcome": "error", "reason": f"{LOST}: {exc}"}
-            else:
-                result = summary.as_dict()
-                if summary.reason != LOST:
-                    return result
-                logger.warning("reconcile loop: %s; retrying in %gs", LOST, pause)
-            for connection in connections.all():
-                try:
-                    connection.close()
-                except DatabaseError:
-                    pass
-            time.sleep(pause)
+        return lead(budget=budget, interval=interval).as_dict()
