@@ -46,7 +46,10 @@ def test_connections_are_kept_and_a_dropped_one_costs_no_failed_request(server):
 
     with server._admin_connection() as connection:
         for pid in kept:
-            connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            # With a timeout, pg_terminate_backend waits until the backend is gone: without one
+            # it only signals it, and a request could pass the health check on a connection
+            # that dies a moment later (a drop mid-request, which no health check can hide).
+            connection.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
     for _ in range(30):  # every thread's connection is dead: each is replaced, no call fails
         assert client.heartbeat(node["id"], token, {"available_vram": 2**30})["status"] == "healthy"
     assert not set(backends(server)) & set(kept)
