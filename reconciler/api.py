@@ -12,6 +12,7 @@ Authentication, permissions, pagination and problem documents are the project's
 from __future__ import annotations
 
 import django_filters
+from django_filters.utils import translate_validation
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
@@ -24,6 +25,7 @@ from core.schema import problems
 from registry.api.filters import InstantFilter, StableOrderingFilter, StrictFilterSet, ordering_parameter
 from registry.api.serializers import validate_model_name
 from registry.api.views import MODEL
+from registry.models import ModelSchedulingConfig
 
 from .models import Event, ModelCondition, ReconcilePass
 from .reconcile import reconcile_once
@@ -154,8 +156,55 @@ class ReconcileViewSet(viewsets.ViewSet):
         return Response(ReconcileSummarySerializer(summary.as_dict()).data)
 
 
+class ModelStatusFilter(StrictFilterSet):
+    """``?configured=``, ``?autoscaled=`` (``true``/``false``) and ``?name=`` (part of the
+    name, case-insensitive). The model list is a UNION of names from three tables
+    (``reconciler.status.known_model_names``), not one queryset: this FilterSet validates the
+    parameters (a 400 ``validation_error`` naming a bad one) and the union applies them to each
+    of its parts."""
+
+    BOOLEAN = (("true", "true"), ("false", "false"))
+
+    configured = django_filters.ChoiceFilter(choices=BOOLEAN, help_text="has a scheduling config")
+    autoscaled = django_filters.ChoiceFilter(
+        choices=BOOLEAN, help_text="kept at its replica counts by the reconciler (min or max replicas set)"
+    )
+    name = django_filters.CharFilter(max_length=255, help_text="part of the model name (case-insensitive)")
+
+    class Meta:
+        model = ModelSchedulingConfig
+        fields = ["configured", "autoscaled", "name"]
+
+    def criteria(self) -> dict:
+        """The validated parameters as ``known_model_names``' keyword arguments."""
+        data = self.form.cleaned_data
+        flag = {"true": True, "false": False}
+        return {
+            "configured": flag.get(data.get("configured")),
+            "autoscaled": flag.get(data.get("autoscaled")),
+            "name_contains": data.get("name") or "",
+        }
+
+
 @extend_schema_view(
-    list=extend_schema(summary="List models with replica counts and conditions (by name)", operation_id="models_list"),
+    list=extend_schema(
+        summary="List models with replica counts and conditions (by name)",
+        operation_id="models_list",
+        parameters=[
+            OpenApiParameter(name, OpenApiTypes.STR, enum=["true", "false"], description=description)
+            for name, description in (
+                ("configured", "has a scheduling config"),
+                ("autoscaled", "kept at its replica counts by the reconciler (min or max replicas set)"),
+            )
+        ]
+        + [
+            OpenApiParameter(
+                "name",
+                {"type": "string", "minLength": 1, "maxLength": 255},
+                description="part of the model name (case-insensitive)",
+            )
+        ],
+    ),
     retrieve=extend_schema(
         summary="A model's replica counts and conditions",
         operation_id="models_status_retrieve",
@@ -169,14 +218,17 @@ class ModelStatusViewSet(viewsets.GenericViewSet):
 
     permission_classes = [IsFrontend]
     serializer_class = ModelStatusSerializer
-    filter_backends = []  # a list of names from three tables (reconciler.status), not a queryset
+    filter_backends = []  # ModelStatusFilter is applied by list(): the list is not one queryset
     lookup_url_kwarg = "model"
     lookup_value_converter = "model_name"
 
     def list(self, request):
         """Every model known from scheduling configs, load info or replica rows."""
+        filters = ModelStatusFilter(request.query_params, queryset=ModelSchedulingConfig.objects.none())
+        if not filters.is_valid():
+            raise translate_validation(filters.errors)
         # Page over names (one query), then read the page's statuses (a fixed number of queries).
-        page = self.paginate_queryset(known_model_names())
+        page = self.paginate_queryset(known_model_names(**filters.criteria()))
         return self.get_paginated_response(self.get_serializer(model_statuses(page), many=True).data)
 
     def retrieve(self, request, model):

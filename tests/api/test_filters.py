@@ -215,3 +215,49 @@ def test_sub_resources_win_over_a_model_name_with_their_suffix(operator_client):
     assert config.json()["min_replicas"] == 2
     listed = [m["model_name"] for m in operator_client.get("/api/v1/models").json()["results"]]
     assert listed == ["x/route"]
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def catalogue(now):
+    """Models known through each of the three tables: a managed config, an unmanaged (0/0)
+    config with load info, load info alone, and a replica row alone."""
+    from registry.models import ModelLoadInfo
+
+    make_scheduling("org/Llama-8b", min_replicas=1)
+    make_scheduling("qwen-0/0")
+    ModelLoadInfo.objects.upsert("qwen-0/0", "llama-cpp", b"\x0a\x01q", now=now)
+    ModelLoadInfo.objects.upsert("phi-info-only", "llama-cpp", b"\x0a\x01p", now=now)
+    make_replica(make_node(name="gpu-r"), "reported-llama", 0, address="10.0.0.7:9000")
+
+
+def model_names(response) -> list[str]:
+    assert response.status_code == 200, response.content[:500]
+    return [row["model_name"] for row in response.json()["results"]]
+
+
+def test_models_filter_by_configured_autoscaled_and_name(frontend_client, catalogue):
+    def listed(**params):
+        return model_names(frontend_client.get("/api/v1/models", params))
+
+    everything = ["org/Llama-8b", "phi-info-only", "qwen-0/0", "reported-llama"]
+    assert listed() == everything
+    assert listed(configured="true") == ["org/Llama-8b", "qwen-0/0"]
+    assert listed(configured="false") == ["phi-info-only", "reported-llama"]
+    assert listed(autoscaled="true") == ["org/Llama-8b"]
+    assert listed(autoscaled="false") == ["phi-info-only", "qwen-0/0", "reported-llama"]
+    assert listed(name="llama") == ["org/Llama-8b", "reported-llama"]
+    assert listed(name="LLAMA", configured="false") == ["reported-llama"]
+    assert listed(configured="false", autoscaled="true") == []
+    page = frontend_client.get("/api/v1/models", {"configured": "true", "limit": 1}).json()
+    assert page["count"] == 2 and parse_qs(urlsplit(page["next"]).query)["configured"] == ["true"]
+
+
+@pytest.mark.parametrize(
+    "params", [{"configured": "yes"}, {"autoscaled": ""}, {"name": ""}, {"name": "x" * 256}]
+)
+def test_bad_model_filters_are_400_problems(frontend_client, catalogue, params):
+    body = assert_problem(frontend_client.get("/api/v1/models", params), 400, "validation_error")
+    assert set(body["errors"]) == set(params)
