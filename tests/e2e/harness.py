@@ -207,17 +207,23 @@ class Fleet:
     # ----- teardown --------------------------------------------------------------------------
 
     def stop(self, process: Process, sig=signal.SIGTERM, timeout: float = 40) -> int | None:
-        if process.alive():
+        if not process.alive():
+            # Its own pid may be gone while children it started live on in its process group
+            # (a qcluster whose main process alone was SIGKILLed leaves django-q2's sentinel).
             try:
-                os.killpg(process.popen.pid, sig)
+                os.killpg(process.popen.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            try:
-                return process.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.popen.pid, signal.SIGKILL)
-                return process.popen.wait(10)
-        return process.popen.returncode
+            return process.popen.returncode
+        try:
+            os.killpg(process.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return process.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.popen.pid, signal.SIGKILL)
+            return process.popen.wait(10)
 
     def close(self):
         # Workers first, while the control plane still answers their drain and deregister calls
