@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from .client import ControlPlaneClient
+from .errors import NotFoundError
 from .table import (
     NONE,
     age_of,
@@ -29,6 +30,7 @@ from .table import (
 # poll from exactly the newest instant seen could miss it. Ids already printed are skipped.
 FOLLOW_OVERLAP = timedelta(seconds=60)
 FOLLOW_PAGE = 500
+pause = time.sleep  # between two polls of a follow (replaced in tests)
 
 
 class Output:
@@ -240,10 +242,9 @@ def models(client: ControlPlaneClient, options: argparse.Namespace, out: Output)
 def describe_model(client: ControlPlaneClient, options: argparse.Namespace, out: Output) -> int:
     model = client.get_model(options.name)
     replicas = client.list_replicas(model=model["model_name"])
-    if replicas:
-        names = {node["id"]: node["name"] for node in client.list_nodes()}
-        for replica in replicas:
-            replica["node_name"] = names.get(replica["node_id"], "")
+    names = _node_names(client, {replica["node_id"] for replica in replicas})
+    for replica in replicas:
+        replica["node_name"] = names.get(replica["node_id"], "")
     recent = _newest(client, options.events, model=model["model_name"])
     if out.json:
         out.dump({"model": model, "replicas": replicas, "events": recent})
@@ -281,6 +282,20 @@ def describe_model(client: ControlPlaneClient, options: argparse.Namespace, out:
     out.line(_block(["NODE", "INDEX", "STATE", "IN-FLIGHT", "ADDRESS"], rows))
     _events_block(out, recent, now)
     return 0
+
+
+def _node_names(client: ControlPlaneClient, ids: set[str]) -> dict[str, str]:
+    """Names of the nodes with these ids: one call per node for a few, the node list for many
+    (a node deleted meanwhile has none)."""
+    if len(ids) > 20:
+        return {node["id"]: node["name"] for node in client.list_nodes()}
+    names = {}
+    for node_id in ids:
+        try:
+            names[node_id] = client.get_node(node_id)["name"]
+        except NotFoundError:
+            pass
+    return names
 
 
 def scale(client: ControlPlaneClient, options: argparse.Namespace, out: Output) -> int:
@@ -330,7 +345,11 @@ def events(client: ControlPlaneClient, options: argparse.Namespace, out: Output)
     filters: dict[str, Any] = {"model": options.model, "kind": options.kind}
     if options.node:
         filters["node"] = client.find_node(options.node)["id"]
-    shown = _newest(client, min(options.limit, 1000), **filters)
+    limit = min(options.limit, 1000)
+    # A follow reads up to a whole page (newest first) in the same request: what it does not
+    # show but would find again in its first window counts as seen, not as new.
+    newest = client.list_events(limit=1000 if options.follow else limit, **filters)
+    shown = list(reversed(newest[:limit]))
     headers = EVENT_HEADERS + (EVENT_WIDE if out.wide else [])
     now = _now()
     rows = [_event_row(event, now, out.wide) for event in shown]
@@ -347,28 +366,35 @@ def events(client: ControlPlaneClient, options: argparse.Namespace, out: Output)
     if not options.follow:
         return 0
     try:
-        _follow(client, options, out, filters, shown, column_widths(headers, rows))
+        _follow(client, options, out, filters, newest, column_widths(headers, rows))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a follow ends
     return 0
 
 
-def _follow(client, options, out: Output, filters, shown, widths) -> None:
-    """Poll every ``options.interval`` seconds for events created since the newest one shown
-    (less ``FOLLOW_OVERLAP``), printing those not printed yet, oldest first."""
-    seen = {event["id"]: parse_instant(event["created_at"]) for event in shown}
+def _window(client: ControlPlaneClient, since: datetime | None, filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every event created at or after ``since`` (every event: None), oldest first, page by page."""
+    found: dict[Any, dict[str, Any]] = {}
+    while True:
+        after = None if since is None else since.isoformat()
+        page = client.list_events(since=after, oldest_first=True, limit=FOLLOW_PAGE, **filters)
+        found.update((event["id"], event) for event in page)
+        last = parse_instant(page[-1]["created_at"]) if page else None
+        if len(page) < FOLLOW_PAGE or last == since:
+            break
+        since = last  # more in the window: on from the last one read (ids already read are kept once)
+    return sorted(found.values(), key=lambda event: (parse_instant(event["created_at"]), event["id"]))
+
+
+def _follow(client, options, out: Output, filters, known: list[dict[str, Any]], widths) -> None:
+    """Poll every ``options.interval`` seconds for the events created since the newest one
+    known, less ``FOLLOW_OVERLAP`` (one committed late may be stamped before it), and print
+    those not known yet, oldest first."""
+    seen = {event["id"]: parse_instant(event["created_at"]) for event in known}
     cursor = max(seen.values(), default=None)
     while True:
-        time.sleep(options.interval)
-        since = None if cursor is None else (cursor - FOLLOW_OVERLAP).isoformat()
-        fresh: list[dict[str, Any]] = []
-        while True:
-            page = client.list_events(since=since, oldest_first=True, limit=FOLLOW_PAGE, **filters)
-            fresh += [event for event in page if event["id"] not in seen]
-            if len(page) < FOLLOW_PAGE or page[-1]["created_at"] == since:
-                break
-            since = page[-1]["created_at"]  # more in the window: on from the last one read
-        fresh.sort(key=lambda event: (parse_instant(event["created_at"]), event["id"]))
+        pause(options.interval)
+        fresh = _window(client, None if cursor is None else cursor - FOLLOW_OVERLAP, filters)
         now = _now()
         for event in fresh:
             if event["id"] in seen:
@@ -381,7 +407,7 @@ def _follow(client, options, out: Output, filters, shown, widths) -> None:
             else:
                 out.line(format_row(_event_row(event, now, out.wide), widths))
         if cursor is not None:
-            horizon = cursor - 2 * FOLLOW_OVERLAP  # ids older than any later window: forgotten
+            horizon = cursor - 2 * FOLLOW_OVERLAP  # older than any later window: forgotten
             seen = {key: created for key, created in seen.items() if created >= horizon}
 
 
