@@ -114,7 +114,7 @@ def test_nodes_in_table_wide_and_json_output(server):
 
 
 def test_models_list_and_describe_model_with_conditions_replicas_and_events(server):
-    model = unique("cli-model")
+    model = f"org/{unique('cli-model')}.gguf"  # slashes and dots: quoted into the paths
     node = register(server, unique("cli-host"))
     with_replica(server, model, node)
     ok(server, "scale", model, "--min", "1")
