@@ -234,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ControlPlaneError as error:
         report(error, options.url)
         return exit_code(error)
+    except ValueError as error:  # an argument no request can carry (an empty model name)
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into `head`: stop quietly (no error at exit either)

@@ -77,6 +77,11 @@ def test_global_options_go_before_or_after_the_command():
     assert (default.output, default.url, default.request_timeout) == ("table", None, 10.0)
 
 
+def test_an_empty_model_name_is_a_usage_error_before_any_request(capsys):
+    assert cli.main(["--url", f"http://127.0.0.1:{free_port()}", "--api-key", "k", "scale", "", "--min", "1"]) == 2
+    assert capsys.readouterr().err == "error: a model name is required\n"
+
+
 def test_no_api_key_exits_4_before_any_request(capsys, monkeypatch):
     monkeypatch.delenv("CONTROLPLANE_API_KEY", raising=False)
     assert cli.main(["--url", f"http://127.0.0.1:{free_port()}", "nodes"]) == 4
