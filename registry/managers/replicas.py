@@ -142,20 +142,24 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         slots: int,
         backend_type: str = "",
         reserved_vram: int = 0,
+        index: int | None = None,
         now: datetime | None = None,
     ) -> NodeModel | None:
         """Claim a slot for a new replica on a node: insert its ``loading`` row on the lowest
         free index below ``slots`` and reserve ``reserved_vram`` bytes of the node's VRAM, both
         or neither. Returns the row, or None when another loader took the index or the VRAM
-        first (the caller re-plans).
+        first (the caller re-plans). ``index``: a free index the caller already read (the
+        reconciler's scale-up reads every model's rows once per pass), which saves the read;
+        it must be below ``slots``, and the unique constraint still decides.
 
         Idiom: insert guarded by the unique ``(node, model, index)`` constraint, then the
         node's admission (``Node.objects.reserve_vram``: a conditional update on free VRAM), in
         one short ``atomic()``: a refused reservation rolls the insert back, so no ``loading``
         row ever exists without its reservation. No network call inside.
         """
-        index = self._free_index(node_id, slots, model_name)
         if index is None:
+            index = self._free_index(node_id, slots, model_name)
+        if index is None or not 0 <= index < max(1, slots):
             return None
         now = resolve_now(now)
         try:
@@ -250,26 +254,30 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
 
     # --- verbs of the router's load and eviction paths ----------------------------------------
 
-    def mark_loaded(self, replica_id, *, address: str, now: datetime | None = None) -> bool:
+    def mark_loaded(
+        self, replica_id, *, address: str, opts_blob: bytes | None = None, now: datetime | None = None
+    ) -> bool:
         """``loading`` -> ``loaded`` at ``address`` once LoadModel succeeded (conditional
         update). False: the row was removed during the load (node restarted or went offline,
         or the load job was taken over); the caller must not treat the load as recorded.
         ``state_changed_at`` is set to ``now``: ``.update()`` skips ``auto_now``, so
-        ``updated_at`` would still say when the ``loading`` row was inserted. Idiom: conditional
-        update ``WHERE state = 'loading'``."""
+        ``updated_at`` would still say when the ``loading`` row was inserted. ``opts_blob``,
+        when given, is the per-replica copy of the recipe, written in the same statement
+        (``set_replica_load_info`` is the separate write). Idiom: conditional update ``WHERE
+        state = 'loading'``."""
         now = resolve_now(now)
-        return (
-            self.filter(pk=replica_id, state=self.model.State.LOADING).update(
-                state=self.model.State.LOADED,
-                address=address,
-                last_used=now,
-                last_probe_at=now,
-                probe_failures=0,
-                state_changed_at=now,
-                updated_at=now,
-            )
-            == 1
-        )
+        fields = {
+            "state": self.model.State.LOADED,
+            "address": address,
+            "last_used": now,
+            "last_probe_at": now,
+            "probe_failures": 0,
+            "state_changed_at": now,
+            "updated_at": now,
+        }
+        if opts_blob is not None:
+            fields["model_opts_blob"] = bytes(opts_blob)
+        return self.filter(pk=replica_id, state=self.model.State.LOADING).update(**fields) == 1
 
     def discard_loading(self, replica_id) -> bool:
         """Delete a ``loading`` row left by a failed or dead load and return the VRAM its load
