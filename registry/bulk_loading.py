@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -123,31 +123,35 @@ def load_many(wants, *, concurrency: int, deadline: float | None = None, now: da
     def out_of_time() -> bool:
         return deadline is not None and clock() >= deadline
 
-    with ThreadPoolExecutor(max_workers=max(1, min(int(concurrency), len(order))), thread_name_prefix="load") as pool:
-        running = {}
+    limit = max(1, int(concurrency))
+    queue = deque(order)
+    with ThreadPoolExecutor(max_workers=min(limit, len(order)), thread_name_prefix="load") as pool:
+        running: dict = {}
         try:
-            for name in order:
-                result = results[name]
-                if slow[name] and not result.done:
-                    slow[name] += 1
-                    continue
-                # A slot is claimed only when a pool thread is free to load it.
-                while len(running) >= max(1, int(concurrency)):
-                    _record_done(running, models, results, state, now, block=True)
-                if result.done:
-                    continue
-                if out_of_time():
-                    result.skipped = "scale_up_budget"
-                    continue
-                claim = _claim_one(models[name], state, now, result, slow)
-                if claim is None:
-                    continue
-                running[pool.submit(_network, claim, state.addresses[claim.node_id], models[name], deadline, clock)] = (
-                    claim
-                )
-                _record_done(running, models, results, state, now, block=False)
-            while running:
-                _record_done(running, models, results, state, now, block=True)
+            while queue or running:
+                # Slots are claimed only for the pool threads free to load them, in one batch.
+                picks = []
+                while queue and len(running) + len(picks) < limit:
+                    name = queue.popleft()
+                    result = results[name]
+                    if result.done:
+                        continue
+                    if slow[name]:
+                        slow[name] += 1
+                        continue
+                    if out_of_time():
+                        result.skipped = "scale_up_budget"
+                        continue
+                    pick = _choose(models[name], state, now, result, slow)
+                    if pick is not None:
+                        picks.append(pick)
+                for row in _claim(picks, state, slow, now):
+                    future = pool.submit(
+                        _network, row, state.addresses[row.node_id], models[row.model_name], deadline, clock
+                    )
+                    running[future] = row
+                if running:
+                    _record_done(running, models, results, state, now, block=not queue or len(running) >= limit)
         finally:
             # Only reached with loads still running on an error of this thread (the database):
             # their rows stay ``loading`` and the stale-loading sweep of a later pass takes them.
@@ -318,9 +322,10 @@ def _round_robin(counts: dict[str, int]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _claim_one(model: _Model, state: _State, now, result: ModelResult, slow) -> NodeModel | None:
-    """Choose a node in memory and claim the slot in the database. None: nothing claimed
-    (``result.error`` set, or the model moved to the re-reading path ``slow``)."""
+def _choose(model: _Model, state: _State, now, result: ModelResult, slow) -> dict | None:
+    """Choose a node in memory for one replica of ``model`` and note the slot as taken in the
+    in-memory state; returns the claim to make, or None (``result.error`` set, or the model
+    moved to the re-reading path ``slow``)."""
     decision = placement.choose_node(
         state.candidates(model), needed_vram=model.needed, now=resolve_now(now), strategy=model.strategy
     )
@@ -336,20 +341,33 @@ def _claim_one(model: _Model, state: _State, now, result: ModelResult, slow) -> 
         return None
     node = decision.node
     index = state.free_index(node.node_id, model.name, node.slots)
-    row = NodeModel.objects.claim_loading(
-        node.node_id,
-        model.name,
-        slots=node.slots,
-        backend_type=model.backend_type,
-        reserved_vram=model.needed,
-        index=index,
-        now=now,
-    )
-    if row is None:  # another loader took the index or the VRAM since the read
-        slow[model.name] += 1
-        return None
-    state.claimed(node.node_id, model.name, row.replica_index, model.needed)
-    return row
+    state.claimed(node.node_id, model.name, index, model.needed)
+    return {
+        "node_id": node.node_id,
+        "model_name": model.name,
+        "slots": node.slots,
+        "backend_type": model.backend_type,
+        "reserved_vram": model.needed,
+        "index": index,
+    }
+
+
+def _claim(picks: list[dict], state: _State, slow, now) -> list[NodeModel]:
+    """Claim the picked slots in the database (``claim_loading_many``: one short transaction
+    for the batch); a refused claim (another loader took the slot or the VRAM since the read)
+    sends its model to the re-reading path."""
+    rows = NodeModel.objects.claim_loading_many(picks, now=now) if picks else []
+    claimed = []
+    for pick, row in zip(picks, rows, strict=True):
+        if row is None or row.replica_index != pick["index"]:
+            state.released(pick["node_id"], pick["model_name"], pick["index"], pick["reserved_vram"])
+            if row is not None:
+                state.claimed(row.node_id, row.model_name, row.replica_index, pick["reserved_vram"])
+        if row is None:
+            slow[pick["model_name"]] += 1
+            continue
+        claimed.append(row)
+    return claimed
 
 
 def _network(row: NodeModel, worker_address: str, model: _Model, deadline, clock):
@@ -360,34 +378,39 @@ def _network(row: NodeModel, worker_address: str, model: _Model, deadline, clock
 
 
 def _record_done(running: dict, models, results, state: _State, now, *, block: bool) -> None:
-    """Record the finished loads (on the calling thread, through the verbs)."""
-    if not running:
-        return
+    """Record the finished loads on the calling thread, through the verbs: the successes in
+    one ``mark_loaded_many``, each failure by ``loading.abandon``."""
     done, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+    succeeded = {}
     for future in done:
         row = running.pop(future)
         model, result = models[row.model_name], results[row.model_name]
-        address = state.addresses[row.node_id]
         error = future.exception()
         if error is None and future.result() is NOT_STARTED:
             NodeModel.objects.discard_loading(row.pk)
             state.released(row.node_id, row.model_name, row.replica_index, model.needed)
             result.skipped = result.skipped or "scale_up_budget"
-            continue
-        if error is not None:
+        elif error is not None:
             # A StartBackend that never got a connection never reached the worker: nothing to stop.
-            stop_at = "" if isinstance(error, client.NotConnected) else address
+            stop_at = "" if isinstance(error, client.NotConnected) else state.addresses[row.node_id]
             loading.abandon(row, stop_at, str(error), now)
             state.released(row.node_id, row.model_name, row.replica_index, model.needed)
             if isinstance(error, client.GrpcCallError):
                 error = loading.LoadFailed(f"loading {row.model_name!r} on node {row.node_id} failed: {error}")
             result.error = result.error or error
-            continue
-        _record_loaded(row, future.result(), model, result, state, now)
+        else:
+            succeeded[row.pk] = (row, future.result())
+    if not succeeded:
+        return
+    marked = NodeModel.objects.mark_loaded_many(
+        {pk: (address, models[row.model_name].opts_blob) for pk, (row, address) in succeeded.items()}, now=now
+    )
+    for pk, (row, address) in succeeded.items():
+        _record_loaded(row, address, pk in marked, models[row.model_name], results[row.model_name], state, now)
 
 
-def _record_loaded(row: NodeModel, address: str, model: _Model, result: ModelResult, state: _State, now) -> None:
-    if not NodeModel.objects.mark_loaded(row.pk, address=address, opts_blob=model.opts_blob, now=now):
+def _record_loaded(row: NodeModel, address: str, marked: bool, model: _Model, result: ModelResult, state, now) -> None:
+    if not marked:
         # Removed during the load (its node went offline or re-registered): not ours any more.
         result.error = result.error or loading.LoadFailed(
             f"replica row of {row.model_name!r} on node {row.node_id} was removed during the load"

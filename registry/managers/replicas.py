@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from django.db import IntegrityError, models, transaction
-from django.db.models import F, Value
+from django.db.models import Case, F, Value, When
 from django.db.models.functions import Greatest
 
 from ..clock import resolve_now
@@ -180,6 +180,101 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         except IntegrityError:
             pass
         return None
+
+    def claim_loading_many(self, claims, *, now: datetime | None = None) -> list[NodeModel | None]:
+        """Claim several replica slots at once (the reconciler's scale-up): each claim is a
+        dict of ``claim_loading``'s arguments (``node_id``, ``model_name``, ``slots``,
+        ``backend_type``, ``reserved_vram``, ``index``: the free index the caller read). Returns
+        the rows in the claims' order, None where a slot could not be claimed.
+
+        Idiom: insert guarded by the unique ``(node, model, index)`` constraint, then the
+        admission of every node's summed reservation in one conditional UPDATE (``available -
+        reserved >= sum`` per node), in one short ``atomic()``: either every row and every
+        reservation commits, or nothing does and each claim is retried alone through
+        ``claim_loading`` (a taken index, a node short of VRAM: the rare case of a concurrent
+        loader). No ``loading`` row ever exists without its reservation.
+        """
+        claims = list(claims)
+        if not claims:
+            return []
+        now = resolve_now(now)
+        Node = registry_model("Node")
+        if all(c.get("index") is not None and 0 <= c["index"] < max(1, c["slots"]) for c in claims) and len(
+            {(c["node_id"], c["model_name"], c["index"]) for c in claims}
+        ) == len(claims):
+            needed: dict = {}
+            for c in claims:
+                if c.get("reserved_vram", 0) > 0:
+                    needed[c["node_id"]] = needed.get(c["node_id"], 0) + c["reserved_vram"]
+            try:
+                with transaction.atomic():
+                    rows = self.bulk_create(
+                        [
+                            self.model(
+                                node_id=c["node_id"],
+                                model_name=c["model_name"],
+                                replica_index=c["index"],
+                                state=self.model.State.LOADING,
+                                backend_type=c.get("backend_type") or "",
+                                reserved_vram=c.get("reserved_vram", 0),
+                                last_used=now,
+                                state_changed_at=now,
+                            )
+                            for c in claims
+                        ]
+                    )
+                    if not needed or Node.objects.reserve_vram_many(needed):
+                        return rows
+                    transaction.set_rollback(True)
+            except IntegrityError:
+                pass
+        return [
+            self.claim_loading(
+                c["node_id"],
+                c["model_name"],
+                slots=c["slots"],
+                backend_type=c.get("backend_type") or "",
+                reserved_vram=c.get("reserved_vram", 0),
+                now=now,
+            )
+            for c in claims
+        ]
+
+    def mark_loaded_many(self, loads, *, now: datetime | None = None) -> set:
+        """``loading`` -> ``loaded`` for several replicas whose LoadModel succeeded: ``loads``
+        maps a replica id to ``(address, opts_blob)`` (the per-replica recipe, or None).
+        Returns the ids that were still ``loading`` (the others were removed during their load:
+        the caller must not count them). Idiom: row lock then conditional update, in one short
+        ``atomic()``: the rows still ``loading`` are locked (``SELECT ... FOR UPDATE``) and
+        those alone updated, in one statement, ``WHERE state = 'loading'``."""
+        if not loads:
+            return set()
+        now = resolve_now(now)
+        with transaction.atomic():
+            ids = set(
+                self.select_for_update()
+                .filter(pk__in=list(loads), state=self.model.State.LOADING)
+                .values_list("pk", flat=True)
+            )
+            if not ids:
+                return ids
+            addresses = Case(*(When(pk=i, then=Value(loads[i][0])) for i in ids), output_field=models.CharField())
+            fields = {
+                "state": self.model.State.LOADED,
+                "address": addresses,
+                "last_used": now,
+                "last_probe_at": now,
+                "probe_failures": 0,
+                "state_changed_at": now,
+                "updated_at": now,
+            }
+            blobs = [When(pk=i, then=Value(bytes(loads[i][1]))) for i in ids if loads[i][1] is not None]
+            if blobs:
+                fields["model_opts_blob"] = Case(
+                    *blobs, default=F("model_opts_blob"), output_field=models.BinaryField()
+                )
+            self.filter(pk__in=ids, state=self.model.State.LOADING).update(**fields)
+        return ids
 
     def increment_in_flight(self, replica_id, *, now: datetime | None = None) -> bool:
         """One more request on this replica, and ``last_used = now`` (round robin, idle
