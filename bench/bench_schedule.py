@@ -18,6 +18,9 @@ StartBackend / StopBackend / ListBackends; StartBackend hands out one of 128 por
 server whose ``LoadModel`` answers success at once (an "instant echo backend") and counts calls
 (and how many ran at once). Every call is still a real gRPC call over loopback.
 
+One more run shows the loads overlapping: 100 replicas whose ``LoadModel`` takes 50 ms (one at
+a time would need at least 5 s), with the most ``LoadModel`` calls seen running at once.
+
 Baseline, same run, per N: N raw ``INSERT`` (state ``loading``) + ``UPDATE`` (to ``loaded``)
 statements of a replica row, each its own autocommit transaction, on one psycopg connection:
 the database work a placement cannot avoid.
@@ -48,6 +51,7 @@ NODES = 50
 TIERS = (10, 100, 1000)
 RATIO_TIER = 1000  # the RATIO line: the largest tier, where a pass's fixed cost weighs least
 BACKEND_PORTS = 128
+SLOW_MODELS, SLOW_LOAD = 100, 0.05  # one extra run: backends whose LoadModel takes 50 ms
 # a vram_bytes placement hint of 3 GiB on 80 GiB nodes: VRAM admission is exercised on every
 # claim, and 1,000 replicas fit on 50 nodes (at most 26 per node)
 VRAM_HINT = 3 * 1024**3
@@ -65,6 +69,7 @@ class FakeFleet:
         self.load_calls = 0
         self.loads_running = 0
         self.most_loads_at_once = 0
+        self.load_delay = 0.0  # seconds each LoadModel takes (0: an instant backend)
         self.start_calls = 0
         self.backends: dict[str, dict[tuple[str, int], str]] = {}  # node id -> (model, index) -> address
         unary = grpc.unary_unary_rpc_method_handler
@@ -112,6 +117,8 @@ class FakeFleet:
                 self.load_calls += 1
                 self.loads_running += 1
                 self.most_loads_at_once = max(self.most_loads_at_once, self.loads_running)
+            if self.load_delay:
+                time.sleep(self.load_delay)
             with self.lock:
                 self.loads_running -= 1
             return backend_pb2.Result(success=True, message="loaded")
@@ -147,7 +154,7 @@ class FakeFleet:
         self.worker_addresses = [
             f"127.0.0.1:{self.worker_server.add_insecure_port('127.0.0.1:0')}" for _ in range(nodes)
         ]
-        self.backend_server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self.backend_server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
         self.backend_server.add_generic_rpc_handlers((backend,))
         self.backend_addresses = [
             f"127.0.0.1:{self.backend_server.add_insecure_port('127.0.0.1:0')}" for _ in range(backend_ports)
@@ -320,6 +327,13 @@ def main() -> int:
                 f"{1000 * r['seconds'] / r['replicas']:.2f} | {r['baseline']:.3f} | "
                 f"{r['replicas'] / r['baseline']:.1f} | {r['seconds'] / r['baseline']:.1f}x |"
             )
+        fleet.load_delay = SLOW_LOAD
+        slow = _one_run(fleet, SLOW_MODELS)
+        print(
+            f"with a {1000 * SLOW_LOAD:.0f} ms LoadModel: {SLOW_MODELS} replicas in {slow['seconds']:.2f} s "
+            f"({slow['passes']} pass(es); one load at a time would take at least {SLOW_MODELS * SLOW_LOAD:.1f} s); "
+            f"at most {slow['most_at_once']} LoadModel calls at once"
+        )
         r = rows[RATIO_TIER]
         print(f"RATIO placements: {r['seconds'] / r['baseline']:.1f}x (goal <= 7x)")
     finally:
