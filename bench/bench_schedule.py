@@ -294,8 +294,6 @@ def main() -> int:
         from django.conf import settings
         from django.core.management import call_command
 
-        from proto import client
-
         call_command("migrate", verbosity=0)
         fleet = FakeFleet(NODES, BACKEND_PORTS)
         print(
@@ -317,7 +315,6 @@ def main() -> int:
                 f"node); StartBackend {median['start_calls']}, LoadModel {median['load_calls']} "
                 f"(at most {median['most_at_once']} at once)"
             )
-        client.close_all_channels()
         print()
         print("| replicas | reconciler s | replicas/s | ms per replica | baseline s | baseline/s | ratio |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -338,6 +335,9 @@ def main() -> int:
         print(f"RATIO placements: {r['seconds'] / r['baseline']:.1f}x (goal <= 7x)")
     finally:
         if fleet is not None:
+            from proto import client
+
+            client.close_all_channels()
             fleet.stop()
         _drop_database(name, conninfo)
     return 0
