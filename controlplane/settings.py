@@ -333,6 +333,9 @@ RECONCILE_WORKER_FAILURES_BEFORE_UNHEALTHY = env_int("CONTROLPLANE_RECONCILE_WOR
 # Seconds of a pass after which no further scale-up call is started (the rest waits for the next
 # pass), so one slow load cannot hold the reconcile lock for every model.
 RECONCILE_SCALE_UP_BUDGET = env_float("CONTROLPLANE_RECONCILE_SCALE_UP_BUDGET", 30.0)
+# Cold loads (StartBackend + LoadModel) a pass's scale-up runs at once, in a thread pool of the
+# pass; each replica slot is claimed in the database (a `loading` row and its VRAM) first.
+RECONCILE_LOAD_CONCURRENCY = env_int("CONTROLPLANE_RECONCILE_LOAD_CONCURRENCY", 16)
 # How many ReconcilePass rows are kept (older ones are pruned after each pass).
 RECONCILE_PASSES_KEPT = env_int("CONTROLPLANE_RECONCILE_PASSES_KEPT", 1000)
 # Days of events kept (older ones are pruned by housekeeping); 0 keeps them forever.
