@@ -66,14 +66,21 @@ _STATE_NAMES = {0: "STATE_UNSPECIFIED", 1: "STARTING", 2: "RUNNING", 3: "EXITED"
 def worker_backends(response) -> tuple[str, list[WorkerBackend]]:
     """``(reported node id, backends)`` from a ``ListBackendsResponse`` (or anything shaped
     like it: ``.node_id`` and ``.backends`` with model_name, replica_index, state, address)."""
-    backends = []
-    for backend in getattr(response, "backends", response):
-        state = backend.state
-        state = _STATE_NAMES.get(state, str(state)) if isinstance(state, int) else str(state).upper()
-        backends.append(
-            WorkerBackend(backend.model_name, int(backend.replica_index), state, getattr(backend, "address", ""))
+    backends = [
+        WorkerBackend(
+            backend.model_name,
+            int(backend.replica_index),
+            _state_name(backend.state),
+            getattr(backend, "address", ""),
         )
+        for backend in getattr(response, "backends", response)
+    ]
     return getattr(response, "node_id", "") or "", backends
+
+
+def _state_name(state) -> str:
+    """A backend's state name from the enum's int (protobuf) or any string-like value."""
+    return _STATE_NAMES.get(state, str(state)) if isinstance(state, int) else str(state).upper()
 
 
 # ListBackends failures that show the address does not serve this node's worker service (as
