@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property, partial
+from itertools import chain
 from operator import itemgetter
 from types import MappingProxyType
 from typing import NamedTuple
@@ -114,7 +115,9 @@ class ReplicaView(NamedTuple):
 _NO_SELECTOR: Mapping[str, str] = MappingProxyType({})
 
 _LOADED, _LOADING = NodeModel.State.LOADED.value, NodeModel.State.LOADING.value
-_MODEL_NAME = itemgetter(2)  # ReplicaView.model_name
+# Fields of ``ReplicaView`` rows, and of ``ModelCondition`` rows as ``take_snapshot`` reads them.
+_ID, _MODEL_NAME, _MODEL_AND_INDEX = itemgetter(0), itemgetter(2), itemgetter(2, 3)
+_CONDITION_KEY, _CONDITION_VALUE = itemgetter(0, 1), itemgetter(2, 3, 4)
 
 
 class ConditionValue(NamedTuple):
@@ -430,8 +433,12 @@ def rows_now(snapshot: Snapshot, node_ids: list, *, refresh: Collection[int] = (
     """
     current = set(NodeModel.objects.filter(node_id__in=node_ids).values_list("id", flat=True))
     held_rows = [snapshot.replicas_by_node.get(node_id, ()) for node_id in node_ids]
-    held = {row.id for rows in held_rows for row in rows}
-    reread = {row_id for row_id in current if row_id not in held or row_id in refresh}
+    held = set(map(_ID, chain.from_iterable(held_rows)))
+    reread = (current - held) | current.intersection(refresh)
+    if not reread and current == held:
+        # Nothing written since the snapshot (a steady pass): its rows as they are, no row
+        # may be removed (a candidate is in ``refresh``), so their order does not matter.
+        return {node_id: list(rows) for node_id, rows in zip(node_ids, held_rows, strict=True) if rows}
     rows = [row for node_rows in held_rows for row in node_rows if row.id in current and row.id not in reread]
     if reread:
         rows.extend(replica_states(NodeModel.objects.filter(id__in=reread)))
@@ -444,7 +451,3 @@ def rows_now(snapshot: Snapshot, node_ids: list, *, refresh: Collection[int] = (
         else:
             found.append(row)
     return by_node
-
-
-_MODEL_AND_INDEX = itemgetter(2, 3)
-_CONDITION_KEY, _CONDITION_VALUE = itemgetter(0, 1), itemgetter(2, 3, 4)  # ReplicaView's (model_name, replica_index)
