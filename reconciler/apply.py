@@ -274,8 +274,8 @@ class Pass:
             # The rows the snapshot holds loaded whose backend the worker does not report alive
             # may be removed, so they are re-read in full (their state may have changed).
             maybe_removed = set()
-            for node_id, backends in results.listings.items():
-                alive = alive_keys(backends)
+            alive_by_node = {node_id: alive_keys(backends) for node_id, backends in results.listings.items()}
+            for node_id, alive in alive_by_node.items():
                 maybe_removed.update(
                     row.id
                     for row in snapshot.replicas_by_node.get(node_id, ())
@@ -284,7 +284,10 @@ class Pass:
             rows_by_node = rows_now(snapshot, list(results.listings), refresh=maybe_removed)
             for node_id, backends in results.listings.items():
                 plan_ = plan_worker_reconciliation(
-                    rows_by_node.get(node_id, ()), backends, loaded_before_listing=loaded_before_listing
+                    rows_by_node.get(node_id, ()),
+                    backends,
+                    loaded_before_listing=loaded_before_listing,
+                    alive=alive_by_node[node_id],
                 )
                 if plan_.remove or plan_.stop:
                     node = snapshot.nodes[node_id]

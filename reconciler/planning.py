@@ -328,6 +328,7 @@ def plan_worker_reconciliation(
     reported: list[WorkerBackend],
     *,
     loaded_before_listing: Mapping[int, datetime | None],
+    alive: Collection[tuple[str, int]] | None = None,
 ) -> WorkerPlan:
     """Compare one worker's rows (read after its listing) with what it says it runs.
 
@@ -341,8 +342,11 @@ def plan_worker_reconciliation(
     - a RUNNING backend with no row at all (not even ``loading``) is an orphan and is stopped.
       Loaders write the ``loading`` row before starting the backend, so a running backend
       without a row is one nobody will ever route to.
+
+    ``alive``: ``alive_keys(reported)`` when the caller has it already.
     """
-    alive = alive_keys(reported)
+    if alive is None:
+        alive = alive_keys(reported)
     loaded = NodeModel.State.LOADED
     remove = tuple(
         row
