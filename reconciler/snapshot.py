@@ -271,23 +271,9 @@ NODE_COLUMNS = (
     "unanswered_listing__counted_heartbeat",
 )
 
-# ``ReplicaView``'s fields in order: each row tuple becomes a view as it is (``_as_views``).
-REPLICA_COLUMNS = (
-    "id",
-    "node_id",
-    "model_name",
-    "replica_index",
-    "state",
-    "address",
-    "in_flight",
-    "last_used",
-    "probe_failures",
-    "last_probe_at",
-    "reserved_vram",
-    "has_blob",
-    "updated_at",
-    "state_changed_at",
-)
+# The columns read for ``ReplicaView`` are its fields, in order (``has_blob`` is computed by the
+# database, ``_HAS_BLOB``): each row tuple becomes a view as it is (``_as_views``).
+REPLICA_COLUMNS = ReplicaView._fields
 
 # The node selector is read as its JSON text: most models share a handful of selectors
 # (usually ``{}``), each decoded once (``_selector_view``), not once per model.
