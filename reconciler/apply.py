@@ -18,12 +18,14 @@ import gc
 import logging
 from contextlib import contextmanager
 from datetime import datetime
+from operator import itemgetter
 
 from registry import operations
 from registry.models import ModelSchedulingConfig, Node, NodeModel
 
 from . import housekeeping
 from .conf import ReconcileConfig
+from .managers import ConditionState
 from .models import Event, ModelCondition, ReconcilePass, UnansweredListing
 from .planning import (
     NodeHealthPlan,
@@ -32,7 +34,7 @@ from .planning import (
     ScalePlan,
     WorkerHealthPlan,
     alive_keys,
-    model_conditions,
+    model_condition_values,
     plan_checks,
     plan_node_health,
     plan_observation,
@@ -210,7 +212,8 @@ class Pass(ScaleUp):
         plan = plan_checks(snapshot, self.cfg, now=self.now)
         # The snapshot was read before any worker is asked: a row it held loaded, in the same
         # state change, was loaded before the listing (see plan_worker_reconciliation).
-        loaded_before_listing = {row.id: row.state_changed_at for row in snapshot.replicas if row.loaded}
+        loaded = NodeModel.State.LOADED
+        loaded_before_listing = {row.id: row.state_changed_at for row in snapshot.replicas if row.state == loaded}
         results = run_checks(
             plan,
             self.prober,
@@ -267,19 +270,25 @@ class Pass(ScaleUp):
             # The rows the snapshot holds loaded whose backend the worker does not report alive
             # may be removed, so they are re-read in full (their state may have changed).
             maybe_removed = set()
-            for node_id, backends in results.listings.items():
-                alive = alive_keys(backends)
+            alive_by_node = {node_id: alive_keys(backends) for node_id, backends in results.listings.items()}
+            for node_id, alive in alive_by_node.items():
                 maybe_removed.update(
-                    row.id for row in snapshot.replicas_by_node.get(node_id, ()) if row.loaded and row.key not in alive
+                    row.id
+                    for row in snapshot.replicas_by_node.get(node_id, ())
+                    if row.state == loaded and (row.model_name, row.replica_index) not in alive
                 )
             rows_by_node = rows_now(snapshot, list(results.listings), refresh=maybe_removed)
             for node_id, backends in results.listings.items():
-                node = snapshot.nodes[node_id]
                 plan_ = plan_worker_reconciliation(
-                    rows_by_node.get(node_id, []), backends, loaded_before_listing=loaded_before_listing
+                    rows_by_node.get(node_id, ()),
+                    backends,
+                    loaded_before_listing=loaded_before_listing,
+                    alive=alive_by_node[node_id],
                 )
-                changed |= self.remove_gone_backends(node, plan_.remove, backends, guard=guard)
-                self.stop_orphans(node, plan_.stop)
+                if plan_.remove or plan_.stop:
+                    node = snapshot.nodes[node_id]
+                    changed |= self.remove_gone_backends(node, plan_.remove, backends, guard=guard)
+                    self.stop_orphans(node, plan_.stop)
         return changed
 
     def record_worker_api(self, plan, results) -> None:
@@ -481,10 +490,17 @@ class Pass(ScaleUp):
     # -- conditions ----------------------------------------------------------------------------
 
     def update_conditions(self, snapshot: Snapshot, health: NodeHealthPlan, plans: dict, outcomes: dict) -> None:
-        states = [health.guard_condition()]
+        # Desired values are compared with the snapshot's as tuples; only those that differ
+        # become ``ConditionState``s for ``set_conditions`` (which re-reads them under lock).
+        known = snapshot.conditions
+        guard = health.guard_condition()
+        states = [] if known.get((guard.model_name, guard.type)) == guard[2:] else [guard]
+        memo: dict = {}
         for name in snapshot.model_names:
-            states.extend(model_conditions(snapshot, name, plans.get(name), outcomes.get(name), now=self.now))
-        for transition in ModelCondition.objects.set_conditions(states, now=self.now, known=snapshot.conditions):
+            for type_, value in model_condition_values(snapshot, name, plans.get(name), outcomes.get(name), memo=memo):
+                if known.get((name, type_)) != value:
+                    states.append(ConditionState(name, type_, *value))
+        for transition in ModelCondition.objects.set_conditions(states, now=self.now):
             state = transition.state
             self.summary.count("conditions_changed")
             kind = transition_event_kind(state.type, state.status, is_new=transition.is_new)
@@ -499,7 +515,7 @@ class Pass(ScaleUp):
                 reason=state.reason,
                 previous_reason=transition.previous_reason,
             )
-        forgotten = {name for name, _ in snapshot.conditions} - set(snapshot.model_names) - {ModelCondition.CLUSTER}
+        forgotten = set(map(itemgetter(0), known)) - set(snapshot.model_names) - {ModelCondition.CLUSTER}
         if forgotten:
             ModelCondition.objects.forget(forgotten)
 

@@ -131,7 +131,7 @@ class ScaleUp:
 def _same_failure_as_last_pass(snapshot: Snapshot, model_name: str, failure: str) -> bool:
     """True when the model's Progressing condition already reports this scale-up failure."""
     previous = snapshot.conditions.get((model_name, ModelCondition.Type.PROGRESSING))
-    return bool(previous) and previous["reason"] == "scale_up_failed" and previous["message"].endswith(failure)
+    return bool(previous) and previous.reason == "scale_up_failed" and previous.message.endswith(failure)
 
 
 def _node_of(snapshot: Snapshot, result) -> NodeView | None:
