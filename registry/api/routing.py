@@ -319,14 +319,14 @@ class LeaseViewSet(viewsets.ViewSet):
     )
     @action(detail=True, methods=["post"])
     def release(self, request, lease_id):
-        now = timezone.now()
-        if Lease.objects.release(lease_id, now=now):
-            return Response(LeaseReleaseSerializer({"pk": lease_id, "released": True, "released_at": now}).data)
-        # Not released by this call: unknown, or released before (by its holder or by expiry).
-        lease = Lease.objects.filter(pk=lease_id).values("pk", "released_at").first()
-        if lease is None:
+        # One statement on PostgreSQL; released False: released before (by its holder or by
+        # expiry), or unknown.
+        outcome = Lease.objects.release_with_outcome(lease_id, now=timezone.now())
+        if not outcome.exists:
             raise NotFound("No such lease.")
-        return Response(LeaseReleaseSerializer({**lease, "released": False}).data)
+        return Response(
+            LeaseReleaseSerializer({"pk": lease_id, "released": outcome.released, "released_at": outcome.released_at}).data
+        )
 
     @extend_schema(
         summary="Extend a live lease (long requests, streams)",
