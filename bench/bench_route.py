@@ -171,7 +171,7 @@ def _summary(samples: list[float]) -> dict:
 
 def measure(route_step, baseline_step, iterations: int, block: int = 25) -> tuple[dict, dict]:
     """Both steps in alternating blocks of ``block`` iterations, after a short warm-up of each."""
-    for _ in range(min(50, iterations)):
+    for _ in range(min(50, max(5, iterations // 4))):
         baseline_step()
         route_step()
     timings = {"baseline": [], "route": []}
@@ -377,8 +377,8 @@ def _write(section: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (under 60 s), as make bench runs it")
-    parser.add_argument("--iterations", type=int, default=None, help="headline iterations (default 1000, quick 200)")
-    parser.add_argument("--growth-iterations", type=int, default=None, help="per growth row (default 300, quick 60)")
+    parser.add_argument("--iterations", type=int, default=None, help="headline iterations (default 1000, quick 150)")
+    parser.add_argument("--growth-iterations", type=int, default=None, help="per growth row (default 300, quick 40)")
     parser.add_argument("--replicas", default="1,10,100", help="growth: replicas of one model (comma-separated)")
     parser.add_argument("--models", default="1,100,1000", help="growth: models with one replica each")
     parser.add_argument("--write", action="store_true", help="update the Warm route section of bench/RESULTS.md")
@@ -386,8 +386,8 @@ def main() -> int:
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         parser.error("this benchmark needs PostgreSQL (BENCH_DATABASE_URL)")
-    args.iterations = args.iterations or (200 if args.quick else 1000)
-    args.growth_iterations = args.growth_iterations or (60 if args.quick else 300)
+    args.iterations = args.iterations or (150 if args.quick else 1000)
+    args.growth_iterations = args.growth_iterations or (40 if args.quick else 300)
     replica_steps = [int(n) for n in args.replicas.split(",") if n]
     model_steps = [int(n) for n in args.models.split(",") if n]
 
