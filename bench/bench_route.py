@@ -69,6 +69,19 @@ from django.utils import timezone  # noqa: E402
 from proto import backend_pb2  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
+PROFILE_NOTE = (
+    "Where the time goes (`--profile 200`: cProfile of the route + release views in one process, "
+    "Django's test client, no socket): about half of it waits on PostgreSQL (the two statements), "
+    "the rest is Django and DRF handling a request (the middleware chain, URL resolution, content "
+    "negotiation, parsing and rendering), spread thin: no single function of ours or of DRF's "
+    "stands out any more once the per-request serializers were gone (instantiating one deep-copies "
+    "its fields). What remains per route + release beyond the raw baseline is two HTTP requests "
+    "(`cpclient` opens a connection per request) through that stack. The machine's load matters "
+    "to the ratio: a loaded machine stretches every database round trip and commit (the baseline "
+    "is seven statements and two commits) more than the route's CPU work, so the ratio is probably "
+    "lower under load than on an idle machine (not measured: this machine was never idle while this "
+    "was built); read it with the load average stated above."
+)
 MODEL = "llama"
 GOAL = 3.0
 
@@ -359,6 +372,8 @@ def report(result: dict, args, server_version: str, load: float, command: str) -
         "in_flight - 1`); plus the health check Django makes on a kept connection at the start of each "
         "request. API keys are answered from each web process's memory (re-read every 5 s, "
         "`last_used` written at most once a minute), the node's name from a per-process cache.",
+        "",
+        PROFILE_NOTE,
         "",
     ]
     return "\n".join(lines), ratio
