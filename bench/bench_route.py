@@ -1,26 +1,34 @@
-"""Warm-route benchmark: a frontend's per-request cost (route + release through the API) against
-the raw SQL of one warm pick, both on the local PostgreSQL.
+"""Warm-route benchmark: what a frontend pays per request (``cpclient`` route + release over
+HTTP to gunicorn started exactly as ``make run`` starts it) against the raw SQL of a warm pick
+and its release, both measured in the same run on the local PostgreSQL.
 
-    .venv/bin/python bench/bench_route.py [--iterations 2000] [--replicas 4] [--write]
+    .venv/bin/python bench/bench_route.py [--quick] [--iterations 1000] [--write]
 
-What is timed, sequentially in one process (one request at a time, no network hop to the web
-server: Django's test client calls the WSGI handler in-process):
+What is timed, one request at a time, from this process:
 
-* ``baseline``: ``BEGIN; SELECT id ... ORDER BY in_flight, last_used LIMIT 1 FOR UPDATE SKIP
-  LOCKED; UPDATE ... SET in_flight = in_flight + 1; COMMIT`` with psycopg on Django's connection:
-  the least a warm pick can cost.
-* ``baseline pick + release``: the same plus the decrement transaction.
-* ``router.route + release``: the Python API (warm pick + lease in one transaction, probe cache
-  hit, lease release), no HTTP.
-* ``API route + release``: ``POST /api/v1/models/llama/route`` and ``POST
-  /api/v1/leases/{id}/release`` with an API key (auth, DRF, serializers, problem handler).
-* ``cpclient ... over HTTP``: the same through the typed frontend client (``cpclient``) and a real
-  gunicorn process on loopback.
+* ``baseline``: raw pick + release with psycopg on one kept connection: ``BEGIN; SELECT id ...
+  ORDER BY in_flight, last_used LIMIT 1 FOR UPDATE SKIP LOCKED; UPDATE ... in_flight + 1;
+  COMMIT`` then ``BEGIN; UPDATE ... in_flight - 1; COMMIT``: the least a warm pick and its
+  release can cost (no lease row, no authentication, no HTTP).
+* ``route``: ``ControlPlaneClient.lease(model)`` (``POST /api/v1/models/{model}/route``, then
+  ``POST /api/v1/leases/{id}/release`` on exit) over loopback HTTP, one kept connection, to
+  ``gunicorn -c controlplane/gunicorn.conf.py --workers 2 --access-logfile - --log-level warning``
+  (``scripts/run``'s command line, its defaults: gthread workers, persistent database
+  connections, the Prometheus multiprocess directory), with a frontend API key.
+
+The two are measured in alternating blocks, so a change of the machine's load hits both. The
+headline is the ratio of the medians (``RATIO route: ...``, the last line printed; the means are
+reported too). Growth: the same pair with 1 / 10 / 100 replicas of the routed model, then with
+1 / 100 / 1,000 models (one replica each, routing to a random one): the cost per route should
+not grow with the fleet. The nodes heartbeat (a thread of this process, every 5 s) so that the
+router's 30 s probe cache holds, as in a live fleet; a fake gRPC backend answers the Health
+probes made when it does not.
 
 A throw-away database ``test_<name>`` is created (migrations applied) and dropped afterwards;
 ``BENCH_DATABASE_URL`` (default ``postgres://postgres@127.0.0.1:5432/controlplane_bench``) names
-the server. A fake gRPC backend answers the Health probes the warm path makes once its 30 s cache
-expires. ``--write`` replaces the "Warm route" section of ``bench/RESULTS.md``.
+the server. ``--quick`` (under 60 s) is what ``make bench`` runs; ``--write`` replaces the "Warm
+route" section of ``bench/RESULTS.md``; ``--profile`` prints a cProfile of the route + release
+views run in this process (Django's test client: where the web tier's time goes).
 """
 
 from __future__ import annotations
@@ -28,9 +36,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import re
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -49,15 +62,28 @@ import django  # noqa: E402
 django.setup()
 
 import grpc  # noqa: E402
-from django.db import connection  # noqa: E402
-from django.test.utils import CaptureQueriesContext, setup_test_environment  # noqa: E402
+from django.db import close_old_connections, connection  # noqa: E402
+from django.test.utils import setup_test_environment  # noqa: E402
 from django.utils import timezone  # noqa: E402
-from rest_framework.test import APIClient  # noqa: E402
 
 from proto import backend_pb2  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
+PROFILE_NOTE = (
+    "Where the time goes (`--profile 200`: cProfile of the route + release views in one process, "
+    "Django's test client, no socket): about half of it waits on PostgreSQL (the two statements), "
+    "the rest is Django and DRF handling a request (the middleware chain, URL resolution, content "
+    "negotiation, parsing and rendering), spread thin: no single function of ours or of DRF's "
+    "stands out any more once the per-request serializers were gone (instantiating one deep-copies "
+    "its fields). What remains per route + release beyond the raw baseline is two HTTP requests "
+    "(`cpclient` opens a connection per request) through that stack. The machine's load matters "
+    "to the ratio: a loaded machine stretches every database round trip and commit (the baseline "
+    "is seven statements and two commits) more than the route's CPU work, so the ratio is probably "
+    "lower under load than on an idle machine (not measured: this machine was never idle while this "
+    "was built); read it with the load average stated above."
+)
 MODEL = "llama"
+GOAL = 3.0
 
 
 def _health_server() -> tuple[grpc.Server, str]:
@@ -78,56 +104,67 @@ def _health_server() -> tuple[grpc.Server, str]:
     return server, f"127.0.0.1:{port}"
 
 
-def _fleet(replicas: int, backend_address: str) -> str:
-    """``replicas`` nodes with one loaded replica of MODEL each; returns a frontend API key."""
-    from core.models import ApiKey
-    from registry.models import Node, NodeModel
+class Fleet:
+    """Nodes (registered through the verb), replica rows reported as a frontend reports them,
+    and a thread heartbeating every node every 5 s."""
 
-    now = timezone.now()
-    for index in range(replicas):
-        node = Node.objects.register(name=f"bench-{index}", address=f"127.0.0.1:{50000 + index}").node
-        NodeModel.objects.create(
-            node=node, model_name=MODEL, replica_index=0, address=backend_address, state="loaded", last_probe_at=now
-        )
-    return ApiKey.objects.create_key("bench", ApiKey.Role.FRONTEND)[1]
+    def __init__(self, backend_address: str, nodes: int):
+        from registry.models import Node
+
+        self.backend_address = backend_address
+        self.nodes = [
+            Node.objects.register(name=f"bench-{index}", address=f"127.0.0.1:{40000 + index}", max_replicas_per_model=1000).node
+            for index in range(nodes)
+        ]
+        self.replicas: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+
+    def _heartbeat(self):
+        from registry.models import Node
+
+        while not self._stop.wait(5.0):
+            for node in self.nodes:
+                Node.objects.heartbeat(node.pk)
+        close_old_connections()
+        connection.close()
+
+    def grow(self, model: str, replicas: int) -> None:
+        """Up to ``replicas`` loaded replicas of ``model``, one per node (then more per node)."""
+        from registry.models import NodeModel
+
+        now = timezone.now()
+        for index in range(self.replicas.get(model, 0), replicas):
+            NodeModel.objects.record_loaded(
+                self.nodes[index % len(self.nodes)].pk,
+                model,
+                index // len(self.nodes),
+                address=self.backend_address,
+                backend_type="llama-cpp",
+                opts_blob=b"\x0a" + bytes([len(model)]) + model.encode(),
+                now=now,
+            )
+        self.replicas[model] = max(replicas, self.replicas.get(model, 0))
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
 
 
-def _timed(label: str, iterations: int, step) -> dict:
-    for _ in range(min(100, iterations)):  # warm-up: connections, caches, plans
-        step()
-    samples = []
-    for _ in range(iterations):
-        started = time.perf_counter()
-        step()
-        samples.append(time.perf_counter() - started)
-    samples.sort()
-    return {
-        "label": label,
-        "mean_ms": statistics.fmean(samples) * 1000,
-        "p50_ms": samples[len(samples) // 2] * 1000,
-        "p99_ms": samples[int(len(samples) * 0.99) - 1] * 1000,
-        "per_s": len(samples) / sum(samples),
-    }
-
-
-def _baseline_pick(raw):
+def _baseline_step(raw, model: str):
     with raw.cursor() as cursor:
         cursor.execute("BEGIN")
         cursor.execute(
             "SELECT id FROM registry_nodemodel WHERE model_name = %s AND state = 'loaded' "
             "ORDER BY in_flight, last_used NULLS FIRST, id LIMIT 1 FOR UPDATE SKIP LOCKED",
-            [MODEL],
+            [model],
         )
         replica_id = cursor.fetchone()[0]
         cursor.execute(
             "UPDATE registry_nodemodel SET in_flight = in_flight + 1, last_used = now() WHERE id = %s", [replica_id]
         )
         cursor.execute("COMMIT")
-    return replica_id
-
-
-def _baseline_release(raw, replica_id):
-    with raw.cursor() as cursor:
         cursor.execute("BEGIN")
         cursor.execute(
             "UPDATE registry_nodemodel SET in_flight = in_flight - 1 WHERE id = %s AND in_flight > 0", [replica_id]
@@ -135,164 +172,218 @@ def _baseline_release(raw, replica_id):
         cursor.execute("COMMIT")
 
 
-def run(iterations: int, replicas: int) -> tuple[list[dict], dict]:
-    from registry import router
-    from registry.models import Lease, NodeModel
-
-    server, backend_address = _health_server()
-    api_key = _fleet(replicas, backend_address)
-    connection.ensure_connection()
-    raw = connection.connection  # psycopg connection; Django is in autocommit mode
-
-    results = [_timed("baseline: raw SQL warm pick", iterations, lambda: _baseline_pick(raw))]
-    NodeModel.objects.update(in_flight=0)
-    results.append(
-        _timed("baseline: raw SQL pick + release", iterations, lambda: _baseline_release(raw, _baseline_pick(raw)))
-    )
-
-    def python_route():
-        result = router.route(MODEL)
-        Lease.objects.release(result.lease.pk)
-
-    results.append(_timed("router.route + Lease release (no HTTP)", iterations, python_route))
-
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key}")
-
-    def api_route():
-        response = client.post(f"/api/v1/models/{MODEL}/route", {}, format="json")
-        assert response.status_code == 200, response.content
-        released = client.post(f"/api/v1/leases/{response.json()['lease_id']}/release")
-        assert released.status_code == 200, released.content
-
-    results.append(_timed("API route + release (test client)", iterations, api_route))
-
-    with CaptureQueriesContext(connection) as route_queries:
-        response = client.post(f"/api/v1/models/{MODEL}/route", {}, format="json")
-    with CaptureQueriesContext(connection) as release_queries:
-        client.post(f"/api/v1/leases/{response.json()['lease_id']}/release")
-    http_step, stop_web = _http_route(api_key)
-    try:
-        results.append(_timed("cpclient route + release over HTTP (gunicorn, 1 worker)", iterations, http_step))
-    finally:
-        stop_web()
-    leftover = sum(NodeModel.objects.values_list("in_flight", flat=True))
-    server.stop(grace=None)
-    return results, {
-        "route_queries": len(route_queries),
-        "release_queries": len(release_queries),
-        "in_flight_after": leftover,
+def _summary(samples: list[float]) -> dict:
+    samples = sorted(samples)
+    return {
+        "mean_ms": statistics.fmean(samples) * 1000,
+        "p50_ms": samples[len(samples) // 2] * 1000,
+        "p99_ms": samples[max(0, int(len(samples) * 0.99) - 1)] * 1000,
+        "per_s": len(samples) / sum(samples),
     }
 
 
-def _http_route(api_key: str):
-    """A real frontend's path: the typed client over a socket to gunicorn (one sync worker,
-    persistent database connections as production should run) on this run's database.
-    Returns ``(step, stop)``."""
-    import socket
-    import subprocess
+def measure(route_step, baseline_step, iterations: int, block: int = 25) -> tuple[dict, dict]:
+    """Both steps in alternating blocks of ``block`` iterations, after a short warm-up of each."""
+    for _ in range(min(50, max(5, iterations // 4))):
+        baseline_step()
+        route_step()
+    timings = {"baseline": [], "route": []}
+    done = 0
+    while done < iterations:
+        count = min(block, iterations - done)
+        for name, step in (("baseline", baseline_step), ("route", route_step)):
+            for _ in range(count):
+                started = time.perf_counter()
+                step()
+                timings[name].append(time.perf_counter() - started)
+        done += count
+    return _summary(timings["baseline"]), _summary(timings["route"])
 
-    from cpclient import ControlPlaneClient
 
+def start_web(var_dir: str) -> tuple[subprocess.Popen, int]:
+    """gunicorn as ``scripts/run`` starts it (its command line and environment defaults)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     database = connection.settings_dict
+    prometheus = Path(var_dir) / "prometheus"
+    prometheus.mkdir()
     env = {
         **os.environ,
         "DATABASE_URL": f"postgres://{database['USER']}@{database['HOST']}:{database['PORT'] or 5432}/{database['NAME']}",
-        "DATABASE_CONN_MAX_AGE": "60",
+        "CONTROLPLANE_VAR_DIR": var_dir,
+        "PROMETHEUS_MULTIPROC_DIR": str(prometheus),
     }
-    web = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "controlplane.wsgi", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    for name in ("DATABASE_CONN_MAX_AGE", "WEB_THREADS", "WEB_KEEPALIVE", "CONTROLPLANE_API_KEY_CACHE_SECONDS"):
+        env.pop(name, None)  # the shipped defaults, whatever this shell has set
+    command = [
+        sys.executable, "-m", "gunicorn", "-c", "controlplane/gunicorn.conf.py",
+        "--bind", f"127.0.0.1:{port}", "--workers", os.environ.get("WEB_WORKERS", "2"),
+        "--access-logfile", "-", "--log-level", "warning",
+    ]  # fmt: skip
+    web = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return web, port
+
+
+def _client(port: int, api_key: str):
+    from cpclient import ControlPlaneClient
+
     frontend = ControlPlaneClient(f"http://127.0.0.1:{port}", api_key, timeout=10)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while True:
         try:
             frontend.get_model(MODEL)
-            break
+            return frontend
         except Exception:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 
-    def step():
-        with frontend.lease(MODEL):
-            pass
 
-    def stop():
+def run(iterations: int, growth_iterations: int, replica_steps, model_steps) -> dict:
+    from core.models import ApiKey
+    from registry.models import Lease, NodeModel
+
+    server, backend_address = _health_server()
+    fleet = Fleet(backend_address, max(max(replica_steps), 10))
+    api_key = ApiKey.objects.create_key("bench", ApiKey.Role.FRONTEND)[1]
+    connection.ensure_connection()
+    raw = connection.connection  # psycopg; Django's connection is in autocommit mode
+    fleet.grow(MODEL, 4)  # the headline: one model, 4 replicas
+    var_dir = tempfile.mkdtemp(prefix="bench-route-")
+    web, port = start_web(var_dir)
+    try:
+        frontend = _client(port, api_key)
+
+        def route_step(model=MODEL):
+            with frontend.lease(model):
+                pass
+
+        headline = measure(route_step, lambda: _baseline_step(raw, MODEL), iterations)
+
+        growth = []
+        for replicas in replica_steps:
+            fleet.grow(MODEL, replicas)
+            base, routed = measure(route_step, lambda: _baseline_step(raw, MODEL), growth_iterations)
+            growth.append((f"{replicas} replica(s) of one model", base, routed))
+        names = [MODEL]
+        for models in model_steps:
+            while len(names) < models:
+                names.append(f"model-{len(names)}")
+                fleet.grow(names[-1], 1)
+            chosen = []
+
+            def random_route(names=names, chosen=chosen):
+                chosen.append(random.choice(names))
+                route_step(chosen[-1])
+
+            def random_baseline(names=names):
+                _baseline_step(raw, random.choice(names))
+
+            base, routed = measure(random_route, random_baseline, growth_iterations)
+            growth.append((f"{models} model(s), one replica each, a random one routed", base, routed))
+        live = Lease.objects.live().count()
+        in_flight = sum(NodeModel.objects.values_list("in_flight", flat=True))
+    finally:
         web.terminate()
-        web.wait(15)
+        try:
+            web.wait(15)
+        except subprocess.TimeoutExpired:
+            web.kill()
+        fleet.stop()
+        server.stop(grace=None)
+    return {"headline": headline, "growth": growth, "live_leases": live, "in_flight": in_flight}
 
-    return step, stop
+
+def profile(iterations: int) -> str:
+    """cProfile of the route + release views in this process (Django's test client)."""
+    import cProfile
+    import io
+    import pstats
+
+    from rest_framework.test import APIClient
+
+    from core.models import ApiKey
+
+    server, backend_address = _health_server()
+    fleet = Fleet(backend_address, 4)
+    fleet.grow(MODEL, 4)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {ApiKey.objects.create_key('prof', 'frontend')[1]}")
+
+    def step():
+        lease = client.post(f"/api/v1/models/{MODEL}/route", {}, format="json").json()["lease_id"]
+        client.post(f"/api/v1/leases/{lease}/release")
+
+    for _ in range(50):
+        step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iterations):
+        step()
+    profiler.disable()
+    fleet.stop()
+    server.stop(grace=None)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "cumulative")).print_stats(40)
+    return out.getvalue()
 
 
-def _report(results, extra, iterations, replicas, server_version, load) -> str:
-    baseline = results[0]["mean_ms"]
-    api = results[3]["mean_ms"]
-    http = results[4]["mean_ms"]
+def _row(label: str, base: dict, routed: dict) -> str:
+    return (
+        f"| {label} | {base['p50_ms']:.2f} | {base['mean_ms']:.2f} | {routed['p50_ms']:.2f} | "
+        f"{routed['mean_ms']:.2f} | {routed['p99_ms']:.2f} | {routed['p50_ms'] / base['p50_ms']:.1f}x |"
+    )
+
+
+def report(result: dict, args, server_version: str, load: float, command: str) -> tuple[str, float]:
+    base, routed = result["headline"]
+    ratio = routed["p50_ms"] / base["p50_ms"]
     lines = [
         "## Warm route",
         "",
-        f"`bench/bench_route.py --iterations {iterations} --replicas {replicas}` on "
-        f"{platform.python_implementation()} {platform.python_version()}, PostgreSQL {server_version} "
-        "(local, 127.0.0.1), one process, one request at a time, "
-        f"{replicas} loaded replicas of one model on {replicas} healthy nodes; "
-        f"{iterations} timed iterations after 100 warm-up ones. Machine: {os.cpu_count()} CPUs, load "
-        f"average {load:.2f} at the start (a shared machine: expect +-30 % from run to run; compare the "
-        "ratios, not the milliseconds).",
+        f"`{command}` on {platform.python_implementation()} {platform.python_version()}, PostgreSQL "
+        f"{server_version} (local, 127.0.0.1), {os.cpu_count()} CPUs, **load average {load:.2f} at the start** "
+        "(a shared machine: compare the ratios, not the milliseconds). One request at a time; the "
+        "baseline and the route alternate in blocks of 25.",
         "",
-        "| what | mean ms | p50 ms | p99 ms | per second |",
+        "| what | p50 ms | mean ms | p99 ms | per second |",
         "|---|---:|---:|---:|---:|",
-    ]
-    for row in results:
-        lines.append(
-            f"| {row['label']} | {row['mean_ms']:.3f} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | {row['per_s']:.0f} |"
-        )
-    lines += [
+        f"| baseline: raw SQL pick + release (psycopg, 2 transactions) | {base['p50_ms']:.2f} | {base['mean_ms']:.2f} | "
+        f"{base['p99_ms']:.2f} | {base['per_s']:.0f} |",
+        f"| cpclient route + release over HTTP (gunicorn as `make run` starts it) | {routed['p50_ms']:.2f} | "
+        f"{routed['mean_ms']:.2f} | {routed['p99_ms']:.2f} | {routed['per_s']:.0f} |",
         "",
-        f"**API route + release / raw warm pick = {api / baseline:.1f}x** "
-        f"(API route + release / raw pick + release = {api / results[1]['mean_ms']:.1f}x). "
-        f"Through a real socket with the typed client: **cpclient over HTTP / raw warm pick = "
-        f"{http / baseline:.1f}x**.",
+        f"**route + release / raw pick + release = {ratio:.1f}x** (medians; means: "
+        f"{routed['mean_ms'] / base['mean_ms']:.1f}x), goal <= {GOAL:.0f}x. After the run: "
+        f"{result['live_leases']} live leases, in-flight sum {result['in_flight']}.",
         "",
-        f"Statements per API call: route {extra['route_queries']} (API-key lookup and its last-used "
-        "update, scheduling config, then `BEGIN`, savepoint, `SELECT ... FOR UPDATE SKIP LOCKED`, "
-        "`UPDATE in_flight`, release savepoint, lease `INSERT`, `COMMIT`; the node name comes from a "
-        f"per-process cache), release {extra['release_queries']} (API key x2, lease read, `BEGIN`, "
-        "lease `UPDATE`, `in_flight` decrement, `COMMIT`). In-flight sum after the run: "
-        f"{extra['in_flight_after']} (every lease was released).",
+        "Growth (each row: baseline and route alternating, "
+        f"{args.growth_iterations} iterations each; the ratio is of the medians):",
         "",
-        "Method: the baseline is the SQL a warm pick cannot avoid (`BEGIN; SELECT id ... ORDER BY "
-        "in_flight, last_used LIMIT 1 FOR UPDATE SKIP LOCKED; UPDATE ... in_flight + 1; COMMIT`) sent "
-        "with psycopg on the same connection. The router rows add the lease row (so in-flight always "
-        "equals live leases), the 30 s probe cache check (a Health probe against an in-process fake "
-        "backend when it expires) and the release; the API rows add API-key authentication, DRF "
-        "parsing/validation/rendering and the problem handler, called in-process through Django's test "
-        "client (no socket, no WSGI server). The last row is what a frontend sees: `cpclient`'s "
-        "`lease()` context manager (route, then release on exit) over loopback HTTP to gunicorn with "
-        "one worker and persistent database connections. A throw-away database is created and dropped "
-        "per run.",
+        "| fleet | baseline p50 ms | baseline mean ms | route p50 ms | route mean ms | route p99 ms | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *(_row(label, b, r) for label, b, r in result["growth"]),
         "",
-        "Where the router's time goes (cProfile of the no-HTTP row): almost all of it waits on "
-        "PostgreSQL round trips (about ten statements per route + release, two of them commits that "
-        "flush WAL: the in-flight increment with its lease row, and the release with its decrement), "
-        "not in Python. The raw baseline makes four statements and one commit per pick.",
+        "Per call the database sees: route, one statement (`WITH pick AS (SELECT ... FOR UPDATE OF r "
+        "SKIP LOCKED), bumped AS (UPDATE ... in_flight + 1 RETURNING ...), granted AS (INSERT lease) "
+        "SELECT ...`, the model's node selector evaluated inside it); release, one statement (`WITH "
+        "released AS (UPDATE lease ... WHERE released_at IS NULL RETURNING replica_id) UPDATE ... "
+        "in_flight - 1`); plus the health check Django makes on a kept connection at the start of each "
+        "request. API keys are answered from each web process's memory (re-read every 5 s, "
+        "`last_used` written at most once a minute), the node's name from a per-process cache.",
+        "",
+        PROFILE_NOTE,
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines), ratio
 
 
 def _write(section: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
     pattern = re.compile(r"^## Warm route\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
-        text = pattern.sub(section, text)
+        text = pattern.sub(section.rstrip("\n") + "\n\n", text)
     else:
         text = text.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(text.rstrip("\n") + "\n")
@@ -300,12 +391,20 @@ def _write(section: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="a short run (under 60 s), as make bench runs it")
+    parser.add_argument("--iterations", type=int, default=None, help="headline iterations (default 1000, quick 150)")
+    parser.add_argument("--growth-iterations", type=int, default=None, help="per growth row (default 300, quick 40)")
+    parser.add_argument("--replicas", default="1,10,100", help="growth: replicas of one model (comma-separated)")
+    parser.add_argument("--models", default="1,100,1000", help="growth: models with one replica each")
     parser.add_argument("--write", action="store_true", help="update the Warm route section of bench/RESULTS.md")
+    parser.add_argument("--profile", type=int, metavar="N", help="print a cProfile of N route + release view calls")
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         parser.error("this benchmark needs PostgreSQL (BENCH_DATABASE_URL)")
+    args.iterations = args.iterations or (150 if args.quick else 1000)
+    args.growth_iterations = args.growth_iterations or (40 if args.quick else 300)
+    replica_steps = [int(n) for n in args.replicas.split(",") if n]
+    model_steps = [int(n) for n in args.models.split(",") if n]
 
     load = os.getloadavg()[0]
     setup_test_environment()
@@ -314,14 +413,19 @@ def main() -> int:
     try:
         server_version = connection.cursor().connection.info.server_version
         version = f"{server_version // 10000}.{server_version % 10000}"
-        results, extra = run(args.iterations, args.replicas)
+        if args.profile:
+            print(profile(args.profile))
+            return 0
+        result = run(args.iterations, args.growth_iterations, replica_steps, model_steps)
     finally:
         connection.creation.destroy_test_db(old_name, verbosity=0)
-    section = _report(results, extra, args.iterations, args.replicas, version, load)
+    command = "bench/bench_route.py " + " ".join(a for a in sys.argv[1:] if a != "--write")
+    section, ratio = report(result, args, version, load, command.strip())
     print(section)
     if args.write:
         _write(section)
         print(f"wrote {RESULTS.relative_to(REPO)}")
+    print(f"RATIO route: {ratio:.1f}x (goal <= {GOAL:.0f}x)")
     return 0
 
 

@@ -295,6 +295,10 @@ GRPC_WORKER_TIMEOUT = env_float("CONTROLPLANE_GRPC_WORKER_TIMEOUT", DEFAULT_TIME
 # complete the HTTP/2 handshake within this (it accepts TCP and never answers): proto/client.py.
 GRPC_CONNECT_TIMEOUT = env_float("CONTROLPLANE_GRPC_CONNECT_TIMEOUT", DEFAULT_TIMEOUTS["connect"])
 
+# Seconds a web process answers an API key it verified from memory (no database read). A key
+# revoked in another process keeps working here for at most this long (docs/security.md).
+API_KEY_CACHE_SECONDS = env_float("CONTROLPLANE_API_KEY_CACHE_SECONDS", 5.0)
+
 # --- Router (frontends' route calls, leases, cold-load jobs) ---------------------------------
 # How long a route call waits for a cold load before answering 202.
 ROUTE_WAIT_SECONDS = env_float("CONTROLPLANE_ROUTE_WAIT_SECONDS", 30.0)

@@ -8,8 +8,11 @@ indexed lookup before comparing hashes in constant time.
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -22,6 +25,50 @@ KEY_PREFIX = "cpk_"
 DISPLAY_PREFIX_LENGTH = len(KEY_PREFIX) + 8
 # last_used_at is informational; refreshing it at most this often keeps reads from writing.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+class _VerifiedKeys:
+    """Per-process cache of verified API keys: sha256 of the token -> the key's column values,
+    fresh for ``API_KEY_CACHE_SECONDS`` (monotonic clock). Only keys that verified are kept;
+    a wrong token always reaches the database. ``revoke`` and ``rename`` in this process drop
+    the key's entries at once (and bump ``generation``, so that a verification whose read
+    began before the revocation cannot store its now-stale answer); another process's entry
+    lives out its TTL, which therefore bounds how long a revoked key keeps working there."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self):
+        self.entries: dict[str, tuple[float, tuple]] = {}
+        self.generation = 0
+        self.lock = threading.Lock()
+
+    def get(self, digest: str) -> tuple | None:
+        entry = self.entries.get(digest)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, digest: str, values: tuple, ttl: float, generation: int) -> None:
+        with self.lock:
+            if generation != self.generation:
+                return  # a revocation or rename happened during the read: do not keep it
+            if len(self.entries) >= self.MAX_ENTRIES:
+                self.entries.clear()
+            self.entries[digest] = (time.monotonic() + ttl, values)
+
+    def forget(self, key_id) -> None:
+        with self.lock:
+            self.generation += 1
+            for digest in [d for d, (_, values) in self.entries.items() if values[0] == key_id]:
+                del self.entries[digest]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.generation += 1
+            self.entries.clear()
+
+
+verified_keys = _VerifiedKeys()
 
 
 class ApiKeyQuerySet(models.QuerySet):
@@ -54,17 +101,41 @@ class ApiKeyManager(models.Manager.from_queryset(ApiKeyQuerySet)):
 
         Candidates are found by their display prefix (indexed), then the sha256 of the presented
         token is compared with each candidate's hash in constant time. A successful use stamps
-        ``last_used_at`` with a conditional update at most once per ``LAST_USED_RESOLUTION``.
-        Idiom: read, then a conditional update (``touch``).
+        ``last_used_at`` (``touch``) when the row read says it is older than
+        ``LAST_USED_RESOLUTION``. Idiom: read, then a conditional update (``touch``).
         """
         if not token or not token.startswith(KEY_PREFIX) or len(token) <= DISPLAY_PREFIX_LENGTH:
             return None
+        now = now or timezone.now()
         for key in self.active().filter(prefix=token[:DISPLAY_PREFIX_LENGTH]):
             if token_matches(token, key.key_hash):
-                if self.touch(key.pk, now=now):
-                    key.last_used_at = now or timezone.now()
+                if (key.last_used_at is None or key.last_used_at < now - LAST_USED_RESOLUTION) and self.touch(
+                    key.pk, now=now
+                ):
+                    key.last_used_at = now
                 return key
         return None
+
+    def verify(self, token: str) -> ApiKey | None:
+        """``authenticate`` through the per-process cache of verified keys (``verified_keys``):
+        a key verified less than ``API_KEY_CACHE_SECONDS`` ago in this process is answered
+        without a database read. Revocation: immediate in the revoking process; in any other,
+        within ``API_KEY_CACHE_SECONDS`` (docs/security.md). ``last_used_at`` is still written
+        at most once per ``LAST_USED_RESOLUTION`` (by the reads that refresh the cache). The
+        answer is a new instance each call (callers may not share one across threads). Idiom:
+        as ``authenticate`` (read, then a conditional update), at most once per TTL."""
+        ttl = float(settings.API_KEY_CACHE_SECONDS)
+        if ttl <= 0 or not token or not token.startswith(KEY_PREFIX):
+            return self.authenticate(token)
+        digest = hash_token(token)
+        values = verified_keys.get(digest)
+        if values is not None:
+            return self.model.from_db(self.db, _key_attnames, values)
+        generation = verified_keys.generation
+        key = self.authenticate(token)
+        if key is not None:
+            verified_keys.put(digest, tuple(getattr(key, name) for name in _key_attnames), ttl, generation)
+        return key
 
     def touch(self, key_id, *, now: datetime | None = None) -> bool:
         """Stamp ``last_used_at`` unless it was stamped within ``LAST_USED_RESOLUTION``.
@@ -77,14 +148,18 @@ class ApiKeyManager(models.Manager.from_queryset(ApiKeyQuerySet)):
     def revoke(self, key_id, *, now: datetime | None = None) -> bool:
         """Revoke a key from now on. Idiom: conditional update (``WHERE revoked_at IS NULL``);
         False when it already was revoked (or does not exist). The row stays as the record."""
-        return self.filter(pk=key_id, revoked_at__isnull=True).update(revoked_at=now or timezone.now()) == 1
+        revoked = self.filter(pk=key_id, revoked_at__isnull=True).update(revoked_at=now or timezone.now()) == 1
+        verified_keys.forget(key_id)
+        return revoked
 
     def rename(self, key_id, name: str) -> bool:
         """Change a key's display name (role, hash and history stay). Idiom: single-column
         update by primary key; False for an unknown key. Raises ValueError for an empty name."""
         if not name or not name.strip():
             raise ValueError("API key name must not be empty")
-        return self.filter(pk=key_id).update(name=name.strip()) == 1
+        renamed = self.filter(pk=key_id).update(name=name.strip()) == 1
+        verified_keys.forget(key_id)
+        return renamed
 
 
 class ApiKey(models.Model):
@@ -123,3 +198,7 @@ class ApiKey(models.Model):
         if revoked:
             self.revoked_at = now
         return revoked
+
+
+# Column order of ApiKey.from_db for the cached values (id first: _VerifiedKeys.forget).
+_key_attnames = tuple(field.attname for field in ApiKey._meta.concrete_fields)

@@ -99,12 +99,15 @@ def route(
     """Find (or load) a replica of ``model_name`` and lease it for one request.
 
     1. Candidates from the model's node selector (none = every schedulable node); a selector
-       matching no healthy node raises :class:`NoMatchingNodes`.
+       matching no healthy node raises :class:`NoMatchingNodes`. Without options the warm
+       pick (3) runs first, evaluating the selector in its own statement (on PostgreSQL one
+       round trip for the whole warm route); the selector is read here only when it missed.
     2. Options given are stored as the model's load info (validated first unless they are
        ``codec.CheckedOptions`` already: ``codec.InvalidModelOptions``).
-    3. Warm path: warm pick + lease (one transaction), then a Health probe outside it unless
-       the row was confirmed in the last 30 s. BUSY counts as alive; UNREACHABLE releases the
-       lease, removes the row and tries the next replica (bounded).
+    3. Warm path: warm pick + lease (``Lease.objects.pick_and_grant``: one statement on
+       PostgreSQL), then a Health probe outside it unless the row was confirmed in the last
+       30 s. BUSY counts as alive; UNREACHABLE releases the lease, removes the row and tries
+       the next replica (bounded).
     4. Cold path: claim or attach to the model's load job; the creator enqueues it; every
        caller polls the job row until ``wait`` seconds pass. Success -> warm pick again;
        failure -> the job's typed error; still running -> ``RouteResult(load_job=...)``.
@@ -118,6 +121,13 @@ def route(
         raise ValueError("model name must not be empty")
     wait = float(settings.ROUTE_WAIT_SECONDS if wait is None else wait)
     lease_ttl = float(settings.LEASE_TTL_SECONDS if lease_ttl is None else lease_ttl)
+
+    if opts_blob is None:
+        # The frequent case, a warm route without options: one statement picks, counts and
+        # leases a replica on a node the model's selector matches (read by the statement).
+        result = _warm(model_name, _BY_SELECTOR, lease_ttl, now)
+        if result is not None:
+            return result
 
     config = ModelSchedulingConfig.objects.filter(model_name=model_name).values("node_selector").first()
     selector = (config or {}).get("node_selector") or {}
@@ -136,9 +146,10 @@ def route(
             backend_type = stored.first() or ""
         ModelLoadInfo.objects.upsert(model_name, backend_type, opts_blob, now=now)
 
-    result = _warm(model_name, node_ids, lease_ttl, now)
-    if result is not None:
-        return result
+        # (Without options the warm pick above already ran, over the same candidates.)
+        result = _warm(model_name, node_ids, lease_ttl, now)
+        if result is not None:
+            return result
 
     if node_ids is None and not Node.objects.candidates().exists():
         raise NoMatchingNodes("no healthy backend node that answers the worker gRPC service is registered")
@@ -155,11 +166,22 @@ def _has_load_info(model_name: str) -> bool:
     return True
 
 
+# ``_warm(node_ids=_BY_SELECTOR)``: candidates are the nodes the model's stored selector matches,
+# evaluated by the pick statement itself (no read of the scheduling config beforehand).
+_BY_SELECTOR = object()
+
+
 def _warm(model_name: str, node_ids, lease_ttl: float, now: datetime | None) -> RouteResult | None:
-    """Lease a live replica, removing unreachable ones on the way; None when none is left."""
+    """Lease a live replica, removing unreachable ones on the way; None when none is left.
+    ``node_ids``: None (every healthy node), a list, or ``_BY_SELECTOR``."""
     cache = timedelta(seconds=float(settings.ROUTE_PROBE_CACHE_SECONDS))
+    by_selector = node_ids is _BY_SELECTOR
+    if by_selector:
+        node_ids = None
     for _attempt in range(WARM_ATTEMPTS):
-        lease = Lease.objects.pick_and_grant(model_name, ttl=lease_ttl, node_ids=node_ids, now=now)
+        lease = Lease.objects.pick_and_grant(
+            model_name, ttl=lease_ttl, node_ids=node_ids, by_selector=by_selector, now=now
+        )
         if lease is None:
             return None
         replica = lease.replica

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
-from django.db import models, transaction
+from django.db import connections, models, transaction
 from django.db.models import (
     Count,
     F,
@@ -25,6 +28,112 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # Leases: a frontend's hold on a replica for one request
 # --------------------------------------------------------------------------------------------
+
+
+class ReleaseOutcome(NamedTuple):
+    """What ``Lease.objects.release_with_outcome`` did: ``released`` by this call, the lease's
+    ``released_at`` (None: unknown lease) and whether the lease ``exists``."""
+
+    released: bool
+    released_at: datetime | None
+    exists: bool
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@functools.cache
+def _replica_attnames() -> tuple[str, ...]:
+    return tuple(field.attname for field in registry_model("NodeModel")._meta.concrete_fields)
+
+
+@functools.cache
+def _pick_statement(candidates: str, skip_locked: bool) -> str:
+    """The one-round-trip warm pick + increment + lease insert of PostgreSQL (see
+    ``pick_and_grant``). ``candidates``: "all", "node_ids" (``%(node_ids)s``) or "selector"
+    (the model's stored node selector, evaluated in the statement)."""
+    NodeModel, Node = registry_model("NodeModel"), registry_model("Node")
+    Lease, Config, Label = registry_model("Lease"), registry_model("ModelSchedulingConfig"), registry_model("NodeLabel")
+    columns = ", ".join(f"r.{_quoted(field.column)}" for field in NodeModel._meta.concrete_fields)
+    restriction = {
+        "all": "",
+        "node_ids": "AND r.node_id = ANY(%(node_ids)s::uuid[])",
+        # A node qualifies unless one pair of the selector fails on it: the pair's label is
+        # missing, or the node is not placeable (a selector restricts to placeable nodes, as
+        # Node.objects.candidates does). No config row, or {} : no pair, every node qualifies.
+        "selector": f"""AND NOT EXISTS (
+            SELECT 1 FROM {_quoted(Config._meta.db_table)} c,
+                 jsonb_each_text(CASE WHEN jsonb_typeof(c.node_selector) = 'object'
+                                      THEN c.node_selector ELSE '{{}}'::jsonb END) s
+            WHERE c.model_name = %(model)s
+              AND (n.worker_api <> %(placeable)s OR NOT EXISTS (
+                  SELECT 1 FROM {_quoted(Label._meta.db_table)} l
+                  WHERE l.node_id = n.id AND l."key" = s.key AND l.value = s.value)))""",
+    }[candidates]
+    return f"""
+WITH pick AS (
+    SELECT r.id, n.last_heartbeat
+    FROM {_quoted(NodeModel._meta.db_table)} r JOIN {_quoted(Node._meta.db_table)} n ON n.id = r.node_id
+    WHERE r.model_name = %(model)s AND r.state = %(loaded)s
+      AND n.status = %(healthy)s AND n.node_type = %(backend)s
+      {restriction}
+    ORDER BY r.in_flight, r.last_used ASC NULLS FIRST, (n.available_vram - n.reserved_vram) DESC, r.id
+    LIMIT 1
+    FOR UPDATE OF r{" SKIP LOCKED" if skip_locked else ""}
+), bumped AS (
+    UPDATE {_quoted(NodeModel._meta.db_table)} r SET in_flight = r.in_flight + 1, last_used = %(now)s
+    FROM pick WHERE r.id = pick.id
+    RETURNING {columns}
+), granted AS (
+    INSERT INTO {_quoted(Lease._meta.db_table)}
+        (id, replica_id, model_name, node_id, replica_index, address, expires_at, released_at, created_at)
+    SELECT %(lease_id)s, r.id, r.model_name, r.node_id, r.replica_index, r.address, %(expires_at)s, NULL, %(now)s
+    FROM bumped r
+    RETURNING id
+)
+SELECT r.*, pick.last_heartbeat FROM bumped r JOIN pick ON pick.id = r.id CROSS JOIN granted
+"""
+
+
+@functools.cache
+def _pick_constants() -> dict:
+    NodeModel, Node = registry_model("NodeModel"), registry_model("Node")
+    return {
+        "loaded": NodeModel.State.LOADED.value,
+        "healthy": str(Node.SCHEDULABLE["status"]),
+        "backend": str(Node.SCHEDULABLE["node_type"]),
+        "placeable": Node.WorkerApi.AVAILABLE.value,
+    }
+
+
+@functools.cache
+def _release_statement() -> str:
+    """PostgreSQL's one-statement release (see ``release``): the lease's conditional update
+    feeds the decrement; the outer SELECT reads the lease as it was before the statement."""
+    leases, replicas = _quoted(registry_model("Lease")._meta.db_table), _quoted(registry_model("NodeModel")._meta.db_table)
+    return f"""
+WITH released AS (
+    UPDATE {leases} SET released_at = %(now)s WHERE id = %(lease_id)s AND released_at IS NULL
+    RETURNING replica_id
+), freed AS (
+    UPDATE {replicas} r SET in_flight = GREATEST(r.in_flight - 1, 0)
+    FROM released WHERE r.id = released.replica_id AND r.in_flight > 0
+    RETURNING r.id
+)
+SELECT EXISTS (SELECT 1 FROM released), EXISTS (SELECT 1 FROM freed),
+       EXISTS (SELECT 1 FROM {leases} WHERE id = %(lease_id)s),
+       (SELECT released_at FROM {leases} WHERE id = %(lease_id)s)
+"""
+
+
+def _selected_node_ids(model_name: str) -> list | None:
+    """Placeable nodes matching the model's stored node selector; None without a selector."""
+    config = registry_model("ModelSchedulingConfig").objects.filter(model_name=model_name)
+    selector = (config.values_list("node_selector", flat=True).first()) or {}
+    if not selector:
+        return None
+    return list(registry_model("Node").objects.candidates(selector).values_list("pk", flat=True))
 
 
 def _live_leases_of_replica():
@@ -67,15 +176,40 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         )
 
     def pick_and_grant(
-        self, model_name: str, *, ttl: float, node_ids: Iterable | None = None, now: datetime | None = None
+        self,
+        model_name: str,
+        *,
+        ttl: float,
+        node_ids: Iterable | None = None,
+        by_selector: bool = False,
+        now: datetime | None = None,
     ):
-        """Warm pick + lease in one short transaction (``NodeModel.objects.warm_pick``'s row
-        lock is held until the lease row is written). Returns the lease (its ``replica`` is the
-        picked row, already in memory) or None when no loaded replica is routable. Idiom: row
-        lock (the warm pick's) inside one short ``atomic()``, with the increment and the lease
-        insert."""
+        """Warm pick + in-flight increment + lease, all or nothing. Returns the lease (its
+        ``replica`` is the picked row, with ``node_last_heartbeat``, already in memory) or None
+        when no loaded replica is routable.
+
+        Candidates: loaded replicas on healthy backend nodes, restricted to ``node_ids`` when
+        given, or with ``by_selector`` to the nodes the model's stored node selector matches
+        (``ModelSchedulingConfig.node_selector``, read by the statement itself: no selector or
+        ``{}`` means every healthy node, a selector means placeable nodes carrying every pair).
+
+        Idiom: on PostgreSQL one statement (one round trip, its own transaction): a CTE picks
+        the best row with ``FOR UPDATE OF replica SKIP LOCKED`` (concurrent pickers spread over
+        replicas), increments its ``in_flight`` and inserts the lease, ``RETURNING`` the row; if
+        every candidate was locked, the same statement again with a blocking ``FOR UPDATE``
+        waits for the best one. Elsewhere (SQLite, whose writers are serialized anyway):
+        ``NodeModel.objects.warm_pick``'s row lock inside one short ``atomic()`` with the
+        lease insert. Either way the increment and its lease commit together, so ``in_flight``
+        always equals the replica's live leases.
+        """
+        if by_selector and node_ids is not None:
+            raise ValueError("pick_and_grant takes node_ids or by_selector, not both")
         now = resolve_now(now)
-        with transaction.atomic():
+        if connections[self.db].vendor == "postgresql":
+            return self._pick_and_grant_in_one_statement(model_name, ttl, node_ids, by_selector, now)
+        if by_selector:
+            node_ids = _selected_node_ids(model_name)
+        with transaction.atomic(using=self.db):
             replica = registry_model("NodeModel").objects.warm_pick(model_name, node_ids=node_ids, now=now)
             if replica is None:
                 return None
@@ -83,20 +217,84 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         lease.replica = replica
         return lease
 
+    def _pick_and_grant_in_one_statement(self, model_name, ttl, node_ids, by_selector, now):
+        NodeModel = registry_model("NodeModel")
+        lease_id = uuid.uuid4()
+        params = {
+            "model": model_name,
+            "now": now,
+            "expires_at": now + timedelta(seconds=float(ttl)),
+            "lease_id": lease_id,
+            "node_ids": None if node_ids is None else [uuid.UUID(str(pk)) for pk in node_ids],
+            **_pick_constants(),
+        }
+        candidates = "selector" if by_selector else ("node_ids" if node_ids is not None else "all")
+        with connections[self.db].cursor() as cursor:
+            for skip_locked in (True, False):
+                cursor.execute(_pick_statement(candidates, skip_locked), params)
+                row = cursor.fetchone()
+                if row is not None:
+                    break
+            else:
+                return None
+        replica = NodeModel.from_db(self.db, _replica_attnames(), row[:-1])
+        replica.node_last_heartbeat = row[-1]
+        lease = self.model(
+            id=lease_id,
+            replica=replica,
+            model_name=replica.model_name,
+            node_id=replica.node_id,
+            replica_index=replica.replica_index,
+            address=replica.address,
+            expires_at=params["expires_at"],
+            released_at=None,
+            created_at=now,
+        )
+        lease._state.adding = False
+        lease._state.db = self.db
+        return lease
+
     def release(self, lease_id, *, now: datetime | None = None) -> bool:
         """End a lease and give its replica's in-flight slot back; idempotent.
 
         Idiom: conditional update ``released_at IS NULL`` first, and only the call that made
-        that transition decrements ``in_flight`` (never below zero), in the same transaction.
-        False: unknown lease or already released (by the caller or by ``expire``).
+        that transition decrements ``in_flight`` (never below zero), in the same transaction:
+        on PostgreSQL one statement (a CTE: the lease ``UPDATE ... RETURNING replica_id`` feeds
+        the decrement), elsewhere one short ``atomic()``. A concurrent release or ``expire`` of
+        the same lease waits on its row lock and then finds ``released_at`` set: no second
+        decrement. False: unknown lease or already released (by the caller or by ``expire``).
         """
+        return self.release_with_outcome(lease_id, now=now).released
+
+    def release_with_outcome(self, lease_id, *, now: datetime | None = None) -> ReleaseOutcome:
+        """``release``, also saying what the lease was when this call did not release it:
+        ``ReleaseOutcome(released, released_at, exists)`` (``released_at`` is ``now`` when this
+        call released it, the earlier release's instant otherwise, None for an unknown lease).
+        Idiom: as ``release`` (one statement on PostgreSQL, reading the row as it was before
+        the statement; a release that raced with a concurrent one reads the row once more)."""
         now = resolve_now(now)
-        replica_id = self.filter(pk=lease_id).values_list("replica_id", flat=True).first()
-        with transaction.atomic():
-            released = self.filter(pk=lease_id, released_at__isnull=True).update(released_at=now) == 1
-            if released and replica_id is not None:
-                registry_model("NodeModel").objects.decrement_in_flight(replica_id)
-        return released
+        if connections[self.db].vendor == "postgresql":
+            with connections[self.db].cursor() as cursor:
+                cursor.execute(_release_statement(), {"lease_id": lease_id, "now": now})
+                released, decremented, exists, released_at = cursor.fetchone()
+            if released:
+                if not decremented:
+                    logger.warning("in-flight decrement missed for lease %s (already zero or removed)", lease_id)
+                return ReleaseOutcome(True, now, True)
+            if exists and released_at is not None:
+                return ReleaseOutcome(False, released_at, True)
+            # Unknown, or released by a concurrent call after this statement's snapshot.
+        else:
+            replica_id = self.filter(pk=lease_id).values_list("replica_id", flat=True).first()
+            with transaction.atomic(using=self.db):
+                released = self.filter(pk=lease_id, released_at__isnull=True).update(released_at=now) == 1
+                if released and replica_id is not None:
+                    registry_model("NodeModel").objects.decrement_in_flight(replica_id)
+            if released:
+                return ReleaseOutcome(True, now, True)
+        row = self.filter(pk=lease_id).values_list("released_at", flat=True)
+        earlier = list(row[:1])
+        return ReleaseOutcome(False, earlier[0] if earlier else None, bool(earlier))
 
     def renew(self, lease_id, *, ttl: float, now: datetime | None = None):
         """Extend a live lease to ``now + ttl``; returns the new ``expires_at``, or None when the

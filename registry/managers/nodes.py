@@ -594,5 +594,7 @@ class NodeManager(NodeCapacityVerbs, models.Manager.from_queryset(NodeQuerySet))
         with transaction.atomic():
             if not self.select_for_update().filter(pk=node_id).exists():
                 return False
+            # Its replica rows too: a warm pick does not lock the node (NodeModel._delete_locked).
+            list(registry_model("NodeModel").objects.filter(node_id=node_id).select_for_update().values_list("pk"))
             deleted, _ = self.filter(pk=node_id).delete()
         return deleted > 0

@@ -106,19 +106,33 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         )
 
     def remove_replica(self, node_id, model_name: str, replica_index: int) -> bool:
-        """Delete one replica row. Idiom: conditional delete by the replica's coordinates;
-        False when it was already gone (only one of several removers sees True)."""
-        deleted, _ = self.filter(node_id=node_id, model_name=model_name, replica_index=replica_index).delete()
-        return deleted > 0
+        """Delete one replica row. Idiom: row lock, then a conditional delete by the replica's
+        coordinates (``_delete_locked``); False when it was already gone (only one of several
+        removers sees True)."""
+        return self._delete_locked(self.filter(node_id=node_id, model_name=model_name, replica_index=replica_index)) > 0
 
     def forget_node_replicas(self, node_id) -> int:
         """Delete every replica row of a node that restarted or went offline: it runs nothing we
         know of any more. Load info (per-model and the node's VRAM figures) is untouched; the
-        caller resets the node's reservation in the same transaction. Idiom: one set-based
-        DELETE, run inside the caller's transaction (``Node.objects.register``,
+        caller resets the node's reservation in the same transaction. Idiom: the rows locked,
+        then one set-based DELETE (``_delete_locked``), run inside the caller's transaction (``Node.objects.register``,
         ``Node.objects.mark_offline``) so the node's status and its rows change together.
         Returns how many rows went."""
-        deleted, _ = self.filter(node_id=node_id).delete()
+        return self._delete_locked(self.filter(node_id=node_id))
+
+    def _delete_locked(self, queryset) -> int:
+        """Delete the rows of ``queryset`` after locking them (``FOR UPDATE``), in one short
+        ``atomic()``; returns what ``delete()`` counted. Django deletes in steps (collect the
+        rows, ``SET NULL`` their leases, ``DELETE`` by id): without the lock, a warm pick
+        committing its lease between the steps would leave a lease pointing at a deleted row
+        (a foreign-key error at commit), or delete a row whose ``in_flight`` the pick just
+        raised. Locked first, a pick in progress finishes before (and the row is re-checked
+        against the filter), and a later pick skips or waits for the row and finds it gone."""
+        with transaction.atomic(using=self.db):
+            locked = list(queryset.select_for_update().values_list("pk", flat=True))
+            if not locked:
+                return 0
+            deleted, _ = self.filter(pk__in=locked).delete()
         return deleted
 
     def next_free_index(self, node, model_name: str) -> int | None:
@@ -395,8 +409,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         Conditional delete (``WHERE in_flight = 0``): a pick that committed first wins and the
         row stays. False: busy, or already gone. Idiom: conditional delete ``WHERE state =
         'loaded' AND in_flight = 0``."""
-        deleted, _ = self.filter(pk=replica_id, state=self.model.State.LOADED, in_flight=0).delete()
-        return deleted > 0
+        return self._delete_locked(self.filter(pk=replica_id, state=self.model.State.LOADED, in_flight=0)) > 0
 
     def report_loaded(
         self,

@@ -183,3 +183,99 @@ def test_the_server_entry_module_refuses_to_load_without_a_token(settings, monke
         importlib.import_module(module)
     settings.CONTROLPLANE_REGISTRATION_TOKEN = "set"
     assert importlib.import_module(module).application is not None
+
+
+# --- the per-process cache of verified keys (ApiKey.objects.verify) ------------------------------
+
+
+def test_a_verified_key_is_answered_from_memory_until_its_entry_is_older_than_the_cache_ttl(
+    settings, monkeypatch, django_assert_num_queries
+):
+    settings.API_KEY_CACHE_SECONDS = 5
+    key, plaintext = make_api_key("frontend")
+    clock = [1000.0]
+    monkeypatch.setattr("core.models.time.monotonic", lambda: clock[0])
+
+    assert ApiKey.objects.verify(plaintext) == key  # read (and last_used stamped)
+    with django_assert_num_queries(0):
+        cached = ApiKey.objects.verify(plaintext)
+    assert (cached.pk, cached.name, cached.role, cached.is_active) == (key.pk, key.name, "frontend", True)
+    assert cached is not ApiKey.objects.verify(plaintext)  # a new instance per call
+
+    clock[0] += 5
+    with django_assert_num_queries(1):  # expired: read again; last_used is fresh, so no write
+        assert ApiKey.objects.verify(plaintext) == key
+
+
+def test_a_revocation_holds_at_once_in_this_process(settings):
+    settings.API_KEY_CACHE_SECONDS = 3600
+    key, plaintext = make_api_key("operator")
+    assert ApiKey.objects.verify(plaintext) == key
+
+    assert key.revoke()
+
+    assert ApiKey.objects.verify(plaintext) is None
+
+
+def test_a_revocation_in_another_process_holds_here_once_the_entry_expires(settings, monkeypatch):
+    settings.API_KEY_CACHE_SECONDS = 5
+    key, plaintext = make_api_key("operator")
+    clock = [1000.0]
+    monkeypatch.setattr("core.models.time.monotonic", lambda: clock[0])
+    assert ApiKey.objects.verify(plaintext) == key
+    # Another process's ``revoke`` writes the row; its in-memory forget cannot reach this one.
+    monkeypatch.setattr("core.models.verified_keys.forget", lambda key_id: None)
+    assert ApiKey.objects.revoke(key.pk)
+
+    assert ApiKey.objects.verify(plaintext) == key  # still within this process's TTL
+    clock[0] += 5
+    assert ApiKey.objects.verify(plaintext) is None
+
+
+def test_a_revocation_during_a_verification_is_not_cached(settings, monkeypatch):
+    settings.API_KEY_CACHE_SECONDS = 3600
+    key, plaintext = make_api_key("operator")
+    real_authenticate = ApiKey.objects.authenticate
+
+    def authenticate_then_revoke(token, **kwargs):
+        found = real_authenticate(token, **kwargs)  # read while the key was still active
+        key.revoke()  # revoked (another thread of this process) before the answer is cached
+        return found
+
+    monkeypatch.setattr(ApiKey.objects, "authenticate", authenticate_then_revoke)
+    assert ApiKey.objects.verify(plaintext) == key
+    monkeypatch.undo()
+    assert ApiKey.objects.verify(plaintext) is None
+
+
+def test_a_renamed_key_is_named_anew_at_once(settings):
+    settings.API_KEY_CACHE_SECONDS = 3600
+    key, plaintext = make_api_key("operator")
+    ApiKey.objects.verify(plaintext)
+    ApiKey.objects.rename(key.pk, "renamed")
+    assert ApiKey.objects.verify(plaintext).name == "renamed"
+
+
+def test_wrong_tokens_are_never_cached(settings, django_assert_num_queries):
+    settings.API_KEY_CACHE_SECONDS = 3600
+    _, plaintext = make_api_key("operator")
+    wrong = plaintext[:-1] + ("A" if plaintext[-1] != "A" else "B")
+    for _ in range(2):
+        with django_assert_num_queries(1):
+            assert ApiKey.objects.verify(wrong) is None
+
+
+def test_api_calls_stamp_last_used_at_most_once_a_minute_with_the_cache(api_client, settings, monkeypatch):
+    settings.API_KEY_CACHE_SECONDS = 5
+    key, plaintext = make_api_key("operator")
+    clock = [1000.0]
+    monkeypatch.setattr("core.models.time.monotonic", lambda: clock[0])
+    for _ in range(3):
+        assert api_client.get(NODES, **bearer(plaintext)).status_code == 200
+    key.refresh_from_db()
+    first = key.last_used_at
+    assert first is not None
+    clock[0] += 5  # the entry expires; the re-read finds last_used fresh and writes nothing
+    assert api_client.get(NODES, **bearer(plaintext)).status_code == 200
+    key.refresh_from_db()
+    assert key.last_used_at == first

@@ -61,6 +61,26 @@ def test_a_warm_route_answers_the_lease(api, fleet):
     assert "X-Control-Plane-Node" not in response
 
 
+def test_the_hand_rendered_answers_are_what_their_serializers_render(api, fleet):
+    # The route and release views render their answers without instantiating a serializer per
+    # request; the serializers stay the schema, and both renderings must agree.
+    from registry.api.routing import EMPTY_ROUTE_BODY, LeaseReleaseSerializer, LeaseSerializer, RouteBodySerializer
+
+    warm(fleet)
+    answer = route(api).json()
+    lease = Lease.objects.get()
+    lease.node_name, lease.model_identity = answer["node_name"], answer["model_identity"]
+    lease.backend_token = answer["backend_token"]
+    assert answer == LeaseSerializer(lease).data
+
+    released = api.post(f"/api/v1/leases/{lease.pk}/release").json()
+    lease.refresh_from_db()
+    assert released == LeaseReleaseSerializer({"pk": lease.pk, "released": True, "released_at": lease.released_at}).data
+
+    body = RouteBodySerializer(data={})
+    assert body.is_valid() and dict(body.validated_data) == EMPTY_ROUTE_BODY
+
+
 def test_the_node_header_is_opt_in(api, fleet, settings):
     settings.CONTROLPLANE_NODE_HEADER = True
     warm(fleet, name="gpu-7")
