@@ -14,13 +14,9 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
-from controlplane.httpserver import RequestPathGuard  # noqa: E402
+from controlplane.httpserver import served_application  # noqa: E402
 
-django_application = get_wsgi_application()
-
-from registry.api.heartbeat import HeartbeatLeanPath  # noqa: E402  (needs the apps loaded)
-
-application = RequestPathGuard(HeartbeatLeanPath(django_application))
+application = served_application(get_wsgi_application())
 
 from core.checks import require_serving_configuration  # noqa: E402  (needs settings loaded)
 
