@@ -158,6 +158,22 @@ def load(port: int, nodes: list[tuple[str, str]], clients: int, seconds: float) 
     return sum(counts), sum(errors), sorted(x for lat in latencies for x in lat)
 
 
+def web_cpu_seconds(master: int) -> float:
+    """CPU time (user + system) used so far by the gunicorn master's worker processes."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master:  # ppid
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
 def grow(nodes: list[tuple[str, str]], size: int) -> None:
     """Copy the first (registered) node's row until there are ``size`` nodes, each with its own
     id, name and node token."""
@@ -284,9 +300,12 @@ def main() -> None:
             grow(nodes, size)
             dj.close()
             load(port, nodes[:size], args.clients, 0.5 if args.quick else 1)  # warm-up
+            cpu = web_cpu_seconds(web.pid)
             ok, errors, lat = load(port, nodes[:size], args.clients, seconds)
+            cpu = web_cpu_seconds(web.pid) - cpu
             tps = pgbench(script, size, args.clients, int(seconds))
-            rows.append((size, tps, ok / seconds, errors, lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000))
+            p50, p99 = lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000
+            rows.append((size, tps, ok / seconds, errors, p50, p99, cpu / max(ok, 1) * 1e6))
         web.terminate()
         web.wait(30)
         web = None
@@ -299,8 +318,8 @@ def main() -> None:
     shipped = runpy.run_path(str(REPO / "controlplane" / "gunicorn.conf.py"))
     workers, threads = shipped["workers"], shipped["threads"]
     table = "\n".join(
-        f"| {size:,} | {tps:,.0f} | {rps:,.0f} | {p50:.1f} | {p99:.1f} | {errors} | **{tps / rps:.2f}x** |"
-        for size, tps, rps, errors, p50, p99 in rows
+        f"| {size:,} | {tps:,.0f} | {rps:,.0f} | {p50:.1f} | {p99:.1f} | {cpu_us:,.0f} | {errors} | **{tps / rps:.2f}x** |"
+        for size, tps, rps, errors, p50, p99, cpu_us in rows
     )
     head = next(row for row in rows if row[0] == headline)
     ratio = head[1] / head[2]
@@ -315,11 +334,13 @@ and PostgreSQL share them). The web process as `make run` starts it: gunicorn {w
 keep-alive, persistent health-checked database connections. {seconds:g} s per measurement, {args.clients}
 clients on both sides; the run took {time.monotonic() - started:.0f} s.
 
-| registered nodes | pgbench tps (the verb's UPDATE) | API heartbeats/s | API p50 ms | API p99 ms | errors | pgbench / API |
-|---:|---:|---:|---:|---:|---:|---:|
+| registered nodes | pgbench tps (the verb's UPDATE) | API heartbeats/s | API p50 ms | API p99 ms | web CPU µs / heartbeat | errors | pgbench / API |
+|---:|---:|---:|---:|---:|---:|---:|---:|
 {table}
 
-At {headline:,} nodes, **pgbench / API = {ratio:.2f}x** (goal: within 2x). At one heartbeat every
+"web CPU µs / heartbeat" is the CPU time (user + system) of gunicorn's worker processes during
+the timed run divided by the heartbeats answered: the web tier's own cost, whatever else the
+machine runs. At {headline:,} nodes, **pgbench / API = {ratio:.2f}x** (goal: within 2x). At one heartbeat every
 {args.interval:g} s the web process as measured ingests heartbeats for about **{head[2] * args.interval:,.0f}
 nodes** ({head[1] * args.interval:,.0f} if the web tier cost nothing); more web processes behind a load
 balancer scale the web tier, PostgreSQL's single-row UPDATE is the floor.

@@ -253,9 +253,15 @@ def parse_heartbeat(data) -> dict[str, int | None]:
 
 
 class HeartbeatSerializer(serializers.Serializer):
-    """What the worker can see now, in bytes; unknown values are omitted (or null). Unknown
-    fields are ignored. The fields below describe the body for the schema; validation is
-    ``parse_heartbeat``'s (the lean path runs the same function)."""
+    """What the worker can see now, in bytes; unknown values are omitted (or null).
+
+    Unknown fields are ignored, as on registration: LocalAI's workers send what their version
+    measures, and a rejected heartbeat would silently let the node go stale (LocalAI's client
+    does not look at the answer).
+    """
+
+    # The fields describe the body for the schema; validation is parse_heartbeat's, which the
+    # heartbeat's lean path runs too (to_internal_value below).
 
     available_vram = StrictIntegerField(min_value=0, max_value=MAX_BYTES, required=False, allow_null=True)
     available_ram = StrictIntegerField(min_value=0, max_value=MAX_BYTES, required=False, allow_null=True)
