@@ -124,7 +124,10 @@ def answer_heartbeat(environ, start_response, node_id: str):
             (REQUEST_ID_HEADER, request_id),
         ],
     )
-    observe_answer(ROUTE_NAME, "POST", 200, time.perf_counter() - started)
+    try:
+        observe_answer(ROUTE_NAME, "POST", 200, time.perf_counter() - started)
+    except Exception:  # noqa: BLE001 - metrics must never break a request (as the middleware)
+        logger.debug("request metrics failed", exc_info=True)
     return [content]
 
 
