@@ -113,6 +113,10 @@ class Exchange:
         data = document if isinstance(document, str) else json.dumps(document, separators=(",", ":"))
         await self._out({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
 
+    async def raw_event(self, text: str) -> None:
+        """An event already framed (``data: ...\\n\\n``)."""
+        await self._out({"type": "http.response.body", "body": text.encode(), "more_body": True})
+
     async def end_events(self) -> None:
         await self._out({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
         self.complete = True

@@ -203,13 +203,16 @@ async def _text(app, exchange, request: mapping.TextRequest) -> None:
         )
 
     leased, reply = await on_replica(app, exchange, request.model, call)
-    await app.serving.release(leased)
-    tally = mapping.Tally()
-    text = tally.add(reply) + tally.flush()
-    answer = mapping.text_answer(request, mapping.new_id(request.object_prefix), mapping.now_seconds(), text, tally)
-    _count(exchange, tally.prompt_tokens, tally.completion)
-    metrics.observe_first_token(request.model, exchange.endpoint, time.monotonic() - exchange.arrived)
-    await exchange.respond(200, answer)
+    try:
+        tally = mapping.Tally()
+        text = tally.add(reply) + tally.flush()
+        answer_id = mapping.new_id(request.object_prefix)
+        answer = mapping.text_answer(request, answer_id, mapping.now_seconds(), text, tally)
+        _count(exchange, tally.prompt_tokens, tally.completion)
+        metrics.observe_first_token(request.model, exchange.endpoint, time.monotonic() - exchange.arrived)
+        await exchange.respond(200, answer)
+    finally:
+        await app.serving.release(leased)  # after the answer: the client does not wait for it
 
 
 async def _stream(app, exchange, request: mapping.TextRequest, timeout: float) -> None:
@@ -232,6 +235,7 @@ async def _stream(app, exchange, request: mapping.TextRequest, timeout: float) -
         await exchange.start_events()
         if request.kind == "chat":
             await exchange.event(mapping.text_chunk(request, answer_id, created, "", None, first=True))
+        before, after = mapping.chunk_frame(request, answer_id, created)
         first = True
         while reply is not None:
             text = tally.add(reply)
@@ -239,7 +243,7 @@ async def _stream(app, exchange, request: mapping.TextRequest, timeout: float) -
                 if first:
                     metrics.observe_first_token(request.model, exchange.endpoint, time.monotonic() - exchange.arrived)
                     first = False
-                await exchange.event(mapping.text_chunk(request, answer_id, created, text, None))
+                await exchange.raw_event(before + json.dumps(text) + after)
             try:
                 reply = await anext(stream, None)
             except client.GrpcCallError as error:
@@ -279,10 +283,12 @@ async def embeddings(app, exchange) -> None:
         ]
 
     leased, results = await on_replica(app, exchange, request.model, call)
-    await app.serving.release(leased)
-    answer = mapping.embedding_answer(request, results)
-    _count(exchange, answer["usage"]["prompt_tokens"], 0)
-    await exchange.respond(200, answer)
+    try:
+        answer = mapping.embedding_answer(request, results)
+        _count(exchange, answer["usage"]["prompt_tokens"], 0)
+        await exchange.respond(200, answer)
+    finally:
+        await app.serving.release(leased)
 
 
 # --- /metrics -------------------------------------------------------------------------------

@@ -369,6 +369,18 @@ def text_chunk(
     return {"id": answer_id, "object": kind, "created": created, "model": request.model, "choices": [choice]}
 
 
+_SLOT = "\u0000text\u0000"
+
+
+def chunk_frame(request: TextRequest, answer_id: str, created: int) -> tuple[str, str]:
+    """``(before, after)``: a streamed text chunk's server-sent event is ``before +
+    json.dumps(text) + after``, the same document :func:`text_chunk` makes, without building and
+    encoding a dict for every token."""
+    document = json.dumps(text_chunk(request, answer_id, created, _SLOT, None), separators=(",", ":"))
+    before, after = document.split(json.dumps(_SLOT))
+    return "data: " + before, after + "\n\n"
+
+
 def usage_chunk(request: TextRequest, answer_id: str, created: int, tally: Tally) -> dict:
     """The last chunk of a stream asked with ``stream_options.include_usage``: no choices."""
     kind = "chat.completion.chunk" if request.kind == "chat" else "text_completion"

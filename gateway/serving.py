@@ -36,13 +36,25 @@ JOB_POLL_SECONDS = 0.2  # between reads of a load job a cold request waits on
 LEASE_MARGIN_SECONDS = 60.0
 
 
+# How often (seconds, per database thread) a kept connection is checked before use, as Django
+# checks one at the start and end of each request: a per-call check would add a round trip to
+# each of a request's three calls (key, route, release).
+CONNECTION_CHECK_INTERVAL = 1.0
+_thread_state = threading.local()
+
+
 def _with_connection(fn, *args):
-    """Run ``fn`` as Django runs a request: drop a broken or expired connection before and after."""
-    close_old_connections()
+    """Run ``fn`` with a usable connection: an expired or broken one is dropped first (at most
+    once a second per thread), and one that failed is checked (and dropped) right after."""
+    now = time.monotonic()
+    if now - getattr(_thread_state, "checked_at", -CONNECTION_CHECK_INTERVAL) >= CONNECTION_CHECK_INTERVAL:
+        close_old_connections()
+        _thread_state.checked_at = now
     try:
         return fn(*args)
-    finally:
+    except DatabaseError:
         close_old_connections()
+        raise
 
 
 class Database:

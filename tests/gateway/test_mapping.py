@@ -2,6 +2,7 @@
 pure functions, no database, no network."""
 
 import base64
+import json
 import struct
 
 import pytest
@@ -196,6 +197,12 @@ def test_answers_have_openais_shapes():
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert mapping.text_chunk(chat, "chatcmpl-1", 100, None, "stop")["choices"][0]["delta"] == {}
     assert mapping.usage_chunk(chat, "chatcmpl-1", 100, tally)["choices"] == []
+
+    before, after = mapping.chunk_frame(chat, "chatcmpl-1", 100)  # the per-token fast path
+    assert json.loads((before + json.dumps('a "b" é') + after)[len("data: ") :]) == mapping.text_chunk(
+        chat, "chatcmpl-1", 100, 'a "b" é', None
+    )
+    assert after.endswith("\n\n")
 
     completion = mapping.completion_request({"model": "m", "prompt": "p"})
     assert mapping.text_answer(completion, "cmpl-1", 1, "p", tally)["choices"][0]["text"] == "p"
