@@ -210,10 +210,10 @@ def test_a_worker_killed_mid_traffic_costs_at_most_its_requests_in_flight(fleet,
     threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(2)
+    wait_for(lambda: len(records) >= 8, timeout=60, what="traffic flowing")
     killed = time.monotonic()
     fleet.stop(fleet.workers["gw-b"], signal.SIGKILL)  # its backends die with it (PR_SET_PDEATHSIG)
-    time.sleep(4)
+    wait_for(lambda: len([r for r in records if r[0] > killed + 1]) >= 8, timeout=60, what="traffic after the kill")
     stop.set()
     for thread in threads:
         thread.join(40)
