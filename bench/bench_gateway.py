@@ -79,6 +79,11 @@ class Phase:
     streams: int
     tokens_per_s: float
     samples: list[Sample] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds spent by each process
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.samples if not s.error)
 
     @property
     def errors(self) -> list[str]:
@@ -206,7 +211,9 @@ class HttpConnection:
             headers[name.strip().lower()] = value.strip().lower()
         chunked = headers.get("transfer-encoding") == "chunked"
         if status != 200 or not chunked:
-            payload = await (self._chunks_all() if chunked else reader.readexactly(int(headers.get("content-length", 0))))
+            payload = await (
+                self._chunks_all() if chunked else reader.readexactly(int(headers.get("content-length", 0)))
+            )
             self.close()
             raise HttpError(f"{status}: {payload[:300]!r}")
         pending = b""
@@ -241,10 +248,32 @@ class HttpConnection:
         return data
 
 
+# ----- CPU accounting ---------------------------------------------------------------------------
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+class CpuMeter:
+    """CPU seconds of this client (every thread: grpc's poller too), the echo backend and the
+    gateway: the cost of a token on each, whatever else the shared machine is doing."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+
+    def read(self) -> dict[str, float]:
+        return {"client": time.process_time(), **{name: process_cpu(pid) for name, pid in self.pids.items()}}
+
+
 # ----- phases -----------------------------------------------------------------------------------
 
 
-async def run_phase(client, kind: str, streams: int, seconds: float, text: str, words: int) -> Phase:
+async def run_phase(client, kind: str, streams: int, seconds: float, text: str, words: int, meter=None) -> Phase:
     """``streams`` slots, each starting streams back to back until ``seconds`` have passed."""
     loop = asyncio.get_running_loop()
     samples: list[Sample] = []
@@ -259,10 +288,15 @@ async def run_phase(client, kind: str, streams: int, seconds: float, text: str, 
             if connection is not None:
                 connection.close()
 
+    cpu = meter.read() if meter else {}
     started = time.perf_counter()
     await asyncio.gather(*(slot() for _ in range(streams)))
     elapsed = time.perf_counter() - started
-    return Phase(kind, streams, sum(s.tokens for s in samples if not s.error) / elapsed, samples)
+    phase = Phase(kind, streams, 0.0, samples)
+    phase.tokens_per_s = phase.tokens / elapsed
+    if meter:
+        phase.cpu = {name: value - cpu[name] for name, value in meter.read().items()}
+    return phase
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -270,7 +304,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-async def measure(clients: dict, rounds: int, seconds: float, words: int) -> list[Phase]:
+async def measure(clients: dict, rounds: int, seconds: float, words: int, meter: CpuMeter) -> list[Phase]:
     text = " ".join(f"w{i}" for i in range(words))
     for client in clients.values():  # warm-up: connections, code paths, the probe cache
         await run_phase(client, "warm-up", 4, 1.0, text, words)
@@ -279,7 +313,7 @@ async def measure(clients: dict, rounds: int, seconds: float, words: int) -> lis
         order = list(clients) if round_index % 2 == 0 else list(reversed(clients))
         for streams in CONCURRENCY:
             for kind in order:
-                phase = await run_phase(clients[kind], kind, streams, seconds, text, words)
+                phase = await run_phase(clients[kind], kind, streams, seconds, text, words, meter)
                 phases.append(phase)
                 print(
                     f"round {round_index + 1}: {kind:7} {streams:2} streams: {phase.tokens_per_s:9.0f} tokens/s, "
@@ -302,10 +336,11 @@ def start_fleet(fleet: Fleet, direct_only: bool) -> dict:
     fleet.settings_env["PROMETHEUS_MULTIPROC_DIR"] = str(prometheus)
     os.environ.pop("ECHO_TOKENS_PER_SECOND", None)  # unthrottled, whatever the caller's environment
     gateway_port = free_port()
+    pids = {}
     if not direct_only:  # started first: it needs nothing else to come up
-        fleet.spawn(
+        pids["gateway"] = fleet.spawn(
             "gateway", [sys.executable, "manage.py", "gateway"], CONTROLPLANE_GATEWAY_BIND=f"127.0.0.1:{gateway_port}"
-        )
+        ).popen.pid
     fleet.start_qcluster()
     # the frontend's key, made while the rest comes up (manage.py takes seconds to start)
     key_maker = ThreadPoolExecutor(1)
@@ -333,9 +368,17 @@ def start_fleet(fleet: Fleet, direct_only: bool) -> dict:
     frontend_key = frontend_key.result().strip()
     key_maker.shutdown()
     if not direct_only:
-        wait_for(lambda: gateway_lists_model(gateway_port, frontend_key), timeout=60, what="the gateway lists the model")
-    return {"address": lease["address"], "backend_token": lease["backend_token"], "gateway_port": gateway_port,
-            "frontend_key": frontend_key}
+        wait_for(
+            lambda: gateway_lists_model(gateway_port, frontend_key), timeout=60, what="the gateway lists the model"
+        )
+    (pids["backend"],) = [pid for (_, model, _), pid in fleet.running_backends().items() if model == MODEL]
+    return {
+        "address": lease["address"],
+        "backend_token": lease["backend_token"],
+        "gateway_port": gateway_port,
+        "frontend_key": frontend_key,
+        "pids": pids,
+    }
 
 
 def gateway_lists_model(port: int, key: str) -> bool:
@@ -389,7 +432,25 @@ def report(phases: list[Phase], args, load_avg: float, started_in: float) -> tup
                 f"| {streams} | {rate['direct']:.0f} | - | - | - | {p50['direct']:.1f} / - / - "
                 f"| {p99['direct']:.1f} / - / - | {runs['direct']} / - |"
             )
-    command = "bench/bench_gateway.py" + (" --quick" if args.quick else f" --rounds {args.rounds} --seconds {args.seconds}")
+    lines += [
+        "",
+        "| CPU per token (µs, summed over rounds) | streams | client | echo backend | gateway | all three |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for streams in CONCURRENCY:
+        for kind in kinds:
+            tokens = sum(p.tokens for p in of(kind, streams)) or 1
+            cpu = {n: sum(p.cpu.get(n, 0.0) for p in of(kind, streams)) * 1e6 / tokens for n in ("client", "backend")}
+            cpu["gateway"] = (
+                sum(p.cpu.get("gateway", 0.0) for p in of(kind, streams)) * 1e6 / tokens if kind == "gateway" else 0.0
+            )
+            lines.append(
+                f"| {kind} | {streams} | {cpu['client']:.0f} | {cpu['backend']:.0f} "
+                f"| {cpu['gateway']:.0f} | {sum(cpu.values()):.0f} |"
+            )
+    command = "bench/bench_gateway.py" + (
+        " --quick" if args.quick else f" --rounds {args.rounds} --seconds {args.seconds}"
+    )
     command += f" --tokens {args.tokens}" + (" --direct-only" if args.direct_only else "")
     header = (
         f"`.venv/bin/python {command}` on CPython {platform.python_version()}, local PostgreSQL, "
@@ -420,14 +481,16 @@ def main(argv=None) -> int:
     try:
         info = start_fleet(fleet, args.direct_only)
         started_in = time.monotonic() - began
-        print(f"# fleet up in {started_in:.1f}s ({fleet.workdir}); load average {load_avg:.2f} at the start", flush=True)
+        print(
+            f"# fleet up in {started_in:.1f}s ({fleet.workdir}); load average {load_avg:.2f} at the start", flush=True
+        )
 
         async def run():
             clients = {"direct": await DirectClient(info["address"], info["backend_token"]).open()}
             if not args.direct_only:
                 clients["gateway"] = await GatewayClient("127.0.0.1", info["gateway_port"], info["frontend_key"]).open()
             try:
-                return await measure(clients, args.rounds, args.seconds, args.tokens)
+                return await measure(clients, args.rounds, args.seconds, args.tokens, CpuMeter(info["pids"]))
             finally:
                 for client in clients.values():
                     await client.close()
