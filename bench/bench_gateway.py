@@ -31,6 +31,12 @@ every round). Prints ``RATIO gateway: <direct/gateway>x (goal <= 1.25x)`` for th
 concurrencies: the goal is a gateway that keeps >= 0.8x of direct throughput. Then checks that
 the model's in-flight count is back to 0 (every lease released).
 
+Also, so that a shared, loaded machine still gives comparable figures: the CPU time each process
+spent per token (this client with all its threads, the echo backend, the gateway; from
+``/proc``), and the gateway's own time to first token (its
+``controlplane_gateway_time_to_first_token_seconds`` histogram: request arrived -> first text
+sent), next to what this client saw.
+
 ``--quick`` (< 60 s with start-up): one round of 3 s phases. ``--direct-only`` measures the direct
 half alone (no gateway process).
 """
@@ -80,6 +86,7 @@ class Phase:
     tokens_per_s: float
     samples: list[Sample] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds spent by each process
+    server_ttft: tuple[float, int] = (0.0, 0)  # the gateway's own first-token histogram: sum s, count
 
     @property
     def tokens(self) -> int:
@@ -167,6 +174,21 @@ class GatewayClient:
 
     async def close(self):
         pass
+
+    def server_ttft(self) -> tuple[float, int]:
+        """Sum and count of the gateway's ``controlplane_gateway_time_to_first_token_seconds``
+        for the model (arrival of the request -> first text sent), from its ``/metrics``."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.host}:{self.port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        totals = {"sum": 0.0, "count": 0.0}
+        for line in text.splitlines():
+            name, _, rest = line.partition("{")
+            for kind in totals:
+                if name == f"controlplane_gateway_time_to_first_token_seconds_{kind}" and f'model="{MODEL}"' in rest:
+                    totals[kind] += float(line.rsplit(" ", 1)[1])
+        return totals["sum"], int(totals["count"])
 
 
 def check(started, first, answer: str, tokens: int, counted, text: str, words: int) -> Sample:
@@ -288,6 +310,8 @@ async def run_phase(client, kind: str, streams: int, seconds: float, text: str, 
             if connection is not None:
                 connection.close()
 
+    server = getattr(client, "server_ttft", None)
+    before = server() if server else (0.0, 0)
     cpu = meter.read() if meter else {}
     started = time.perf_counter()
     await asyncio.gather(*(slot() for _ in range(streams)))
@@ -296,6 +320,9 @@ async def run_phase(client, kind: str, streams: int, seconds: float, text: str, 
     phase.tokens_per_s = phase.tokens / elapsed
     if meter:
         phase.cpu = {name: value - cpu[name] for name, value in meter.read().items()}
+    if server:
+        after = server()
+        phase.server_ttft = (after[0] - before[0], after[1] - before[1])
     return phase
 
 
@@ -307,7 +334,7 @@ def percentile(values: list[float], fraction: float) -> float:
 async def measure(clients: dict, rounds: int, seconds: float, words: int, meter: CpuMeter) -> list[Phase]:
     text = " ".join(f"w{i}" for i in range(words))
     for client in clients.values():  # warm-up: connections, code paths, the probe cache
-        await run_phase(client, "warm-up", 4, 1.0, text, words)
+        await run_phase(client, "warm-up", 4, min(1.0, seconds / 4), text, words)
     phases = []
     for round_index in range(rounds):
         order = list(clients) if round_index % 2 == 0 else list(reversed(clients))
@@ -338,9 +365,10 @@ def start_fleet(fleet: Fleet, direct_only: bool) -> dict:
     gateway_port = free_port()
     pids = {}
     if not direct_only:  # started first: it needs nothing else to come up
-        pids["gateway"] = fleet.spawn(
+        gateway = fleet.spawn(
             "gateway", [sys.executable, "manage.py", "gateway"], CONTROLPLANE_GATEWAY_BIND=f"127.0.0.1:{gateway_port}"
-        ).popen.pid
+        )
+        pids["gateway"] = gateway.popen.pid
     fleet.start_qcluster()
     # the frontend's key, made while the rest comes up (manage.py takes seconds to start)
     key_maker = ThreadPoolExecutor(1)
@@ -369,7 +397,9 @@ def start_fleet(fleet: Fleet, direct_only: bool) -> dict:
     key_maker.shutdown()
     if not direct_only:
         wait_for(
-            lambda: gateway_lists_model(gateway_port, frontend_key), timeout=60, what="the gateway lists the model"
+            lambda: gateway_lists_model(gateway, gateway_port, frontend_key),
+            timeout=60,
+            what="the gateway lists the model",
         )
     (pids["backend"],) = [pid for (_, model, _), pid in fleet.running_backends().items() if model == MODEL]
     return {
@@ -381,9 +411,10 @@ def start_fleet(fleet: Fleet, direct_only: bool) -> dict:
     }
 
 
-def gateway_lists_model(port: int, key: str) -> bool:
+def gateway_lists_model(gateway, port: int, key: str) -> bool:
     import urllib.request
 
+    assert gateway.alive(), "the gateway exited:\n" + gateway.log()[-3000:]
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -431,6 +462,17 @@ def report(phases: list[Phase], args, load_avg: float, started_in: float) -> tup
             lines.append(
                 f"| {streams} | {rate['direct']:.0f} | - | - | - | {p50['direct']:.1f} / - / - "
                 f"| {p99['direct']:.1f} / - / - | {runs['direct']} / - |"
+            )
+    if "gateway" in kinds:
+        lines.append("")
+        for streams in CONCURRENCY:
+            total = sum(p.server_ttft[0] for p in of("gateway", streams))
+            count = sum(p.server_ttft[1] for p in of("gateway", streams))
+            client = ttfts("gateway", streams)
+            lines.append(
+                f"- {streams} stream(s): the gateway's own time to first token (its metrics: request arrived -> first "
+                f"text sent) averaged {total / max(count, 1) * 1000:.1f} ms over {count} requests; this client saw "
+                f"{statistics.mean(client) if client else float('nan'):.1f} ms on average."
             )
     lines += [
         "",
@@ -501,16 +543,23 @@ def main(argv=None) -> int:
         except AssertionError:
             pass  # reported below
         left = in_flight(fleet)
+        jobs = fleet.sql(
+            "SELECT state, error_code, count(*) FROM registry_loadjob WHERE model_name = %s GROUP BY 1, 2 ORDER BY 1, 2",
+            (MODEL,),
+        )
     except BaseException:
         print(fleet.logs())
         raise
     finally:
+        closing = time.monotonic()
         fleet.close()
+        print(f"# fleet stopped in {time.monotonic() - closing:.1f}s", flush=True)
     table, ratio = report(phases, args, load_avg, started_in)
     errors = sum(len(p.errors) for p in phases)
     print()
     print(table)
     print(f"\nerrors: {errors}; in-flight after the run: {left}; total {time.monotonic() - began:.0f} s")
+    print("load jobs of the model (state, error code, count; the first one loaded it):", jobs)
     if ratio is not None:
         print(f"RATIO gateway: {ratio:.2f}x (goal <= {GOAL_RATIO}x)")
     return 1 if errors or left else 0
