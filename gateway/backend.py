@@ -43,15 +43,14 @@ class Backends:
             entry = self._stubs[address] = (channel, backend_pb2_grpc.BackendStub(channel))
         return entry[1]
 
-    async def forget(self, address: str) -> None:
-        """Close the channel to an address whose replica was removed."""
-        entry = self._stubs.pop(address, None)
-        if entry is not None:
-            await entry[0].close()
-
     async def close(self) -> None:
-        for address in list(self._stubs):
-            await self.forget(address)
+        """Close every channel (at shutdown). A channel is never closed while the gateway runs:
+        a call may be starting on it, and a channel to an address whose backend died costs
+        nothing once idle (it stops reconnecting after ``grpc.client_idle_timeout_ms``), and
+        serves the next backend started on that port."""
+        stubs, self._stubs = self._stubs, {}
+        for channel, _stub in stubs.values():
+            await channel.close()
 
     async def predict(
         self, address: str, request: backend_pb2.PredictOptions, *, token: str, timeout: float

@@ -168,7 +168,6 @@ async def on_replica(app, exchange, model: str, call):
         except client.GrpcCallError as error:
             if _is_stale(error):
                 await app.serving.report_unreachable(leased, f"{error.code.name if error.code else ''} {error.detail}")
-                await app.backends.forget(leased.address)
                 if attempt == 1:
                     continue
                 raise backend_failed(

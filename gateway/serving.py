@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections
+from django.db import DatabaseError, close_old_connections, connections
 
 from core.credentials import backend_token
 from core.models import ApiKey
@@ -48,6 +49,7 @@ class Database:
     """A bounded thread pool for the ORM; log context (request id, model) follows each call."""
 
     def __init__(self, threads: int) -> None:
+        self.threads = threads
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway-db")
 
     def future(self, fn, *args) -> asyncio.Future:
@@ -62,6 +64,19 @@ class Database:
         self._executor.submit(contextvars.copy_context().run, _with_connection, fn, *args)
 
     def shutdown(self) -> None:
+        """Wait for the work in progress, then close every thread's database connection (one
+        closing task per thread: each waits at a barrier until all threads hold one)."""
+        barrier = threading.Barrier(self.threads)
+
+        def close_connections() -> None:
+            try:
+                barrier.wait(timeout=10)
+            except threading.BrokenBarrierError:
+                pass
+            connections.close_all()
+
+        for _ in range(self.threads):
+            self._executor.submit(close_connections)
         self._executor.shutdown(wait=True)
 
 
