@@ -115,6 +115,10 @@ def test_embeddings_are_deterministic_and_report_their_size_and_words(echo_backe
     assert list(other.embeddings) == pytest.approx(embed("a b d")) != pytest.approx(embed("a b c"))
     assert (first.dim, first.prompt_tokens) == (8, 3)
 
+    tokens = stub.Embedding(backend_pb2.PredictOptions(EmbeddingTokens=[5, 7, 9]), metadata=AUTH, timeout=5)
+    assert list(tokens.embeddings) == pytest.approx(embed("5 7 9"))
+    assert (tokens.dim, tokens.prompt_tokens) == (8, 3)
+
 
 # ----- the token rate ---------------------------------------------------------------------------
 

@@ -37,7 +37,9 @@ What it answers (deterministic, so tests can assert content):
   ``prompt_tokens`` in every reply; an empty answer is one ``Reply`` with an empty message and
   ``tokens=0``. A cancelled stream stops at once (also in the middle of a throttled wait).
 - ``Embedding``: a vector of 8 floats in [-1, 1] derived from sha256 of ``Embeddings`` (or of
-  ``Prompt`` when empty); ``prompt_tokens`` counts its words.
+  ``Prompt`` when empty); ``prompt_tokens`` counts its words. A token-list input
+  (``EmbeddingTokens``, no text) is embedded as its ids joined by spaces and counts one token
+  per id.
 
 Start-up: ``ECHO_START_DELAY_S=3`` (environment only) waits that long before listening, like a
 real backend importing its libraries; the worker's ``StartBackend`` waits for it.
@@ -320,6 +322,11 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
     def Embedding(self, request, context):
         self._require_model(request, context)
         text = request.Embeddings or request.Prompt
+        if not text and request.EmbeddingTokens:  # a token-list input: one token per id
+            ids = list(request.EmbeddingTokens)
+            return backend_pb2.EmbeddingResult(
+                embeddings=embed(" ".join(map(str, ids))), dim=EMBEDDING_SIZE, prompt_tokens=len(ids)
+            )
         return backend_pb2.EmbeddingResult(embeddings=embed(text), dim=EMBEDDING_SIZE, prompt_tokens=count_words(text))
 
     def TokenizeString(self, request, context):
