@@ -86,6 +86,8 @@ INSTALLED_APPS = [
     "core.apps.CoreConfig",
     "registry",
     "reconciler",
+    # The OpenAI-compatible gateway (its own ASGI process: ``manage.py gateway``).
+    "gateway",
     # After reconciler: its ``manage.py qcluster`` (bounded stop) replaces django-q2's.
     "django_q",
 ]
@@ -318,6 +320,19 @@ LOAD_JOB_STALE_AFTER = env_float("CONTROLPLANE_LOAD_JOB_STALE_AFTER", 60.0)
 LOAD_JOB_MAX_ATTEMPTS = env_int("CONTROLPLANE_LOAD_JOB_MAX_ATTEMPTS", 3)
 # Released leases and finished load jobs are kept this long.
 ROUTER_RETENTION_SECONDS = env_float("CONTROLPLANE_ROUTER_RETENTION_SECONDS", 86400.0)
+
+# --- Gateway (the OpenAI-compatible frontend: ``manage.py gateway``, docs/gateway.md) -------
+# host:port the gateway's ASGI server (uvicorn) listens on; its OpenAI base URL is http://HOST:PORT/v1.
+GATEWAY_BIND = os.environ.get("CONTROLPLANE_GATEWAY_BIND", "127.0.0.1:8080")
+# How long a request for a model that is not loaded waits for its load job before a 503 with
+# Retry-After (ROUTE_RETRY_AFTER_SECONDS).
+GATEWAY_LOAD_WAIT_SECONDS = env_float("CONTROLPLANE_GATEWAY_LOAD_WAIT_SECONDS", 30.0)
+# Deadline of one inference call to a backend (Predict, a whole PredictStream, the Embedding
+# calls of one request); a request's lease lives this long plus a minute if the gateway dies.
+GATEWAY_REQUEST_TIMEOUT = env_float("CONTROLPLANE_GATEWAY_REQUEST_TIMEOUT", 300.0)
+# Threads that run the gateway's database work (API-key checks, route, release); each keeps one
+# database connection (DATABASE_CONN_MAX_AGE).
+GATEWAY_DB_THREADS = env_int("CONTROLPLANE_GATEWAY_DB_THREADS", 8)
 
 # --- Reconciler (read at the start of every pass: reconciler/conf.py) ------------------------
 # Reap no node when more than this fraction of the healthy nodes turn stale in one pass (and at
