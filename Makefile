@@ -18,11 +18,12 @@ test:  ## the whole suite on SQLite and on PostgreSQL
 soak:  ## the soak: a fleet under traffic with random kills and restarts (DURATION=seconds, default 60)
 	@scripts/soak $(or $(DURATION),60)
 
-check:  ## lint, migration drift, generated-code drift, OpenAPI drift
+check:  ## lint, migration drift, generated-code drift, OpenAPI drift, Prometheus rules (promtool)
 	@$(BOOTSTRAP); ruff check .
 	@$(BOOTSTRAP); CONTROLPLANE_VAR_DIR=$$(mktemp -d) python manage.py makemigrations --check --dry-run
 	@$(BOOTSTRAP); python scripts/gen_proto.py --check
 	@$(BOOTSTRAP); if [ -f scripts/check_openapi.py ]; then CONTROLPLANE_VAR_DIR=$$(mktemp -d) python scripts/check_openapi.py; fi
+	@scripts/check_monitoring
 
 proto:  ## regenerate the protobuf/gRPC code under proto/
 	@$(BOOTSTRAP); python scripts/gen_proto.py
