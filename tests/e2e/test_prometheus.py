@@ -32,8 +32,7 @@ RULES = ROOT / "deploy" / "prometheus" / "controlplane.rules.yml"
 
 
 class Prometheus:
-    def __init__(self, fleet, rules: Path):
-        executable = binary("prometheus", "prometheus")
+    def __init__(self, fleet, executable: str, rules: Path):
         self.port = free_port()
         directory = fleet.workdir / "prometheus-server"
         directory.mkdir()
@@ -107,6 +106,7 @@ def counted_by_process(multiproc: Path, pid: int, name: str, **labels) -> float:
 
 
 def test_prometheus_scrapes_two_gunicorn_workers_and_a_qcluster_summed(fleet, report):
+    executable = binary("prometheus", "prometheus")
     multiproc = fleet.workdir / "multiproc"
     multiproc.mkdir()
     fleet.settings_env.update(fast_settings(PROMETHEUS_MULTIPROC_DIR=str(multiproc), Q_WORKERS="1"))
@@ -114,7 +114,7 @@ def test_prometheus_scrapes_two_gunicorn_workers_and_a_qcluster_summed(fleet, re
     fleet.start_worker("prom-a", slots=2)
     fleet.wait_nodes({"prom-a"})
     qcluster = fleet.start_qcluster()
-    prometheus = Prometheus(fleet, RULES)
+    prometheus = Prometheus(fleet, executable, RULES)
 
     # a cold load through the qcluster's worker process, a floor kept by its leader's passes
     cold = {"backend_type": "echo", "model_options": {"Model": "prom-cold"}}
