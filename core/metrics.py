@@ -55,6 +55,11 @@ RECONCILE_ACTIONS = Counter(
     "What reconcile passes did, by action name (replicas_added, replicas_removed, ...).",
     ["action"],
 )
+RECONCILE_SKIPPED = Counter(
+    "controlplane_reconcile_skipped",
+    "What reconcile passes left undone, by reason (mass_staleness: the guard held, no_capacity, ...).",
+    ["reason"],
+)
 GRPC_CALLS = Counter(
     "controlplane_grpc_calls",
     "gRPC calls made by this control plane, by full method and status code.",
@@ -121,6 +126,8 @@ def observe_reconcile_pass(summary) -> None:
             RECONCILE_DURATION.observe(summary.duration_s)
         for action, n in summary.actions.items():
             RECONCILE_ACTIONS.labels(action).inc(n)
+        for reason, n in summary.skipped.items():
+            RECONCILE_SKIPPED.labels(reason).inc(n)
     except Exception:
         logger.debug("reconcile metrics failed", exc_info=True)
 

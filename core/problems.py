@@ -34,6 +34,7 @@ RequestDataTooBig                                      413     payload_too_large
 UnsupportedMediaType                                   415     unsupported_media_type
 Throttled                                              429     throttled
 django.db.OperationalError / InterfaceError            503     database_unavailable
+redis ConnectionError / TimeoutError (REDIS_URL)       503     broker_unavailable
 =====================================================  ======  ==========================
 
 Answered by gunicorn before Django, as problem documents too (``controlplane/httpserver.py``):
@@ -57,6 +58,8 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DataError, IntegrityError, InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
 from django.views import defaults as django_defaults
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
@@ -253,6 +256,18 @@ def problem_for_exception(exc: Exception) -> Problem | None:
             code="database_unavailable",
             title=DatabaseUnavailable.title,
             detail=DatabaseUnavailable.default_detail,
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
+        )
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        # django-q2's Redis broker (REDIS_URL) does not answer: a cold load could not be handed
+        # to a qcluster. Its LoadJob row is kept, pending; a retry attaches to it, and the
+        # reconciler's housekeeping sends it again once the broker answers.
+        logger.warning("task broker unavailable, answering 503: %s", exc)
+        return Problem(
+            status=503,
+            code="broker_unavailable",
+            title="Task broker unavailable",
+            detail="The task broker (Redis) does not answer; retry later.",
             headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
         )
     if isinstance(exc, DataError):

@@ -15,6 +15,7 @@ from django.db import connections
 
 from tests.clients import REGISTRATION_TOKEN, client_with
 from tests.factories import make_api_key
+from tests.tools import MARK as MISSING_TOOL
 
 
 def _lane() -> str:
@@ -36,18 +37,26 @@ def pytest_report_header(config):
 
 
 _REPORTED: list[str] = []
+_MISSING_TOOLS: list[str] = []
 
 
 def pytest_runtest_logreport(report):
     # Runs in the controlling process also under xdist, where the tests' own prints are lost.
     if report.when == "call":
         _REPORTED.extend(value for key, value in report.user_properties if key == "report")
+    if report.skipped and MISSING_TOOL in str(report.longrepr):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _MISSING_TOOLS.append(f"{report.nodeid}: {reason}")
 
 
 def pytest_terminal_summary(terminalreporter):
     if _REPORTED:
         terminalreporter.section("reported numbers")
         for line in _REPORTED:
+            terminalreporter.write_line(line)
+    if _MISSING_TOOLS:
+        terminalreporter.section(f"{MISSING_TOOL}: tests that did NOT run", sep="#")
+        for line in _MISSING_TOOLS:
             terminalreporter.write_line(line)
     terminalreporter.write_line(f"database lane: {_lane()}")
 

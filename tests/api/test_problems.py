@@ -155,6 +155,17 @@ def test_database_down_during_authentication_is_503(api_client, operator_key):
     assert_problem(response, 503, "database_unavailable")
 
 
+@pytest.mark.parametrize("error", ["ConnectionError", "TimeoutError"])
+def test_an_unanswered_redis_broker_is_a_503_with_retry_after(error):
+    """What redis-py raises when django-q2's Redis broker does not answer (REDIS_URL); the whole
+    path, a route call against a Redis that is down, is tests/e2e/test_redis_broker.py."""
+    import redis.exceptions
+
+    problem = problem_for_exception(getattr(redis.exceptions, error)("Error 111 connecting"))
+    assert (problem.status, problem.code) == (503, "broker_unavailable")
+    assert int(problem.headers["Retry-After"]) > 0
+
+
 def test_problem_error_subclasses_carry_status_code_title_and_extras():
     class Teapot(ProblemError):
         status_code = 418

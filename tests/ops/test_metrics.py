@@ -87,6 +87,20 @@ def test_fleet_gauges_and_reconcile_series_after_a_pass(client):
     assert value(text, "controlplane_fleet_metrics_up") == 1
 
 
+def test_what_a_pass_left_undone_is_counted_by_reason(client):
+    make_node(name="ops-skip", slots=2, now=timezone.now())
+    make_scheduling("ops-model-without-recipe", min_replicas=1)  # no ModelLoadInfo: nothing to load
+    before = value(scrape(client), "controlplane_reconcile_skipped_total", reason="no_load_info") or 0
+
+    summary = reconcile_once(scheduler=FakeScheduler(), prober=FakeProber())
+
+    assert summary.skipped["no_load_info"] >= 1, summary
+    text = scrape(client)
+    assert value(text, "controlplane_reconcile_skipped_total", reason="no_load_info") == (
+        before + summary.skipped["no_load_info"]
+    )
+
+
 def test_per_model_gauges_only_for_configured_models(client):
     node = make_node(name="ops-c")
     make_replica(node, "unconfigured-model")
