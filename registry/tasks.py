@@ -134,7 +134,14 @@ def reap_load_jobs(now: datetime | None = None, *, requeue: bool = True):
     )
     if requeue:
         for job_id in result.requeued:
-            jobs.enqueue_load_job(job_id)
+            try:
+                jobs.enqueue_load_job(job_id)
+            except Exception as exc:  # the broker (Redis) is down: the pass must go on
+                # The job stays pending with no message; reap_dead hands it back to a later
+                # reap, which enqueues it again once the broker answers.
+                logger.warning(
+                    "could not enqueue load job %s (%s: %s); a later pass retries", job_id, type(exc).__name__, exc
+                )
     if result.requeued or result.failed:
         logger.warning("load jobs reaped: %d requeued, %d failed", len(result.requeued), len(result.failed))
     return result

@@ -112,6 +112,29 @@ def test_reap_load_jobs_enqueues_the_requeued_ones(fleet, monkeypatch):
     assert result.requeued == (job.pk,) and queued == [job.pk]
 
 
+def test_reap_load_jobs_survives_a_broker_that_is_down_and_a_later_reap_enqueues_again(fleet, monkeypatch):
+    """Redis down while a pass reaps: the pass goes on, the job stays pending, and once the
+    broker answers a later reap (one stale window on) hands it over."""
+    import redis
+
+    job, _ = LoadJob.objects.claim_or_attach("llama")
+    LoadJob.objects.start(job.pk, "dead:1", now=timezone.now() - timedelta(minutes=10))
+
+    def broker_down(job_id):
+        raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(jobs, "enqueue_load_job", broker_down)
+    result = tasks.reap_load_jobs()
+
+    assert result.requeued == (job.pk,)
+    assert LoadJob.objects.get(pk=job.pk).state == LoadJob.State.PENDING
+
+    queued = []
+    monkeypatch.setattr(jobs, "enqueue_load_job", queued.append)
+    tasks.reap_load_jobs(now=timezone.now() + timedelta(hours=1))
+    assert queued == [job.pk]
+
+
 def test_housekeeping_expires_sweeps_and_reaps(fleet, monkeypatch):
     gpu = fleet.add_node("gpu-1")
     row = make_replica(gpu.node, "llama", 0, in_flight=5)
