@@ -3,19 +3,22 @@
 A pass decides and claims replica slots under the reconcile lock (``loading`` rows with their
 VRAM reservations: what guarantees one loader per slot), hands each claimed load to a
 ``LoadPool`` and returns; the lock is released while the loads run. A pool has ``size``
-threads and takes no more work than it has free threads (``free``), so from one pool never
-more than ``size`` loads are in flight, across passes. Each load's outcome is recorded when it
+threads (``CONTROLPLANE_RECONCILE_LOAD_CONCURRENCY``): never more than ``size`` loads of one
+pool are in flight, across passes. Each load's outcome is recorded when it
 finishes, through the verbs and with its events (``record``, given by the scale-up phase).
 
 Two ways to run it:
 
 - the process's pool (``process_pool``: the leader process, ``manage.py reconcile --loop``),
-  long-lived: its threads record the outcomes themselves, and while any load runs a keep-alive
+  long-lived, takes no more work than it has free threads (a pass claims at most that many
+  slots; the next passes claim the rest as threads free up); its threads record the outcomes, and while any load runs a keep-alive
   thread refreshes its rows (``NodeModel.objects.keep_loading``) every quarter of
   ``CONTROLPLANE_RECONCILE_STALE_LOADING_AFTER``, so the stale-loading sweep only takes the
   rows of a dead process (a SIGKILLed qcluster: its threads died with it);
-- a one-shot call's own pool (``reconcile_once``, ``record_on_threads=False``): its threads run
-  the network calls only, and the caller's ``drain`` records the outcomes on its own thread,
+- a one-shot call's own pool (``reconcile_once``, ``record_on_threads=False``, ``queue=None``):
+  the pass claims every slot its plans want at once, as before; loads not started within
+  ``CONTROLPLANE_RECONCILE_SCALE_UP_BUDGET`` of the pass's start are discarded unstarted. Its
+  threads run the network calls only, and the caller's ``drain`` records the outcomes on its own thread,
   keeping the rows alive while it waits; the re-reading path (eviction) runs there too, once
   the network loads are recorded.
 """
@@ -23,6 +26,7 @@ Two ways to run it:
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import Counter
@@ -60,8 +64,9 @@ def _outcome(network) -> tuple:
 
 
 class LoadPool:
-    def __init__(self, size: int, *, keep_alive_every: float, record_on_threads: bool = True):
+    def __init__(self, size: int, *, keep_alive_every: float, record_on_threads: bool = True, queue: int | None = 0):
         self.size = max(1, int(size))
+        self.queue = queue  # claimed loads it takes beyond its free threads (None: any number)
         self.keep_alive_every = float(keep_alive_every)
         self.record_on_threads = record_on_threads
         self._executor = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="load")
@@ -73,9 +78,11 @@ class LoadPool:
         self.failures: dict[str, str] = {}
 
     def free(self) -> int:
-        """Pool threads free for a new load."""
+        """How many more loads it takes: its free threads, plus ``queue`` waiting for one."""
+        if self.queue is None:
+            return sys.maxsize
         with self._lock:
-            return self.size - len(self._running)
+            return max(0, self.size + self.queue - len(self._running))
 
     def busy(self) -> bool:
         """A task is still running or unrecorded."""
@@ -193,3 +200,11 @@ def process_pool(cfg: ReconcileConfig) -> LoadPool:
                 pool.close()
             _process_pool = pool = LoadPool(cfg.load_concurrency, keep_alive_every=keep_alive_every(cfg))
         return pool
+
+
+def drain_process_pool() -> None:
+    """Wait for this process's pool, if it has one, to record its running loads."""
+    with _process_lock:
+        pool = _process_pool
+    if pool is not None:
+        pool.drain()

@@ -46,7 +46,7 @@ from registry.locks import LockKey, try_advisory_lock
 from . import shutdown
 from .apply import Pass
 from .conf import ReconcileConfig
-from .load_pool import LoadPool, keep_alive_every, process_pool
+from .load_pool import LoadPool, drain_process_pool, keep_alive_every, process_pool
 from .models import ReconcilePass
 from .probes import GrpcProber
 from .scale_up import SchedulerUnavailable
@@ -114,14 +114,17 @@ def reconcile_once(*, now: datetime | None = None, scheduler=None, prober=None, 
     (default: ``proto.client``). The summary is logged and stored as a ``ReconcilePass``.
 
     The pass's cold loads run after it, outside the lock. ``wait`` (a one-shot call: the API's
-    "run a pass now", ``manage.py reconcile --once``, tests): on this call's own load pool,
-    drained before returning, the returned summary also counting what the loads did
+    "run a pass now", ``manage.py reconcile --once``, tests): on this call's own load pool
+    (every wanted slot claimed at once, ``CONTROLPLANE_RECONCILE_LOAD_CONCURRENCY`` loads at a
+    time), drained before returning, the returned summary also counting what the loads did
     (``replicas_added``, ``scale_up_failed``; the stored pass counts ``loads_started``).
-    Without ``wait``: on the process's pool, as the leader does.
+    Without ``wait``: on the process's pool, as the leader does (``load_pool``).
     """
     cfg = ReconcileConfig.from_settings()
     if wait:
-        loads = LoadPool(cfg.load_concurrency, keep_alive_every=keep_alive_every(cfg), record_on_threads=False)
+        loads = LoadPool(
+            cfg.load_concurrency, keep_alive_every=keep_alive_every(cfg), record_on_threads=False, queue=None
+        )
     else:
         loads = process_pool(cfg)
     try:
@@ -345,7 +348,7 @@ def lead(*, budget: float | None = None, interval: float | None = None, sleep=sh
     fresh connection, every ``interval`` after a run that lost its connection or could not reach
     the database at all. The advisory lock died with the old connection, so whichever leader
     reconnects first leads. Returns the last run's summary (``LOST`` if the budget ran out
-    during an outage)."""
+    during an outage), once the loads its passes started are recorded."""
     pause = float(settings.RECONCILE_INTERVAL if interval is None else interval)
     began = time.monotonic()
     result = LeaderSummary(started_at=timezone.now(), outcome=ReconcilePass.Outcome.ERROR, reason=LOST)
@@ -370,4 +373,7 @@ def lead(*, budget: float | None = None, interval: float | None = None, sleep=sh
             except DatabaseError:
                 pass
         sleep(pause)
+    # Loads still running on this process's pool finish and are recorded before the leader
+    # exits (a qcluster's bounded stop kills it after Q_STOP_GRACE: the sweep takes the rows).
+    drain_process_pool()
     return result

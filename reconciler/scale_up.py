@@ -1,16 +1,18 @@
-"""The scale-up phase of a pass: every replica the scaling plans want, placed and loaded.
+"""The scale-up phase of a pass: every replica the scaling plans want, claimed in the pass and
+loaded after it.
 
-With the default scheduler (``RouterScheduler``) the whole phase is one call of
-``registry.bulk_loading.load_many``: placement state read once, each replica slot claimed in
-the database (its ``loading`` row and VRAM reservation) before any network call, then at most
-``CONTROLPLANE_RECONCILE_LOAD_CONCURRENCY`` loads (StartBackend + LoadModel) at once on a pool
-of threads that hold no transaction and no row lock, their outcomes recorded through the
-verbs as they come in. A pass so takes about the longest load, not the sum of its loads. The
-pass holds its reconcile lock (a session advisory lock, not a transaction) until the pool has
-drained: passes stay one at a time, and the scale-up budget bounds when the last load starts.
+With the default scheduler (``RouterScheduler``) the phase reads the placement state once
+(``registry.bulk_loading.Batch``), claims each replica slot in the database (its ``loading``
+row and VRAM reservation: what guarantees one loader per slot) under the pass's reconcile lock,
+at most as many as the pass's load pool takes (``load_pool.LoadPool.free``; the rest is skipped
+as ``load_concurrency`` and claimed by a later pass), hands the loads to the pool and returns:
+the pass, and its lock, do not wait for them. Each load's outcome is recorded when it finishes
+(``Completion``: the verbs, then its ``replica_added`` or ``scale_up_failed`` event); the next
+pass's conditions catch up (``loading`` rows count as replicas, so nothing is placed twice; a
+failure the pool saw is reported by the next pass's Progressing condition).
 A scheduler with only ``schedule_and_load`` (tests, benchmarks) is called once per replica, in
-order. Either way the pass records one ``replica_added`` event per replica, one
-``scale_up_failed`` per failure state, and the outcome per model that conditions report.
+order, inside the pass. Either way one ``replica_added`` event is recorded per replica, one
+``scale_up_failed`` per failure state.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Place and load many replicas at once: the reconciler's scale-up.
 
-:func:`load_many` is what a pass calls (through ``reconciler.reconcile.RouterScheduler``) with
+:class:`Batch` is what a pass uses (through ``reconciler.reconcile.RouterScheduler``) for
 every replica its scaling plans want. The sequence keeps the rules of
 :func:`registry.loading.schedule_and_load`, batched and with the network calls in parallel:
 
-1. **Read once per call** (a fixed number of queries, whatever the number of replicas): the
+1. **Read once per batch** (a fixed number of queries, whatever the number of replicas): the
    models' recipes, their scheduling configs, the candidate nodes with their load and free
    VRAM, every replica row of these models on them (which indexes are taken) and their recent
    load failures (backoff). Placement is then decided in memory with the one placement formula
@@ -17,27 +17,30 @@ every replica its scaling plans want. The sequence keeps the rules of
    load and any other process; the in-memory plan only proposes. A refused claim (someone else
    took the slot or the VRAM since the read) sends the model's remaining replicas to the
    re-reading path (step 4).
-3. **Network in a bounded pool**: at most ``concurrency`` loads (``StartBackend`` on the
-   worker, ``LoadModel`` on the backend: ``loading.start_and_load``) run at once, on pool
-   threads that never touch the database; a slot is claimed only when a pool thread is free for
-   it, so at most ``concurrency`` rows of this call are ``loading`` at a time. No transaction
-   and no row lock is open while a thread waits on gRPC: the claim committed before, the record
-   commits after. Results are recorded on the calling thread as they come in, through the
-   verbs: ``mark_loaded`` (with the per-replica recipe), or ``loading.abandon`` (the row and its
-   reservation discarded by ``discard_loading``, the backend stopped, the node backed off).
+3. **Network, then record**: each claimed slot is a :class:`Load`: ``Load.network``
+   (``StartBackend`` on the worker, ``LoadModel`` on the backend: ``loading.start_and_load``)
+   touches no database and runs on a pool thread, no transaction and no row lock open while
+   it waits on gRPC: the claim committed before, the record commits after. ``Load.record``
+   records the outcome through the verbs: ``mark_loaded_many`` (with the per-replica recipe),
+   or ``loading.abandon`` (the row and its reservation discarded by ``discard_loading``, the
+   backend stopped, the node backed off).
 4. **What the batch cannot decide** (not enough VRAM anywhere: eviction; a lost claim race)
-   goes, once the pool has drained, through ``schedule_and_load`` one replica at a time, which
+   goes through :func:`load_one_by_one`: ``schedule_and_load`` one replica at a time, which
    re-reads the placement state and evicts when needed.
 
-A pool inside the pass, not durable load jobs: a load job is one per model (its partial unique
-index), while a pass places several replicas of a model at once; and the pass's state after a
-crash is already recoverable without them. If the process dies mid-pass (a qcluster SIGKILL),
-its pool threads die with it and nothing else is lost than with one load at a time: the claimed
-``loading`` rows stay with their reservations, they count as replicas (no second loader takes
-their slot), and a later pass's housekeeping discards each once it is older than
-``CONTROLPLANE_RECONCILE_STALE_LOADING_AFTER`` (event ``vram_reservation_released``); a backend
-the worker started for one is then an orphan the pass stops. Rows this call claimed but whose
-network call had not started when the scale-up budget ran out are discarded at once.
+Who runs the loads: the reconciler claims under its reconcile lock (``Batch.claim``, at most as
+many slots as its load pool takes) and hands the loads to its pool (``reconciler.load_pool``),
+which runs and records them after the pass, outside the lock; :func:`load_many` (tests, direct
+callers) runs the same steps itself, a slot claimed only when one of its ``concurrency``
+threads is free for it, and returns when every load is recorded.
+
+If the process dies mid-load (a qcluster SIGKILL), its threads die with it and nothing else is
+lost than with one load at a time: the claimed ``loading`` rows stay with their reservations,
+they count as replicas (no second loader takes their slot), and, no longer kept alive by their
+pool (``NodeModel.objects.keep_loading``), a later pass's housekeeping discards each once it is
+older than ``CONTROLPLANE_RECONCILE_STALE_LOADING_AFTER`` (event ``vram_reservation_released``);
+a backend the worker started for one is then an orphan the pass stops. A claim whose network
+call had not started when the scale-up budget ran out is discarded at once.
 """
 
 from __future__ import annotations

@@ -85,13 +85,9 @@ def test_at_most_the_configured_number_of_loads_are_in_flight_at_once(fleet, set
 
     monkeypatch.setattr(FakeBackend, "load_model", counting_load)
 
-    summaries = [reconcile_once()]  # each pass claims at most 3 slots, one per free pool thread
-    while summaries[-1].skipped["load_concurrency"]:
-        assert len(summaries) < 5, summaries
-        summaries.append(reconcile_once())
+    summary = reconcile_once()
 
-    assert [s.actions["loads_started"] for s in summaries] == [3, 3, 2], summaries
-    assert sum(s.actions["replicas_added"] for s in summaries) == 8, summaries
+    assert summary.actions["replicas_added"] == 8, summary
     assert most[0] == 3  # the pool filled, and never went beyond its bound
     assert sum(loads_per_slot(fleet).values()) == 8
 
