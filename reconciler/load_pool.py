@@ -128,7 +128,7 @@ class LoadPool:
         """Refresh the ``loading`` rows of the loads still running (``keep_loading``)."""
         with self._lock:
             ids = [task.row_id for task in self._running if task.row_id is not None]
-        return 0
+        return NodeModel.objects.keep_loading(ids)
 
     def _keep_alive_loop(self) -> None:
         while True:
