@@ -147,6 +147,7 @@ class LoadPool:
     def drain(self) -> Counter:
         """Wait until every task is recorded (recording them here with
         ``record_on_threads=False``); returns the action counts recorded since the last drain."""
+        kept_at = time.monotonic()
         while True:
             with self._lock:
                 running = dict(self._running)
@@ -168,8 +169,9 @@ class LoadPool:
                     self._finish(task, future.result())
                     with self._lock:
                         self._running.pop(task, None)
-            if len(done) < len(loads):
+            if len(done) < len(loads) and time.monotonic() - kept_at >= self.keep_alive_every:
                 self.keep_alive()
+                kept_at = time.monotonic()
         with self._lock:
             counts, self._counts = self._counts, Counter()
         return counts
