@@ -63,6 +63,10 @@ def _outcome(network) -> tuple:
         return (None, exc)
 
 
+#: The failed loads of this process's pools not yet reported by a pass (model -> error text).
+FAILURES: dict[str, str] = {}
+
+
 class LoadPool:
     def __init__(self, size: int, *, keep_alive_every: float, record_on_threads: bool = True, queue: int | None = 0):
         self.size = max(1, int(size))
@@ -74,8 +78,8 @@ class LoadPool:
         self._running: dict[Task, object] = {}  # task -> future, until recorded
         self._counts: Counter = Counter()
         self._keeper: threading.Thread | None = None
-        #: model -> the text of its last failed load, for the next pass's conditions
-        self.failures: dict[str, str] = {}
+        #: model -> the text of its last failed load, for the process's next pass's conditions
+        self.failures = FAILURES
 
     def free(self) -> int:
         """How many more loads it takes: its free threads, plus ``queue`` waiting for one."""
