@@ -3,10 +3,11 @@
 A fleet of 50 healthy nodes (80 GiB, 4 slots per model) and N models with ``min_replicas=1``
 and stored load info (a 3 GiB ``vram_bytes`` hint, so VRAM admission is exercised and up to 26
 replicas fit per node), no replica yet; the reconciler (``reconcile_once`` with the default
-``RouterScheduler``, i.e. ``registry.bulk_loading.load_many`` for the pass's whole scale-up, and
-the default gRPC prober), with the settings ``make run`` ships (``CONTROLPLANE_RECONCILE_LOAD_
-CONCURRENCY`` 16), runs passes until every model has a loaded replica. Counted: passes, wall
-time, replicas/s; for N = 10, 100 and 1,000 (the growth table: the cost per replica should stay
+``RouterScheduler``: the pass claims every wanted slot through ``registry.bulk_loading.Batch``,
+its loads run after the pass on the call's own load pool, and ``reconcile_once`` returns once
+they are recorded; the default gRPC prober), with the settings ``make run`` ships
+(``CONTROLPLANE_RECONCILE_LOAD_CONCURRENCY`` 16), runs passes until every model has a loaded
+replica: the time measured is to "every replica loaded". Counted: passes, wall time, replicas/s; for N = 10, 100 and 1,000 (the growth table: the cost per replica should stay
 flat), each against its own baseline in the same run.
 
 Workers and backends are **in-process fake gRPC servers** (the pattern of

@@ -8,7 +8,10 @@ process holds it, and reconnects after a database outage. So, with several qclus
 leads and the others are hot spares; when the leader's process dies, its database connection
 and with it the lock go, and a spare leads within one interval.
 
-Stopping: SIGTERM (sent by the qcluster's bounded stop) ends the loop after its current pass.
+Stopping: SIGTERM (sent by the qcluster's bounded stop) ends the loop after its current pass,
+and the process exits once the cold loads its passes handed to its load pool are recorded
+(``reconcile.lead`` drains it; a load still running at ``Q_STOP_GRACE`` dies with the process
+and its ``loading`` row is discarded later by the stale-loading sweep).
 If the qcluster's main process dies without stopping it (SIGKILL to that process alone), this
 process notices that its parent changed and stops the same way: an orphan must not keep the
 lock from the restarted qcluster's leader.

@@ -46,6 +46,7 @@ from registry.locks import LockKey, try_advisory_lock
 from . import shutdown
 from .apply import Pass
 from .conf import ReconcileConfig
+from .load_pool import LoadPool, drain_process_pool, keep_alive_every, process_pool
 from .models import ReconcilePass
 from .probes import GrpcProber
 from .scale_up import SchedulerUnavailable
@@ -86,16 +87,16 @@ class RouterScheduler:
             raise SchedulerUnavailable("registry.router is not available") from exc
         return router.schedule_and_load(model_name, candidate_node_ids)
 
-    def load_many(self, wants, *, concurrency: int, deadline: float | None = None):
-        """Every replica a pass's scale-up wants, claimed first, loaded ``concurrency`` at a
-        time (``registry.bulk_loading.load_many``)."""
+    def batch(self, wants):
+        """Every replica a pass's scale-up wants, read once, to be claimed and loaded
+        (``registry.bulk_loading.Batch``)."""
         try:
             from registry import bulk_loading, router  # noqa: F401 - router: the deployment has the scheduler
         except ModuleNotFoundError as exc:
             if exc.name not in ("registry.router", "registry.bulk_loading"):
                 raise
             raise SchedulerUnavailable(f"{exc.name} is not available") from exc
-        return bulk_loading.load_many(wants, concurrency=concurrency, deadline=deadline)
+        return bulk_loading.Batch(wants)
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,20 +104,41 @@ class RouterScheduler:
 # --------------------------------------------------------------------------------------------
 
 
-def reconcile_once(*, now: datetime | None = None, scheduler=None, prober=None) -> PassSummary:
+def reconcile_once(*, now: datetime | None = None, scheduler=None, prober=None, wait: bool = True) -> PassSummary:
     """Run one pass under the reconcile try-lock; return at once when another process holds it.
 
     ``now`` fixes the pass's clock (tests); ``scheduler`` is anything with
-    ``schedule_and_load(model_name, candidate_node_ids)``, and optionally ``load_many(wants,
-    concurrency=, deadline=)`` for the whole scale-up at once (default: the router's, which has
-    both);
+    ``schedule_and_load(model_name, candidate_node_ids)``, and optionally ``batch(wants)`` for
+    the whole scale-up at once (default: the router's, which has both);
     ``prober`` anything with ``probe``/``list_backends``/``stop_backend``/``unload_model``
     (default: ``proto.client``). The summary is logged and stored as a ``ReconcilePass``.
+
+    The pass's cold loads run after it, outside the lock. ``wait`` (a one-shot call: the API's
+    "run a pass now", ``manage.py reconcile --once``, tests): on this call's own load pool
+    (every wanted slot claimed at once, ``CONTROLPLANE_RECONCILE_LOAD_CONCURRENCY`` loads at a
+    time), drained before returning, the returned summary also counting what the loads did
+    (``replicas_added``, ``scale_up_failed``; the stored pass counts ``loads_started``).
+    Without ``wait``: on the process's pool, as the leader does (``load_pool``).
     """
-    with try_advisory_lock(LockKey.RECONCILE) as held:
-        if not held:
-            return record_skipped(now=now)
-        return run_pass(now=now, scheduler=scheduler, prober=prober)
+    cfg = ReconcileConfig.from_settings()
+    if wait:
+        loads = LoadPool(
+            cfg.load_concurrency, keep_alive_every=keep_alive_every(cfg), record_on_threads=False, queue=None
+        )
+    else:
+        loads = process_pool(cfg)
+    try:
+        with try_advisory_lock(LockKey.RECONCILE) as held:
+            if not held:
+                return record_skipped(now=now)
+            summary = run_pass(now=now, scheduler=scheduler, prober=prober, loads=loads)
+        if wait:
+            for action, n in loads.drain().items():
+                summary.count(action, n)
+        return summary
+    finally:
+        if wait:
+            loads.close()
 
 
 def record_skipped(*, now: datetime | None = None, reason: str = "held") -> PassSummary:
@@ -128,8 +150,9 @@ def record_skipped(*, now: datetime | None = None, reason: str = "held") -> Pass
     return summary
 
 
-def run_pass(*, now: datetime | None = None, scheduler=None, prober=None) -> PassSummary:
-    """One pass. The caller must hold the reconcile lock (``reconcile_once``, ``run_leader``)."""
+def run_pass(*, now: datetime | None = None, scheduler=None, prober=None, loads: LoadPool | None = None) -> PassSummary:
+    """One pass. The caller must hold the reconcile lock (``reconcile_once``, ``run_leader``).
+    Its cold loads are handed to ``loads`` (default: the process's pool) and outlive it."""
     cfg = ReconcileConfig.from_settings()
     if now is None:
         try:
@@ -147,6 +170,7 @@ def run_pass(*, now: datetime | None = None, scheduler=None, prober=None) -> Pas
         summary=summary,
         started=started,
     )
+    run.loads = loads or process_pool(cfg)
     with log_context(pass_id=uuid4().hex[:12]):
         return _finish_pass(run, summary, cfg, started)
 
@@ -324,7 +348,7 @@ def lead(*, budget: float | None = None, interval: float | None = None, sleep=sh
     fresh connection, every ``interval`` after a run that lost its connection or could not reach
     the database at all. The advisory lock died with the old connection, so whichever leader
     reconnects first leads. Returns the last run's summary (``LOST`` if the budget ran out
-    during an outage)."""
+    during an outage), once the loads its passes started are recorded."""
     pause = float(settings.RECONCILE_INTERVAL if interval is None else interval)
     began = time.monotonic()
     result = LeaderSummary(started_at=timezone.now(), outcome=ReconcilePass.Outcome.ERROR, reason=LOST)
@@ -349,4 +373,7 @@ def lead(*, budget: float | None = None, interval: float | None = None, sleep=sh
             except DatabaseError:
                 pass
         sleep(pause)
+    # Loads still running on this process's pool finish and are recorded before the leader
+    # exits (a qcluster's bounded stop kills it after Q_STOP_GRACE: the sweep takes the rows).
+    drain_process_pool()
     return result

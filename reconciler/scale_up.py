@@ -1,26 +1,32 @@
-"""The scale-up phase of a pass: every replica the scaling plans want, placed and loaded.
+"""The scale-up phase of a pass: every replica the scaling plans want, claimed in the pass and
+loaded after it.
 
-With the default scheduler (``RouterScheduler``) the whole phase is one call of
-``registry.bulk_loading.load_many``: placement state read once, each replica slot claimed in
-the database (its ``loading`` row and VRAM reservation) before any network call, then at most
-``CONTROLPLANE_RECONCILE_LOAD_CONCURRENCY`` loads (StartBackend + LoadModel) at once on a pool
-of threads that hold no transaction and no row lock, their outcomes recorded through the
-verbs as they come in. A pass so takes about the longest load, not the sum of its loads. The
-pass holds its reconcile lock (a session advisory lock, not a transaction) until the pool has
-drained: passes stay one at a time, and the scale-up budget bounds when the last load starts.
+With the default scheduler (``RouterScheduler``) the phase reads the placement state once
+(``registry.bulk_loading.Batch``), claims each replica slot in the database (its ``loading``
+row and VRAM reservation: what guarantees one loader per slot) under the pass's reconcile lock,
+at most as many as the pass's load pool takes (``load_pool.LoadPool.free``; the rest is skipped
+as ``load_concurrency`` and claimed by a later pass), hands the loads to the pool and returns:
+the pass, and its lock, do not wait for them. Each load's outcome is recorded when it finishes
+(``Completion``: the verbs, then its ``replica_added`` or ``scale_up_failed`` event); the next
+pass's conditions catch up (``loading`` rows count as replicas, so nothing is placed twice; a
+failure the pool saw is reported by the next pass's Progressing condition).
 A scheduler with only ``schedule_and_load`` (tests, benchmarks) is called once per replica, in
-order. Either way the pass records one ``replica_added`` event per replica, one
-``scale_up_failed`` per failure state, and the outcome per model that conditions report.
+order, inside the pass. Either way one ``replica_added`` event is recorded per replica, one
+``scale_up_failed`` per failure state.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import Counter
+from functools import partial
 from uuid import UUID
 
 from registry.models import ModelLoadInfo
 
+from .load_pool import Task
 from .models import Event, ModelCondition
 from .planning import ScaleOutcome, ScalePlan
 from .snapshot import NodeView, Snapshot
@@ -34,38 +40,70 @@ class SchedulerUnavailable(Exception):
 
 class ScaleUp:
     """The scale-up half of ``apply.Pass`` (it provides ``scheduler``, ``cfg``, ``summary``,
-    ``started`` and ``event``)."""
+    ``started`` and ``event``; ``reconcile.run_pass`` sets ``loads``)."""
+
+    #: The ``load_pool.LoadPool`` the claimed loads are handed to.
+    loads = None
 
     def scale_up(self, snapshot: Snapshot, plans: list[ScalePlan], outcomes: dict[str, ScaleOutcome]) -> None:
         if not plans:
             return
-        if hasattr(self.scheduler, "load_many"):
+        if hasattr(self.scheduler, "batch"):
             self.scale_up_together(snapshot, plans, outcomes)
             return
         for plan in plans:
             self.scale_up_one_by_one(snapshot, plan, outcomes[plan.model_name])
 
     def scale_up_together(self, snapshot: Snapshot, plans: list[ScalePlan], outcomes: dict) -> None:
-        """One ``load_many`` call for every plan (the default scheduler)."""
+        """Claim the slots (``Batch.claim``, at most the pool's free threads) and hand their
+        loads to the pool (``self.loads``); their outcomes are recorded when they finish."""
         from registry.bulk_loading import Want
 
+        pool = self.loads
+        for name, failure in list(pool.failures.items()):
+            if name in outcomes:  # a load of an earlier pass failed: the conditions say so now
+                outcomes[name].failed = outcomes[name].failed or failure
+            pool.failures.pop(name, None)
+        waiting = pool.models_in_slow_path()  # no ``loading`` row yet for what they will place
+        for plan in [plan for plan in plans if plan.model_name in waiting]:
+            outcomes[plan.model_name].skipped = "load_concurrency"
+            self.summary.skip("load_concurrency")
+        plans = [plan for plan in plans if plan.model_name not in waiting]
         wants = [Want(plan.model_name, plan.scale_up, tuple(plan.candidate_ids)) for plan in plans]
         try:
-            results = self.scheduler.load_many(
-                wants, concurrency=self.cfg.load_concurrency, deadline=self.started + self.cfg.scale_up_budget
-            )
+            batch = self.scheduler.batch(wants)
         except SchedulerUnavailable as exc:
             logger.warning("cannot scale up: %s", exc)
             for plan in plans:
                 outcomes[plan.model_name].skipped = "scheduler_unavailable"
                 self.summary.skip("scheduler_unavailable")
             return
+        deadline = self.started + self.cfg.scale_up_budget
+        by_name = {plan.model_name: Completion(self, snapshot, plan, pool) for plan in plans}
+        for load in batch.claim(pool.free(), deadline=deadline):
+            self.summary.count("loads_started")
+            pool.submit(
+                Task(
+                    load.row.model_name,
+                    record=partial(by_name[load.row.model_name].record_load, load),
+                    network=partial(load.network, deadline),
+                    row_id=load.row.pk,
+                )
+            )
+        for name, count in batch.slow.items():
+            if count and not batch.results[name].done and pool.free() > 0:
+                self.summary.count("loads_started")
+                model = batch.models[name]
+                pool.submit(Task(name, record=partial(by_name[name].record_slow, model, count, deadline)))
+                batch.slow[name] = 0
         for plan in plans:
-            result, outcome = results[plan.model_name], outcomes[plan.model_name]
-            for row in result.loaded:
-                self.replica_added(snapshot, plan, outcome, row)
-            if result.error is not None:
-                if getattr(result.error, "code", "") == "no_load_info" and not result.loaded:
+            result, outcome = batch.results[plan.model_name], outcomes[plan.model_name]
+            left = plan.model_name in batch.queue or batch.slow.get(plan.model_name)
+            if left and not result.done:
+                outcome.skipped = "load_concurrency"  # the next pass places the rest
+                self.summary.skip("load_concurrency")
+            elif result.error is not None:
+                if getattr(result.error, "code", "") == "no_load_info":
                     outcome.no_load_info = True
                     self.summary.skip("no_load_info")
                 else:
@@ -126,6 +164,82 @@ class ScaleUp:
             error_code=str(getattr(exc, "code", "") or ""),
             added_before_failure=outcome.added,
         )
+
+
+class Completion:
+    """Records one plan's loads when they finish (on a pool thread, or the caller draining a
+    one-shot pool), with their events: ``replica_added``, and ``scale_up_failed`` once per
+    failure state. The failure is also left in ``pool.failures`` for the next pass's
+    conditions. Returns the action counts."""
+
+    def __init__(self, run, snapshot: Snapshot, plan: ScalePlan, pool):
+        self.snapshot, self.plan, self.pool = snapshot, plan, pool
+        self.lock = threading.Lock()
+        self.added = 0
+        self.failed = False
+
+    def record_load(self, load, outcome: tuple) -> Counter:
+        return self.report(load.record(outcome))
+
+    def record_slow(self, model, count: int, deadline: float, outcome: tuple) -> Counter:
+        from registry.bulk_loading import load_one_by_one
+
+        return self.report(load_one_by_one(model, count, deadline=deadline))
+
+    def report(self, result) -> Counter:
+        plan, counts, events = self.plan, Counter(), []
+        for row in result.loaded:
+            with self.lock:
+                self.added += 1
+                added = self.added
+            counts["replicas_added"] += 1
+            node = _node_of(self.snapshot, row)
+            events.append(
+                _event(
+                    Event.Kind.REPLICA_ADDED,
+                    plan.model_name,
+                    node,
+                    f"replica added ({plan.scale_up_reason}); {plan.current + added} replica(s), "
+                    f"min {plan.config.min_replicas}",
+                    reason=plan.scale_up_reason,
+                    replica_index=row.replica_index,
+                )
+            )
+        if result.error is not None and getattr(result.error, "code", "") != "no_load_info":
+            failure = f"{type(result.error).__name__}: {result.error}"[:1000]
+            counts["scale_up_failed"] += 1
+            logger.warning("scale-up of %s failed: %s", plan.model_name, failure)
+            self.pool.failures[plan.model_name] = failure
+            with self.lock:
+                first, self.failed = not self.failed, True
+            if first and not _same_failure_as_last_pass(self.snapshot, plan.model_name, failure):
+                events.append(
+                    _event(
+                        Event.Kind.SCALE_UP_FAILED,
+                        plan.model_name,
+                        None,
+                        failure,
+                        reason=plan.scale_up_reason,
+                        error_code=str(getattr(result.error, "code", "") or ""),
+                        added_before_failure=self.added,
+                    )
+                )
+        if events:
+            Event.objects.record_many(events)
+            counts["events_recorded"] += len(events)
+        return counts
+
+
+def _event(kind: str, model_name: str, node: NodeView | None, message: str, **details) -> Event:
+    """An event stamped now (a load's completion, not the pass's clock), like ``Pass.event``."""
+    return Event.objects.build(
+        kind,
+        model_name=model_name,
+        node_id=node.id if node else None,
+        node_name=node.name if node else "",
+        message=message,
+        details={k: v for k, v in details.items() if v not in (None, "")},
+    )
 
 
 def _same_failure_as_last_pass(snapshot: Snapshot, model_name: str, failure: str) -> bool:

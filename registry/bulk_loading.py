@@ -1,10 +1,10 @@
 """Place and load many replicas at once: the reconciler's scale-up.
 
-:func:`load_many` is what a pass calls (through ``reconciler.reconcile.RouterScheduler``) with
+:class:`Batch` is what a pass uses (through ``reconciler.reconcile.RouterScheduler``) for
 every replica its scaling plans want. The sequence keeps the rules of
 :func:`registry.loading.schedule_and_load`, batched and with the network calls in parallel:
 
-1. **Read once per call** (a fixed number of queries, whatever the number of replicas): the
+1. **Read once per batch** (a fixed number of queries, whatever the number of replicas): the
    models' recipes, their scheduling configs, the candidate nodes with their load and free
    VRAM, every replica row of these models on them (which indexes are taken) and their recent
    load failures (backoff). Placement is then decided in memory with the one placement formula
@@ -17,27 +17,30 @@ every replica its scaling plans want. The sequence keeps the rules of
    load and any other process; the in-memory plan only proposes. A refused claim (someone else
    took the slot or the VRAM since the read) sends the model's remaining replicas to the
    re-reading path (step 4).
-3. **Network in a bounded pool**: at most ``concurrency`` loads (``StartBackend`` on the
-   worker, ``LoadModel`` on the backend: ``loading.start_and_load``) run at once, on pool
-   threads that never touch the database; a slot is claimed only when a pool thread is free for
-   it, so at most ``concurrency`` rows of this call are ``loading`` at a time. No transaction
-   and no row lock is open while a thread waits on gRPC: the claim committed before, the record
-   commits after. Results are recorded on the calling thread as they come in, through the
-   verbs: ``mark_loaded`` (with the per-replica recipe), or ``loading.abandon`` (the row and its
-   reservation discarded by ``discard_loading``, the backend stopped, the node backed off).
+3. **Network, then record**: each claimed slot is a :class:`Load`: ``Load.network``
+   (``StartBackend`` on the worker, ``LoadModel`` on the backend: ``loading.start_and_load``)
+   touches no database and runs on a pool thread, no transaction and no row lock open while
+   it waits on gRPC: the claim committed before, the record commits after. ``Load.record``
+   records the outcome through the verbs: ``mark_loaded_many`` (with the per-replica recipe),
+   or ``loading.abandon`` (the row and its reservation discarded by ``discard_loading``, the
+   backend stopped, the node backed off).
 4. **What the batch cannot decide** (not enough VRAM anywhere: eviction; a lost claim race)
-   goes, once the pool has drained, through ``schedule_and_load`` one replica at a time, which
+   goes through :func:`load_one_by_one`: ``schedule_and_load`` one replica at a time, which
    re-reads the placement state and evicts when needed.
 
-A pool inside the pass, not durable load jobs: a load job is one per model (its partial unique
-index), while a pass places several replicas of a model at once; and the pass's state after a
-crash is already recoverable without them. If the process dies mid-pass (a qcluster SIGKILL),
-its pool threads die with it and nothing else is lost than with one load at a time: the claimed
-``loading`` rows stay with their reservations, they count as replicas (no second loader takes
-their slot), and a later pass's housekeeping discards each once it is older than
-``CONTROLPLANE_RECONCILE_STALE_LOADING_AFTER`` (event ``vram_reservation_released``); a backend
-the worker started for one is then an orphan the pass stops. Rows this call claimed but whose
-network call had not started when the scale-up budget ran out are discarded at once.
+Who runs the loads: the reconciler claims under its reconcile lock (``Batch.claim``, at most as
+many slots as its load pool takes) and hands the loads to its pool (``reconciler.load_pool``),
+which runs and records them after the pass, outside the lock; :func:`load_many` (tests, direct
+callers) runs the same steps itself, a slot claimed only when one of its ``concurrency``
+threads is free for it, and returns when every load is recorded.
+
+If the process dies mid-load (a qcluster SIGKILL), its threads die with it and nothing else is
+lost than with one load at a time: the claimed ``loading`` rows stay with their reservations,
+they count as replicas (no second loader takes their slot), and, no longer kept alive by their
+pool (``NodeModel.objects.keep_loading``), a later pass's housekeeping discards each once it is
+older than ``CONTROLPLANE_RECONCILE_STALE_LOADING_AFTER`` (event ``vram_reservation_released``);
+a backend the worker started for one is then an orphan the pass stops. A claim whose network
+call had not started when the scale-up budget ran out is discarded at once.
 """
 
 from __future__ import annotations
@@ -105,62 +108,95 @@ class _Model:
 
 
 def load_many(wants, *, concurrency: int, deadline: float | None = None, now: datetime | None = None, clock=None):
-    """Place, start and load the replicas ``wants`` asks for; returns ``{model_name:
-    ModelResult}``. ``concurrency`` bounds the loads in flight; ``deadline`` (a ``clock()``
-    value, default ``time.monotonic``) is when no further load is started. See the module's
-    docstring for the sequence and why it is safe; never raises for one model's failure (it is
-    that model's ``error``), only for a failure of the database itself."""
+    """Place, start and load the replicas ``wants`` asks for and wait for them; returns
+    ``{model_name: ModelResult}``. ``concurrency`` bounds the loads in flight; ``deadline`` (a
+    ``clock()`` value, default ``time.monotonic``) is when no further load is started. See the
+    module's docstring for the sequence and why it is safe; never raises for one model's
+    failure (it is that model's ``error``), only for a failure of the database itself."""
     clock = clock or time.monotonic
-    wants = [w for w in wants if w.count > 0]
-    results = {w.model_name: ModelResult(w.model_name, wanted=w.count) for w in wants}
-    if not wants:
-        return results
-    models = _read_models(wants, results)
-    state = _State.read(models)
-    order = _round_robin({name: results[name].wanted for name in models})
-    slow: dict[str, int] = defaultdict(int)  # model -> replicas left to schedule_and_load
-
-    def out_of_time() -> bool:
-        return deadline is not None and clock() >= deadline
-
+    batch = Batch(wants, now=now)
+    if not batch.models:
+        return batch.results
     limit = max(1, int(concurrency))
-    queue = deque(order)
-    with ThreadPoolExecutor(max_workers=min(limit, len(order)), thread_name_prefix="load") as pool:
+    with ThreadPoolExecutor(max_workers=min(limit, len(batch.queue)), thread_name_prefix="load") as pool:
         running: dict = {}
         try:
-            while queue or running:
+            while batch.queue or running:
                 # Slots are claimed only for the pool threads free to load them, in one batch.
-                picks = []
-                while queue and len(running) + len(picks) < limit:
-                    name = queue.popleft()
-                    result = results[name]
-                    if result.done:
-                        continue
-                    if slow[name]:
-                        slow[name] += 1
-                        continue
-                    if out_of_time():
-                        result.skipped = "scale_up_budget"
-                        continue
-                    pick = _choose(models[name], state, now, result, slow)
-                    if pick is not None:
-                        picks.append(pick)
-                for row in _claim(picks, state, slow, now):
-                    future = pool.submit(
-                        _network, row, state.addresses[row.node_id], models[row.model_name], deadline, clock
-                    )
-                    running[future] = row
-                if running:
-                    _record_done(running, models, results, state, now, block=not queue or len(running) >= limit)
+                for load in batch.claim(limit - len(running), deadline=deadline, clock=clock):
+                    running[pool.submit(load.network, deadline, clock)] = load
+                if not running:
+                    continue
+                block = not batch.queue or len(running) >= limit
+                done, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+                for future in done:
+                    load = running.pop(future)
+                    batch.merge(load.record(outcome_of(future), now=now))
         finally:
             # Only reached with loads still running on an error of this thread (the database):
             # their rows stay ``loading`` and the stale-loading sweep of a later pass takes them.
             for future in running:
                 future.cancel()
+    for name, left in batch.slow.items():
+        if not batch.results[name].done:
+            batch.merge(load_one_by_one(batch.models[name], left, deadline=deadline, clock=clock, now=now))
+    return batch.results
 
-    for name, left in slow.items():
-        _schedule_one_by_one(models[name], left, results[name], deadline=deadline, out_of_time=out_of_time, now=now)
-    return results
+
+def outcome_of(future) -> tuple:
+    """``(value, error)`` of a finished ``Load.network`` future."""
+    error = future.exception()
+    return (None, error) if error is not None else (future.result(), None)
+
+
+class Batch:
+    """One scale-up's placement: the models and the placement state read once (step 1), the
+    replicas still to place (round robin over the models), and the per-model results. ``claim``
+    decides and claims (step 2) as many slots as it is asked for; the caller runs the returned
+    :class:`Load` objects (step 3), where it wants: ``load_many`` on its own pool, the
+    reconciler on its process's load pool (``reconciler.load_pool``), after its pass."""
+
+    def __init__(self, wants, *, now: datetime | None = None):
+        wants = [w for w in wants if w.count > 0]
+        self.now = now
+        self.results = {w.model_name: ModelResult(w.model_name, wanted=w.count) for w in wants}
+        self.models = _read_models(wants, self.results) if wants else {}
+        self.state = _State.read(self.models) if self.models else None
+        self.queue = deque(_round_robin({name: self.results[name].wanted for name in self.models}))
+        self.slow: dict[str, int] = defaultdict(int)  # model -> replicas left to schedule_and_load
+
+    def claim(self, count: int, *, deadline: float | None = None, clock=None) -> list[Load]:
+        """Decide and claim up to ``count`` slots (``claim_loading_many``, one transaction);
+        returns their loads, to be run. A model whose decision fails gets its ``error``, one
+        short of VRAM (or whose claim lost a race) goes to ``slow``; once ``deadline`` has
+        passed the rest is ``skipped``."""
+        clock = clock or time.monotonic
+        picks = []
+        while self.queue and len(picks) < count:
+            name = self.queue.popleft()
+            result = self.results[name]
+            if result.done:
+                continue
+            if self.slow[name]:
+                self.slow[name] += 1
+                continue
+            if deadline is not None and clock() >= deadline:
+                result.skipped = "scale_up_budget"
+                continue
+            pick = _choose(self.models[name], self.state, self.now, result, self.slow)
+            if pick is not None:
+                picks.append(pick)
+        return [
+            Load(row, self.state.addresses[row.node_id], self.models[row.model_name], self.state)
+            for row in _claim(picks, self.state, self.slow, self.now)
+        ]
+
+    def merge(self, result: ModelResult) -> None:
+        """Add one load's (or the re-reading path's) result to its model's."""
+        into = self.results[result.model_name]
+        into.loaded.extend(result.loaded)
+        into.error = into.error or result.error
+        into.skipped = into.skipped or result.skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,49 +406,52 @@ def _claim(picks: list[dict], state: _State, slow, now) -> list[NodeModel]:
     return claimed
 
 
-def _network(row: NodeModel, worker_address: str, model: _Model, deadline, clock):
-    """On a pool thread: no database. ``NOT_STARTED`` if the budget ran out while queued."""
-    if deadline is not None and clock() >= deadline:
-        return NOT_STARTED
-    return loading.start_and_load(row, worker_address, model.opts_blob)
+@dataclass
+class Load:
+    """One claimed slot: ``network`` (no database: any thread) then ``record`` (the verbs)."""
 
+    row: NodeModel
+    worker_address: str
+    model: _Model
+    state: _State  # the batch's, updated when a failed load gives its slot back
 
-def _record_done(running: dict, models, results, state: _State, now, *, block: bool) -> None:
-    """Record the finished loads on the calling thread, through the verbs: the successes in
-    one ``mark_loaded_many``, each failure by ``loading.abandon``."""
-    done, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
-    succeeded = {}
-    for future in done:
-        row = running.pop(future)
-        model, result = models[row.model_name], results[row.model_name]
-        error = future.exception()
-        if error is None and future.result() is NOT_STARTED:
+    def network(self, deadline=None, clock=None):
+        """StartBackend + LoadModel; the backend's address, or ``NOT_STARTED`` if the budget
+        ran out while the load was queued."""
+        if deadline is not None and (clock or time.monotonic)() >= deadline:
+            return NOT_STARTED
+        return loading.start_and_load(self.row, self.worker_address, self.model.opts_blob)
+
+    def record(self, outcome: tuple, *, now=None) -> ModelResult:
+        """Record ``outcome`` (``(value, error)`` of ``network``) through the verbs: the row
+        ``loaded`` (``mark_loaded_many``), or discarded (not started), or abandoned (the load
+        failed: reservation released, backend stopped, node backed off). Returns this load's
+        result for its model."""
+        value, error = outcome
+        row, model, state = self.row, self.model, self.state
+        result = ModelResult(row.model_name)
+        if error is None and value is NOT_STARTED:
             NodeModel.objects.discard_loading(row.pk)
             state.released(row.node_id, row.model_name, row.replica_index, model.needed)
-            result.skipped = result.skipped or "scale_up_budget"
+            result.skipped = "scale_up_budget"
         elif error is not None:
             # A StartBackend that never got a connection never reached the worker: nothing to stop.
-            stop_at = "" if isinstance(error, client.NotConnected) else state.addresses[row.node_id]
+            stop_at = "" if isinstance(error, client.NotConnected) else self.worker_address
             loading.abandon(row, stop_at, str(error), now)
             state.released(row.node_id, row.model_name, row.replica_index, model.needed)
             if isinstance(error, client.GrpcCallError):
                 error = loading.LoadFailed(f"loading {row.model_name!r} on node {row.node_id} failed: {error}")
-            result.error = result.error or error
+            result.error = error
         else:
-            succeeded[row.pk] = (row, future.result())
-    if not succeeded:
-        return
-    marked = NodeModel.objects.mark_loaded_many(
-        {pk: (address, models[row.model_name].opts_blob) for pk, (row, address) in succeeded.items()}, now=now
-    )
-    for pk, (row, address) in succeeded.items():
-        _record_loaded(row, address, pk in marked, models[row.model_name], results[row.model_name], state, now)
+            marked = NodeModel.objects.mark_loaded_many({row.pk: (value, model.opts_blob)}, now=now)
+            _record_loaded(row, value, row.pk in marked, model, result, state, now)
+        return result
 
 
 def _record_loaded(row: NodeModel, address: str, marked: bool, model: _Model, result: ModelResult, state, now) -> None:
     if not marked:
         # Removed during the load (its node went offline or re-registered): not ours any more.
-        result.error = result.error or loading.LoadFailed(
+        result.error = loading.LoadFailed(
             f"replica row of {row.model_name!r} on node {row.node_id} was removed during the load"
         )
         return
@@ -436,18 +475,22 @@ def _record_loaded(row: NodeModel, address: str, marked: bool, model: _Model, re
     logger.info("loaded %s replica %d on node %s at %s", row.model_name, row.replica_index, row.node_id, address)
 
 
-def _schedule_one_by_one(model: _Model, count: int, result: ModelResult, *, deadline, out_of_time, now) -> None:
-    """The replicas the batch could not place: one ``schedule_and_load`` each (a fresh read,
-    eviction when VRAM is short), stopping at the first failure or when the budget is spent."""
+def load_one_by_one(model: _Model, count: int, *, deadline=None, clock=None, now=None) -> ModelResult:
+    """The replicas a batch could not place (step 4): one ``schedule_and_load`` each (a fresh
+    read, eviction when VRAM is short), stopping at the first failure or when the budget is
+    spent. Database and network on the calling thread."""
+    clock = clock or time.monotonic
+    result = ModelResult(model.name)
     for _ in range(count):
         if result.done:
-            return
-        if out_of_time():
+            break
+        if deadline is not None and clock() >= deadline:
             result.skipped = "scale_up_budget"
-            return
+            break
         try:
             row = loading.schedule_and_load(model.name, model.candidate_ids, now=now)
         except Exception as exc:  # that model's failure, reported like the batch's
             result.error = exc
-            return
+            break
         result.loaded.append(row)
+    return result

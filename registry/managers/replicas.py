@@ -388,6 +388,18 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
             fields["model_opts_blob"] = bytes(opts_blob)
         return self.filter(pk=replica_id, state=self.model.State.LOADING).update(**fields) == 1
 
+    def keep_loading(self, replica_ids, *, now: datetime | None = None) -> int:
+        """The loader of these ``loading`` rows is alive and still loading (the reconciler's
+        load pool, every few seconds): ``state_changed_at = now``, so the stale-loading sweep,
+        which discards rows older than ``CONTROLPLANE_RECONCILE_STALE_LOADING_AFTER``, only
+        takes the rows of a dead loader. Returns the rows refreshed. Idiom: conditional update
+        ``WHERE id IN (...) AND state = 'loading'`` (a row that reached ``loaded`` or was
+        removed meanwhile is left alone)."""
+        replica_ids = list(replica_ids)
+        if not replica_ids:
+            return 0
+        return self.filter(pk__in=replica_ids, state=self.model.State.LOADING).update(state_changed_at=resolve_now(now))
+
     def discard_loading(self, replica_id) -> bool:
         """Delete a ``loading`` row left by a failed or dead load and return the VRAM its load
         reserved to its node. A row that reached ``loaded`` is left alone. Conditional delete
