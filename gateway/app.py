@@ -113,13 +113,14 @@ class Exchange:
         data = document if isinstance(document, str) else json.dumps(document, separators=(",", ":"))
         await self._out({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
 
-    async def raw_event(self, text: str) -> None:
-        """An event already framed (``data: ...\\n\\n``)."""
-        await self._out({"type": "http.response.body", "body": text.encode(), "more_body": True})
-
-    async def end_events(self) -> None:
-        await self._out({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
-        self.complete = True
+    async def events(self, text: str, *, last: bool = False) -> None:
+        """Events already framed (``data: ...\\n\\n``, one or many) in one body chunk; ``last``
+        adds ``data: [DONE]`` and ends the answer."""
+        if last:
+            await self._out({"type": "http.response.body", "body": (text + "data: [DONE]\n\n").encode()})
+            self.complete = True
+        else:
+            await self._out({"type": "http.response.body", "body": text.encode(), "more_body": True})
 
     async def fail(self, error: GatewayError) -> None:
         """The error as an answer, or, once a stream has started, as its last event."""

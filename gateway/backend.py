@@ -12,6 +12,7 @@ metrics) like every other call the control plane makes.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -74,22 +75,52 @@ class Backends:
 
     async def predict_stream(
         self, address: str, request: backend_pb2.PredictOptions, *, token: str, timeout: float
-    ) -> AsyncIterator[backend_pb2.Reply]:
-        """The replies of PredictStream as they come. Leaving the iteration early (a consumer
-        that stops, a cancelled task) cancels the call on the backend."""
+    ) -> AsyncIterator[list[backend_pb2.Reply]]:
+        """The replies of PredictStream in batches: every reply that arrived while the consumer
+        was busy comes at once (a list, never empty), so that it can write them in one go.
+        Leaving the iteration early (a consumer that stops, a cancelled task) cancels the call
+        on the backend."""
         call = self._stub(address).PredictStream(request, timeout=timeout, metadata=_metadata(token))
         started = time.monotonic()
         method = _METHOD + "PredictStream"
+        batch: list[backend_pb2.Reply] = []
+        ready = asyncio.Event()
+        ended: list[BaseException | None] = []  # [None] at EOF, [error] on failure
+
+        async def pump() -> None:
+            try:
+                while True:
+                    reply = await call.read()
+                    if reply is aio.EOF:
+                        break
+                    batch.append(reply)
+                    ready.set()
+            except BaseException as error:  # noqa: BLE001 - handed to the consumer
+                ended.append(error)
+            else:
+                ended.append(None)
+            ready.set()
+
+        reader = asyncio.ensure_future(pump())
         try:
             while True:
-                reply = await call.read()
-                if reply is aio.EOF:
+                if batch:
+                    replies = batch.copy()
+                    batch.clear()
+                    yield replies
+                elif ended:
                     break
-                yield reply
-        except aio.AioRpcError as exc:
-            raise _failed(method, exc, started) from None
+                else:
+                    ready.clear()
+                    await ready.wait()
+            error = ended[0]
+            if isinstance(error, aio.AioRpcError):
+                raise _failed(method, error, started) from None
+            if error is not None:
+                raise error
         finally:
             call.cancel()  # a no-op once the stream ended
+            reader.cancel()
         _observe(method, grpc.StatusCode.OK, started)
 
 

@@ -216,47 +216,57 @@ async def _text(app, exchange, request: mapping.TextRequest) -> None:
 
 
 async def _stream(app, exchange, request: mapping.TextRequest, timeout: float) -> None:
+    """Server-sent events from PredictStream. Every reply already waiting is framed into one
+    body chunk, written with one ``send()`` (still one event per reply, as OpenAI's clients
+    expect); the end of the stream (the rest of the text, the finishing chunk, the usage chunk
+    and ``[DONE]``) is one more."""
+
     async def open_stream(leased):
         stream = app.backends.predict_stream(
             leased.address, _identified(request.options, leased), token=leased.token, timeout=timeout
         )
         try:
-            return stream, await anext(stream, None)  # the first reply: a dead replica fails here
+            return stream, await anext(stream, None)  # the first replies: a dead replica fails here
         except BaseException:
             await stream.aclose()
             raise
 
-    leased, (stream, reply) = await on_replica(app, exchange, request.model, open_stream)
+    leased, (stream, replies) = await on_replica(app, exchange, request.model, open_stream)
     answer_id, created = mapping.new_id(request.object_prefix), mapping.now_seconds()
     tally = mapping.Tally()
     in_flight = metrics.streams(request.model)
     in_flight.inc()
     try:
         await exchange.start_events()
-        if request.kind == "chat":
-            await exchange.event(mapping.text_chunk(request, answer_id, created, "", None, first=True))
         before, after = mapping.chunk_frame(request, answer_id, created)
+        frames = []
+        if request.kind == "chat":
+            frames.append(mapping.event(mapping.text_chunk(request, answer_id, created, "", None, first=True)))
         first = True
-        while reply is not None:
-            text = tally.add(reply)
-            if text:
-                if first:
+        add, dumps = tally.add, json.dumps
+        while replies is not None:
+            for reply in replies:
+                text = add(reply)
+                if text:
+                    frames.append(before + dumps(text) + after)
+            if frames:
+                if first and tally.chunks:
                     metrics.observe_first_token(request.model, exchange.endpoint, time.monotonic() - exchange.arrived)
                     first = False
-                await exchange.raw_event(before + json.dumps(text) + after)
+                await exchange.events("".join(frames))
+                frames.clear()
             try:
-                reply = await anext(stream, None)
+                replies = await anext(stream, None)
             except client.GrpcCallError as error:
                 raise backend_error(error) from None
         rest = tally.flush()
         if rest:
-            await exchange.event(mapping.text_chunk(request, answer_id, created, rest, None))
-        await exchange.event(
-            mapping.text_chunk(request, answer_id, created, None, tally.finish_reason(request.max_tokens))
-        )
+            frames.append(mapping.event(mapping.text_chunk(request, answer_id, created, rest, None)))
+        finish = tally.finish_reason(request.max_tokens)
+        frames.append(mapping.event(mapping.text_chunk(request, answer_id, created, None, finish)))
         if request.include_usage:
-            await exchange.event(mapping.usage_chunk(request, answer_id, created, tally))
-        await exchange.end_events()
+            frames.append(mapping.event(mapping.usage_chunk(request, answer_id, created, tally)))
+        await exchange.events("".join(frames), last=True)
     finally:
         in_flight.dec()
         _count(exchange, tally.prompt_tokens, tally.completion)

@@ -381,6 +381,11 @@ def chunk_frame(request: TextRequest, answer_id: str, created: int) -> tuple[str
     return "data: " + before, after + "\n\n"
 
 
+def event(document: dict) -> str:
+    """One server-sent event ``data: <json>\\n\\n``."""
+    return "data: " + json.dumps(document, separators=(",", ":")) + "\n\n"
+
+
 def usage_chunk(request: TextRequest, answer_id: str, created: int, tally: Tally) -> dict:
     """The last chunk of a stream asked with ``stream_options.include_usage``: no choices."""
     kind = "chat.completion.chunk" if request.kind == "chat" else "text_completion"

@@ -110,8 +110,9 @@ class Leased:
 
 
 def authenticate(token: str) -> ApiKey | None:
-    """An active API key of role frontend or operator (core's verification), or None."""
-    key = ApiKey.objects.authenticate(token)
+    """An active API key of role frontend or operator (core's verification through this
+    process's cache of verified keys, as the web process's: ``API_KEY_CACHE_SECONDS``), or None."""
+    key = ApiKey.objects.verify(token)
     if key is None or key.role not in (ApiKey.Role.FRONTEND, ApiKey.Role.OPERATOR):
         return None
     return key

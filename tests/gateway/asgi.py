@@ -14,6 +14,7 @@ class Answer:
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    body_messages: int = 0  # http.response.body messages (one send() each)
 
     def json(self):
         return json.loads(self.body)
@@ -43,6 +44,7 @@ async def request(
     headers=None,
     hang_up_after_events: int | None = None,
     peer: str = "127.0.0.1",
+    send_delay: float = 0.0,
 ) -> Answer:
     raw = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else b"")
     all_headers = {"content-type": "application/json", **(headers or {})}
@@ -74,7 +76,10 @@ async def request(
             answer.status = message["status"]
             answer.headers = {k.decode(): v.decode() for k, v in message["headers"]}
         else:
+            if send_delay:
+                await asyncio.sleep(send_delay)  # a slow client: the socket's buffer is full
             answer.body += message.get("body", b"")
+            answer.body_messages += 1
             if not message.get("more_body"):
                 gone.set()  # answered: the connection's receive() says so from now on
             elif hang_up_after_events is not None and answer.body.count(b"\n\n") >= hang_up_after_events:

@@ -14,6 +14,7 @@ import pytest
 from core.credentials import backend_token
 from core.models import ApiKey
 from gateway.app import GatewayApp
+from gateway.backend import Backends
 from proto import backend_pb2, client
 from registry.models import Lease, LoadJob, ModelLoadInfo, Node, NodeModel
 from tests.factories import make_api_key, make_node, make_replica
@@ -290,3 +291,77 @@ def test_metrics_answer_allowed_peers_and_operator_keys(key, backends):
     assert 'controlplane_gateway_requests_total{endpoint="chat_completions",model="m",outcome="ok"}' in text
     assert 'controlplane_gateway_tokens_total{direction="out",model="m"}' in text
     assert "controlplane_gateway_time_to_first_token_seconds_bucket" in text
+
+
+# --- coalescing: every reply already waiting goes out in one send() ----------------------------
+
+
+def test_replies_waiting_for_a_slow_client_go_out_together_complete_and_in_order(key, backends):
+    node = make_node()
+    replica(node, backends(node))  # unthrottled: replies arrive faster than the client takes them
+    words = [f"w{i}" for i in range(300)]
+    body = {"model": "m", "prompt": " ".join(words), "stream": True, "stream_options": {"include_usage": True}}
+
+    async def scenario():
+        app = GatewayApp()
+        try:
+            return await request(app, "POST", "/v1/completions", body, key=key, send_delay=0.02)
+        finally:
+            await app.close()
+
+    answer = asyncio.run(scenario())
+    assert answer.status == 200, answer.body
+    *chunks, done = answer.events
+    assert done == "[DONE]" and answer.body.endswith(b"data: [DONE]\n\n")
+    texts = [chunk["choices"][0]["text"] for chunk in chunks[:-2]]
+    # Still one event per reply (as OpenAI's clients expect), in the backend's order.
+    assert len(texts) == len(words) and "".join(texts).split() == words
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == len(words)
+    # Fewer writes than events: the replies that waited while a write was slow were framed together.
+    assert answer.body_messages < len(answer.events)
+    assert in_flight() == 0 and not Lease.objects.live().exists()
+
+
+def test_a_client_that_hangs_up_in_the_middle_of_a_batch_releases_its_lease(key, backends):
+    node = make_node()
+    row = replica(node, backends(node))
+    body = {"model": "m", "prompt": " ".join(f"w{i}" for i in range(5000)), "stream": True}
+
+    async def scenario():
+        app = GatewayApp()
+        try:
+            return await request(app, "POST", "/v1/completions", body, key=key, hang_up_after_events=3)
+        finally:
+            await app.close()
+
+    answer = asyncio.run(scenario())
+    assert answer.status == 200 and len(answer.events) >= 3 and "[DONE]" not in answer.events
+    row.refresh_from_db()
+    assert row.in_flight == 0
+    assert not Lease.objects.live().exists()
+
+
+def test_the_backend_stream_comes_in_batches_of_every_reply_already_read(backends):
+    node = make_node()
+    address = backends(node)
+    words = [f"w{i}" for i in range(200)]
+    options = backend_pb2.PredictOptions(Prompt=" ".join(words), ModelIdentity="m")
+
+    async def scenario():
+        backends_ = Backends()
+        batches = []
+        try:
+            stream = backends_.predict_stream(address, options, token=backend_token(node.pk), timeout=20)
+            async for batch in stream:
+                batches.append(batch)
+                await asyncio.sleep(0.05)  # a busy consumer: the reader goes on meanwhile
+        finally:
+            await backends_.close()
+        return batches
+
+    batches = asyncio.run(scenario())
+    assert all(batches)  # never an empty batch
+    replies = [reply for batch in batches for reply in batch]
+    assert "".join(reply.message.decode() for reply in replies).split() == words
+    assert len(batches) < len(replies)

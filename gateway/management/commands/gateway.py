@@ -42,7 +42,7 @@ class Command(BaseCommand):
             GatewayApp(),
             host=host,
             port=port,
-            loop="asyncio",
+            loop="uvloop",
             http="httptools",
             lifespan="on",
             log_config=None,  # Django's LOGGING (core/logs.py) formats every line
