@@ -21,7 +21,7 @@ from django.db.models import (
 from django.db.models.functions import Coalesce
 
 from ..clock import resolve_now
-from .shared import registry_model
+from .shared import registry_model, retry_deadlock_victim
 
 logger = logging.getLogger(__name__)
 
@@ -274,9 +274,12 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         the statement; a release that raced with a concurrent one reads the row once more)."""
         now = resolve_now(now)
         if connections[self.db].vendor == "postgresql":
-            with connections[self.db].cursor() as cursor:
-                cursor.execute(_release_statement(), {"lease_id": lease_id, "now": now})
-                released, decremented, exists, released_at = cursor.fetchone()
+            def run_statement():
+                with connections[self.db].cursor() as cursor:
+                    cursor.execute(_release_statement(), {"lease_id": lease_id, "now": now})
+                    return cursor.fetchone()
+
+            released, decremented, exists, released_at = retry_deadlock_victim(run_statement, using=self.db)
             if released:
                 if not decremented:
                     logger.warning("in-flight decrement missed for lease %s (already zero or removed)", lease_id)

@@ -13,7 +13,7 @@ from django.db.models import Case, F, Value, When
 from django.db.models.functions import Greatest
 
 from ..clock import resolve_now
-from .shared import free_vram, registry_model
+from .shared import free_vram, registry_model, retry_deadlock_victim
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import NodeModel
@@ -121,15 +121,27 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         return self._delete_locked(self.filter(node_id=node_id))
 
     def _delete_locked(self, queryset) -> int:
-        """Delete the rows of ``queryset`` after locking them (``FOR UPDATE``), in one short
+        """Delete the rows of ``queryset`` after locking their leases, then them (``FOR UPDATE``), in one short
         ``atomic()``; returns what ``delete()`` counted. Django deletes in steps (collect the
         rows, ``SET NULL`` their leases, ``DELETE`` by id): without the lock, a warm pick
         committing its lease between the steps would leave a lease pointing at a deleted row
         (a foreign-key error at commit), or delete a row whose ``in_flight`` the pick just
         raised. Locked first, a pick in progress finishes before (and the row is re-checked
         against the filter), and a later pick skips or waits for the row and finds it gone."""
+        return retry_deadlock_victim(lambda: self._delete_locked_once(queryset), using=self.db)
+
+    def _delete_locked_once(self, queryset) -> int:
         with transaction.atomic(using=self.db):
-            locked = list(queryset.select_for_update().values_list("pk", flat=True))
+            wanted = list(queryset.values_list("pk", flat=True))
+            if not wanted:
+                return 0
+            # Their leases first, the order of a release (its one statement updates the lease,
+            # then decrements the replica). A lease granted between the two locks can still
+            # meet a release in the opposite order: PostgreSQL then aborts one of the two, and
+            # retry_deadlock_victim runs it again.
+            leases = registry_model("Lease").objects.using(self.db).filter(replica_id__in=wanted)
+            list(leases.select_for_update().values_list("pk", flat=True))
+            locked = list(queryset.filter(pk__in=wanted).select_for_update().values_list("pk", flat=True))
             if not locked:
                 return 0
             deleted, _ = self.filter(pk__in=locked).delete()

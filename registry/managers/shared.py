@@ -4,6 +4,7 @@ the free-VRAM and per-node replica-row expressions."""
 from __future__ import annotations
 
 from django.apps import apps
+from django.db import OperationalError, connections
 from django.db.models import (
     BigIntegerField,
     Count,
@@ -14,6 +15,26 @@ from django.db.models import (
     Value,
 )
 from django.db.models.functions import Coalesce
+
+#: How often a short transaction that PostgreSQL chose as a deadlock victim is run again.
+DEADLOCK_ATTEMPTS = 3
+
+
+def retry_deadlock_victim(work, *, using: str = "default"):
+    """Run ``work()``; when PostgreSQL aborted it as a deadlock victim, run it again (at most
+    ``DEADLOCK_ATTEMPTS`` times). The verbs that call it are short transactions of their own
+    whose lock orders cannot all agree (a release locks its lease, then the replica; a replica
+    removal locks the replica, then its leases in Django's ``SET NULL``): the victim's
+    transaction was rolled back whole, so running it again is safe. Inside a caller's
+    transaction nothing can be retried (the caller's work was rolled back too): the error
+    goes up."""
+    for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+        try:
+            return work()
+        except OperationalError as exc:
+            victim = type(exc.__cause__).__name__ == "DeadlockDetected"
+            if not victim or attempt == DEADLOCK_ATTEMPTS or connections[using].in_atomic_block:
+                raise
 
 
 def registry_model(name: str):
