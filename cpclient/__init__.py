@@ -1,4 +1,5 @@
-"""A typed client of the control plane's frontend API, standard library only.
+"""A typed client of the control plane's frontend and operator APIs, standard library only,
+and the operator CLI (``python -m cpclient``, ``cpclient.cli``).
 
 ::
 
@@ -8,7 +9,7 @@
     with cp.lease("llama-3.1-8b", backend_type="llama-cpp", model_options={"Model": "llama.gguf"}) as lease:
         call_backend(lease.address)          # the lease is released on exit, also on exceptions
 
-See docs/operations.md ("The frontend client").
+See docs/operations.md ("The frontend client", "The operator CLI").
 """
 
 from .client import ControlPlaneClient, Lease, LoadInfo

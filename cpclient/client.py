@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import ControlPlaneError, DeadlineExceeded, LoadFailed, TransportError, error_for
+from .operator import OperatorCalls
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +180,9 @@ class _Answer:
             return None  # an HTTP date: ignored, the backoff applies
 
 
-class ControlPlaneClient:
-    """The control plane's frontend API.
+class ControlPlaneClient(OperatorCalls):
+    """The control plane's frontend API, and its operator API (``cpclient.operator``: nodes,
+    drains, scheduling, replicas, events, reconcile; an ``operator`` key).
 
     ``base_url``: e.g. ``http://127.0.0.1:8000``; ``api_key``: a ``frontend`` (or ``operator``)
     key; ``timeout``: seconds for one HTTP exchange (a route call adds its ``wait_seconds``);

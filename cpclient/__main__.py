@@ -1,0 +1,5 @@
+"""``python -m cpclient``: the operator CLI (``cpclient.cli``)."""
+
+from .cli import main
+
+raise SystemExit(main())
