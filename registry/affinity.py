@@ -9,8 +9,9 @@ cache, a prompt prefix) keeps being used.
 
 Bounded load (consistent hashing with bounded loads, Mirrokni, Thorup and Zadimoghaddam 2017):
 a replica takes a key only while its ``in_flight`` is below the cap
-``ceil(factor x (total in-flight + 1) / replicas)`` (the model's average in-flight with this
-request counted, times ``ROUTE_AFFINITY_LOAD_FACTOR``). The key goes to the first replica of
+``ceil(factor x (total in-flight + 1) / replicas) + 1``: ``ROUTE_AFFINITY_LOAD_FACTOR`` times
+the model's average in-flight with this request counted, plus one (so that at light load a
+replica serving one request still takes its sessions' next turns, and an idle model works). The key goes to the first replica of
 its order under the cap, so a spilled key lands on its own second choice, the same one for
 every turn of the session while the first stays busy. Some replica is always under the cap:
 the least busy one is at or below the average, and the cap is above the average; the router
@@ -71,11 +72,11 @@ def score(key: str, node_id, replica_index: int) -> str:
 
 def load_cap(in_flights: Iterable[int], factor: float) -> int:
     """The bound: a replica takes a key only while its in-flight is below this.
-    ``ceil(factor x (sum + 1) / count)``; 0 without replicas."""
+    ``ceil(factor x (sum + 1) / count) + 1``; 0 without replicas."""
     loads = list(in_flights)
     if not loads:
         return 0
-    return math.ceil(effective_factor(factor) * (sum(loads) + 1) / len(loads))
+    return math.ceil(effective_factor(factor) * (sum(loads) + 1) / len(loads)) + 1
 
 
 def preference(key: str, candidates: Iterable[Candidate]) -> list[Candidate]:

@@ -100,8 +100,8 @@ class RouteBodySerializer(s.LoadInfoWriteSerializer):
         max_length=affinity.MAX_KEY_LENGTH,
         help_text="route requests with the same key to the same replica while its load allows (a session id, or a "
         "hash of the prompt prefix): rendezvous hashing over the model's routable replicas, a replica taking the "
-        "key only while its in-flight is below ROUTE_AFFINITY_LOAD_FACTOR (1.25) x the model's average (+1 for "
-        "this request), else the key's next replica. No control characters; empty or null: no affinity",
+        "key only while its in-flight is below ceil(ROUTE_AFFINITY_LOAD_FACTOR (1.25) x the model's average with this "
+        "request counted) + 1, else the key's next replica under that bound. No control characters; empty or null: no affinity",
     )
 
     def validate_affinity_key(self, value):

@@ -83,7 +83,7 @@ def _pick_statement(candidates: str, skip_locked: bool, affinity: bool = False) 
       {restriction}"""
     if affinity:
         bound = f"""bound AS (
-    SELECT CEIL(%(load_factor)s::float8 * (COALESCE(SUM(r.in_flight), 0) + 1) / GREATEST(COUNT(*), 1)) AS cap
+    SELECT CEIL(%(load_factor)s::float8 * (COALESCE(SUM(r.in_flight), 0) + 1) / GREATEST(COUNT(*), 1)) + 1 AS cap
     FROM {replicas} WHERE {routable}
 ), """
         source, condition = f"{replicas} CROSS JOIN bound", "AND r.in_flight < bound.cap"

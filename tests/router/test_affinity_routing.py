@@ -90,13 +90,13 @@ def test_a_session_stays_on_its_replica_while_load_is_even(replicas, now):
 def test_a_session_spills_to_its_next_replica_when_its_own_is_over_the_bound(replicas, now):
     order = [c.pk for c in affinity.preference("chat-7", stored_candidates())]
     preferred = NodeModel.objects.get(pk=order[0])
-    # Hold 4 leases on the preferred replica: cap ceil(1.25 x 5 / 4) = 2, and 4 >= 2.
+    # Hold 4 leases on the preferred replica: cap ceil(1.25 x 5 / 4) + 1 = 3, and 4 >= 3.
     for _ in range(4):
         Lease.objects.pick_and_grant("llama", ttl=TTL, node_ids=[preferred.node_id], now=now)
 
     spilled = [router.route("llama", affinity_key="chat-7", now=now).lease for _ in range(2)]
 
-    # Both to the key's second choice: 0, then 1, below the caps ceil(1.25 x 5 / 4) and ceil(1.25 x 6 / 4), 2.
+    # Both to the key's second choice: 0, then 1, below the caps ceil(1.25 x 5 / 4) + 1 and ceil(1.25 x 6 / 4) + 1, 3.
     assert [lease.replica_id for lease in spilled] == [order[1], order[1]]
     for lease in spilled:
         Lease.objects.release(lease.pk, now=now)
@@ -111,8 +111,8 @@ def test_a_hot_key_fills_its_replica_to_the_bound_and_then_spreads(replicas, now
     leases = [Lease.objects.pick_and_grant("llama", ttl=TTL, affinity_key="hot", now=now) for _ in range(40)]
     loads = sorted(NodeModel.objects.values_list("in_flight", flat=True))
     assert sum(loads) == 40
-    assert max(loads) <= math.ceil(FACTOR * 40 / 4)  # 13, not 40
-    assert len({lease.replica_id for lease in leases}) == 4
+    assert max(loads) <= math.ceil(FACTOR * 40 / 4) + 1  # 14, not 40
+    assert len({lease.replica_id for lease in leases}) >= 3
     assert_in_flight_equals_live_leases()
 
 
@@ -200,7 +200,7 @@ def test_concurrent_keyed_routes_respect_the_bound_and_count_every_lease(setting
     """Every thread routes the same hot key and a few of its own, holding every lease: without
     the bound they would all pile on one replica. Each placement is under the cap of its own
     snapshot, which only grows while nothing is released, so the busiest replica ends within
-    ceil(1.25 x total / replicas)."""
+    ceil(1.25 x total / replicas) + 1."""
     settings.ROUTE_PROBE_CACHE_SECONDS = 3600
     settings.ROUTE_AFFINITY_LOAD_FACTOR = FACTOR
     now = timezone.now()
@@ -220,7 +220,7 @@ def test_concurrent_keyed_routes_respect_the_bound_and_count_every_lease(setting
     total = THREADS * rounds
     loads = list(NodeModel.objects.values_list("in_flight", flat=True))
     assert sum(loads) == total == Lease.objects.live().count()
-    assert max(loads) <= math.ceil(FACTOR * total / 4), loads
+    assert max(loads) <= math.ceil(FACTOR * total / 4) + 1, loads
     assert len({replica for granted in results for replica in granted}) == 4
     assert_in_flight_equals_live_leases()
 
