@@ -51,14 +51,19 @@ def _replica_attnames() -> tuple[str, ...]:
 
 
 @functools.cache
-def _pick_statement(candidates: str, skip_locked: bool, affinity: bool = False) -> str:
+def _pick_statement(candidates: str, skip_locked: bool, by_key: str = "") -> str:
     """The one-round-trip warm pick + increment + lease insert of PostgreSQL (see
     ``pick_and_grant``). ``candidates``: "all", "node_ids" (``%(node_ids)s``) or "selector"
-    (the model's stored node selector, evaluated in the statement). ``affinity``: pick by
-    ``%(affinity_key)s`` instead of least in-flight (``registry.affinity``: the replicas under
-    the bounded-load cap, by rendezvous score; the cap is computed over every candidate in the
-    same statement, and ``in_flight < cap`` is a condition of the locked row, so PostgreSQL
-    re-checks it against the row's newest version when a concurrent pick changed it)."""
+    (the model's stored node selector, evaluated in the statement).
+
+    ``by_key``: pick by ``%(affinity_key)s`` instead of least in-flight (``registry.affinity``):
+    "home" locks only the key's first replica under the bounded-load cap (found without a lock,
+    then locked, waiting for a concurrent pick of it: a statement that waits on one row while
+    holding none cannot deadlock); "next" takes the key's best replica under the cap that no
+    one holds (``SKIP LOCKED``). The cap is computed over every candidate in the same
+    statement, once (``MATERIALIZED``), and ``in_flight < cap`` is a condition of the locked
+    row, so PostgreSQL re-checks it on the row's newest version when a concurrent pick changed
+    it: a row filled meanwhile is passed over ("next") or yields nothing ("home")."""
     NodeModel, Node = registry_model("NodeModel"), registry_model("Node")
     Lease, Config, Label = registry_model("Lease"), registry_model("ModelSchedulingConfig"), registry_model("NodeLabel")
     columns = ", ".join(f"r.{_quoted(field.column)}" for field in NodeModel._meta.concrete_fields)
@@ -81,13 +86,18 @@ def _pick_statement(candidates: str, skip_locked: bool, affinity: bool = False) 
     routable = f"""r.model_name = %(model)s AND r.state = %(loaded)s
       AND n.status = %(healthy)s AND n.node_type = %(backend)s
       {restriction}"""
-    if affinity:
-        bound = f"""bound AS (
+    if by_key:
+        score = """md5(%(affinity_key)s || '|' || r.node_id::text || '|' || r.replica_index::text) COLLATE "C" DESC, r.id"""
+        bound = f"""bound AS MATERIALIZED (
     SELECT CEIL(%(load_factor)s::float8 * (COALESCE(SUM(r.in_flight), 0) + 1) / GREATEST(COUNT(*), 1)) + 1 AS cap
     FROM {replicas} WHERE {routable}
 ), """
-        source, condition = f"{replicas} CROSS JOIN bound", "AND r.in_flight < bound.cap"
-        order = """md5(%(affinity_key)s || '|' || r.node_id::text || '|' || r.replica_index::text) COLLATE "C" DESC, r.id"""
+        source, condition, order = f"{replicas} CROSS JOIN bound", "AND r.in_flight < bound.cap", score
+        if by_key == "home":
+            bound += f"""home AS MATERIALIZED (
+    SELECT r.id FROM {source} WHERE {routable} {condition} ORDER BY {score} LIMIT 1
+), """
+            condition += " AND r.id = (SELECT id FROM home)"
     else:
         bound, source, condition = "", replicas, ""
         order = "r.in_flight, r.last_used ASC NULLS FIRST, (n.available_vram - n.reserved_vram) DESC, r.id"
@@ -224,9 +234,10 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         replicas), increments its ``in_flight`` and inserts the lease, ``RETURNING`` the row; if
         every candidate was locked, the same statement again with a blocking ``FOR UPDATE``
         waits for the best one. With a key, the first statement is the key's: its CTE computes
-        the cap over the candidates and picks the highest-scoring row with
-        ``in_flight < cap`` (re-checked by PostgreSQL on the row's newest version once locked),
-        ``SKIP LOCKED`` only; the two statements above follow only when it found nothing. Elsewhere (SQLite, whose writers are serialized anyway):
+        the cap over the candidates, finds the highest-scoring row with ``in_flight < cap`` and
+        locks that row alone (waiting for a concurrent pick of it; PostgreSQL re-checks
+        ``in_flight < cap`` on its newest version); only if it filled up meanwhile, the key's
+        next row under the cap with ``SKIP LOCKED``, then the two statements above. Elsewhere (SQLite, whose writers are serialized anyway):
         ``NodeModel.objects.warm_pick``'s row lock inside one short ``atomic()`` with the
         lease insert. Either way the increment and its lease commit together, so ``in_flight``
         always equals the replica's live leases.
@@ -264,12 +275,12 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
             **_pick_constants(),
         }
         candidates = "selector" if by_selector else ("node_ids" if node_ids is not None else "all")
-        # With a key: its replica under the cap, never waiting on a row another picker holds
-        # (two keys ranking two rows in opposite orders could otherwise deadlock); when that
-        # finds nothing, least in-flight as without a key.
-        attempts = ((True, True),) if affinity_key is not None else ()
+        # With a key: its first replica under the cap (waiting for a concurrent pick of that one
+        # row); if that row filled up meanwhile, its next one under the cap that no one holds;
+        # when that finds nothing, least in-flight as without a key.
+        attempts = ((False, "home"), (True, "next")) if affinity_key is not None else ()
         with connections[self.db].cursor() as cursor:
-            for skip_locked, by_key in (*attempts, (True, False), (False, False)):
+            for skip_locked, by_key in (*attempts, (True, ""), (False, "")):
                 cursor.execute(_pick_statement(candidates, skip_locked, by_key), params)
                 row = cursor.fetchone()
                 if row is not None:
