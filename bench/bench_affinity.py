@@ -25,7 +25,7 @@ Reported per scenario (even / skewed x plain / affinity):
   pick at that instant).
 * **busiest / average**: requests served by the busiest replica (the held leases not counted)
   over the average per replica: what the bound costs in balance.
-* the route + release time (median), to show the keyed statement costs no more.
+* the route + release time (median) seen by the clients.
 
 Nodes are registered and replicas recorded through the registry verbs. No backend runs: the
 router's probe cache is set long (``CONTROLPLANE_ROUTE_PROBE_CACHE_SECONDS``, and the heartbeat
@@ -220,12 +220,23 @@ def report(results: dict, args, server_version: str, load: float, command: str) 
         "",
         f"Plain least in-flight lands a follow-up turn on its session's replica about 1 in {args.replicas} "
         "times (the least busy replica at that instant, whichever it is). With the key, a turn goes to its "
-        "session's replica unless that replica is at the bound (`ceil(1.25 x average with this request) + 1` "
-        "in-flight); the spill rate counts those turns (and the rare pick that found the row locked by "
-        "another at that instant). Under skew, sessions whose first choice is a held replica spill to their "
-        "second choice, consistently, so their turns still stay together there; the busiest/average column "
-        "counts the requests each replica served (held leases not counted). After every scenario "
-        "in-flight equals the live leases (both 0 once the held leases are released: "
+        "session's first choice unless that replica is at the bound (in-flight `ceil(factor x average with "
+        "this request) + 1`); the spill rate counts the requests that did not get the first choice. At even "
+        f"load the spills are the moments when several of the {args.clients} sessions in flight hash to the "
+        "same replica; a spilled turn goes to the session's second choice, so a session whose first turn "
+        "spilled and whose next turn went home counts as away once. Under skew, the sessions whose first "
+        "choice is a held replica spill to their second choice every time, consistently, so their turns "
+        "still stay together (hence a home share above the even case, and a spill rate near the share of "
+        "held replicas); the price is balance: the second choices of the held replicas serve more "
+        "(busiest / average: the requests the busiest replica served over the average of all replicas, held "
+        "ones included, held leases not counted; under skew the held replicas serve little, so even a perfect "
+        f"spread of the rest gives {args.replicas}/{args.replicas - args.busy} = {args.replicas / (args.replicas - args.busy):.2f}). "
+        "A keyed pick costs more than a plain one: its statement computes the cap over the candidates and "
+        "the scores before it locks one row, and when a concurrent pick holds that row it waits for it "
+        "(a plain pick skips to another row); the route + release medians above are from "
+        f"{args.clients} client threads "
+        "in one Python process on a loaded machine. After every scenario in-flight equals the live leases "
+        "(in-flight sum / live leases once the held leases are released: "
         + ", ".join(f"{r['in_flight_after']}/{r['live_after']}" for r in results.values())
         + ").",
         "",
