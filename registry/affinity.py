@@ -15,7 +15,8 @@ replica serving one request still takes its sessions' next turns, and an idle mo
 its order under the cap, so a spilled key lands on its own second choice, the same one for
 every turn of the session while the first stays busy. Some replica is always under the cap:
 the least busy one is at or below the average, and the cap is above the average; the router
-falls back to least in-flight only when concurrent pickers hold every replica under the cap.
+falls back to least in-flight only when concurrent pickers fill or hold every replica under
+the cap at that instant.
 
 The replica's identity in the hash is its slot, ``node_id`` and ``replica_index``, not its row
 id: a row re-created for the same slot (a control-plane restart that reaps and restores rows)
