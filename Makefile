@@ -18,6 +18,9 @@ test:  ## the whole suite on SQLite and on PostgreSQL
 soak:  ## the soak: a fleet under traffic with random kills and restarts (DURATION=seconds, default 60)
 	@scripts/soak $(or $(DURATION),60)
 
+bench:  ## quick versions of the four hot-path benchmarks on PostgreSQL, each ratio against its goal (< 5 min)
+	@scripts/bench
+
 check:  ## lint, migration drift, generated-code drift, OpenAPI drift
 	@$(BOOTSTRAP); ruff check .
 	@$(BOOTSTRAP); CONTROLPLANE_VAR_DIR=$$(mktemp -d) python manage.py makemigrations --check --dry-run
@@ -27,4 +30,4 @@ check:  ## lint, migration drift, generated-code drift, OpenAPI drift
 proto:  ## regenerate the protobuf/gRPC code under proto/
 	@$(BOOTSTRAP); python scripts/gen_proto.py
 
-.PHONY: help run demo test soak check proto
+.PHONY: help run demo test soak bench check proto

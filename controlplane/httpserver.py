@@ -137,6 +137,14 @@ class RequestPathGuard:
         return self.application(environ, start_response)
 
 
+def served_application(django_application):
+    """What gunicorn serves (``controlplane.wsgi``): ``RequestPathGuard`` around the heartbeat's
+    lean path (``registry/api/heartbeat.py``) around Django's WSGI application."""
+    from registry.api.heartbeat import HeartbeatLeanPath  # needs the apps loaded
+
+    return RequestPathGuard(HeartbeatLeanPath(django_application))
+
+
 class InvalidPathMiddleware:
     """A path whose bytes are not UTF-8 cannot name anything: 400 (a problem on ``/api/``)
     instead of Django's fallback of re-escaping the bad bytes into the name (``%FF`` and

@@ -86,6 +86,8 @@ INSTALLED_APPS = [
     "core.apps.CoreConfig",
     "registry",
     "reconciler",
+    # The OpenAI-compatible gateway (its own ASGI process: ``manage.py gateway``).
+    "gateway",
     # After reconciler: its ``manage.py qcluster`` (bounded stop) replaces django-q2's.
     "django_q",
 ]
@@ -322,6 +324,19 @@ LOAD_JOB_MAX_ATTEMPTS = env_int("CONTROLPLANE_LOAD_JOB_MAX_ATTEMPTS", 3)
 # Released leases and finished load jobs are kept this long.
 ROUTER_RETENTION_SECONDS = env_float("CONTROLPLANE_ROUTER_RETENTION_SECONDS", 86400.0)
 
+# --- Gateway (the OpenAI-compatible frontend: ``manage.py gateway``, docs/gateway.md) -------
+# host:port the gateway's ASGI server (uvicorn) listens on; its OpenAI base URL is http://HOST:PORT/v1.
+GATEWAY_BIND = os.environ.get("CONTROLPLANE_GATEWAY_BIND", "127.0.0.1:8080")
+# How long a request for a model that is not loaded waits for its load job before a 503 with
+# Retry-After (ROUTE_RETRY_AFTER_SECONDS).
+GATEWAY_LOAD_WAIT_SECONDS = env_float("CONTROLPLANE_GATEWAY_LOAD_WAIT_SECONDS", 30.0)
+# Deadline of one inference call to a backend (Predict, a whole PredictStream, the Embedding
+# calls of one request); a request's lease lives this long plus a minute if the gateway dies.
+GATEWAY_REQUEST_TIMEOUT = env_float("CONTROLPLANE_GATEWAY_REQUEST_TIMEOUT", 300.0)
+# Threads that run the gateway's database work (API-key checks, route, release); each keeps one
+# database connection (DATABASE_CONN_MAX_AGE).
+GATEWAY_DB_THREADS = env_int("CONTROLPLANE_GATEWAY_DB_THREADS", 8)
+
 # --- Reconciler (read at the start of every pass: reconciler/conf.py) ------------------------
 # Reap no node when more than this fraction of the healthy nodes turn stale in one pass (and at
 # least two do): the control plane or its network is the likelier culprit.
@@ -340,6 +355,9 @@ RECONCILE_WORKER_FAILURES_BEFORE_UNHEALTHY = env_int("CONTROLPLANE_RECONCILE_WOR
 # Seconds of a pass after which no further scale-up call is started (the rest waits for the next
 # pass), so one slow load cannot hold the reconcile lock for every model.
 RECONCILE_SCALE_UP_BUDGET = env_float("CONTROLPLANE_RECONCILE_SCALE_UP_BUDGET", 30.0)
+# Cold loads (StartBackend + LoadModel) a pass's scale-up runs at once, in a thread pool of the
+# pass; each replica slot is claimed in the database (a `loading` row and its VRAM) first.
+RECONCILE_LOAD_CONCURRENCY = env_int("CONTROLPLANE_RECONCILE_LOAD_CONCURRENCY", 16)
 # How many ReconcilePass rows are kept (older ones are pruned after each pass).
 RECONCILE_PASSES_KEPT = env_int("CONTROLPLANE_RECONCILE_PASSES_KEPT", 1000)
 # Days of events kept (older ones are pruned by housekeeping); 0 keeps them forever.

@@ -3,7 +3,9 @@
 Refuses to load (ImproperlyConfigured) without a registration token unless open registration is
 explicitly allowed: see ``core.checks``. ``RequestPathGuard`` undoes gunicorn's
 re-encoding of raw UTF-8 bytes in the request path and marks paths that are not UTF-8
-(``controlplane.httpserver``).
+(``controlplane.httpserver``). ``HeartbeatLeanPath`` answers an ordinary node heartbeat
+without Django's request cycle and hands every other request to it
+(``registry/api/heartbeat.py``).
 """
 
 import os
@@ -12,9 +14,9 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
-from controlplane.httpserver import RequestPathGuard  # noqa: E402
+from controlplane.httpserver import served_application  # noqa: E402
 
-application = RequestPathGuard(get_wsgi_application())
+application = served_application(get_wsgi_application())
 
 from core.checks import require_serving_configuration  # noqa: E402  (needs settings loaded)
 

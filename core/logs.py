@@ -153,6 +153,22 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def request_id_for(incoming: str | None) -> str:
+    """The id of a request: its ``X-Request-ID`` when that is a sane token, else a new one."""
+    return incoming if incoming and _VALID_REQUEST_ID.match(incoming) else new_request_id()
+
+
+def begin_request(request_id: str, **fields) -> None:
+    """Start a request's log context: every field cleared, then ``request_id`` and ``fields``
+    (names from ``CONTEXT_FIELDS``) set. Cleared again on ``request_finished`` (or by the
+    caller, ``clear_context``, where Django's request cycle does not run)."""
+    clear_context()
+    _VARS["request_id"].set(request_id)
+    for name, value in fields.items():
+        if value not in (None, ""):
+            _VARS[name].set(str(value))
+
+
 class RequestIdMiddleware:
     """Outermost middleware: takes ``X-Request-ID`` from the request when it is a sane token
     (else makes one), sets it for the request's log lines, answers it in ``X-Request-ID``, and
@@ -162,13 +178,11 @@ class RequestIdMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
-        incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        request_id = incoming if _VALID_REQUEST_ID.match(incoming or "") else new_request_id()
+        request_id = request_id_for(request.headers.get(REQUEST_ID_HEADER))
         request.request_id = request_id
         # Not reset when this returns: Django logs 4xx/5xx answers ("django.request") after the
         # middleware chain. Cleared on request_finished (the response was sent) instead.
-        clear_context()
-        _VARS["request_id"].set(request_id)
+        begin_request(request_id)
         response = self.get_response(request)
         response[REQUEST_ID_HEADER] = request_id
         return response

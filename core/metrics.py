@@ -82,8 +82,13 @@ def _route_name(request) -> str:
 
 
 def observe_request(request, status_code: int, seconds: float) -> None:
-    route = _route_name(request)
-    method = request.method if request.method in _METHODS else "other"
+    observe_answer(_route_name(request), request.method, status_code, seconds)
+
+
+def observe_answer(route: str, method: str, status_code: int, seconds: float) -> None:
+    """Count one answer of ``route`` (a URL pattern name); also used by handlers that answer
+    below Django's middleware (the heartbeat's lean path)."""
+    method = method if method in _METHODS else "other"
     HTTP_REQUESTS.labels(route, method, f"{status_code // 100}xx").inc()
     HTTP_LATENCY.labels(route, method).observe(seconds)
 

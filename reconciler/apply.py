@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from contextlib import contextmanager
 from datetime import datetime
-from uuid import UUID
+from operator import itemgetter
 
 from registry import operations
-from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+from registry.models import ModelSchedulingConfig, Node, NodeModel
 
 from . import housekeeping
 from .conf import ReconcileConfig
+from .managers import ConditionState
 from .models import Event, ModelCondition, ReconcilePass, UnansweredListing
 from .planning import (
     NodeHealthPlan,
@@ -34,7 +34,7 @@ from .planning import (
     ScalePlan,
     WorkerHealthPlan,
     alive_keys,
-    model_conditions,
+    model_condition_values,
     plan_checks,
     plan_node_health,
     plan_observation,
@@ -44,14 +44,11 @@ from .planning import (
     transition_event_kind,
 )
 from .probes import ALIVE, BUSY, UNREACHABLE, run_checks
+from .scale_up import ScaleUp
 from .snapshot import NodeView, Snapshot, rows_now, take_snapshot
 from .summary import PassSummary
 
 logger = logging.getLogger(__name__)
-
-
-class SchedulerUnavailable(Exception):
-    """No scheduler to call (``registry.router`` is not installed yet)."""
 
 
 @contextmanager
@@ -79,7 +76,7 @@ def cyclic_gc_paused():
 # --------------------------------------------------------------------------------------------
 
 
-class Pass:
+class Pass(ScaleUp):
     """One pass's phases (``run``), their events and their summary."""
 
     def __init__(self, *, now, cfg: ReconcileConfig, scheduler, prober, summary: PassSummary, started: float):
@@ -142,6 +139,7 @@ class Pass:
         self.summary.models = len(plans)
         self.summary.known_models = len(snapshot.model_names)
         outcomes = {plan.model_name: self.apply_scaling(snapshot, plan) for plan in plans if plan.acts}
+        self.scale_up(snapshot, [plan for plan in plans if plan.acts and plan.scale_up], outcomes)
         self.flush_events()
 
         self.update_conditions(snapshot, health, {plan.model_name: plan for plan in plans}, outcomes)
@@ -214,7 +212,8 @@ class Pass:
         plan = plan_checks(snapshot, self.cfg, now=self.now)
         # The snapshot was read before any worker is asked: a row it held loaded, in the same
         # state change, was loaded before the listing (see plan_worker_reconciliation).
-        loaded_before_listing = {row.id: row.state_changed_at for row in snapshot.replicas if row.loaded}
+        loaded = NodeModel.State.LOADED
+        loaded_before_listing = {row.id: row.state_changed_at for row in snapshot.replicas if row.state == loaded}
         results = run_checks(
             plan,
             self.prober,
@@ -271,19 +270,25 @@ class Pass:
             # The rows the snapshot holds loaded whose backend the worker does not report alive
             # may be removed, so they are re-read in full (their state may have changed).
             maybe_removed = set()
-            for node_id, backends in results.listings.items():
-                alive = alive_keys(backends)
+            alive_by_node = {node_id: alive_keys(backends) for node_id, backends in results.listings.items()}
+            for node_id, alive in alive_by_node.items():
                 maybe_removed.update(
-                    row.id for row in snapshot.replicas_by_node.get(node_id, ()) if row.loaded and row.key not in alive
+                    row.id
+                    for row in snapshot.replicas_by_node.get(node_id, ())
+                    if row.state == loaded and (row.model_name, row.replica_index) not in alive
                 )
             rows_by_node = rows_now(snapshot, list(results.listings), refresh=maybe_removed)
             for node_id, backends in results.listings.items():
-                node = snapshot.nodes[node_id]
                 plan_ = plan_worker_reconciliation(
-                    rows_by_node.get(node_id, []), backends, loaded_before_listing=loaded_before_listing
+                    rows_by_node.get(node_id, ()),
+                    backends,
+                    loaded_before_listing=loaded_before_listing,
+                    alive=alive_by_node[node_id],
                 )
-                changed |= self.remove_gone_backends(node, plan_.remove, backends, guard=guard)
-                self.stop_orphans(node, plan_.stop)
+                if plan_.remove or plan_.stop:
+                    node = snapshot.nodes[node_id]
+                    changed |= self.remove_gone_backends(node, plan_.remove, backends, guard=guard)
+                    self.stop_orphans(node, plan_.stop)
         return changed
 
     def record_worker_api(self, plan, results) -> None:
@@ -450,58 +455,9 @@ class Pass:
             ModelSchedulingConfig.objects.record_satisfiable(name)
         if plan.skipped:
             self.summary.skip(plan.skipped)
-        if plan.scale_up:
-            self.scale_up(snapshot, plan, outcome)
         if plan.remove:
             self.scale_down(snapshot, plan, outcome)
         return outcome
-
-    def scale_up(self, snapshot: Snapshot, plan: ScalePlan, outcome: ScaleOutcome) -> None:
-        name = plan.model_name
-        try:
-            ModelLoadInfo.objects.for_model(name)
-        except ModelLoadInfo.DoesNotExist:
-            outcome.no_load_info = True
-            self.summary.skip("no_load_info")
-            return
-        for _ in range(plan.scale_up):
-            if time.monotonic() - self.started > self.cfg.scale_up_budget:
-                outcome.skipped = "scale_up_budget"
-                self.summary.skip("scale_up_budget")
-                return
-            try:
-                result = self.scheduler.schedule_and_load(name, list(plan.candidate_ids))
-            except SchedulerUnavailable as exc:
-                logger.warning("cannot scale %s up: %s", name, exc)
-                outcome.skipped = "scheduler_unavailable"
-                self.summary.skip("scheduler_unavailable")
-                return
-            except Exception as exc:
-                outcome.failed = f"{type(exc).__name__}: {exc}"[:1000]
-                self.summary.count("scale_up_failed")
-                logger.warning("scale-up of %s failed: %s", name, outcome.failed)
-                if _same_failure_as_last_pass(snapshot, name, outcome.failed):
-                    return  # one event per failure state, not one per pass while it persists
-                self.event(
-                    Event.Kind.SCALE_UP_FAILED,
-                    model_name=name,
-                    message=outcome.failed,
-                    reason=plan.scale_up_reason,
-                    error_code=str(getattr(exc, "code", "") or ""),
-                    added_before_failure=outcome.added,
-                )
-                return
-            outcome.added += 1
-            self.summary.count("replicas_added")
-            self.event(
-                Event.Kind.REPLICA_ADDED,
-                model_name=name,
-                node=_node_of(snapshot, result),
-                message=f"replica added ({plan.scale_up_reason}); {plan.current + outcome.added} "
-                f"replica(s), min {plan.config.min_replicas}",
-                reason=plan.scale_up_reason,
-                replica_index=getattr(result, "replica_index", None),
-            )
 
     def scale_down(self, snapshot: Snapshot, plan: ScalePlan, outcome: ScaleOutcome) -> None:
         """Row first (so nothing routes to it any more), then ask the worker to stop the
@@ -534,10 +490,17 @@ class Pass:
     # -- conditions ----------------------------------------------------------------------------
 
     def update_conditions(self, snapshot: Snapshot, health: NodeHealthPlan, plans: dict, outcomes: dict) -> None:
-        states = [health.guard_condition()]
+        # Desired values are compared with the snapshot's as tuples; only those that differ
+        # become ``ConditionState``s for ``set_conditions`` (which re-reads them under lock).
+        known = snapshot.conditions
+        guard = health.guard_condition()
+        states = [] if known.get((guard.model_name, guard.type)) == guard[2:] else [guard]
+        memo: dict = {}
         for name in snapshot.model_names:
-            states.extend(model_conditions(snapshot, name, plans.get(name), outcomes.get(name), now=self.now))
-        for transition in ModelCondition.objects.set_conditions(states, now=self.now, known=snapshot.conditions):
+            for type_, value in model_condition_values(snapshot, name, plans.get(name), outcomes.get(name), memo=memo):
+                if known.get((name, type_)) != value:
+                    states.append(ConditionState(name, type_, *value))
+        for transition in ModelCondition.objects.set_conditions(states, now=self.now):
             state = transition.state
             self.summary.count("conditions_changed")
             kind = transition_event_kind(state.type, state.status, is_new=transition.is_new)
@@ -552,26 +515,9 @@ class Pass:
                 reason=state.reason,
                 previous_reason=transition.previous_reason,
             )
-        forgotten = {name for name, _ in snapshot.conditions} - set(snapshot.model_names) - {ModelCondition.CLUSTER}
+        forgotten = set(map(itemgetter(0), known)) - set(snapshot.model_names) - {ModelCondition.CLUSTER}
         if forgotten:
             ModelCondition.objects.forget(forgotten)
-
-
-def _same_failure_as_last_pass(snapshot: Snapshot, model_name: str, failure: str) -> bool:
-    """True when the model's Progressing condition already reports this scale-up failure."""
-    previous = snapshot.conditions.get((model_name, ModelCondition.Type.PROGRESSING))
-    return bool(previous) and previous["reason"] == "scale_up_failed" and previous["message"].endswith(failure)
-
-
-def _node_of(snapshot: Snapshot, result) -> NodeView | None:
-    """The node a scheduler result names (``result.node_id``), if the result says."""
-    node_id = getattr(result, "node_id", None)
-    if node_id is None:
-        return None
-    try:
-        return snapshot.nodes.get(node_id if isinstance(node_id, UUID) else UUID(str(node_id)))
-    except ValueError:
-        return None
 
 
 def _when(moment: datetime | None) -> str:

@@ -32,6 +32,7 @@ class ReconcileConfig:
     worker_timeout: float
     mass_stale_fraction: float
     scale_up_budget: float
+    load_concurrency: int
     passes_kept: int
     stale_loading_after: timedelta
     events_kept_days: int
@@ -66,6 +67,7 @@ class ReconcileConfig:
             worker_timeout=float(settings.RECONCILE_WORKER_TIMEOUT),
             mass_stale_fraction=float(settings.RECONCILE_MASS_STALE_FRACTION),
             scale_up_budget=float(settings.RECONCILE_SCALE_UP_BUDGET),
+            load_concurrency=max(1, int(settings.RECONCILE_LOAD_CONCURRENCY)),
             passes_kept=max(1, int(settings.RECONCILE_PASSES_KEPT)),
             events_kept_days=int(settings.RECONCILE_EVENTS_KEPT_DAYS),
             stale_loading_after=timedelta(seconds=float(stale_loading_after)),

@@ -11,7 +11,8 @@ Each function answers one question of a pass, in LocalAI's order:
 - ``plan_worker_reconciliation``: rows whose backend is gone, backends nobody has a row for;
 - ``plan_scaling``: per autoscaled model, the cooldown gate, scale-up to the floor, busy +1,
   idle scale-down;
-- ``model_conditions``: what the operator sees per model once the plan has been applied.
+- ``model_conditions`` (``conditions.py``, re-exported here): what the operator sees per
+  model once the plan has been applied.
 """
 
 from __future__ import annotations
@@ -23,8 +24,16 @@ from typing import NamedTuple
 from uuid import UUID
 
 from registry import placement, rules
-from registry.models import Node
+from registry.models import Node, NodeModel
 
+from .conditions import (  # noqa: F401  (the per-model conditions, re-exported)
+    NORMAL_STATUS,
+    TRANSITION_EVENTS,
+    ScaleOutcome,
+    model_condition_values,
+    model_conditions,
+    transition_event_kind,
+)
 from .conf import ReconcileConfig
 from .managers import ConditionState
 from .models import ModelCondition
@@ -216,13 +225,14 @@ def plan_checks(snapshot: Snapshot, config: ReconcileConfig, *, now: datetime) -
     service only every ``WORKER_API_RECHECK_AFTER``)."""
     confirmed_after = now - config.probe_after
     healthy = {node_id for node_id, node in snapshot.nodes.items() if node.healthy}
+    loaded = NodeModel.State.LOADED
     probes = tuple(
         replica
         for replica in snapshot.replicas
-        if replica.loaded
+        if (replica.last_probe_at is None or replica.last_probe_at < confirmed_after)
+        and replica.state == loaded
         and replica.address
         and replica.node_id in healthy
-        and (replica.last_probe_at is None or replica.last_probe_at < confirmed_after)
     )
     listings = tuple(node for node in snapshot.nodes.values() if listed(node) and due_for_listing(node, now))
     return CheckPlan(probes=probes, listings=listings)
@@ -307,7 +317,10 @@ class WorkerPlan:
 
 def alive_keys(reported: list[WorkerBackend]) -> set[tuple[str, int]]:
     """The ``(model, replica index)`` of the backends a worker reports starting or running."""
-    return {b.key for b in reported if b.state in ("STARTING", "RUNNING")}
+    return {(b.model_name, b.replica_index) for b in reported if b.state in _ALIVE_STATES}
+
+
+_ALIVE_STATES = frozenset(("STARTING", "RUNNING"))
 
 
 def plan_worker_reconciliation(
@@ -315,6 +328,7 @@ def plan_worker_reconciliation(
     reported: list[WorkerBackend],
     *,
     loaded_before_listing: Mapping[int, datetime | None],
+    alive: Collection[tuple[str, int]] | None = None,
 ) -> WorkerPlan:
     """Compare one worker's rows (read after its listing) with what it says it runs.
 
@@ -328,18 +342,25 @@ def plan_worker_reconciliation(
     - a RUNNING backend with no row at all (not even ``loading``) is an orphan and is stopped.
       Loaders write the ``loading`` row before starting the backend, so a running backend
       without a row is one nobody will ever route to.
+
+    ``alive``: ``alive_keys(reported)`` when the caller has it already.
     """
-    alive = alive_keys(reported)
-    rows_by_key = {row.key: row for row in rows}
+    if alive is None:
+        alive = alive_keys(reported)
+    loaded = NodeModel.State.LOADED
     remove = tuple(
         row
         for row in rows
-        if row.loaded
-        and row.key not in alive
+        if row.state == loaded
+        and (row.model_name, row.replica_index) not in alive
         and row.id in loaded_before_listing
         and loaded_before_listing[row.id] == row.state_changed_at
     )
-    stop = tuple(b for b in reported if b.state == "RUNNING" and b.key not in rows_by_key)
+    running = [b for b in reported if b.state == "RUNNING"]
+    if not running:
+        return WorkerPlan(remove=remove)
+    keys = {(row.model_name, row.replica_index) for row in rows}
+    stop = tuple(b for b in running if (b.model_name, b.replica_index) not in keys)
     return WorkerPlan(remove=remove, stop=stop)
 
 
@@ -374,8 +395,14 @@ class ScalePlan(NamedTuple):
     @property
     def acts(self) -> bool:
         """Whether applying the plan writes, calls or counts anything (a steady model: no)."""
-        flags = (self.cooldown_over, self.record_unsatisfiable, self.record_satisfiable, self.skipped, self.scale_up)
-        return any(flags) or bool(self.remove)
+        return bool(
+            self.cooldown_over
+            or self.record_unsatisfiable
+            or self.record_satisfiable
+            or self.skipped
+            or self.scale_up
+            or self.remove
+        )
 
 
 def _capacity(snapshot: Snapshot, config: ConfigView, candidates) -> int:
@@ -396,43 +423,48 @@ def _removal_order(replica: ReplicaView, snapshot: Snapshot):
     return (-replica.replica_index, last_used, node.name if node else "")
 
 
+def _all_busy(ready: tuple[ReplicaView, ...]) -> bool:
+    for replica in ready:
+        if replica.in_flight <= 0:
+            return False
+    return True
+
+
 def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, now: datetime) -> ScalePlan:
-    """One autoscaled model, in LocalAI's order (see module docstring)."""
-    name = config.model_name
-    ready = snapshot.ready(name)
-    loading = snapshot.loading(name)
-    candidates = snapshot.candidates(config.node_selector)
-    facts = {
-        "model_name": name,
-        "config": config,
-        "ready": len(ready),
-        "loading": len(loading),
-        "capacity": None,  # filled in below only when the model wants to grow
-        "candidate_ids": snapshot.candidate_ids(config.node_selector),
-        "has_load_info": snapshot.has_load_info(name),
-    }
+    """One autoscaled model, in LocalAI's order (see module docstring).
+
+    Called once per autoscaled model per pass: the facts are read with one lookup each from
+    the snapshot's per-pass indexes, and a model with nothing to do (the common case) returns
+    after a handful of comparisons."""
+    name, min_replicas, max_replicas, selector, until, _ = config
+    ready, loading = snapshot.routable(name)
+    candidate_ids = snapshot.candidates_and_ids(selector)[1]
+    has_load_info = snapshot.has_load_info(name)
+    n_ready, n_loading = len(ready), len(loading)
 
     # 1. Cooldown gate.
-    until = config.unsatisfiable_until
     if until is not None and until > now:
-        return ScalePlan(**facts, in_cooldown=True, skipped="cooldown")
+        return ScalePlan(
+            name, config, n_ready, n_loading, None, candidate_ids, has_load_info, in_cooldown=True, skipped="cooldown"
+        )
     cooldown_over = until is not None
 
-    current = len(ready) + len(loading)
-    ceiling = config.max_replicas if config.max_replicas > 0 else None
+    current = n_ready + n_loading
+    ceiling = max_replicas if max_replicas > 0 else None
 
     # 2. Below the floor: scale up by min(needed, capacity).
-    if current < config.min_replicas:
-        capacity = facts["capacity"] = _capacity(snapshot, config, candidates)
-        needed = config.min_replicas - current
+    if current < min_replicas:
+        capacity = _capacity(snapshot, config, snapshot.candidates(selector))
+        facts = (name, config, n_ready, n_loading, capacity, candidate_ids, has_load_info)
+        needed = min_replicas - current
         if ceiling is not None:
             needed = min(needed, ceiling - current)
         if capacity == 0:
-            return ScalePlan(**facts, cooldown_over=cooldown_over, record_unsatisfiable=True, skipped="no_capacity")
-        if not facts["has_load_info"]:
-            return ScalePlan(**facts, cooldown_over=cooldown_over, record_satisfiable=True, skipped="no_load_info")
+            return ScalePlan(*facts, cooldown_over=cooldown_over, record_unsatisfiable=True, skipped="no_capacity")
+        if not has_load_info:
+            return ScalePlan(*facts, cooldown_over=cooldown_over, record_satisfiable=True, skipped="no_load_info")
         return ScalePlan(
-            **facts,
+            *facts,
             cooldown_over=cooldown_over,
             record_satisfiable=True,
             scale_up=min(needed, capacity),
@@ -440,159 +472,50 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
         )
 
     # 3. Every ready replica busy, nothing already loading, below the ceiling: add one.
-    all_busy = bool(ready) and all(r.in_flight > 0 for r in ready)
-    if all_busy and not loading and (ceiling is None or current < ceiling):
-        capacity = facts["capacity"] = _capacity(snapshot, config, candidates)
+    if n_ready and not n_loading and (ceiling is None or current < ceiling) and _all_busy(ready):
+        capacity = _capacity(snapshot, config, snapshot.candidates(selector))
+        facts = (name, config, n_ready, n_loading, capacity, candidate_ids, has_load_info)
         if capacity == 0:
-            return ScalePlan(**facts, cooldown_over=cooldown_over, skipped="no_capacity")
-        if not facts["has_load_info"]:
-            return ScalePlan(**facts, cooldown_over=cooldown_over, skipped="no_load_info")
-        return ScalePlan(**facts, cooldown_over=cooldown_over, scale_up=1, scale_up_reason="all_busy")
+            return ScalePlan(*facts, cooldown_over=cooldown_over, skipped="no_capacity")
+        if not has_load_info:
+            return ScalePlan(*facts, cooldown_over=cooldown_over, skipped="no_load_info")
+        return ScalePlan(*facts, cooldown_over=cooldown_over, scale_up=1, scale_up_reason="all_busy")
 
     # 4. Above max(min, 1): remove idle replicas, never below the floor. Replicas above a
     #    ceiling go as soon as they have nothing in flight; the rest after idling long enough.
-    removable = len(ready) - config.floor
+    # (``n_ready <= min_replicas`` is the common case, and implies nothing is removable.)
+    removable = 0 if n_ready <= min_replicas else n_ready - rules.replica_floor(min_replicas, max_replicas)
+    if removable <= 0:
+        return ScalePlan(name, config, n_ready, n_loading, None, candidate_ids, has_load_info, False, cooldown_over)
     remove: list[ReplicaView] = []
-    if removable > 0:
-        unused = sorted((r for r in ready if r.in_flight == 0), key=lambda r: _removal_order(r, snapshot))
-        over_ceiling = max(0, len(ready) - ceiling) if ceiling is not None else 0
-        remove.extend(unused[:over_ceiling])
-        idle_before = now - cfg.scale_down_idle_after
-        for replica in unused[over_ceiling:]:
-            if len(remove) >= removable:
-                break
-            if replica.last_used is None or replica.last_used <= idle_before:
-                remove.append(replica)
-        remove = remove[:removable]
-    return ScalePlan(**facts, cooldown_over=cooldown_over, remove=tuple(remove))
+    unused = sorted((r for r in ready if r.in_flight == 0), key=lambda r: _removal_order(r, snapshot))
+    over_ceiling = max(0, n_ready - ceiling) if ceiling is not None else 0
+    remove.extend(unused[:over_ceiling])
+    idle_before = now - cfg.scale_down_idle_after
+    for replica in unused[over_ceiling:]:
+        if len(remove) >= removable:
+            break
+        if replica.last_used is None or replica.last_used <= idle_before:
+            remove.append(replica)
+    remove = remove[:removable]
+    return ScalePlan(
+        name,
+        config,
+        n_ready,
+        n_loading,
+        None,
+        candidate_ids,
+        has_load_info,
+        cooldown_over=cooldown_over,
+        remove=tuple(remove),
+    )
 
 
 def plan_scaling(snapshot: Snapshot, cfg: ReconcileConfig, *, now: datetime) -> list[ScalePlan]:
     """A plan for every autoscaled model, in model-name order."""
+    configs = snapshot.configs
     return [
         plan_model(snapshot, config, cfg, now=now)
-        for _, config in sorted(snapshot.configs.items())
+        for config in map(configs.__getitem__, sorted(configs))
         if config.autoscaled
     ]
-
-
-# --------------------------------------------------------------------------------------------
-# Conditions
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ScaleOutcome:
-    """What applying a ``ScalePlan`` actually did (filled by the apply step)."""
-
-    added: int = 0
-    removed: int = 0
-    failed: str = ""  # error text of the scale-up call that failed
-    tripped: bool = False  # this pass started a cooldown
-    cooldown_until: datetime | None = None
-    cooldown_cleared: bool = False
-    no_load_info: bool = False  # ``for_model`` said so at apply time
-    skipped: str = ""  # e.g. scheduler_unavailable, scale_up_budget
-
-
-def model_conditions(
-    snapshot: Snapshot, model_name: str, plan: ScalePlan | None, outcome: ScaleOutcome | None, *, now: datetime
-) -> list[ConditionState]:
-    """Available, Progressing, Unsatisfiable and NoLoadInfo for one model after this pass.
-
-    ``plan``/``outcome`` are None for models the reconciler does not scale (no config, or
-    min = max = 0): their conditions only report what is there.
-    """
-    config = plan.config if plan else snapshot.config_for(model_name)
-    outcome = outcome or ScaleOutcome()
-    # schedule_and_load returns once the replica is loaded, so added replicas count as ready.
-    ready = (plan.ready if plan else len(snapshot.ready(model_name))) - outcome.removed + outcome.added
-    loading = plan.loading if plan else len(snapshot.loading(model_name))
-    has_load_info = (plan.has_load_info if plan else snapshot.has_load_info(model_name)) and not outcome.no_load_info
-    floor = rules.ready_for_available(config.min_replicas)
-
-    available = ConditionState(
-        model_name,
-        Type.AVAILABLE,
-        ready >= floor,
-        "minimum_replicas_ready" if ready >= floor else "below_minimum",
-        f"{ready} of {floor} replica(s) ready",
-    )
-
-    skipped = outcome.skipped or ("no_load_info" if outcome.no_load_info else (plan.skipped if plan else ""))
-    if outcome.failed:
-        added = f"{outcome.added} replica(s) added, then " if outcome.added else ""
-        progressing = (False, "scale_up_failed", f"{added}{outcome.failed}")
-    elif outcome.added:
-        progressing = (True, "scaling_up", f"{outcome.added} replica(s) added ({plan.scale_up_reason})")
-    elif loading:
-        progressing = (True, "replicas_loading", f"{loading} replica(s) loading")
-    elif skipped:
-        progressing = (False, skipped, _skip_message(skipped, plan))
-    else:
-        progressing = (False, "stable", "")
-    progressing = ConditionState(model_name, Type.PROGRESSING, *progressing)
-
-    until = outcome.cooldown_until or config.unsatisfiable_until
-    if (plan is not None and plan.in_cooldown) or outcome.tripped:
-        unsatisfiable = ConditionState(
-            model_name,
-            Type.UNSATISFIABLE,
-            True,
-            "no_capacity",
-            f"no free replica slot on the {len(plan.candidate_ids)} candidate node(s); "
-            f"scale-up paused until {until.isoformat() if until else 'the cooldown ends'}",
-        )
-    else:
-        unsatisfiable = ConditionState(model_name, Type.UNSATISFIABLE, False, "satisfiable", "")
-
-    if has_load_info:
-        no_load_info = ConditionState(model_name, Type.NO_LOAD_INFO, False, "load_info_present", "")
-    else:
-        no_load_info = ConditionState(
-            model_name,
-            Type.NO_LOAD_INFO,
-            True,
-            "no_load_info",
-            "no load recipe for this model (PUT /api/v1/models/{model}/load-info, or load it once "
-            "through a frontend); it cannot be scheduled",
-        )
-    return [available, progressing, unsatisfiable, no_load_info]
-
-
-def _skip_message(reason: str, plan: ScalePlan | None) -> str:
-    if plan is None:
-        return ""
-    return {
-        "cooldown": "unsatisfiable cooldown in progress",
-        "no_capacity": f"no free replica slot on the {len(plan.candidate_ids)} candidate node(s)",
-        "no_load_info": "no load info: the scheduler was not called",
-        "scheduler_unavailable": "no scheduler available (registry.router missing)",
-        "scale_up_budget": "pass budget spent; retrying next pass",
-    }.get(reason, reason)
-
-
-# Condition transitions that are worth an event, by (type, new status); others (Progressing,
-# Unsatisfiable) are covered by the replica and cooldown events already.
-TRANSITION_EVENTS = {
-    (Type.NO_LOAD_INFO, True): "no_load_info",
-    (Type.NO_LOAD_INFO, False): "load_info_found",
-    (Type.REAPING_PAUSED, True): "mass_staleness_guard",
-    (Type.REAPING_PAUSED, False): "mass_staleness_cleared",
-    (Type.AVAILABLE, True): "model_available",
-    (Type.AVAILABLE, False): "model_unavailable",
-}
-# A condition first created in its normal state is not news.
-NORMAL_STATUS = {
-    Type.AVAILABLE: True,
-    Type.NO_LOAD_INFO: False,
-    Type.REAPING_PAUSED: False,
-    Type.UNSATISFIABLE: False,
-}
-
-
-def transition_event_kind(type_: str, status: bool, *, is_new: bool) -> str | None:
-    """The event kind to record for a condition transition, or None when it is not news."""
-    if is_new and NORMAL_STATUS.get(type_) == status:
-        return None
-    return TRANSITION_EVENTS.get((type_, status))

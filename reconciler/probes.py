@@ -1,8 +1,8 @@
 """The network half of a pass: probing replicas and asking workers what they run.
 
-Calls go out in parallel (a bounded thread pool), each with a short deadline, and never inside
-a database transaction: the threads only talk gRPC, and every database write happens afterwards
-on the pass's own thread and connection.
+Calls go out in parallel (``fan_out``: a bounded number of threads), each with a short
+deadline, and never inside a database transaction: the threads only talk gRPC, and every
+database write happens afterwards on the pass's own thread and connection.
 
 The prober is injectable: anything with ``probe``, ``list_backends``, ``stop_backend`` and
 ``unload_model`` (the signatures of ``GrpcProber`` below; every call names its node, whose
@@ -12,7 +12,7 @@ credential it carries). Tests pass a fake.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -66,14 +66,21 @@ _STATE_NAMES = {0: "STATE_UNSPECIFIED", 1: "STARTING", 2: "RUNNING", 3: "EXITED"
 def worker_backends(response) -> tuple[str, list[WorkerBackend]]:
     """``(reported node id, backends)`` from a ``ListBackendsResponse`` (or anything shaped
     like it: ``.node_id`` and ``.backends`` with model_name, replica_index, state, address)."""
-    backends = []
-    for backend in getattr(response, "backends", response):
-        state = backend.state
-        state = _STATE_NAMES.get(state, str(state)) if isinstance(state, int) else str(state).upper()
-        backends.append(
-            WorkerBackend(backend.model_name, int(backend.replica_index), state, getattr(backend, "address", ""))
+    backends = [
+        WorkerBackend(
+            backend.model_name,
+            int(backend.replica_index),
+            _state_name(backend.state),
+            getattr(backend, "address", ""),
         )
+        for backend in getattr(response, "backends", response)
+    ]
     return getattr(response, "node_id", "") or "", backends
+
+
+def _state_name(state) -> str:
+    """A backend's state name from the enum's int (protobuf) or any string-like value."""
+    return _STATE_NAMES.get(state, str(state)) if isinstance(state, int) else str(state).upper()
 
 
 # ListBackends failures that show the address does not serve this node's worker service (as
@@ -121,10 +128,45 @@ class CheckResults:
     unanswered: dict[UUID, str] = field(default_factory=dict)
 
 
+def fan_out(calls: list[tuple], *, concurrency: int, name: str = "reconcile-check") -> dict:
+    """Run ``calls`` (``(key, function, args, kwargs)``) on at most ``concurrency`` threads;
+    returns ``{key: (True, result)}`` or ``{key: (False, exception)}`` for every call.
+
+    Each thread takes the next call from a shared iterator until none is left: no future,
+    lock-and-condition pair or queue item per call (a pass makes one call per worker of the
+    fleet, and with a thread pool's per-call bookkeeping a thousand quick answers cost more
+    than answering them one after the other). The threads end before this returns."""
+    results: dict = {}
+    pending = iter(calls)
+    take = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with take:
+                call = next(pending, None)
+            if call is None:
+                return
+            key, function, args, kwargs = call
+            try:
+                results[key] = (True, function(*args, **kwargs))
+            except Exception as exc:  # reported to the caller, never raised from a thread
+                results[key] = (False, exc)
+
+    threads = [
+        threading.Thread(target=work, name=f"{name}-{i}", daemon=True) for i in range(min(concurrency, len(calls)))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def run_checks(
     plan: CheckPlan, prober, *, probe_timeout: float, worker_timeout: float, concurrency: int
 ) -> CheckResults:
-    """Run every probe and listing of ``plan`` in parallel; never raises for one failed call.
+    """Run every probe and listing of ``plan`` in parallel (``fan_out``); never raises for one
+    failed call.
 
     A probe that raises (the client's ``probe`` does not, a fake might) is recorded as an error
     and changes nothing. A listing that fails, or whose reported node id is another node's (an
@@ -134,43 +176,53 @@ def run_checks(
     ``unanswered``.
     """
     results = CheckResults()
-    jobs = len(plan.probes) + len(plan.listings)
-    if not jobs:
+    if not plan.probes and not plan.listings:
         return results
-    with ThreadPoolExecutor(max_workers=min(concurrency, jobs), thread_name_prefix="reconcile-check") as pool:
-        probe_futures = {
-            replica.id: pool.submit(prober.probe, replica.address, node_id=str(replica.node_id), timeout=probe_timeout)
-            for replica in plan.probes
-        }
-        listing_futures = {
-            node.id: pool.submit(prober.list_backends, node.address, node_id=str(node.id), timeout=worker_timeout)
-            for node in plan.listings
-        }
-        for replica_id, future in probe_futures.items():
-            try:
-                results.probes[replica_id] = probe_outcome(future.result())
-            except Exception as exc:  # a broken prober must not abort the pass
-                logger.warning("probe of replica %s failed: %s", replica_id, exc)
-                results.probe_errors[replica_id] = str(exc)
-        listed = {node.id: node for node in plan.listings}
-        for node_id, future in listing_futures.items():
-            try:
-                reported_id, backends = worker_backends(future.result())
-            except Exception as exc:
-                logger.info("ListBackends on node %s failed: %s", node_id, exc)
-                results.listing_errors[node_id] = str(exc)
-                if no_answer(exc):
-                    results.unanswered[node_id] = str(exc)
-                node = listed[node_id]
-                missing = missing_worker_service(exc, node.address, known_available=serves_worker_api(node.worker_api))
-                if missing:
-                    results.worker_api_missing[node_id] = missing
-                continue
-            if reported_id and reported_id != str(node_id):
-                results.listing_errors[node_id] = f"worker answered as node {reported_id}"
-                results.worker_api_missing[node_id] = (
-                    f"{listed[node_id].address}: the worker there answers as node {reported_id}"
-                )
-                continue
-            results.listings[node_id] = backends
+    calls = [
+        (
+            ("probe", replica.id),
+            prober.probe,
+            (replica.address,),
+            {"node_id": str(replica.node_id), "timeout": probe_timeout},
+        )
+        for replica in plan.probes
+    ]
+    calls.extend(
+        (("list", node.id), _listing, (prober, node.address, str(node.id), worker_timeout), {})
+        for node in plan.listings
+    )
+    answers = fan_out(calls, concurrency=max(1, concurrency))
+    for replica in plan.probes:
+        ok, answer = answers[("probe", replica.id)]
+        try:
+            if not ok:
+                raise answer
+            results.probes[replica.id] = probe_outcome(answer)
+        except Exception as exc:  # a broken prober must not abort the pass
+            logger.warning("probe of replica %s failed: %s", replica.id, exc)
+            results.probe_errors[replica.id] = str(exc)
+    for node in plan.listings:
+        node_id = node.id
+        ok, answer = answers[("list", node_id)]
+        if not ok:
+            exc = answer
+            logger.info("ListBackends on node %s failed: %s", node_id, exc)
+            results.listing_errors[node_id] = str(exc)
+            if no_answer(exc):
+                results.unanswered[node_id] = str(exc)
+            missing = missing_worker_service(exc, node.address, known_available=serves_worker_api(node.worker_api))
+            if missing:
+                results.worker_api_missing[node_id] = missing
+            continue
+        reported_id, backends = answer
+        if reported_id and reported_id != str(node_id):
+            results.listing_errors[node_id] = f"worker answered as node {reported_id}"
+            results.worker_api_missing[node_id] = f"{node.address}: the worker there answers as node {reported_id}"
+            continue
+        results.listings[node_id] = backends
     return results
+
+
+def _listing(prober, address: str, node_id: str, timeout: float) -> tuple[str, list[WorkerBackend]]:
+    """One worker's ``ListBackends``, read (``worker_backends``) on the calling thread."""
+    return worker_backends(prober.list_backends(address, node_id=node_id, timeout=timeout))

@@ -44,10 +44,11 @@ from core.logs import log_context
 from registry.locks import LockKey, try_advisory_lock
 
 from . import shutdown
-from .apply import Pass, SchedulerUnavailable
+from .apply import Pass
 from .conf import ReconcileConfig
 from .models import ReconcilePass
 from .probes import GrpcProber
+from .scale_up import SchedulerUnavailable
 from .summary import PassSummary
 
 __all__ = [
@@ -85,6 +86,17 @@ class RouterScheduler:
             raise SchedulerUnavailable("registry.router is not available") from exc
         return router.schedule_and_load(model_name, candidate_node_ids)
 
+    def load_many(self, wants, *, concurrency: int, deadline: float | None = None):
+        """Every replica a pass's scale-up wants, claimed first, loaded ``concurrency`` at a
+        time (``registry.bulk_loading.load_many``)."""
+        try:
+            from registry import bulk_loading, router  # noqa: F401 - router: the deployment has the scheduler
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("registry.router", "registry.bulk_loading"):
+                raise
+            raise SchedulerUnavailable(f"{exc.name} is not available") from exc
+        return bulk_loading.load_many(wants, concurrency=concurrency, deadline=deadline)
+
 
 # --------------------------------------------------------------------------------------------
 # Entry points
@@ -95,7 +107,9 @@ def reconcile_once(*, now: datetime | None = None, scheduler=None, prober=None) 
     """Run one pass under the reconcile try-lock; return at once when another process holds it.
 
     ``now`` fixes the pass's clock (tests); ``scheduler`` is anything with
-    ``schedule_and_load(model_name, candidate_node_ids)`` (default: the router);
+    ``schedule_and_load(model_name, candidate_node_ids)``, and optionally ``load_many(wants,
+    concurrency=, deadline=)`` for the whole scale-up at once (default: the router's, which has
+    both);
     ``prober`` anything with ``probe``/``list_backends``/``stop_backend``/``unload_model``
     (default: ``proto.client``). The summary is logged and stored as a ``ReconcilePass``.
     """

@@ -13,13 +13,16 @@ from collections import defaultdict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, partial
+from itertools import chain
+from operator import itemgetter
 from types import MappingProxyType
 from typing import NamedTuple
 from uuid import UUID
 
-from django.db.models import TextField
-from django.db.models.functions import Cast, Length
+from django.db.models import BooleanField, TextField, Value
+from django.db.models.functions import Cast, Coalesce, Length
+from django.db.models.lookups import GreaterThan
 from django.utils import timezone
 
 from registry import rules
@@ -111,6 +114,20 @@ class ReplicaView(NamedTuple):
 
 _NO_SELECTOR: Mapping[str, str] = MappingProxyType({})
 
+_LOADED, _LOADING = NodeModel.State.LOADED.value, NodeModel.State.LOADING.value
+# Fields of ``ReplicaView`` rows, and of ``ModelCondition`` rows as ``take_snapshot`` reads them.
+_ID, _MODEL_NAME, _MODEL_AND_INDEX = itemgetter(0), itemgetter(2), itemgetter(2, 3)
+_CONDITION_KEY, _CONDITION_VALUE = itemgetter(0, 1), itemgetter(2, 3, 4)
+
+
+class ConditionValue(NamedTuple):
+    """A stored condition as the snapshot reads it: compared with a plan's desired value as a
+    plain tuple (``(status, reason, message)``), with no object built per condition."""
+
+    status: bool
+    reason: str
+    message: str = ""
+
 
 class ConfigView(NamedTuple):
     """One model's scheduling config (a named tuple: one per model per pass)."""
@@ -141,8 +158,8 @@ class Snapshot:
     replicas: tuple[ReplicaView, ...] = ()
     configs: Mapping[str, ConfigView] = field(default_factory=_empty)
     load_info_models: frozenset[str] = frozenset()
-    # {(model_name, type): {"status", "reason", "message"}}
-    conditions: Mapping[tuple[str, str], dict] = field(default_factory=dict)
+    # {(model_name, type): ConditionValue(status, reason, message)}
+    conditions: Mapping[tuple[str, str], ConditionValue] = field(default_factory=dict)
 
     @cached_property
     def replicas_by_model(self) -> Mapping[str, tuple[ReplicaView, ...]]:
@@ -161,7 +178,7 @@ class Snapshot:
     @cached_property
     def model_names(self) -> tuple[str, ...]:
         """Every model known from scheduling configs, load info or replica rows, sorted."""
-        return tuple(sorted({*self.configs, *self.load_info_models, *(r.model_name for r in self.replicas)}))
+        return tuple(sorted({*self.configs, *self.load_info_models, *map(_MODEL_NAME, self.replicas)}))
 
     def config_for(self, model_name: str) -> ConfigView:
         """The model's scheduling config, or the not-autoscaled default."""
@@ -169,7 +186,7 @@ class Snapshot:
 
     @cached_property
     def _models_with_blob_rows(self) -> frozenset[str]:
-        return frozenset(r.model_name for r in self.replicas if r.loaded and r.has_blob)
+        return frozenset(r.model_name for r in self.replicas if r.state == _LOADED and r.has_blob)
 
     def has_load_info(self, model_name: str) -> bool:
         """Mirrors ``ModelLoadInfo.objects.for_model``: the per-model row, else a loaded replica
@@ -190,13 +207,14 @@ class Snapshot:
         Memoised per selector: most models share a handful of selectors (usually ``{}``), so a
         pass costs O(nodes x distinct selectors), not O(nodes x models).
         """
-        return self._candidates(selector)[0]
+        return self.candidates_and_ids(selector)[0]
 
     def candidate_ids(self, selector: Mapping[str, str]) -> tuple[UUID, ...]:
         """The ids of ``candidates(selector)``, memoised with them."""
-        return self._candidates(selector)[1]
+        return self.candidates_and_ids(selector)[1]
 
-    def _candidates(self, selector: Mapping[str, str]) -> tuple[tuple[NodeView, ...], tuple[UUID, ...]]:
+    def candidates_and_ids(self, selector: Mapping[str, str]) -> tuple[tuple[NodeView, ...], tuple[UUID, ...]]:
+        """``(candidates(selector), candidate_ids(selector))`` in one memoised lookup."""
         key = tuple(sorted(selector.items())) if selector else ()
         found = self._candidates_by_selector.get(key)
         if found is None:
@@ -212,19 +230,27 @@ class Snapshot:
         ready, loading = defaultdict(list), defaultdict(list)
         for replica in self.replicas:
             if replica.node_id in schedulable:
-                if replica.loaded:
+                state = replica.state
+                if state == _LOADED:
                     ready[replica.model_name].append(replica)
-                elif replica.loading:
+                elif state == _LOADING:
                     loading[replica.model_name].append(replica)
         return {name: (tuple(ready.get(name, ())), tuple(loading.get(name, ()))) for name in ready.keys() | loading}
 
+    def routable(self, model_name: str) -> tuple[tuple[ReplicaView, ...], tuple[ReplicaView, ...]]:
+        """``(ready(model_name), loading(model_name))`` in one lookup."""
+        return self._routable.get(model_name, _NOTHING_ROUTABLE)
+
     def ready(self, model_name: str) -> tuple[ReplicaView, ...]:
         """Loaded rows on schedulable nodes: the routable replicas."""
-        return self._routable.get(model_name, ((), ()))[0]
+        return self._routable.get(model_name, _NOTHING_ROUTABLE)[0]
 
     def loading(self, model_name: str) -> tuple[ReplicaView, ...]:
         """Rows still loading on schedulable nodes (a scale-up in progress)."""
-        return self._routable.get(model_name, ((), ()))[1]
+        return self._routable.get(model_name, _NOTHING_ROUTABLE)[1]
+
+
+_NOTHING_ROUTABLE: tuple[tuple, tuple] = ((), ())
 
 
 NODE_COLUMNS = (
@@ -245,23 +271,9 @@ NODE_COLUMNS = (
     "unanswered_listing__counted_heartbeat",
 )
 
-# ``ReplicaView``'s fields in order, with the blob's length in place of ``has_blob``.
-REPLICA_COLUMNS = (
-    "id",
-    "node_id",
-    "model_name",
-    "replica_index",
-    "state",
-    "address",
-    "in_flight",
-    "last_used",
-    "probe_failures",
-    "last_probe_at",
-    "reserved_vram",
-    "blob_length",
-    "updated_at",
-    "state_changed_at",
-)
+# The columns read for ``ReplicaView`` are its fields, in order (``has_blob`` is computed by the
+# database, ``_HAS_BLOB``): each row tuple becomes a view as it is (``_as_views``).
+REPLICA_COLUMNS = ReplicaView._fields
 
 # The node selector is read as its JSON text: most models share a handful of selectors
 # (usually ``{}``), each decoded once (``_selector_view``), not once per model.
@@ -344,12 +356,12 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
             selector = selectors[selector_text] = _selector_view(selector_text)
         configs[name] = ConfigView(name, min_replicas, max_replicas, selector, unsatisfiable_until, unsatisfiable_ticks)
     load_info_models = frozenset(ModelLoadInfo.objects.values_list("model_name", flat=True))
-    conditions = {
-        (name, type_): {"status": status, "reason": reason, "message": message}
-        for name, type_, status, reason, message in ModelCondition.objects.values_list(
-            "model_name", "type", "status", "reason", "message"
-        )
-    }
+    # {(model, type): (status, reason, message)}, one entry per condition row of the fleet:
+    # keys and values are sliced from the row tuples in C.
+    rows = list(ModelCondition.objects.values_list("model_name", "type", "status", "reason", "message"))
+    conditions = dict(
+        zip(map(_CONDITION_KEY, rows), _as_views(ConditionValue, map(_CONDITION_VALUE, rows)), strict=True)
+    )
     return Snapshot(
         taken_at=now or timezone.now(),
         nodes=MappingProxyType(nodes),
@@ -360,39 +372,29 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
     )
 
 
+# Computed by the database (a boolean needs no per-row conversion, unlike a length).
+_HAS_BLOB = Coalesce(GreaterThan(Length("model_opts_blob"), 0), Value(False), output_field=BooleanField())
+
+
 def read_replicas(queryset):
-    """Replica rows as ``REPLICA_COLUMNS`` tuples (one query), with the blob's length instead
-    of the blob itself."""
+    """Replica rows as ``REPLICA_COLUMNS`` tuples (one query), with whether the row carries a
+    blob instead of the blob itself."""
     return (
-        queryset.annotate(blob_length=Length("model_opts_blob"))
+        queryset.annotate(has_blob=_HAS_BLOB)
         .order_by("model_name", "node_id", "replica_index")
         .values_list(*REPLICA_COLUMNS)
     )
 
 
+def _as_views(view: type[NamedTuple], rows) -> list:
+    """Row tuples whose columns are ``view``'s fields in order, as ``view`` instances: built in
+    C (``tuple.__new__``), no Python call per row."""
+    return list(map(partial(tuple.__new__, view), rows))
+
+
 def replica_views(queryset) -> list[ReplicaView]:
     """``read_replicas`` as ``ReplicaView`` objects."""
-    return [
-        ReplicaView(
-            id_,
-            node,
-            model,
-            index,
-            state,
-            address,
-            in_flight,
-            used,
-            failures,
-            probed,
-            vram,
-            bool(blob),
-            updated,
-            changed,
-        )
-        for id_, node, model, index, state, address, in_flight, used, failures, probed, vram, blob, updated, changed in (
-            read_replicas(queryset)
-        )
-    ]
+    return _as_views(ReplicaView, read_replicas(queryset))
 
 
 def replica_states(queryset) -> list[ReplicaView]:
@@ -415,13 +417,23 @@ def rows_now(snapshot: Snapshot, node_ids: list, *, refresh: Collection[int] = (
     hold and the ``refresh`` ones are read in full (``replica_states``, a second query, only
     when there are any), so a pass in which nothing changed re-reads one integer per row.
     """
-    held = {row.id: row for node_id in node_ids for row in snapshot.replicas_by_node.get(node_id, ())}
     current = set(NodeModel.objects.filter(node_id__in=node_ids).values_list("id", flat=True))
-    reread = {row_id for row_id in current if row_id not in held or row_id in refresh}
-    rows = [held[row_id] for row_id in current if row_id not in reread]
+    held_rows = [snapshot.replicas_by_node.get(node_id, ()) for node_id in node_ids]
+    held = set(map(_ID, chain.from_iterable(held_rows)))
+    reread = (current - held) | current.intersection(refresh)
+    if not reread and current == held:
+        # Nothing written since the snapshot (a steady pass): its rows as they are, no row
+        # may be removed (a candidate is in ``refresh``), so their order does not matter.
+        return {node_id: list(rows) for node_id, rows in zip(node_ids, held_rows, strict=True) if rows}
+    rows = [row for node_rows in held_rows for row in node_rows if row.id in current and row.id not in reread]
     if reread:
         rows.extend(replica_states(NodeModel.objects.filter(id__in=reread)))
+    rows.sort(key=_MODEL_AND_INDEX)
     by_node: dict[UUID, list[ReplicaView]] = {}
-    for row in sorted(rows, key=lambda row: (row.model_name, row.replica_index)):
-        by_node.setdefault(row.node_id, []).append(row)
+    for row in rows:
+        found = by_node.get(row.node_id)
+        if found is None:
+            by_node[row.node_id] = [row]
+        else:
+            found.append(row)
     return by_node

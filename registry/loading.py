@@ -154,7 +154,7 @@ def schedule_and_load(
         backend_type = backend_type or info.backend_type
     opts_blob = bytes(opts_blob)
     backend_type = backend_type or ""
-    needed = _estimate_vram(model_name, opts_blob)
+    needed = estimate_vram(model_name, opts_blob)
 
     config = ModelSchedulingConfig.objects.filter(model_name=model_name).values("node_selector", "placement").first()
     selector = (config or {}).get("node_selector") or {}
@@ -204,7 +204,8 @@ def schedule_and_load(
         return _load(row, plan.addresses[row.node_id], backend_type, opts_blob, now)
 
 
-def _estimate_vram(model_name: str, opts_blob: bytes) -> int:
+def estimate_vram(model_name: str, opts_blob: bytes) -> int:
+    """The VRAM a load of these options reserves (0 = unknown: every node fits)."""
     try:
         return codec.estimate_vram_bytes(opts_blob)
     except codec.InvalidModelOptions:
@@ -251,62 +252,71 @@ def _snapshot(model_name: str, selector, candidate_node_ids) -> _Plan:
 
 def _load(row: NodeModel, worker_address: str, backend_type: str, opts_blob: bytes, now) -> NodeModel:
     """The network half of a load, then the conditional ``loading -> loaded``."""
-    node_id = str(row.node_id)
     try:
-        response = client.start_backend(
-            worker_address,
-            row.model_name,
-            backend_type,
-            row.replica_index,
-            node_id=node_id,
-            token=worker_command_token(node_id),
-        )
-        address = response.address
-        if not response.reused:
-            # A new process listens there: a channel this process cached for an earlier backend
-            # at the same address may sit in reconnect backoff (every call failing at once with
-            # "connection refused") long after the new one is up.
-            client.close_channel(address)
-        if response.reused and _holds_model(address, node_id, opts_blob):
-            logger.info(
-                "adopted the running backend of %s replica %d on node %s", row.model_name, row.replica_index, node_id
-            )
-        else:
-            if response.reused:
-                logger.info(
-                    "the reused backend of %s replica %d on node %s does not prove it holds the model: loading it",
-                    row.model_name,
-                    row.replica_index,
-                    node_id,
-                )
-            success, message = client.load_model(
-                address, opts_blob, token=backend_token(node_id), timeout=settings.GRPC_LOAD_TIMEOUT
-            )
-            if not success:
-                raise LoadFailed(
-                    f"LoadModel of {row.model_name!r} on node {node_id} failed: {message or 'success=false'}"
-                )
+        address = start_and_load(row, worker_address, opts_blob)
     except client.GrpcCallError as exc:
         # A StartBackend that never got a connection never reached the worker: nothing to stop
         # (and asking would wait for the same silent connection again).
-        _abandon(row, worker_address if not isinstance(exc, client.NotConnected) else "", str(exc), now)
-        raise LoadFailed(f"loading {row.model_name!r} on node {node_id} failed: {exc}") from exc
+        abandon(row, worker_address if not isinstance(exc, client.NotConnected) else "", str(exc), now)
+        raise LoadFailed(f"loading {row.model_name!r} on node {row.node_id} failed: {exc}") from exc
     except BaseException as exc:
-        _abandon(row, worker_address, str(exc), now)
+        abandon(row, worker_address, str(exc), now)
         raise
 
     if not NodeModel.objects.mark_loaded(row.pk, address=address, now=now):
         # The row was removed while we loaded (node restarted/offline, or this job was taken
         # over). Its reservation went with it; the backend is not ours to stop any more.
-        raise LoadFailed(f"replica row of {row.model_name!r} on node {node_id} was removed during the load")
+        raise LoadFailed(f"replica row of {row.model_name!r} on node {row.node_id} was removed during the load")
     _record_load_info(row, backend_type, opts_blob, now)
     try:
         LoadFailure.objects.clear(row.model_name, row.node_id)
     except Exception:  # best effort: a stale backoff only costs a less preferred placement
-        logger.warning("could not clear load failures of %s on %s", row.model_name, node_id, exc_info=True)
+        logger.warning("could not clear load failures of %s on %s", row.model_name, row.node_id, exc_info=True)
     row.refresh_from_db()
-    logger.info("loaded %s replica %d on node %s at %s", row.model_name, row.replica_index, node_id, row.address)
+    logger.info("loaded %s replica %d on node %s at %s", row.model_name, row.replica_index, row.node_id, row.address)
     return row
+
+
+def start_and_load(row: NodeModel, worker_address: str, opts_blob: bytes) -> str:
+    """The network calls of one load, and nothing else (no database: it runs on the
+    reconciler's load threads too, ``registry.bulk_loading``): ``StartBackend`` on the node's
+    worker for the claimed ``(model, replica_index)``, then ``LoadModel`` with the stored bytes
+    unless the worker handed back a reused backend that provably holds the model. Returns the
+    backend's address; raises ``client.GrpcCallError`` or :class:`LoadFailed` (success=false).
+    The caller records the outcome (``mark_loaded``, or :func:`abandon`)."""
+    node_id = str(row.node_id)
+    response = client.start_backend(
+        worker_address,
+        row.model_name,
+        row.backend_type,
+        row.replica_index,
+        node_id=node_id,
+        token=worker_command_token(node_id),
+    )
+    address = response.address
+    if not response.reused:
+        # A new process listens there: a channel this process cached for an earlier backend
+        # at the same address may sit in reconnect backoff (every call failing at once with
+        # "connection refused") long after the new one is up.
+        client.close_channel(address)
+    if response.reused and _holds_model(address, node_id, opts_blob):
+        logger.info(
+            "adopted the running backend of %s replica %d on node %s", row.model_name, row.replica_index, node_id
+        )
+        return address
+    if response.reused:
+        logger.info(
+            "the reused backend of %s replica %d on node %s does not prove it holds the model: loading it",
+            row.model_name,
+            row.replica_index,
+            node_id,
+        )
+    success, message = client.load_model(
+        address, opts_blob, token=backend_token(node_id), timeout=settings.GRPC_LOAD_TIMEOUT
+    )
+    if not success:
+        raise LoadFailed(f"LoadModel of {row.model_name!r} on node {node_id} failed: {message or 'success=false'}")
+    return address
 
 
 def _holds_model(address: str, node_id: str, opts_blob: bytes) -> bool:
@@ -354,7 +364,7 @@ def _record_load_info(row: NodeModel, backend_type: str, opts_blob: bytes, now) 
         logger.warning("could not write the per-model load info of %s", row.model_name, exc_info=True)
 
 
-def _abandon(row: NodeModel, worker_address: str, error: str, now) -> None:
+def abandon(row: NodeModel, worker_address: str, error: str, now) -> None:
     """Undo a failed load: release the VRAM reservation and delete the ``loading`` row (one
     verb); if the row was still ours, stop the backend best effort (also when StartBackend
     itself failed: a timed-out start may have left a process; a row someone else removed may

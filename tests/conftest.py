@@ -24,6 +24,13 @@ def _lane() -> str:
     return "sqlite"
 
 
+def pytest_configure(config):
+    # Tests marked ``xdist_group(name)`` run in one xdist worker (a module whose tests share one
+    # fleet of processes); everything else is spread as before: "loadgroup" is "load" plus groups.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
+
+
 def pytest_report_header(config):
     return f"database lane: {_lane()}"
 

@@ -5,6 +5,8 @@
     registry                    fleet tables and their verbs, router, placement, API, admin
     reconciler                  snapshot -> plan -> apply, its API and admin, the dashboard
     controlplane                settings, URLs, WSGI/ASGI, health, /metrics: the wiring
+    gateway                     beside controlplane at the top: the OpenAI-compatible gateway;
+                                it may import proto, core and registry, and no app imports it
 
 An app may import the apps below it, never one above. The reference worker and the frontend
 client (``worker``, ``cpclient``) stand beside the server: they may import ``proto`` and
@@ -27,7 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 LAYERS = ["proto", "core", "registry", "reconciler", "controlplane"]
 CLIENTS = {"worker": {"proto"}, "cpclient": {"proto"}}
-PACKAGES = set(LAYERS) | set(CLIENTS)
+# Apps at the top beside ``controlplane``, each with what it may import; no other app imports them.
+TOP = {"gateway": {"proto", "core", "registry"}}
+PACKAGES = set(LAYERS) | set(CLIENTS) | set(TOP)
 MAX_LINES = 600
 
 
@@ -91,6 +95,10 @@ def allowed(source: str, target: str) -> bool:
     if source in CLIENTS:
         return target in CLIENTS[source]
     if target in CLIENTS:
+        return False
+    if source in TOP:
+        return target in TOP[source]
+    if target in TOP:
         return False
     return LAYERS.index(target) < LAYERS.index(source)
 

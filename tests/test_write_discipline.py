@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCANNED_PACKAGES = ("core", "registry", "reconciler", "controlplane")
+SCANNED_PACKAGES = ("core", "registry", "reconciler", "controlplane", "gateway")
 MODEL_MODULES = ("core/models.py", "registry/models.py", "reconciler/models.py")
 WRITES = frozenset(
     {"update", "delete", "create", "save", "get_or_create", "update_or_create", "bulk_create", "bulk_update"}

@@ -66,10 +66,10 @@ def dashboard_context(*, now: datetime | None = None) -> dict:
         config = snapshot.config_for(model)
         conditions = {kind: snapshot.conditions.get((model, kind)) for kind, _ in ModelCondition.Type.choices}
         unhealthy = [
-            f"{kind}: {cond['reason']}"
+            f"{kind}: {cond.reason}"
             for kind, cond in conditions.items()
             if cond
-            and cond["status"] == (kind != ModelCondition.Type.AVAILABLE)
+            and cond.status == (kind != ModelCondition.Type.AVAILABLE)
             and kind != ModelCondition.Type.PROGRESSING
         ]
         model_rows.append(

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.settings import api_settings
 
 from core import names
 from core.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
@@ -202,6 +204,54 @@ class NodeRegisteredSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+HEARTBEAT_FIGURES = ("available_vram", "available_ram", "total_disk", "available_disk")
+_INTEGER_ERRORS = serializers.IntegerField.default_error_messages
+
+
+class HeartbeatInvalid(ValueError):
+    """A heartbeat body that ``parse_heartbeat`` refuses: ``errors`` maps a field (or
+    ``non_field_errors``) to its messages, as a DRF ``ValidationError`` carries them."""
+
+    def __init__(self, errors: dict[str, list[str]]):
+        super().__init__(errors)
+        self.errors = errors
+
+
+def parse_heartbeat(data) -> dict[str, int | None]:
+    """The one validation of a heartbeat body (parsed JSON): the figures it reports, by name
+    (a figure sent as null is None, i.e. unknown; one not sent is absent), or ``HeartbeatInvalid``.
+
+    Each figure is a JSON integer (not a string, float or boolean) between 0 and ``MAX_BYTES``;
+    unknown fields are ignored (LocalAI's workers send what their version measures, and a
+    rejected heartbeat would silently let the node go stale: LocalAI's client does not look at
+    the answer). Shared by the heartbeat's lean path (``registry/api/heartbeat.py``) and
+    ``HeartbeatSerializer`` (the DRF view, which answers every refused body), with DRF's own
+    messages, so both paths accept and refuse the same bodies in the same words.
+    """
+    if not isinstance(data, Mapping):
+        message = str(serializers.Serializer.default_error_messages["invalid"]).format(datatype=type(data).__name__)
+        raise HeartbeatInvalid({api_settings.NON_FIELD_ERRORS_KEY: [message]})
+    figures: dict[str, int | None] = {}
+    errors: dict[str, list[str]] = {}
+    for name in HEARTBEAT_FIGURES:
+        if name not in data:
+            continue
+        value = data[name]
+        if value is None:
+            figures[name] = None
+        elif isinstance(value, bool) or not isinstance(value, int):
+            errors[name] = [str(_INTEGER_ERRORS["invalid"])]
+        elif value < 0:
+            errors[name] = [str(_INTEGER_ERRORS["min_value"]).format(min_value=0)]
+        elif value > MAX_BYTES:
+            errors[name] = [str(_INTEGER_ERRORS["max_value"]).format(max_value=MAX_BYTES)]
+        else:
+            figures[name] = value
+    if errors:
+        raise HeartbeatInvalid(errors)
+    return figures
+
+
 class HeartbeatSerializer(serializers.Serializer):
     """What the worker can see now, in bytes; unknown values are omitted (or null).
 
@@ -210,12 +260,21 @@ class HeartbeatSerializer(serializers.Serializer):
     does not look at the answer).
     """
 
+    # The fields describe the body for the schema; validation is parse_heartbeat's, which the
+    # heartbeat's lean path runs too (to_internal_value below).
+
     available_vram = StrictIntegerField(min_value=0, max_value=MAX_BYTES, required=False, allow_null=True)
     available_ram = StrictIntegerField(min_value=0, max_value=MAX_BYTES, required=False, allow_null=True)
     total_disk = StrictIntegerField(
         min_value=0, max_value=MAX_BYTES, required=False, allow_null=True, help_text="models directory's filesystem"
     )
     available_disk = StrictIntegerField(min_value=0, max_value=MAX_BYTES, required=False, allow_null=True)
+
+    def to_internal_value(self, data):
+        try:
+            return parse_heartbeat(data)
+        except HeartbeatInvalid as refused:
+            raise serializers.ValidationError(refused.errors) from None
 
 
 class NodeStatusSerializer(serializers.Serializer):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import BigIntegerField, ExpressionWrapper, F, Value
+from django.db.models import BigIntegerField, Case, ExpressionWrapper, F, Value, When
 from django.db.models.functions import Least
 
 from ..clock import resolve_now
@@ -71,6 +71,25 @@ class NodeCapacityVerbs:
             .update(reserved_vram=F("reserved_vram") + amount)
             == 1
         )
+
+    def reserve_vram_many(self, amounts: dict) -> bool:
+        """Soft-reserve ``amounts[node_id]`` bytes on each node, all or none: True when every
+        node had the room (the caller, inside its transaction, rolls back on False). Idiom:
+        conditional update (admission per node in the ``WHERE``: ``available - reserved >=
+        amount``), one statement for every node."""
+        amounts = {node_id: int(n) for node_id, n in amounts.items() if int(n) > 0}
+        if not amounts:
+            return True
+        amount = Case(
+            *(When(pk=node_id, then=Value(n)) for node_id, n in amounts.items()), output_field=BigIntegerField()
+        )
+        updated = (
+            self.filter(pk__in=list(amounts))
+            .annotate(free=free_vram(), wanted=amount)
+            .filter(free__gte=F("wanted"))
+            .update(reserved_vram=F("reserved_vram") + amount)
+        )
+        return updated == len(amounts)
 
     def release_vram(self, node_id, amount: int) -> bool:
         """Return a reservation: ``reserved -= n WHERE reserved >= n`` (never underflows).

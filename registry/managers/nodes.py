@@ -23,7 +23,6 @@ from django.db.models import (
     When,
 )
 from django.db.models.expressions import RawSQL
-from django.db.models.sql import UpdateQuery
 
 from core.credentials import node_token
 from core.tokens import hash_token, token_matches
@@ -31,6 +30,7 @@ from core.tokens import hash_token, token_matches
 from ..clock import resolve_now
 from ..labels import auto_labels, validate_labels
 from .capacity import NodeCapacityVerbs
+from .heartbeats import NodeHeartbeatVerbs
 from .shared import capacity_changed, free_vram, registry_model, replica_rows_subquery
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,7 +125,7 @@ class NodeQuerySet(models.QuerySet):
         )
 
 
-class NodeManager(NodeCapacityVerbs, models.Manager.from_queryset(NodeQuerySet)):
+class NodeManager(NodeHeartbeatVerbs, NodeCapacityVerbs, models.Manager.from_queryset(NodeQuerySet)):
     def register(
         self,
         *,
@@ -275,85 +275,6 @@ class NodeManager(NodeCapacityVerbs, models.Manager.from_queryset(NodeQuerySet))
         if node.drained_by == DrainedBy.OPERATOR:
             return Status.DRAINING, DrainedBy.OPERATOR
         return Status.HEALTHY, DrainedBy.NONE
-
-    def heartbeat(
-        self,
-        node_id,
-        *,
-        available_vram: int | None = None,
-        available_ram: int | None = None,
-        total_disk: int | None = None,
-        available_disk: int | None = None,
-        now: datetime | None = None,
-    ) -> bool:
-        """Record a heartbeat. Returns False when the node does not exist.
-
-        Sets ``last_heartbeat``; a reported ``available_vram`` replaces the stored figure and
-        resets ``reserved_vram`` to 0 (the worker now reports what in-progress loads use); the
-        other reported figures (RAM, disk of the models directory) replace theirs. It never
-        changes status: the reconciler does. Pending and offline nodes only get the timestamp.
-        Idiom: one conditional UPDATE (CASE on status), no read.
-        """
-        changes = self._heartbeat_changes(available_vram, available_ram, total_disk, available_disk, now)
-        return self.filter(pk=node_id).update(**changes) == 1
-
-    def heartbeat_with_token(
-        self,
-        node_id,
-        token_hash: str,
-        *,
-        available_vram: int | None = None,
-        available_ram: int | None = None,
-        total_disk: int | None = None,
-        available_disk: int | None = None,
-        now: datetime | None = None,
-    ) -> tuple[str, str] | None:
-        """``heartbeat`` for the caller holding the node token whose hash is ``token_hash``:
-        the credential check is the UPDATE's own condition, so a heartbeat costs one statement
-        and no read. Returns the node's ``(status, address)``, or None when no row has that id
-        *and* that token hash (no such node, a rotated or another node's token, a node without
-        a token): the caller then authenticates by reading, to answer the right problem.
-
-        Correct across processes: the condition is evaluated on the committed row, so a token
-        rotated (re-registration) or a node deleted by any process refuses the old token from
-        the next statement on; nothing is cached.
-        Idiom: one conditional UPDATE (id and token hash; CASE on status) ... RETURNING.
-        """
-        if not token_hash:
-            return None
-        changes = self._heartbeat_changes(available_vram, available_ram, total_disk, available_disk, now)
-        query = self.filter(pk=node_id, token_hash=token_hash).query.chain(UpdateQuery)
-        query.add_update_values(changes)
-        connection = connections[self.db]
-        update_sql, params = query.get_compiler(self.db).as_sql()
-        returning = ", ".join(
-            connection.ops.quote_name(self.model._meta.get_field(name).column) for name in ("status", "address")
-        )
-        with transaction.mark_for_rollback_on_error(using=self.db), connection.cursor() as cursor:
-            cursor.execute(f"{update_sql} RETURNING {returning}", params)
-            row = cursor.fetchone()
-        return (row[0], row[1]) if row is not None else None
-
-    def _heartbeat_changes(self, available_vram, available_ram, total_disk, available_disk, now) -> dict:
-        """The columns a heartbeat sets: the timestamp always, each reported figure unless the
-        node is pending or offline (those only get the timestamp)."""
-        timestamp_only = Q(status__in=self.model.HEARTBEAT_TIMESTAMP_ONLY_STATUSES)
-        changes = {"last_heartbeat": resolve_now(now)}
-
-        def reported(column: str, value: int) -> Case:
-            return Case(When(timestamp_only, then=F(column)), default=Value(value))
-
-        if available_vram is not None:
-            changes["available_vram"] = reported("available_vram", available_vram)
-            changes["reserved_vram"] = reported("reserved_vram", 0)
-        for column, value in (
-            ("available_ram", available_ram),
-            ("total_disk", total_disk),
-            ("available_disk", available_disk),
-        ):
-            if value is not None:
-                changes[column] = reported(column, value)
-        return changes
 
     def record_worker_api(
         self, node_id, *, available: bool, detail: str = "", address: str | None = None, now: datetime | None = None

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from django.db import IntegrityError, models, transaction
-from django.db.models import F, Value
+from django.db.models import Case, F, Value, When
 from django.db.models.functions import Greatest
 
 from .. import affinity
@@ -157,20 +157,24 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         slots: int,
         backend_type: str = "",
         reserved_vram: int = 0,
+        index: int | None = None,
         now: datetime | None = None,
     ) -> NodeModel | None:
         """Claim a slot for a new replica on a node: insert its ``loading`` row on the lowest
         free index below ``slots`` and reserve ``reserved_vram`` bytes of the node's VRAM, both
         or neither. Returns the row, or None when another loader took the index or the VRAM
-        first (the caller re-plans).
+        first (the caller re-plans). ``index``: a free index the caller already read (the
+        reconciler's scale-up reads every model's rows once per pass), which saves the read;
+        it must be below ``slots``, and the unique constraint still decides.
 
         Idiom: insert guarded by the unique ``(node, model, index)`` constraint, then the
         node's admission (``Node.objects.reserve_vram``: a conditional update on free VRAM), in
         one short ``atomic()``: a refused reservation rolls the insert back, so no ``loading``
         row ever exists without its reservation. No network call inside.
         """
-        index = self._free_index(node_id, slots, model_name)
         if index is None:
+            index = self._free_index(node_id, slots, model_name)
+        if index is None or not 0 <= index < max(1, slots):
             return None
         now = resolve_now(now)
         try:
@@ -191,6 +195,101 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         except IntegrityError:
             pass
         return None
+
+    def claim_loading_many(self, claims, *, now: datetime | None = None) -> list[NodeModel | None]:
+        """Claim several replica slots at once (the reconciler's scale-up): each claim is a
+        dict of ``claim_loading``'s arguments (``node_id``, ``model_name``, ``slots``,
+        ``backend_type``, ``reserved_vram``, ``index``: the free index the caller read). Returns
+        the rows in the claims' order, None where a slot could not be claimed.
+
+        Idiom: insert guarded by the unique ``(node, model, index)`` constraint, then the
+        admission of every node's summed reservation in one conditional UPDATE (``available -
+        reserved >= sum`` per node), in one short ``atomic()``: either every row and every
+        reservation commits, or nothing does and each claim is retried alone through
+        ``claim_loading`` (a taken index, a node short of VRAM: the rare case of a concurrent
+        loader). No ``loading`` row ever exists without its reservation.
+        """
+        claims = list(claims)
+        if not claims:
+            return []
+        now = resolve_now(now)
+        Node = registry_model("Node")
+        if all(c.get("index") is not None and 0 <= c["index"] < max(1, c["slots"]) for c in claims) and len(
+            {(c["node_id"], c["model_name"], c["index"]) for c in claims}
+        ) == len(claims):
+            needed: dict = {}
+            for c in claims:
+                if c.get("reserved_vram", 0) > 0:
+                    needed[c["node_id"]] = needed.get(c["node_id"], 0) + c["reserved_vram"]
+            try:
+                with transaction.atomic():
+                    rows = self.bulk_create(
+                        [
+                            self.model(
+                                node_id=c["node_id"],
+                                model_name=c["model_name"],
+                                replica_index=c["index"],
+                                state=self.model.State.LOADING,
+                                backend_type=c.get("backend_type") or "",
+                                reserved_vram=c.get("reserved_vram", 0),
+                                last_used=now,
+                                state_changed_at=now,
+                            )
+                            for c in claims
+                        ]
+                    )
+                    if not needed or Node.objects.reserve_vram_many(needed):
+                        return rows
+                    transaction.set_rollback(True)
+            except IntegrityError:
+                pass
+        return [
+            self.claim_loading(
+                c["node_id"],
+                c["model_name"],
+                slots=c["slots"],
+                backend_type=c.get("backend_type") or "",
+                reserved_vram=c.get("reserved_vram", 0),
+                now=now,
+            )
+            for c in claims
+        ]
+
+    def mark_loaded_many(self, loads, *, now: datetime | None = None) -> set:
+        """``loading`` -> ``loaded`` for several replicas whose LoadModel succeeded: ``loads``
+        maps a replica id to ``(address, opts_blob)`` (the per-replica recipe, or None).
+        Returns the ids that were still ``loading`` (the others were removed during their load:
+        the caller must not count them). Idiom: row lock then conditional update, in one short
+        ``atomic()``: the rows still ``loading`` are locked (``SELECT ... FOR UPDATE``) and
+        those alone updated, in one statement, ``WHERE state = 'loading'``."""
+        if not loads:
+            return set()
+        now = resolve_now(now)
+        with transaction.atomic():
+            ids = set(
+                self.select_for_update()
+                .filter(pk__in=list(loads), state=self.model.State.LOADING)
+                .values_list("pk", flat=True)
+            )
+            if not ids:
+                return ids
+            addresses = Case(*(When(pk=i, then=Value(loads[i][0])) for i in ids), output_field=models.CharField())
+            fields = {
+                "state": self.model.State.LOADED,
+                "address": addresses,
+                "last_used": now,
+                "last_probe_at": now,
+                "probe_failures": 0,
+                "state_changed_at": now,
+                "updated_at": now,
+            }
+            blobs = [When(pk=i, then=Value(bytes(loads[i][1]))) for i in ids if loads[i][1] is not None]
+            if blobs:
+                fields["model_opts_blob"] = Case(
+                    *blobs, default=F("model_opts_blob"), output_field=models.BinaryField()
+                )
+            self.filter(pk__in=ids, state=self.model.State.LOADING).update(**fields)
+        return ids
 
     def increment_in_flight(self, replica_id, *, now: datetime | None = None) -> bool:
         """One more request on this replica, and ``last_used = now`` (round robin, idle
@@ -292,26 +391,30 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
 
     # --- verbs of the router's load and eviction paths ----------------------------------------
 
-    def mark_loaded(self, replica_id, *, address: str, now: datetime | None = None) -> bool:
+    def mark_loaded(
+        self, replica_id, *, address: str, opts_blob: bytes | None = None, now: datetime | None = None
+    ) -> bool:
         """``loading`` -> ``loaded`` at ``address`` once LoadModel succeeded (conditional
         update). False: the row was removed during the load (node restarted or went offline,
         or the load job was taken over); the caller must not treat the load as recorded.
         ``state_changed_at`` is set to ``now``: ``.update()`` skips ``auto_now``, so
-        ``updated_at`` would still say when the ``loading`` row was inserted. Idiom: conditional
-        update ``WHERE state = 'loading'``."""
+        ``updated_at`` would still say when the ``loading`` row was inserted. ``opts_blob``,
+        when given, is the per-replica copy of the recipe, written in the same statement
+        (``set_replica_load_info`` is the separate write). Idiom: conditional update ``WHERE
+        state = 'loading'``."""
         now = resolve_now(now)
-        return (
-            self.filter(pk=replica_id, state=self.model.State.LOADING).update(
-                state=self.model.State.LOADED,
-                address=address,
-                last_used=now,
-                last_probe_at=now,
-                probe_failures=0,
-                state_changed_at=now,
-                updated_at=now,
-            )
-            == 1
-        )
+        fields = {
+            "state": self.model.State.LOADED,
+            "address": address,
+            "last_used": now,
+            "last_probe_at": now,
+            "probe_failures": 0,
+            "state_changed_at": now,
+            "updated_at": now,
+        }
+        if opts_blob is not None:
+            fields["model_opts_blob"] = bytes(opts_blob)
+        return self.filter(pk=replica_id, state=self.model.State.LOADING).update(**fields) == 1
 
     def discard_loading(self, replica_id) -> bool:
         """Delete a ``loading`` row left by a failed or dead load and return the VRAM its load

@@ -738,3 +738,35 @@ def _vm_rss_kib(pid: int) -> int:
 
 Fleet.running_backends = _fleet_running_backends
 Fleet.rss_kib = _fleet_rss_kib
+
+
+# ===== the OpenAI-compatible gateway (issue 15) ====================================================
+
+
+def _fleet_start_gateway(self, **env) -> Process:
+    """``manage.py gateway`` on a free port (``self.gateway_url`` is its OpenAI base URL, ending in
+    ``/v1``); returns once it answers."""
+    self.gateway_port = free_port()
+    process = self.spawn(
+        "gateway",
+        [sys.executable, "manage.py", "gateway", "--bind", f"127.0.0.1:{self.gateway_port}", "--graceful", "2"],
+        **env,
+    )
+
+    def answers():
+        assert process.alive(), process.log()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{self.gateway_url}/models", timeout=2):
+                return True
+        except urllib.error.HTTPError as error:
+            return error.code == 401  # up, and asking for a key
+        except OSError:
+            return False
+
+    wait_for(answers, timeout=30, what="gateway up")
+    return process
+
+
+Fleet.gateway_port = 0
+Fleet.gateway_url = property(lambda self: f"http://127.0.0.1:{self.gateway_port}/v1")
+Fleet.start_gateway = _fleet_start_gateway

@@ -62,6 +62,7 @@ class ScriptRun:
         env.update(
             CONTROLPLANE_VAR_DIR=str(self.var_dir),
             CONTROLPLANE_BIND=f"127.0.0.1:{self.port}",
+            CONTROLPLANE_GATEWAY_BIND=f"127.0.0.1:{free_port()}",
             DEMO_BACKEND_PORT_BASE=str(random.randrange(30000, 39000, 100)),
             CONTROLPLANE_REGISTRATION_TOKEN="cpr_stop_test_" + os.urandom(8).hex(),
             PYTHONUNBUFFERED="1",

@@ -1,4 +1,5 @@
-"""`make demo` (scripts/demo) end to end: it brings demo-echo to two ready replicas, and Ctrl-C
+"""`make demo` (scripts/demo) end to end: it brings demo-echo to two ready replicas, the curl and
+the `openai` snippet it prints get a completion from the fleet through the gateway, and Ctrl-C
 (SIGINT) stops every process it started within 10 s, the workers deregistering first. SQLite in a temporary var dir on both lanes (the
 demo's default database), a random web port and backend port range."""
 
@@ -7,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,12 +27,34 @@ def session_processes(sid: int) -> dict[int, str]:
     return live_processes(lambda entry: os.getsid(int(entry.name)) == sid)
 
 
+def run_printed_snippets(log_path: Path, demo, env) -> dict[str, str]:
+    """Run the curl and the `openai` one-liner the demo printed, as a person would paste them;
+    their outputs by name."""
+    deadline = time.monotonic() + 60
+    while "Ctrl-C stops everything" not in log_path.read_text():
+        assert demo.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+        time.sleep(0.5)
+    lines = [line.strip() for line in log_path.read_text().splitlines()]
+    snippets = {
+        "curl": next(line for line in lines if line.startswith("curl -s http") and "/chat/completions" in line),
+        "openai": next(line for line in lines if line.startswith(".venv/bin/python -c")),
+    }
+    snippets["openai"] = snippets["openai"].replace(".venv/bin/python", sys.executable, 1)
+    outputs = {}
+    for name, command in snippets.items():
+        done = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (name, command, done.stdout, done.stderr)
+        outputs[name] = done.stdout
+    return outputs
+
+
 def test_make_demo_reaches_two_ready_replicas_and_ctrl_c_stops_everything(tmp_path):
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key not in {"PROMETHEUS_MULTIPROC_DIR", "DATABASE_URL"}}
     env.update(
         CONTROLPLANE_VAR_DIR=str(tmp_path / "var"),
         CONTROLPLANE_BIND=f"127.0.0.1:{port}",
+        CONTROLPLANE_GATEWAY_BIND=f"127.0.0.1:{free_port()}",
         DATABASE_URL=f"sqlite:///{tmp_path / 'var' / 'demo.sqlite3'}",
         DEMO_BACKEND_PORT_BASE=str(random.randrange(30000, 39000, 100)),
         CONTROLPLANE_REGISTRATION_TOKEN="cpr_demo_test_" + os.urandom(8).hex(),
@@ -67,6 +91,9 @@ def test_make_demo_reaches_two_ready_replicas_and_ctrl_c_stops_everything(tmp_pa
             time.sleep(0.5)
         assert model and model["ready_replicas"] == 2, (model, (tmp_path / "demo.log").read_text()[-4000:])
         assert oct(key_file.stat().st_mode)[-3:] == "600"
+        answers = run_printed_snippets(tmp_path / "demo.log", demo, env)
+        assert json.loads(answers["curl"])["choices"][0]["message"]["content"] == "hello fleet", answers
+        assert answers["openai"].strip() == "hello fleet", answers
     finally:
         demo.send_signal(signal.SIGINT)
         stop_began = time.monotonic()

@@ -4,15 +4,18 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from reconciler.conf import ReconcileConfig
+from reconciler.managers import ConditionState
 from reconciler.models import ModelCondition
 from reconciler.planning import (
     ScaleOutcome,
     WorkerBackend,
+    model_condition_values,
     model_conditions,
     plan_checks,
     plan_model,
     plan_node_health,
     plan_observation,
+    plan_scaling,
     plan_worker_reconciliation,
     transition_event_kind,
 )
@@ -317,3 +320,52 @@ def test_transition_events_skip_new_conditions_in_their_normal_state():
     assert transition_event_kind(Type.NO_LOAD_INFO, True, is_new=True) == "no_load_info"
     assert transition_event_kind(Type.NO_LOAD_INFO, False, is_new=False) == "load_info_found"
     assert transition_event_kind(Type.PROGRESSING, True, is_new=False) is None
+
+
+def test_memoised_condition_values_equal_the_ones_computed_per_model():
+    """A pass computes the conditions once per distinct set of facts (``memo``): every model
+    of a varied fleet must get exactly what it gets computed on its own."""
+    a, b = node("a", slots=2), node("b", slots=1, labels={"gpu": "h100"})
+    soon = NOW + timedelta(minutes=1)
+    configs = [
+        ConfigView("steady", min_replicas=1),
+        ConfigView("steady-2", min_replicas=1),
+        ConfigView("floor-2", min_replicas=2),
+        ConfigView("ceiling", min_replicas=1, max_replicas=1),
+        ConfigView("cooling", min_replicas=1, unsatisfiable_until=soon),
+        ConfigView("cooling-longer", min_replicas=1, unsatisfiable_until=soon + timedelta(minutes=1)),
+        ConfigView("cooled", min_replicas=1, unsatisfiable_until=NOW - timedelta(seconds=1)),
+        ConfigView("labelled", min_replicas=3, node_selector={"gpu": "h100"}),
+        ConfigView("full", min_replicas=5),
+        ConfigView("recipe-less", min_replicas=1),
+        ConfigView("manual"),
+    ]
+    rows = [
+        row(a, "steady"),
+        row(b, "steady-2"),
+        row(a, "floor-2"),
+        row(a, "ceiling"),
+        row(a, "labelled", state=NodeModel.State.LOADING),
+        row(b, "unconfigured"),
+        row(a, "manual", index=0),
+        row(b, "manual", index=1),
+    ]
+    names = [config.model_name for config in configs if config.model_name != "recipe-less"] + ["unconfigured"]
+    snap = snapshot([a, b], rows, configs=configs, load_info=names)
+    plans = {plan.model_name: plan for plan in plan_scaling(snap, CFG, now=NOW)}
+    outcomes = {"full": ScaleOutcome(added=1), "floor-2": ScaleOutcome(failed="LoadModel: boom")}
+
+    memo = {}
+    for name in snap.model_names:
+        plan, outcome = plans.get(name), outcomes.get(name)
+        memoised = model_condition_values(snap, name, plan, outcome, memo=memo)
+        assert memoised == model_condition_values(snap, name, plan, outcome), name
+        assert [ConditionState(name, type_, *value) for type_, value in memoised] == model_conditions(
+            snap, name, plan, outcome, now=NOW
+        )
+    assert 0 < len(memo) < len(snap.model_names)  # shared, yet told apart
+    by_type = dict(model_condition_values(snap, "labelled", plans["labelled"], None, memo=memo))
+    assert by_type[ModelCondition.Type.PROGRESSING].reason == "replicas_loading"
+    assert dict(model_condition_values(snap, "cooling", plans["cooling"], None, memo=memo))[
+        ModelCondition.Type.UNSATISFIABLE
+    ].status

@@ -14,6 +14,32 @@ Configuration, per load, through ``ModelOptions.Options`` entries (``key=value``
 - ``echo.fail_load=reason``: LoadModel answers ``success=false`` with that message.
 - ``echo.predict_delay_s=0.5``: Predict/PredictStream/Embedding sleep this long first (env
   default ``ECHO_PREDICT_DELAY_S``).
+- ``echo.tokens_per_second=50``: the generation rate of Predict and PredictStream (env default
+  ``ECHO_TOKENS_PER_SECOND``; 0 or unset: unthrottled). Each token takes ``1/rate`` s, the
+  first one included: PredictStream sends token ``i`` (from 0) ``(i + 1) / rate`` s after the
+  predict delay, and Predict answers after ``tokens / rate`` s. A negative rate fails the load.
+
+What it answers (deterministic, so tests can assert content):
+
+- The *input text* is ``PredictOptions.Prompt``; for a chat request sent LocalAI's way
+  (``UseTokenizerTemplate`` set and ``Messages`` not empty) it is the ``content`` of the last
+  message whose ``role`` is ``user`` (no user message: the last message). ``Messages`` without
+  ``UseTokenizerTemplate`` are ignored, as LocalAI's llama.cpp backend ignores them.
+- The answer echoes the input text, split into tokens by whitespace: a token is a word with the
+  whitespace before it (the first also keeps any leading whitespace, the last any trailing
+  whitespace), so the tokens joined are the input text exactly; a text without a word has no
+  token. ``PredictOptions.Tokens`` > 0 (OpenAI's ``max_tokens``) keeps the first that many.
+- Token counts, as LocalAI's llama.cpp backend reports them: ``prompt_tokens`` is the number of
+  words of the prompt (a chat's: of every message's content); ``tokens`` is the number of answer
+  tokens generated so far. ``Predict`` answers once with the whole answer; ``PredictStream``
+  sends one ``Reply`` per token (``message`` = that token's UTF-8 bytes) with ``tokens`` counting
+  up from 1 (the last reply carries the total, which is what LocalAI's frontend keeps) and
+  ``prompt_tokens`` in every reply; an empty answer is one ``Reply`` with an empty message and
+  ``tokens=0``. A cancelled stream stops at once (also in the middle of a throttled wait).
+- ``Embedding``: a vector of 8 floats in [-1, 1] derived from sha256 of ``Embeddings`` (or of
+  ``Prompt`` when empty); ``prompt_tokens`` counts its words. A token-list input
+  (``EmbeddingTokens``, no text) is embedded as its ids joined by spaces and counts one token
+  per id.
 
 Start-up: ``ECHO_START_DELAY_S=3`` (environment only) waits that long before listening, like a
 real backend importing its libraries; the worker's ``StartBackend`` waits for it.
@@ -40,9 +66,11 @@ lenient mode):
 - ``TokenizeString`` is cheap: one token per whitespace-separated word (the control plane uses it
   with ``ModelIdentity`` to prove which model a reused process holds).
 
-Like LocalAI's Python backends it serves with ONE gRPC thread: a ``Health`` probe waits behind a
-running ``LoadModel`` or ``Predict``. That is intended: it lets tests reproduce "busy, not dead"
-probes (DEADLINE_EXCEEDED) against a real process.
+Like LocalAI's Python backends it serves with ONE gRPC thread by default: a ``Health`` probe
+waits behind a running ``LoadModel`` or ``Predict``, and concurrent streams are served one after
+the other. That is intended: it lets tests reproduce "busy, not dead" probes (DEADLINE_EXCEEDED)
+against a real process. ``PYTHON_GRPC_MAX_WORKERS=N`` (environment only, LocalAI's variable for
+its Python backends) serves N calls at once, e.g. for concurrent streams in a benchmark.
 
 Auth: when ``LOCALAI_GRPC_AUTH_TOKEN`` is set, every call must carry ``authorization: Bearer
 <token>`` metadata (UNAUTHENTICATED otherwise).
@@ -54,6 +82,7 @@ import argparse
 import hashlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -77,6 +106,7 @@ class EchoSettings:
     memory_bytes: int = 0
     predict_delay_s: float = 0.0
     fail_load: str | None = None
+    tokens_per_second: float = 0.0  # 0: unthrottled
 
     @classmethod
     def from_env(cls, env=None) -> EchoSettings:
@@ -85,12 +115,14 @@ class EchoSettings:
             load_delay_s=float(env.get("ECHO_LOAD_DELAY_S") or 0),
             memory_bytes=int(env.get("ECHO_MEMORY_BYTES") or 0),
             predict_delay_s=float(env.get("ECHO_PREDICT_DELAY_S") or 0),
+            tokens_per_second=_rate(env.get("ECHO_TOKENS_PER_SECOND") or 0),
         )
 
     def with_options(self, options) -> EchoSettings:
         """Apply ``echo.*`` entries of ``ModelOptions.Options``; other entries are ignored.
 
-        Raises ValueError for a malformed number, which LoadModel reports as a failed load.
+        Raises ValueError for a malformed number (or a negative rate), which LoadModel reports
+        as a failed load.
         """
         values = {}
         for entry in options:
@@ -103,7 +135,15 @@ class EchoSettings:
             memory_bytes=int(values.get("memory_bytes", self.memory_bytes)),
             predict_delay_s=float(values.get("predict_delay_s", self.predict_delay_s)),
             fail_load=values.get("fail_load") or None,
+            tokens_per_second=_rate(values.get("tokens_per_second", self.tokens_per_second)),
         )
+
+
+def _rate(value) -> float:
+    rate = float(value)
+    if not rate >= 0:  # also refuses NaN
+        raise ValueError(f"tokens_per_second must be >= 0, got {value!r}")
+    return rate
 
 
 def embed(text: str) -> list[float]:
@@ -112,7 +152,62 @@ def embed(text: str) -> list[float]:
     return [digest[i] / 127.5 - 1.0 for i in range(EMBEDDING_SIZE)]
 
 
+_TOKEN = re.compile(r"\s*\S+")
+
+
+def tokenize(text: str) -> list[str]:
+    """Split ``text`` into tokens: each word with the whitespace before it; the last token keeps
+    any trailing whitespace, so ``"".join(tokenize(text)) == text`` whenever ``text`` has a word."""
+    tokens = _TOKEN.findall(text)
+    if tokens:
+        tokens[-1] += text[sum(map(len, tokens)) :]
+    return tokens
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+def chat_input(request) -> tuple[str, int]:
+    """The text to echo and the prompt's word count, for a Predict/PredictStream request."""
+    if request.UseTokenizerTemplate and request.Messages:
+        messages = list(request.Messages)
+        users = [m for m in messages if m.role == "user"]
+        text = (users or messages)[-1].content
+        return text, sum(count_words(m.content) for m in messages)
+    return request.Prompt, count_words(request.Prompt)
+
+
+def answer_tokens(request) -> tuple[list[str], int]:
+    """The answer's tokens (capped at ``Tokens`` when > 0) and the prompt's token count."""
+    text, prompt_tokens = chat_input(request)
+    tokens = tokenize(text)
+    if request.Tokens > 0:
+        tokens = tokens[: request.Tokens]
+    return tokens, prompt_tokens
+
+
 MODEL_MISMATCH_SENTINEL = "model identity mismatch"  # the substring LocalAI's router looks for
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Waiter:
+    """Sleeps that end early when the call is cancelled (the client went away)."""
+
+    def __init__(self, context):
+        self._done = threading.Event()
+        self._context = context
+        if context is not None:
+            context.add_callback(self._done.set)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0 and self._done.wait(seconds):
+            raise _Cancelled
+        if self._context is not None and not self._context.is_active():
+            raise _Cancelled
 
 
 class EchoBackend(backend_pb2_grpc.BackendServicer):
@@ -123,6 +218,7 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         self._identity = ""  # ModelOptions.Model of the last successful load (kept after Free)
         self._memory_bytes = 0
         self._loads = 0  # successful LoadModel calls served (Status: breakdown["echo.loads"])
+        self._lock = threading.Lock()  # with PYTHON_GRPC_MAX_WORKERS > 1, loads may overlap
 
     @property
     def loads(self) -> int:
@@ -141,18 +237,25 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         if settings.fail_load:
             log.info("model=%s load failed on request: %s", request.Model, settings.fail_load)
             return backend_pb2.Result(success=False, message=settings.fail_load)
-        self._settings = settings
-        self._model = request.Model or "echo"
-        self._identity = request.Model
-        self._memory_bytes = settings.memory_bytes
-        self._loads += 1
-        log.info("model=%s loaded memory_bytes=%d", self._model, self._memory_bytes)
+        with self._lock:
+            self._settings = settings
+            self._model = request.Model or "echo"
+            self._identity = request.Model
+            self._memory_bytes = settings.memory_bytes
+            self._loads += 1
+        log.info(
+            "model=%s loaded memory_bytes=%d tokens_per_second=%g",
+            self._model,
+            self._memory_bytes,
+            settings.tokens_per_second,
+        )
         return backend_pb2.Result(success=True, message=f"loaded {self._model}")
 
     def Free(self, request, context):
         log.info("model=%s freed", self._model)
-        self._model = None
-        self._memory_bytes = 0
+        with self._lock:
+            self._model = None
+            self._memory_bytes = 0
         return backend_pb2.Result(success=True, message="freed")
 
     def Status(self, request, context):
@@ -178,38 +281,66 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         if self._model is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "model not loaded")
 
-    def _require_model(self, request, context) -> None:
+    def _require_model(self, request, context) -> EchoSettings:
+        """Guard the call, wait the predict delay; the settings of the load to predict with."""
         self._guard(request, context)
-        if self._settings.predict_delay_s > 0:
-            time.sleep(self._settings.predict_delay_s)
+        settings = self._settings
+        if settings.predict_delay_s > 0:
+            time.sleep(settings.predict_delay_s)
+        return settings
 
     def Predict(self, request, context):
-        self._require_model(request, context)
-        words = len(request.Prompt.split())
-        return backend_pb2.Reply(message=request.Prompt.encode("utf-8"), tokens=words, prompt_tokens=words)
+        settings = self._require_model(request, context)
+        tokens, prompt_tokens = answer_tokens(request)
+        if settings.tokens_per_second > 0:
+            try:
+                _Waiter(context).sleep(len(tokens) / settings.tokens_per_second)
+            except _Cancelled:
+                return backend_pb2.Reply()  # nobody reads it
+        return backend_pb2.Reply(
+            message="".join(tokens).encode("utf-8"), tokens=len(tokens), prompt_tokens=prompt_tokens
+        )
 
     def PredictStream(self, request, context):
-        self._require_model(request, context)
-        words = request.Prompt.split()
-        for i, word in enumerate(words):
-            text = word if i == 0 else " " + word
-            yield backend_pb2.Reply(message=text.encode("utf-8"), tokens=1)
+        settings = self._require_model(request, context)
+        tokens, prompt_tokens = answer_tokens(request)
+        if not tokens:
+            yield backend_pb2.Reply(message=b"", tokens=0, prompt_tokens=prompt_tokens)
+            return
+        rate = settings.tokens_per_second
+        waiter = _Waiter(context) if rate > 0 else None
+        started = time.monotonic()
+        for index, token in enumerate(tokens, start=1):
+            if waiter is not None:
+                # Token i is due i/rate s after the start: no drift however long a send took.
+                try:
+                    waiter.sleep(started + index / rate - time.monotonic())
+                except _Cancelled:
+                    return
+            yield backend_pb2.Reply(message=token.encode("utf-8"), tokens=index, prompt_tokens=prompt_tokens)
 
     def Embedding(self, request, context):
         self._require_model(request, context)
-        return backend_pb2.EmbeddingResult(embeddings=embed(request.Embeddings or request.Prompt))
+        text = request.Embeddings or request.Prompt
+        if not text and request.EmbeddingTokens:  # a token-list input: one token per id
+            ids = list(request.EmbeddingTokens)
+            return backend_pb2.EmbeddingResult(
+                embeddings=embed(" ".join(map(str, ids))), dim=EMBEDDING_SIZE, prompt_tokens=len(ids)
+            )
+        return backend_pb2.EmbeddingResult(embeddings=embed(text), dim=EMBEDDING_SIZE, prompt_tokens=count_words(text))
 
     def TokenizeString(self, request, context):
         """One token per whitespace-separated word (its index in the prompt); no predict delay."""
         self._guard(request, context)
-        tokens = list(range(len(request.Prompt.split())))
+        tokens = list(range(count_words(request.Prompt)))
         return backend_pb2.TokenizationResponse(length=len(tokens), tokens=tokens)
 
 
-def serve(addr: str, token: str | None = None, backend: EchoBackend | None = None) -> grpc.Server:
-    """Start the echo backend on ``addr`` (one worker thread, like LocalAI's Python backends)."""
+def serve(addr: str, token: str | None = None, backend: EchoBackend | None = None, threads: int = 1) -> grpc.Server:
+    """Start the echo backend on ``addr`` with ``threads`` gRPC threads (1, like LocalAI's Python
+    backends by default)."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=1),
+        futures.ThreadPoolExecutor(max_workers=threads),
         interceptors=[BearerTokenInterceptor(token)],
         # Fail on a taken port instead of sharing it with another process (SO_REUSEPORT).
         options=[("grpc.so_reuseport", 0)],
@@ -238,8 +369,12 @@ def main(argv=None) -> int:
     if start_delay > 0:
         time.sleep(start_delay)
     try:
-        server = serve(args.addr, os.environ.get("LOCALAI_GRPC_AUTH_TOKEN") or None)
-    except RuntimeError as exc:
+        threads = int(os.environ.get("PYTHON_GRPC_MAX_WORKERS") or 1)
+        if threads < 1:
+            raise ValueError(f"PYTHON_GRPC_MAX_WORKERS must be >= 1, got {threads}")
+        backend = EchoBackend(EchoSettings.from_env())
+        server = serve(args.addr, os.environ.get("LOCALAI_GRPC_AUTH_TOKEN") or None, backend, threads)
+    except (RuntimeError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     stop = threading.Event()

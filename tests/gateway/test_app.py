@@ -1,0 +1,292 @@
+"""The gateway's ASGI app in process: real registry rows (through the verbs), real echo
+backends on loopback gRPC, the app called as an ASGI server calls it. Both database lanes.
+
+Each test runs the app in its own event loop (``asyncio.run``); the app's database threads use
+their own connections, hence ``transaction=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from core.credentials import backend_token
+from core.models import ApiKey
+from gateway.app import GatewayApp
+from proto import backend_pb2, client
+from registry.models import Lease, LoadJob, ModelLoadInfo, Node, NodeModel
+from tests.factories import make_api_key, make_node, make_replica
+from tests.gateway.asgi import request
+from tests.processes import free_port
+from worker.backends import echo
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there fleet"}]}
+
+
+@pytest.fixture(autouse=True)
+def _gateway_settings(settings):
+    settings.GATEWAY_DB_THREADS = 2
+    settings.GATEWAY_REQUEST_TIMEOUT = 20
+    settings.GRPC_HEALTH_TIMEOUT = 1
+    client.close_all_channels()
+    yield
+    client.close_all_channels()
+
+
+@pytest.fixture
+def key():
+    return make_api_key("frontend")[1]
+
+
+@pytest.fixture
+def backends():
+    """start(node, model, *options, loaded_as=model) -> address of an echo backend serving
+    ``node``'s backend token, loaded (LoadModel) as ``loaded_as`` unless that is None."""
+    servers = []
+
+    def start(node, model="m", *options, loaded_as="", threads=1):
+        address = f"127.0.0.1:{free_port()}"
+        token = backend_token(node.pk)
+        servers.append(echo.serve(address, token, threads=threads))
+        if loaded_as is not None:
+            loaded, message = client.load_model(
+                address, backend_pb2.ModelOptions(Model=loaded_as or model, Options=list(options)), token=token
+            )
+            assert loaded, message
+        return address
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def replica(node, address, model="m", index=0, **extra):
+    blob = backend_pb2.ModelOptions(Model=model).SerializeToString()
+    return make_replica(node, model, index, address=address, backend_type="echo", model_opts_blob=blob, **extra)
+
+
+def serve(*calls):
+    """Run the requests one after the other on one app; returns their answers."""
+
+    async def scenario():
+        app = GatewayApp()
+        try:
+            return [await request(app, *args, **kwargs) for args, kwargs in calls]
+        finally:
+            await app.close()
+
+    return asyncio.run(scenario())
+
+
+def call(*args, **kwargs):
+    return args, kwargs
+
+
+def in_flight(model="m") -> int:
+    return sum(NodeModel.objects.filter(model_name=model).values_list("in_flight", flat=True))
+
+
+def test_credentials_are_checked_and_refusals_are_openai_errors(key):
+    _, operator = make_api_key("operator")
+    revoked, revoked_plain = make_api_key("frontend")
+    ApiKey.objects.revoke(revoked.pk)
+    missing, wrong, gone, malformed, operator_ok = serve(
+        call("GET", "/v1/models"),
+        call("GET", "/v1/models", key="cpk_wrong_wrong_wrong"),
+        call("GET", "/v1/models", key=revoked_plain),
+        call("GET", "/v1/models", headers={"authorization": f"Basic {key}"}),
+        call("GET", "/v1/models", key=operator),
+    )
+    assert (missing.status, missing.error["code"]) == (401, "missing_api_key")
+    assert missing.headers["www-authenticate"] == 'Bearer realm="gateway"'
+    for answer in (wrong, gone, malformed):
+        assert answer.status == 401
+        assert answer.error == {
+            "message": "Incorrect or revoked API key.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    assert operator_ok.status == 200 and operator_ok.json() == {"object": "list", "data": []}
+    assert len(missing.headers["x-request-id"]) == 32
+
+
+def test_bad_requests(key, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 2000
+    not_json, not_object, too_big, bad_field, nowhere, wrong_method, request_id = serve(
+        call("POST", "/v1/chat/completions", b"{nope", key=key),
+        call("POST", "/v1/completions", [1, 2], key=key),
+        call("POST", "/v1/completions", {"model": "m", "prompt": "x" * 3000}, key=key),
+        call("POST", "/v1/chat/completions", {**CHAT, "top_p": 2}, key=key),
+        call("GET", "/v2/models", key=key),
+        call("DELETE", "/v1/models", key=key),
+        call("GET", "/v1/models", key=key, headers={"x-request-id": "trace-me.1"}),
+    )
+    assert (not_json.status, not_json.error["code"]) == (400, "invalid_json")
+    assert (not_object.status, not_object.error["code"]) == (400, "invalid_json")
+    assert (too_big.status, too_big.error["code"]) == (413, "payload_too_large")
+    assert (bad_field.status, bad_field.error["param"]) == (400, "top_p")
+    assert (nowhere.status, nowhere.error["code"]) == (404, "unknown_url")
+    assert (wrong_method.status, wrong_method.headers["allow"]) == (405, "GET")
+    assert request_id.headers["x-request-id"] == "trace-me.1"
+
+
+def test_unknown_models_are_404_model_not_found_with_and_without_nodes(key):
+    (no_nodes,) = serve(call("POST", "/v1/chat/completions", {**CHAT, "model": "nobody"}, key=key))
+    make_node()
+    with_nodes, listed = serve(
+        call("POST", "/v1/embeddings", {"model": "nobody", "input": "x"}, key=key),
+        call("GET", "/v1/models/nobody", key=key),
+    )
+    for answer in (no_nodes, with_nodes, listed):
+        assert answer.status == 404
+        assert answer.error["code"] == "model_not_found" and answer.error["param"] == "model"
+
+
+def test_chat_completion_and_embeddings_through_a_leased_replica(key, backends):
+    node = make_node()
+    address = backends(node)
+    replica(node, address)
+    chat, completion, embedded, models = serve(
+        call("POST", "/v1/chat/completions", CHAT, key=key),
+        call("POST", "/v1/completions", {"model": "m", "prompt": "one two", "max_tokens": 1}, key=key),
+        call("POST", "/v1/embeddings", {"model": "m", "input": ["a b", "c"]}, key=key),
+        call("GET", "/v1/models", key=key),
+    )
+    assert chat.status == 200, chat.body
+    body = chat.json()
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "hello there fleet"}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert body["id"].startswith("chatcmpl-") and body["model"] == "m"
+    assert completion.json()["choices"][0]["text"] == "one"
+    assert completion.json()["choices"][0]["finish_reason"] == "length"
+    data = embedded.json()["data"]
+    assert [item["embedding"] for item in data] == [pytest.approx(echo.embed("a b")), pytest.approx(echo.embed("c"))]
+    assert models.json()["data"] == [
+        {
+            "id": "m",
+            "object": "model",
+            "created": 0,
+            "owned_by": "controlplane",
+            "ready_replicas": 1,
+            "has_load_info": False,
+        }
+    ]
+    # Every request's lease was released.
+    assert in_flight() == 0
+    assert Lease.objects.count() == 3 and not Lease.objects.live().exists()
+
+
+def test_a_streamed_chat_ends_with_done_and_usage(key, backends):
+    node = make_node()
+    replica(node, backends(node))
+    (answer,) = serve(
+        call(
+            "POST", "/v1/chat/completions", {**CHAT, "stream": True, "stream_options": {"include_usage": True}}, key=key
+        )
+    )
+    assert answer.status == 200 and answer.headers["content-type"] == "text/event-stream"
+    *chunks, done = answer.events
+    assert done == "[DONE]"
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "hello there fleet"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert in_flight() == 0
+
+
+def test_a_client_that_hangs_up_mid_stream_releases_its_lease_at_once(key, backends):
+    node = make_node()
+    row = replica(node, backends(node, "m", "echo.tokens_per_second=10"))
+    words = " ".join(f"w{i}" for i in range(100))  # ten seconds of tokens
+    body = {"model": "m", "prompt": words, "stream": True}
+
+    async def scenario():
+        app = GatewayApp()
+        try:
+            started = asyncio.get_running_loop().time()
+            answer = await request(app, "POST", "/v1/completions", body, key=key, hang_up_after_events=2)
+            return answer, asyncio.get_running_loop().time() - started
+        finally:
+            await app.close()
+
+    answer, took = asyncio.run(scenario())
+    assert answer.status == 200 and len(answer.events) == 2
+    assert took < 5  # the app returned at the hang-up, not when the stream would have ended
+    row.refresh_from_db()
+    assert row.in_flight == 0
+    assert not Lease.objects.live().exists()
+
+
+def test_an_unreachable_replica_is_removed_and_the_request_routed_once_more(key, backends, caplog):
+    node = make_node(slots=2)
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens: its backend died after its last probe
+    gone = replica(node, dead, index=0, last_probe_at=Node.objects.get(pk=node.pk).last_heartbeat)
+    live = replica(node, backends(node), index=1, in_flight=1)  # busier: the dead one is picked first
+    (answer,) = serve(call("POST", "/v1/chat/completions", CHAT, key=key))
+    assert answer.status == 200, answer.body
+    assert not NodeModel.objects.filter(pk=gone.pk).exists()
+    # The gateway's call found it dead (the router's probe was skipped: confirmed recently).
+    assert [r for r in caplog.records if r.name == "gateway.serving" and dead in r.getMessage()]
+    live.refresh_from_db()
+    assert live.in_flight == 1 and not Lease.objects.live().exists()
+
+
+def test_a_replica_answering_for_another_model_is_removed_too(key, backends):
+    node = make_node(slots=2)
+    recycled = replica(node, backends(node, loaded_as="someone-else"), index=0)
+    live = replica(node, backends(node), index=1, in_flight=1)
+    (answer,) = serve(call("POST", "/v1/completions", {"model": "m", "prompt": "hi"}, key=key))
+    assert answer.status == 200 and answer.json()["choices"][0]["text"] == "hi"
+    assert not NodeModel.objects.filter(pk=recycled.pk).exists()
+    assert NodeModel.objects.filter(pk=live.pk).exists()
+
+
+def test_a_backend_error_is_a_502_with_the_backends_message(key, backends):
+    node = make_node()
+    replica(node, backends(node, loaded_as=None))  # Health says OK; Predict: "model not loaded"
+    answer, streamed = serve(
+        call("POST", "/v1/chat/completions", CHAT, key=key),
+        call("POST", "/v1/chat/completions", {**CHAT, "stream": True}, key=key),
+    )
+    for failed in (answer, streamed):
+        assert failed.status == 502
+        assert failed.error["code"] == "backend_error" and failed.error["type"] == "server_error"
+        assert "FAILED_PRECONDITION" in failed.error["message"] and "model not loaded" in failed.error["message"]
+    assert in_flight() == 0 and not Lease.objects.live().exists()
+
+
+def test_a_cold_model_waits_for_its_load_job_then_503_with_retry_after(key, settings):
+    settings.GATEWAY_LOAD_WAIT_SECONDS = 0.3
+    settings.CONTROLPLANE_LOAD_JOB_RUNNER = "qcluster"  # queued for a qcluster this test does not run
+    node = make_node()
+    assert Node.objects.record_worker_api(node.pk, available=True)
+    blob = backend_pb2.ModelOptions(Model="cold").SerializeToString()
+    ModelLoadInfo.objects.upsert("cold", "echo", blob)
+    (answer,) = serve(call("POST", "/v1/completions", {"model": "cold", "prompt": "x"}, key=key))
+    assert answer.status == 503
+    assert answer.error["code"] == "model_loading" and answer.error["type"] == "server_error"
+    assert answer.headers["retry-after"] == str(settings.ROUTE_RETRY_AFTER_SECONDS)
+    assert LoadJob.objects.filter(model_name="cold", state=LoadJob.State.PENDING).count() == 1
+
+
+def test_metrics_answer_allowed_peers_and_operator_keys(key, backends):
+    _, operator = make_api_key("operator")
+    node = make_node()
+    replica(node, backends(node))
+    served, local, frontend, remote = serve(
+        call("POST", "/v1/chat/completions", CHAT, key=key),
+        call("GET", "/metrics"),
+        call("GET", "/metrics", key=key, peer="192.0.2.7"),
+        call("GET", "/metrics", key=operator, peer="192.0.2.7"),
+    )
+    assert served.status == 200
+    assert local.status == 200 and remote.status == 200
+    assert (frontend.status, frontend.error["code"]) == (403, "metrics_forbidden")
+    text = local.body.decode()
+    assert 'controlplane_gateway_requests_total{endpoint="chat_completions",model="m",outcome="ok"}' in text
+    assert 'controlplane_gateway_tokens_total{direction="out",model="m"}' in text
+    assert "controlplane_gateway_time_to_first_token_seconds_bucket" in text
