@@ -308,6 +308,9 @@ ROUTE_WAIT_SECONDS = env_float("CONTROLPLANE_ROUTE_WAIT_SECONDS", 30.0)
 ROUTE_RETRY_AFTER_SECONDS = env_int("CONTROLPLANE_ROUTE_RETRY_AFTER_SECONDS", 2)
 # A replica confirmed this recently is routed to without a Health probe.
 ROUTE_PROBE_CACHE_SECONDS = env_float("CONTROLPLANE_ROUTE_PROBE_CACHE_SECONDS", 30.0)
+# Affinity routing (a route call's affinity_key): a replica takes a key only while its in-flight
+# is below ceil(factor x (the model's in-flight + 1) / replicas) + 1; below 1 counts as 1.
+ROUTE_AFFINITY_LOAD_FACTOR = env_float("CONTROLPLANE_ROUTE_AFFINITY_LOAD_FACTOR", 1.25)
 # Lease lifetime (renewable); a route call may ask for less.
 LEASE_TTL_SECONDS = env_float("CONTROLPLANE_LEASE_TTL_SECONDS", 600.0)
 # Add ``X-Control-Plane-Node`` to route answers.

@@ -224,12 +224,15 @@ class ControlPlaneClient(OperatorCalls):
         model_options_b64: str | None = None,
         wait_seconds: float | None = None,
         deadline: float | None = None,
+        affinity_key: str | None = None,
     ) -> Lease:
         """Lease a replica of ``model``, loading it if needed; returns the :class:`Lease`.
 
         Options, when given, are stored as the model's load info by the server. ``wait_seconds``
         is how long the server waits for a cold load before answering 202 (server default 30 s);
-        ``deadline`` bounds the whole call (default ``route_deadline``).
+        ``deadline`` bounds the whole call (default ``route_deadline``). ``affinity_key`` (a
+        session id, a prompt-prefix hash; at most 256 characters): requests with the same key
+        go to the same replica while its load stays within the server's bound.
         """
         end = self._clock() + (self.route_deadline if deadline is None else deadline)
         body: dict[str, Any] = {}
@@ -239,6 +242,8 @@ class ControlPlaneClient(OperatorCalls):
             body["model_options"] = model_options
         if model_options_b64 is not None:
             body["model_options_b64"] = model_options_b64
+        if affinity_key is not None:
+            body["affinity_key"] = affinity_key
         path = f"/api/v1/models/{_quote(model)}/route"
         while True:
             remaining = end - self._clock()

@@ -25,7 +25,7 @@ from django.conf import settings
 from core.credentials import backend_token
 from proto import client, codec
 
-from . import jobs
+from . import affinity, jobs
 from .clock import resolve_now
 from .loading import (
     ERRORS,
@@ -94,6 +94,7 @@ def route(
     opts_blob: bytes | None = None,
     wait: float | None = None,
     lease_ttl: float | None = None,
+    affinity_key: str | None = None,
     now: datetime | None = None,
 ) -> RouteResult:
     """Find (or load) a replica of ``model_name`` and lease it for one request.
@@ -112,6 +113,13 @@ def route(
        caller polls the job row until ``wait`` seconds pass. Success -> warm pick again;
        failure -> the job's typed error; still running -> ``RouteResult(load_job=...)``.
 
+    ``affinity_key`` (a session id, a prompt-prefix hash; at most
+    ``affinity.MAX_KEY_LENGTH`` characters, no control characters, "" = none): the warm pick
+    prefers the replica the key maps to by rendezvous hashing, while that replica's in-flight
+    stays under the bounded-load cap (``ROUTE_AFFINITY_LOAD_FACTOR`` x the model's average);
+    otherwise the key's next replica under the cap (see :mod:`registry.affinity`). A bad key
+    raises ValueError before anything is written.
+
     The caller must release the lease (``Lease.objects.release``) when its request is done;
     an unreleased lease expires after ``lease_ttl`` seconds. Call it outside any transaction:
     its claims must commit at once for other frontends to see them (a caller holding an open
@@ -119,13 +127,14 @@ def route(
     """
     if not model_name or not model_name.strip():
         raise ValueError("model name must not be empty")
+    affinity_key = affinity.validate_key(affinity_key)
     wait = float(settings.ROUTE_WAIT_SECONDS if wait is None else wait)
     lease_ttl = float(settings.LEASE_TTL_SECONDS if lease_ttl is None else lease_ttl)
 
     if opts_blob is None:
         # The frequent case, a warm route without options: one statement picks, counts and
         # leases a replica on a node the model's selector matches (read by the statement).
-        result = _warm(model_name, _BY_SELECTOR, lease_ttl, now)
+        result = _warm(model_name, _BY_SELECTOR, lease_ttl, now, affinity_key)
         if result is not None:
             return result
 
@@ -147,7 +156,7 @@ def route(
         ModelLoadInfo.objects.upsert(model_name, backend_type, opts_blob, now=now)
 
         # (Without options the warm pick above already ran, over the same candidates.)
-        result = _warm(model_name, node_ids, lease_ttl, now)
+        result = _warm(model_name, node_ids, lease_ttl, now, affinity_key)
         if result is not None:
             return result
 
@@ -155,7 +164,7 @@ def route(
         raise NoMatchingNodes("no healthy backend node that answers the worker gRPC service is registered")
     if opts_blob is None and not _has_load_info(model_name):
         raise NoLoadInfo(f"model {model_name!r} has no load info; send backend_type and model options")
-    return _cold(model_name, node_ids, backend_type, opts_blob, wait, lease_ttl, now)
+    return _cold(model_name, node_ids, backend_type, opts_blob, wait, lease_ttl, now, affinity_key)
 
 
 def _has_load_info(model_name: str) -> bool:
@@ -171,7 +180,9 @@ def _has_load_info(model_name: str) -> bool:
 _BY_SELECTOR = object()
 
 
-def _warm(model_name: str, node_ids, lease_ttl: float, now: datetime | None) -> RouteResult | None:
+def _warm(
+    model_name: str, node_ids, lease_ttl: float, now: datetime | None, affinity_key: str | None = None
+) -> RouteResult | None:
     """Lease a live replica, removing unreachable ones on the way; None when none is left.
     ``node_ids``: None (every healthy node), a list, or ``_BY_SELECTOR``."""
     cache = timedelta(seconds=float(settings.ROUTE_PROBE_CACHE_SECONDS))
@@ -180,7 +191,7 @@ def _warm(model_name: str, node_ids, lease_ttl: float, now: datetime | None) -> 
         node_ids = None
     for _attempt in range(WARM_ATTEMPTS):
         lease = Lease.objects.pick_and_grant(
-            model_name, ttl=lease_ttl, node_ids=node_ids, by_selector=by_selector, now=now
+            model_name, ttl=lease_ttl, node_ids=node_ids, by_selector=by_selector, affinity_key=affinity_key, now=now
         )
         if lease is None:
             return None
@@ -276,7 +287,7 @@ def _node_name(node_id) -> str:
     return name
 
 
-def _cold(model_name, node_ids, backend_type, opts_blob, wait, lease_ttl, now) -> RouteResult:
+def _cold(model_name, node_ids, backend_type, opts_blob, wait, lease_ttl, now, affinity_key=None) -> RouteResult:
     """Claim or attach to the model's load job and wait on it (at most ``wait`` seconds)."""
     deadline = time.monotonic() + wait
     for _round in range(2):
@@ -290,7 +301,7 @@ def _cold(model_name, node_ids, backend_type, opts_blob, wait, lease_ttl, now) -
             raise error_from_code(job.error_code, job.error_message)
         if job.state != LoadJob.State.SUCCEEDED:
             return RouteResult(load_job=job)
-        result = _warm(model_name, node_ids, lease_ttl, now)
+        result = _warm(model_name, node_ids, lease_ttl, now, affinity_key)
         if result is not None:
             return result
         # The new replica vanished before we could lease it (removed, or its node went away):

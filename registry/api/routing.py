@@ -32,7 +32,7 @@ from core.problems import ProblemError
 from core.schema import problems
 from core.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
 from proto import client, worker_pb2
-from registry import router
+from registry import affinity, router
 from registry.models import Lease, LoadJob, Node, NodeModel
 
 from . import serializers as s
@@ -92,6 +92,23 @@ class RouteBodySerializer(s.LoadInfoWriteSerializer):
         max_value=MAX_WAIT_SECONDS,
         help_text="how long to wait for a cold load before answering 202 (default ROUTE_WAIT_SECONDS, 30)",
     )
+    affinity_key = StrictCharField(
+        required=False,
+        allow_blank=True,
+        allow_null=True,
+        trim_whitespace=False,
+        max_length=affinity.MAX_KEY_LENGTH,
+        help_text="route requests with the same key to the same replica while its load allows (a session id, or a "
+        "hash of the prompt prefix): rendezvous hashing over the model's routable replicas, a replica taking the "
+        "key only while its in-flight is below ceil(ROUTE_AFFINITY_LOAD_FACTOR (1.25) x the model's average with this "
+        "request counted) + 1, else the key's next replica under that bound. No control characters; empty or null: no affinity",
+    )
+
+    def validate_affinity_key(self, value):
+        try:
+            return affinity.validate_key(value)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
 
 
 # A route call without a body (or with {}): no options, the default wait.
@@ -278,7 +295,9 @@ class RouteViewSet(viewsets.ViewSet):
         summary="Route a request: lease a replica, loading the model if needed",
         description=(
             "Warm path: the least busy loaded replica on a healthy node is leased (its in-flight "
-            "count is incremented); release the lease when the request is done. Cold path: one "
+            "count is incremented); release the lease when the request is done. With `affinity_key`, the "
+            "replica the key maps to (consistent hashing with bounded load) is preferred over the least busy "
+            "one while its in-flight stays within the bound. Cold path: one "
             "load job per model across all frontends; this call waits up to `wait_seconds` for it, "
             "then answers 202 with the job (poll `GET /api/v1/load-jobs/{id}` or call route again "
             "after `Retry-After`). Options sent here are stored as the model's load info. Requests to "
@@ -310,7 +329,11 @@ class RouteViewSet(viewsets.ViewSet):
             data = EMPTY_ROUTE_BODY  # what the serializer makes of {} (tests/router/test_api.py)
         try:
             result = router.route(
-                model, backend_type=data.get("backend_type"), opts_blob=data["opts_blob"], wait=data.get("wait_seconds")
+                model,
+                backend_type=data.get("backend_type"),
+                opts_blob=data["opts_blob"],
+                wait=data.get("wait_seconds"),
+                affinity_key=data.get("affinity_key"),
             )
         except router.RouterError as exc:
             raise RoutingProblem(exc, model) from exc

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
+from django.conf import settings
 from django.db import connections, models, transaction
 from django.db.models import (
     Count,
@@ -20,6 +21,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Coalesce
 
+from .. import affinity
 from ..clock import resolve_now
 from .shared import registry_model, retry_deadlock_victim
 
@@ -49,10 +51,19 @@ def _replica_attnames() -> tuple[str, ...]:
 
 
 @functools.cache
-def _pick_statement(candidates: str, skip_locked: bool) -> str:
+def _pick_statement(candidates: str, skip_locked: bool, by_key: str = "") -> str:
     """The one-round-trip warm pick + increment + lease insert of PostgreSQL (see
     ``pick_and_grant``). ``candidates``: "all", "node_ids" (``%(node_ids)s``) or "selector"
-    (the model's stored node selector, evaluated in the statement)."""
+    (the model's stored node selector, evaluated in the statement).
+
+    ``by_key``: pick by ``%(affinity_key)s`` instead of least in-flight (``registry.affinity``):
+    "home" locks only the key's first replica under the bounded-load cap (found without a lock,
+    then locked, waiting for a concurrent pick of it: a statement that waits on one row while
+    holding none cannot deadlock); "next" takes the key's best replica under the cap that no
+    one holds (``SKIP LOCKED``). The cap is computed over every candidate in the same
+    statement, once (``MATERIALIZED``), and ``in_flight < cap`` is a condition of the locked
+    row, so PostgreSQL re-checks it on the row's newest version when a concurrent pick changed
+    it: a row filled meanwhile is passed over ("next") or yields nothing ("home")."""
     NodeModel, Node = registry_model("NodeModel"), registry_model("Node")
     Lease, Config, Label = registry_model("Lease"), registry_model("ModelSchedulingConfig"), registry_model("NodeLabel")
     columns = ", ".join(f"r.{_quoted(field.column)}" for field in NodeModel._meta.concrete_fields)
@@ -71,14 +82,32 @@ def _pick_statement(candidates: str, skip_locked: bool) -> str:
                   SELECT 1 FROM {_quoted(Label._meta.db_table)} l
                   WHERE l.node_id = n.id AND l."key" = s.key AND l.value = s.value)))""",
     }[candidates]
-    return f"""
-WITH pick AS (
-    SELECT r.id, n.last_heartbeat
-    FROM {_quoted(NodeModel._meta.db_table)} r JOIN {_quoted(Node._meta.db_table)} n ON n.id = r.node_id
-    WHERE r.model_name = %(model)s AND r.state = %(loaded)s
+    replicas = f"""{_quoted(NodeModel._meta.db_table)} r JOIN {_quoted(Node._meta.db_table)} n ON n.id = r.node_id"""
+    routable = f"""r.model_name = %(model)s AND r.state = %(loaded)s
       AND n.status = %(healthy)s AND n.node_type = %(backend)s
-      {restriction}
-    ORDER BY r.in_flight, r.last_used ASC NULLS FIRST, (n.available_vram - n.reserved_vram) DESC, r.id
+      {restriction}"""
+    if by_key:
+        score = """md5(%(affinity_key)s || '|' || r.node_id::text || '|' || r.replica_index::text) COLLATE "C" DESC, r.id"""
+        bound = f"""bound AS MATERIALIZED (
+    SELECT CEIL(%(load_factor)s::float8 * (COALESCE(SUM(r.in_flight), 0) + 1) / GREATEST(COUNT(*), 1)) + 1 AS cap
+    FROM {replicas} WHERE {routable}
+), """
+        source, condition, order = f"{replicas} CROSS JOIN bound", "AND r.in_flight < bound.cap", score
+        if by_key == "home":
+            bound += f"""home AS MATERIALIZED (
+    SELECT r.id FROM {source} WHERE {routable} {condition} ORDER BY {score} LIMIT 1
+), """
+            condition += " AND r.id = (SELECT id FROM home)"
+    else:
+        bound, source, condition = "", replicas, ""
+        order = "r.in_flight, r.last_used ASC NULLS FIRST, (n.available_vram - n.reserved_vram) DESC, r.id"
+    return f"""
+WITH {bound}pick AS (
+    SELECT r.id, n.last_heartbeat
+    FROM {source}
+    WHERE {routable}
+      {condition}
+    ORDER BY {order}
     LIMIT 1
     FOR UPDATE OF r{" SKIP LOCKED" if skip_locked else ""}
 ), bumped AS (
@@ -182,11 +211,18 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         ttl: float,
         node_ids: Iterable | None = None,
         by_selector: bool = False,
+        affinity_key: str | None = None,
+        load_factor: float | None = None,
         now: datetime | None = None,
     ):
         """Warm pick + in-flight increment + lease, all or nothing. Returns the lease (its
         ``replica`` is the picked row, with ``node_last_heartbeat``, already in memory) or None
         when no loaded replica is routable.
+
+        ``affinity_key`` (a session id, a prompt-prefix hash): the replica the key maps to by
+        rendezvous hashing with bounded load (``registry.affinity``; ``load_factor``, default
+        ``ROUTE_AFFINITY_LOAD_FACTOR``), computed inside the same statement on PostgreSQL; when
+        concurrent pickers hold every replica under the cap, least in-flight as without a key.
 
         Candidates: loaded replicas on healthy backend nodes, restricted to ``node_ids`` when
         given, or with ``by_selector`` to the nodes the model's stored node selector matches
@@ -197,7 +233,11 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         the best row with ``FOR UPDATE OF replica SKIP LOCKED`` (concurrent pickers spread over
         replicas), increments its ``in_flight`` and inserts the lease, ``RETURNING`` the row; if
         every candidate was locked, the same statement again with a blocking ``FOR UPDATE``
-        waits for the best one. Elsewhere (SQLite, whose writers are serialized anyway):
+        waits for the best one. With a key, the first statement is the key's: its CTE computes
+        the cap over the candidates, finds the highest-scoring row with ``in_flight < cap`` and
+        locks that row alone (waiting for a concurrent pick of it; PostgreSQL re-checks
+        ``in_flight < cap`` on its newest version); only if it filled up meanwhile, the key's
+        next row under the cap with ``SKIP LOCKED``, then the two statements above. Elsewhere (SQLite, whose writers are serialized anyway):
         ``NodeModel.objects.warm_pick``'s row lock inside one short ``atomic()`` with the
         lease insert. Either way the increment and its lease commit together, so ``in_flight``
         always equals the replica's live leases.
@@ -205,19 +245,23 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         if by_selector and node_ids is not None:
             raise ValueError("pick_and_grant takes node_ids or by_selector, not both")
         now = resolve_now(now)
+        affinity_key = affinity.validate_key(affinity_key)
+        factor = affinity.effective_factor(settings.ROUTE_AFFINITY_LOAD_FACTOR if load_factor is None else load_factor)
         if connections[self.db].vendor == "postgresql":
-            return self._pick_and_grant_in_one_statement(model_name, ttl, node_ids, by_selector, now)
+            return self._pick_and_grant_in_one_statement(model_name, ttl, node_ids, by_selector, affinity_key, factor, now)
         if by_selector:
             node_ids = _selected_node_ids(model_name)
         with transaction.atomic(using=self.db):
-            replica = registry_model("NodeModel").objects.warm_pick(model_name, node_ids=node_ids, now=now)
+            replica = registry_model("NodeModel").objects.warm_pick(
+                model_name, node_ids=node_ids, affinity_key=affinity_key, load_factor=factor, now=now
+            )
             if replica is None:
                 return None
             lease = self.grant(replica, ttl=ttl, now=now)
         lease.replica = replica
         return lease
 
-    def _pick_and_grant_in_one_statement(self, model_name, ttl, node_ids, by_selector, now):
+    def _pick_and_grant_in_one_statement(self, model_name, ttl, node_ids, by_selector, affinity_key, factor, now):
         NodeModel = registry_model("NodeModel")
         lease_id = uuid.uuid4()
         params = {
@@ -226,12 +270,18 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
             "expires_at": now + timedelta(seconds=float(ttl)),
             "lease_id": lease_id,
             "node_ids": None if node_ids is None else [uuid.UUID(str(pk)) for pk in node_ids],
+            "affinity_key": affinity_key,
+            "load_factor": factor,
             **_pick_constants(),
         }
         candidates = "selector" if by_selector else ("node_ids" if node_ids is not None else "all")
+        # With a key: its first replica under the cap (waiting for a concurrent pick of that one
+        # row); if that row filled up meanwhile, its next one under the cap that no one holds;
+        # when that finds nothing, least in-flight as without a key.
+        attempts = ((False, "home"), (True, "next")) if affinity_key is not None else ()
         with connections[self.db].cursor() as cursor:
-            for skip_locked in (True, False):
-                cursor.execute(_pick_statement(candidates, skip_locked), params)
+            for skip_locked, by_key in (*attempts, (True, ""), (False, "")):
+                cursor.execute(_pick_statement(candidates, skip_locked, by_key), params)
                 row = cursor.fetchone()
                 if row is not None:
                     break

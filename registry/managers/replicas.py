@@ -12,6 +12,7 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import Case, F, Value, When
 from django.db.models.functions import Greatest
 
+from .. import affinity
 from ..clock import resolve_now
 from .shared import free_vram, registry_model, retry_deadlock_victim
 
@@ -342,15 +343,24 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
             return self.filter(pk=replica_id).values_list("probe_failures", flat=True).first()
 
     def warm_pick(
-        self, model_name: str, *, node_ids: Iterable | None = None, now: datetime | None = None
+        self,
+        model_name: str,
+        *,
+        node_ids: Iterable | None = None,
+        affinity_key: str | None = None,
+        load_factor: float = 1.0,
+        now: datetime | None = None,
     ) -> NodeModel | None:
         """Reserve the best loaded replica of ``model_name`` on a healthy backend node.
 
         Best = least ``in_flight``, then least recently used (round robin), then the node with
-        the most free VRAM. Idiom: row lock. In one short transaction the replica row (only it,
-        not its node) is locked with ``FOR UPDATE SKIP LOCKED`` so concurrent pickers spread
-        over replicas; if every candidate is locked, a blocking ``FOR UPDATE`` waits for the
-        best one. Its ``in_flight`` is then incremented; the caller must release it with
+        the most free VRAM. With ``affinity_key``: the replica ``registry.affinity.choose``
+        prefers for it (rendezvous order, under the bounded-load cap of ``load_factor``), when
+        it is still under the cap once locked; else the best as above. Idiom: row lock. In
+        one short transaction the replica row (only it, not its node) is locked with
+        ``FOR UPDATE SKIP LOCKED`` so concurrent pickers spread over replicas; if every
+        candidate is locked, a blocking ``FOR UPDATE`` waits for the best one. Its
+        ``in_flight`` is then incremented; the caller must release it with
         ``decrement_in_flight``. Returns None when no replica is loaded on a candidate node.
         """
         now = resolve_now(now)
@@ -363,7 +373,11 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         if node_ids is not None:
             candidates = candidates.filter(node_id__in=list(node_ids))
         with transaction.atomic():
-            replica = candidates.select_for_update(skip_locked=True, of=("self",)).first()
+            replica = None
+            if affinity_key is not None:
+                replica = self._affinity_pick(candidates, affinity_key, load_factor)
+            if replica is None:
+                replica = candidates.select_for_update(skip_locked=True, of=("self",)).first()
             if replica is None:
                 replica = candidates.select_for_update(of=("self",)).first()
             if replica is None:
@@ -372,6 +386,20 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         replica.in_flight += 1
         replica.last_used = now
         return replica
+
+    @staticmethod
+    def _affinity_pick(candidates, affinity_key: str, load_factor: float):
+        """Inside ``warm_pick``'s transaction: lock the replica the key prefers and return it if
+        its in-flight is still under the cap; None otherwise (the caller falls back)."""
+        rows = candidates.values_list("pk", "node_id", "replica_index", "in_flight")
+        options = [affinity.Candidate(*row) for row in rows]
+        chosen = affinity.choose(affinity_key, options, load_factor)
+        if chosen is None:
+            return None
+        cap = affinity.load_cap((option.in_flight for option in options), load_factor)
+        return (
+            candidates.filter(pk=chosen.pk, in_flight__lt=cap).select_for_update(skip_locked=True, of=("self",)).first()
+        )
 
     # --- verbs of the router's load and eviction paths ----------------------------------------
 

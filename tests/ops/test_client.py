@@ -353,6 +353,15 @@ def test_route_retries_503_honouring_retry_after(stub):
     assert server.requests[0][2] == {"wait_seconds": 5}
 
 
+def test_route_sends_the_affinity_key_when_given(stub):
+    server = stub((200, {}, LEASE), (200, {}, LEASE))
+    client, _ = client_for(server)
+    client.route("m", wait_seconds=5, affinity_key="session-9")
+    client.route("m", wait_seconds=5)
+    assert server.requests[0][2] == {"wait_seconds": 5, "affinity_key": "session-9"}
+    assert server.requests[1][2] == {"wait_seconds": 5}
+
+
 def test_a_lease_answer_without_model_identity_reads_as_none_to_send():
     """An older control plane's answer has no model_identity: send none (no check)."""
     assert Lease.from_json(LEASE).model_identity == ""
