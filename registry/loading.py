@@ -250,6 +250,27 @@ def node_labels(node_ids, key: str) -> dict:
     return {node_id: ((key, value),) for node_id, value in rows}
 
 
+def explain_next_replica(model_name: str, *, now: datetime | None = None) -> list[placement.Verdict]:
+    """"Why here / why not there" for a hypothetical next replica of ``model_name``: every
+    candidate node (selector matches) with its verdict from ``placement.explain``, computed
+    from current state, read-only (the admin's model page shows it)."""
+    rules_ = placement_rules(model_name)
+    try:
+        needed = estimate_vram(model_name, bytes(ModelLoadInfo.objects.for_model(model_name).model_opts_blob))
+    except ModelLoadInfo.DoesNotExist:
+        needed = 0
+    plan = _snapshot(model_name, rules_.selector, None, rules_.spread_by)
+    verdicts, _ = placement.explain(
+        plan.candidates,
+        needed_vram=needed,
+        needed_disk=rules_.disk_bytes,
+        now=resolve_now(now),
+        strategy=rules_.strategy,
+        spread_by=rules_.spread_by,
+    )
+    return verdicts
+
+
 def estimate_vram(model_name: str, opts_blob: bytes) -> int:
     """The VRAM a load of these options reserves (0 = unknown: every node fits)."""
     try:
