@@ -30,6 +30,11 @@ class SchedulingForm(forms.ModelForm):
     """Validated by ``validate_scheduling``, the same function the API's upsert runs."""
 
     node_selector = forms.JSONField(required=False, help_text='labels every node must carry, e.g. {"gpu": "a100"}')
+    disk_bytes = forms.IntegerField(
+        required=False,
+        min_value=0,
+        help_text="size of the model on disk in bytes; nodes reporting less free disk are skipped (empty/0 = unknown)",
+    )
 
     class Meta:
         model = ModelSchedulingConfig

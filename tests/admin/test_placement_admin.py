@@ -61,7 +61,7 @@ def test_the_model_form_saves_disk_size_and_spread_label(admin_client):
 
 
 def test_the_model_page_explains_why_here_and_why_not_there(admin_client):
-    roomy = make_node(name="roomy", labels={"zone": "b"})
+    make_node(name="roomy", labels={"zone": "b"})
     capped = make_node(name="capped", labels={"zone": "b"})
     smalldisk = make_node(name="smalldisk", labels={"zone": "b"})
     make_node(name="nozone")
