@@ -57,8 +57,8 @@ from proto import client
 
 from . import loading, placement
 from .clock import resolve_now
-from .managers.shared import free_vram
-from .models import LoadFailure, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+from .managers.shared import budget_used, free_vram
+from .models import LoadFailure, ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class _Model:
     strategy: str
     candidate_ids: list
     from_replica_copy: bool  # the recipe came from a replica row: store it per model after a load
+    disk_bytes: int = 0  # ModelSchedulingConfig.disk_bytes (0 = unknown)
+    spread_by: str = ""  # ModelSchedulingConfig.spread_by (label key, "" = off)
 
 
 def load_many(wants, *, concurrency: int, deadline: float | None = None, now: datetime | None = None, clock=None):
@@ -217,7 +219,7 @@ def _read_models(wants, results) -> dict[str, _Model]:
     configs = {
         row["model_name"]: row
         for row in ModelSchedulingConfig.objects.filter(model_name__in=names).values(
-            "model_name", "node_selector", "placement"
+            "model_name", "node_selector", "placement", "disk_bytes", "spread_by"
         )
     }
     by_selector: dict[str, list] = defaultdict(list)
@@ -239,6 +241,8 @@ def _read_models(wants, results) -> dict[str, _Model]:
             opts_blob=blob,
             needed=loading.estimate_vram(want.model_name, blob),
             strategy=config.get("placement") or placement.SPREAD,
+            disk_bytes=config.get("disk_bytes") or 0,
+            spread_by=config.get("spread_by") or "",
             candidate_ids=list(want.candidate_node_ids),
             from_replica_copy=info.source == ModelLoadInfo.Source.REPLICA,
         )
@@ -270,7 +274,7 @@ class _State:
         rows = (
             Node.objects.candidates(None, ids)
             .with_load()
-            .annotate(free_vram_bytes=free_vram())
+            .annotate(free_vram_bytes=free_vram(), budget_used_bytes=budget_used())
             .values(
                 "pk",
                 "name",
@@ -280,9 +284,19 @@ class _State:
                 "in_flight_total",
                 "replica_count",
                 "worker_api",
+                "vram_budget",
+                "budget_used_bytes",
+                "available_disk",
+                "total_disk",
             )
         )
         nodes, addresses = {}, {}
+        spread_keys = {model.spread_by for model in models.values() if model.spread_by}
+        labels = defaultdict(list)
+        for node_id, key, value in NodeLabel.objects.filter(node_id__in=list(ids), key__in=spread_keys).values_list(
+            "node_id", "key", "value"
+        ):
+            labels[node_id].append((key, value))
         for row in rows:
             nodes[row["pk"]] = placement.NodeCandidate(
                 node_id=row["pk"],
@@ -292,6 +306,11 @@ class _State:
                 in_flight_total=row["in_flight_total"] or 0,
                 replica_count=row["replica_count"] or 0,
                 worker_api=row["worker_api"],
+                vram_budget=row["vram_budget"],
+                budget_used=int(row["budget_used_bytes"] or 0),
+                available_disk=row["available_disk"],
+                total_disk=row["total_disk"],
+                labels=tuple(sorted(labels.get(row["pk"], ()))),
             )
             addresses[row["pk"]] = row["address"]
         indexes = defaultdict(set)
@@ -328,7 +347,10 @@ class _State:
         self.indexes[(node_id, model_name)].add(index)
         node = self.nodes[node_id]
         self.nodes[node_id] = replace(
-            node, replica_count=node.replica_count + 1, free_vram=node.free_vram - max(0, vram)
+            node,
+            replica_count=node.replica_count + 1,
+            free_vram=node.free_vram - max(0, vram),
+            budget_used=node.budget_used + max(0, vram),
         )
 
     def released(self, node_id, model_name: str, index: int, vram: int) -> None:
@@ -336,7 +358,10 @@ class _State:
         node = self.nodes.get(node_id)
         if node is not None:
             self.nodes[node_id] = replace(
-                node, replica_count=max(0, node.replica_count - 1), free_vram=node.free_vram + max(0, vram)
+                node,
+                replica_count=max(0, node.replica_count - 1),
+                free_vram=node.free_vram + max(0, vram),
+                budget_used=max(0, node.budget_used - max(0, vram)),
             )
 
 
@@ -363,11 +388,20 @@ def _choose(model: _Model, state: _State, now, result: ModelResult, slow) -> dic
     in-memory state; returns the claim to make, or None (``result.error`` set, or the model
     moved to the re-reading path ``slow``)."""
     decision = placement.choose_node(
-        state.candidates(model), needed_vram=model.needed, now=resolve_now(now), strategy=model.strategy
+        state.candidates(model),
+        needed_vram=model.needed,
+        needed_disk=model.disk_bytes,
+        now=resolve_now(now),
+        strategy=model.strategy,
+        spread_by=model.spread_by,
     )
     if decision.node is None:
         if decision.reason in (placement.NO_CANDIDATES, placement.NO_WORKER_SERVICE):
             result.error = loading.NoMatchingNodes(f"no healthy backend node is a candidate for {model.name!r}")
+        elif decision.reason == placement.NOT_ENOUGH_DISK:
+            result.error = loading.CapacityExhausted(
+                f"no candidate node with a free slot reports {model.disk_bytes} bytes of free disk for {model.name!r}"
+            )
         elif decision.reason == placement.NO_FREE_SLOT:
             result.error = loading.CapacityExhausted(
                 f"every candidate node holds its maximum replicas of {model.name!r}"

@@ -23,7 +23,7 @@ from proto import client, codec
 
 from . import operations, placement, rules
 from .clock import resolve_now
-from .models import LoadFailure, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+from .models import LoadFailure, ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,10 @@ def schedule_and_load(
     ``on_replica(row)`` is called once the ``loading`` row exists (a load job records it so a
     takeover can clean it up).
 
+    The model's scheduling config adds ``disk_bytes`` (nodes reporting less free disk are
+    skipped; none left: :class:`CapacityExhausted`) and ``spread_by`` (topology spread); each
+    node's ``vram_budget`` caps the VRAM placement sees (``placement.explain``).
+
     If no node has a free slot: :class:`CapacityExhausted`. If slots exist but not the VRAM:
     evict the least recently used idle replica (never below its model's floor) and re-plan, a
     few times; nothing evictable: :class:`AllReplicasBusy` (also after evicting a replica of
@@ -156,14 +160,19 @@ def schedule_and_load(
     backend_type = backend_type or ""
     needed = estimate_vram(model_name, opts_blob)
 
-    config = ModelSchedulingConfig.objects.filter(model_name=model_name).values("node_selector", "placement").first()
-    selector = (config or {}).get("node_selector") or {}
-    strategy = (config or {}).get("placement") or placement.SPREAD
+    rules_ = placement_rules(model_name)
 
     evictions = races = 0
     while True:
-        plan = _snapshot(model_name, selector, candidate_node_ids)
-        decision = placement.choose_node(plan.candidates, needed_vram=needed, now=resolve_now(now), strategy=strategy)
+        plan = _snapshot(model_name, rules_.selector, candidate_node_ids, rules_.spread_by)
+        decision = placement.choose_node(
+            plan.candidates,
+            needed_vram=needed,
+            needed_disk=rules_.disk_bytes,
+            now=resolve_now(now),
+            strategy=rules_.strategy,
+            spread_by=rules_.spread_by,
+        )
         if decision.node is None:
             if decision.reason == placement.NO_CANDIDATES:
                 raise NoMatchingNodes(f"no healthy backend node is a candidate for {model_name!r}")
@@ -171,7 +180,11 @@ def schedule_and_load(
                 raise NoMatchingNodes(f"no candidate node for {model_name!r} answers the worker gRPC service")
             if decision.reason == placement.NO_FREE_SLOT:
                 raise CapacityExhausted(f"every candidate node holds its maximum replicas of {model_name!r}")
-            victim = None if evictions >= MAX_EVICTIONS else _evict_one(model_name, decision.slotted, now)
+            if decision.reason == placement.NOT_ENOUGH_DISK:
+                raise CapacityExhausted(
+                    f"no candidate node with a free slot reports {rules_.disk_bytes} bytes of free disk for {model_name!r}"
+                )
+            victim = None if evictions >= MAX_EVICTIONS else _evict_one(model_name, decision.slotted, now, needed)
             if victim is None:
                 raise AllReplicasBusy(
                     f"no candidate node has {needed} bytes of free VRAM for {model_name!r} and no idle replica "
@@ -204,6 +217,60 @@ def schedule_and_load(
         return _load(row, plan.addresses[row.node_id], backend_type, opts_blob, now)
 
 
+@dataclass(frozen=True)
+class PlacementRules:
+    """What a model's scheduling config says about where its replicas go."""
+
+    selector: dict
+    strategy: str
+    disk_bytes: int
+    spread_by: str
+
+
+def placement_rules(model_name: str) -> PlacementRules:
+    """The model's selector, strategy, size on disk and spread label (defaults without config)."""
+    config = (
+        ModelSchedulingConfig.objects.filter(model_name=model_name)
+        .values("node_selector", "placement", "disk_bytes", "spread_by")
+        .first()
+    ) or {}
+    return PlacementRules(
+        selector=config.get("node_selector") or {},
+        strategy=config.get("placement") or placement.SPREAD,
+        disk_bytes=config.get("disk_bytes") or 0,
+        spread_by=config.get("spread_by") or "",
+    )
+
+
+def node_labels(node_ids, key: str) -> dict:
+    """node id -> ``((key, value),)`` for the nodes that carry label ``key`` ("" -> {})."""
+    if not key:
+        return {}
+    rows = NodeLabel.objects.filter(node_id__in=list(node_ids), key=key).values_list("node_id", "value")
+    return {node_id: ((key, value),) for node_id, value in rows}
+
+
+def explain_next_replica(model_name: str, *, now: datetime | None = None) -> list[placement.Verdict]:
+    """"Why here / why not there" for a hypothetical next replica of ``model_name``: every
+    candidate node (selector matches) with its verdict from ``placement.explain``, computed
+    from current state, read-only (the admin's model page shows it)."""
+    rules_ = placement_rules(model_name)
+    try:
+        needed = estimate_vram(model_name, bytes(ModelLoadInfo.objects.for_model(model_name).model_opts_blob))
+    except ModelLoadInfo.DoesNotExist:
+        needed = 0
+    plan = _snapshot(model_name, rules_.selector, None, rules_.spread_by)
+    verdicts, _ = placement.explain(
+        plan.candidates,
+        needed_vram=needed,
+        needed_disk=rules_.disk_bytes,
+        now=resolve_now(now),
+        strategy=rules_.strategy,
+        spread_by=rules_.spread_by,
+    )
+    return verdicts
+
+
 def estimate_vram(model_name: str, opts_blob: bytes) -> int:
     """The VRAM a load of these options reserves (0 = unknown: every node fits)."""
     try:
@@ -213,8 +280,8 @@ def estimate_vram(model_name: str, opts_blob: bytes) -> int:
         return 0
 
 
-def _snapshot(model_name: str, selector, candidate_node_ids) -> _Plan:
-    """The candidates for one model, from one query."""
+def _snapshot(model_name: str, selector, candidate_node_ids, spread_by: str = "") -> _Plan:
+    """The candidates for one model, from one query (two with ``spread_by``: the labels)."""
     rows = (
         Node.objects.candidates(selector, candidate_node_ids)
         .for_placement(model_name)
@@ -229,8 +296,14 @@ def _snapshot(model_name: str, selector, candidate_node_ids) -> _Plan:
             "replica_count",
             "failure_backoff_until",
             "worker_api",
+            "vram_budget",
+            "budget_used_bytes",
+            "available_disk",
+            "total_disk",
         )
     )
+    rows = list(rows)
+    labels = node_labels([row["pk"] for row in rows], spread_by)
     candidates, addresses = [], {}
     for row in rows:
         candidates.append(
@@ -244,6 +317,11 @@ def _snapshot(model_name: str, selector, candidate_node_ids) -> _Plan:
                 replica_count=row["replica_count"] or 0,
                 failure_backoff_until=row["failure_backoff_until"],
                 worker_api=row["worker_api"],
+                vram_budget=row["vram_budget"],
+                budget_used=int(row["budget_used_bytes"] or 0),
+                available_disk=row["available_disk"],
+                total_disk=row["total_disk"],
+                labels=labels.get(row["pk"], ()),
             )
         )
         addresses[row["pk"]] = row["address"]
@@ -382,9 +460,12 @@ def abandon(row: NodeModel, worker_address: str, error: str, now) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _evict_one(model_name: str, slotted, now) -> placement.ReplicaInfo | None:
-    """Evict the LRU idle replica on one of the ``slotted`` nodes to make VRAM room for
-    ``model_name``; returns it, or None when nothing may go.
+def _evict_one(model_name: str, slotted, now, needed: int = 0) -> placement.ReplicaInfo | None:
+    """Evict an idle replica on one of the ``slotted`` nodes to make VRAM room for
+    ``model_name``; returns it, or None when nothing may go. Size-aware
+    (``placement.choose_victim`` with ``now`` and each node's shortfall ``needed -
+    placeable_vram``): a replica that alone makes the room first, else the highest idle time
+    times VRAM freed.
 
     Reads every ready replica of the models present on those nodes (so floors are counted
     fleet-wide) and their scheduling floors, lets ``placement.choose_victim`` decide, and
@@ -392,6 +473,7 @@ def _evict_one(model_name: str, slotted, now) -> placement.ReplicaInfo | None:
     VRAM credited back and its backend stopped).
     """
     node_ids = [candidate.node_id for candidate in slotted]
+    shortfall = {c.node_id: needed - c.placeable_vram for c in slotted if needed > 0}
     present = NodeModel.objects.filter(node_id__in=node_ids).exclude(model_name=model_name).values("model_name")
     rows = list(
         NodeModel.objects.ready()
@@ -420,7 +502,9 @@ def _evict_one(model_name: str, slotted, now) -> placement.ReplicaInfo | None:
         for row in rows
     ]
     while True:
-        victim = placement.choose_victim(replicas, node_ids=node_ids, exclude_model=model_name)
+        victim = placement.choose_victim(
+            replicas, node_ids=node_ids, exclude_model=model_name, now=resolve_now(now), shortfall=shortfall
+        )
         if victim is None:
             return None
         if operations.evict_replica(

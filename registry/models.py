@@ -110,6 +110,11 @@ class Node(models.Model):
     # Disk figures from heartbeats (LocalAI's workers send them); stored and shown for placement.
     total_disk = models.PositiveBigIntegerField(default=0)
     available_disk = models.PositiveBigIntegerField(default=0)
+    # Operator cap on the VRAM our replicas may reserve here (null = none): placement sees
+    # min(available - reserved, vram_budget - the node's replica reservations).
+    vram_budget = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="bytes our replicas may reserve on this node; empty = no cap"
+    )
     auth_mode = models.CharField(max_length=16, choices=AuthMode.choices, default=AuthMode.NODE_TOKEN)
     worker_api = models.CharField(max_length=16, choices=WorkerApi.choices, default=WorkerApi.UNKNOWN)
     worker_api_detail = models.CharField(max_length=255, blank=True)
@@ -291,6 +296,12 @@ class ModelSchedulingConfig(models.Model):
         BINPACK = "binpack", "binpack (prefer nodes that already hold it)"
 
     placement = models.CharField(max_length=16, choices=Placement.choices, default=Placement.SPREAD)
+    disk_bytes = models.PositiveBigIntegerField(
+        default=0, help_text="size of the model on disk; a node reporting less free disk is skipped (0 = unknown)"
+    )
+    spread_by = models.CharField(
+        max_length=63, blank=True, help_text="node label key to spread replicas across (e.g. zone); empty = off"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -63,6 +63,19 @@ NO_CANDIDATES = "no_candidates"  # the selector/candidate list left nothing
 NO_WORKER_SERVICE = "no_worker_service"  # candidates exist, but none answers the worker gRPC service
 NO_FREE_SLOT = "no_free_slot"  # every candidate holds max_replicas_per_model rows: eviction cannot help
 NOT_ENOUGH_VRAM = "not_enough_vram"  # some node has a slot but none has the VRAM: eviction may help
+NOT_ENOUGH_DISK = "not_enough_disk"  # nodes have slots but none has the disk for the model
+
+# Per-node verdicts of ``explain`` ("why here / why not there").
+CHOSEN = "chosen"
+NOT_WORKER_SERVICE = "no_worker_service"
+SLOT_FULL = "no_free_slot"
+DISK = "disk"
+VRAM = "vram"
+BUDGET = "budget"
+BACKOFF = "backoff"
+SPREAD_LABEL_MISSING = "spread_label_missing"
+SPREAD_SKEW = "spread"
+RANKED_LOWER = "ranked_lower"
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,11 @@ class NodeCandidate:
     ``available - reserved``; ``failure_backoff_until`` is when a recent failed load of this
     model on this node stops counting against it (None: no recent failure); ``worker_api`` is
     ``Node.worker_api`` (only ``available`` nodes take new replicas: see ``serves_worker_api``).
+
+    ``vram_budget`` is the operator's cap on the VRAM our replicas may reserve on the node (None:
+    no cap) and ``budget_used`` what the node's replica rows reserve now; ``available_disk`` /
+    ``total_disk`` are the heartbeat's disk figures (``total_disk`` 0: never reported, every
+    model fits); ``labels`` are the node's ``(key, value)`` pairs (for topology spread).
     """
 
     node_id: object
@@ -84,6 +102,32 @@ class NodeCandidate:
     failure_backoff_until: datetime | None = None
     replica_count: int = 0  # replica rows of every model on the node
     worker_api: str = WORKER_API_AVAILABLE
+    vram_budget: int | None = None
+    budget_used: int = 0
+    available_disk: int = 0
+    total_disk: int = 0
+    labels: tuple = ()
+
+    @property
+    def budget_free(self) -> int | None:
+        """VRAM the budget still allows (None: no budget)."""
+        if self.vram_budget is None:
+            return None
+        return self.vram_budget - self.budget_used
+
+    @property
+    def placeable_vram(self) -> int:
+        """Free VRAM for placement: ``min(available - reserved, budget - used by our replicas)``."""
+        budget = self.budget_free
+        return self.free_vram if budget is None else min(self.free_vram, budget)
+
+    def fits_disk(self, needed_disk: int) -> bool:
+        """Whether a model of ``needed_disk`` bytes on disk fits (unknown size or unreported
+        disk: yes)."""
+        return needed_disk <= 0 or self.total_disk <= 0 or self.available_disk >= needed_disk
+
+    def label(self, key: str) -> str | None:
+        return dict(self.labels).get(key)
 
     @property
     def serves_worker_api(self) -> bool:
@@ -133,40 +177,142 @@ def _rank(strategy: str):
     return lambda c: (c.has_model, not c.idle, c.in_flight_total, c.replica_count, -c.free_vram, c.name)
 
 
-def choose_node(
+@dataclass(frozen=True)
+class Verdict:
+    """Why one candidate node was chosen or not, for one hypothetical new replica."""
+
+    node: NodeCandidate
+    reason: str
+    detail: str = ""
+
+    @property
+    def chosen(self) -> bool:
+        return self.reason == CHOSEN
+
+
+def _vram_verdict(c: NodeCandidate, needed_vram: int) -> tuple[str, str] | None:
+    budget = c.budget_free
+    if needed_vram <= 0:
+        # Unknown size: every node fits, except one whose budget is already used up.
+        if budget is not None and budget <= 0:
+            return BUDGET, f"budget of {c.vram_budget} B used up"
+        return None
+    if budget is not None and budget < needed_vram and budget <= c.free_vram:
+        return BUDGET, f"budget leaves {max(0, budget)} B of {c.vram_budget} B, needs {needed_vram} B"
+    if c.free_vram < needed_vram:
+        return VRAM, f"{max(0, c.free_vram)} B free VRAM, needs {needed_vram} B"
+    return None
+
+
+def spread_counts(candidates: Iterable[NodeCandidate], spread_by: str) -> Counter:
+    """Replica rows of the model per value of the ``spread_by`` label over the candidates
+    (every value present, also at 0)."""
+    counts: Counter = Counter()
+    for c in candidates:
+        value = c.label(spread_by)
+        if value is not None:
+            counts[value] += c.model_rows
+    return counts
+
+
+def explain(
     candidates: Iterable[NodeCandidate],
     *,
     needed_vram: int = 0,
+    needed_disk: int = 0,
     now: datetime,
     strategy: str = SPREAD,
-) -> PlacementDecision:
-    """Pick the node for one new replica.
-
-    Filters: the worker gRPC service (``serves_worker_api``), a free replica slot, then
-    ``free_vram >= needed_vram`` (0 = unknown: every node fits). Nodes whose last load of this
-    model failed recently (``in_backoff``) are used only when no other node fits, so a failing
-    node is not retried in a loop while others exist. Among the rest, ``_rank(strategy)``
-    decides.
-    """
+    spread_by: str = "",
+) -> tuple[list[Verdict], str]:
+    """Every candidate's verdict for one new replica, and the decision's reason ("" when a
+    node was chosen). The filters, in order: the worker gRPC service, a free replica slot, disk
+    headroom (``needed_disk``), VRAM (``placeable_vram``: the reported free VRAM and the node's
+    budget), failed-load backoff (only when another node fits), topology spread (with
+    ``spread_by``: nodes without the label are not candidates; among the fitting nodes only
+    those in the label value holding the fewest replicas of the model, as Kubernetes' topology
+    spread with maxSkew 1 when it can be satisfied); then ``_rank(strategy)`` picks one."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown placement strategy {strategy!r}")
     candidates = list(candidates)
     if not candidates:
-        return PlacementDecision(None, NO_CANDIDATES)
-    candidates = [c for c in candidates if c.serves_worker_api]
-    if not candidates:
-        return PlacementDecision(None, NO_WORKER_SERVICE)
-    slotted = tuple(c for c in candidates if c.free_slots > 0)
-    if not slotted:
-        return PlacementDecision(None, NO_FREE_SLOT)
-    fitting = [c for c in slotted if needed_vram <= 0 or c.free_vram >= needed_vram]
+        return [], NO_CANDIDATES
+    verdicts: dict = {}
+    counts = spread_counts(candidates, spread_by) if spread_by else Counter()
+    fitting, slotted_ok, worker_ok, disk_short = [], 0, 0, 0
+    for c in candidates:
+        if not c.serves_worker_api:
+            verdicts[c.node_id] = Verdict(c, NOT_WORKER_SERVICE, f"worker API {c.worker_api}")
+            continue
+        worker_ok += 1
+        if spread_by and c.label(spread_by) is None:
+            verdicts[c.node_id] = Verdict(c, SPREAD_LABEL_MISSING, f"no {spread_by!r} label")
+            continue
+        if c.free_slots <= 0:
+            verdicts[c.node_id] = Verdict(c, SLOT_FULL, f"{c.model_rows} of {max(1, c.slots)} slots taken")
+            continue
+        slotted_ok += 1
+        if not c.fits_disk(needed_disk):
+            disk_short += 1
+            verdicts[c.node_id] = Verdict(c, DISK, f"{c.available_disk} B disk free, needs {needed_disk} B")
+            continue
+        short = _vram_verdict(c, needed_vram)
+        if short is not None:
+            verdicts[c.node_id] = Verdict(c, *short)
+            continue
+        fitting.append(c)
     if not fitting:
-        return PlacementDecision(None, NOT_ENOUGH_VRAM, slotted)
-    preferred = [c for c in fitting if not c.in_backoff(now)] or fitting
-    if preferred is fitting and len(fitting) > 1:
+        if not worker_ok:
+            reason = NO_WORKER_SERVICE
+        elif not slotted_ok:
+            reason = NO_FREE_SLOT
+        elif disk_short == slotted_ok:
+            reason = NOT_ENOUGH_DISK
+        else:
+            reason = NOT_ENOUGH_VRAM
+        return [verdicts[c.node_id] for c in candidates], reason
+    preferred = [c for c in fitting if not c.in_backoff(now)]
+    if not preferred:
         # Everything is in backoff: the one whose backoff ends first is the least bad.
         preferred = sorted(fitting, key=lambda c: c.failure_backoff_until)[:1]
-    return PlacementDecision(min(preferred, key=_rank(strategy)), "", slotted)
+    for c in fitting:
+        if c not in preferred:
+            verdicts[c.node_id] = Verdict(c, BACKOFF, f"failed load, retry after {c.failure_backoff_until}")
+    if spread_by:
+        low = min(counts[c.label(spread_by)] for c in preferred)
+        for c in preferred:
+            if counts[c.label(spread_by)] > low:
+                value = c.label(spread_by)
+                verdicts[c.node_id] = Verdict(
+                    c, SPREAD_SKEW, f"{spread_by}={value} holds {counts[value]} replicas, another value {low}"
+                )
+        preferred = [c for c in preferred if counts[c.label(spread_by)] == low]
+    best = min(preferred, key=_rank(strategy))
+    for c in preferred:
+        verdicts[c.node_id] = (
+            Verdict(c, CHOSEN, strategy) if c is best else Verdict(c, RANKED_LOWER, f"{strategy} prefers {best.name}")
+        )
+    return [verdicts[c.node_id] for c in candidates], ""
+
+
+def choose_node(
+    candidates: Iterable[NodeCandidate],
+    *,
+    needed_vram: int = 0,
+    needed_disk: int = 0,
+    now: datetime,
+    strategy: str = SPREAD,
+    spread_by: str = "",
+) -> PlacementDecision:
+    """Pick the node for one new replica (the rules: :func:`explain`).
+
+    ``slotted`` lists the nodes with a free slot and the disk for the model: evicting a
+    replica there can make VRAM (and budget) room."""
+    verdicts, reason = explain(
+        candidates, needed_vram=needed_vram, needed_disk=needed_disk, now=now, strategy=strategy, spread_by=spread_by
+    )
+    slotted = tuple(v.node for v in verdicts if v.reason not in (NOT_WORKER_SERVICE, SLOT_FULL, DISK, SPREAD_LABEL_MISSING))
+    chosen = next((v.node for v in verdicts if v.chosen), None)
+    return PlacementDecision(chosen, reason, slotted)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +346,8 @@ def choose_victim(
     *,
     node_ids: Iterable | None = None,
     exclude_model: str | None = None,
+    now: datetime | None = None,
+    shortfall: dict | None = None,
 ) -> ReplicaInfo | None:
     """The replica to evict to make room, or None when nothing may go.
 
@@ -207,8 +355,14 @@ def choose_victim(
     where room helps; None = any), not of ``exclude_model`` (the model being placed), and its
     model keeps at least its ``floor`` of ready replicas afterwards. ``replicas`` must list
     every ready replica of the models involved (not only those on ``node_ids``) so that the
-    floor is counted fleet-wide. Among the eligible: least recently used first (never used
-    counts as oldest), then the highest replica index, then the id for a stable answer.
+    floor is counted fleet-wide.
+
+    Without ``now``: least recently used first (never used counts as oldest), then the highest
+    replica index, then the id for a stable answer. With ``now`` the choice is size-aware: a
+    replica whose VRAM alone covers its node's ``shortfall`` (node id -> bytes missing; absent =
+    unknown) comes first, so one eviction makes room instead of several; among those (or among
+    all when none covers it) the highest ``idle_seconds * freed_bytes`` (a replica of unknown
+    size counts as 1 byte), then the LRU order above as tie-break.
     """
     replicas = list(replicas)
     ready = Counter(r.model_name for r in replicas if r.loaded and r.node_healthy)
@@ -226,7 +380,24 @@ def choose_victim(
     if not eligible:
         return None
     oldest = datetime.min.replace(tzinfo=UTC)
-    return min(eligible, key=lambda r: (r.last_used or oldest, -r.replica_index, str(r.replica_id)))
+
+    def lru(r):
+        return (r.last_used or oldest, -r.replica_index, str(r.replica_id))
+
+    if now is None:
+        return min(eligible, key=lru)
+    shortfall = shortfall or {}
+    covering = [r for r in eligible if r.node_id in shortfall and r.vram >= shortfall[r.node_id] > 0]
+    pool = covering or eligible
+    return min(pool, key=lambda r: (-eviction_score(r, now), *lru(r)))
+
+
+def eviction_score(replica: ReplicaInfo, now: datetime) -> float:
+    """``idle_seconds * freed_bytes``: the longer idle and the bigger, the better to evict
+    (never used: idle since the epoch; unknown size: 1 byte)."""
+    since = replica.last_used or datetime(1970, 1, 1, tzinfo=UTC)
+    idle = max(0.0, (now - since).total_seconds())
+    return idle * max(1, replica.vram)
 
 
 # --------------------------------------------------------------------------------------------

@@ -237,7 +237,18 @@ class NodeAdmin(admin.ModelAdmin):
         ("Worker service and credentials", {"fields": ["worker_service", "worker_api_checked_at", "auth"]}),
         (
             "Capacity",
-            {"fields": ["vram", "reserved", "ram", "disk", "gpu_vendor", "slots", "reported_max_replicas_per_model"]},
+            {
+                "fields": [
+                    "vram",
+                    "reserved",
+                    "vram_budget",
+                    "ram",
+                    "disk",
+                    "gpu_vendor",
+                    "slots",
+                    "reported_max_replicas_per_model",
+                ]
+            },
         ),
         # The node token's hash is never shown: it serves no operator and need not leave the database.
         ("Bookkeeping", {"classes": ["collapse"], "fields": ["created_at", "updated_at"]}),
@@ -272,10 +283,12 @@ class NodeAdmin(admin.ModelAdmin):
             Node.objects.deregister(pk)
 
     def save_model(self, request, obj, form, change):
-        """Nothing to write: every field of the node is read-only here (labels are saved by
-        ``save_formset`` through their verb). Django's default, saving the instance, would write
+        """Only the VRAM budget is editable, written by its verb when changed (labels are saved
+        by ``save_formset`` through theirs). Django's default, saving the instance, would write
         back every column as the page read it, undoing a drain, a heartbeat or a
         re-registration that happened since."""
+        if change and "vram_budget" in form.changed_data:
+            Node.objects.set_vram_budget(obj.pk, form.cleaned_data.get("vram_budget"))
 
     def save_formset(self, request, form, formset, change):
         # The labels' formset is the page's only inline: written as a whole by their verb.

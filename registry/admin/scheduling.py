@@ -20,6 +20,7 @@ from django.utils.html import format_html, format_html_join
 
 from proto.codec import InvalidModelOptions, options_to_json
 
+from ..loading import explain_next_replica
 from ..managers import validate_scheduling
 from ..models import ModelLoadInfo, ModelSchedulingConfig, NodeModel
 from .base import ReadOnlyAdmin
@@ -29,10 +30,15 @@ class SchedulingForm(forms.ModelForm):
     """Validated by ``validate_scheduling``, the same function the API's upsert runs."""
 
     node_selector = forms.JSONField(required=False, help_text='labels every node must carry, e.g. {"gpu": "a100"}')
+    disk_bytes = forms.IntegerField(
+        required=False,
+        min_value=0,
+        help_text="size of the model on disk in bytes; nodes reporting less free disk are skipped (empty/0 = unknown)",
+    )
 
     class Meta:
         model = ModelSchedulingConfig
-        fields = ["model_name", "min_replicas", "max_replicas", "node_selector", "placement"]
+        fields = ["model_name", "min_replicas", "max_replicas", "node_selector", "placement", "disk_bytes", "spread_by"]
 
     def clean_node_selector(self):
         return self.cleaned_data.get("node_selector") or {}
@@ -90,6 +96,8 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
             max_replicas=data["max_replicas"],
             node_selector=data["node_selector"],
             placement=data["placement"],
+            disk_bytes=data.get("disk_bytes") or 0,
+            spread_by=data.get("spread_by") or "",
         )
         obj.pk = saved.pk
         obj.refresh_from_db()
@@ -129,6 +137,7 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
             "diag_options_error": options_error,
             "diag_replicas": rows,
             "diag_ready": ready,
+            "diag_placement": explain_next_replica(model_name),
         }
 
 

@@ -37,6 +37,20 @@ class NodeCapacityVerbs:
                 capacity_changed()
         return updated == 1
 
+    def set_vram_budget(self, node_id, budget: int | None, *, now: datetime | None = None) -> bool:
+        """Operator cap on the VRAM our replicas may reserve on a node (None: no cap). Clears
+        cooldowns (capacity changed). Idiom: conditional update by id (last writer wins), then
+        the cooldown clear, in one short ``atomic()``. False: unknown node."""
+        if budget is not None and (isinstance(budget, bool) or int(budget) < 0):
+            raise ValueError("vram_budget must be a non-negative byte count or None")
+        with transaction.atomic():
+            updated = self.filter(pk=node_id).update(
+                vram_budget=None if budget is None else int(budget), updated_at=resolve_now(now)
+            )
+            if updated:
+                capacity_changed()
+        return updated == 1
+
     def reset_max_replicas_per_model(self, node_id, *, now: datetime | None = None) -> bool:
         """Drop the operator override: back to what the worker reported at registration. Idiom:
         conditional update by id, then the label upsert and the cooldown clear, in one short

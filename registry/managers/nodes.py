@@ -31,7 +31,7 @@ from ..clock import resolve_now
 from ..labels import auto_labels, validate_labels
 from .capacity import NodeCapacityVerbs
 from .heartbeats import NodeHeartbeatVerbs
-from .shared import capacity_changed, free_vram, registry_model, replica_rows_subquery
+from .shared import budget_used, capacity_changed, free_vram, registry_model, replica_rows_subquery
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import Node
@@ -112,7 +112,8 @@ class NodeQuerySet(models.QuerySet):
         ``model_rows`` (rows of the model here, any state), ``in_flight_total``,
         ``free_vram_bytes`` (``available - reserved``; not filtered, so a node whose
         reservations exceed a stale report stays a candidate for models of unknown size) and
-        ``failure_backoff_until`` (``LoadFailure.retry_after`` of the model here, or None)."""
+        ``failure_backoff_until`` (``LoadFailure.retry_after`` of the model here, or None) and
+        ``budget_used_bytes`` (the replica rows' reservations, for ``vram_budget``)."""
         backoff = (
             registry_model("LoadFailure")
             .objects.filter(node=OuterRef("pk"), model_name=model_name)
@@ -121,7 +122,11 @@ class NodeQuerySet(models.QuerySet):
         return (
             self.with_model_rows(model_name)
             .with_load()
-            .annotate(free_vram_bytes=free_vram(), failure_backoff_until=Subquery(backoff[:1]))
+            .annotate(
+                free_vram_bytes=free_vram(),
+                budget_used_bytes=budget_used(),
+                failure_backoff_until=Subquery(backoff[:1]),
+            )
         )
 
 

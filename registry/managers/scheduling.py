@@ -63,11 +63,14 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         max_replicas: int = 0,
         node_selector: dict[str, str] | None = None,
         placement: str | None = None,
+        disk_bytes: int | None = None,
+        spread_by: str | None = None,
     ) -> ModelSchedulingConfig:
         """Create or replace a model's scheduling config (upsert on ``model_name``).
 
         Validated first (``ValidationError``); the circuit-breaker columns are not overwritten.
-        ``placement`` (``spread``/``binpack``) is only written when given.
+        ``placement`` (``spread``/``binpack``), ``disk_bytes`` (the model's size on disk, 0 =
+        unknown) and ``spread_by`` (a node label key, "" = off) are only written when given.
         Idiom: upsert on ``model_name``. Returns the stored row (read back).
         """
         if not model_name or not model_name.strip():
@@ -82,6 +85,16 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         if placement is not None:
             row.placement = placement
             update_fields.append("placement")
+        if disk_bytes is not None:
+            if isinstance(disk_bytes, bool) or not isinstance(disk_bytes, int) or disk_bytes < 0:
+                raise ValidationError({"disk_bytes": "must be a non-negative integer"})
+            row.disk_bytes = disk_bytes
+            update_fields.append("disk_bytes")
+        if spread_by is not None:
+            if not isinstance(spread_by, str) or len(spread_by) > 63 or spread_by != spread_by.strip():
+                raise ValidationError({"spread_by": "must be a label key of at most 63 characters"})
+            row.spread_by = spread_by
+            update_fields.append("spread_by")
         self.bulk_create(
             [row],
             update_conflicts=True,

@@ -12,6 +12,7 @@ from django.db.models import (
     F,
     OuterRef,
     Subquery,
+    Sum,
     Value,
 )
 from django.db.models.functions import Coalesce
@@ -71,4 +72,14 @@ def replica_rows_subquery(model_name: str | None = None, aggregate=None):
     return Coalesce(
         Subquery(rows.order_by().values("node").annotate(value=aggregate).values("value")[:1]),
         Value(0),
+    )
+
+
+def budget_used():
+    """Per-node sum of the replica rows' ``reserved_vram`` (what our replicas hold there, for
+    the node's ``vram_budget``) as a 64-bit correlated subquery."""
+    rows = registry_model("NodeModel").objects.filter(node=OuterRef("pk")).order_by().values("node")
+    total = rows.annotate(value=Sum("reserved_vram")).values("value")[:1]
+    return Coalesce(
+        Subquery(total, output_field=BigIntegerField()), Value(0), output_field=BigIntegerField()
     )
