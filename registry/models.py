@@ -326,11 +326,11 @@ class ModelSchedulingConfig(models.Model):
 
     @property
     def is_autoscaled(self) -> bool:
-        return rules.is_autoscaled(self.min_replicas, self.max_replicas)
+        return rules.is_autoscaled(self.min_replicas, self.max_replicas, self.target_in_flight_per_replica)
 
     @property
     def floor(self) -> int:
-        return rules.replica_floor(self.min_replicas, self.max_replicas)
+        return rules.replica_floor(self.min_replicas, self.max_replicas, self.target_in_flight_per_replica)
 
 
 class LoadJob(models.Model):

@@ -32,7 +32,16 @@ class SchedulingForm(forms.ModelForm):
 
     class Meta:
         model = ModelSchedulingConfig
-        fields = ["model_name", "min_replicas", "max_replicas", "node_selector", "placement"]
+        fields = [
+            "model_name",
+            "min_replicas",
+            "max_replicas",
+            "node_selector",
+            "placement",
+            "target_in_flight_per_replica",
+            "upscale_delay_s",
+            "downscale_delay_s",
+        ]
 
     def clean_node_selector(self):
         return self.cleaned_data.get("node_selector") or {}
@@ -68,7 +77,17 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
     ]
     list_filter = ["placement"]
     search_fields = ["model_name"]
-    readonly_fields = ["unsatisfiable_until", "unsatisfiable_ticks", "created_at", "updated_at"]
+    readonly_fields = [
+        "unsatisfiable_until",
+        "unsatisfiable_ticks",
+        "desired_replicas",
+        "desired_since",
+        "load_avg",
+        "load_sampled_at",
+        "waiting_at_zero",
+        "created_at",
+        "updated_at",
+    ]
     change_form_template = "admin/registry/modelschedulingconfig/change_form.html"
 
     def get_readonly_fields(self, request, obj=None):
@@ -90,6 +109,9 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
             max_replicas=data["max_replicas"],
             node_selector=data["node_selector"],
             placement=data["placement"],
+            target_in_flight_per_replica=data.get("target_in_flight_per_replica"),
+            upscale_delay_s=data.get("upscale_delay_s"),
+            downscale_delay_s=data.get("downscale_delay_s"),
         )
         obj.pk = saved.pk
         obj.refresh_from_db()
