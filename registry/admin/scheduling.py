@@ -43,6 +43,12 @@ class SchedulingForm(forms.ModelForm):
             "downscale_delay_s",
         ]
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Left empty, a delay keeps its default (``upsert``).
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            self.fields[name].required = False
+
     def clean_node_selector(self):
         return self.cleaned_data.get("node_selector") or {}
 
