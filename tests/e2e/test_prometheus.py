@@ -163,8 +163,18 @@ def test_prometheus_scrapes_two_gunicorn_workers_and_a_qcluster_summed(fleet, re
     assert prometheus.scalar('controlplane:model_replicas_desired:max{model="prom-floor"}') == 1
     assert prometheus.scalar('controlplane:model_replicas_ready:max{model="prom-floor"}') == 1
     assert prometheus.scalar("controlplane:reconcile_last_success:age_seconds") < 60
-    assert prometheus.scalar("controlplane:heartbeats:rate5m") > 0  # the route name the rules use is real
-    assert prometheus.scalar("controlplane:heartbeat_duration_seconds:p99_5m") > 0
+    # the route name the rules use is real; a recording rule needs two scrapes of the series
+    # and one rule evaluation after them, so it is waited for, not read once
+    wait_for(
+        lambda: (prometheus.scalar("controlplane:heartbeats:rate5m") or 0) > 0,
+        timeout=30,
+        what="prometheus: controlplane:heartbeats:rate5m above 0",
+    )
+    wait_for(
+        lambda: (prometheus.scalar("controlplane:heartbeat_duration_seconds:p99_5m") or 0) > 0,
+        timeout=30,
+        what="prometheus: controlplane:heartbeat_duration_seconds:p99_5m above 0",
+    )
     wait_for(lambda: prometheus.scalar("controlplane:reconcile_passes:rate5m") is not None, timeout=20,
              what="a recorded pass rate")
 
