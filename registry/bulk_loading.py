@@ -298,20 +298,7 @@ class _State:
         ):
             labels[node_id].append((key, value))
         for row in rows:
-            nodes[row["pk"]] = placement.NodeCandidate(
-                node_id=row["pk"],
-                name=row["name"],
-                slots=row["max_replicas_per_model"],
-                free_vram=row["free_vram_bytes"],
-                in_flight_total=row["in_flight_total"] or 0,
-                replica_count=row["replica_count"] or 0,
-                worker_api=row["worker_api"],
-                vram_budget=row["vram_budget"],
-                budget_used=int(row["budget_used_bytes"] or 0),
-                available_disk=row["available_disk"],
-                total_disk=row["total_disk"],
-                labels=tuple(sorted(labels.get(row["pk"], ()))),
-            )
+            nodes[row["pk"]] = loading.candidate_from_row(row, sorted(labels.get(row["pk"], ())))
             addresses[row["pk"]] = row["address"]
         indexes = defaultdict(set)
         for node_id, name, index in NodeModel.objects.filter(model_name__in=names, node_id__in=list(nodes)).values_list(

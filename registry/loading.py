@@ -242,6 +242,27 @@ def placement_rules(model_name: str) -> PlacementRules:
     )
 
 
+def candidate_from_row(row: dict, labels, **per_model) -> placement.NodeCandidate:
+    """A ``placement.NodeCandidate`` from a row of ``Node.objects.candidates(...).with_load()``
+    annotated with ``free_vram_bytes`` and ``budget_used_bytes`` (both loading paths read
+    that shape); ``per_model`` sets the model-specific fields (``model_rows``, backoff)."""
+    return placement.NodeCandidate(
+        node_id=row["pk"],
+        name=row["name"],
+        slots=row["max_replicas_per_model"],
+        free_vram=row["free_vram_bytes"],
+        in_flight_total=row["in_flight_total"] or 0,
+        replica_count=row["replica_count"] or 0,
+        worker_api=row["worker_api"],
+        vram_budget=row["vram_budget"],
+        budget_used=int(row["budget_used_bytes"] or 0),
+        available_disk=row["available_disk"],
+        total_disk=row["total_disk"],
+        labels=tuple(labels),
+        **per_model,
+    )
+
+
 def node_labels(node_ids, key: str) -> dict:
     """node id -> ``((key, value),)`` for the nodes that carry label ``key`` ("" -> {})."""
     if not key:
@@ -307,21 +328,11 @@ def _snapshot(model_name: str, selector, candidate_node_ids, spread_by: str = ""
     candidates, addresses = [], {}
     for row in rows:
         candidates.append(
-            placement.NodeCandidate(
-                node_id=row["pk"],
-                name=row["name"],
-                slots=row["max_replicas_per_model"],
+            candidate_from_row(
+                row,
+                labels.get(row["pk"], ()),
                 model_rows=row["model_rows"],
-                free_vram=row["free_vram_bytes"],
-                in_flight_total=row["in_flight_total"] or 0,
-                replica_count=row["replica_count"] or 0,
                 failure_backoff_until=row["failure_backoff_until"],
-                worker_api=row["worker_api"],
-                vram_budget=row["vram_budget"],
-                budget_used=int(row["budget_used_bytes"] or 0),
-                available_disk=row["available_disk"],
-                total_disk=row["total_disk"],
-                labels=labels.get(row["pk"], ()),
             )
         )
         addresses[row["pk"]] = row["address"]
