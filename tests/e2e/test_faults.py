@@ -173,7 +173,14 @@ def test_b2_killed_backend_of_a_silent_worker_is_reaped_after_three_unreachable_
         what="the dead backend's row removed by probes",
     )
     removed = time.monotonic() - killed
-    event = next(e for e in fleet.events("replica_removed") if e.get("node_name") == "silent-a")
+    # The pass removes the row, then writes its events when the phase ends (flush_events): the
+    # event may land a moment after the row is seen gone.
+    event = wait_for(
+        lambda: next((e for e in fleet.events("replica_removed") if e.get("node_name") == "silent-a"), None),
+        timeout=10,
+        interval=0.2,
+        what="the replica_removed event of the dead backend",
+    )
     assert fleet.nodes()["silent-a"]["status"] == "healthy"  # not reaped as a node: it was the probes
     fleet.resume(workers["silent-a"])
     elapsed = fleet.wait_converged("tiny", 2, 30, since=killed)
