@@ -70,3 +70,77 @@ def test_formatting_helpers(now):
 
     assert replica_cell([Row("loaded", 1), Row("loaded", 0), Row("loading", 0)]) == "loaded x2 (1 in flight), loading x1"
     assert replica_cell([]) == ""
+
+
+def test_the_dashboard_searches_and_pages_models_and_nodes(admin_client):
+    from reconciler.admin import dashboard
+
+    populate(nodes=3, models=3)
+    html = admin_client.get(DASHBOARD, {"model": "MODEL-1"}).content.decode()
+    context = admin_client.get(DASHBOARD, {"model": "MODEL-1"}).context
+    assert [row["name"] for row in context["model_rows"]] == ["model-1"] and context["models"] == ["model-1"]
+    assert 'value="MODEL-1"' in html  # the form keeps the search
+    assert [row["node"].name for row in admin_client.get(DASHBOARD, {"node": "gpu-02"}).context["grid"]] == ["gpu-02"]
+    by_label = admin_client.get(DASHBOARD, {"label": "gpu=a100"}).context["grid"]
+    assert [row["node"].name for row in by_label] == ["gpu-00"]
+    assert [row["node"].name for row in admin_client.get(DASHBOARD, {"label": "gpu"}).context["grid"]] == ["gpu-00"]
+    assert admin_client.get(DASHBOARD, {"label": "gpu=h100"}).context["grid"] == []
+    assert b"No node matches." in admin_client.get(DASHBOARD, {"node": "nothing"}).content
+
+    # paging: a page of models, the next link keeps the search
+    original = dashboard.MODELS_PER_PAGE
+    dashboard.MODELS_PER_PAGE = 2
+    try:
+        first = admin_client.get(DASHBOARD, {"model": "model"}).context
+        assert [row["name"] for row in first["model_rows"]] == ["model-0", "model-1"]
+        assert first["links"]["models_next"] == "?model=model&page=2" and first["links"]["models_previous"] is None
+        second = admin_client.get(DASHBOARD + first["links"]["models_next"]).context
+        assert [row["name"] for row in second["model_rows"]] == ["model-2"] and second["models"] == ["model-2"]
+        assert second["links"]["models_previous"] == "?model=model"
+        # past the end: the last page, never an error
+        assert [row["name"] for row in admin_client.get(DASHBOARD, {"page": "99"}).context["model_rows"]] == ["model-2"]
+    finally:
+        dashboard.MODELS_PER_PAGE = original
+
+
+@pytest.mark.parametrize("page", ["0", "-1", "x", "1e9", "9" * 40, ""])
+def test_a_bad_page_or_search_shows_the_first_page(admin_client, page):
+    populate(nodes=2, models=2)
+    response = admin_client.get(DASHBOARD, {"page": page, "node_page": page, "model": "m" * 5000})
+    assert response.status_code == 200
+    assert response.context["model_page"].number == 1 and len(response.context["query"].model) == 255
+
+
+def test_the_dashboard_lists_problems_first_and_filters_on_them(admin_client):
+    from reconciler.models import ModelCondition
+
+    populate(nodes=2, models=3)
+    ModelCondition.objects.set_condition("model-2", ModelCondition.Type.AVAILABLE, False, "MinimumReplicasUnavailable")
+    make_node(name="gone", status=Node.Status.OFFLINE)
+    context = admin_client.get(DASHBOARD).context
+    assert [row["name"] for row in context["problem_models"]] == ["model-2"]
+    assert [node.name for node in context["problem_nodes"]] == ["gone"]
+    assert ("Available", 2, 1) in context["condition_counts"]
+    only = admin_client.get(DASHBOARD + context["links"]["problems"]).context
+    assert [row["name"] for row in only["model_rows"]] == ["model-2"]
+
+
+def test_a_fleet_of_1000_nodes_x_1000_models_gives_a_small_page_in_constant_queries(
+    admin_client, django_assert_max_num_queries
+):
+    from tests.admin.big_fleet import build_big_fleet
+
+    fleet = build_big_fleet(nodes=1000, models=1000)
+    # session + user + six snapshot queries + events + last pass
+    with django_assert_max_num_queries(10):
+        response = admin_client.get(DASHBOARD)
+    assert response.status_code == 200
+    assert len(response.content) < 1024 * 1024, len(response.content)
+    context = response.context
+    assert context["model_total"] == 1000 and context["node_total"] == 1000
+    assert context["problem_model_total"] == len(fleet["short"]) == 40
+    assert context["problem_node_total"] == 40 and len(context["problem_nodes"]) == 20
+    assert len(context["grid"]) == 50 and len(context["models"]) == 20
+    filtered = admin_client.get(DASHBOARD, {"model": "model-00999", "label": "zone=zone-1"}).context
+    assert [row["name"] for row in filtered["model_rows"]] == ["model-00999"]
+    assert filtered["node_page"].total == 250
