@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     page_s, raw_s, search_s = statistics.median(pages), statistics.median(raws), statistics.median(searched)
     size = max(sizes)
     load = os.getloadavg()[0]
-    print(f"# fleet dashboard, {args.nodes:,} nodes x {args.models:,} models (2 replicas each), built in {built:.1f} s; "
-          f"load average {load:.2f}; median of {repeats}")
+    print(
+        f"# fleet dashboard, {args.nodes:,} nodes x {args.models:,} models (2 replicas each), built in {built:.1f} s; "
+        f"load average {load:.2f}; median of {repeats}"
+    )
     print("| what | median ms | page KiB |")
     print("|---|---:|---:|")
     print(f"| baseline: raw snapshot SQL | {raw_s * 1000:.1f} | |")

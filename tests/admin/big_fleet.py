@@ -63,8 +63,12 @@ def build_big_fleet(*, nodes: int = 1000, models: int = 1000, replicas: int = 2,
     )
     ModelCondition.objects.set_conditions(
         [
-            ConditionState(name, ModelCondition.Type.AVAILABLE, name not in short,
-                           "MinimumReplicasUnavailable" if name in short else "MinimumReplicasReady")
+            ConditionState(
+                name,
+                ModelCondition.Type.AVAILABLE,
+                name not in short,
+                "MinimumReplicasUnavailable" if name in short else "MinimumReplicasReady",
+            )
             for name in names
         ],
         now=now,
