@@ -26,7 +26,7 @@ from registry.models import ModelSchedulingConfig, Node, NodeModel
 from . import housekeeping
 from .conf import ReconcileConfig
 from .managers import ConditionState
-from .models import Event, ModelCondition, ReconcilePass, UnansweredListing
+from .models import Event, ModelCondition, ReconcilePass, ReplicaSample, UnansweredListing
 from .planning import (
     NodeHealthPlan,
     ObservationPlan,
@@ -34,6 +34,7 @@ from .planning import (
     ScalePlan,
     WorkerHealthPlan,
     alive_keys,
+    available_counts,
     model_condition_values,
     plan_checks,
     plan_node_health,
@@ -496,10 +497,14 @@ class Pass(ScaleUp):
         guard = health.guard_condition()
         states = [] if known.get((guard.model_name, guard.type)) == guard[2:] else [guard]
         memo: dict = {}
+        samples = []  # (model, ready, floor) of the models whose Available changed: their history
         for name in snapshot.model_names:
             for type_, value in model_condition_values(snapshot, name, plans.get(name), outcomes.get(name), memo=memo):
                 if known.get((name, type_)) != value:
                     states.append(ConditionState(name, type_, *value))
+                    if type_ == ModelCondition.Type.AVAILABLE:
+                        samples.append((name, *available_counts(snapshot, name, plans.get(name), outcomes.get(name))))
+        ReplicaSample.objects.record_changes(samples, now=self.now)
         for transition in ModelCondition.objects.set_conditions(states, now=self.now):
             state = transition.state
             self.summary.count("conditions_changed")

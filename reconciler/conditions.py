@@ -67,12 +67,7 @@ def model_condition_values(
     ``memo`` (one dict per pass), models that did nothing this pass (no ``outcome``) and share
     those facts share one computed tuple, so a steady pass builds no condition per model.
     """
-    if plan is not None:
-        config, ready, loading, has_load_info = plan.config, plan.ready, plan.loading, plan.has_load_info
-    else:
-        config = snapshot.config_for(model_name)
-        ready_rows, loading_rows = snapshot.routable(model_name)
-        ready, loading, has_load_info = len(ready_rows), len(loading_rows), snapshot.has_load_info(model_name)
+    config, ready, loading, has_load_info = _facts(snapshot, model_name, plan)
     if outcome is not None or memo is None:
         return _condition_values(config, ready, loading, has_load_info, plan, outcome or ScaleOutcome())
     key = (
@@ -92,13 +87,32 @@ def model_condition_values(
     return found
 
 
+def _facts(snapshot: Snapshot, model_name: str, plan: ScalePlan | None) -> tuple[ConfigView, int, int, bool]:
+    """(config, ready, loading, has load info) of a model before this pass acted."""
+    if plan is not None:
+        return plan.config, plan.ready, plan.loading, plan.has_load_info
+    ready_rows, loading_rows = snapshot.routable(model_name)
+    return snapshot.config_for(model_name), len(ready_rows), len(loading_rows), snapshot.has_load_info(model_name)
+
+
+def available_counts(
+    snapshot: Snapshot, model_name: str, plan: ScalePlan | None, outcome: ScaleOutcome | None
+) -> tuple[int, int]:
+    """(ready, floor) after this pass, as the Available condition counts them."""
+    config, ready, _, _ = _facts(snapshot, model_name, plan)
+    return _ready_and_floor(config, ready, outcome or ScaleOutcome())
+
+
+def _ready_and_floor(config: ConfigView, ready: int, outcome: ScaleOutcome) -> tuple[int, int]:
+    # schedule_and_load returns once the replica is loaded, so added replicas count as ready.
+    return ready - outcome.removed + outcome.added, rules.ready_for_available(config.min_replicas)
+
+
 def _condition_values(
     config: ConfigView, ready: int, loading: int, has_load_info: bool, plan: ScalePlan | None, outcome: ScaleOutcome
 ) -> ConditionValues:
-    # schedule_and_load returns once the replica is loaded, so added replicas count as ready.
-    ready = ready - outcome.removed + outcome.added
+    ready, floor = _ready_and_floor(config, ready, outcome)
     has_load_info = has_load_info and not outcome.no_load_info
-    floor = rules.ready_for_available(config.min_replicas)
 
     available = ConditionValue(
         ready >= floor,

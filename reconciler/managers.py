@@ -288,6 +288,52 @@ class ReconcilePassManager(models.Manager):
 
 
 # --------------------------------------------------------------------------------------------
+# Replica samples (the dashboard's desired vs ready history)
+# --------------------------------------------------------------------------------------------
+
+# Kept twice the dashboard's one-hour window, so the value a model had when the window opens is
+# usually still there.
+REPLICA_SAMPLES_KEPT = timedelta(hours=2)
+
+
+class ReplicaSampleManager(models.Manager):
+    def record_changes(self, samples: Iterable[tuple[str, int, int]], *, now: datetime | None = None) -> int:
+        """Append one row per ``(model, ready, desired)`` that changed this pass, and prune the
+        rows older than ``REPLICA_SAMPLES_KEPT``. Returns how many were written.
+
+        Idiom: append-only (one bulk INSERT), then one DELETE by age; only the reconciler writes
+        here, under its lock. Called only when something changed, so a steady pass sends no
+        query here and a model's history is a step function of its changes.
+        """
+        at = _now(now)
+        rows = [self.model(model_name=name, at=at, ready=ready, desired=desired) for name, ready, desired in samples]
+        if not rows:
+            return 0
+        self.bulk_create(rows)
+        self.filter(at__lt=at - REPLICA_SAMPLES_KEPT).delete()
+        return len(rows)
+
+    def history(self, model_names: Iterable[str], *, since: datetime) -> dict[str, list[tuple[datetime, int, int]]]:
+        """``{model: [(at, ready, desired), ...]}`` oldest first, for the samples since ``since``
+        plus the newest one before it (the value each model had when the window opened), in one
+        query."""
+        names = list(model_names)
+        history: dict[str, list] = {name: [] for name in names}
+        if not names:
+            return history
+        before = self.filter(model_name=models.OuterRef("model_name"), at__lt=since).order_by("-at", "-id")
+        rows = (
+            self.filter(model_name__in=names)
+            .filter(models.Q(at__gte=since) | models.Q(id=models.Subquery(before.values("id")[:1])))
+            .order_by("model_name", "at", "id")
+            .values_list("model_name", "at", "ready", "desired")
+        )
+        for name, at, ready, desired in rows:
+            history[name].append((at, ready, desired))
+        return history
+
+
+# --------------------------------------------------------------------------------------------
 # Unanswered worker listings
 # --------------------------------------------------------------------------------------------
 

@@ -8,7 +8,13 @@ reconciler do?". They are written only through the verbs in ``managers.py``.
 from django.db import models
 from django.utils import timezone
 
-from .managers import EventManager, ModelConditionManager, ReconcilePassManager, UnansweredListingManager
+from .managers import (
+    EventManager,
+    ModelConditionManager,
+    ReconcilePassManager,
+    ReplicaSampleManager,
+    UnansweredListingManager,
+)
 
 
 class Event(models.Model):
@@ -120,6 +126,25 @@ class ReconcilePass(models.Model):
 
     def __str__(self):
         return f"{self.started_at:%Y-%m-%d %H:%M:%S} {self.outcome}"
+
+
+class ReplicaSample(models.Model):
+    """A model's ready and desired replica counts when either changed (written by the pass that
+    saw the change, pruned after two hours): the fleet dashboard's "desired vs ready" chart."""
+
+    model_name = models.CharField(max_length=255)
+    at = models.DateTimeField()
+    ready = models.PositiveIntegerField()
+    desired = models.PositiveIntegerField()
+
+    objects = ReplicaSampleManager()
+
+    class Meta:
+        ordering = ["model_name", "at", "id"]
+        indexes = [models.Index(fields=["model_name", "at"], name="replica_sample_model_at_idx")]
+
+    def __str__(self):
+        return f"{self.model_name} at {self.at:%H:%M:%S}: {self.ready} ready of {self.desired}"
 
 
 class UnansweredListing(models.Model):

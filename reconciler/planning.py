@@ -30,6 +30,7 @@ from .conditions import (  # noqa: F401  (the per-model conditions, re-exported)
     NORMAL_STATUS,
     TRANSITION_EVENTS,
     ScaleOutcome,
+    available_counts,
     model_condition_values,
     model_conditions,
     transition_event_kind,

@@ -18,11 +18,13 @@ from django.contrib import admin
 from django.template.response import TemplateResponse
 from django.urls import path
 
+from registry import rules
 from registry.admin.display import age, status_badge
 from registry.models import Node, NodeModel
 
 from ..models import Event, ModelCondition, ReconcilePass
 from ..snapshot import take_snapshot
+from . import history
 from .records import summary_text
 
 DASHBOARD_EVENTS = 15
@@ -161,6 +163,7 @@ def model_row(snapshot, model: str) -> dict:
         "max": config.max_replicas,
         "has_config": model in snapshot.configs,
         "has_load_info": has_load_info,
+        "floor": rules.ready_for_available(config.min_replicas),
         "problems": problems,
     }
 
@@ -186,7 +189,8 @@ def condition_counts(snapshot, models) -> list[tuple[str, int, int]]:
 
 def dashboard_context(*, now: datetime | None = None, query: DashboardQuery | None = None) -> dict:
     """Everything the dashboard shows, in a fixed number of queries: the reconciler's snapshot
-    (six), the newest events (one) and the newest reconcile pass (one). The summaries cover the
+    (six), the newest events (one), the newest reconcile pass (one) and the charts of the last
+    hour (three: the page's models' replica samples, the passes, the cold loads). The summaries cover the
     whole fleet; the tables and the grid only the slice ``query`` selects (a page of models, a
     page of nodes), so the page's size does not grow with the fleet."""
     query = query or DashboardQuery()
@@ -212,6 +216,7 @@ def dashboard_context(*, now: datetime | None = None, query: DashboardQuery | No
         selected_nodes = [node for node in selected_nodes if query.label_matches(node.labels)]
     node_page = Page.of(selected_nodes, query.node_page, NODES_PER_PAGE)
 
+    history.replica_charts(model_page.items, now=snapshot.taken_at)
     grid_models = [row["name"] for row in model_page.items[:GRID_MODELS]]
     cells = _cells(snapshot, node_page.items, frozenset(grid_models))
     grid = [
@@ -256,6 +261,8 @@ def dashboard_context(*, now: datetime | None = None, query: DashboardQuery | No
             (status, label, status_counts.get(status, 0), status_badge(status)) for status, label in Node.Status.choices
         ],
         "events": list(Event.objects.all()[:DASHBOARD_EVENTS]),
+        **history.pass_charts(now=snapshot.taken_at),
+        **history.cold_load_chart(now=snapshot.taken_at),
         "last_pass": last_pass,
         "last_pass_summary": summary_text(last_pass.summary) if last_pass else "",
         "refresh_seconds": 10,

@@ -1,6 +1,7 @@
 """Read-only admin pages for what the reconciler records (nothing here changes fleet state)."""
 
 from django.contrib import admin
+from django.utils import timezone
 
 from registry.admin.base import ReadOnlyAdmin
 
@@ -37,6 +38,13 @@ class ReconcilePassAdmin(ReadOnlyAdmin):
     list_display = ["started_at", "outcome", "duration", "short_summary", "holder_host", "holder_pid"]
     list_filter = ["outcome"]
     date_hierarchy = "started_at"
+    change_list_template = "admin/reconciler/reconcilepass/change_list.html"
+
+    def changelist_view(self, request, extra_context=None):
+        # The timeline of the last hour above the list (one query, bounded by the window).
+        from .history import pass_charts
+
+        return super().changelist_view(request, {**(extra_context or {}), **pass_charts(now=timezone.now())})
 
     @admin.display(description="summary")
     def short_summary(self, obj):

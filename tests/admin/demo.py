@@ -11,8 +11,8 @@ from django.utils import timezone
 
 from proto import backend_pb2
 from proto.codec import options_to_blob
-from reconciler.models import Event, ModelCondition, ReconcilePass
-from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+from reconciler.models import Event, ModelCondition, ReconcilePass, ReplicaSample
+from registry.models import LoadJob, ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 from tests.factories import make_replica
 
 GIB = 1024**3
@@ -97,6 +97,42 @@ def build() -> None:
         "whisper-large", ModelCondition.Type.AVAILABLE, False, "BelowMinimum", "0 of 1 ready"
     )
     ModelCondition.objects.set_condition("whisper-large", ModelCondition.Type.PROGRESSING, True, "ReplicaLoading")
+    # The last hour, for the charts: a pass every 30 s (a slow one at a scale-up, one error),
+    # the models' replica counts as they changed, and a few cold loads through the router.
+    for index in range(120, 0, -1):
+        seconds = 3600 - index * 30
+        outcome = ReconcilePass.Outcome.ERROR if index == 40 else ReconcilePass.Outcome.OK
+        busy = index in (100, 99, 60, 20)
+        ReconcilePass.objects.record(
+            outcome=outcome,
+            started_at=now - timedelta(seconds=3600 - seconds),
+            duration=timedelta(milliseconds=(420 if busy else 30 + index % 7 * 4)),
+            summary={"outcome": outcome, "actions": {"replicas_added": 2 if busy else 0, "replicas_probed": 5}},
+            holder_host="cp-web-1",
+            holder_pid=4242,
+        )
+    for minutes, samples in (
+        (58, [("llama-3-8b", 0, 2), ("whisper-large", 0, 1)]),
+        (49, [("llama-3-8b", 2, 2), ("whisper-large", 1, 1)]),
+        (30, [("llama-3-8b", 1, 2)]),
+        (29, [("llama-3-8b", 2, 2)]),
+        (9, [("whisper-large", 0, 1)]),
+    ):
+        ReplicaSample.objects.record_changes(samples, now=now - timedelta(minutes=minutes))
+    for minutes, model, took, error in (
+        (50, "llama-3-8b", 14, ""),
+        (49, "whisper-large", 6, ""),
+        (30, "llama-3-8b", 11, ""),
+        (9, "whisper-large", 4, "load_failed"),
+    ):
+        job, _ = LoadJob.objects.claim_or_attach(model, now=now - timedelta(minutes=minutes, seconds=took))
+        LoadJob.objects.start(job.pk, "cp-web-1:4242", now=now - timedelta(minutes=minutes, seconds=took))
+        finished = now - timedelta(minutes=minutes)
+        if error:
+            LoadJob.objects.fail(job.pk, code=error, message="backend exited while loading", now=finished)
+        else:
+            LoadJob.objects.succeed(job.pk, "cp-web-1:4242", NodeModel.objects.filter(model_name=model).first(),
+                                    now=finished)
     ReconcilePass.objects.record(
         outcome=ReconcilePass.Outcome.OK,
         started_at=now - timedelta(seconds=4),

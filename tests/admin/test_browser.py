@@ -108,7 +108,20 @@ def test_a_superuser_logs_in_and_sees_the_dashboard_and_the_nodes(web, browser):
     assert "loaded x2 (1 in flight)" in text
     assert "gpu-a100-01" in text and "gpu-l4-01" in text
     assert browser.find_element(By.CSS_SELECTOR, 'meta[http-equiv="refresh"]').get_attribute("content") == "10"
+    # The charts are drawn (inline SVG, laid out by the browser with a real size) and branded.
+    charts = browser.find_elements(By.CSS_SELECTOR, "svg.chart")
+    assert len(charts) == 5, len(charts)  # pass durations, actions, cold loads, one per model
+    assert all(chart.size["width"] > 100 and chart.size["height"] > 30 for chart in charts)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "svg.chart rect.chart-bar")) >= 2 * 120
+    assert browser.find_elements(By.CSS_SELECTOR, "svg.chart circle.load-failed")
+    assert browser.title == "Fleet dashboard | Control plane"
+    assert browser.find_element(By.CSS_SELECTOR, 'link[rel="icon"]').get_attribute("href").endswith("favicon.svg")
     save(browser, "dashboard.png")
+
+    browser.get(f"{web.base_url}/admin/reconciler/reconcilepass/")
+    timeline = browser.find_element(By.ID, "pass-timeline")
+    assert len(timeline.find_elements(By.CSS_SELECTOR, "rect.outcome-error")) == 2  # duration and actions
+    save(browser, "passes.png")
 
     browser.get(f"{web.base_url}/admin/registry/node/")
     rows = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
