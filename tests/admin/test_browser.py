@@ -116,7 +116,9 @@ def test_a_superuser_logs_in_and_sees_the_dashboard_and_the_nodes(web, browser):
     assert browser.find_elements(By.CSS_SELECTOR, "svg.chart circle.load-failed")
     assert browser.title == "Fleet dashboard | Control plane"
     assert browser.find_element(By.CSS_SELECTOR, 'link[rel="icon"]').get_attribute("href").endswith("favicon.svg")
+    browser.set_window_size(1400, 2100)  # the whole dashboard in one picture
     save(browser, "dashboard.png")
+    browser.set_window_size(1400, 900)
 
     browser.get(f"{web.base_url}/admin/reconciler/reconcilepass/")
     timeline = browser.find_element(By.ID, "pass-timeline")
