@@ -48,7 +48,9 @@ ROUTE_409 = "`no_load_info`: the model was never loaded and the request carried 
 ROUTE_503 = (
     "`no_matching_nodes` (no healthy node matches the model's selector), `capacity_exhausted` (every "
     "candidate holds its maximum replicas), `all_replicas_busy` (no VRAM and nothing idle to evict), "
-    "`load_failed` (StartBackend or LoadModel failed; the node is backed off), or `database_unavailable`"
+    "`load_failed` (StartBackend or LoadModel failed; the node is backed off), `database_unavailable`, or "
+    "`broker_unavailable` (a cold load could not be handed to the task broker, Redis; the load job is kept "
+    "and sent again once it answers)"
 )
 
 
