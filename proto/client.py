@@ -17,6 +17,10 @@ Why it looks like this:
   never logged.
 * Callers get :class:`GrpcCallError` / :class:`BackendUnavailable` instead of ``grpc.RpcError``,
   so code outside this package never imports grpc.
+* Channels are made by :mod:`proto.tls` (as every channel of the project): a ``grpcs://host:port``
+  address is dialled with TLS, verified against ``CONTROLPLANE_GRPC_TLS_CA``. A TLS setting
+  naming an unreadable file fails the call with FAILED_PRECONDITION (a probe counts that as
+  busy, never as a dead backend: a configuration mistake must not remove replicas).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import Message
 
-from proto import backend_pb2, worker_pb2
+from proto import backend_pb2, tls, worker_pb2
 
 __all__ = [
     "DEFAULT_TIMEOUTS",
@@ -134,14 +138,23 @@ _channels_lock = threading.Lock()
 
 
 def get_channel(address: str) -> grpc.Channel:
-    """The channel for ``address`` owned by this process, created on first use."""
+    """The channel for ``address`` owned by this process, created on first use (TLS for a
+    ``grpcs://`` address: :mod:`proto.tls`). Raises :class:`proto.tls.TlsConfigError` when a TLS
+    setting names a file that cannot be read."""
     key = (os.getpid(), address)
     with _channels_lock:
         channel = _channels.get(key)
         if channel is None:
-            channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            channel = tls.create_channel(address, _CHANNEL_OPTIONS)
             _channels[key] = channel
         return channel
+
+
+def _channel_for_call(address: str, method: str) -> grpc.Channel:
+    try:
+        return get_channel(address)
+    except tls.TlsConfigError as exc:
+        raise GrpcCallError(method, grpc.StatusCode.FAILED_PRECONDITION, f"TLS configuration: {exc}") from None
 
 
 def close_channel(address: str) -> None:
@@ -197,9 +210,9 @@ def _metadata(token: str | None, node_id: str | None = None) -> tuple[tuple[str,
     return tuple(pairs)
 
 
-def _error(method: str, exc: grpc.RpcError) -> GrpcCallError:
+def _error(method: str, exc: grpc.RpcError, address: str = "") -> GrpcCallError:
     code = exc.code() if hasattr(exc, "code") else None
-    detail = (exc.details() if hasattr(exc, "details") else None) or ""
+    detail = tls.explain(address, (exc.details() if hasattr(exc, "details") else None) or "")
     cls = BackendUnavailable if code == grpc.StatusCode.UNAVAILABLE else GrpcCallError
     return cls(method, code, detail)
 
@@ -258,7 +271,7 @@ def _require_connection(channel: grpc.Channel, method: str, timeout: float) -> N
 def _call(address, method, request, response_cls, *, timeout, metadata, connect_timeout=None):
     """One unary call with deadline and metadata; RpcError becomes GrpcCallError. With
     ``connect_timeout``, the connection must settle within it first (:func:`_require_connection`)."""
-    channel = get_channel(address)
+    channel = _channel_for_call(address, method)
     call = channel.unary_unary(method, request_serializer=_serialize, response_deserializer=response_cls.FromString)
     started = time.monotonic()
     if connect_timeout is not None:
@@ -270,7 +283,7 @@ def _call(address, method, request, response_cls, *, timeout, metadata, connect_
     try:
         reply = call(request, timeout=timeout, metadata=metadata)
     except grpc.RpcError as exc:
-        error = _error(method, exc)
+        error = _error(method, exc, address)
         _observe(method, error.code, started)
         logger.debug("gRPC %s to %s failed: %s", method, address, error.code)
         raise error from None
@@ -457,7 +470,7 @@ def predict_stream(
     early cancels the call.
     """
     method = _BACKEND + "PredictStream"
-    call = get_channel(address).unary_stream(
+    call = _channel_for_call(address, method).unary_stream(
         method, request_serializer=_serialize, response_deserializer=backend_pb2.Reply.FromString
     )
     request = _predict_request(options, model_identity, Prompt=prompt)
@@ -466,7 +479,7 @@ def predict_stream(
     try:
         yield from replies
     except grpc.RpcError as exc:
-        error = _error(method, exc)
+        error = _error(method, exc, address)
         _observe(method, error.code, started)
         raise error from None
     finally:
