@@ -54,3 +54,11 @@ def test_without_the_https_settings_check_deploy_fails_on_them(tmp_path):
     assert done.returncode != 0
     for warning in ("security.W004", "security.W008", "security.W012", "security.W016"):
         assert warning in done.stderr, done.stderr
+
+
+def test_an_unreadable_grpc_tls_file_stops_every_command_at_its_checks(tmp_path):
+    """The qcluster and the gateway run the system checks as they start: a TLS file they cannot
+    read stops them there (controlplane.E002), not at their first gRPC call."""
+    done = run(f"CONTROLPLANE_GRPC_TLS_CA={tmp_path / 'missing.pem'} python manage.py check", tmp_path)
+    assert done.returncode != 0
+    assert "controlplane.E002" in done.stderr and "missing.pem" in done.stderr, done.stderr
