@@ -17,17 +17,15 @@ Why it looks like this:
   never logged.
 * Callers get :class:`GrpcCallError` / :class:`BackendUnavailable` instead of ``grpc.RpcError``,
   so code outside this package never imports grpc.
-* Channels are made by :mod:`proto.tls` (as every channel of the project): a ``grpcs://host:port``
-  address is dialled with TLS, verified against ``CONTROLPLANE_GRPC_TLS_CA``. A TLS setting
-  naming an unreadable file fails the call with FAILED_PRECONDITION (a probe counts that as
-  busy, never as a dead backend: a configuration mistake must not remove replicas).
+* Channels (:mod:`proto.channels`) are made by :mod:`proto.tls`: TLS for ``grpcs://host:port``.
+  An unreadable TLS file fails the call with FAILED_PRECONDITION (a probe counts that as busy,
+  never as a dead backend: a configuration mistake must not remove replicas).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -36,7 +34,8 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import Message
 
-from proto import backend_pb2, tls, worker_pb2
+from proto import backend_pb2, channels, tls, worker_pb2
+from proto.channels import close_all_channels, close_channel, get_channel
 
 __all__ = [
     "DEFAULT_TIMEOUTS",
@@ -85,15 +84,6 @@ _SETTING_NAMES = {
     "connect": "GRPC_CONNECT_TIMEOUT",
 }
 
-_CHANNEL_OPTIONS = (
-    ("grpc.use_local_subchannel_pool", 1),  # no connection sharing across channels/forks
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 5000),  # a restarted backend is seen within seconds
-    ("grpc.client_idle_timeout_ms", 60_000),  # stop reconnecting to addresses nobody calls
-    ("grpc.max_receive_message_length", 50 * 1024 * 1024),  # as LocalAI's client
-    ("grpc.max_send_message_length", 50 * 1024 * 1024),
-)
-
 
 class Probe(enum.Enum):
     """What a Health probe says about a backend, for routing."""
@@ -131,51 +121,14 @@ class NotConnected(BackendUnavailable):
     """The connection never completed its HTTP/2 handshake: the request was never sent."""
 
 
-# --- channels -----------------------------------------------------------------------------
-
-_channels: dict[tuple[int, str], grpc.Channel] = {}
-_channels_lock = threading.Lock()
-
-
-def get_channel(address: str) -> grpc.Channel:
-    """The channel for ``address`` owned by this process, created on first use (TLS for a
-    ``grpcs://`` address: :mod:`proto.tls`). Raises :class:`proto.tls.TlsConfigError` when a TLS
-    setting names a file that cannot be read."""
-    key = (os.getpid(), address)
-    with _channels_lock:
-        channel = _channels.get(key)
-        if channel is None:
-            channel = tls.create_channel(address, _CHANNEL_OPTIONS)
-            _channels[key] = channel
-        return channel
+# --- channels (proto/channels.py) -------------------------------------------------------
 
 
 def _channel_for_call(address: str, method: str) -> grpc.Channel:
     try:
-        return get_channel(address)
+        return channels.get_channel(address)
     except tls.TlsConfigError as exc:
         raise GrpcCallError(method, grpc.StatusCode.FAILED_PRECONDITION, f"TLS configuration: {exc}") from None
-
-
-def close_channel(address: str) -> None:
-    """Close and forget this process's channel to ``address`` (e.g. its replica was removed)."""
-    with _channels_lock:
-        channel = _channels.pop((os.getpid(), address), None)
-    if channel is not None:
-        channel.close()
-
-
-def close_all_channels() -> None:
-    """Close this process's channels and forget every entry (for tests and shutdown).
-
-    Entries created by another pid (inherited across fork) are dropped without closing.
-    """
-    pid = os.getpid()
-    with _channels_lock:
-        owned = [ch for (owner, _), ch in _channels.items() if owner == pid]
-        _channels.clear()
-    for channel in owned:
-        channel.close()
 
 
 # --- settings, metadata, error mapping ------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 
 from proto import tls
+from worker.backend_tls import BackendTls
 from worker.config import WorkerConfig, join_host_port
 from worker.control_plane import (
     ControlPlaneClient,
@@ -32,7 +33,7 @@ from worker.control_plane import (
     RegistrationFailed,
     register_with_retry,
 )
-from worker.processes import BackendSupervisor, BackendTls
+from worker.processes import BackendSupervisor
 from worker.service import build_server
 
 log = logging.getLogger("worker.agent")

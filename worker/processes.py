@@ -29,7 +29,8 @@ from pathlib import Path
 import grpc
 
 from proto import backend_pb2, backend_pb2_grpc, tls
-from worker.config import ECHO_BACKEND, echo_command, join_host_port
+from worker.backend_tls import BACKEND_TLS_ENV, BackendTls, backend_channel
+from worker.config import ECHO_BACKEND, join_host_port
 
 log = logging.getLogger("worker.processes")
 
@@ -185,55 +186,6 @@ def _port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-#: The environment a TLS-capable backend serves TLS from (the echo backend reads it).
-BACKEND_TLS_ENV = ("BACKEND_TLS_CERT", "BACKEND_TLS_KEY", "BACKEND_TLS_CLIENT_CA")
-_PLAINTEXT = tls.ClientTls()
-
-
-@dataclass(frozen=True)
-class BackendTls:
-    """TLS of a worker's backends: the worker's own certificate and key (and client CA for
-    mutual TLS), served by the backend types in ``backend_types``; ``ca_file`` is what the
-    worker verifies them with. Other backend types (LocalAI's: they cannot serve TLS) stay
-    plaintext."""
-
-    cert_file: str
-    key_file: str
-    client_ca_file: str | None
-    ca_file: str | None
-    backend_types: frozenset[str]
-
-    @classmethod
-    def from_config(cls, config) -> BackendTls | None:
-        if not config.tls:
-            return None
-        types = set(config.tls_backends)
-        if config.backends.get(ECHO_BACKEND) == echo_command():  # the built-in echo serves TLS
-            types.add(ECHO_BACKEND)
-        return cls(
-            cert_file=os.path.abspath(config.tls_cert),
-            key_file=os.path.abspath(config.tls_key),
-            client_ca_file=os.path.abspath(config.tls_client_ca) if config.tls_client_ca else None,
-            ca_file=config.tls_ca,
-            backend_types=frozenset(types),
-        )
-
-    def environment(self) -> dict[str, str]:
-        paths = (self.cert_file, self.key_file, self.client_ca_file)
-        return {name: path for name, path in zip(BACKEND_TLS_ENV, paths, strict=True) if path}
-
-    def client(self) -> tls.ClientTls:
-        """How the worker dials its TLS backends: verifying them against ``ca_file`` and, when
-        they require client certificates, presenting its own certificate."""
-        mutual = bool(self.client_ca_file)
-        return tls.ClientTls(
-            ca_file=self.ca_file,
-            cert_file=self.cert_file if mutual else None,
-            key_file=self.key_file if mutual else None,
-            names=("--tls-ca", "--tls-cert", "--tls-key"),
-        )
 
 
 def backend_metadata(token: str | None) -> list[tuple[str, str]]:
@@ -539,17 +491,8 @@ class BackendSupervisor:
             self._ports_in_use.discard(proc.port)
 
     def _channel(self, proc: BackendProcess) -> grpc.Channel:
-        """A channel for the worker's own call to ``proc`` (proto.tls builds it). A TLS backend
-        is verified under the advertised host's name, which its certificate carries, also when
-        it is dialled on loopback."""
-        address = self._dial_address(proc)
-        if not proc.tls:
-            return tls.create_channel(address, tls=_PLAINTEXT)
-        return tls.create_channel(
-            tls.tls_address(address),
-            [("grpc.ssl_target_name_override", self.advertise_host.strip("[]"))],
-            tls=self.tls.client(),
-        )
+        """A channel for the worker's own call to ``proc`` (TLS when it serves TLS)."""
+        return backend_channel(self._dial_address(proc), self.tls if proc.tls else None, self.advertise_host)
 
     def _dial_address(self, proc: BackendProcess) -> str:
         if self.bind_host in ("0.0.0.0", "::", ""):  # listening everywhere: dial loopback
