@@ -73,6 +73,32 @@ ALLOWED_HOSTS = [
 ]
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 
+# --- HTTPS behind the reverse proxy (docs/tls.md) ----------------------------------------------
+# All off by default (``make run`` serves plain HTTP on loopback); the README's production
+# section sets every one, and ``manage.py check --deploy`` is then clean
+# (tests/security/test_deploy_check.py).
+# The header the proxy sets to "https" on requests it received over TLS (e.g. X-Forwarded-Proto);
+# empty: none is trusted. Set it only when the proxy overwrites the header on every request.
+_PROXY_SSL_HEADER = os.environ.get("DJANGO_SECURE_PROXY_SSL_HEADER", "").strip()
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _PROXY_SSL_HEADER.upper().replace("-", "_"), "https") if _PROXY_SSL_HEADER else None
+)
+# Redirect plain-HTTP requests (those without the proxy's header) to HTTPS.
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
+# Paths (regular expressions, without the leading slash) answered over plain HTTP even with the
+# redirect on: the probes and scrapes a load balancer or Prometheus sends to each web process
+# directly, not through the proxy.
+SECURE_REDIRECT_EXEMPT = [
+    p for p in os.environ.get("DJANGO_SECURE_REDIRECT_EXEMPT", r"^livez$,^readyz$,^metrics$").split(",") if p
+]
+# Strict-Transport-Security max-age (seconds; 0 sends no header), and its two flags.
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+# The admin's session and CSRF cookies are sent over HTTPS only.
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", False)
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -296,6 +322,17 @@ GRPC_WORKER_TIMEOUT = env_float("CONTROLPLANE_GRPC_WORKER_TIMEOUT", DEFAULT_TIME
 # Worker calls (StartBackend, ListBackends, ...) give up on a worker whose connection does not
 # complete the HTTP/2 handshake within this (it accepts TCP and never answers): proto/client.py.
 GRPC_CONNECT_TIMEOUT = env_float("CONTROLPLANE_GRPC_CONNECT_TIMEOUT", DEFAULT_TIMEOUTS["connect"])
+
+# --- gRPC TLS (proto/tls.py, docs/tls.md) ---------------------------------------------------
+# A worker or backend address ``grpcs://host:port`` is always dialled with TLS; with this set,
+# bare ``host:port`` addresses are too (a fleet whose every endpoint serves TLS).
+GRPC_TLS = env_bool("CONTROLPLANE_GRPC_TLS", False)
+# PEM file of the CA(s) that sign the workers' and backends' certificates; empty: gRPC's roots.
+GRPC_TLS_CA = os.environ.get("CONTROLPLANE_GRPC_TLS_CA", "")
+# Client certificate (chain) and key presented to workers and backends that require one (mutual
+# TLS: a worker started with --tls-client-ca); both or neither.
+GRPC_TLS_CERT = os.environ.get("CONTROLPLANE_GRPC_TLS_CERT", "")
+GRPC_TLS_KEY = os.environ.get("CONTROLPLANE_GRPC_TLS_KEY", "")
 
 # Seconds a web process answers an API key it verified from memory (no database read). A key
 # revoked in another process keeps working here for at most this long (docs/security.md).

@@ -9,6 +9,11 @@ process refuses to start unless a token is set or open registration is explicitl
 - a system check reports the same as an Error under ``runserver`` (so it refuses to start) and
   under ``check --deploy``. Other management commands (``migrate``, ``create_api_key``, the
   qcluster, tests) do not serve workers and are not blocked.
+
+The gRPC TLS settings (``CONTROLPLANE_GRPC_TLS_*``) are checked the same way, and in every
+command that runs the system checks (the qcluster and the gateway dial workers and backends):
+a file that cannot be read, or a client certificate without its key, is an Error
+(``controlplane.E002``) instead of a failure at the first gRPC call.
 """
 
 import sys
@@ -18,6 +23,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
 E001 = "controlplane.E001"
+E002 = "controlplane.E002"
 SERVING_COMMANDS = frozenset({"runserver"})
 
 
@@ -33,11 +39,18 @@ def registration_problem() -> str | None:
     )
 
 
+def tls_problems() -> list[str]:
+    """What is wrong with the gRPC TLS settings ([] when nothing)."""
+    from proto import tls
+
+    return tls.client_tls().problems()
+
+
 def require_serving_configuration() -> None:
     """Raise ImproperlyConfigured when the web process must not start."""
-    problem = registration_problem()
-    if problem:
-        raise ImproperlyConfigured(problem)
+    problems = [p for p in [registration_problem(), *tls_problems()] if p]
+    if problems:
+        raise ImproperlyConfigured(" ".join(problems))
 
 
 def _running_serving_command(argv=None) -> bool:
@@ -60,3 +73,9 @@ def check_registration_token_when_serving(app_configs=None, **kwargs):
 def check_registration_token_for_deploy(app_configs=None, **kwargs):
     """``manage.py check --deploy`` always reports a missing token."""
     return [] if _running_serving_command() else _errors()
+
+
+@checks.register(checks.Tags.security)
+def check_grpc_tls_files(app_configs=None, **kwargs):
+    """Every command: the gRPC TLS files must be readable (docs/tls.md)."""
+    return [checks.Error(problem, id=E002) for problem in tls_problems()]

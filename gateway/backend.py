@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc import aio
 
-from proto import backend_pb2, backend_pb2_grpc, client
+from proto import backend_pb2, backend_pb2_grpc, client, tls
 
 _CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 500),
@@ -40,7 +40,7 @@ class Backends:
     def _stub(self, address: str) -> backend_pb2_grpc.BackendStub:
         entry = self._stubs.get(address)
         if entry is None:
-            channel = aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            channel = tls.create_aio_channel(address, _CHANNEL_OPTIONS)  # TLS for grpcs:// (proto/tls.py)
             entry = self._stubs[address] = (channel, backend_pb2_grpc.BackendStub(channel))
         return entry[1]
 

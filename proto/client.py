@@ -17,13 +17,15 @@ Why it looks like this:
   never logged.
 * Callers get :class:`GrpcCallError` / :class:`BackendUnavailable` instead of ``grpc.RpcError``,
   so code outside this package never imports grpc.
+* Channels (:mod:`proto.channels`) are made by :mod:`proto.tls`: TLS for ``grpcs://host:port``.
+  An unreadable TLS file fails the call with FAILED_PRECONDITION (a probe counts that as busy,
+  never as a dead backend: a configuration mistake must not remove replicas).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +34,8 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import Message
 
-from proto import backend_pb2, worker_pb2
+from proto import backend_pb2, channels, tls, worker_pb2
+from proto.channels import close_all_channels, close_channel, get_channel
 
 __all__ = [
     "DEFAULT_TIMEOUTS",
@@ -81,15 +84,6 @@ _SETTING_NAMES = {
     "connect": "GRPC_CONNECT_TIMEOUT",
 }
 
-_CHANNEL_OPTIONS = (
-    ("grpc.use_local_subchannel_pool", 1),  # no connection sharing across channels/forks
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 5000),  # a restarted backend is seen within seconds
-    ("grpc.client_idle_timeout_ms", 60_000),  # stop reconnecting to addresses nobody calls
-    ("grpc.max_receive_message_length", 50 * 1024 * 1024),  # as LocalAI's client
-    ("grpc.max_send_message_length", 50 * 1024 * 1024),
-)
-
 
 class Probe(enum.Enum):
     """What a Health probe says about a backend, for routing."""
@@ -127,42 +121,14 @@ class NotConnected(BackendUnavailable):
     """The connection never completed its HTTP/2 handshake: the request was never sent."""
 
 
-# --- channels -----------------------------------------------------------------------------
-
-_channels: dict[tuple[int, str], grpc.Channel] = {}
-_channels_lock = threading.Lock()
+# --- channels (proto/channels.py) -------------------------------------------------------
 
 
-def get_channel(address: str) -> grpc.Channel:
-    """The channel for ``address`` owned by this process, created on first use."""
-    key = (os.getpid(), address)
-    with _channels_lock:
-        channel = _channels.get(key)
-        if channel is None:
-            channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-            _channels[key] = channel
-        return channel
-
-
-def close_channel(address: str) -> None:
-    """Close and forget this process's channel to ``address`` (e.g. its replica was removed)."""
-    with _channels_lock:
-        channel = _channels.pop((os.getpid(), address), None)
-    if channel is not None:
-        channel.close()
-
-
-def close_all_channels() -> None:
-    """Close this process's channels and forget every entry (for tests and shutdown).
-
-    Entries created by another pid (inherited across fork) are dropped without closing.
-    """
-    pid = os.getpid()
-    with _channels_lock:
-        owned = [ch for (owner, _), ch in _channels.items() if owner == pid]
-        _channels.clear()
-    for channel in owned:
-        channel.close()
+def _channel_for_call(address: str, method: str) -> grpc.Channel:
+    try:
+        return channels.get_channel(address)
+    except tls.TlsConfigError as exc:
+        raise GrpcCallError(method, grpc.StatusCode.FAILED_PRECONDITION, f"TLS configuration: {exc}") from None
 
 
 # --- settings, metadata, error mapping ------------------------------------------------------
@@ -197,9 +163,9 @@ def _metadata(token: str | None, node_id: str | None = None) -> tuple[tuple[str,
     return tuple(pairs)
 
 
-def _error(method: str, exc: grpc.RpcError) -> GrpcCallError:
+def _error(method: str, exc: grpc.RpcError, address: str = "") -> GrpcCallError:
     code = exc.code() if hasattr(exc, "code") else None
-    detail = (exc.details() if hasattr(exc, "details") else None) or ""
+    detail = tls.explain(address, (exc.details() if hasattr(exc, "details") else None) or "")
     cls = BackendUnavailable if code == grpc.StatusCode.UNAVAILABLE else GrpcCallError
     return cls(method, code, detail)
 
@@ -258,7 +224,7 @@ def _require_connection(channel: grpc.Channel, method: str, timeout: float) -> N
 def _call(address, method, request, response_cls, *, timeout, metadata, connect_timeout=None):
     """One unary call with deadline and metadata; RpcError becomes GrpcCallError. With
     ``connect_timeout``, the connection must settle within it first (:func:`_require_connection`)."""
-    channel = get_channel(address)
+    channel = _channel_for_call(address, method)
     call = channel.unary_unary(method, request_serializer=_serialize, response_deserializer=response_cls.FromString)
     started = time.monotonic()
     if connect_timeout is not None:
@@ -270,7 +236,7 @@ def _call(address, method, request, response_cls, *, timeout, metadata, connect_
     try:
         reply = call(request, timeout=timeout, metadata=metadata)
     except grpc.RpcError as exc:
-        error = _error(method, exc)
+        error = _error(method, exc, address)
         _observe(method, error.code, started)
         logger.debug("gRPC %s to %s failed: %s", method, address, error.code)
         raise error from None
@@ -457,7 +423,7 @@ def predict_stream(
     early cancels the call.
     """
     method = _BACKEND + "PredictStream"
-    call = get_channel(address).unary_stream(
+    call = _channel_for_call(address, method).unary_stream(
         method, request_serializer=_serialize, response_deserializer=backend_pb2.Reply.FromString
     )
     request = _predict_request(options, model_identity, Prompt=prompt)
@@ -466,7 +432,7 @@ def predict_stream(
     try:
         yield from replies
     except grpc.RpcError as exc:
-        error = _error(method, exc)
+        error = _error(method, exc, address)
         _observe(method, error.code, started)
         raise error from None
     finally:

@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from proto import tls
+from worker.backend_tls import BackendTls
 from worker.config import WorkerConfig, join_host_port
 from worker.control_plane import (
     ControlPlaneClient,
@@ -52,7 +54,7 @@ class WorkerAgent:
         if client is None and config.register:
             if not config.control_plane:
                 raise ValueError("a control-plane URL is required unless registration is off")
-            client = ControlPlaneClient(config.control_plane, timeout=config.http_timeout)
+            client = ControlPlaneClient(config.control_plane, timeout=config.http_timeout, ca_file=config.tls_ca)
         self.client = client
         self.supervisor = supervisor or BackendSupervisor(
             config.backends,
@@ -63,6 +65,7 @@ class WorkerAgent:
             exclude_ports=(config.port,),
             health_timeout=config.backend_health_timeout,
             stop_grace=config.backend_stop_grace,
+            tls=BackendTls.from_config(config),
         )
         self.node_id: str | None = None
         self._node_token: str | None = None
@@ -125,9 +128,18 @@ class WorkerAgent:
             token=lambda: self._service_token,
             bind=bind,
             node_id=lambda: self.node_id,
+            credentials=self._server_credentials(),
         )
         log.info("worker service listening on %s (advertised as %s)", bind, self.config.address)
         return self.bound_port
+
+    def _server_credentials(self):
+        cfg = self.config
+        if not cfg.tls:
+            return None
+        return tls.server_credentials(
+            cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, names=("--tls-cert", "--tls-key", "--tls-client-ca")
+        )
 
     # ----- registration and heartbeats -----------------------------------------------------
 

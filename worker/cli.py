@@ -17,6 +17,10 @@ TOKEN_ENV = "CONTROLPLANE_REGISTRATION_TOKEN"
 SERVICE_TOKEN_ENV = "WORKER_SERVICE_TOKEN"
 BACKEND_TOKEN_ENV = "WORKER_BACKEND_TOKEN"
 STATE_DIR_ENV = "WORKER_STATE_DIR"
+TLS_CERT_ENV = "WORKER_TLS_CERT"
+TLS_KEY_ENV = "WORKER_TLS_KEY"
+TLS_CLIENT_CA_ENV = "WORKER_TLS_CLIENT_CA"
+TLS_CA_ENV = "WORKER_TLS_CA"
 
 
 def default_state_dir() -> str:
@@ -127,6 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="at shutdown, how long to wait for in-flight requests (default: %(default)s)",
     )
+    tls = run.add_argument_group("TLS (docs/tls.md)")
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help=f"PEM certificate (chain) the worker service and its TLS backends serve; with it the "
+        f"worker advertises grpcs://HOST:PORT (default: env {TLS_CERT_ENV}; unset: plaintext)",
+    )
+    tls.add_argument("--tls-key", metavar="FILE", help=f"PEM private key of --tls-cert (default: env {TLS_KEY_ENV})")
+    tls.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help=f"require a client certificate signed by this CA on every call (mutual TLS; default: env "
+        f"{TLS_CLIENT_CA_ENV})",
+    )
+    tls.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help=f"CA the worker verifies its TLS backends with, also trusted for an https control plane "
+        f"(default: env {TLS_CA_ENV}; unset: the default roots)",
+    )
+    tls.add_argument(
+        "--tls-backend",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a --backend that serves TLS from the BACKEND_TLS_CERT/_KEY/_CLIENT_CA environment "
+        "(repeatable; the built-in echo always does; LocalAI's backends cannot and stay plaintext)",
+    )
     run.add_argument(
         "--no-register",
         dest="register",
@@ -160,6 +192,22 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         raise ValueError("--max-replicas-per-model must be >= 0")
     if args.heartbeat_interval <= 0:
         raise ValueError("--heartbeat-interval must be > 0")
+    tls_cert = args.tls_cert or os.environ.get(TLS_CERT_ENV) or None
+    tls_key = args.tls_key or os.environ.get(TLS_KEY_ENV) or None
+    tls_client_ca = args.tls_client_ca or os.environ.get(TLS_CLIENT_CA_ENV) or None
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if tls_client_ca and not tls_cert:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    backends = parse_backends(args.backend)
+    unknown = sorted(set(args.tls_backend) - set(backends))
+    if unknown:
+        raise ValueError(f"--tls-backend names no --backend: {', '.join(unknown)}")
+    tls_ca = args.tls_ca or os.environ.get(TLS_CA_ENV) or None
+    files = ((tls_cert, "--tls-cert"), (tls_key, "--tls-key"), (tls_client_ca, "--tls-client-ca"), (tls_ca, "--tls-ca"))
+    for path, flag in files:
+        if path and not os.access(path, os.R_OK):
+            raise ValueError(f"{flag}: cannot read {path!r}")
     return WorkerConfig(
         registration_token=token,
         name=args.name or os.uname().nodename,
@@ -170,7 +218,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         total_vram=args.vram,
         total_ram=args.ram,
         gpu_vendor=args.gpu_vendor,
-        backends=parse_backends(args.backend),
+        backends=backends,
         labels=parse_labels(args.labels),
         max_replicas_per_model=args.max_replicas_per_model,
         heartbeat_interval=args.heartbeat_interval,
@@ -182,6 +230,11 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         state_dir=args.state_dir or os.environ.get(STATE_DIR_ENV) or default_state_dir(),
         service_token=service_token,
         backend_token=backend_token,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        tls_ca=tls_ca,
+        tls_backends=frozenset(args.tls_backend),
     )
 
 

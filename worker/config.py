@@ -7,6 +7,10 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
+#: The address prefix of a TLS endpoint (proto/tls.py; repeated here so that this module
+#: imports without grpc).
+TLS_SCHEME = "grpcs://"
+
 GPU_VENDORS = ("nvidia", "amd", "intel", "vulkan", "unknown")
 
 #: The built-in backend, always available as backend_type ``echo``.
@@ -108,11 +112,29 @@ class WorkerConfig:
     #: the one its backends require. A registered worker gets both from the control plane.
     service_token: str | None = None
     backend_token: str | None = None
+    #: TLS (docs/tls.md): the certificate and key the worker service (and its TLS-capable
+    #: backends) serve; with them the worker advertises ``grpcs://HOST:PORT``.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: Mutual TLS: callers must present a certificate signed by this CA (PEM).
+    tls_client_ca: str | None = None
+    #: CA the worker verifies its TLS backends with (and an https control plane, beside the
+    #: system's roots); None: gRPC's and Python's default roots.
+    tls_ca: str | None = None
+    #: backend_type names, besides the built-in echo, that serve TLS from the BACKEND_TLS_*
+    #: environment (LocalAI's backends cannot: they stay plaintext).
+    tls_backends: frozenset[str] = frozenset()
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @property
     def address(self) -> str:
-        """The worker service address the control plane dials (``HOST:PORT``)."""
-        return join_host_port(self.advertise_host, self.port)
+        """The worker service address the control plane dials: ``HOST:PORT``, or
+        ``grpcs://HOST:PORT`` when the service serves TLS."""
+        plain = join_host_port(self.advertise_host, self.port)
+        return TLS_SCHEME + plain if self.tls else plain
 
     @property
     def listen_host(self) -> str:

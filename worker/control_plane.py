@@ -107,9 +107,14 @@ class ControlPlaneClient:
 
     Calls are serialised over one kept connection (module docstring); ``close`` drops it."""
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0):
+    def __init__(self, base_url: str, *, timeout: float = 10.0, ca_file: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        # An https control plane is verified against the system's roots, plus ``ca_file`` (the
+        # worker's --tls-ca: a private CA signing the proxy's certificate as well).
+        self._ssl_context = ssl.create_default_context()
+        if ca_file:
+            self._ssl_context.load_verify_locations(cafile=ca_file)
         parts = urllib.parse.urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"control plane URL must be http:// or https://host[:port]: {base_url!r}")
@@ -221,7 +226,7 @@ class ControlPlaneClient:
         self._drop_connection()
         if self._scheme == "https":
             self._connection = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self.timeout, context=ssl.create_default_context()
+                self._host, self._port, timeout=self.timeout, context=self._ssl_context
             )
         else:
             self._connection = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import grpc
 
-from proto import backend_pb2, backend_pb2_grpc
+from proto import backend_pb2, backend_pb2_grpc, tls
+from worker.backend_tls import BACKEND_TLS_ENV, BackendTls, backend_channel
 from worker.config import ECHO_BACKEND, join_host_port
 
 log = logging.getLogger("worker.processes")
@@ -140,6 +141,8 @@ class BackendProcess:
     memory_bytes: int | None = None
     #: The LOCALAI_GRPC_AUTH_TOKEN it was started with (the worker's own calls present it).
     auth_token: str | None = field(default=None, repr=False)
+    #: Serves TLS (started with the BACKEND_TLS_* environment; its address is grpcs://...).
+    tls: bool = False
 
     @property
     def key(self) -> tuple[str, int]:
@@ -196,7 +199,8 @@ class BackendSupervisor:
     ``argv + ["--addr", f"{bind_host}:{port}"]`` with ``LOCALAI_GRPC_AUTH_TOKEN`` = ``auth_token``
     (the node's backend token; the agent sets the attribute once registration hands it over,
     and each process keeps the token it was started with), and the address handed back is
-    ``f"{advertise_host}:{port}"``. ``exclude_ports`` are never handed
+    ``f"{advertise_host}:{port}"``, prefixed ``grpcs://`` for a backend type ``tls`` serves
+    (started with the ``BACKEND_TLS_*`` environment). ``exclude_ports`` are never handed
     out (the worker's own port).
     """
 
@@ -212,8 +216,10 @@ class BackendSupervisor:
         health_timeout: float = 30.0,
         stop_grace: float = 5.0,
         poll_interval: float = 1.0,
+        tls: BackendTls | None = None,
     ):
         self.backends = dict(backends)
+        self.tls = tls
         self.auth_token = auth_token
         self.advertise_host = advertise_host
         self.bind_host = bind_host or advertise_host
@@ -303,6 +309,11 @@ class BackendSupervisor:
             env["LOCALAI_GRPC_AUTH_TOKEN"] = auth_token
         else:
             env.pop("LOCALAI_GRPC_AUTH_TOKEN", None)
+        for name in BACKEND_TLS_ENV:
+            env.pop(name, None)
+        serves_tls = self.tls is not None and backend_type in self.tls.backend_types
+        if serves_tls:
+            env.update(self.tls.environment())
         if backend_type == ECHO_BACKEND:
             # The built-in backend imports this repository's packages wherever we run from.
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [_REPO_ROOT, env.get("PYTHONPATH")]))
@@ -329,10 +340,11 @@ class BackendSupervisor:
             replica_index=replica_index,
             backend_type=backend_type,
             port=port,
-            address=join_host_port(self.advertise_host, port),
+            address=(tls.tls_address if serves_tls else str)(join_host_port(self.advertise_host, port)),
             popen=popen,
             output=OutputRing(popen.stdout, label),
             auth_token=auth_token,
+            tls=serves_tls,
         )
         with self._lock:
             self._processes[proc.key] = proc
@@ -341,7 +353,7 @@ class BackendSupervisor:
 
     def _wait_healthy(self, proc: BackendProcess) -> None:
         deadline = time.monotonic() + self.health_timeout
-        with grpc.insecure_channel(self._dial_address(proc)) as channel:
+        with self._channel(proc) as channel:
             stub = backend_pb2_grpc.BackendStub(channel)
             while True:
                 if self._closed:
@@ -462,7 +474,7 @@ class BackendSupervisor:
 
     def _free(self, proc: BackendProcess) -> None:
         try:
-            with grpc.insecure_channel(self._dial_address(proc)) as channel:
+            with self._channel(proc) as channel:
                 result = backend_pb2_grpc.BackendStub(channel).Free(
                     backend_pb2.HealthMessage(), timeout=5, metadata=backend_metadata(proc.auth_token)
                 )
@@ -477,6 +489,10 @@ class BackendSupervisor:
             if self._processes.get(proc.key) is proc:
                 del self._processes[proc.key]
             self._ports_in_use.discard(proc.port)
+
+    def _channel(self, proc: BackendProcess) -> grpc.Channel:
+        """A channel for the worker's own call to ``proc`` (TLS when it serves TLS)."""
+        return backend_channel(self._dial_address(proc), self.tls if proc.tls else None, self.advertise_host)
 
     def _dial_address(self, proc: BackendProcess) -> str:
         if self.bind_host in ("0.0.0.0", "::", ""):  # listening everywhere: dial loopback
@@ -570,7 +586,7 @@ class BackendSupervisor:
 
     def _status_memory(self, proc: BackendProcess, timeout: float) -> int | None:
         try:
-            with grpc.insecure_channel(self._dial_address(proc)) as channel:
+            with self._channel(proc) as channel:
                 status = backend_pb2_grpc.BackendStub(channel).Status(
                     backend_pb2.HealthMessage(), timeout=timeout, metadata=backend_metadata(proc.auth_token)
                 )

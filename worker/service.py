@@ -110,8 +110,10 @@ def build_server(
     bind: str,
     node_id: Callable[[], str | None] = lambda: None,
     max_workers: int = 32,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int]:
-    """Create and start the worker's gRPC server on ``bind`` (``host:port``, port 0 = any).
+    """Create and start the worker's gRPC server on ``bind`` (``host:port``, port 0 = any),
+    serving TLS with ``credentials`` (``proto.tls.server_credentials``), plaintext without.
 
     Returns ``(server, port)``. Raises :class:`BindError` when the address cannot be bound. The thread
     pool is large because StartBackend blocks while a backend comes up.
@@ -124,7 +126,7 @@ def build_server(
     )
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(supervisor, node_id), server)
     try:
-        port = server.add_insecure_port(bind)
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
     except RuntimeError:
         port = 0
     if port == 0:

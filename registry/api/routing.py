@@ -31,7 +31,7 @@ from core.credentials import backend_token, worker_command_token
 from core.problems import ProblemError
 from core.schema import problems
 from core.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
-from proto import client, worker_pb2
+from proto import client, tls, worker_pb2
 from registry import affinity, router
 from registry.models import Lease, LoadJob, Node, NodeModel
 
@@ -124,7 +124,7 @@ class LeaseSerializer(serializers.Serializer):
     model_name = serializers.CharField()
     node_id = serializers.UUIDField()
     node_name = serializers.CharField()
-    address = serializers.CharField(help_text="host:port of the replica's backend.Backend gRPC service")
+    address = serializers.CharField(help_text="host:port of the replica's backend.Backend gRPC service; grpcs://host:port when it serves TLS (dial it with TLS)")
     replica_index = serializers.IntegerField()
     expires_at = serializers.DateTimeField(help_text="released automatically after this instant")
     model_identity = serializers.CharField(
@@ -247,9 +247,10 @@ _VOUCHING_STATES = ("RUNNING",)  # a backend that answered its Health check
 
 
 def _host(address: str) -> str:
-    """The host of ``host:port`` (brackets of an IPv6 literal removed, lower case); "" if none."""
+    """The host of ``host:port`` or ``grpcs://host:port`` (brackets of an IPv6 literal removed,
+    lower case); "" if none."""
     try:
-        return (urlsplit(f"//{address}").hostname or "").lower()
+        return (urlsplit(f"//{tls.split_address(address)[0]}").hostname or "").lower()
     except ValueError:
         return ""
 

@@ -106,7 +106,7 @@ class NodeRegistrationSerializer(serializers.Serializer):
         required=False,
         allow_blank=True,
         default="",
-        help_text="gRPC host:port; required for backend nodes",
+        help_text="gRPC host:port (grpcs://host:port: dialled with TLS); required for backend nodes",
     )
     http_address = StrictCharField(max_length=512, required=False, allow_blank=True, default="")
     token = StrictCharField(

@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 
-from proto import backend_pb2, client
+from proto import backend_pb2, channels, client
 
 
 def closed_port_address() -> str:
@@ -331,7 +331,7 @@ def test_the_registration_token_is_never_sent_when_the_caller_passes_no_token(
 
 def test_channel_is_created_lazily_and_reused_within_a_process():
     address = closed_port_address()
-    assert not any(addr == address for _, addr in client._channels)
+    assert not any(addr == address for _, addr in channels._channels)
 
     first = client.get_channel(address)
 
@@ -351,7 +351,7 @@ def test_closed_channel_is_rebuilt_on_next_use(serve, fake_backend):
 def test_channel_made_by_another_pid_is_not_reused(monkeypatch):
     address = closed_port_address()
     parent_channel = client.get_channel(address)
-    monkeypatch.setattr(client.os, "getpid", lambda: -12345)
+    monkeypatch.setattr(channels.os, "getpid", lambda: -12345)
 
     assert client.get_channel(address) is not parent_channel
 

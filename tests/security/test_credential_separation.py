@@ -139,6 +139,15 @@ def test_a_node_without_a_worker_service_vouches_only_for_its_own_host_and_is_ne
     assert not any(REGISTRATION_TOKEN in (value or "") for value in attacker.authorizations)
 
 
+def test_vouching_by_host_reads_the_host_of_a_grpcs_address():
+    """A node serving TLS registers ``grpcs://HOST:PORT`` (docs/tls.md): its host is still HOST."""
+    node_id = register("localai-tls", "grpcs://127.0.0.1:1", serves_worker_api=False).json()["id"]
+    refused = report(node_id, "grpcs://127.0.0.2:50100")
+    assert (refused.status_code, refused.json()["code"]) == (409, "replica_not_vouched")
+    assert report(node_id, "grpcs://127.0.0.1:50100").status_code == 201
+    assert NodeModel.objects.get().address == "grpcs://127.0.0.1:50100"
+
+
 def test_re_registering_a_name_with_only_the_fleet_token_cannot_take_the_node_over(servers):
     victim_worker, victim = register_worker(servers)
     node = Node.objects.get(pk=victim["id"])

@@ -41,6 +41,11 @@ What it answers (deterministic, so tests can assert content):
   (``EmbeddingTokens``, no text) is embedded as its ids joined by spaces and counts one token
   per id.
 
+TLS: with ``BACKEND_TLS_CERT`` and ``BACKEND_TLS_KEY`` in the environment (PEM files; the
+worker sets them for its TLS backends, docs/tls.md) it serves TLS, and with
+``BACKEND_TLS_CLIENT_CA`` as well it requires a client certificate signed by that CA. LocalAI's
+own backends have no such option: they serve plaintext only.
+
 Start-up: ``ECHO_START_DELAY_S=3`` (environment only) waits that long before listening, like a
 real backend importing its libraries; the worker's ``StartBackend`` waits for it.
 
@@ -92,7 +97,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from proto import backend_pb2, backend_pb2_grpc
+from proto import backend_pb2, backend_pb2_grpc, tls
 from worker.grpc_auth import BearerTokenInterceptor
 
 log = logging.getLogger("worker.backends.echo")
@@ -336,9 +341,15 @@ class EchoBackend(backend_pb2_grpc.BackendServicer):
         return backend_pb2.TokenizationResponse(length=len(tokens), tokens=tokens)
 
 
-def serve(addr: str, token: str | None = None, backend: EchoBackend | None = None, threads: int = 1) -> grpc.Server:
+def serve(
+    addr: str,
+    token: str | None = None,
+    backend: EchoBackend | None = None,
+    threads: int = 1,
+    credentials: grpc.ServerCredentials | None = None,
+) -> grpc.Server:
     """Start the echo backend on ``addr`` with ``threads`` gRPC threads (1, like LocalAI's Python
-    backends by default)."""
+    backends by default), serving TLS with ``credentials``, plaintext without."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads),
         interceptors=[BearerTokenInterceptor(token)],
@@ -347,13 +358,24 @@ def serve(addr: str, token: str | None = None, backend: EchoBackend | None = Non
     )
     backend_pb2_grpc.add_BackendServicer_to_server(backend or EchoBackend(), server)
     try:
-        port = server.add_insecure_port(addr)
+        port = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
     except RuntimeError:
         port = 0
     if port == 0:
         raise RuntimeError(f"cannot bind {addr}")
     server.start()
     return server
+
+
+def _tls_from_env() -> grpc.ServerCredentials | None:
+    """The BACKEND_TLS_* environment as server credentials, None when unset (plaintext)."""
+    cert, key = os.environ.get("BACKEND_TLS_CERT"), os.environ.get("BACKEND_TLS_KEY")
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ValueError("BACKEND_TLS_CERT and BACKEND_TLS_KEY go together")
+    names = ("BACKEND_TLS_CERT", "BACKEND_TLS_KEY", "BACKEND_TLS_CLIENT_CA")
+    return tls.server_credentials(cert, key, os.environ.get("BACKEND_TLS_CLIENT_CA") or None, names=names)
 
 
 def main(argv=None) -> int:
@@ -373,14 +395,15 @@ def main(argv=None) -> int:
         if threads < 1:
             raise ValueError(f"PYTHON_GRPC_MAX_WORKERS must be >= 1, got {threads}")
         backend = EchoBackend(EchoSettings.from_env())
-        server = serve(args.addr, os.environ.get("LOCALAI_GRPC_AUTH_TOKEN") or None, backend, threads)
+        credentials = _tls_from_env()
+        server = serve(args.addr, os.environ.get("LOCALAI_GRPC_AUTH_TOKEN") or None, backend, threads, credentials)
     except (RuntimeError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    log.info("serving on %s", args.addr)
+    log.info("serving on %s%s", args.addr, " (TLS)" if credentials else "")
     while not stop.wait(0.5):
         pass
     log.info("stopping")
