@@ -267,3 +267,47 @@ def _raw(url: str, data: bytes | None = None) -> tuple[int, bytes]:
     except urllib.error.HTTPError as error:
         return error.code, error.read()
 
+
+
+def test_the_gateway_streams_through_nginx_unbuffered_past_a_dead_gateway(fleet, report):
+    """The shipped gateway server: one of its two upstreams is a gateway, the other a port
+    nothing listens on (a dead gateway machine). A streamed completion of 40 tokens at 20 per
+    second (two seconds) comes through nginx chunk by chunk: its first token arrives well before
+    the stream ends, and every request reaches the live gateway (a refused connection is passed
+    on, not answered 502). Two things keep nginx from buffering a stream: the shipped
+    ``proxy_buffering off`` and the gateway's own ``X-Accel-Buffering: no`` header on every
+    stream; either suffices (with ``proxy_buffering on`` this test passes too), so this shows
+    the shipped pair streams, not which one does it."""
+    import openai
+
+    fleet.settings_env.update(fast_settings(CONTROLPLANE_LOAD_JOB_RUNNER="thread"))
+    fleet.start_web(workers=1)
+    fleet.start_worker("lb-gw", slots=1)
+    fleet.wait_nodes({"lb-gw"})
+    fleet.start_reconciler(1.0)
+    slow = {"backend_type": "echo", "model_options": {"Model": "lb-slow", "Options": ["echo.tokens_per_second=20"]}}
+    status, body = fleet.api("PUT", "/api/v1/models/lb-slow/load-info", slow)
+    assert status in (200, 201), body
+    status, body = fleet.api("PUT", "/api/v1/models/lb-slow/scheduling",
+                             {"min_replicas": 1, "max_replicas": 0, "node_selector": {}})
+    assert status in (200, 201), body
+    fleet.wait_converged("lb-slow", 1, 60)
+    web_port = fleet.web_port
+    fleet.start_gateway()
+    nginx = Nginx(fleet, (web_port, free_port()), (fleet.gateway_port, free_port()))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{nginx.gateway_port}/v1", api_key=fleet.api_key,
+                           max_retries=0, timeout=60)
+
+    words = " ".join(f"w{index}" for index in range(40))
+    for _ in range(3):  # round robin: at least one of these is offered to the dead upstream first
+        began = time.monotonic()
+        arrivals = [time.monotonic() - began for chunk in client.completions.create(
+            model="lb-slow", prompt=words, stream=True) if chunk.choices and chunk.choices[0].text]
+        assert len(arrivals) == 40, arrivals
+        assert arrivals[0] < arrivals[-1] / 2, (arrivals[0], arrivals[-1])
+    streamed = [e for e in nginx.requests() if e["uri"] == "/v1/completions"]
+    assert [e["status"] for e in streamed] == [200, 200, 200], streamed
+    assert any(len(e["attempts"]) == 2 for e in streamed), streamed  # one passed on from the dead port
+    report(f"e2e nginx gateway: 3 streams of 40 tokens at 20/s through nginx, first token after "
+           f"{arrivals[0]:.2f}s of {arrivals[-1]:.2f}s; {sum(len(e['attempts']) == 2 for e in streamed)} "
+           "passed on from the dead gateway port")
