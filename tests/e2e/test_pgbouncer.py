@@ -68,6 +68,7 @@ class PgBouncer:
             run_as = ["runuser", "-u", "postgres", "--"]
         self.process = fleet.spawn("pgbouncer", [*run_as, executable, str(self.directory / "pgbouncer.ini")])
         self.user = admin["USER"]
+        self.psql = binary("psql", "postgresql-client")
         wait_for(self._answers, timeout=20, what="pgbouncer accepting")
 
     def url(self, database: str) -> str:
@@ -77,7 +78,7 @@ class PgBouncer:
         """A command on PgBouncer's admin console (psql: the console speaks only the simple
         query protocol), rows as lists of fields."""
         result = subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "pgbouncer",
+            [self.psql, "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "pgbouncer",
              "-AtF", "\t", "-c", command],
             capture_output=True, text=True, timeout=10,
         )
@@ -96,7 +97,7 @@ class PgBouncer:
         """PostgreSQL backend pids of PgBouncer's server connections (SHOW SERVERS' remote_pid)."""
         rows = self.admin("SHOW SERVERS")
         header = subprocess.run(
-            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "pgbouncer",
+            [self.psql, "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "pgbouncer",
              "-AF", "\t", "-c", "SHOW SERVERS"], capture_output=True, text=True, timeout=10,
         ).stdout.splitlines()[0].split("\t")
         column = header.index("remote_pid")
