@@ -21,12 +21,13 @@ soak:  ## the soak: a fleet under traffic with random kills and restarts (DURATI
 bench:  ## quick versions of the four hot-path benchmarks on PostgreSQL, each ratio against its goal (< 5 min)
 	@scripts/bench
 
-check:  ## lint, migration drift, generated-code drift, OpenAPI drift, Prometheus rules (promtool)
+check:  ## lint, migration drift, generated-code drift, OpenAPI drift, Prometheus rules (promtool), nginx config and systemd units
 	@$(BOOTSTRAP); ruff check .
 	@$(BOOTSTRAP); CONTROLPLANE_VAR_DIR=$$(mktemp -d) python manage.py makemigrations --check --dry-run
 	@$(BOOTSTRAP); python scripts/gen_proto.py --check
 	@$(BOOTSTRAP); if [ -f scripts/check_openapi.py ]; then CONTROLPLANE_VAR_DIR=$$(mktemp -d) python scripts/check_openapi.py; fi
 	@scripts/check_monitoring
+	@scripts/check_deploy
 
 proto:  ## regenerate the protobuf/gRPC code under proto/
 	@$(BOOTSTRAP); python scripts/gen_proto.py

@@ -14,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from core.logs import logging_config
 from proto.client import DEFAULT_TIMEOUTS
@@ -190,6 +191,39 @@ else:
     DATABASES["default"].setdefault("OPTIONS", {})
     DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", env_int("DATABASE_CONNECT_TIMEOUT", 5))
     DATABASES["default"]["TEST"] = {"NAME": os.environ.get("DATABASE_TEST_NAME") or None}
+
+# Behind PgBouncer in transaction mode (DATABASE_POOLER=pgbouncer-transaction), each transaction
+# may run on another server connection, so nothing may rely on session state:
+# - session-level advisory locks (the reconcile leader and pass locks, migrate_locked) would be
+#   taken on one server connection and released, or not, on another: they go to a second alias,
+#   "direct", a plain connection to PostgreSQL itself (DATABASE_DIRECT_URL), as registry/locks.py
+#   routes them; transaction-level locks stay on "default" (they live inside the transaction);
+# - server-side prepared statements (PgBouncer 1.18 does not carry them across server
+#   connections): Django's psycopg cursors bind client-side and prepare nothing, and
+#   prepare_threshold=None makes sure psycopg never prepares on its own;
+# - server-side cursors (QuerySet.iterator() declares one WITH HOLD outside a transaction).
+# Django sets only the time zone on its connections, a parameter PgBouncer tracks per client.
+# Nothing uses LISTEN/NOTIFY. docs/operations.md, "PostgreSQL past one server: PgBouncer".
+DATABASE_POOLER = os.environ.get("DATABASE_POOLER", "").strip()
+DIRECT_DATABASE_ALIAS = "direct"
+if DATABASE_POOLER:
+    if DATABASE_POOLER != "pgbouncer-transaction":
+        raise ImproperlyConfigured(f"DATABASE_POOLER={DATABASE_POOLER!r}: the one supported value is pgbouncer-transaction")
+    if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+        raise ImproperlyConfigured("DATABASE_POOLER needs a PostgreSQL DATABASE_URL")
+    if not os.environ.get("DATABASE_DIRECT_URL"):
+        raise ImproperlyConfigured(
+            "DATABASE_POOLER=pgbouncer-transaction needs DATABASE_DIRECT_URL: PostgreSQL itself, not "
+            "the pooler, for the session-level advisory locks"
+        )
+    DATABASES["default"]["OPTIONS"]["prepare_threshold"] = None
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
+    DATABASES[DIRECT_DATABASE_ALIAS] = dj_database_url.parse(
+        os.environ["DATABASE_DIRECT_URL"], conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60), conn_health_checks=True
+    )
+    DATABASES[DIRECT_DATABASE_ALIAS]["OPTIONS"] = {"connect_timeout": env_int("DATABASE_CONNECT_TIMEOUT", 5)}
+    # The same database as "default": a test run creates no second test database for it.
+    DATABASES[DIRECT_DATABASE_ALIAS]["TEST"] = {"MIRROR": "default"}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -6,7 +6,14 @@
   try-lock but bounds every gRPC call with a short deadline);
 - session-level locks live on the database connection of the calling thread and die with it,
   so a process that is killed releases its locks;
-- every key is declared in ``LockKey`` so that two features can never collide on one number.
+- every key is declared in ``LockKey`` so that two features can never collide on one number;
+- behind PgBouncer in transaction mode (``DATABASE_POOLER``) a session-level lock is taken on
+  the ``direct`` alias, a connection to PostgreSQL itself (``session_alias``): through the
+  pooler, consecutive statements of one thread may run on different server sessions, so the
+  lock would be taken on one and the unlock sent to another. The lock's connection is then not
+  the one the locked work runs on; it is still this thread's and this process's, so it dies
+  with the process as before, and a lost lock connection fails the next lock or unlock
+  statement (the leader loop ends its run, ``reconciler/reconcile.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, OperationalError, connections, transaction
 
 
@@ -38,6 +46,14 @@ class LockTimeout(Exception):
 
 def _is_postgres(alias: str) -> bool:
     return connections[alias].vendor == "postgresql"
+
+
+def session_alias(using: str = DEFAULT_DB_ALIAS) -> str:
+    """The alias a session-level lock for ``using`` is taken on: ``direct`` when ``using`` is
+    the default database and it is reached through a transaction-mode pooler, else ``using``."""
+    if using == DEFAULT_DB_ALIAS and settings.DIRECT_DATABASE_ALIAS in settings.DATABASES:
+        return settings.DIRECT_DATABASE_ALIAS
+    return using
 
 
 # --- SQLite fallback: an flock'd file beside the database ----------------------------------
@@ -95,6 +111,7 @@ def advisory_lock(key: LockKey, *, timeout: float | None = None, using: str = DE
     cannot hang every starter); raises ``LockTimeout`` when the wait runs out.
     SQLite: an exclusive ``flock`` on a file beside the database.
     """
+    using = session_alias(using)
     if not _is_postgres(using):
         with _file_lock(int(key), using, blocking=True, timeout=timeout):
             yield
@@ -122,6 +139,7 @@ def try_advisory_lock(key: LockKey, *, using: str = DEFAULT_DB_ALIAS):
 
     ``with try_advisory_lock(LockKey.RECONCILE) as held: if not held: return "skipped"``.
     """
+    using = session_alias(using)
     if not _is_postgres(using):
         with _file_lock(int(key), using, blocking=False, timeout=None) as acquired:
             yield acquired
@@ -140,8 +158,8 @@ def try_advisory_lock(key: LockKey, *, using: str = DEFAULT_DB_ALIAS):
 
 def xact_advisory_lock(key: LockKey, *, using: str = DEFAULT_DB_ALIAS) -> None:
     """Take a transaction-level lock, released at commit/rollback. Must run inside
-    ``transaction.atomic()``. On SQLite the IMMEDIATE transaction already serialises writers,
-    so this is a no-op there."""
+    ``transaction.atomic()``; it lives in the transaction, so it works through a pooler too. On
+    SQLite the IMMEDIATE transaction already serialises writers, so this is a no-op there."""
     if not transaction.get_connection(using).in_atomic_block:
         raise RuntimeError("xact_advisory_lock needs an open transaction")
     if _is_postgres(using):

@@ -1,4 +1,4 @@
-"""External tools a test needs (Redis, promtool, prometheus): a missing one is never a silent pass.
+"""External tools a test needs (Redis, promtool, prometheus, nginx, pgbouncer): a missing one is never a silent pass.
 
 ``missing(what)`` skips the test with a reason starting ``MISSING TOOL``, which the terminal
 summary repeats in a banner (``tests/conftest.py``); under ``CI=true`` it fails the test instead,
@@ -25,7 +25,8 @@ def missing(what: str) -> None:
 
 def binary(name: str, package: str) -> str:
     """The path of executable ``name`` (Debian package ``package``), or ``missing``."""
-    path = shutil.which(name)
+    # nginx and pgbouncer live in /usr/sbin, which an unprivileged user's PATH often lacks.
+    path = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
     if path is None:
         missing(f"`{name}` not found (Debian package `{package}`: apt-get install -y {package})")
     return path
