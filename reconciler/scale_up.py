@@ -80,14 +80,16 @@ class ScaleUp:
             return
         deadline = self.started + self.cfg.scale_up_budget
         by_name = {plan.model_name: Completion(self, snapshot, plan, pool) for plan in plans}
+        recorder = partial(record_loads, batch)
         for load in batch.claim(pool.free(), deadline=deadline):
             self.summary.count("loads_started")
             pool.submit(
                 Task(
                     load.row.model_name,
-                    record=partial(by_name[load.row.model_name].record_load, load),
                     network=partial(load.network, deadline),
                     row_id=load.row.pk,
+                    together=recorder,
+                    item=(by_name[load.row.model_name], load),
                 )
             )
         for name, count in batch.slow.items():
@@ -178,15 +180,20 @@ class Completion:
         self.added = 0
         self.failed = False
 
-    def record_load(self, load, outcome: tuple) -> Counter:
-        return self.report(load.record(outcome))
-
     def record_slow(self, model, count: int, deadline: float, outcome: tuple) -> Counter:
         from registry.bulk_loading import load_one_by_one
 
         return self.report(load_one_by_one(model, count, deadline=deadline))
 
     def report(self, result) -> Counter:
+        counts, events = self.account(result)
+        if events:
+            Event.objects.record_many(events)
+            counts["events_recorded"] += len(events)
+        return counts
+
+    def account(self, result) -> tuple[Counter, list]:
+        """The counts and the events (not yet written) of one result."""
         plan, counts, events = self.plan, Counter(), []
         for row in result.loaded:
             with self.lock:
@@ -224,10 +231,23 @@ class Completion:
                         added_before_failure=self.added,
                     )
                 )
-        if events:
-            Event.objects.record_many(events)
-            counts["events_recorded"] += len(events)
-        return counts
+        return counts, events
+
+
+def record_loads(batch, finished: list) -> Counter:
+    """The pool's ``together`` for the loads of one pass (``Task.item``: their plan's
+    ``Completion`` and the ``Load``): the loads that finished together recorded at once
+    (``batch.record_loads``: one ``mark_loaded_many``), their events in one INSERT."""
+    results = batch.record_loads([(task.item[1], outcome) for task, outcome in finished])
+    counts, events = Counter(), []
+    for (task, _), result in zip(finished, results, strict=True):
+        more, their_events = task.item[0].account(result)
+        counts.update(more)
+        events.extend(their_events)
+    if events:
+        Event.objects.record_many(events)
+        counts["events_recorded"] += len(events)
+    return counts
 
 
 def _event(kind: str, model_name: str, node: NodeView | None, message: str, **details) -> Event:
