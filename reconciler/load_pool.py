@@ -4,23 +4,33 @@ A pass decides and claims replica slots under the reconcile lock (``loading`` ro
 VRAM reservations: what guarantees one loader per slot), hands each claimed load to a
 ``LoadPool`` and returns; the lock is released while the loads run. A pool has ``size``
 threads (``CONTROLPLANE_RECONCILE_LOAD_CONCURRENCY``): never more than ``size`` loads of one
-pool are in flight, across passes. Each load's outcome is recorded when it
-finishes, through the verbs and with its events (``record``, given by the scale-up phase).
+pool are in flight, across passes. The loads' outcomes are recorded through the verbs and
+with their events as they finish, those that finished together at once (``Task.together``,
+given by the scale-up phase: one ``mark_loaded_many`` and one event INSERT per batch, not one
+each): a batch is whatever finished while the previous one was written, so a lone load waits
+for no timer and a burst costs as few writes as the database's speed allows. Until its record
+is written a finished load still counts as running (``free``) and its row is kept alive.
 
 Two ways to run it:
 
 - the process's pool (``process_pool``: the leader process, ``manage.py reconcile --loop``),
   long-lived, takes no more work than it has free threads (a pass claims at most that many
-  slots; the next passes claim the rest as threads free up); its threads record the outcomes, and while any load runs a keep-alive
-  thread refreshes its rows (``NodeModel.objects.keep_loading``) every quarter of
+  slots; the next passes claim the rest as threads free up); a recorder thread records the
+  outcomes (a task without ``together``, the re-reading path, records itself on its pool
+  thread), and while any load runs or waits for its record a keep-alive thread refreshes its
+  rows (``NodeModel.objects.keep_loading``) every quarter of
   ``CONTROLPLANE_RECONCILE_STALE_LOADING_AFTER``, so the stale-loading sweep only takes the
   rows of a dead process (a SIGKILLed qcluster: its threads died with it);
 - a one-shot call's own pool (``reconcile_once``, ``record_on_threads=False``, ``queue=None``):
   the pass claims every slot its plans want at once, as before; loads not started within
   ``CONTROLPLANE_RECONCILE_SCALE_UP_BUDGET`` of the pass's start are discarded unstarted. Its
-  threads run the network calls only, and the caller's ``drain`` records the outcomes on its own thread,
-  keeping the rows alive while it waits; the re-reading path (eviction) runs there too, once
-  the network loads are recorded.
+  threads run the network calls only, and the caller's ``drain`` records the outcomes on its own
+  thread, in the same batches, keeping the rows alive while it waits; the re-reading path
+  (eviction) runs there too, once the network loads are recorded.
+
+If the process dies between a load's gRPC answer and its record, the row stays ``loading``
+with its reservation, as when it dies during the load: no longer kept alive, it is discarded
+by the stale-loading sweep and the backend stopped as an orphan.
 """
 
 from __future__ import annotations

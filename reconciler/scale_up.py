@@ -6,8 +6,10 @@ With the default scheduler (``RouterScheduler``) the phase reads the placement s
 row and VRAM reservation: what guarantees one loader per slot) under the pass's reconcile lock,
 at most as many as the pass's load pool takes (``load_pool.LoadPool.free``; the rest is skipped
 as ``load_concurrency`` and claimed by a later pass), hands the loads to the pool and returns:
-the pass, and its lock, do not wait for them. Each load's outcome is recorded when it finishes
-(``Completion``: the verbs, then its ``replica_added`` or ``scale_up_failed`` event); the next
+the pass, and its lock, do not wait for them. The loads are recorded as they finish, those
+that finished together at once (``record_loads``, the pool's ``together``: one
+``mark_loaded_many`` and one event INSERT for the batch; each plan's ``Completion`` gives its
+loads' ``replica_added`` or ``scale_up_failed`` events); the next
 pass's conditions catch up (``loading`` rows count as replicas, so nothing is placed twice; a
 failure the pool saw is reported by the next pass's Progressing condition).
 A scheduler with only ``schedule_and_load`` (tests, benchmarks) is called once per replica, in
@@ -169,8 +171,9 @@ class ScaleUp:
 
 
 class Completion:
-    """Records one plan's loads when they finish (on a pool thread, or the caller draining a
-    one-shot pool), with their events: ``replica_added``, and ``scale_up_failed`` once per
+    """Accounts for one plan's loads when they are recorded (``record_loads``, on the pool's
+    recorder or the caller draining a one-shot pool; ``record_slow`` for the re-reading path,
+    on a pool thread), with their events: ``replica_added``, and ``scale_up_failed`` once per
     failure state. The failure is also left in ``pool.failures`` for the next pass's
     conditions. Returns the action counts."""
 

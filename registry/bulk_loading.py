@@ -20,10 +20,11 @@ every replica its scaling plans want. The sequence keeps the rules of
 3. **Network, then record**: each claimed slot is a :class:`Load`: ``Load.network``
    (``StartBackend`` on the worker, ``LoadModel`` on the backend: ``loading.start_and_load``)
    touches no database and runs on a pool thread, no transaction and no row lock open while
-   it waits on gRPC: the claim committed before, the record commits after. ``Load.record``
-   records the outcome through the verbs: ``mark_loaded_many`` (with the per-replica recipe),
-   or ``loading.abandon`` (the row and its reservation discarded by ``discard_loading``, the
-   backend stopped, the node backed off).
+   it waits on gRPC: the claim committed before, the record commits after. :func:`record_loads`
+   records the outcomes of the loads that finished together through the verbs: the successful
+   ones in one ``mark_loaded_many`` (with the per-replica recipe; a row removed or reassigned
+   during its load is not marked), a failure with ``loading.abandon`` (the row and its
+   reservation discarded by ``discard_loading``, the backend stopped, the node backed off).
 4. **What the batch cannot decide** (not enough VRAM anywhere: eviction; a lost claim race)
    goes through :func:`load_one_by_one`: ``schedule_and_load`` one replica at a time, which
    re-reads the placement state and evicts when needed.
