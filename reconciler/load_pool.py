@@ -155,7 +155,8 @@ class LoadPool:
                     for task, outcome in items:
                         self._record(task.model_name, task.record, outcome)
                 else:
-                    self._record(items[0][0].model_name, together, items)
+                    names = sorted({task.model_name for task, _ in items})
+                    self._record(", ".join(names), together, items)
         finally:
             with self._changed:
                 for task, _ in finished:
@@ -186,9 +187,15 @@ class LoadPool:
                         if not self._changed.wait(timeout=RECORDER_IDLE):
                             db.connections.close_all()  # idle: do not hold a connection meanwhile
                     finished, self._finished = self._finished, []
-                db.close_old_connections()  # a kept connection past its age or broken: a new one
-                self._finish(finished)
+                try:
+                    db.close_old_connections()  # a kept connection past its age or broken: a new one
+                    self._finish(finished)  # no longer running afterwards, whatever happened
+                except Exception:  # the thread must live on: ``drain`` waits for the next batches
+                    logger.exception("the load recorder failed")
         finally:
+            with self._lock:
+                if self._recorder is threading.current_thread():
+                    self._recorder = None
             db.connections.close_all()
 
     def keep_alive(self) -> int:
