@@ -16,8 +16,8 @@ Two ways to run it:
 - the process's pool (``process_pool``: the leader process, ``manage.py reconcile --loop``),
   long-lived, takes no more work than it has free threads (a pass claims at most that many
   slots; the next passes claim the rest as threads free up); a recorder thread records the
-  outcomes (a task without ``together``, the re-reading path, records itself on its pool
-  thread), and while any load runs or waits for its record a keep-alive thread refreshes its
+  outcomes (a task without ``together``, the re-reading path, and a failed load record
+  themselves on their pool thread), and while any load runs or waits for its record a keep-alive thread refreshes its
   rows (``NodeModel.objects.keep_loading``) every quarter of
   ``CONTROLPLANE_RECONCILE_STALE_LOADING_AFTER``, so the stale-loading sweep only takes the
   rows of a dead process (a SIGKILLed qcluster: its threads died with it);
@@ -130,7 +130,9 @@ class LoadPool:
 
     def _run(self, task: Task):
         outcome = _outcome(task.network)
-        if self.record_on_threads and task.together is None:
+        # Recorded alone, on this thread: the re-reading path, and a failed load, whose record
+        # stops its backend (a network call that must not hold up the batch of the others).
+        if self.record_on_threads and (task.together is None or outcome[1] is not None):
             try:
                 self._finish([(task, outcome)])
             finally:

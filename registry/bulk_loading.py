@@ -460,12 +460,23 @@ class Load:
 def record_loads(finished, *, now=None) -> list[ModelResult]:
     """Record several finished loads at once (``Load.record`` for each, in one write where it
     can): ``finished`` is a list of ``(load, outcome)``; returns one result per load, in order.
-    The successful ones are marked ``loaded`` together, in one ``mark_loaded_many`` (one short
-    transaction, whatever their number); a row removed or reassigned during its load is not
-    among the ids it returns and is reported as removed, as alone. Failed and unstarted loads
-    (rare) are recorded one by one."""
+    The successful ones are marked ``loaded`` together, first, in one ``mark_loaded_many``
+    (whatever their number); a row removed or reassigned during its load is not among the ids
+    it returns and is reported as removed, as alone. Failed and unstarted loads (rare) are
+    recorded one by one after them (the reconciler's pool records a failed load alone, on its
+    own thread: ``loading.abandon`` stops its backend, a network call)."""
     results = [ModelResult(load.row.model_name) for load, _ in finished]
-    succeeded = []
+    succeeded = [
+        (load, value, result)
+        for (load, (value, error)), result in zip(finished, results, strict=True)
+        if error is None and value is not NOT_STARTED
+    ]
+    if succeeded:  # first: a failure's record below (network, database) cannot hold them up
+        marked = NodeModel.objects.mark_loaded_many(
+            {load.row.pk: (value, load.model.opts_blob) for load, value, _ in succeeded}, now=now
+        )
+        for load, value, result in succeeded:
+            _record_loaded(load.row, value, load.row.pk in marked, load.model, result, load.state, now)
     for (load, (value, error)), result in zip(finished, results, strict=True):
         row, model, state = load.row, load.model, load.state
         if error is None and value is NOT_STARTED:
@@ -480,14 +491,6 @@ def record_loads(finished, *, now=None) -> list[ModelResult]:
             if isinstance(error, client.GrpcCallError):
                 error = loading.LoadFailed(f"loading {row.model_name!r} on node {row.node_id} failed: {error}")
             result.error = error
-        else:
-            succeeded.append((load, value, result))
-    if succeeded:
-        marked = NodeModel.objects.mark_loaded_many(
-            {load.row.pk: (value, load.model.opts_blob) for load, value, _ in succeeded}, now=now
-        )
-        for load, value, result in succeeded:
-            _record_loaded(load.row, value, load.row.pk in marked, load.model, result, load.state, now)
     return results
 
 

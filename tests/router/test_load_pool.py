@@ -226,3 +226,30 @@ def test_loads_that_finish_together_are_recorded_together_and_a_removed_row_is_n
     assert NodeModel.objects.count() == 5 and not NodeModel.objects.filter(pk=gone.pk).exists()
     assert Event.objects.filter(kind=Event.Kind.REPLICA_ADDED).count() == 5
     assert not process_pool(ReconcileConfig.from_settings()).busy()
+
+
+def test_a_failed_load_on_the_process_pool_is_recorded_alone_next_to_the_batch(fleet):
+    """The leader's pool: a failed load is recorded on its own thread (its backend stopped, its
+    reservation released, the node backed off) while the loads that succeeded go through the
+    recorder; the drain returns once both are recorded."""
+    from registry.models import LoadFailure
+
+    bad = fleet.add_node("gpu-bad", slots=1, load_success=False, load_message="out of memory")
+    goods = [fleet.add_node(f"gpu-{i}", slots=1) for i in range(2)]
+    make_scheduling("llama", min_replicas=3)
+    store_recipe("llama")
+
+    summary = reconcile_once(wait=False)
+    counts = process_pool(ReconcileConfig.from_settings()).drain()
+
+    assert summary.actions["loads_started"] == 3, summary
+    assert counts["replicas_added"] == 2 and counts["scale_up_failed"] == 1, counts
+    assert sorted(NodeModel.objects.values_list("node__name", "state")) == [("gpu-0", "loaded"), ("gpu-1", "loaded")]
+    bad.node.refresh_from_db()
+    assert bad.node.reserved_vram == 0 and bad.worker.count("StopBackend") == 1
+    assert LoadFailure.objects.get(model_name="llama", node=bad.node).failures == 1
+    for entry in goods:
+        entry.node.refresh_from_db()
+        assert entry.node.reserved_vram == 2 * GIB
+    assert Event.objects.filter(kind=Event.Kind.REPLICA_ADDED).count() == 2
+    assert "out of memory" in Event.objects.get(kind=Event.Kind.SCALE_UP_FAILED).message
