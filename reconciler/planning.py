@@ -437,7 +437,10 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
     Called once per autoscaled model per pass: the facts are read with one lookup each from
     the snapshot's per-pass indexes, and a model with nothing to do (the common case) returns
     after a handful of comparisons."""
-    name, min_replicas, max_replicas, selector, until, _ = config
+    name, min_replicas, max_replicas, selector, until, ticks = config
+    # The count of unsatisfiable passes is reset only when the snapshot saw one: only passes
+    # (under the reconcile lock) raise it, so a zero read in this pass is still zero.
+    satisfiable = ticks > 0
     ready, loading = snapshot.routable(name)
     candidate_ids = snapshot.candidates_and_ids(selector)[1]
     has_load_info = snapshot.has_load_info(name)
@@ -463,11 +466,11 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
         if capacity == 0:
             return ScalePlan(*facts, cooldown_over=cooldown_over, record_unsatisfiable=True, skipped="no_capacity")
         if not has_load_info:
-            return ScalePlan(*facts, cooldown_over=cooldown_over, record_satisfiable=True, skipped="no_load_info")
+            return ScalePlan(*facts, cooldown_over=cooldown_over, record_satisfiable=satisfiable, skipped="no_load_info")
         return ScalePlan(
             *facts,
             cooldown_over=cooldown_over,
-            record_satisfiable=True,
+            record_satisfiable=satisfiable,
             scale_up=min(needed, capacity),
             scale_up_reason="below_min",
         )

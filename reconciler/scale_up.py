@@ -6,8 +6,10 @@ With the default scheduler (``RouterScheduler``) the phase reads the placement s
 row and VRAM reservation: what guarantees one loader per slot) under the pass's reconcile lock,
 at most as many as the pass's load pool takes (``load_pool.LoadPool.free``; the rest is skipped
 as ``load_concurrency`` and claimed by a later pass), hands the loads to the pool and returns:
-the pass, and its lock, do not wait for them. Each load's outcome is recorded when it finishes
-(``Completion``: the verbs, then its ``replica_added`` or ``scale_up_failed`` event); the next
+the pass, and its lock, do not wait for them. The loads are recorded as they finish, those
+that finished together at once (``record_loads``, the pool's ``together``: one
+``mark_loaded_many`` and one event INSERT for the batch; each plan's ``Completion`` gives its
+loads' ``replica_added`` or ``scale_up_failed`` events); the next
 pass's conditions catch up (``loading`` rows count as replicas, so nothing is placed twice; a
 failure the pool saw is reported by the next pass's Progressing condition).
 A scheduler with only ``schedule_and_load`` (tests, benchmarks) is called once per replica, in
@@ -80,14 +82,16 @@ class ScaleUp:
             return
         deadline = self.started + self.cfg.scale_up_budget
         by_name = {plan.model_name: Completion(self, snapshot, plan, pool) for plan in plans}
+        recorder = partial(record_loads, batch)
         for load in batch.claim(pool.free(), deadline=deadline):
             self.summary.count("loads_started")
             pool.submit(
                 Task(
                     load.row.model_name,
-                    record=partial(by_name[load.row.model_name].record_load, load),
                     network=partial(load.network, deadline),
                     row_id=load.row.pk,
+                    together=recorder,
+                    item=(by_name[load.row.model_name], load),
                 )
             )
         for name, count in batch.slow.items():
@@ -167,8 +171,9 @@ class ScaleUp:
 
 
 class Completion:
-    """Records one plan's loads when they finish (on a pool thread, or the caller draining a
-    one-shot pool), with their events: ``replica_added``, and ``scale_up_failed`` once per
+    """Accounts for one plan's loads when they are recorded (``record_loads``, on the pool's
+    recorder or the caller draining a one-shot pool; ``record_slow`` for the re-reading path,
+    on a pool thread), with their events: ``replica_added``, and ``scale_up_failed`` once per
     failure state. The failure is also left in ``pool.failures`` for the next pass's
     conditions. Returns the action counts."""
 
@@ -178,15 +183,20 @@ class Completion:
         self.added = 0
         self.failed = False
 
-    def record_load(self, load, outcome: tuple) -> Counter:
-        return self.report(load.record(outcome))
-
     def record_slow(self, model, count: int, deadline: float, outcome: tuple) -> Counter:
         from registry.bulk_loading import load_one_by_one
 
         return self.report(load_one_by_one(model, count, deadline=deadline))
 
     def report(self, result) -> Counter:
+        counts, events = self.account(result)
+        if events:
+            Event.objects.record_many(events)
+            counts["events_recorded"] += len(events)
+        return counts
+
+    def account(self, result) -> tuple[Counter, list]:
+        """The counts and the events (not yet written) of one result."""
         plan, counts, events = self.plan, Counter(), []
         for row in result.loaded:
             with self.lock:
@@ -224,10 +234,23 @@ class Completion:
                         added_before_failure=self.added,
                     )
                 )
-        if events:
-            Event.objects.record_many(events)
-            counts["events_recorded"] += len(events)
-        return counts
+        return counts, events
+
+
+def record_loads(batch, finished: list) -> Counter:
+    """The pool's ``together`` for the loads of one pass (``Task.item``: their plan's
+    ``Completion`` and the ``Load``): the loads that finished together recorded at once
+    (``batch.record_loads``: one ``mark_loaded_many``), their events in one INSERT."""
+    results = batch.record_loads([(task.item[1], outcome) for task, outcome in finished])
+    counts, events = Counter(), []
+    for (task, _), result in zip(finished, results, strict=True):
+        more, their_events = task.item[0].account(result)
+        counts.update(more)
+        events.extend(their_events)
+    if events:
+        Event.objects.record_many(events)
+        counts["events_recorded"] += len(events)
+    return counts
 
 
 def _event(kind: str, model_name: str, node: NodeView | None, message: str, **details) -> Event:

@@ -20,10 +20,11 @@ every replica its scaling plans want. The sequence keeps the rules of
 3. **Network, then record**: each claimed slot is a :class:`Load`: ``Load.network``
    (``StartBackend`` on the worker, ``LoadModel`` on the backend: ``loading.start_and_load``)
    touches no database and runs on a pool thread, no transaction and no row lock open while
-   it waits on gRPC: the claim committed before, the record commits after. ``Load.record``
-   records the outcome through the verbs: ``mark_loaded_many`` (with the per-replica recipe),
-   or ``loading.abandon`` (the row and its reservation discarded by ``discard_loading``, the
-   backend stopped, the node backed off).
+   it waits on gRPC: the claim committed before, the record commits after. :func:`record_loads`
+   records the outcomes of the loads that finished together through the verbs: the successful
+   ones in one ``mark_loaded_many`` (with the per-replica recipe; a row removed or reassigned
+   during its load is not marked), a failure with ``loading.abandon`` (the row and its
+   reservation discarded by ``discard_loading``, the backend stopped, the node backed off).
 4. **What the batch cannot decide** (not enough VRAM anywhere: eviction; a lost claim race)
    goes through :func:`load_one_by_one`: ``schedule_and_load`` one replica at a time, which
    re-reads the placement state and evicts when needed.
@@ -131,9 +132,9 @@ def load_many(wants, *, concurrency: int, deadline: float | None = None, now: da
                     continue
                 block = not batch.queue or len(running) >= limit
                 done, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
-                for future in done:
-                    load = running.pop(future)
-                    batch.merge(load.record(outcome_of(future), now=now))
+                finished = [(running.pop(future), outcome_of(future)) for future in done]
+                for result in record_loads(finished, now=now):  # those that finished together, at once
+                    batch.merge(result)
         finally:
             # Only reached with loads still running on an error of this thread (the database):
             # their rows stay ``loading`` and the stale-loading sweep of a later pass takes them.
@@ -192,6 +193,11 @@ class Batch:
             Load(row, self.state.addresses[row.node_id], self.models[row.model_name], self.state)
             for row in _claim(picks, self.state, self.slow, self.now)
         ]
+
+    def record_loads(self, finished) -> list[ModelResult]:
+        """Record the claimed loads that finished (``(load, outcome)`` pairs) at once:
+        :func:`record_loads`."""
+        return record_loads(finished, now=self.now)
 
     def merge(self, result: ModelResult) -> None:
         """Add one load's (or the re-reading path's) result to its model's."""
@@ -447,26 +453,45 @@ class Load:
         """Record ``outcome`` (``(value, error)`` of ``network``) through the verbs: the row
         ``loaded`` (``mark_loaded_many``), or discarded (not started), or abandoned (the load
         failed: reservation released, backend stopped, node backed off). Returns this load's
-        result for its model."""
-        value, error = outcome
-        row, model, state = self.row, self.model, self.state
-        result = ModelResult(row.model_name)
+        result for its model. (:func:`record_loads` records several at once.)"""
+        return record_loads([(self, outcome)], now=now)[0]
+
+
+def record_loads(finished, *, now=None) -> list[ModelResult]:
+    """Record several finished loads at once (``Load.record`` for each, in one write where it
+    can): ``finished`` is a list of ``(load, outcome)``; returns one result per load, in order.
+    The successful ones are marked ``loaded`` together, first, in one ``mark_loaded_many``
+    (whatever their number); a row removed or reassigned during its load is not among the ids
+    it returns and is reported as removed, as alone. Failed and unstarted loads (rare) are
+    recorded one by one after them (the reconciler's pool records a failed load alone, on its
+    own thread: ``loading.abandon`` stops its backend, a network call)."""
+    results = [ModelResult(load.row.model_name) for load, _ in finished]
+    succeeded = [
+        (load, value, result)
+        for (load, (value, error)), result in zip(finished, results, strict=True)
+        if error is None and value is not NOT_STARTED
+    ]
+    if succeeded:  # first: a failure's record below (network, database) cannot hold them up
+        marked = NodeModel.objects.mark_loaded_many(
+            {load.row.pk: (value, load.model.opts_blob) for load, value, _ in succeeded}, now=now
+        )
+        for load, value, result in succeeded:
+            _record_loaded(load.row, value, load.row.pk in marked, load.model, result, load.state, now)
+    for (load, (value, error)), result in zip(finished, results, strict=True):
+        row, model, state = load.row, load.model, load.state
         if error is None and value is NOT_STARTED:
             NodeModel.objects.discard_loading(row.pk)
             state.released(row.node_id, row.model_name, row.replica_index, model.needed)
             result.skipped = "scale_up_budget"
         elif error is not None:
             # A StartBackend that never got a connection never reached the worker: nothing to stop.
-            stop_at = "" if isinstance(error, client.NotConnected) else self.worker_address
+            stop_at = "" if isinstance(error, client.NotConnected) else load.worker_address
             loading.abandon(row, stop_at, str(error), now)
             state.released(row.node_id, row.model_name, row.replica_index, model.needed)
             if isinstance(error, client.GrpcCallError):
                 error = loading.LoadFailed(f"loading {row.model_name!r} on node {row.node_id} failed: {error}")
             result.error = error
-        else:
-            marked = NodeModel.objects.mark_loaded_many({row.pk: (value, model.opts_blob)}, now=now)
-            _record_loaded(row, value, row.pk in marked, model, result, state, now)
-        return result
+    return results
 
 
 def _record_loaded(row: NodeModel, address: str, marked: bool, model: _Model, result: ModelResult, state, now) -> None:

@@ -236,30 +236,32 @@ def explain(
     candidates = list(candidates)
     if not candidates:
         return [], NO_CANDIDATES
-    verdicts: dict = {}
+    # Verdicts by position, not in a dict by node id: hashing a UUID is Python code, and this
+    # runs once per replica a scale-up places.
+    verdicts: list = [None] * len(candidates)
     counts = spread_counts(candidates, spread_by) if spread_by else Counter()
     fitting, slotted_ok, worker_ok, disk_short = [], 0, 0, 0
-    for c in candidates:
+    for i, c in enumerate(candidates):
         if not c.serves_worker_api:
-            verdicts[c.node_id] = Verdict(c, NOT_WORKER_SERVICE, f"worker API {c.worker_api}")
+            verdicts[i] = Verdict(c, NOT_WORKER_SERVICE, f"worker API {c.worker_api}")
             continue
         worker_ok += 1
         if spread_by and c.label(spread_by) is None:
-            verdicts[c.node_id] = Verdict(c, SPREAD_LABEL_MISSING, f"no {spread_by!r} label")
+            verdicts[i] = Verdict(c, SPREAD_LABEL_MISSING, f"no {spread_by!r} label")
             continue
         if c.free_slots <= 0:
-            verdicts[c.node_id] = Verdict(c, SLOT_FULL, f"{c.model_rows} of {max(1, c.slots)} slots taken")
+            verdicts[i] = Verdict(c, SLOT_FULL, f"{c.model_rows} of {max(1, c.slots)} slots taken")
             continue
         slotted_ok += 1
         if not c.fits_disk(needed_disk):
             disk_short += 1
-            verdicts[c.node_id] = Verdict(c, DISK, f"{c.available_disk} B disk free, needs {needed_disk} B")
+            verdicts[i] = Verdict(c, DISK, f"{c.available_disk} B disk free, needs {needed_disk} B")
             continue
         short = _vram_verdict(c, needed_vram)
         if short is not None:
-            verdicts[c.node_id] = Verdict(c, *short)
+            verdicts[i] = Verdict(c, *short)
             continue
-        fitting.append(c)
+        fitting.append((i, c))
     if not fitting:
         if not worker_ok:
             reason = NO_WORKER_SERVICE
@@ -269,29 +271,31 @@ def explain(
             reason = NOT_ENOUGH_DISK
         else:
             reason = NOT_ENOUGH_VRAM
-        return [verdicts[c.node_id] for c in candidates], reason
-    preferred = [c for c in fitting if not c.in_backoff(now)]
+        return verdicts, reason
+    preferred = [(i, c) for i, c in fitting if not c.in_backoff(now)]
     if not preferred:
         # Everything is in backoff: the one whose backoff ends first is the least bad.
-        preferred = sorted(fitting, key=lambda c: c.failure_backoff_until)[:1]
-    for c in fitting:
-        if c not in preferred:
-            verdicts[c.node_id] = Verdict(c, BACKOFF, f"failed load, retry after {c.failure_backoff_until}")
+        preferred = sorted(fitting, key=lambda ic: ic[1].failure_backoff_until)[:1]
+    kept = {i for i, _ in preferred}
+    for i, c in fitting:
+        if i not in kept:
+            verdicts[i] = Verdict(c, BACKOFF, f"failed load, retry after {c.failure_backoff_until}")
     if spread_by:
-        low = min(counts[c.label(spread_by)] for c in preferred)
-        for c in preferred:
+        low = min(counts[c.label(spread_by)] for _, c in preferred)
+        for i, c in preferred:
             if counts[c.label(spread_by)] > low:
                 value = c.label(spread_by)
-                verdicts[c.node_id] = Verdict(
+                verdicts[i] = Verdict(
                     c, SPREAD_SKEW, f"{spread_by}={value} holds {counts[value]} replicas, another value {low}"
                 )
-        preferred = [c for c in preferred if counts[c.label(spread_by)] == low]
-    best = min(preferred, key=_rank(strategy))
-    for c in preferred:
-        verdicts[c.node_id] = (
+        preferred = [(i, c) for i, c in preferred if counts[c.label(spread_by)] == low]
+    rank = _rank(strategy)
+    best = min(preferred, key=lambda ic: rank(ic[1]))[1]
+    for i, c in preferred:
+        verdicts[i] = (
             Verdict(c, CHOSEN, strategy) if c is best else Verdict(c, RANKED_LOWER, f"{strategy} prefers {best.name}")
         )
-    return [verdicts[c.node_id] for c in candidates], ""
+    return verdicts, ""
 
 
 def choose_node(

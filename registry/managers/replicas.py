@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connections, models, transaction
 from django.db.models import Case, F, Value, When
 from django.db.models.functions import Greatest
 
@@ -270,17 +270,26 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
     def mark_loaded_many(self, loads, *, now: datetime | None = None) -> set:
         """``loading`` -> ``loaded`` for several replicas whose LoadModel succeeded: ``loads``
         maps a replica id to ``(address, opts_blob)`` (the per-replica recipe, or None).
-        Returns the ids that were still ``loading`` (the others were removed during their load:
-        the caller must not count them). Idiom: row lock then conditional update, in one short
-        ``atomic()``: the rows still ``loading`` are locked (``SELECT ... FOR UPDATE``) and
-        those alone updated, in one statement, ``WHERE state = 'loading'``."""
+        Returns the ids that were still ``loading`` (the others were removed during their load,
+        or their slot given to another row, which has another id: the caller must not count
+        them). Idiom: row locks in id order, then a conditional update of the rows still
+        ``loading``; id order, as ``keep_loading`` takes them, so two of these statements on
+        overlapping rows (the load pool's recorder and its keep-alive) wait for each other
+        instead of deadlocking; a deadlock with another locker (a node's rows removed
+        meanwhile) is retried (``retry_deadlock_victim``). On PostgreSQL one statement (the
+        locks in a CTE, the values in ``FROM (VALUES ...)``: compiling a ``CASE`` per row was
+        most of the cost of a batch); elsewhere (SQLite: one writer) the rows read and updated
+        in one short ``atomic()``."""
         if not loads:
             return set()
         now = resolve_now(now)
-        with transaction.atomic():
+        if connections[self.db].vendor == "postgresql":
+            return retry_deadlock_victim(lambda: self._mark_loaded_statement(loads, now), using=self.db)
+        with transaction.atomic(using=self.db):
             ids = set(
                 self.select_for_update()
                 .filter(pk__in=list(loads), state=self.model.State.LOADING)
+                .order_by("pk")
                 .values_list("pk", flat=True)
             )
             if not ids:
@@ -302,6 +311,34 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
                 )
             self.filter(pk__in=ids, state=self.model.State.LOADING).update(**fields)
         return ids
+
+    def _mark_loaded_statement(self, loads, now: datetime) -> set:
+        """``mark_loaded_many``'s one PostgreSQL statement (autocommit: its own transaction)."""
+        connection = connections[self.db]
+        q, meta = connection.ops.quote_name, self.model._meta
+        table = q(meta.db_table)
+
+        def col(name: str) -> str:
+            return q(meta.get_field(name).column)
+
+        pk_type = meta.pk.rel_db_type(connection)  # the key's type (``bigint`` for ``bigserial``)
+        values = ", ".join([f"(%s::{pk_type}, %s, %s::bytea)"] * len(loads))
+        sql = (
+            f"WITH locked AS (SELECT {col('id')} FROM {table} WHERE {col('id')} = ANY(%s) AND {col('state')} = %s "
+            f"ORDER BY {col('id')} FOR UPDATE) "
+            f"UPDATE {table} AS r SET {col('state')} = %s, {col('address')} = v.address, "
+            f"{col('model_opts_blob')} = COALESCE(v.blob, r.{col('model_opts_blob')}), {col('last_used')} = %s, "
+            f"{col('last_probe_at')} = %s, {col('probe_failures')} = 0, {col('state_changed_at')} = %s, "
+            f"{col('updated_at')} = %s "
+            f"FROM locked, (VALUES {values}) AS v(id, address, blob) "
+            f"WHERE r.{col('id')} = locked.{col('id')} AND r.{col('id')} = v.id RETURNING r.{col('id')}"
+        )
+        params = [list(loads), self.model.State.LOADING, self.model.State.LOADED, now, now, now, now]
+        for replica_id, (address, blob) in loads.items():
+            params += [replica_id, address, None if blob is None else bytes(blob)]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return {row[0] for row in cursor.fetchall()}
 
     def increment_in_flight(self, replica_id, *, now: datetime | None = None) -> bool:
         """One more request on this replica, and ``last_used = now`` (round robin, idle
@@ -432,26 +469,43 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         """The loader of these ``loading`` rows is alive and still loading (the reconciler's
         load pool, every few seconds): ``state_changed_at = now``, so the stale-loading sweep,
         which discards rows older than ``CONTROLPLANE_RECONCILE_STALE_LOADING_AFTER``, only
-        takes the rows of a dead loader. Returns the rows refreshed. Idiom: conditional update
-        ``WHERE id IN (...) AND state = 'loading'`` (a row that reached ``loaded`` or was
-        removed meanwhile is left alone)."""
+        takes the rows of a dead loader. Returns the rows refreshed. Idiom: row locks in id order
+        (``SELECT ... WHERE id IN (...) AND state = 'loading' ORDER BY id FOR UPDATE``: the order
+        ``mark_loaded_many`` locks them in, so the two never deadlock), then an update of the
+        locked rows, in one short ``atomic()``; a row that reached ``loaded`` or was removed
+        meanwhile is left alone."""
         replica_ids = list(replica_ids)
         if not replica_ids:
             return 0
-        return self.filter(pk__in=replica_ids, state=self.model.State.LOADING).update(state_changed_at=resolve_now(now))
+        now = resolve_now(now)
+
+        def refresh() -> int:
+            # The rows locked in id order first, as ``mark_loaded_many`` locks them.
+            with transaction.atomic(using=self.db):
+                ids = list(
+                    self.select_for_update()
+                    .filter(pk__in=replica_ids, state=self.model.State.LOADING)
+                    .order_by("pk")
+                    .values_list("pk", flat=True)
+                )
+                return self.filter(pk__in=ids).update(state_changed_at=now) if ids else 0
+
+        return retry_deadlock_victim(refresh, using=self.db)
 
     def discard_loading(self, replica_id) -> bool:
         """Delete a ``loading`` row left by a failed or dead load and return the VRAM its load
         reserved to its node. A row that reached ``loaded`` is left alone. Conditional delete
         (``WHERE state = 'loading'``); only the call that deleted releases the reservation.
-        Idiom: conditional delete ``WHERE state = 'loading'``, then
-        ``Node.objects.release_vram`` by the deleter only."""
+        Idiom: row lock, then the delete (``_delete_locked``: the row is locked and still
+        ``loading`` when it is deleted; a plain queryset delete collects the ids first and
+        deletes by id, so a ``mark_loaded_many`` committing in between would have its row
+        deleted although loaded), then ``Node.objects.release_vram`` by the deleter only."""
         if replica_id is None:
             return False
         row = self.filter(pk=replica_id, state=self.model.State.LOADING).values("node_id", "reserved_vram").first()
         if row is None:
             return False
-        deleted, _ = self.filter(pk=replica_id, state=self.model.State.LOADING).delete()
+        deleted = self._delete_locked(self.filter(pk=replica_id, state=self.model.State.LOADING))
         if deleted:
             registry_model("Node").objects.release_vram(row["node_id"], row["reserved_vram"])
         return deleted > 0

@@ -71,3 +71,35 @@ def test_a_pass_and_route_cold_loads_never_load_the_same_slot_twice(fleet, close
     for entry in nodes:
         node = Node.objects.get(pk=entry.node.pk)
         assert node.reserved_vram == 2 * GIB * NodeModel.objects.filter(node=node).count()
+
+
+def test_batched_marks_keep_alives_and_a_discard_at_once_neither_deadlock_nor_mark_a_removed_row(
+    fleet, close_thread_connections
+):
+    """The load pool's recorder (``mark_loaded_many`` of a batch), its keep-alive
+    (``keep_loading`` of the same rows) and the stale-loading sweep (``discard_loading`` of one
+    of them) at the same moment, on their own connections, several rounds: no statement fails
+    (the two multi-row verbs lock in id order), and the discarded row is never marked loaded."""
+    nodes = [fleet.add_node(f"gpu-{i}", slots=8) for i in range(3)]
+    for round_ in range(5):
+        rows = [
+            NodeModel.objects.claim_loading(entry.node.pk, f"m{round_}", slots=8, backend_type="x", reserved_vram=0)
+            for entry in nodes
+            for _ in range(6)
+        ]
+        ids = [row.pk for row in rows]
+        gone = ids[len(ids) // 2]
+
+        def act(i, ids=ids, gone=gone):
+            if i == 0:
+                return NodeModel.objects.mark_loaded_many({pk: (f"127.0.0.1:{pk % 60000}", BLOB) for pk in ids})
+            if i == 1:
+                return NodeModel.objects.discard_loading(gone)
+            return NodeModel.objects.keep_loading(ids if i % 2 else list(reversed(ids)))
+
+        marked, discarded, *_ = run_in_threads(act, close_thread_connections, count=4)
+
+        assert discarded != (gone in marked)  # one of the two, never both
+        assert marked == set(NodeModel.objects.filter(model_name=f"m{round_}").loaded().values_list("pk", flat=True))
+        assert set(ids) - marked - {gone} == set()
+        assert bytes(NodeModel.objects.get(pk=ids[0]).model_opts_blob) == BLOB

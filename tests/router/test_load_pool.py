@@ -171,3 +171,85 @@ def test_at_most_the_configured_loads_are_in_flight_across_passes(fleet, gate, s
     assert sum(s.actions.get("loads_started", 0) for s in started) == 5
     assert sum(entry.worker.count("StartBackend") for entry in nodes) == 5
     assert Event.objects.filter(kind=Event.Kind.REPLICA_ADDED).count() == 5
+
+
+def test_loads_that_finish_together_are_recorded_together_and_a_removed_row_is_not_marked(
+    fleet, gate, settings, monkeypatch
+):
+    """Six loads finish at once on the process's pool: its recorder thread writes them in one
+    ``mark_loaded_many`` (plus at most the one that was first), the row discarded while its
+    load ran is not marked loaded, and every load is recorded by the end of the drain."""
+    from registry import bulk_loading
+
+    settings.RECONCILE_LOAD_CONCURRENCY = 8
+    for i in range(3):
+        fleet.add_node(f"gpu-{i}", slots=2)
+    for name in ("llama", "phi"):
+        make_scheduling(name, min_replicas=3)
+        store_recipe(name)
+    finished = threading.Semaphore(0)  # one release per LoadModel answered to its loader
+    network = bulk_loading.Load.network
+
+    def counted_network(load, *args, **kwargs):
+        try:
+            return network(load, *args, **kwargs)
+        finally:
+            finished.release()
+
+    batches = []
+    mark_loaded_many = NodeModel.objects.mark_loaded_many
+
+    def recorded_batch(loads, **kwargs):
+        if not batches:  # hold the first write until every load has finished: the rest queue up
+            for _ in range(6):
+                assert finished.acquire(timeout=10)
+        batches.append(sorted(loads))
+        return mark_loaded_many(loads, **kwargs)
+
+    monkeypatch.setattr(bulk_loading.Load, "network", counted_network)
+    monkeypatch.setattr(NodeModel.objects, "mark_loaded_many", recorded_batch)
+
+    summary = reconcile_once(wait=False)
+    gate.wait_entered(6)
+    assert summary.actions["loads_started"] == 6, summary
+    gone = NodeModel.objects.filter(model_name="phi").order_by("pk").first()
+    assert NodeModel.objects.discard_loading(gone.pk)  # the stale-loading sweep's verb, mid-load
+    gate.opened.set()
+    counts = process_pool(ReconcileConfig.from_settings()).drain()
+
+    assert len(batches) <= 2 and len(batches[-1]) >= 5, batches  # not one write per load
+    assert sorted(pk for batch in batches for pk in batch) == sorted(
+        [gone.pk, *NodeModel.objects.values_list("pk", flat=True)]
+    )
+    assert counts["replicas_added"] == 5 and counts["scale_up_failed"] == 1, counts
+    assert set(NodeModel.objects.values_list("state", flat=True)) == {"loaded"}
+    assert NodeModel.objects.count() == 5 and not NodeModel.objects.filter(pk=gone.pk).exists()
+    assert Event.objects.filter(kind=Event.Kind.REPLICA_ADDED).count() == 5
+    assert not process_pool(ReconcileConfig.from_settings()).busy()
+
+
+def test_a_failed_load_on_the_process_pool_is_recorded_alone_next_to_the_batch(fleet):
+    """The leader's pool: a failed load is recorded on its own thread (its backend stopped, its
+    reservation released, the node backed off) while the loads that succeeded go through the
+    recorder; the drain returns once both are recorded."""
+    from registry.models import LoadFailure
+
+    bad = fleet.add_node("gpu-bad", slots=1, load_success=False, load_message="out of memory")
+    goods = [fleet.add_node(f"gpu-{i}", slots=1) for i in range(2)]
+    make_scheduling("llama", min_replicas=3)
+    store_recipe("llama")
+
+    summary = reconcile_once(wait=False)
+    counts = process_pool(ReconcileConfig.from_settings()).drain()
+
+    assert summary.actions["loads_started"] == 3, summary
+    assert counts["replicas_added"] == 2 and counts["scale_up_failed"] == 1, counts
+    assert sorted(NodeModel.objects.values_list("node__name", "state")) == [("gpu-0", "loaded"), ("gpu-1", "loaded")]
+    bad.node.refresh_from_db()
+    assert bad.node.reserved_vram == 0 and bad.worker.count("StopBackend") == 1
+    assert LoadFailure.objects.get(model_name="llama", node=bad.node).failures == 1
+    for entry in goods:
+        entry.node.refresh_from_db()
+        assert entry.node.reserved_vram == 2 * GIB
+    assert Event.objects.filter(kind=Event.Kind.REPLICA_ADDED).count() == 2
+    assert "out of memory" in Event.objects.get(kind=Event.Kind.SCALE_UP_FAILED).message
