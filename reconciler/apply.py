@@ -140,6 +140,7 @@ class Pass(ScaleUp):
         self.summary.known_models = len(snapshot.model_names)
         outcomes = {plan.model_name: self.apply_scaling(snapshot, plan) for plan in plans if plan.acts}
         self.scale_up(snapshot, [plan for plan in plans if plan.acts and plan.scale_up], outcomes)
+        self.record_load(plans, outcomes)
         self.flush_events()
 
         self.update_conditions(snapshot, health, {plan.model_name: plan for plan in plans}, outcomes)
@@ -459,6 +460,32 @@ class Pass(ScaleUp):
             self.scale_down(snapshot, plan, outcome)
         return outcome
 
+    def record_load(self, plans: list[ScalePlan], outcomes: dict) -> None:
+        """Store every load-aware model's reading (one statement for the pass, none when no
+        model has a target) and say why a replica count changed (event ``autoscaled``)."""
+        states = []
+        for plan in plans:
+            load = plan.load
+            if load is None:
+                continue
+            states.append((plan.model_name, load.average, self.now, load.desired, load.since, load.consumed))
+            outcome = outcomes.get(plan.model_name)
+            if outcome is not None and (outcome.added or outcome.removed):
+                self.summary.count("autoscaled")
+                self.event(
+                    Event.Kind.AUTOSCALED,
+                    model_name=plan.model_name,
+                    message=f"{load.message} ({plan.current} -> {plan.current + outcome.added - outcome.removed})",
+                    in_flight=load.in_flight,
+                    average=round(load.average, 3),
+                    desired=load.desired,
+                    waiting=load.waiting,
+                    added=outcome.added,
+                    removed=outcome.removed,
+                )
+        if states:
+            ModelSchedulingConfig.objects.record_autoscale(states)
+
     def scale_down(self, snapshot: Snapshot, plan: ScalePlan, outcome: ScaleOutcome) -> None:
         """Row first (so nothing routes to it any more), then ask the worker to stop the
         backend, best effort: a failed stop leaves an orphan the next pass stops."""
@@ -481,7 +508,11 @@ class Pass(ScaleUp):
                 Event.Kind.REPLICA_REMOVED,
                 model_name=replica.model_name,
                 node=node,
-                message=f"replica {replica.replica_index} idle since {_when(replica.last_used)}; scaled down",
+                message=(
+                    f"replica {replica.replica_index} idle; scaled down by load ({plan.load.message})"
+                    if plan.load is not None
+                    else f"replica {replica.replica_index} idle since {_when(replica.last_used)}; scaled down"
+                ),
                 reason="scale_down",
                 replica_index=replica.replica_index,
                 stop_error=stop_error,

@@ -92,6 +92,9 @@ def model_condition_values(
     return found
 
 
+_PENDING = {"up_pending": "scale_up_pending", "down_pending": "scale_down_pending"}
+
+
 def _condition_values(
     config: ConfigView, ready: int, loading: int, has_load_info: bool, plan: ScalePlan | None, outcome: ScaleOutcome
 ) -> ConditionValues:
@@ -111,11 +114,20 @@ def _condition_values(
         added = f"{outcome.added} replica(s) added, then " if outcome.added else ""
         progressing = ConditionValue(False, "scale_up_failed", f"{added}{outcome.failed}")
     elif outcome.added:
-        progressing = ConditionValue(True, "scaling_up", f"{outcome.added} replica(s) added ({plan.scale_up_reason})")
+        why = f"{plan.scale_up_reason}: {plan.load.message}" if plan.load is not None else plan.scale_up_reason
+        progressing = ConditionValue(True, "scaling_up", f"{outcome.added} replica(s) added ({why})")
     elif loading:
         progressing = ConditionValue(True, "replicas_loading", f"{loading} replica(s) loading")
     elif skipped:
         progressing = ConditionValue(False, skipped, _skip_message(skipped, plan))
+    elif plan is not None and plan.load is not None and plan.load.reason in _PENDING:
+        load = plan.load
+        progressing = ConditionValue(
+            False,
+            _PENDING[load.reason],
+            f"the load asks for {load.desired} replica(s) since {load.since.isoformat()}; waiting for the "
+            f"{'upscale' if load.reason == 'up_pending' else 'downscale'} delay",
+        )
     else:
         progressing = ConditionValue(False, "stable", "")
 

@@ -138,15 +138,25 @@ class ConfigView(NamedTuple):
     node_selector: Mapping[str, str] = _NO_SELECTOR
     unsatisfiable_until: datetime | None = None
     unsatisfiable_ticks: int = 0
+    # Load-aware autoscaling (``registry.autoscale``): the settings, then the state the last
+    # pass recorded (``ModelSchedulingConfig.objects.record_autoscale``).
+    target: int | None = None
+    upscale_delay_s: int = 30
+    downscale_delay_s: int = 600
+    load_avg: float = 0.0
+    load_sampled_at: datetime | None = None
+    desired_replicas: int | None = None
+    desired_since: datetime | None = None
+    waiting_at_zero: int = 0
 
     @property
     def autoscaled(self) -> bool:
-        return rules.is_autoscaled(self.min_replicas, self.max_replicas)
+        return rules.is_autoscaled(self.min_replicas, self.max_replicas, self.target)
 
     @property
     def floor(self) -> int:
         """Replicas a model keeps even when idle (``registry.rules.replica_floor``)."""
-        return rules.replica_floor(self.min_replicas, self.max_replicas)
+        return rules.replica_floor(self.min_replicas, self.max_replicas, self.target)
 
 
 @dataclass(frozen=True)
@@ -284,6 +294,14 @@ CONFIG_COLUMNS = (
     "selector_text",
     "unsatisfiable_until",
     "unsatisfiable_ticks",
+    "target_in_flight_per_replica",
+    "upscale_delay_s",
+    "downscale_delay_s",
+    "load_avg",
+    "load_sampled_at",
+    "desired_replicas",
+    "desired_since",
+    "waiting_at_zero",
 )
 
 
@@ -341,20 +359,14 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
     replicas = tuple(replica_views(NodeModel.objects.all()))
     selectors: dict[str | None, Mapping[str, str]] = {}  # JSON text -> view: decoded once per distinct text
     configs = {}
-    for (
-        name,
-        min_replicas,
-        max_replicas,
-        selector_text,
-        unsatisfiable_until,
-        unsatisfiable_ticks,
-    ) in ModelSchedulingConfig.objects.annotate(selector_text=Cast("node_selector", TextField())).values_list(
+    for row in ModelSchedulingConfig.objects.annotate(selector_text=Cast("node_selector", TextField())).values_list(
         *CONFIG_COLUMNS
     ):
+        selector_text = row[3]
         selector = selectors.get(selector_text)
         if selector is None:
             selector = selectors[selector_text] = _selector_view(selector_text)
-        configs[name] = ConfigView(name, min_replicas, max_replicas, selector, unsatisfiable_until, unsatisfiable_ticks)
+        configs[row[0]] = ConfigView(*row[:3], selector, *row[4:])
     load_info_models = frozenset(ModelLoadInfo.objects.values_list("model_name", flat=True))
     # {(model, type): (status, reason, message)}, one entry per condition row of the fleet:
     # keys and values are sliced from the row tuples in C.

@@ -28,6 +28,8 @@ class ModelStatus:
     node_selector: dict = field(default_factory=dict)
     autoscaled: bool = False
     unsatisfiable_until: datetime | None = None
+    target_in_flight_per_replica: int | None = None
+    desired_replicas: int | None = None  # ``desired_replicas()``
     load_info: str | None = None  # "model" (per-model row), "replica" (legacy row) or None
     ready_replicas: int = 0
     loading_replicas: int = 0
@@ -100,6 +102,7 @@ def model_statuses(names: list[str]) -> list[ModelStatus]:
     for name in names:
         config = configs.get(name, {})
         min_replicas, max_replicas = config.get("min_replicas", 0), config.get("max_replicas", 0)
+        target = config.get("target_in_flight_per_replica")
         statuses.append(
             ModelStatus(
                 model_name=name,
@@ -107,8 +110,10 @@ def model_statuses(names: list[str]) -> list[ModelStatus]:
                 min_replicas=min_replicas,
                 max_replicas=max_replicas,
                 node_selector=config.get("node_selector") or {},
-                autoscaled=rules.is_autoscaled(min_replicas, max_replicas),
+                autoscaled=rules.is_autoscaled(min_replicas, max_replicas, target),
                 unsatisfiable_until=config.get("unsatisfiable_until"),
+                target_in_flight_per_replica=target,
+                desired_replicas=desired_replicas(config),
                 load_info="model" if name in per_model else ("replica" if name in legacy else None),
                 ready_replicas=ready.get(name, 0),
                 loading_replicas=loading.get(name, 0),
@@ -117,6 +122,21 @@ def model_statuses(names: list[str]) -> list[ModelStatus]:
             )
         )
     return statuses
+
+
+def desired_replicas(config: dict) -> int | None:
+    """The replica count the reconciler aims at: with a load target, the count the load asked
+    for at the last pass (None before the first); for another autoscaled model its floor
+    (``rules.replica_floor``); None for a model the reconciler does not manage."""
+    if not config:
+        return None
+    target = config.get("target_in_flight_per_replica")
+    if target is not None:
+        return config.get("desired_replicas")
+    min_replicas, max_replicas = config.get("min_replicas", 0), config.get("max_replicas", 0)
+    if not rules.is_autoscaled(min_replicas, max_replicas):
+        return None
+    return rules.replica_floor(min_replicas, max_replicas)
 
 
 def model_status(name: str) -> ModelStatus | None:

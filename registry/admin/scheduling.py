@@ -38,7 +38,24 @@ class SchedulingForm(forms.ModelForm):
 
     class Meta:
         model = ModelSchedulingConfig
-        fields = ["model_name", "min_replicas", "max_replicas", "node_selector", "placement", "disk_bytes", "spread_by"]
+        fields = [
+            "model_name",
+            "min_replicas",
+            "max_replicas",
+            "node_selector",
+            "placement",
+            "target_in_flight_per_replica",
+            "upscale_delay_s",
+            "downscale_delay_s",
+            "disk_bytes",
+            "spread_by",
+        ]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Left empty, a delay keeps its default (``upsert``).
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            self.fields[name].required = False
 
     def clean_node_selector(self):
         return self.cleaned_data.get("node_selector") or {}
@@ -74,7 +91,17 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
     ]
     list_filter = ["placement"]
     search_fields = ["model_name"]
-    readonly_fields = ["unsatisfiable_until", "unsatisfiable_ticks", "created_at", "updated_at"]
+    readonly_fields = [
+        "unsatisfiable_until",
+        "unsatisfiable_ticks",
+        "desired_replicas",
+        "desired_since",
+        "load_avg",
+        "load_sampled_at",
+        "waiting_at_zero",
+        "created_at",
+        "updated_at",
+    ]
     change_form_template = "admin/registry/modelschedulingconfig/change_form.html"
 
     def get_readonly_fields(self, request, obj=None):
@@ -98,6 +125,9 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
             placement=data["placement"],
             disk_bytes=data.get("disk_bytes") or 0,
             spread_by=data.get("spread_by") or "",
+            target_in_flight_per_replica=data.get("target_in_flight_per_replica"),
+            upscale_delay_s=data.get("upscale_delay_s"),
+            downscale_delay_s=data.get("downscale_delay_s"),
         )
         obj.pk = saved.pk
         obj.refresh_from_db()

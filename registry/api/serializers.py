@@ -373,6 +373,19 @@ class SchedulingConfigWriteSerializer(RejectUnknownFieldsMixin, serializers.Seri
     min_replicas = StrictIntegerField(min_value=0, max_value=MAX_INT, default=0)
     max_replicas = StrictIntegerField(min_value=0, max_value=MAX_INT, default=0, help_text="0 = unlimited")
     node_selector = LabelMapField(required=False, default=dict, help_text="labels a node must all carry")
+    target_in_flight_per_replica = StrictIntegerField(
+        min_value=1,
+        max_value=MAX_INT,
+        allow_null=True,
+        default=None,
+        help_text="load-aware autoscaling: in-flight requests per replica to aim for; null = off",
+    )
+    upscale_delay_s = StrictIntegerField(
+        min_value=0, max_value=MAX_INT, default=30, help_text="seconds a higher desired count must hold"
+    )
+    downscale_delay_s = StrictIntegerField(
+        min_value=0, max_value=MAX_INT, default=600, help_text="seconds a lower desired count must hold"
+    )
 
 
 class SchedulingConfigSerializer(serializers.ModelSerializer):
@@ -388,6 +401,10 @@ class SchedulingConfigSerializer(serializers.ModelSerializer):
             "max_replicas",
             "node_selector",
             "autoscaled",
+            "target_in_flight_per_replica",
+            "upscale_delay_s",
+            "downscale_delay_s",
+            "desired_replicas",
             "unsatisfiable_until",
             "unsatisfiable_ticks",
             "created_at",
