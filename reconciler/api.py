@@ -69,6 +69,9 @@ class ModelStatusSerializer(serializers.Serializer):
     target_in_flight_per_replica = serializers.IntegerField(
         allow_null=True, help_text="load-aware autoscaling target; null = off"
     )
+    effective_min_replicas = serializers.IntegerField(
+        help_text="the floor in force now: min_replicas, raised by an open window of the floor schedule"
+    )
     desired_replicas = serializers.IntegerField(
         allow_null=True,
         help_text="replicas the reconciler aims at: with a load target, what the load asked for at the last pass; "

@@ -462,27 +462,41 @@ class Pass(ScaleUp):
 
     def record_load(self, plans: list[ScalePlan], outcomes: dict) -> None:
         """Store every load-aware model's reading (one statement for the pass, none when no
-        model has a target) and say why a replica count changed (event ``autoscaled``)."""
+        model has a target) and say why a replica count changes (event ``autoscaled``).
+
+        The event is written here, when the pass takes the decision: the replicas it claimed
+        are loaded by the load pool after the pass (their ``replica_added`` events come when
+        each load finishes), the ones it removed are gone already."""
         states = []
         for plan in plans:
             load = plan.load
             if load is None:
                 continue
-            states.append((plan.model_name, load.average, self.now, load.desired, load.since, load.consumed))
             outcome = outcomes.get(plan.model_name)
-            if outcome is not None and (outcome.added or outcome.removed):
-                self.summary.count("autoscaled")
-                self.event(
-                    Event.Kind.AUTOSCALED,
-                    model_name=plan.model_name,
-                    message=f"{load.message} ({plan.current} -> {plan.current + outcome.added - outcome.removed})",
-                    in_flight=load.in_flight,
-                    average=round(load.average, 3),
-                    desired=load.desired,
-                    waiting=load.waiting,
-                    added=outcome.added,
-                    removed=outcome.removed,
-                )
+            # The routes counted at zero sized this decision: consumed, unless the pool was
+            # full and the next pass claims the rest of the wake-up (it needs the count again).
+            deferred = outcome is not None and outcome.skipped == "load_concurrency"
+            consumed = 0 if deferred else load.waiting
+            states.append((plan.model_name, load.average, self.now, load.desired, load.since, consumed))
+            if outcome is None or load.reason not in ("scale_up", "scale_down"):
+                continue
+            started = outcome.added + outcome.claimed
+            if not (started or outcome.removed):
+                continue
+            self.summary.count("autoscaled")
+            self.event(
+                Event.Kind.AUTOSCALED,
+                model_name=plan.model_name,
+                message=f"{load.message} ({plan.current} -> {plan.current + started - outcome.removed})",
+                in_flight=load.in_flight,
+                average=round(load.average, 3),
+                desired=load.desired,
+                since=load.since.isoformat(),
+                waiting=load.waiting,
+                added=outcome.added,
+                loading=outcome.claimed,
+                removed=outcome.removed,
+            )
         if states:
             ModelSchedulingConfig.objects.record_autoscale(states)
 

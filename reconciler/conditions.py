@@ -33,6 +33,9 @@ class ScaleOutcome:
     cooldown_cleared: bool = False
     no_load_info: bool = False  # ``for_model`` said so at apply time
     skipped: str = ""  # e.g. scheduler_unavailable, scale_up_budget
+    # Loads claimed this pass and handed to the load pool (``scale_up``): recorded when they
+    # finish, after the pass; the re-reading path counts the replicas it was asked for.
+    claimed: int = 0
 
 
 def model_conditions(
@@ -73,7 +76,8 @@ def model_condition_values(
         config = snapshot.config_for(model_name)
         ready_rows, loading_rows = snapshot.routable(model_name)
         ready, loading, has_load_info = len(ready_rows), len(loading_rows), snapshot.has_load_info(model_name)
-    if outcome is not None or memo is None:
+    if outcome is not None or memo is None or (plan is not None and plan.load is not None):
+        # (A load-aware model's Progressing names its own desire and its start: not shared.)
         return _condition_values(config, ready, loading, has_load_info, plan, outcome or ScaleOutcome())
     key = (
         config.min_replicas,
@@ -113,9 +117,11 @@ def _condition_values(
     if outcome.failed:
         added = f"{outcome.added} replica(s) added, then " if outcome.added else ""
         progressing = ConditionValue(False, "scale_up_failed", f"{added}{outcome.failed}")
-    elif outcome.added:
+    elif outcome.added or outcome.claimed:
         why = f"{plan.scale_up_reason}: {plan.load.message}" if plan.load is not None else plan.scale_up_reason
-        progressing = ConditionValue(True, "scaling_up", f"{outcome.added} replica(s) added ({why})")
+        what = [f"{outcome.added} replica(s) added"] if outcome.added else []
+        what += [f"{outcome.claimed} replica(s) loading"] if outcome.claimed else []
+        progressing = ConditionValue(True, "scaling_up", f"{', '.join(what)} ({why})")
     elif loading:
         progressing = ConditionValue(True, "replicas_loading", f"{loading} replica(s) loading")
     elif skipped:

@@ -22,12 +22,8 @@ class LoadDecision(NamedTuple):
     since: datetime  # since when that desire holds
     reason: str  # steady | up_pending | down_pending | scale_up | scale_down
     target: int  # replica count to act on this pass
-    waiting: int  # routes counted at zero that sized this desire (consumed when acted on)
+    waiting: int  # routes counted at zero that sized this desire (consumed once read)
     message: str
-
-    @property
-    def consumed(self) -> int:
-        return self.waiting if self.reason == "scale_up" else 0
 
 
 def plan_load(config: ConfigView, ready, current: int, cfg: ReconcileConfig, *, now: datetime) -> LoadDecision:
@@ -37,7 +33,9 @@ def plan_load(config: ConfigView, ready, current: int, cfg: ReconcileConfig, *, 
         in_flight += replica.in_flight
     window = cfg.autoscale_window
     average = autoscale.average(config.load_avg, config.load_sampled_at, in_flight, now, window)
-    waiting = config.waiting_at_zero if not ready else 0
+    # Routes count themselves only when they find no ready replica (``router._cold``): the
+    # count is demand that arrived at zero, even when the woken replica is ready by now.
+    waiting = config.waiting_at_zero
     desired = autoscale.desired_replicas(
         average, config.target, min_replicas=config.min_replicas, max_replicas=config.max_replicas, waiting=waiting
     )

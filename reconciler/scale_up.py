@@ -82,6 +82,7 @@ class ScaleUp:
         by_name = {plan.model_name: Completion(self, snapshot, plan, pool) for plan in plans}
         for load in batch.claim(pool.free(), deadline=deadline):
             self.summary.count("loads_started")
+            outcomes[load.row.model_name].claimed += 1
             pool.submit(
                 Task(
                     load.row.model_name,
@@ -95,6 +96,7 @@ class ScaleUp:
                 self.summary.count("loads_started")
                 model = batch.models[name]
                 pool.submit(Task(name, record=partial(by_name[name].record_slow, model, count, deadline)))
+                outcomes[name].claimed += count
                 batch.slow[name] = 0
         for plan in plans:
             result, outcome = batch.results[plan.model_name], outcomes[plan.model_name]

@@ -25,7 +25,7 @@ from django.db.models.functions import Cast, Coalesce, Length
 from django.db.models.lookups import GreaterThan
 from django.utils import timezone
 
-from registry import rules
+from registry import floor_schedule, rules
 from registry.labels import selector_matches
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 from registry.placement import serves_worker_api
@@ -148,6 +148,10 @@ class ConfigView(NamedTuple):
     desired_replicas: int | None = None
     desired_since: datetime | None = None
     waiting_at_zero: int = 0
+    # Set when an open window of the model's floor schedule (``registry.floor_schedule``)
+    # raised ``min_replicas`` above the stored one for this pass: the window's floor (which
+    # ``min_replicas`` then holds), so messages can say why.
+    scheduled_floor: int | None = None
 
     @property
     def autoscaled(self) -> bool:
@@ -302,6 +306,7 @@ CONFIG_COLUMNS = (
     "desired_replicas",
     "desired_since",
     "waiting_at_zero",
+    "schedule_text",
 )
 
 
@@ -359,14 +364,23 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
     replicas = tuple(replica_views(NodeModel.objects.all()))
     selectors: dict[str | None, Mapping[str, str]] = {}  # JSON text -> view: decoded once per distinct text
     configs = {}
-    for row in ModelSchedulingConfig.objects.annotate(selector_text=Cast("node_selector", TextField())).values_list(
-        *CONFIG_COLUMNS
-    ):
+    taken_at = now or timezone.now()
+    for row in ModelSchedulingConfig.objects.annotate(
+        selector_text=Cast("node_selector", TextField()), schedule_text=Cast("floor_schedule", TextField())
+    ).values_list(*CONFIG_COLUMNS):
         selector_text = row[3]
         selector = selectors.get(selector_text)
         if selector is None:
             selector = selectors[selector_text] = _selector_view(selector_text)
-        configs[row[0]] = ConfigView(*row[:3], selector, *row[4:])
+        view = ConfigView(*row[:3], selector, *row[4:-1])
+        # The floor in force now: a window of the schedule may raise it (parsed once per
+        # distinct text; most configs have none, ``"[]"``).
+        windows = floor_schedule.parse_text(row[-1])
+        if windows:
+            floor = floor_schedule.effective_floor(view.min_replicas, windows, taken_at, max_replicas=view.max_replicas)
+            if floor != view.min_replicas:
+                view = view._replace(min_replicas=floor, scheduled_floor=floor)
+        configs[row[0]] = view
     load_info_models = frozenset(ModelLoadInfo.objects.values_list("model_name", flat=True))
     # {(model, type): (status, reason, message)}, one entry per condition row of the fleet:
     # keys and values are sliced from the row tuples in C.
@@ -375,7 +389,7 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
         zip(map(_CONDITION_KEY, rows), _as_views(ConditionValue, map(_CONDITION_VALUE, rows)), strict=True)
     )
     return Snapshot(
-        taken_at=now or timezone.now(),
+        taken_at=taken_at,
         nodes=MappingProxyType(nodes),
         replicas=replicas,
         configs=MappingProxyType(configs),

@@ -296,6 +296,13 @@ class ModelSchedulingConfig(models.Model):
     )
     upscale_delay_s = models.PositiveIntegerField(default=30, help_text="a higher desire must hold this long")
     downscale_delay_s = models.PositiveIntegerField(default=600, help_text="a lower desire must hold this long")
+    # Scheduled floors (``registry.floor_schedule``): windows in which a higher floor applies.
+    floor_schedule = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='windows with a higher floor, e.g. [{"days": "mon-fri", "start": "08:00", "end": "18:00", '
+        '"min_replicas": 3, "timezone": "Europe/Paris"}]',
+    )
     # ...and the autoscaler's state, written only by ``record_load`` / ``record_waiting`` (an
     # upsert never touches them): the time-weighted in-flight average over the look-back
     # window, when it was last sampled, the replica count the rule wants and since when it has

@@ -17,6 +17,7 @@ from django.db.models import (
 )
 from django.db.models.functions import Greatest
 
+from .. import floor_schedule as floor_schedule_module
 from .. import rules
 from ..clock import resolve_now
 from ..labels import validate_labels
@@ -90,6 +91,7 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         target_in_flight_per_replica: int | None = None,
         upscale_delay_s: int | None = None,
         downscale_delay_s: int | None = None,
+        floor_schedule: list | None = None,
     ) -> ModelSchedulingConfig:
         """Create or replace a model's scheduling config (upsert on ``model_name``).
 
@@ -97,7 +99,8 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         ``placement`` (``spread``/``binpack``), ``disk_bytes`` (the model's size on disk, 0 =
         unknown) and ``spread_by`` (a node label key, "" = off) are only written when given. The
         autoscaling settings are always written (``target_in_flight_per_replica`` None = off; a
-        delay left None takes its default); the autoscaler's state columns never are.
+        delay left None takes its default; ``floor_schedule`` None = no window, see
+        ``registry.floor_schedule``); the autoscaler's state columns never are.
         Idiom: upsert on ``model_name``. Returns the stored row (read back).
         """
         if not model_name or not model_name.strip():
@@ -106,10 +109,15 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         if placement is not None and placement not in self.model.Placement.values:
             raise ValidationError({"placement": f"must be one of {', '.join(self.model.Placement.values)}"})
         validate_autoscaling(target_in_flight_per_replica, upscale_delay_s, downscale_delay_s)
+        try:
+            floor_schedule_module.parse(floor_schedule, max_replicas=max_replicas)
+        except floor_schedule_module.ScheduleError as exc:
+            raise ValidationError({"floor_schedule": exc.args[0]}) from None
         row = self.model(
             model_name=model_name, min_replicas=min_replicas, max_replicas=max_replicas, node_selector=selector
         )
         row.target_in_flight_per_replica = target_in_flight_per_replica
+        row.floor_schedule = list(floor_schedule or [])
         if upscale_delay_s is not None:
             row.upscale_delay_s = upscale_delay_s
         if downscale_delay_s is not None:
@@ -121,6 +129,7 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
             "target_in_flight_per_replica",
             "upscale_delay_s",
             "downscale_delay_s",
+            "floor_schedule",
             "updated_at",
         ]
         if placement is not None:

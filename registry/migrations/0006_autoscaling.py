@@ -27,6 +27,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name='modelschedulingconfig',
+            name='floor_schedule',
+            field=models.JSONField(blank=True, default=list, help_text='windows with a higher floor, e.g. [{"days": "mon-fri", "start": "08:00", "end": "18:00", "min_replicas": 3, "timezone": "Europe/Paris"}]'),
+        ),
+        migrations.AddField(
+            model_name='modelschedulingconfig',
             name='load_avg',
             field=models.FloatField(default=0.0),
         ),

@@ -69,7 +69,17 @@ def test_a_model_at_zero_with_waiting_requests_wakes_sized_and_without_delay():
     plan = plan_model(snapshot(fleet, loading, [cfg]), cfg, CFG, now=NOW)
     assert plan.load.desired == 5 and plan.load.reason == "scale_up"
     assert plan.scale_up == 4  # 5 wanted, 1 already loading
-    assert plan.load.consumed == 40
+    assert plan.load.waiting == 40
+
+
+def test_the_demand_at_zero_still_sizes_the_wake_up_once_the_first_replica_is_ready():
+    # The load job finished before the pass: its replica serves, the 40 routes are still
+    # the demand that arrived at zero (routes count themselves only when nothing is ready).
+    fleet = nodes(2, slots=4)
+    ready = [row(fleet[0], in_flight=0)]
+    cfg = config(min_replicas=0, target=8, waiting_at_zero=40, desired_replicas=0, desired_since=NOW)
+    plan = plan_model(snapshot(fleet, ready, [cfg]), cfg, CFG, now=NOW)
+    assert plan.load.desired == 5 and plan.load.reason == "scale_up" and plan.scale_up == 4
 
 
 def test_model_without_target_keeps_the_old_rules():
