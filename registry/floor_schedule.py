@@ -107,7 +107,7 @@ def parse_window(spec) -> Window:
         raise ScheduleError('"timezone" must be an IANA time zone name such as "Europe/Paris"')
     try:
         _zone(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # unknown; a path; a directory ("America")
         raise ScheduleError(f'"timezone": unknown time zone {timezone!r}') from None
     start, end = _minutes(spec["start"], "start"), _minutes(spec["end"], "end")
     if start == 24 * 60:

@@ -369,8 +369,11 @@ class MaxReplicasSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
 
 
 class FloorWindowSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
-    """One window of a scheduled floor (``registry.floor_schedule``); the days, times and time
-    zone are checked by the schedule's parser (``SchedulingConfigWriteSerializer``)."""
+    """A scheduled floor: while the window is open, the model keeps at least `min_replicas`
+    replicas (docs/autoscaling.md)."""
+
+    # The days, times and time zone are checked by the schedule's own parser
+    # (``registry.floor_schedule``, in ``SchedulingConfigWriteSerializer.validate``).
 
     days = StrictCharField(max_length=64, help_text='"*" or day names and ranges: "mon-fri", "sat,sun"')
     start = StrictCharField(max_length=5, help_text='"HH:MM", wall-clock time in the time zone')

@@ -62,3 +62,28 @@ def test_upsert_validates_and_keeps_state():
     assert (row.target_in_flight_per_replica, row.downscale_delay_s, row.desired_replicas) == (4, 5, 2)
     with pytest.raises(ValidationError):
         ModelSchedulingConfig.objects.upsert("llama", target_in_flight_per_replica=0)
+
+
+EVERY_DAY = {"days": "*", "start": "00:00", "end": "24:00", "min_replicas": 2}
+
+
+def test_upsert_validates_the_floor_schedule_against_the_ceiling():
+    from django.core.exceptions import ValidationError
+
+    row = ModelSchedulingConfig.objects.upsert("llama", max_replicas=4, floor_schedule=[EVERY_DAY])
+    assert row.floor_schedule == [EVERY_DAY]
+    with pytest.raises(ValidationError) as caught:
+        ModelSchedulingConfig.objects.upsert("llama", max_replicas=1, floor_schedule=[EVERY_DAY])
+    assert "min_replicas 2 > max_replicas 1" in caught.value.message_dict["floor_schedule"][0]
+    assert ModelSchedulingConfig.objects.get(model_name="llama").max_replicas == 4  # nothing written
+
+
+def test_concurrent_upserts_of_schedules_leave_one_whole_schedule(close_thread_connections):
+    # Idiom: upsert on model_name, last writer wins; each writer's schedule is written whole
+    # (one row, one JSON value), never a mix of two writers' windows.
+    schedules = [[{**EVERY_DAY, "min_replicas": i + 1}, {**EVERY_DAY, "min_replicas": i + 1}] for i in range(THREADS)]
+    run_in_threads(
+        lambda i: ModelSchedulingConfig.objects.upsert("llama", floor_schedule=schedules[i]), close_thread_connections
+    )
+    stored = ModelSchedulingConfig.objects.get(model_name="llama").floor_schedule
+    assert stored in schedules
