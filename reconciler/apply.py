@@ -477,7 +477,7 @@ class Pass(ScaleUp):
             # full and the next pass claims the rest of the wake-up (it needs the count again).
             deferred = outcome is not None and outcome.skipped == "load_concurrency"
             consumed = 0 if deferred else load.waiting
-            states.append((plan.model_name, load.average, self.now, load.desired, load.since, consumed))
+            states.append((plan.model_name, load.average, self.now, load.desired, load.since, consumed, load.busy_at))
             if outcome is None or load.reason not in ("scale_up", "scale_down"):
                 continue
             started = outcome.added + outcome.claimed

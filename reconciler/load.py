@@ -24,6 +24,7 @@ class LoadDecision(NamedTuple):
     target: int  # replica count to act on this pass
     waiting: int  # routes counted at zero that sized this desire (consumed once read)
     message: str
+    busy_at: datetime | None = None  # the last pass that saw something in flight
 
 
 def plan_load(config: ConfigView, ready, current: int, cfg: ReconcileConfig, *, now: datetime) -> LoadDecision:
@@ -32,7 +33,8 @@ def plan_load(config: ConfigView, ready, current: int, cfg: ReconcileConfig, *, 
     for replica in ready:
         in_flight += replica.in_flight
     window = cfg.autoscale_window
-    average = autoscale.average(config.load_avg, config.load_sampled_at, in_flight, now, window)
+    busy_at = now if in_flight else config.load_busy_at
+    average = autoscale.average(config.load_avg, config.load_sampled_at, in_flight, now, window, busy_at=busy_at)
     # Routes count themselves only when they find no ready replica (``router._cold``): the
     # count is demand that arrived at zero, even when the woken replica is ready by now.
     waiting = config.waiting_at_zero
@@ -50,4 +52,6 @@ def plan_load(config: ConfigView, ready, current: int, cfg: ReconcileConfig, *, 
         waking=waiting > 0,
     )
     message = autoscale.explain(average, window, config.target, desired, waiting)
-    return LoadDecision(in_flight, average, desired, decision.since, decision.reason, decision.target, waiting, message)
+    return LoadDecision(
+        in_flight, average, desired, decision.since, decision.reason, decision.target, waiting, message, busy_at
+    )

@@ -148,6 +148,7 @@ class ConfigView(NamedTuple):
     desired_replicas: int | None = None
     desired_since: datetime | None = None
     waiting_at_zero: int = 0
+    load_busy_at: datetime | None = None
     # Set when an open window of the model's floor schedule (``registry.floor_schedule``)
     # raised ``min_replicas`` above the stored one for this pass: the window's floor (which
     # ``min_replicas`` then holds), so messages can say why.
@@ -306,6 +307,7 @@ CONFIG_COLUMNS = (
     "desired_replicas",
     "desired_since",
     "waiting_at_zero",
+    "load_busy_at",
     "schedule_text",
 )
 

@@ -20,13 +20,26 @@ from datetime import datetime, timedelta
 from typing import NamedTuple
 
 
-def average(previous: float, sampled_at: datetime | None, current: float, now: datetime, window: timedelta) -> float:
+def average(
+    previous: float,
+    sampled_at: datetime | None,
+    current: float,
+    now: datetime,
+    window: timedelta,
+    *,
+    busy_at: datetime | None = None,
+) -> float:
     """The in-flight average over ``window`` after sampling ``current`` at ``now``.
 
     A time-weighted exponential moving average: the previous average keeps the weight
     ``exp(-elapsed / window)``, the new sample takes the rest. The first sample, or one after
-    a gap longer than the window, is the average itself.
+    a gap longer than the window, is the average itself. ``busy_at``: the last sample with
+    something in flight (None: none seen); a whole window of empty samples since then is a
+    load of exactly 0 (an exponential average alone only tends to 0, and at ``ceil`` even
+    0.001 asks for a replica: a model could never scale to zero).
     """
+    if current == 0 and (busy_at is None or now - busy_at >= window):
+        return 0.0
     if sampled_at is None or window.total_seconds() <= 0:
         return float(current)
     elapsed = (now - sampled_at).total_seconds()

@@ -303,12 +303,14 @@ class ModelSchedulingConfig(models.Model):
         help_text='windows with a higher floor, e.g. [{"days": "mon-fri", "start": "08:00", "end": "18:00", '
         '"min_replicas": 3, "timezone": "Europe/Paris"}]',
     )
-    # ...and the autoscaler's state, written only by ``record_load`` / ``record_waiting`` (an
-    # upsert never touches them): the time-weighted in-flight average over the look-back
-    # window, when it was last sampled, the replica count the rule wants and since when it has
-    # wanted it, and the routes that found no replica while the model was at zero.
+    # ...and the autoscaler's state, written only by ``record_autoscale`` / ``record_waiting``
+    # (an upsert never touches them): the time-weighted in-flight average over the look-back
+    # window, when it was last sampled and last saw a request in flight, the replica count the
+    # rule wants and since when it has wanted it, and the routes that found no replica while
+    # the model was at zero.
     load_avg = models.FloatField(default=0.0)
     load_sampled_at = models.DateTimeField(null=True, blank=True)
+    load_busy_at = models.DateTimeField(null=True, blank=True)  # last pass that saw in-flight > 0
     desired_replicas = models.PositiveIntegerField(null=True, blank=True)
     desired_since = models.DateTimeField(null=True, blank=True)
     waiting_at_zero = models.PositiveIntegerField(default=0)

@@ -175,7 +175,8 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
     def record_autoscale(self, states) -> int:
         """Store this pass's autoscaler state for many models in one statement: ``states`` is
         an iterable of ``(model_name, load_avg, sampled_at, desired_replicas, desired_since,
-        consumed_waiting)``; ``consumed_waiting`` is the count of routes at zero the pass read
+        consumed_waiting, busy_at)``; ``busy_at`` is the last sample with something in flight;
+        ``consumed_waiting`` is the count of routes at zero the pass read
         (and sized a wake-up from), subtracted, not reset, so routes counted by
         ``record_waiting`` since the pass's snapshot are kept. Idiom: one set-based
         ``UPDATE ... CASE`` keyed by ``model_name``; last writer wins on the state columns
@@ -198,6 +199,7 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
             load_sampled_at=case([(s[0], s[2]) for s in states], models.DateTimeField()),
             desired_replicas=case([(s[0], s[3]) for s in states], models.PositiveIntegerField()),
             desired_since=case([(s[0], s[4]) for s in states], models.DateTimeField()),
+            load_busy_at=case([(s[0], s[6]) for s in states], models.DateTimeField()),
             waiting_at_zero=Case(
                 *(When(model_name=name, then=Greatest(F("waiting_at_zero") - seen, 0)) for name, seen in consumed),
                 default=F("waiting_at_zero"),

@@ -37,6 +37,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name='modelschedulingconfig',
+            name='load_busy_at',
+            field=models.DateTimeField(blank=True, null=True),
+        ),
+        migrations.AddField(
+            model_name='modelschedulingconfig',
             name='load_sampled_at',
             field=models.DateTimeField(blank=True, null=True),
         ),

@@ -45,7 +45,7 @@ def test_scale_down_removes_idle_replicas_only_after_the_delay():
     fleet = nodes(3)
     replicas = [row(fleet[0], index=0, in_flight=2), row(fleet[1], index=1), row(fleet[2], index=2)]
     cfg = config(min_replicas=1, desired_replicas=1, desired_since=NOW - timedelta(seconds=599))
-    cfg = cfg._replace(load_avg=2.0, load_sampled_at=NOW - timedelta(seconds=10))
+    cfg = cfg._replace(load_avg=2.0, load_sampled_at=NOW - timedelta(seconds=10), load_busy_at=NOW)
     early = plan_model(snapshot(fleet, replicas, [cfg]), cfg, CFG, now=NOW)
     assert early.load.reason == "down_pending" and early.remove == ()
     due = plan_model(snapshot(fleet, replicas, [cfg]), cfg, CFG, now=NOW + timedelta(seconds=1))

@@ -51,6 +51,22 @@ def test_average_moves_toward_the_sample_with_elapsed_time():
     assert autoscale.average(4.0, T0, 10, T0, window) == 4.0
 
 
+def test_a_whole_window_without_anything_in_flight_is_a_load_of_zero():
+    window = timedelta(seconds=60)
+    # Passes every 10 s after a burst of 12 that ended at T0: the average alone only tends to 0.
+    average, at = 12.0, T0
+    for step in range(1, 6):
+        now = T0 + timedelta(seconds=10 * step)
+        average, at = autoscale.average(average, at, 0, now, window, busy_at=T0), now
+        assert average > 0.0
+    assert autoscale.average(average, at, 0, T0 + timedelta(seconds=60), window, busy_at=T0) == 0.0
+    # Something in flight now, or within the window: no shortcut.
+    assert autoscale.average(2.0, T0, 1, T0 + timedelta(seconds=60), window, busy_at=T0) > 0.0
+    assert autoscale.average(2.0, T0, 0, T0 + timedelta(seconds=10), window, busy_at=T0) > 0.0
+    # Never seen busy: 0.
+    assert autoscale.average(2.0, T0, 0, T0 + timedelta(seconds=10), window, busy_at=None) == 0.0
+
+
 def test_upscale_waits_for_its_delay():
     first = autoscale.decide(
         current=1, desired=3, previous_desired=None, previous_since=None, now=T0, upscale_delay=UP, downscale_delay=DOWN

@@ -32,7 +32,7 @@ def test_recording_keeps_routes_counted_after_the_pass_read(close_thread_connect
 
     def act(i):
         if i == 0:
-            return ModelSchedulingConfig.objects.record_autoscale([("llama", 2.5, NOW, 1, NOW, 5)])
+            return ModelSchedulingConfig.objects.record_autoscale([("llama", 2.5, NOW, 1, NOW, 5, NOW)])
         return ModelSchedulingConfig.objects.record_waiting("llama")
 
     run_in_threads(act, close_thread_connections)
@@ -46,18 +46,20 @@ def test_record_autoscale_writes_many_models_in_one_statement(django_assert_num_
         ModelSchedulingConfig.objects.upsert(name, target_in_flight_per_replica=4)
     with django_assert_num_queries(1):
         written = ModelSchedulingConfig.objects.record_autoscale(
-            [("a", 1.0, NOW, 1, NOW, 0), ("b", 9.0, NOW, 3, NOW, 0), ("c", 0.0, NOW, 0, NOW, 0)]
+            [("a", 1.0, NOW, 1, NOW, 0, NOW), ("b", 9.0, NOW, 3, NOW, 0, NOW), ("c", 0.0, NOW, 0, NOW, 0, None)]
         )
     assert written == 3
     desired = dict(ModelSchedulingConfig.objects.values_list("model_name", "desired_replicas"))
     assert desired == {"a": 1, "b": 3, "c": 0}
+    busy = dict(ModelSchedulingConfig.objects.values_list("model_name", "load_busy_at"))
+    assert busy == {"a": NOW, "b": NOW, "c": None}
 
 
 def test_upsert_validates_and_keeps_state():
     from django.core.exceptions import ValidationError
 
     ModelSchedulingConfig.objects.upsert("llama", target_in_flight_per_replica=8)
-    ModelSchedulingConfig.objects.record_autoscale([("llama", 3.0, NOW, 2, NOW, 0)])
+    ModelSchedulingConfig.objects.record_autoscale([("llama", 3.0, NOW, 2, NOW, 0, NOW)])
     row = ModelSchedulingConfig.objects.upsert("llama", target_in_flight_per_replica=4, downscale_delay_s=5)
     assert (row.target_in_flight_per_replica, row.downscale_delay_s, row.desired_replicas) == (4, 5, 2)
     with pytest.raises(ValidationError):
