@@ -38,6 +38,10 @@ def plan_load(config: ConfigView, ready, current: int, cfg: ReconcileConfig, *, 
     # Routes count themselves only when they find no ready replica (``router._cold``): the
     # count is demand that arrived at zero, even when the woken replica is ready by now.
     waiting = config.waiting_at_zero
+    # That demand is load the window has not seen yet: it enters the average, which then decays
+    # as usual, so the passes after the wake-up do not read the empty window as a fall in load
+    # (and, after the downscale delay, remove the replicas the wake-up added).
+    average = max(average, float(waiting))
     desired = autoscale.desired_replicas(
         average, config.target, min_replicas=config.min_replicas, max_replicas=config.max_replicas, waiting=waiting
     )

@@ -137,9 +137,7 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
             windows = floor_schedule.parse(obj.floor_schedule or [])
         except floor_schedule.ScheduleError as exc:
             return f"{obj.min_replicas} (schedule ignored: {exc.args[0]})"
-        floor = floor_schedule.effective_floor(
-            obj.min_replicas, windows, timezone.now(), max_replicas=obj.max_replicas
-        )
+        floor = floor_schedule.effective_floor(obj.min_replicas, windows, timezone.now(), max_replicas=obj.max_replicas)
         if not windows:
             return str(floor)
         listed = "; ".join(floor_schedule.describe(window) for window in windows)

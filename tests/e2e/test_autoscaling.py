@@ -1,6 +1,8 @@
 """Load-aware autoscaling end to end: web (load jobs in a thread), a reconcile loop, two
 reference workers with echo backends, routes through cpclient holding leases."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from cpclient import ControlPlaneClient
@@ -36,10 +38,22 @@ def test_a_burst_scales_up_to_the_computed_count_and_back_and_a_model_at_zero_wa
     fleet.wait_converged("auto", 1, 60)
     assert fleet.model("auto")["desired_replicas"] == 1
 
-    # Scale to zero, then a route wakes it through the load-job path.
+    # Scale to zero, then a burst of routes wakes it through the load-job path: every route
+    # that found no replica was counted, and the wake-up is sized from them and the leases
+    # they then hold (6 at target 2 -> 3 replicas, not the load job's 1).
     fleet.set_floor("auto", 0, **autoscaling)
     fleet.wait_converged("auto", 0, 60)
     wait_for(lambda: fleet.model("auto")["desired_replicas"] == 0, timeout=30, what="desire 0")
-    with frontend.lease("auto", **ECHO_OPTIONS, wait_seconds=30) as lease:
-        assert lease.address
-    assert fleet.model("auto")["ready_replicas"] >= 1
+
+    def route(_):
+        return ControlPlaneClient(fleet.base_url, fleet.api_key, timeout=30).route(
+            "auto", **ECHO_OPTIONS, wait_seconds=30
+        )
+
+    with ThreadPoolExecutor(6) as pool:
+        woken = list(pool.map(route, range(6)))
+    assert all(lease.address for lease in woken)
+    fleet.wait_converged("auto", 3, 60)
+    wait_for(lambda: fleet.model("auto")["desired_replicas"] == 3, timeout=30, what="desire 3")
+    for lease in woken:
+        frontend.release(lease)

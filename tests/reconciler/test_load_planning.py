@@ -70,6 +70,7 @@ def test_a_model_at_zero_with_waiting_requests_wakes_sized_and_without_delay():
     assert plan.load.desired == 5 and plan.load.reason == "scale_up"
     assert plan.scale_up == 4  # 5 wanted, 1 already loading
     assert plan.load.waiting == 40
+    assert plan.load.average == 40.0  # the demand enters the average: the next pass still asks for 5
 
 
 def test_the_demand_at_zero_still_sizes_the_wake_up_once_the_first_replica_is_ready():

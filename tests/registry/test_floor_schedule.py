@@ -114,7 +114,9 @@ def test_stored_text_is_decoded_once_and_a_broken_one_applies_nothing():
     assert fs.parse_text("[]") == () and fs.parse_text(None) == ()
     text = '[{"days": "mon-fri", "start": "08:00", "end": "18:00", "min_replicas": 3}]'
     assert fs.parse_text(text) is fs.parse_text(text)
-    assert fs.parse_text('[{"days": "mon", "start": "08:00", "end": "09:00", "min_replicas": 1, "timezone": "X/Y"}]') == ()
+    assert (
+        fs.parse_text('[{"days": "mon", "start": "08:00", "end": "09:00", "min_replicas": 1, "timezone": "X/Y"}]') == ()
+    )
 
 
 def test_describe():
