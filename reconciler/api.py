@@ -66,6 +66,17 @@ class ModelStatusSerializer(serializers.Serializer):
     node_selector = serializers.DictField(child=serializers.CharField(allow_blank=True))
     autoscaled = serializers.BooleanField()
     unsatisfiable_until = serializers.DateTimeField(allow_null=True)
+    target_in_flight_per_replica = serializers.IntegerField(
+        allow_null=True, help_text="load-aware autoscaling target; null = off"
+    )
+    effective_min_replicas = serializers.IntegerField(
+        help_text="the floor in force now: min_replicas, raised by an open window of the floor schedule"
+    )
+    desired_replicas = serializers.IntegerField(
+        allow_null=True,
+        help_text="replicas the reconciler aims at: with a load target, what the load asked for at the last pass; "
+        "otherwise the floor of an autoscaled model; null for an unmanaged model",
+    )
     load_info = serializers.ChoiceField(
         choices=["model", "replica"], allow_null=True, help_text="where the load recipe comes from; null: none"
     )

@@ -141,6 +141,7 @@ class Pass(ScaleUp):
         self.summary.known_models = len(snapshot.model_names)
         outcomes = {plan.model_name: self.apply_scaling(snapshot, plan) for plan in plans if plan.acts}
         self.scale_up(snapshot, [plan for plan in plans if plan.acts and plan.scale_up], outcomes)
+        self.record_load(plans, outcomes)
         self.flush_events()
 
         self.update_conditions(snapshot, health, {plan.model_name: plan for plan in plans}, outcomes)
@@ -460,6 +461,46 @@ class Pass(ScaleUp):
             self.scale_down(snapshot, plan, outcome)
         return outcome
 
+    def record_load(self, plans: list[ScalePlan], outcomes: dict) -> None:
+        """Store every load-aware model's reading (one statement for the pass, none when no
+        model has a target) and say why a replica count changes (event ``autoscaled``).
+
+        The event is written here, when the pass takes the decision: the replicas it claimed
+        are loaded by the load pool after the pass (their ``replica_added`` events come when
+        each load finishes), the ones it removed are gone already."""
+        states = []
+        for plan in plans:
+            load = plan.load
+            if load is None:
+                continue
+            outcome = outcomes.get(plan.model_name)
+            # The routes counted at zero sized this decision: consumed, unless the pool was
+            # full and the next pass claims the rest of the wake-up (it needs the count again).
+            deferred = outcome is not None and outcome.skipped == "load_concurrency"
+            consumed = 0 if deferred else load.waiting
+            states.append((plan.model_name, load.average, self.now, load.desired, load.since, consumed, load.busy_at))
+            if outcome is None or load.reason not in ("scale_up", "scale_down"):
+                continue
+            started = outcome.added + outcome.claimed
+            if not (started or outcome.removed):
+                continue
+            self.summary.count("autoscaled")
+            self.event(
+                Event.Kind.AUTOSCALED,
+                model_name=plan.model_name,
+                message=f"{load.message} ({plan.current} -> {plan.current + started - outcome.removed})",
+                in_flight=load.in_flight,
+                average=round(load.average, 3),
+                desired=load.desired,
+                since=load.since.isoformat(),
+                waiting=load.waiting,
+                added=outcome.added,
+                loading=outcome.claimed,
+                removed=outcome.removed,
+            )
+        if states:
+            ModelSchedulingConfig.objects.record_autoscale(states)
+
     def scale_down(self, snapshot: Snapshot, plan: ScalePlan, outcome: ScaleOutcome) -> None:
         """Row first (so nothing routes to it any more), then ask the worker to stop the
         backend, best effort: a failed stop leaves an orphan the next pass stops."""
@@ -482,7 +523,11 @@ class Pass(ScaleUp):
                 Event.Kind.REPLICA_REMOVED,
                 model_name=replica.model_name,
                 node=node,
-                message=f"replica {replica.replica_index} idle since {_when(replica.last_used)}; scaled down",
+                message=(
+                    f"replica {replica.replica_index} idle; scaled down by load ({plan.load.message})"
+                    if plan.load is not None
+                    else f"replica {replica.replica_index} idle since {_when(replica.last_used)}; scaled down"
+                ),
                 reason="scale_down",
                 replica_index=replica.replica_index,
                 stop_error=stop_error,

@@ -33,6 +33,9 @@ class ScaleOutcome:
     cooldown_cleared: bool = False
     no_load_info: bool = False  # ``for_model`` said so at apply time
     skipped: str = ""  # e.g. scheduler_unavailable, scale_up_budget
+    # Loads claimed this pass and handed to the load pool (``scale_up``): recorded when they
+    # finish, after the pass; the re-reading path counts the replicas it was asked for.
+    claimed: int = 0
 
 
 def model_conditions(
@@ -68,7 +71,8 @@ def model_condition_values(
     those facts share one computed tuple, so a steady pass builds no condition per model.
     """
     config, ready, loading, has_load_info = _facts(snapshot, model_name, plan)
-    if outcome is not None or memo is None:
+    if outcome is not None or memo is None or (plan is not None and plan.load is not None):
+        # (A load-aware model's Progressing names its own desire and its start: not shared.)
         return _condition_values(config, ready, loading, has_load_info, plan, outcome or ScaleOutcome())
     key = (
         config.min_replicas,
@@ -108,6 +112,9 @@ def _ready_and_floor(config: ConfigView, ready: int, outcome: ScaleOutcome) -> t
     return ready - outcome.removed + outcome.added, rules.ready_for_available(config.min_replicas)
 
 
+_PENDING = {"up_pending": "scale_up_pending", "down_pending": "scale_down_pending"}
+
+
 def _condition_values(
     config: ConfigView, ready: int, loading: int, has_load_info: bool, plan: ScalePlan | None, outcome: ScaleOutcome
 ) -> ConditionValues:
@@ -124,12 +131,23 @@ def _condition_values(
     if outcome.failed:
         added = f"{outcome.added} replica(s) added, then " if outcome.added else ""
         progressing = ConditionValue(False, "scale_up_failed", f"{added}{outcome.failed}")
-    elif outcome.added:
-        progressing = ConditionValue(True, "scaling_up", f"{outcome.added} replica(s) added ({plan.scale_up_reason})")
+    elif outcome.added or outcome.claimed:
+        why = f"{plan.scale_up_reason}: {plan.load.message}" if plan.load is not None else plan.scale_up_reason
+        what = [f"{outcome.added} replica(s) added"] if outcome.added else []
+        what += [f"{outcome.claimed} replica(s) loading"] if outcome.claimed else []
+        progressing = ConditionValue(True, "scaling_up", f"{', '.join(what)} ({why})")
     elif loading:
         progressing = ConditionValue(True, "replicas_loading", f"{loading} replica(s) loading")
     elif skipped:
         progressing = ConditionValue(False, skipped, _skip_message(skipped, plan))
+    elif plan is not None and plan.load is not None and plan.load.reason in _PENDING:
+        load = plan.load
+        progressing = ConditionValue(
+            False,
+            _PENDING[load.reason],
+            f"the load asks for {load.desired} replica(s) since {load.since.isoformat()}; waiting for the "
+            f"{'upscale' if load.reason == 'up_pending' else 'downscale'} delay",
+        )
     else:
         progressing = ConditionValue(False, "stable", "")
 

@@ -22,6 +22,7 @@ class ReconcileConfig:
     stale_after: timedelta
     interval: float
     scale_down_idle_after: timedelta
+    autoscale_window: timedelta
     unsatisfiable_ticks: int
     unsatisfiable_cooldown: timedelta
     probe_failures_before_removal: int
@@ -57,6 +58,7 @@ class ReconcileConfig:
             observation_gap=timedelta(seconds=float(observation_gap)),
             interval=interval,
             scale_down_idle_after=timedelta(seconds=float(settings.SCALE_DOWN_IDLE_AFTER)),
+            autoscale_window=timedelta(seconds=max(0.0, float(settings.AUTOSCALE_WINDOW_SECONDS))),
             unsatisfiable_ticks=int(settings.UNSATISFIABLE_TICKS),
             unsatisfiable_cooldown=timedelta(seconds=float(settings.UNSATISFIABLE_COOLDOWN)),
             probe_failures_before_removal=int(settings.PROBE_FAILURES_BEFORE_REMOVAL),

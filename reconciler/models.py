@@ -42,6 +42,7 @@ class Event(models.Model):
         MODEL_UNAVAILABLE = "model_unavailable", "model below its floor"
         VRAM_RESERVATION_RELEASED = "vram_reservation_released", "leaked VRAM reservation released"
         CONDITION_CHANGED = "condition_changed", "condition changed"
+        AUTOSCALED = "autoscaled", "load-aware autoscaling changed the replica count"
 
     created_at = models.DateTimeField(default=timezone.now)
     kind = models.CharField(max_length=32, choices=Kind.choices)

@@ -36,6 +36,7 @@ from .conditions import (  # noqa: F401  (the per-model conditions, re-exported)
     transition_event_kind,
 )
 from .conf import ReconcileConfig
+from .load import LoadDecision, plan_load
 from .managers import ConditionState
 from .models import ModelCondition
 from .snapshot import ConfigView, NodeView, ReplicaView, Snapshot
@@ -388,6 +389,7 @@ class ScalePlan(NamedTuple):
     scale_up_reason: str = ""  # below_min | all_busy
     remove: tuple[ReplicaView, ...] = ()
     skipped: str = ""  # why nothing was done although something was wanted
+    load: LoadDecision | None = None  # load-aware autoscaling (a model with a target)
 
     @property
     def current(self) -> int:
@@ -437,7 +439,7 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
     Called once per autoscaled model per pass: the facts are read with one lookup each from
     the snapshot's per-pass indexes, and a model with nothing to do (the common case) returns
     after a handful of comparisons."""
-    name, min_replicas, max_replicas, selector, until, ticks = config
+    name, min_replicas, max_replicas, selector, until, ticks = config[:6]
     # The count of unsatisfiable passes is reset only when the snapshot saw one: only passes
     # (under the reconcile lock) raise it, so a zero read in this pass is still zero.
     satisfiable = ticks > 0
@@ -455,6 +457,7 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
 
     current = n_ready + n_loading
     ceiling = max_replicas if max_replicas > 0 else None
+    load = plan_load(config, ready, current, cfg, now=now) if config.target is not None else None
 
     # 2. Below the floor: scale up by min(needed, capacity).
     if current < min_replicas:
@@ -464,16 +467,24 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
         if ceiling is not None:
             needed = min(needed, ceiling - current)
         if capacity == 0:
-            return ScalePlan(*facts, cooldown_over=cooldown_over, record_unsatisfiable=True, skipped="no_capacity")
+            return ScalePlan(
+                *facts, cooldown_over=cooldown_over, record_unsatisfiable=True, skipped="no_capacity", load=load
+            )
         if not has_load_info:
-            return ScalePlan(*facts, cooldown_over=cooldown_over, record_satisfiable=satisfiable, skipped="no_load_info")
+            return ScalePlan(
+                *facts, cooldown_over=cooldown_over, record_satisfiable=satisfiable, skipped="no_load_info", load=load
+            )
         return ScalePlan(
             *facts,
             cooldown_over=cooldown_over,
             record_satisfiable=satisfiable,
             scale_up=min(needed, capacity),
             scale_up_reason="below_min",
+            load=load,
         )
+
+    if load is not None:
+        return _plan_by_load(snapshot, config, cfg, load, ready, n_loading, candidate_ids, has_load_info, cooldown_over)
 
     # 3. Every ready replica busy, nothing already loading, below the ceiling: add one.
     if n_ready and not n_loading and (ceiling is None or current < ceiling) and _all_busy(ready):
@@ -512,6 +523,55 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
         has_load_info,
         cooldown_over=cooldown_over,
         remove=tuple(remove),
+    )
+
+
+def _plan_by_load(
+    snapshot: Snapshot,
+    config: ConfigView,
+    cfg: ReconcileConfig,
+    load: LoadDecision,
+    ready,
+    n_loading: int,
+    candidate_ids,
+    has_load_info: bool,
+    cooldown_over: bool,
+) -> ScalePlan:
+    """Steps 3-4 for a model with a load target: grow to, or shrink (idle replicas only, never
+    below ``min_replicas``) toward, the count ``plan_load`` settled on."""
+    name, n_ready = config.model_name, len(ready)
+    current = n_ready + n_loading
+    if load.target > current:
+        capacity = _capacity(snapshot, config, snapshot.candidates(config.node_selector))
+        facts = (name, config, n_ready, n_loading, capacity, candidate_ids, has_load_info)
+        if capacity == 0:
+            return ScalePlan(*facts, cooldown_over=cooldown_over, skipped="no_capacity", load=load)
+        if not has_load_info:
+            return ScalePlan(*facts, cooldown_over=cooldown_over, skipped="no_load_info", load=load)
+        return ScalePlan(
+            *facts,
+            cooldown_over=cooldown_over,
+            scale_up=min(load.target - current, capacity),
+            scale_up_reason="load",
+            load=load,
+        )
+    remove: tuple[ReplicaView, ...] = ()
+    if load.target < current:
+        removable = min(current - load.target, n_ready - config.min_replicas)
+        if removable > 0:
+            unused = sorted((r for r in ready if r.in_flight == 0), key=lambda r: _removal_order(r, snapshot))
+            remove = tuple(unused[:removable])
+    return ScalePlan(
+        name,
+        config,
+        n_ready,
+        n_loading,
+        None,
+        candidate_ids,
+        has_load_info,
+        cooldown_over=cooldown_over,
+        remove=remove,
+        load=load,
     )
 
 

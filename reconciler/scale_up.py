@@ -85,6 +85,7 @@ class ScaleUp:
         recorder = partial(record_loads, batch)
         for load in batch.claim(pool.free(), deadline=deadline):
             self.summary.count("loads_started")
+            outcomes[load.row.model_name].claimed += 1
             pool.submit(
                 Task(
                     load.row.model_name,
@@ -99,6 +100,7 @@ class ScaleUp:
                 self.summary.count("loads_started")
                 model = batch.models[name]
                 pool.submit(Task(name, record=partial(by_name[name].record_slow, model, count, deadline)))
+                outcomes[name].claimed += count
                 batch.slow[name] = 0
         for plan in plans:
             result, outcome = batch.results[plan.model_name], outcomes[plan.model_name]

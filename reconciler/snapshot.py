@@ -25,7 +25,7 @@ from django.db.models.functions import Cast, Coalesce, Length
 from django.db.models.lookups import GreaterThan
 from django.utils import timezone
 
-from registry import rules
+from registry import floor_schedule, rules
 from registry.labels import selector_matches
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 from registry.placement import serves_worker_api
@@ -138,15 +138,30 @@ class ConfigView(NamedTuple):
     node_selector: Mapping[str, str] = _NO_SELECTOR
     unsatisfiable_until: datetime | None = None
     unsatisfiable_ticks: int = 0
+    # Load-aware autoscaling (``registry.autoscale``): the settings, then the state the last
+    # pass recorded (``ModelSchedulingConfig.objects.record_autoscale``).
+    target: int | None = None
+    upscale_delay_s: int = 30
+    downscale_delay_s: int = 600
+    load_avg: float = 0.0
+    load_sampled_at: datetime | None = None
+    desired_replicas: int | None = None
+    desired_since: datetime | None = None
+    waiting_at_zero: int = 0
+    load_busy_at: datetime | None = None
+    # Set when an open window of the model's floor schedule (``registry.floor_schedule``)
+    # raised ``min_replicas`` above the stored one for this pass: the window's floor (which
+    # ``min_replicas`` then holds), so messages can say why.
+    scheduled_floor: int | None = None
 
     @property
     def autoscaled(self) -> bool:
-        return rules.is_autoscaled(self.min_replicas, self.max_replicas)
+        return rules.is_autoscaled(self.min_replicas, self.max_replicas, self.target)
 
     @property
     def floor(self) -> int:
         """Replicas a model keeps even when idle (``registry.rules.replica_floor``)."""
-        return rules.replica_floor(self.min_replicas, self.max_replicas)
+        return rules.replica_floor(self.min_replicas, self.max_replicas, self.target)
 
 
 @dataclass(frozen=True)
@@ -284,6 +299,16 @@ CONFIG_COLUMNS = (
     "selector_text",
     "unsatisfiable_until",
     "unsatisfiable_ticks",
+    "target_in_flight_per_replica",
+    "upscale_delay_s",
+    "downscale_delay_s",
+    "load_avg",
+    "load_sampled_at",
+    "desired_replicas",
+    "desired_since",
+    "waiting_at_zero",
+    "load_busy_at",
+    "schedule_text",
 )
 
 
@@ -341,20 +366,23 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
     replicas = tuple(replica_views(NodeModel.objects.all()))
     selectors: dict[str | None, Mapping[str, str]] = {}  # JSON text -> view: decoded once per distinct text
     configs = {}
-    for (
-        name,
-        min_replicas,
-        max_replicas,
-        selector_text,
-        unsatisfiable_until,
-        unsatisfiable_ticks,
-    ) in ModelSchedulingConfig.objects.annotate(selector_text=Cast("node_selector", TextField())).values_list(
-        *CONFIG_COLUMNS
-    ):
+    taken_at = now or timezone.now()
+    for row in ModelSchedulingConfig.objects.annotate(
+        selector_text=Cast("node_selector", TextField()), schedule_text=Cast("floor_schedule", TextField())
+    ).values_list(*CONFIG_COLUMNS):
+        selector_text = row[3]
         selector = selectors.get(selector_text)
         if selector is None:
             selector = selectors[selector_text] = _selector_view(selector_text)
-        configs[name] = ConfigView(name, min_replicas, max_replicas, selector, unsatisfiable_until, unsatisfiable_ticks)
+        view = ConfigView(*row[:3], selector, *row[4:-1])
+        # The floor in force now: a window of the schedule may raise it (parsed once per
+        # distinct text; most configs have none, ``"[]"``).
+        windows = floor_schedule.parse_text(row[-1])
+        if windows:
+            floor = floor_schedule.effective_floor(view.min_replicas, windows, taken_at, max_replicas=view.max_replicas)
+            if floor != view.min_replicas:
+                view = view._replace(min_replicas=floor, scheduled_floor=floor)
+        configs[row[0]] = view
     load_info_models = frozenset(ModelLoadInfo.objects.values_list("model_name", flat=True))
     # {(model, type): (status, reason, message)}, one entry per condition row of the fleet:
     # keys and values are sliced from the row tuples in C.
@@ -363,7 +391,7 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
         zip(map(_CONDITION_KEY, rows), _as_views(ConditionValue, map(_CONDITION_VALUE, rows)), strict=True)
     )
     return Snapshot(
-        taken_at=now or timezone.now(),
+        taken_at=taken_at,
         nodes=MappingProxyType(nodes),
         replicas=replicas,
         configs=MappingProxyType(configs),

@@ -12,8 +12,9 @@ from datetime import datetime
 
 from django.db.models import Count
 from django.db.models.functions import Length
+from django.utils import timezone
 
-from registry import rules
+from registry import floor_schedule, rules
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, NodeModel
 
 from .models import ModelCondition
@@ -28,6 +29,9 @@ class ModelStatus:
     node_selector: dict = field(default_factory=dict)
     autoscaled: bool = False
     unsatisfiable_until: datetime | None = None
+    target_in_flight_per_replica: int | None = None
+    desired_replicas: int | None = None  # ``desired_replicas()``
+    effective_min_replicas: int = 0  # min_replicas, raised by an open floor-schedule window
     load_info: str | None = None  # "model" (per-model row), "replica" (legacy row) or None
     ready_replicas: int = 0
     loading_replicas: int = 0
@@ -97,9 +101,12 @@ def model_statuses(names: list[str]) -> list[ModelStatus]:
     ):
         conditions.setdefault(row.pop("model_name"), []).append(row)
     statuses = []
+    now = timezone.now()
     for name in names:
         config = configs.get(name, {})
         min_replicas, max_replicas = config.get("min_replicas", 0), config.get("max_replicas", 0)
+        target = config.get("target_in_flight_per_replica")
+        floor = effective_min_replicas(config, now)
         statuses.append(
             ModelStatus(
                 model_name=name,
@@ -107,8 +114,11 @@ def model_statuses(names: list[str]) -> list[ModelStatus]:
                 min_replicas=min_replicas,
                 max_replicas=max_replicas,
                 node_selector=config.get("node_selector") or {},
-                autoscaled=rules.is_autoscaled(min_replicas, max_replicas),
+                autoscaled=rules.is_autoscaled(floor, max_replicas, target),
                 unsatisfiable_until=config.get("unsatisfiable_until"),
+                target_in_flight_per_replica=target,
+                desired_replicas=desired_replicas(config, floor),
+                effective_min_replicas=floor,
                 load_info="model" if name in per_model else ("replica" if name in legacy else None),
                 ready_replicas=ready.get(name, 0),
                 loading_replicas=loading.get(name, 0),
@@ -117,6 +127,35 @@ def model_statuses(names: list[str]) -> list[ModelStatus]:
             )
         )
     return statuses
+
+
+def effective_min_replicas(config: dict, now) -> int:
+    """The floor in force at ``now``: ``min_replicas``, raised by an open window of the
+    model's floor schedule (``registry.floor_schedule``), as the reconciler's snapshot reads it."""
+    min_replicas = config.get("min_replicas", 0)
+    try:
+        windows = floor_schedule.parse(config.get("floor_schedule") or [])
+    except floor_schedule.ScheduleError:  # stored, then its time zone left the system: as the pass
+        windows = ()
+    return floor_schedule.effective_floor(min_replicas, windows, now, max_replicas=config.get("max_replicas", 0))
+
+
+def desired_replicas(config: dict, min_replicas: int | None = None) -> int | None:
+    """The replica count the reconciler aims at: with a load target, the count the load asked
+    for at the last pass (None before the first); for another autoscaled model its floor
+    (``rules.replica_floor``, from ``min_replicas``: the floor in force, stored one by
+    default); None for a model the reconciler does not manage."""
+    if not config:
+        return None
+    target = config.get("target_in_flight_per_replica")
+    if target is not None:
+        return config.get("desired_replicas")
+    max_replicas = config.get("max_replicas", 0)
+    if min_replicas is None:
+        min_replicas = config.get("min_replicas", 0)
+    if not rules.is_autoscaled(min_replicas, max_replicas):
+        return None
+    return rules.replica_floor(min_replicas, max_replicas)
 
 
 def model_status(name: str) -> ModelStatus | None:

@@ -290,6 +290,30 @@ class ModelSchedulingConfig(models.Model):
     max_replicas = models.PositiveIntegerField(default=0, help_text="0 = unlimited")
     unsatisfiable_until = models.DateTimeField(null=True, blank=True)
     unsatisfiable_ticks = models.PositiveIntegerField(default=0)
+    # Load-aware autoscaling (docs/autoscaling.md): operator settings...
+    target_in_flight_per_replica = models.PositiveIntegerField(
+        null=True, blank=True, help_text="in-flight requests one replica should carry on average; empty = off"
+    )
+    upscale_delay_s = models.PositiveIntegerField(default=30, help_text="a higher desire must hold this long")
+    downscale_delay_s = models.PositiveIntegerField(default=600, help_text="a lower desire must hold this long")
+    # Scheduled floors (``registry.floor_schedule``): windows in which a higher floor applies.
+    floor_schedule = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='windows with a higher floor, e.g. [{"days": "mon-fri", "start": "08:00", "end": "18:00", '
+        '"min_replicas": 3, "timezone": "Europe/Paris"}]',
+    )
+    # ...and the autoscaler's state, written only by ``record_autoscale`` / ``record_waiting``
+    # (an upsert never touches them): the time-weighted in-flight average over the look-back
+    # window, when it was last sampled and last saw a request in flight, the replica count the
+    # rule wants and since when it has wanted it, and the routes that found no replica while
+    # the model was at zero.
+    load_avg = models.FloatField(default=0.0)
+    load_sampled_at = models.DateTimeField(null=True, blank=True)
+    load_busy_at = models.DateTimeField(null=True, blank=True)  # last pass that saw in-flight > 0
+    desired_replicas = models.PositiveIntegerField(null=True, blank=True)
+    desired_since = models.DateTimeField(null=True, blank=True)
+    waiting_at_zero = models.PositiveIntegerField(default=0)
 
     class Placement(models.TextChoices):
         SPREAD = "spread", "spread (prefer nodes without the model)"
@@ -322,11 +346,11 @@ class ModelSchedulingConfig(models.Model):
 
     @property
     def is_autoscaled(self) -> bool:
-        return rules.is_autoscaled(self.min_replicas, self.max_replicas)
+        return rules.is_autoscaled(self.min_replicas, self.max_replicas, self.target_in_flight_per_replica)
 
     @property
     def floor(self) -> int:
-        return rules.replica_floor(self.min_replicas, self.max_replicas)
+        return rules.replica_floor(self.min_replicas, self.max_replicas, self.target_in_flight_per_replica)
 
 
 class LoadJob(models.Model):

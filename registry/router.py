@@ -290,6 +290,9 @@ def _node_name(node_id) -> str:
 def _cold(model_name, node_ids, backend_type, opts_blob, wait, lease_ttl, now, affinity_key=None) -> RouteResult:
     """Claim or attach to the model's load job and wait on it (at most ``wait`` seconds)."""
     deadline = time.monotonic() + wait
+    # Demand at zero, remembered so load-aware autoscaling sizes the wake-up (a no-op for a
+    # model without a load target).
+    ModelSchedulingConfig.objects.record_waiting(model_name)
     for _round in range(2):
         job, created = LoadJob.objects.claim_or_attach(
             model_name, backend_type=backend_type or "", opts_blob=opts_blob, candidate_node_ids=node_ids, now=now

@@ -11,18 +11,23 @@ from __future__ import annotations
 
 from django.db.models import Q
 
-AUTOSCALED = Q(min_replicas__gt=0) | Q(max_replicas__gt=0)
+AUTOSCALED = Q(min_replicas__gt=0) | Q(max_replicas__gt=0) | Q(target_in_flight_per_replica__isnull=False)
 
 
-def is_autoscaled(min_replicas: int, max_replicas: int) -> bool:
-    """A model with a floor or a ceiling (``min > 0 or max > 0``) is kept at its replica counts
-    by the reconciler; ``0/0`` (the default) leaves it to on-demand loads alone."""
-    return min_replicas > 0 or max_replicas > 0
+def is_autoscaled(min_replicas: int, max_replicas: int, target: int | None = None) -> bool:
+    """A model with a floor, a ceiling or a load target (``min > 0 or max > 0 or target``) is
+    kept at its replica counts by the reconciler; ``0/0`` without a target (the default)
+    leaves it to on-demand loads alone."""
+    return min_replicas > 0 or max_replicas > 0 or target is not None
 
 
-def replica_floor(min_replicas: int, max_replicas: int) -> int:
+def replica_floor(min_replicas: int, max_replicas: int, target: int | None = None) -> int:
     """Ready replicas a scale-down or an eviction must leave: ``max(min, 1)`` for an autoscaled
-    model (a managed model never goes to zero by being idle), 0 for any other."""
+    model (a managed model never goes to zero by being idle), 0 for any other. A model with a
+    load target (``target_in_flight_per_replica``) keeps exactly ``min_replicas``: with
+    ``min_replicas = 0`` it scales to zero (docs/autoscaling.md)."""
+    if target is not None:
+        return min_replicas
     return max(min_replicas, 1) if is_autoscaled(min_replicas, max_replicas) else 0
 
 

@@ -16,10 +16,12 @@ from django import forms
 from django.contrib import admin
 from django.core.exceptions import ValidationError
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from proto.codec import InvalidModelOptions, options_to_json
 
+from .. import floor_schedule
 from ..loading import explain_next_replica
 from ..managers import validate_scheduling
 from ..models import ModelLoadInfo, ModelSchedulingConfig, NodeModel
@@ -30,6 +32,11 @@ class SchedulingForm(forms.ModelForm):
     """Validated by ``validate_scheduling``, the same function the API's upsert runs."""
 
     node_selector = forms.JSONField(required=False, help_text='labels every node must carry, e.g. {"gpu": "a100"}')
+    floor_schedule = forms.JSONField(
+        required=False,
+        help_text='scheduled floors: windows with a higher min_replicas, e.g. [{"days": "mon-fri", "start": '
+        '"08:00", "end": "18:00", "min_replicas": 3, "timezone": "Europe/Paris"}] (see docs/autoscaling.md)',
+    )
     disk_bytes = forms.IntegerField(
         required=False,
         min_value=0,
@@ -38,10 +45,31 @@ class SchedulingForm(forms.ModelForm):
 
     class Meta:
         model = ModelSchedulingConfig
-        fields = ["model_name", "min_replicas", "max_replicas", "node_selector", "placement", "disk_bytes", "spread_by"]
+        fields = [
+            "model_name",
+            "min_replicas",
+            "max_replicas",
+            "node_selector",
+            "placement",
+            "target_in_flight_per_replica",
+            "upscale_delay_s",
+            "downscale_delay_s",
+            "floor_schedule",
+            "disk_bytes",
+            "spread_by",
+        ]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Left empty, a delay keeps its default (``upsert``).
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            self.fields[name].required = False
 
     def clean_node_selector(self):
         return self.cleaned_data.get("node_selector") or {}
+
+    def clean_floor_schedule(self):
+        return self.cleaned_data.get("floor_schedule") or []
 
     def _post_clean(self):
         # The model's own constraint check would duplicate (and word differently) the verb's.
@@ -52,6 +80,11 @@ class SchedulingForm(forms.ModelForm):
             except ValidationError as exc:
                 for field, errors in exc.message_dict.items():
                     self.add_error(field if field in self.fields else None, errors)
+        if "floor_schedule" in data and isinstance(data.get("max_replicas"), int):
+            try:
+                floor_schedule.parse(data["floor_schedule"], max_replicas=data["max_replicas"])
+            except floor_schedule.ScheduleError as exc:
+                self.add_error("floor_schedule", exc.args[0])
         if self.instance.pk is None and data.get("model_name"):
             if ModelSchedulingConfig.objects.filter(model_name=data["model_name"]).exists():
                 self.add_error("model_name", "this model already has a scheduling config")
@@ -74,7 +107,18 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
     ]
     list_filter = ["placement"]
     search_fields = ["model_name"]
-    readonly_fields = ["unsatisfiable_until", "unsatisfiable_ticks", "created_at", "updated_at"]
+    readonly_fields = [
+        "unsatisfiable_until",
+        "unsatisfiable_ticks",
+        "floor_in_force",
+        "desired_replicas",
+        "desired_since",
+        "load_avg",
+        "load_sampled_at",
+        "waiting_at_zero",
+        "created_at",
+        "updated_at",
+    ]
     change_form_template = "admin/registry/modelschedulingconfig/change_form.html"
 
     def get_readonly_fields(self, request, obj=None):
@@ -83,6 +127,21 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
 
     def get_changeform_initial_data(self, request):
         return {"model_name": request.GET.get("model_name", "")}
+
+    @admin.display(description="floor in force now")
+    def floor_in_force(self, obj):
+        """``min_replicas`` as the reconciler applies it now, and the schedule's windows."""
+        if obj is None or obj.pk is None:
+            return "-"
+        try:
+            windows = floor_schedule.parse(obj.floor_schedule or [])
+        except floor_schedule.ScheduleError as exc:
+            return f"{obj.min_replicas} (schedule ignored: {exc.args[0]})"
+        floor = floor_schedule.effective_floor(obj.min_replicas, windows, timezone.now(), max_replicas=obj.max_replicas)
+        if not windows:
+            return str(floor)
+        listed = "; ".join(floor_schedule.describe(window) for window in windows)
+        return f"{floor} (min_replicas {obj.min_replicas}; windows: {listed})"
 
     @admin.display(description="node selector")
     def selector(self, obj):
@@ -98,6 +157,10 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
             placement=data["placement"],
             disk_bytes=data.get("disk_bytes") or 0,
             spread_by=data.get("spread_by") or "",
+            target_in_flight_per_replica=data.get("target_in_flight_per_replica"),
+            upscale_delay_s=data.get("upscale_delay_s"),
+            downscale_delay_s=data.get("downscale_delay_s"),
+            floor_schedule=data.get("floor_schedule") or [],
         )
         obj.pk = saved.pk
         obj.refresh_from_db()

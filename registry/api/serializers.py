@@ -15,6 +15,7 @@ from rest_framework.settings import api_settings
 from core import names
 from core.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
 from proto import codec
+from registry import floor_schedule
 from registry.labels import MAX_LABEL_PART, validate_labels
 from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
 
@@ -367,12 +368,59 @@ class MaxReplicasSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
 # --- operator: scheduling --------------------------------------------------------------------
 
 
+class FloorWindowSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    """A scheduled floor: while the window is open, the model keeps at least `min_replicas`
+    replicas (docs/autoscaling.md)."""
+
+    # The days, times and time zone are checked by the schedule's own parser
+    # (``registry.floor_schedule``, in ``SchedulingConfigWriteSerializer.validate``).
+
+    days = StrictCharField(max_length=64, help_text='"*" or day names and ranges: "mon-fri", "sat,sun"')
+    start = StrictCharField(max_length=5, help_text='"HH:MM", wall-clock time in the time zone')
+    end = StrictCharField(
+        max_length=5, help_text='"HH:MM" (or "24:00"), exclusive; not after start: the window crosses midnight'
+    )
+    min_replicas = StrictIntegerField(min_value=0, max_value=MAX_INT, help_text="the floor while the window is open")
+    timezone = StrictCharField(max_length=64, default="UTC", help_text='an IANA time zone, e.g. "Europe/Paris"')
+
+
 class SchedulingConfigWriteSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
     """Desired replicas of a model and where they may run; omitted fields take their defaults."""
 
     min_replicas = StrictIntegerField(min_value=0, max_value=MAX_INT, default=0)
     max_replicas = StrictIntegerField(min_value=0, max_value=MAX_INT, default=0, help_text="0 = unlimited")
     node_selector = LabelMapField(required=False, default=dict, help_text="labels a node must all carry")
+    target_in_flight_per_replica = StrictIntegerField(
+        min_value=1,
+        max_value=MAX_INT,
+        allow_null=True,
+        default=None,
+        help_text="load-aware autoscaling: in-flight requests per replica to aim for; null = off",
+    )
+    upscale_delay_s = StrictIntegerField(
+        min_value=0, max_value=MAX_INT, default=30, help_text="seconds a higher desired count must hold"
+    )
+    downscale_delay_s = StrictIntegerField(
+        min_value=0, max_value=MAX_INT, default=600, help_text="seconds a lower desired count must hold"
+    )
+    floor_schedule = serializers.ListField(
+        child=FloorWindowSerializer(),
+        required=False,
+        default=list,
+        max_length=floor_schedule.MAX_WINDOWS,
+        help_text="scheduled floors: windows in which a higher min_replicas applies (docs/autoscaling.md)",
+    )
+
+    def validate(self, attrs):
+        # The days, times and time zone, and each window's floor against the ceiling: the
+        # schedule's own parser, so the API and the verb (``upsert``) refuse the same specs.
+        windows = [dict(window) for window in attrs.get("floor_schedule") or []]
+        try:
+            floor_schedule.parse(windows, max_replicas=attrs.get("max_replicas", 0))
+        except floor_schedule.ScheduleError as exc:
+            raise serializers.ValidationError({"floor_schedule": [exc.args[0]]}) from None
+        attrs["floor_schedule"] = windows
+        return attrs
 
 
 class SchedulingConfigSerializer(serializers.ModelSerializer):
@@ -388,6 +436,11 @@ class SchedulingConfigSerializer(serializers.ModelSerializer):
             "max_replicas",
             "node_selector",
             "autoscaled",
+            "target_in_flight_per_replica",
+            "upscale_delay_s",
+            "downscale_delay_s",
+            "floor_schedule",
+            "desired_replicas",
             "unsatisfiable_until",
             "unsatisfiable_ticks",
             "created_at",
@@ -398,6 +451,7 @@ class SchedulingConfigSerializer(serializers.ModelSerializer):
     def get_fields(self):
         fields = super().get_fields()
         fields["node_selector"] = LabelMapField(read_only=True)
+        fields["floor_schedule"] = serializers.ListField(child=FloorWindowSerializer(), read_only=True)
         return fields
 
 

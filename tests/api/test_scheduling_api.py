@@ -92,3 +92,52 @@ def test_scheduling_is_operator_only(api_client, frontend_client, node, method, 
     assert_problem(getattr(frontend_client, method)(path, {}, format="json"), 403, "permission_denied")
     api_client.credentials(HTTP_AUTHORIZATION=f"Bearer {node.token}")
     assert_problem(getattr(api_client, method)(path, {}, format="json"), 401, "invalid_token")
+
+
+WORKING_HOURS = {"days": "mon-fri", "start": "08:00", "end": "18:00", "min_replicas": 3, "timezone": "Europe/Paris"}
+
+
+def test_put_autoscaling_and_a_floor_schedule_round_trip(operator_client):
+    payload = {
+        "min_replicas": 0,
+        "max_replicas": 8,
+        "target_in_flight_per_replica": 4,
+        "upscale_delay_s": 10,
+        "downscale_delay_s": 120,
+        "floor_schedule": [WORKING_HOURS, {"days": "sat", "start": "22:00", "end": "02:00", "min_replicas": 1}],
+    }
+    body = operator_client.put(URL, payload, format="json").json()
+    assert (body["target_in_flight_per_replica"], body["upscale_delay_s"], body["downscale_delay_s"]) == (4, 10, 120)
+    # The time zone defaults to UTC and is stored with the window.
+    assert body["floor_schedule"] == [WORKING_HOURS, {**payload["floor_schedule"][1], "timezone": "UTC"}]
+    assert operator_client.get(URL).json()["floor_schedule"] == body["floor_schedule"]
+    # A PUT replaces the config: without a schedule, none is left.
+    assert operator_client.put(URL, {"min_replicas": 1}, format="json").json()["floor_schedule"] == []
+
+
+@pytest.mark.parametrize(
+    ("window", "message"),
+    [
+        ({**WORKING_HOURS, "days": "weekdays"}, "unknown day"),
+        ({**WORKING_HOURS, "start": "8am"}, '"start" must be "HH:MM"'),
+        ({**WORKING_HOURS, "timezone": "Mars/Olympus"}, "unknown time zone"),
+        ({**WORKING_HOURS, "min_replicas": 9}, "min_replicas 9 > max_replicas 8"),
+        ({**WORKING_HOURS, "zone": "UTC"}, None),
+        ({**WORKING_HOURS, "min_replicas": "3"}, None),
+        ("mon-fri", None),
+    ],
+)
+def test_a_bad_floor_schedule_is_a_400(operator_client, window, message):
+    response = operator_client.put(URL, {"max_replicas": 8, "floor_schedule": [window]}, format="json")
+    body = assert_problem(response, 400, "validation_error")
+    assert all(key.startswith("floor_schedule") for key in body["errors"]), body
+    if message:
+        assert message in str(body["errors"]), body
+    assert not ModelSchedulingConfig.objects.exists()
+
+
+def test_model_status_shows_the_floor_in_force(operator_client):
+    every_day = {"days": "*", "start": "00:00", "end": "24:00", "min_replicas": 2}
+    operator_client.put(URL, {"min_replicas": 1, "floor_schedule": [every_day]}, format="json")
+    body = operator_client.get(f"/api/v1/models/{MODEL}").json()
+    assert (body["min_replicas"], body["effective_min_replicas"], body["desired_replicas"]) == (1, 2, 2)

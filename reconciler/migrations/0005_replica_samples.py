@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('reconciler', '0003_remove_reconcile_schedule'),
+        ('reconciler', '0004_autoscaled_event'),
     ]
 
     operations = [
