@@ -100,10 +100,12 @@ class PendingHeartbeat:
 
 
 class HeartbeatBuffer:
-    """Acknowledged heartbeats not yet written, at most one per node (module doc)."""
+    """Acknowledged heartbeats not yet written, at most one per node and token (module doc).
+    Keyed by the token too: a heartbeat with a token the node no longer holds (which its flush
+    will refuse) must not replace one with the node's current token."""
 
     def __init__(self):
-        self.pending: dict[str, PendingHeartbeat] = {}
+        self.pending: dict[tuple[str, str], PendingHeartbeat] = {}
         self.lock = threading.Lock()
 
     def add(self, node_id: str, token_hash: str, received_at, figures: dict) -> None:
@@ -112,30 +114,33 @@ class HeartbeatBuffer:
             self._merge(PendingHeartbeat(node_id, token_hash, received_at, reported))
 
     def _merge(self, newer: PendingHeartbeat) -> None:
-        older = self.pending.get(newer.node_id)
-        if older is not None and older.token_hash == newer.token_hash:
+        key = (newer.node_id, newer.token_hash)
+        older = self.pending.get(key)
+        if older is not None:
             # What writing both in order would leave: the later timestamp, each figure as last reported.
             newer.figures = {**older.figures, **newer.figures}
-        self.pending[newer.node_id] = newer
+        self.pending[key] = newer
 
     def take(self) -> list[PendingHeartbeat]:
         """Everything pending, in node id order; the buffer is empty afterwards."""
         with self.lock:
             taken, self.pending = self.pending, {}
-        return sorted(taken.values(), key=lambda heartbeat: heartbeat.node_id)
+        return sorted(taken.values(), key=lambda heartbeat: (heartbeat.node_id, heartbeat.token_hash))
 
     def put_back(self, heartbeats: list[PendingHeartbeat]) -> None:
         """A flush failed: its heartbeats wait for the next one, under any that arrived since."""
         with self.lock:
             for older in heartbeats:
-                newer = self.pending.pop(older.node_id, None)
-                self.pending[older.node_id] = older
+                key = (older.node_id, older.token_hash)
+                newer = self.pending.pop(key, None)
+                self.pending[key] = older
                 if newer is not None:
                     self._merge(newer)
 
     def discard(self, node_id: str) -> None:
         with self.lock:
-            self.pending.pop(node_id, None)
+            for key in [key for key in self.pending if key[0] == node_id]:
+                del self.pending[key]
 
     def __len__(self) -> int:
         return len(self.pending)

@@ -77,6 +77,9 @@ from .models import Node
 logger = logging.getLogger(__name__)
 
 COALESCED_STATUSES = frozenset({Node.Status.HEALTHY, Node.Status.DRAINING})
+# The flusher closes its database connection after this long with nothing to write (a web
+# process whose nodes went away holds none); under load every window has rows and it is kept.
+IDLE_CLOSE_SECONDS = 2.0
 
 
 def flush_seconds() -> float:
@@ -99,7 +102,7 @@ def flush() -> int:
         pending.put_back(heartbeats)
         raise
     for heartbeat in heartbeats:
-        answer = written.get(heartbeat.node_id)
+        answer = written.get((heartbeat.node_id, heartbeat.token_hash))
         if answer is None:
             node_tokens.drop(heartbeat.token_hash)
         else:
@@ -135,13 +138,20 @@ class Flusher:
             atexit.register(self.stop_and_flush)
 
     def _run(self) -> None:
+        idle = 0.0
         while not self.stopping.wait(flush_seconds()):
-            self._flush_once()
+            if len(pending):
+                idle = 0.0
+                self._flush_once()
+            else:
+                idle += flush_seconds()
+                if idle >= IDLE_CLOSE_SECONDS:
+                    connections.close_all()  # a quiet process holds no database connection
         connections.close_all()
 
     def _flush_once(self) -> None:
-        close_old_connections()  # past DATABASE_CONN_MAX_AGE or broken: a new connection
         try:
+            close_old_connections()  # past DATABASE_CONN_MAX_AGE or broken: a new connection
             flush()
         except DatabaseError as exc:
             if self.healthy:

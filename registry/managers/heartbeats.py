@@ -109,7 +109,7 @@ def heartbeat_batch_sql(connection, meta, rows: int) -> str:
         f"WITH {values}{lock} UPDATE {table} SET {', '.join(assignments)} FROM v "
         f"WHERE {target} = v.id AND {table}.{col('token_hash')} = v.token_hash "
         f"AND {table}.{col('status')} NOT IN (%s, %s){join} "
-        f"RETURNING {target}, {table}.{col('status')}, {table}.{col('address')}"
+        f"RETURNING {target}, {table}.{col('token_hash')}, {table}.{col('status')}, {table}.{col('address')}"
     )
     return sql
 
@@ -186,12 +186,13 @@ class NodeHeartbeatVerbs:
         figures = (available_vram, available_ram, total_disk, available_disk)
         return self._heartbeat_returning(node_id, "auth_mode", self.model.AuthMode.FLEET_TOKEN, figures, now)
 
-    def heartbeat_batch(self, rows) -> dict[str, tuple[str, str]]:
+    def heartbeat_batch(self, rows) -> dict[tuple[str, str], tuple[str, str]]:
         """Record coalesced heartbeats, each authenticated by its node token's hash, in one
         statement per ``BATCH_ROWS`` rows. ``rows``: ``(node_id, token_hash, received_at,
         figures)`` with ``figures`` a mapping of the reported ``FIGURES`` (a figure absent or
-        None is not reported), at most one row per node. Returns ``{str(node_id): (status,
-        address)}`` of the rows written; a row missing from it changed nothing.
+        None is not reported), at most one row per node and token. Returns ``{(str(node_id),
+        token_hash): (status, address)}`` of the rows written; a row missing from it changed
+        nothing.
 
         What each row does is what ``heartbeat_with_token`` does, with one difference in
         whom it writes: ``last_heartbeat = received_at``; each reported figure replaces the
@@ -232,8 +233,8 @@ class NodeHeartbeatVerbs:
             params = [value for _, row in chunk for value in row] + only_stamp
             with transaction.mark_for_rollback_on_error(using=self.db), connection.cursor() as cursor:
                 cursor.execute(sql, params)
-                for node_id, status, address in cursor.fetchall():
-                    written[str(pk.to_python(node_id))] = (status, address)
+                for node_id, token_hash, status, address in cursor.fetchall():
+                    written[(str(pk.to_python(node_id)), token_hash)] = (status, address)
         return written
 
     def _heartbeat_returning(self, node_id, credential_column: str, credential, figures, now):
