@@ -223,7 +223,9 @@ class NodeHeartbeatVerbs:
                 continue
             reported = [figures.get(name) for name in FIGURES]
             reset = 1 if reported[0] is not None else 0
-            prepared.append((str(node_id), [key, token_hash, stamp.get_db_prep_value(received_at, connection), *reported, reset]))
+            prepared.append(
+                (str(node_id), [key, token_hash, stamp.get_db_prep_value(received_at, connection), *reported, reset])
+            )
         prepared.sort(key=lambda item: item[0])  # id order (PostgreSQL locks in that order anyway)
         written: dict[str, tuple[str, str]] = {}
         only_stamp = list(self.model.HEARTBEAT_TIMESTAMP_ONLY_STATUSES)

@@ -106,8 +106,9 @@ def test_the_second_heartbeat_is_acknowledged_from_memory_and_written_by_the_flu
 def test_the_batch_writes_what_the_single_heartbeat_writes_and_nothing_else():
     healthy, draining = make_node(name="b-healthy"), make_node(name="b-draining", status=Node.Status.DRAINING)
     unhealthy = make_node(name="b-unhealthy", status=Node.Status.UNHEALTHY)
-    offline, pending_node = make_node(name="b-offline", status=Node.Status.OFFLINE), make_node(
-        name="b-pending", status=Node.Status.PENDING
+    offline, pending_node = (
+        make_node(name="b-offline", status=Node.Status.OFFLINE),
+        make_node(name="b-pending", status=Node.Status.PENDING),
     )
     for node in (healthy, draining):
         assert Node.objects.reserve_vram(node.pk, GIB)
@@ -185,9 +186,7 @@ def test_an_operator_drain_in_this_process_is_answered_by_the_next_heartbeat():
 
 
 @pytest.mark.postgres
-def test_threads_heartbeating_through_a_token_rotation_and_a_sign_off_lose_nothing(
-    settings, close_thread_connections
-):
+def test_threads_heartbeating_through_a_token_rotation_and_a_sign_off_lose_nothing(settings, close_thread_connections):
     """Eight threads heartbeat 24 nodes back to back, each heartbeat with a higher
     ``available_vram`` than the last, while a flusher flushes and the main thread rotates one
     node's token (re-registration under a new credential key) and signs another off. Every
