@@ -11,7 +11,8 @@ Command-line flags still win over these. Two things must live here:
   two idle connections stopped ``make run``'s web tier (``/livez`` and heartbeats unanswered
   for as long as they stayed open). Each thread that serves a request uses its own database
   connection, kept for ``DATABASE_CONN_MAX_AGE`` (60 s) idle, so a host opens at most
-  ``WEB_WORKERS * WEB_THREADS`` connections (default 2 x 8 = 16). A client that trickles
+  ``WEB_WORKERS * (WEB_THREADS + 1)`` connections (default 2 x 9 = 18: each worker's heartbeat
+  flusher holds one while heartbeats flow). A client that trickles
   its request holds its thread until the request is complete: a host exposed to untrusted
   networks belongs behind a buffering reverse proxy (README, Production);
 * how long a stop waits: ``graceful_timeout`` (``WEB_GRACEFUL_TIMEOUT``, 5 s) bounds the wait

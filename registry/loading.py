@@ -272,7 +272,7 @@ def node_labels(node_ids, key: str) -> dict:
 
 
 def explain_next_replica(model_name: str, *, now: datetime | None = None) -> list[placement.Verdict]:
-    """ "Why here / why not there" for a hypothetical next replica of ``model_name``: every
+    """"Why here / why not there" for a hypothetical next replica of ``model_name``: every
     candidate node (selector matches) with its verdict from ``placement.explain``, computed
     from current state, read-only (the admin's model page shows it)."""
     rules_ = placement_rules(model_name)

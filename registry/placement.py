@@ -310,9 +310,7 @@ def choose_node(
     verdicts, reason = explain(
         candidates, needed_vram=needed_vram, needed_disk=needed_disk, now=now, strategy=strategy, spread_by=spread_by
     )
-    slotted = tuple(
-        v.node for v in verdicts if v.reason not in (NOT_WORKER_SERVICE, SLOT_FULL, DISK, SPREAD_LABEL_MISSING)
-    )
+    slotted = tuple(v.node for v in verdicts if v.reason not in (NOT_WORKER_SERVICE, SLOT_FULL, DISK, SPREAD_LABEL_MISSING))
     chosen = next((v.node for v in verdicts if v.chosen), None)
     return PlacementDecision(chosen, reason, slotted)
 

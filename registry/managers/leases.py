@@ -87,9 +87,7 @@ def _pick_statement(candidates: str, skip_locked: bool, by_key: str = "") -> str
       AND n.status = %(healthy)s AND n.node_type = %(backend)s
       {restriction}"""
     if by_key:
-        score = (
-            """md5(%(affinity_key)s || '|' || r.node_id::text || '|' || r.replica_index::text) COLLATE "C" DESC, r.id"""
-        )
+        score = """md5(%(affinity_key)s || '|' || r.node_id::text || '|' || r.replica_index::text) COLLATE "C" DESC, r.id"""
         bound = f"""bound AS MATERIALIZED (
     SELECT CEIL(%(load_factor)s::float8 * (COALESCE(SUM(r.in_flight), 0) + 1) / GREATEST(COUNT(*), 1)) + 1 AS cap
     FROM {replicas} WHERE {routable}
@@ -142,10 +140,7 @@ def _pick_constants() -> dict:
 def _release_statement() -> str:
     """PostgreSQL's one-statement release (see ``release``): the lease's conditional update
     feeds the decrement; the outer SELECT reads the lease as it was before the statement."""
-    leases, replicas = (
-        _quoted(registry_model("Lease")._meta.db_table),
-        _quoted(registry_model("NodeModel")._meta.db_table),
-    )
+    leases, replicas = _quoted(registry_model("Lease")._meta.db_table), _quoted(registry_model("NodeModel")._meta.db_table)
     return f"""
 WITH released AS (
     UPDATE {leases} SET released_at = %(now)s WHERE id = %(lease_id)s AND released_at IS NULL
@@ -253,9 +248,7 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         affinity_key = affinity.validate_key(affinity_key)
         factor = affinity.effective_factor(settings.ROUTE_AFFINITY_LOAD_FACTOR if load_factor is None else load_factor)
         if connections[self.db].vendor == "postgresql":
-            return self._pick_and_grant_in_one_statement(
-                model_name, ttl, node_ids, by_selector, affinity_key, factor, now
-            )
+            return self._pick_and_grant_in_one_statement(model_name, ttl, node_ids, by_selector, affinity_key, factor, now)
         if by_selector:
             node_ids = _selected_node_ids(model_name)
         with transaction.atomic(using=self.db):
@@ -331,7 +324,6 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         the statement; a release that raced with a concurrent one reads the row once more)."""
         now = resolve_now(now)
         if connections[self.db].vendor == "postgresql":
-
             def run_statement():
                 with connections[self.db].cursor() as cursor:
                     cursor.execute(_release_statement(), {"lease_id": lease_id, "now": now})

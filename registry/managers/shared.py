@@ -80,4 +80,6 @@ def budget_used():
     the node's ``vram_budget``) as a 64-bit correlated subquery."""
     rows = registry_model("NodeModel").objects.filter(node=OuterRef("pk")).order_by().values("node")
     total = rows.annotate(value=Sum("reserved_vram")).values("value")[:1]
-    return Coalesce(Subquery(total, output_field=BigIntegerField()), Value(0), output_field=BigIntegerField())
+    return Coalesce(
+        Subquery(total, output_field=BigIntegerField()), Value(0), output_field=BigIntegerField()
+    )
