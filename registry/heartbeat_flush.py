@@ -38,7 +38,9 @@ Correctness of what is written and of whom it is answered:
   (``stale_after`` 30 s, ``observation_gap`` >= 15 s), so a delay that is a small fraction of
   a heartbeat interval cannot make a heartbeating node stale, and nothing in ``reconciler/``
   assumes the write is synchronous: it compares ``last_heartbeat`` values by equality
-  (``plan_observation``, ``mark_offline(expected_heartbeat=...)``). The one edge: a node
+  (``plan_observation``, ``mark_offline(expected_heartbeat=...)``). The router's probe cache
+  (``registry/router.py``) ages ``last_heartbeat`` against two heartbeat intervals (20 s), for
+  which 0.2 s later is immaterial. The one edge: a node
   already ``stale_after`` silent whose heartbeat waits in the buffer while the pass reaps it
   is not stamped by that flush (offline rows are not written); its next heartbeat brings it
   back, exactly as a heartbeat arriving just after the reaping would.
