@@ -11,12 +11,16 @@ Command-line flags still win over these. Two things must live here:
   two idle connections stopped ``make run``'s web tier (``/livez`` and heartbeats unanswered
   for as long as they stayed open). Each thread that serves a request uses its own database
   connection, kept for ``DATABASE_CONN_MAX_AGE`` (60 s) idle, so a host opens at most
-  ``WEB_WORKERS * WEB_THREADS`` connections (default 2 x 8 = 16). A client that trickles
+  ``WEB_WORKERS * (WEB_THREADS + 1)`` connections (default 2 x 9 = 18: each worker's heartbeat
+  flusher holds one while heartbeats flow). A client that trickles
   its request holds its thread until the request is complete: a host exposed to untrusted
   networks belongs behind a buffering reverse proxy (README, Production);
 * how long a stop waits: ``graceful_timeout`` (``WEB_GRACEFUL_TIMEOUT``, 5 s) bounds the wait
   for requests in flight on SIGTERM/SIGINT, so a web process exits within seconds even with a
   slow client connected (``make run`` must stop within 10 s, docs/operations.md);
+* the ``worker_exit`` hook: a worker that stops (after finishing its requests on SIGTERM/SIGINT,
+  or when it reaches ``max_requests``) writes the heartbeats it acknowledged but has not written
+  yet (``registry/heartbeat_flush.py``), so a web restart loses none;
 * the request limits gunicorn enforces before Django sees a request, and its error answers as
   problem documents (``controlplane.httpserver``): a request line over 4094 bytes is a 414
   ``uri_too_long``, more than 100 header fields or a field over 8190 bytes a 431. Every valid
@@ -62,3 +66,12 @@ install_problem_errors()
 def child_exit(server, worker):
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.mark_process_dead(worker.pid)
+
+
+def worker_exit(server, worker):
+    # In the worker process, after its last request: Django is set up (the app was loaded).
+    try:
+        from registry.heartbeat_flush import flusher
+    except Exception:  # noqa: BLE001 - the app never loaded: nothing was acknowledged either
+        return
+    flusher.stop_and_flush()

@@ -329,6 +329,17 @@ CONTROLPLANE_ALLOW_FLEET_TOKEN_NODES = env_bool("CONTROLPLANE_ALLOW_FLEET_TOKEN_
 HEARTBEAT_INTERVAL = env_float("CONTROLPLANE_HEARTBEAT_INTERVAL", 10.0)
 # Seconds the reconciler has not seen a node's heartbeat change before the node is stale.
 STALE_AFTER = env_float("CONTROLPLANE_STALE_AFTER", 30.0)
+# Coalesced heartbeats (registry/heartbeat_flush.py): a web process acknowledges a steady
+# heartbeat into its buffer and writes the buffer every this many seconds, one statement for
+# every node; it must stay far below HEARTBEAT_INTERVAL and STALE_AFTER. 0: every heartbeat
+# is written before it is answered.
+CONTROLPLANE_HEARTBEAT_FLUSH_SECONDS = env_float("CONTROLPLANE_HEARTBEAT_FLUSH_SECONDS", 0.2)
+# Seconds a web process trusts a node token the database last accepted (registry/
+# heartbeat_cache.py) without asking it again; every flush re-confirms the entries it writes.
+# Above HEARTBEAT_INTERVAL, or no real heartbeat is ever coalesced. A change made through
+# another process (token rotated, node deleted, status) is learnt by the next flush carrying
+# that node's heartbeat; this bounds it in any case. 0: no cache, nothing is coalesced.
+CONTROLPLANE_NODE_AUTH_CACHE_SECONDS = env_float("CONTROLPLANE_NODE_AUTH_CACHE_SECONDS", 30.0)
 # Seconds between reconcile passes.
 RECONCILE_INTERVAL = env_float("CONTROLPLANE_RECONCILE_INTERVAL", 10.0)
 # Idle seconds before a replica above its model's floor is removed.

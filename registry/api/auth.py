@@ -105,12 +105,11 @@ class NodeTokenAuthentication(BearerAuthentication):
     On a view whose ``node_token_checked_by_write`` is set (the heartbeat, the hottest call:
     every node, every 10 s) the read is skipped: a bearer that is not the fleet token becomes a
     ``NodeTokenClaim`` and the view's UPDATE matches the row on id *and* token hash, so the
-    write itself checks the credential on the committed row. Why not a cache of checked
-    tokens instead: a token rotated (re-registration) or a node deleted through another web
-    process could not invalidate this process's cache, and the old token would keep writing
-    until the entry expired; checking in the write is correct across any number of processes
-    and costs nothing extra. The fleet token (LocalAI's workers) needs the node's
-    ``auth_mode``, so it always takes the reading path.
+    write itself checks the credential on the committed row. (The heartbeat's lean path,
+    ``registry/api/heartbeat.py``, also remembers tokens the database accepted, to coalesce
+    steady heartbeats; its batched write checks each token hash again, so a rotated token never
+    writes: ``registry/heartbeat_flush.py``. This view never uses that memory.) The fleet token
+    (LocalAI's workers) needs the node's ``auth_mode``, so it always takes the reading path.
     """
 
     realm = "node"

@@ -35,6 +35,13 @@ What the middleware does for this path is done here, and nothing else is needed:
 Sessions, CSRF, messages, authentication middleware, static files and problem rewriting have no
 job on a JSON heartbeat authenticated by a bearer token. Authentication is the UPDATE's own
 condition (``Node.objects.heartbeat_with_token``, ``heartbeat_as_fleet_token_node``): no read.
+
+Coalescing (``registry/heartbeat_flush.py``): a steady heartbeat of a node whose token this
+process saw the database accept lately (``registry.heartbeat_cache``) is not written here: it
+is put into the process's buffer, answered at once with the status and address the database
+last answered, and written by the flusher within ``CONTROLPLANE_HEARTBEAT_FLUSH_SECONDS``, many
+nodes per statement. Every other heartbeat is written before it is answered, as above, and its
+answer fills the cache. The full path (the DRF view) never coalesces.
 """
 
 from __future__ import annotations
@@ -54,6 +61,9 @@ from core.logs import REQUEST_ID_HEADER, begin_request, clear_context, request_i
 from core.metrics import observe_answer
 from core.parsers import loads_strict
 from core.tokens import hash_token, secret_matches
+from registry.clock import resolve_now
+from registry.heartbeat_cache import node_tokens
+from registry.heartbeat_flush import COALESCED_STATUSES, flusher
 from registry.models import Node
 
 from .auth import fleet_token_nodes_allowed
@@ -199,8 +209,9 @@ def _read_body(environ) -> bytes | None:
 
 
 def _record(node_id: str, token: str, figures: dict) -> tuple[str, str] | None:
-    """The heartbeat's UPDATE, authenticated by its own condition; ``(status, address)``, or None
-    when no node matched (the full path then finds out why, by reading)."""
+    """The heartbeat coalesced (module doc), or its UPDATE, authenticated by its own condition;
+    ``(status, address)``, or None when no node matched (the full path then finds out why, by
+    reading)."""
     if secret_matches(token, settings.CONTROLPLANE_REGISTRATION_TOKEN):
         if not fleet_token_nodes_allowed():
             return None
@@ -209,9 +220,17 @@ def _record(node_id: str, token: str, figures: dict) -> tuple[str, str] | None:
             return Node.objects.heartbeat_as_fleet_token_node(node_id, **figures)
     else:
         token_hash = hash_token(token)
+        known = node_tokens.get(token_hash, node_id)
+        if known is not None and known.status in COALESCED_STATUSES and flusher.accepting():
+            flusher.enqueue(node_id, token_hash, resolve_now(None), figures)
+            return known.status, known.address
+        generation = node_tokens.generation
 
         def write():
-            return Node.objects.heartbeat_with_token(node_id, token_hash, **figures)
+            answer = Node.objects.heartbeat_with_token(node_id, token_hash, **figures)
+            if answer is not None:
+                node_tokens.confirm(token_hash, node_id, *answer, generation)
+            return answer
 
     connection = connections[Node.objects.db]
     close_old_connections()  # as request_started: past DATABASE_CONN_MAX_AGE or broken -> closed

@@ -28,6 +28,7 @@ from core.credentials import node_token
 from core.tokens import hash_token, token_matches
 
 from ..clock import resolve_now
+from ..heartbeat_cache import forget_node
 from ..labels import auto_labels, validate_labels
 from .capacity import NodeCapacityVerbs
 from .heartbeats import NodeHeartbeatVerbs
@@ -128,6 +129,14 @@ class NodeQuerySet(models.QuerySet):
                 failure_backoff_until=Subquery(backoff[:1]),
             )
         )
+
+
+def _forget_in_this_process(node_id, *, drop_pending: bool = False, using: str = "default") -> None:
+    """Drop what this web process remembers of the node for its heartbeats
+    (``registry.heartbeat_cache``): now, and again once the transaction commits (a heartbeat
+    confirmed in between read the row as it was before the change)."""
+    forget_node(node_id, drop_pending=drop_pending)
+    transaction.on_commit(lambda: forget_node(node_id, drop_pending=drop_pending), using=using)
 
 
 class NodeManager(NodeHeartbeatVerbs, NodeCapacityVerbs, models.Manager.from_queryset(NodeQuerySet)):
@@ -264,6 +273,7 @@ class NodeManager(NodeHeartbeatVerbs, NodeCapacityVerbs, models.Manager.from_que
                         ),
                     )
                     capacity_changed()
+                    _forget_in_this_process(node.pk, drop_pending=True, using=self.db)
                 return Registration(node=node, node_token=token, created=created)
             except IntegrityError:
                 # Another process inserted this name between our lookup and insert; the next
@@ -356,7 +366,10 @@ class NodeManager(NodeHeartbeatVerbs, NodeCapacityVerbs, models.Manager.from_que
             queryset = queryset.filter(status__in=from_statuses)
         if exclude_statuses is not None:
             queryset = queryset.exclude(status__in=exclude_statuses)
-        return queryset.update(status=to_status, updated_at=resolve_now(now), **extra) == 1
+        changed = queryset.update(status=to_status, updated_at=resolve_now(now), **extra) == 1
+        if changed:
+            _forget_in_this_process(node_id, using=self.db)
+        return changed
 
     def approve(self, node_id, *, now: datetime | None = None) -> bool:
         """``pending`` -> ``healthy`` (conditional update). False: unknown or not pending.
@@ -409,7 +422,10 @@ class NodeManager(NodeHeartbeatVerbs, NodeCapacityVerbs, models.Manager.from_que
             queryset = queryset.exclude(status=Status.DRAINING, drained_by=DrainedBy.OPERATOR)
         else:
             queryset = queryset.exclude(status=Status.DRAINING)
-        return queryset.update(status=Status.DRAINING, drained_by=by, updated_at=resolve_now(now)) == 1
+        drained = queryset.update(status=Status.DRAINING, drained_by=by, updated_at=resolve_now(now)) == 1
+        if drained:
+            _forget_in_this_process(node_id, using=self.db)
+        return drained
 
     def resume(self, node_id, *, by: str, now: datetime | None = None) -> bool:
         """``draining`` -> ``healthy``, lifting the drain (conditional update); adds capacity back.
@@ -429,6 +445,7 @@ class NodeManager(NodeHeartbeatVerbs, NodeCapacityVerbs, models.Manager.from_que
             queryset = queryset.exclude(drained_by=DrainedBy.OPERATOR)
         resumed = queryset.update(status=Status.HEALTHY, drained_by=DrainedBy.NONE, updated_at=resolve_now(now)) == 1
         if resumed:
+            _forget_in_this_process(node_id, using=self.db)
             capacity_changed()
         elif (
             by == DrainedBy.NODE
@@ -482,6 +499,7 @@ class NodeManager(NodeHeartbeatVerbs, NodeCapacityVerbs, models.Manager.from_que
             changed = queryset.update(**changes) == 1
             if changed:
                 registry_model("NodeModel").objects.forget_node_replicas(node_id)
+                _forget_in_this_process(node_id, drop_pending=True, using=self.db)
         return changed
 
     def observe_heartbeats(self, *, now: datetime | None = None, restart: bool = False) -> int:
@@ -523,4 +541,5 @@ class NodeManager(NodeHeartbeatVerbs, NodeCapacityVerbs, models.Manager.from_que
             # Its replica rows too: a warm pick does not lock the node (NodeModel._delete_locked).
             list(registry_model("NodeModel").objects.filter(node_id=node_id).select_for_update().values_list("pk"))
             deleted, _ = self.filter(pk=node_id).delete()
+            _forget_in_this_process(node_id, drop_pending=True, using=self.db)
         return deleted > 0

@@ -9,7 +9,7 @@ import time
 import pytest
 from django.conf import settings
 
-from tests.e2e.harness import TOKEN
+from tests.e2e.harness import TOKEN, wait_for
 from tests.security.edge import start_edge_server
 from worker.control_plane import ControlPlaneClient
 
@@ -39,10 +39,11 @@ def test_connections_are_kept_and_a_dropped_one_costs_no_failed_request(server):
     for _ in range(30):
         client.heartbeat(node["id"], token, {})
     kept = backends(server)
-    assert 1 <= len(kept) <= 8  # at most one per thread of the one web process, not one per request
+    # at most one per thread of the one web process and its heartbeat flusher, not one per request
+    assert 1 <= len(kept) <= 8 + 1
     for _ in range(30):
         client.heartbeat(node["id"], token, {})
-    assert len(backends(server)) <= 8  # no growth with the number of requests
+    assert len(backends(server)) <= 8 + 1  # no growth with the number of requests
 
     with server._admin_connection() as connection:
         for pid in kept:
@@ -53,5 +54,9 @@ def test_connections_are_kept_and_a_dropped_one_costs_no_failed_request(server):
     for _ in range(30):  # every thread's connection is dead: each is replaced, no call fails
         assert client.heartbeat(node["id"], token, {"available_vram": 2**30})["status"] == "healthy"
     assert not set(backends(server)) & set(kept)
-    status, stored = server.api("GET", f"/api/v1/nodes/{node['id']}")
-    assert status == 200 and stored["available_vram"] == 2**30
+    # Coalesced heartbeats reach the row within the flush window (registry/heartbeat_flush.py).
+    wait_for(
+        lambda: server.api("GET", f"/api/v1/nodes/{node['id']}")[1]["available_vram"] == 2**30,
+        timeout=10,
+        what="the last heartbeat's figure in the row",
+    )
