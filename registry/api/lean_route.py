@@ -57,7 +57,6 @@ from django.urls import Resolver404, resolve
 from django.utils import timezone
 from rest_framework.renderers import JSONRenderer
 
-from controlplane.httpserver import PATH_NOT_UTF8
 from core.logs import REQUEST_ID_HEADER, begin_request, clear_context, request_id_for
 from core.metrics import observe_answer
 from core.models import ApiKey
@@ -93,7 +92,7 @@ class LeanRoutePath:
         self.application = application
 
     def __call__(self, environ, start_response):
-        if environ.get("REQUEST_METHOD") == "POST" and not environ.get(PATH_NOT_UTF8):
+        if environ.get("REQUEST_METHOD") == "POST":
             path = environ.get("PATH_INFO", "")
             if path.startswith(_PREFIXES) and path.endswith(_SUFFIXES):
                 answered = answer_route_or_release(environ, start_response, path)
@@ -164,7 +163,7 @@ def _resolve(environ, path: str):
     """Django's own match of the path when it is the route or release action, else None."""
     if environ.get("SCRIPT_NAME"):
         return None  # served below a prefix: Django's request works out the path
-    try:
+    try:  # a path whose bytes are not UTF-8 is the full path's 400 (controlplane/httpserver.py)
         match = resolve(path.encode("latin-1").decode("utf-8"))
     except (UnicodeError, Resolver404):
         return None
