@@ -18,8 +18,9 @@ reached directly.)
 **One kept connection** (``proto.keepalive.KeptConnection``, standard library only): every
 call goes over one HTTP/1.1 connection (the control plane's gunicorn keeps an idle connection
 20 s, longer than the 10 s heartbeat interval), so a heartbeat costs no TCP (or TLS) handshake.
-A kept connection the server has closed in the meantime is found before sending and replaced;
-a connection reset *after* the request went out (the server closed it at the same moment) is
+A kept connection the server has closed in the meantime is found before sending and replaced,
+and a request that could not be written whole is sent again (the server never saw it); a
+connection reset *after* the request went out (the server closed it at the same moment) is
 retried once on a new connection only for calls that are safe to repeat (heartbeat, listing
 models); any other call (registration above all: it rotates the node's credentials) surfaces
 as :class:`ControlPlaneUnreachable` and its caller decides. Timeouts are never retried: the

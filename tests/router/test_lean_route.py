@@ -27,7 +27,8 @@ from django.utils import timezone
 from prometheus_client import REGISTRY
 
 from registry.models import Lease, NodeModel
-from tests.api.test_heartbeat_lean_path import Started, comparable, django_post, wsgi_post
+from tests.api import test_heartbeat_lean_path as heartbeat_tests
+from tests.api.test_heartbeat_lean_path import comparable, django_post, wsgi_post
 from tests.concurrency import run_in_threads
 from tests.factories import make_api_key, make_replica
 
@@ -35,19 +36,11 @@ from .conftest import options_blob
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
+cycles = heartbeat_tests.cycles  # the fixture counting Django request cycles
+
 JSON = {"Content-Type": "application/json", "Accept": "application/json, application/problem+json"}
 # What differs between two grants: the lease, and which of the two replicas the pick chose.
 MASKED = ("lease_id", "expires_at", "released_at", "address", "replica_index")
-
-
-@pytest.fixture
-def cycles():
-    from django.core.signals import request_started
-
-    counter = Started()
-    request_started.connect(counter)
-    yield counter
-    request_started.disconnect(counter)
 
 
 @pytest.fixture
