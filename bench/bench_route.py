@@ -79,7 +79,8 @@ PROFILE_NOTE = (
     "per thread): gunicorn's own handling of each request (parsing, the thread hand-off, the "
     "access log) and the client's. The machine's load matters to the ratio: a loaded machine "
     "stretches every database round trip and commit (the baseline is seven statements and two "
-    "commits) more than the route's CPU work; the CPU times per call above do not depend on it."
+    "commits) more than the route's CPU work; the CPU times per call above depend on it far "
+    "less (contention for the cores still inflates them)."
 )
 
 MODEL = "llama"
