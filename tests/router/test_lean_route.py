@@ -321,3 +321,22 @@ def test_threads_routing_and_releasing_through_the_served_application_keep_in_fl
     assert Lease.objects.filter(pk__in=granted, released_at__isnull=False).count() == 8 * 15
     assert_in_flight_equals_live_leases()
     assert sum(NodeModel.objects.values_list("in_flight", flat=True)) == 0
+
+
+def test_a_model_name_with_slashes_and_non_ascii_routes_on_the_lean_path(fleet, key, cycles):
+    """The path's bytes as gunicorn hands them over (PEP 3333: UTF-8 bytes as a latin-1 string)
+    name the same model as the percent-encoded path Django's test client sends."""
+    gpu = fleet.add_node("gpu-unicode")
+    _, address = fleet.backend_server()
+    make_replica(
+        gpu.node,
+        "org/café",
+        0,
+        address=address,
+        model_opts_blob=options_blob("café.gguf"),
+        last_probe_at=timezone.now(),
+    )
+    lean = wsgi_post(route_path("org/café").encode().decode("latin-1"), b"", bearer(key))
+    assert cycles.count == 0
+    assert lean[0] == 200 and json.loads(lean[2])["model_name"] == "org/café"
+    assert masked(*lean) == masked(*django_post(route_path("org/caf%C3%A9"), b"", bearer(key)))
