@@ -27,8 +27,8 @@ probes made when it does not.
 A throw-away database ``test_<name>`` is created (migrations applied) and dropped afterwards;
 ``BENCH_DATABASE_URL`` (default ``postgres://postgres@127.0.0.1:5432/controlplane_bench``) names
 the server. ``--quick`` (under 60 s) is what ``make bench`` runs; ``--write`` replaces the "Warm
-route" section of ``bench/RESULTS.md``; ``--profile`` prints a cProfile of the route + release
-views run in this process (Django's test client: where the web tier's time goes).
+route" section of ``bench/RESULTS.md``; ``--profile`` prints a cProfile of route + release
+through the WSGI application gunicorn serves, in this process (where the web tier's time goes).
 """
 
 from __future__ import annotations
@@ -70,18 +70,19 @@ from proto import backend_pb2  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 PROFILE_NOTE = (
-    "Where the time goes (`--profile 200`: cProfile of the route + release views in one process, "
-    "Django's test client, no socket): about half of it waits on PostgreSQL (the two statements), "
-    "the rest is Django and DRF handling a request (the middleware chain, URL resolution, content "
-    "negotiation, parsing and rendering), spread thin: no single function of ours or of DRF's "
-    "stands out any more once the per-request serializers were gone (instantiating one deep-copies "
-    "its fields). What remains per route + release beyond the raw baseline is two HTTP requests "
-    "(`cpclient` opens a connection per request) through that stack. The machine's load matters "
-    "to the ratio: a loaded machine stretches every database round trip and commit (the baseline "
-    "is seven statements and two commits) more than the route's CPU work, so the ratio is probably "
-    "lower under load than on an idle machine (not measured: this machine was never idle while this "
-    "was built); read it with the load average stated above."
+    "Where the time goes (`--profile 200`: cProfile of route + release through the WSGI application "
+    "gunicorn serves, in one process, no socket): an ordinary warm route and its release are "
+    "answered by the lean path (`registry/api/lean_route.py`) below Django's request cycle, so "
+    "nearly all of it waits on PostgreSQL (the two statements); URL resolution, the API-key cache, "
+    "the JSON body and the answer's rendering are a small part. What remains per route + release "
+    "beyond the raw baseline is two HTTP requests over one kept connection (`cpclient` keeps one "
+    "per thread): gunicorn's own handling of each request (parsing, the thread hand-off, the "
+    "access log) and the client's. The machine's load matters to the ratio: a loaded machine "
+    "stretches every database round trip and commit (the baseline is seven statements and two "
+    "commits) more than the route's CPU work; the CPU times per call above depend on it far "
+    "less (contention for the cores still inflates them)."
 )
+
 MODEL = "llama"
 GOAL = 3.0
 
@@ -113,7 +114,9 @@ class Fleet:
 
         self.backend_address = backend_address
         self.nodes = [
-            Node.objects.register(name=f"bench-{index}", address=f"127.0.0.1:{40000 + index}", max_replicas_per_model=1000).node
+            Node.objects.register(
+                name=f"bench-{index}", address=f"127.0.0.1:{40000 + index}", max_replicas_per_model=1000
+            ).node
             for index in range(nodes)
         ]
         self.replicas: dict[str, int] = {}
@@ -182,22 +185,51 @@ def _summary(samples: list[float]) -> dict:
     }
 
 
-def measure(route_step, baseline_step, iterations: int, block: int = 25) -> tuple[dict, dict]:
-    """Both steps in alternating blocks of ``block`` iterations, after a short warm-up of each."""
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process ``pid`` and its descendants so far (Linux /proc):
+    the web tier's cost, robust to the machine's load, unlike wall-clock milliseconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue  # gone meanwhile, or no /proc: counted as nothing
+    return total
+
+
+def measure(route_step, baseline_step, iterations: int, block: int = 25, server_pid: int | None = None):
+    """Both steps in alternating blocks of ``block`` iterations, after a short warm-up of each.
+    Adds CPU seconds per iteration: this process's during each step's blocks (``cpu_ms``) and,
+    with ``server_pid``, the web processes' over the timed loop (``server_cpu_ms``; the
+    baseline blocks do not call them)."""
     for _ in range(min(50, max(5, iterations // 4))):
         baseline_step()
         route_step()
     timings = {"baseline": [], "route": []}
+    cpu = {"baseline": 0.0, "route": 0.0}
+    server_before = _tree_cpu_seconds(server_pid) if server_pid else 0.0
     done = 0
     while done < iterations:
         count = min(block, iterations - done)
         for name, step in (("baseline", baseline_step), ("route", route_step)):
+            cpu_started = time.process_time()
             for _ in range(count):
                 started = time.perf_counter()
                 step()
                 timings[name].append(time.perf_counter() - started)
+            cpu[name] += time.process_time() - cpu_started
         done += count
-    return _summary(timings["baseline"]), _summary(timings["route"])
+    base, routed = _summary(timings["baseline"]), _summary(timings["route"])
+    base["cpu_ms"] = cpu["baseline"] / iterations * 1000
+    routed["cpu_ms"] = cpu["route"] / iterations * 1000
+    if server_pid:
+        routed["server_cpu_ms"] = (_tree_cpu_seconds(server_pid) - server_before) / iterations * 1000
+    return base, routed
 
 
 def start_web(var_dir: str) -> tuple[subprocess.Popen, int]:
@@ -259,7 +291,7 @@ def run(iterations: int, growth_iterations: int, replica_steps, model_steps) -> 
             with frontend.lease(model):
                 pass
 
-        headline = measure(route_step, lambda: _baseline_step(raw, MODEL), iterations)
+        headline = measure(route_step, lambda: _baseline_step(raw, MODEL), iterations, server_pid=web.pid)
 
         growth = []
         for replicas in replica_steps:
@@ -296,24 +328,56 @@ def run(iterations: int, growth_iterations: int, replica_steps, model_steps) -> 
 
 
 def profile(iterations: int) -> str:
-    """cProfile of the route + release views in this process (Django's test client)."""
+    """cProfile of route + release through the served WSGI application in this process."""
     import cProfile
     import io
+    import json
     import pstats
 
-    from rest_framework.test import APIClient
+    from django.core.wsgi import get_wsgi_application
 
+    from controlplane.httpserver import served_application
     from core.models import ApiKey
 
     server, backend_address = _health_server()
     fleet = Fleet(backend_address, 4)
     fleet.grow(MODEL, 4)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {ApiKey.objects.create_key('prof', 'frontend')[1]}")
+    application = served_application(get_wsgi_application())  # what controlplane.wsgi serves
+    headers = {
+        "HTTP_AUTHORIZATION": f"Bearer {ApiKey.objects.create_key('prof', 'frontend')[1]}",
+        "HTTP_ACCEPT": "application/json, application/problem+json",
+        "HTTP_HOST": "127.0.0.1",
+    }
+
+    def post(path: str, body: bytes) -> bytes:
+        environ = {
+            **headers,
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": path,
+            "SCRIPT_NAME": "",
+            "QUERY_STRING": "",
+            "SERVER_NAME": "127.0.0.1",
+            "SERVER_PORT": "8000",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "CONTENT_LENGTH": str(len(body)),
+            "CONTENT_TYPE": "application/json" if body else "",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.url_scheme": "http",
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+            "wsgi.version": (1, 0),
+        }
+        chunks = application(environ, lambda status, response_headers, exc_info=None: None)
+        content = b"".join(chunks)
+        if hasattr(chunks, "close"):
+            chunks.close()
+        return content
 
     def step():
-        lease = client.post(f"/api/v1/models/{MODEL}/route", {}, format="json").json()["lease_id"]
-        client.post(f"/api/v1/leases/{lease}/release")
+        lease = json.loads(post(f"/api/v1/models/{MODEL}/route", b'{"wait_seconds": 30.0}'))["lease_id"]
+        post(f"/api/v1/leases/{lease}/release", b"")
 
     for _ in range(50):
         step()
@@ -358,6 +422,10 @@ def report(result: dict, args, server_version: str, load: float, command: str) -
         f"{routed['mean_ms'] / base['mean_ms']:.1f}x), goal <= {GOAL:.0f}x. After the run: "
         f"{result['live_leases']} live leases, in-flight sum {result['in_flight']}.",
         "",
+        f"CPU per route + release (robust to the machine's load): **client {routed['cpu_ms']:.2f} ms, "
+        f"web processes {routed.get('server_cpu_ms', 0.0):.2f} ms**; the baseline's client "
+        f"{base['cpu_ms']:.2f} ms.",
+        "",
         "Growth (each row: baseline and route alternating, "
         f"{args.growth_iterations} iterations each; the ratio is of the medians):",
         "",
@@ -369,8 +437,8 @@ def report(result: dict, args, server_version: str, load: float, command: str) -
         "SKIP LOCKED), bumped AS (UPDATE ... in_flight + 1 RETURNING ...), granted AS (INSERT lease) "
         "SELECT ...`, the model's node selector evaluated inside it); release, one statement (`WITH "
         "released AS (UPDATE lease ... WHERE released_at IS NULL RETURNING replica_id) UPDATE ... "
-        "in_flight - 1`); plus the health check Django makes on a kept connection at the start of each "
-        "request. API keys are answered from each web process's memory (re-read every 5 s, "
+        "in_flight - 1`); no health check before them (the lean path takes a kept connection whose "
+        "socket has nothing to read as alive, and the statement is the check). API keys are answered from each web process's memory (re-read every 5 s, "
         "`last_used` written at most once a minute), the node's name from a per-process cache.",
         "",
         PROFILE_NOTE,
@@ -397,7 +465,7 @@ def main() -> int:
     parser.add_argument("--replicas", default="1,10,100", help="growth: replicas of one model (comma-separated)")
     parser.add_argument("--models", default="1,100,1000", help="growth: models with one replica each")
     parser.add_argument("--write", action="store_true", help="update the Warm route section of bench/RESULTS.md")
-    parser.add_argument("--profile", type=int, metavar="N", help="print a cProfile of N route + release view calls")
+    parser.add_argument("--profile", type=int, metavar="N", help="print a cProfile of N route + release calls")
     args = parser.parse_args()
     if connection.vendor != "postgresql":
         parser.error("this benchmark needs PostgreSQL (BENCH_DATABASE_URL)")
@@ -425,6 +493,11 @@ def main() -> int:
     if args.write:
         _write(section)
         print(f"wrote {RESULTS.relative_to(REPO)}")
+    base, routed = result["headline"]
+    print(
+        f"CPU per route + release: client {routed['cpu_ms']:.2f} ms, web {routed.get('server_cpu_ms', 0.0):.2f} ms; "
+        f"load average now {os.getloadavg()[0]:.2f}"
+    )
     print(f"RATIO route: {ratio:.1f}x (goal <= {GOAL:.0f}x)")
     return 0
 

@@ -139,10 +139,12 @@ class RequestPathGuard:
 
 def served_application(django_application):
     """What gunicorn serves (``controlplane.wsgi``): ``RequestPathGuard`` around the heartbeat's
-    lean path (``registry/api/heartbeat.py``) around Django's WSGI application."""
+    lean path (``registry/api/heartbeat.py``) around the warm route's and release's
+    (``registry/api/lean_route.py``) around Django's WSGI application."""
     from registry.api.heartbeat import HeartbeatLeanPath  # needs the apps loaded
+    from registry.api.lean_route import LeanRoutePath
 
-    return RequestPathGuard(HeartbeatLeanPath(django_application))
+    return RequestPathGuard(HeartbeatLeanPath(LeanRoutePath(django_application)))
 
 
 class InvalidPathMiddleware:

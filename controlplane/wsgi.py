@@ -5,7 +5,8 @@ explicitly allowed: see ``core.checks``. ``RequestPathGuard`` undoes gunicorn's
 re-encoding of raw UTF-8 bytes in the request path and marks paths that are not UTF-8
 (``controlplane.httpserver``). ``HeartbeatLeanPath`` answers an ordinary node heartbeat
 without Django's request cycle and hands every other request to it
-(``registry/api/heartbeat.py``).
+(``registry/api/heartbeat.py``); ``LeanRoutePath`` does the same for a warm route and a
+release (``registry/api/lean_route.py``).
 """
 
 import os

@@ -1,4 +1,15 @@
-"""``ControlPlaneClient``: the frontend side of ``/api/v1/`` over ``urllib``.
+"""``ControlPlaneClient``: the frontend side of ``/api/v1/`` over kept HTTP/1.1 connections.
+
+**One kept connection per thread** (``proto.keepalive.KeptConnection``, standard library
+only): a client's calls from one thread share one connection, so a route + release costs no
+TCP (or TLS) handshake; a client used from several threads keeps one connection per thread.
+A kept connection the server closed meanwhile (gunicorn's keep-alive expiry, a restart) is
+found before sending and replaced. A request that could not be written whole is sent again on
+a new connection (the server never saw it); one whose answer was lost after it went out is sent
+again at once only when repeating it is harmless (reads, ``PUT``, a lease release or renewal),
+never a route (it may have granted a lease) or another ``POST``. ``close()`` closes them.
+Proxy variables are not read and redirects are not followed (the control plane is reached
+directly and answers without redirects).
 
 Retries, bounded and on purpose:
 
@@ -15,18 +26,21 @@ Retries, bounded and on purpose:
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import random
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from proto.keepalive import KeptConnection
 
 from .errors import ControlPlaneError, DeadlineExceeded, LoadFailed, TransportError, error_for
 from .operator import OperatorCalls
@@ -212,6 +226,25 @@ class ControlPlaneClient(OperatorCalls):
         self.route_deadline = route_deadline
         self._sleep = sleep
         self._clock = clock
+        KeptConnection(self.base_url)  # refuses a URL that is not http(s)://host[:port][/prefix] now
+        self._local = threading.local()  # this thread's KeptConnection
+        self._kept: weakref.WeakSet[KeptConnection] = weakref.WeakSet()  # every live thread's, for close()
+        self._kept_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the kept connections of every thread (call it when no call is running; the
+        next call opens a new one)."""
+        with self._kept_lock:
+            kept, self._kept = list(self._kept), weakref.WeakSet()
+        self._local = threading.local()
+        for connection in kept:
+            connection.close()
+
+    def __enter__(self) -> ControlPlaneClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # --- routing ------------------------------------------------------------------------------
 
@@ -307,14 +340,14 @@ class ControlPlaneClient(OperatorCalls):
 
     def release(self, lease: Lease | str) -> bool:
         """Release a lease (idempotent); True when this call released it."""
-        answer = self._request("POST", f"/api/v1/leases/{_lease_id(lease)}/release", None)
+        answer = self._request("POST", f"/api/v1/leases/{_lease_id(lease)}/release", None, repeatable=True)
         return bool(answer.body.get("released"))
 
     def renew(self, lease: Lease | str, ttl_seconds: int | None = None) -> datetime | None:
         """Extend a live lease; returns its new expiry. A released lease: :class:`ConflictError`
         (code ``lease_released``)."""
         body = {} if ttl_seconds is None else {"ttl_seconds": ttl_seconds}
-        answer = self._request("POST", f"/api/v1/leases/{_lease_id(lease)}/renew", body)
+        answer = self._request("POST", f"/api/v1/leases/{_lease_id(lease)}/renew", body, repeatable=True)
         return _parse_time(answer.body.get("expires_at"))
 
     def get_load_job(self, job_id: str) -> dict[str, Any]:
@@ -377,13 +410,17 @@ class ControlPlaneClient(OperatorCalls):
         deadline: float | None = None,
         timeout: float | None = None,
         accept: tuple[int, ...] = (200,),
+        repeatable: bool = False,
     ) -> _Answer:
         """One call with the 503 (and, for GET, connection error) retries; raises the typed
-        error of any other answer outside ``accept``."""
+        error of any other answer outside ``accept``. ``repeatable``: sending it twice is
+        harmless (``GET``, ``HEAD`` and ``PUT`` are), so a lost answer on a kept connection is
+        asked for again at once (module doc)."""
+        repeatable = repeatable or method in ("GET", "HEAD", "PUT")
         attempt = 0
         while True:
             try:
-                answer = self._send(method, path, body, timeout or self.timeout)
+                answer = self._send(method, path, body, timeout or self.timeout, repeatable)
             except TransportError as error:
                 if method != "GET" or not self._may_retry(attempt, None, deadline):
                     raise
@@ -420,22 +457,26 @@ class ControlPlaneClient(OperatorCalls):
             delay = min(delay, max(deadline - self._clock(), 0.0))
         self._sleep(delay)
 
-    def _send(self, method: str, path: str, body: Any, timeout: float) -> _Answer:
+    def _send(self, method: str, path: str, body: Any, timeout: float, repeatable: bool) -> _Answer:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self.api_key}")
-        request.add_header("Accept", "application/json, application/problem+json")
+        headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json, application/problem+json"}
         if data is not None:
-            request.add_header("Content-Type", "application/json")
+            headers["Content-Type"] = "application/json"
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return _answer(response.status, response.read(), response.headers)
-        except urllib.error.HTTPError as error:
-            with error:
-                return _answer(error.code, error.read(), error.headers)
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise TransportError(f"{method} {self.base_url}{path}: {reason}") from error
+            response, raw = self._connection().exchange(
+                method, path, data, headers, repeatable=repeatable, timeout=timeout
+            )
+        except (OSError, http.client.HTTPException) as error:
+            raise TransportError(f"{method} {self.base_url}{path}: {error or type(error).__name__}") from error
+        return _answer(response.status, raw, response.headers)
+
+    def _connection(self) -> KeptConnection:
+        kept = getattr(self._local, "connection", None)
+        if kept is None:
+            kept = self._local.connection = KeptConnection(self.base_url, timeout=self.timeout)
+            with self._kept_lock:
+                self._kept.add(kept)
+        return kept
 
 
 def _answer(status: int, payload: bytes, headers) -> _Answer:

@@ -52,6 +52,7 @@ __all__ = [
     "error_from_code",
     "model_identity",
     "route",
+    "route_warm",
     "schedule_and_load",
 ]
 
@@ -96,6 +97,7 @@ def route(
     lease_ttl: float | None = None,
     affinity_key: str | None = None,
     now: datetime | None = None,
+    warm_tried: bool = False,
 ) -> RouteResult:
     """Find (or load) a replica of ``model_name`` and lease it for one request.
 
@@ -124,6 +126,11 @@ def route(
     an unreleased lease expires after ``lease_ttl`` seconds. Call it outside any transaction:
     its claims must commit at once for other frontends to see them (a caller holding an open
     transaction would make every other caller of the model wait on its load-job insert).
+
+    ``warm_tried``: :func:`route_warm` already ran for this request with the same model and
+    key and found nothing (the warm route's lean path, ``registry/api/lean_route.py``, hands
+    the request on): the warm pick of step 3 is not repeated, so a request makes the same
+    statements, probes and removals whichever path answers it.
     """
     if not model_name or not model_name.strip():
         raise ValueError("model name must not be empty")
@@ -131,7 +138,7 @@ def route(
     wait = float(settings.ROUTE_WAIT_SECONDS if wait is None else wait)
     lease_ttl = float(settings.LEASE_TTL_SECONDS if lease_ttl is None else lease_ttl)
 
-    if opts_blob is None:
+    if opts_blob is None and not warm_tried:
         # The frequent case, a warm route without options: one statement picks, counts and
         # leases a replica on a node the model's selector matches (read by the statement).
         result = _warm(model_name, _BY_SELECTOR, lease_ttl, now, affinity_key)
@@ -165,6 +172,16 @@ def route(
     if opts_blob is None and not _has_load_info(model_name):
         raise NoLoadInfo(f"model {model_name!r} has no load info; send backend_type and model options")
     return _cold(model_name, node_ids, backend_type, opts_blob, wait, lease_ttl, now, affinity_key)
+
+
+def route_warm(model_name: str, *, affinity_key: str | None = None) -> RouteResult | None:
+    """The warm part of :func:`route` without options (its step 3 with the default lease TTL),
+    or None when no loaded replica could be leased: then ``route(..., warm_tried=True)`` does
+    the rest (selector, load info, cold load) without picking a second time."""
+    if not model_name or not model_name.strip():
+        raise ValueError("model name must not be empty")
+    affinity_key = affinity.validate_key(affinity_key)
+    return _warm(model_name, _BY_SELECTOR, float(settings.LEASE_TTL_SECONDS), None, affinity_key)
 
 
 def _has_load_info(model_name: str) -> bool:

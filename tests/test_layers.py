@@ -1,6 +1,7 @@
 """The apps form layers, and no module imports its way back up.
 
-    proto                       gRPC messages and client; no Django, none of our apps
+    proto                       gRPC messages and client, the clients' kept HTTP connection;
+                                no Django, none of our apps
     core                        base app: problems, schema, API keys, tokens, logs, metrics
     registry                    fleet tables and their verbs, router, placement, API, admin
     reconciler                  snapshot -> plan -> apply, its API and admin, the dashboard

@@ -15,16 +15,16 @@ Stdlib ``http.client`` only: the worker should run with nothing but grpcio and p
 installed. (Proxy variables such as ``HTTP_PROXY`` are not read: the control plane is
 reached directly.)
 
-**One kept connection.** The client keeps one HTTP/1.1 connection open and sends every call
-over it (the control plane's gunicorn keeps an idle connection 20 s, longer than the 10 s
-heartbeat interval), so a heartbeat costs no TCP (or TLS) handshake. A kept connection the
-server has closed in the meantime is found before sending: an idle connection with something
-to read (the server's FIN) is stale, and is replaced by a new one, so no request is ever sent
-on it. A connection reset *after* the request went out (the server closed it at the same
-moment) is retried once on a new connection only for calls that are safe to repeat (heartbeat,
-listing models); any other call (registration above all: it rotates the node's credentials)
-surfaces as :class:`ControlPlaneUnreachable` and its caller decides. Timeouts are never
-retried: the server may have acted.
+**One kept connection** (``proto.keepalive.KeptConnection``, standard library only): every
+call goes over one HTTP/1.1 connection (the control plane's gunicorn keeps an idle connection
+20 s, longer than the 10 s heartbeat interval), so a heartbeat costs no TCP (or TLS) handshake.
+A kept connection the server has closed in the meantime is found before sending and replaced,
+and a request that could not be written whole is sent again (the server never saw it); a
+connection reset *after* the request went out (the server closed it at the same moment) is
+retried once on a new connection only for calls that are safe to repeat (heartbeat, listing
+models); any other call (registration above all: it rotates the node's credentials) surfaces
+as :class:`ControlPlaneUnreachable` and its caller decides. Timeouts are never retried: the
+server may have acted.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import select
 import ssl
 import threading
 import urllib.parse
 from typing import Any
+
+from proto.keepalive import KeptConnection
 
 log = logging.getLogger("worker.control_plane")
 
@@ -96,11 +97,6 @@ def _problem_from_body(status: int, reason: str, body: bytes) -> dict[str, Any]:
     return problem
 
 
-# What a peer's close looks like when a request is written to, or its answer read from, a
-# connection the server has just closed.
-_CLOSED_BY_PEER = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
-
-
 class ControlPlaneClient:
     """One method per node-API call. Raises :class:`ControlPlaneUnreachable` or
     :class:`ControlPlaneError`; returns the decoded JSON answer (None for an empty body).
@@ -112,17 +108,10 @@ class ControlPlaneClient:
         self.timeout = timeout
         # An https control plane is verified against the system's roots, plus ``ca_file`` (the
         # worker's --tls-ca: a private CA signing the proxy's certificate as well).
-        self._ssl_context = ssl.create_default_context()
+        ssl_context = ssl.create_default_context()
         if ca_file:
-            self._ssl_context.load_verify_locations(cafile=ca_file)
-        parts = urllib.parse.urlsplit(self.base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"control plane URL must be http:// or https://host[:port]: {base_url!r}")
-        self._scheme = parts.scheme
-        self._host = parts.hostname
-        self._port = parts.port
-        self._prefix = parts.path
-        self._connection: http.client.HTTPConnection | None = None
+            ssl_context.load_verify_locations(cafile=ca_file)
+        self._kept = KeptConnection(self.base_url, timeout=timeout, ssl_context=ssl_context)
         self._lock = threading.Lock()
 
     def register(self, body: dict[str, Any], registration_token: str, node_token: str | None = None) -> dict[str, Any]:
@@ -152,7 +141,7 @@ class ControlPlaneClient:
     def close(self) -> None:
         """Close the kept connection (the next call opens a new one)."""
         with self._lock:
-            self._drop_connection()
+            self._kept.close()
 
     @staticmethod
     def _id(node_id: str) -> str:
@@ -177,10 +166,10 @@ class ControlPlaneClient:
             headers["Content-Type"] = "application/json"
         with self._lock:
             try:
-                status, reason, retry_after, raw = self._exchange(method, path, data, headers, repeatable)
+                response, raw = self._kept.exchange(method, path, data, headers, repeatable=repeatable)
             except (OSError, http.client.HTTPException) as exc:
-                self._drop_connection()
                 raise ControlPlaneUnreachable(f"{method} {path}: {exc or type(exc).__name__}") from None
+        status, reason, retry_after = response.status, response.reason, response.getheader("Retry-After")
         if status >= 400:
             raise ControlPlaneError(status, _problem_from_body(status, reason, raw), _seconds(retry_after))
         if not raw:
@@ -191,51 +180,6 @@ class ControlPlaneClient:
             raise ControlPlaneError(
                 502, {"title": "bad answer", "detail": f"{method} {path} did not answer JSON"}
             ) from None
-
-    def _exchange(
-        self, method: str, path: str, data: bytes | None, headers: dict[str, str], repeatable: bool
-    ) -> tuple[int, str, str | None, bytes]:
-        connection, kept = self._usable_connection()
-        try:
-            response, raw = self._send(connection, method, path, data, headers)
-        except _CLOSED_BY_PEER:
-            self._drop_connection()
-            if not (kept and repeatable):
-                raise
-            log.debug("kept connection closed by the control plane during %s %s; sending it again", method, path)
-            connection, _ = self._usable_connection()
-            response, raw = self._send(connection, method, path, data, headers)
-        if response.will_close:
-            self._drop_connection()
-        return response.status, response.reason, response.getheader("Retry-After"), raw
-
-    def _send(self, connection, method, path, data, headers) -> tuple[http.client.HTTPResponse, bytes]:
-        connection.request(method, self._prefix + path, body=data, headers=headers)
-        response = connection.getresponse()
-        return response, response.read()
-
-    def _usable_connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        """The kept connection when it is still open (True), else a new one (False). An idle
-        kept connection that has something to read was closed by the server (or is out of
-        step): it is dropped before anything is written to it."""
-        connection = self._connection
-        if connection is not None and connection.sock is not None:
-            readable, _, _ = select.select([connection.sock], [], [], 0)
-            if not readable:
-                return connection, True
-        self._drop_connection()
-        if self._scheme == "https":
-            self._connection = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self.timeout, context=self._ssl_context
-            )
-        else:
-            self._connection = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
-        return self._connection, False
-
-    def _drop_connection(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
 
 
 def _seconds(value: str | None) -> float | None:

@@ -116,6 +116,11 @@ class RouteBodySerializer(s.LoadInfoWriteSerializer):
 # A route call without a body (or with {}): no options, the default wait.
 EMPTY_ROUTE_BODY = {"opts_blob": None}
 
+# Set in the WSGI environ (never from a header: those are HTTP_*) by the warm route's lean path
+# (``lean_route.py``) when its warm pick found nothing for this very request: the view goes on
+# from there (``router.route(warm_tried=True)``) instead of picking a second time.
+WARM_ROUTE_MISSED = "controlplane.warm_route_missed"
+
 
 class LeaseSerializer(serializers.Serializer):
     """A granted lease: call the replica at ``address``, then release the lease."""
@@ -337,6 +342,7 @@ class RouteViewSet(viewsets.ViewSet):
                 opts_blob=data["opts_blob"],
                 wait=data.get("wait_seconds"),
                 affinity_key=data.get("affinity_key"),
+                warm_tried=request.META.get(WARM_ROUTE_MISSED) is True and data["opts_blob"] is None,
             )
         except router.RouterError as exc:
             raise RoutingProblem(exc, model) from exc
