@@ -344,7 +344,7 @@ GATEWAY_SYNCHRONOUS_COMMIT = env_bool("CONTROLPLANE_GATEWAY_SYNCHRONOUS_COMMIT",
 # meanwhile go out together (each its own server-sent event), so no token waits longer than
 # this, and a backend slower than one token per interval sees no delay at all. 0: every batch
 # of replies is written as soon as it is read.
-GATEWAY_STREAM_INTERVAL = env_float("CONTROLPLANE_GATEWAY_STREAM_INTERVAL", 0.002)
+GATEWAY_STREAM_INTERVAL = env_float("CONTROLPLANE_GATEWAY_STREAM_INTERVAL", 0.005)
 
 # --- Reconciler (read at the start of every pass: reconciler/conf.py) ------------------------
 # Reap no node when more than this fraction of the healthy nodes turn stale in one pass (and at
