@@ -15,7 +15,8 @@ fraction of a second of the gateway's writes, never a part of one, and never one
 process's synchronous commit came after: the database is then as if the gateway had stopped
 writing a moment earlier, which the registry survives anyway (a lease whose release was lost
 expires; a lost lease grant took its in-flight increment with it; a lost load-job claim is made
-again by the next request).
+again by the next request). It is a session ``SET``: behind a pooler in transaction mode it would
+outlive the session on a shared server connection, hence the setting to turn it off there.
 """
 
 from __future__ import annotations
