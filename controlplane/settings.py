@@ -420,6 +420,16 @@ GATEWAY_REQUEST_TIMEOUT = env_float("CONTROLPLANE_GATEWAY_REQUEST_TIMEOUT", 300.
 # Threads that run the gateway's database work (API-key checks, route, release); each keeps one
 # database connection (DATABASE_CONN_MAX_AGE).
 GATEWAY_DB_THREADS = env_int("CONTROLPLANE_GATEWAY_DB_THREADS", 8)
+# Whether the gateway's PostgreSQL sessions wait for the WAL flush of each commit (lease grant,
+# release). Off by default: a crash of PostgreSQL can then lose the last fraction of a second of
+# the gateway's lease writes, which the registry survives (leases expire). Set it true behind
+# PgBouncer in transaction mode (a session SET would stay on shared server connections); docs/gateway.md.
+GATEWAY_SYNCHRONOUS_COMMIT = env_bool("CONTROLPLANE_GATEWAY_SYNCHRONOUS_COMMIT", False)
+# A streamed answer's writes are at least this many seconds apart: the tokens that arrive
+# meanwhile go out together (each its own server-sent event), so no token waits longer than
+# this, and a backend slower than one token per interval sees no delay at all. 0: every batch
+# of replies is written as soon as it is read.
+GATEWAY_STREAM_INTERVAL = env_float("CONTROLPLANE_GATEWAY_STREAM_INTERVAL", 0.005)
 
 # --- Reconciler (read at the start of every pass: reconciler/conf.py) ------------------------
 # Reap no node when more than this fraction of the healthy nodes turn stale in one pass (and at

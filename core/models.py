@@ -137,6 +137,16 @@ class ApiKeyManager(models.Manager.from_queryset(ApiKeyQuerySet)):
             verified_keys.put(digest, tuple(getattr(key, name) for name in _key_attnames), ttl, generation)
         return key
 
+    def cached(self, token: str) -> ApiKey | None:
+        """The key ``verify`` would answer from this process's cache of verified keys, without
+        a database read or any database access (an event loop may call it); None when the token
+        is not cached there (never verified in this process, expired, or no key at all): ask
+        ``verify``."""
+        if float(settings.API_KEY_CACHE_SECONDS) <= 0 or not token or not token.startswith(KEY_PREFIX):
+            return None
+        values = verified_keys.get(hash_token(token))
+        return None if values is None else self.model.from_db(self.db, _key_attnames, values)
+
     def touch(self, key_id, *, now: datetime | None = None) -> bool:
         """Stamp ``last_used_at`` unless it was stamped within ``LAST_USED_RESOLUTION``.
         Idiom: conditional update (``WHERE last_used_at IS NULL OR < now - resolution``), so

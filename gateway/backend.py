@@ -74,25 +74,37 @@ class Backends:
         return reply
 
     async def predict_stream(
-        self, address: str, request: backend_pb2.PredictOptions, *, token: str, timeout: float
-    ) -> AsyncIterator[list[backend_pb2.Reply]]:
-        """The replies of PredictStream in batches: every reply that arrived while the consumer
-        was busy comes at once (a list, never empty), so that it can write them in one go.
+        self,
+        address: str,
+        request: backend_pb2.PredictOptions,
+        *,
+        token: str,
+        timeout: float,
+        interval: float = 0.0,
+    ) -> AsyncIterator[tuple[list[backend_pb2.Reply], bool]]:
+        """The replies of PredictStream in batches, ``(replies, last)``: every reply that arrived
+        while the consumer was busy comes at once (a list, never empty), so that it can write
+        them in one go; ``last`` says the stream ended well after these (so the consumer can
+        write its own end with them; after a failure, the last batch is not ``last`` and the
+        next step raises). ``interval`` (seconds): a batch is handed over no sooner than that
+        long after the previous one (the first at once), and the replies read meanwhile join
+        it; so no reply waits longer than ``interval`` for its turn, a backend that generates
+        slower than that sees no delay at all, and the end of the stream cuts the wait short.
         Leaving the iteration early (a consumer that stops, a cancelled task) cancels the call
         on the backend."""
         call = self._stub(address).PredictStream(request, timeout=timeout, metadata=_metadata(token))
         started = time.monotonic()
         method = _METHOD + "PredictStream"
         batch: list[backend_pb2.Reply] = []
-        ready = asyncio.Event()
+        ready = asyncio.Event()  # a reply was read, or the stream ended
+        wake = asyncio.Event()  # the consumer's wait for more replies to join a batch is over
         ended: list[BaseException | None] = []  # [None] at EOF, [error] on failure
+        loop = asyncio.get_running_loop()
+        handed_over = -interval  # loop time of the last batch handed over
 
         async def pump() -> None:
             try:
-                while True:
-                    reply = await call.read()
-                    if reply is aio.EOF:
-                        break
+                async for reply in call:
                     batch.append(reply)
                     ready.set()
             except BaseException as error:  # noqa: BLE001 - handed to the consumer
@@ -100,14 +112,29 @@ class Backends:
             else:
                 ended.append(None)
             ready.set()
+            wake.set()  # the end of the stream is handed over without waiting out the interval
 
         reader = asyncio.ensure_future(pump())
         try:
             while True:
                 if batch:
+                    early = handed_over + interval - loop.time()
+                    if early > 0 and not ended:
+                        # The reader goes on meanwhile: what it reads joins this batch.
+                        wake.clear()
+                        timer = loop.call_later(early, wake.set)
+                        try:
+                            await wake.wait()
+                        finally:
+                            timer.cancel()
                     replies = batch.copy()
                     batch.clear()
-                    yield replies
+                    if ended == [None]:  # nothing can follow: the call is over, and it went well
+                        _observe(method, grpc.StatusCode.OK, started)
+                        yield replies, True
+                        return
+                    yield replies, False
+                    handed_over = loop.time()
                 elif ended:
                     break
                 else:

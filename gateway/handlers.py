@@ -216,14 +216,19 @@ async def _text(app, exchange, request: mapping.TextRequest) -> None:
 
 
 async def _stream(app, exchange, request: mapping.TextRequest, timeout: float) -> None:
-    """Server-sent events from PredictStream. Every reply already waiting is framed into one
-    body chunk, written with one ``send()`` (still one event per reply, as OpenAI's clients
-    expect); the end of the stream (the rest of the text, the finishing chunk, the usage chunk
-    and ``[DONE]``) is one more."""
+    """Server-sent events from PredictStream. Every batch of replies (``Backends.predict_stream``:
+    what was read since the previous batch, at most ``GATEWAY_STREAM_INTERVAL`` apart) is framed
+    into one body chunk, written with one ``send()``, still one event per reply, as OpenAI's
+    clients expect; the end of the stream (the rest of the text, the finishing chunk, the usage
+    chunk and ``[DONE]``) goes out with the last batch."""
 
     async def open_stream(leased):
         stream = app.backends.predict_stream(
-            leased.address, _identified(request.options, leased), token=leased.token, timeout=timeout
+            leased.address,
+            _identified(request.options, leased),
+            token=leased.token,
+            timeout=timeout,
+            interval=float(settings.GATEWAY_STREAM_INTERVAL),
         )
         try:
             return stream, await anext(stream, None)  # the first replies: a dead replica fails here
@@ -231,7 +236,7 @@ async def _stream(app, exchange, request: mapping.TextRequest, timeout: float) -
             await stream.aclose()
             raise
 
-    leased, (stream, replies) = await on_replica(app, exchange, request.model, open_stream)
+    leased, (stream, batch) = await on_replica(app, exchange, request.model, open_stream)
     answer_id, created = mapping.new_id(request.object_prefix), mapping.now_seconds()
     tally = mapping.Tally()
     in_flight = metrics.streams(request.model)
@@ -244,19 +249,22 @@ async def _stream(app, exchange, request: mapping.TextRequest, timeout: float) -
             frames.append(mapping.event(mapping.text_chunk(request, answer_id, created, "", None, first=True)))
         first = True
         add, dumps = tally.add, json.dumps
-        while replies is not None:
+        while batch is not None:
+            replies, last = batch
             for reply in replies:
                 text = add(reply)
                 if text:
                     frames.append(before + dumps(text) + after)
+            if first and tally.chunks:
+                metrics.observe_first_token(request.model, exchange.endpoint, time.monotonic() - exchange.arrived)
+                first = False
+            if last:
+                break
             if frames:
-                if first and tally.chunks:
-                    metrics.observe_first_token(request.model, exchange.endpoint, time.monotonic() - exchange.arrived)
-                    first = False
                 await exchange.events("".join(frames))
                 frames.clear()
             try:
-                replies = await anext(stream, None)
+                batch = await anext(stream, None)
             except client.GrpcCallError as error:
                 raise backend_error(error) from None
         rest = tally.flush()

@@ -6,6 +6,17 @@ call runs (each verb commits before it returns).
 Leases are never leaked by a cancelled request (a client that hung up): a route call already
 running in a thread finishes there, and the lease it grants is released as soon as it does; a
 release is never interrupted once started.
+
+The database threads' PostgreSQL sessions commit asynchronously (``synchronous_commit = off``,
+unless ``GATEWAY_SYNCHRONOUS_COMMIT``): a commit returns without waiting for its WAL flush, which
+was most of a lease's cost (each request commits twice, the grant and the release, and the
+replica's row stays locked until a commit's flush ends). A PostgreSQL crash can lose the last
+fraction of a second of the gateway's writes, never a part of one, and never one that another
+process's synchronous commit came after: the database is then as if the gateway had stopped
+writing a moment earlier, which the registry survives anyway (a lease whose release was lost
+expires; a lost lease grant took its in-flight increment with it; a lost load-job claim is made
+again by the next request). It is a session ``SET``: behind a pooler in transaction mode it would
+outlive the session on a shared server connection, hence the setting to turn it off there.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connections
+from django.db.backends.signals import connection_created
 
 from core.credentials import backend_token
 from core.models import ApiKey
@@ -57,12 +69,33 @@ def _with_connection(fn, *args):
         raise
 
 
+def _mark_database_thread() -> None:
+    _thread_state.gateway = True
+
+
+def _session_settings(sender, connection, **kwargs) -> None:
+    """A connection opened by one of the gateway's database threads commits asynchronously
+    (module docstring); every other connection of the process is left as it is."""
+    if (
+        getattr(_thread_state, "gateway", False)
+        and connection.vendor == "postgresql"
+        and not settings.GATEWAY_SYNCHRONOUS_COMMIT
+    ):
+        with connection.cursor() as cursor:
+            cursor.execute("SET synchronous_commit TO off")
+
+
+connection_created.connect(_session_settings, dispatch_uid="gateway.serving.session_settings")
+
+
 class Database:
     """A bounded thread pool for the ORM; log context (request id, model) follows each call."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway-db")
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="gateway-db", initializer=_mark_database_thread
+        )
 
     def future(self, fn, *args) -> asyncio.Future:
         context = contextvars.copy_context()
@@ -112,7 +145,10 @@ class Leased:
 def authenticate(token: str) -> ApiKey | None:
     """An active API key of role frontend or operator (core's verification through this
     process's cache of verified keys, as the web process's: ``API_KEY_CACHE_SECONDS``), or None."""
-    key = ApiKey.objects.verify(token)
+    return _accepted(ApiKey.objects.verify(token))
+
+
+def _accepted(key: ApiKey | None) -> ApiKey | None:
     if key is None or key.role not in (ApiKey.Role.FRONTEND, ApiKey.Role.OPERATOR):
         return None
     return key
@@ -182,6 +218,11 @@ class Serving:
         self.db = database
 
     async def authenticate(self, token: str) -> ApiKey | None:
+        # A key verified in the last API_KEY_CACHE_SECONDS is answered here, on the event loop:
+        # no database access, so no hop to a database thread and back.
+        cached = ApiKey.objects.cached(token)
+        if cached is not None:
+            return _accepted(cached)
         return await self.database(authenticate, token)
 
     async def database(self, fn, *args):

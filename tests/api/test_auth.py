@@ -265,6 +265,27 @@ def test_wrong_tokens_are_never_cached(settings, django_assert_num_queries):
             assert ApiKey.objects.verify(wrong) is None
 
 
+def test_cached_answers_only_what_verify_cached_and_never_reads(settings, monkeypatch, django_assert_num_queries):
+    settings.API_KEY_CACHE_SECONDS = 5
+    key, plaintext = make_api_key("frontend")
+    clock = [1000.0]
+    monkeypatch.setattr("core.models.time.monotonic", lambda: clock[0])
+    with django_assert_num_queries(0):
+        assert ApiKey.objects.cached(plaintext) is None  # never verified here: ask verify
+        assert ApiKey.objects.cached("not-a-key") is None
+    assert ApiKey.objects.verify(plaintext) == key
+    with django_assert_num_queries(0):
+        cached = ApiKey.objects.cached(plaintext)
+        assert (cached.pk, cached.role) == (key.pk, "frontend")
+        clock[0] += 5
+        assert ApiKey.objects.cached(plaintext) is None  # expired
+    assert ApiKey.objects.verify(plaintext) == key
+    key.revoke()
+    assert ApiKey.objects.cached(plaintext) is None  # forgotten at once in this process
+    settings.API_KEY_CACHE_SECONDS = 0
+    assert ApiKey.objects.cached(plaintext) is None  # no cache: always verify
+
+
 def test_api_calls_stamp_last_used_at_most_once_a_minute_with_the_cache(api_client, settings, monkeypatch):
     settings.API_KEY_CACHE_SECONDS = 5
     key, plaintext = make_api_key("operator")

@@ -361,7 +361,171 @@ def test_the_backend_stream_comes_in_batches_of_every_reply_already_read(backend
         return batches
 
     batches = asyncio.run(scenario())
-    assert all(batches)  # never an empty batch
-    replies = [reply for batch in batches for reply in batch]
+    assert all(replies for replies, _ in batches)  # never an empty batch
+    assert [last for _, last in batches] == [False] * (len(batches) - 1) + [True]
+    replies = [reply for batch, _ in batches for reply in batch]
     assert "".join(reply.message.decode() for reply in replies).split() == words
     assert len(batches) < len(replies)
+
+
+def test_the_stream_interval_gathers_replies_and_the_openai_package_reads_every_event(key, backends, settings):
+    """Replies read within ``GATEWAY_STREAM_INTERVAL`` of the previous write go out in one
+    write, still one server-sent event each: the official client, reading those writes as
+    they came (httpx's ASGI transport hands over each body chunk the app sent), sees exactly
+    one chunk per token, the finishing chunk, the usage chunk, and nothing else."""
+    import httpx
+    import openai
+
+    settings.GATEWAY_STREAM_INTERVAL = 0.05  # far longer than an unthrottled backend takes
+    node = make_node()
+    replica(node, backends(node))
+    words = [f"w{i}" for i in range(300)]
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": " ".join(words)}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    async def scenario():
+        app = GatewayApp()
+        try:
+            raw = await request(app, "POST", "/v1/chat/completions", body, key=key)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport) as http:
+                client_ = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key=key, http_client=http, max_retries=0)
+                stream = await client_.chat.completions.create(**body)
+                chunks = [chunk async for chunk in stream]
+            return raw, chunks
+        finally:
+            await app.close()
+
+    raw, chunks = asyncio.run(scenario())
+    assert raw.status == 200 and raw.events[-1] == "[DONE]"
+    assert raw.body_messages < len(raw.events) / 10  # gathered: a handful of writes for 303 events
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    pieces = [chunk.choices[0].delta.content for chunk in chunks[1:-2]]
+    assert [piece.strip() for piece in pieces] == words  # one event per token, in order
+    assert "".join(pieces) == " ".join(words)
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-2].choices[0].delta.content is None
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(words)
+    # The same events as the raw body's, chunk for chunk.
+    assert len(chunks) == len(raw.events) - 1
+    assert [c.choices[0].delta.content if c.choices else None for c in chunks] == [
+        e["choices"][0]["delta"].get("content") if e["choices"] else None for e in raw.events[:-1]
+    ]
+    assert in_flight() == 0 and not Lease.objects.live().exists()
+
+
+def _batches(address, node, options, interval, *, pause=0.0):
+    """(seconds since the call, replies, last) for each batch of ``Backends.predict_stream``;
+    ``pause``: seconds the consumer is busy after the first batch."""
+
+    async def scenario():
+        backends_ = Backends()
+        loop = asyncio.get_running_loop()
+        seen = []
+        try:
+            started = loop.time()
+            stream = backends_.predict_stream(
+                address, options, token=backend_token(node.pk), timeout=20, interval=interval
+            )
+            async for replies, last in stream:
+                seen.append((loop.time() - started, replies, last))
+                if len(seen) == 1:
+                    await asyncio.sleep(pause)
+        finally:
+            await backends_.close()
+        return seen
+
+    return asyncio.run(scenario())
+
+
+def test_batches_are_at_least_the_interval_apart_and_complete(backends):
+    node = make_node()
+    address = backends(node, "m", "echo.tokens_per_second=200")  # 5 ms apart
+    words = [f"w{i}" for i in range(60)]
+    options = backend_pb2.PredictOptions(Prompt=" ".join(words), ModelIdentity="m")
+
+    batches = _batches(address, node, options, 0.05)
+    times = [at for at, _, _ in batches]
+    # A batch is handed over no sooner than the interval after the one before (the end of the
+    # stream excepted: it is not waited for).
+    gaps = [later - earlier for earlier, later in zip(times[:-2], times[1:-1], strict=True)]
+    assert all(gap >= 0.05 - 0.002 for gap in gaps), gaps
+    assert "".join(reply.message.decode() for _, replies, _ in batches for reply in replies).split() == words
+    assert len(batches) < len(words)  # replies were gathered
+    # Only the final batch may say the stream is over (it may not: the end can also come
+    # after the last replies were handed over, as the iteration's end).
+    assert not any(last for _, _, last in batches[:-1])
+
+
+def test_the_end_of_a_stream_is_not_held_back_by_the_interval(backends):
+    node = make_node()
+    address = backends(node)  # unthrottled: done in a few milliseconds
+    options = backend_pb2.PredictOptions(Prompt=" ".join(f"w{i}" for i in range(50)), ModelIdentity="m")
+
+    batches = _batches(address, node, options, 30.0)
+    assert batches[-1][2] is True
+    assert batches[-1][0] < 10  # not the 30 s interval: the stream's end woke the wait
+    assert sum(len(replies) for _, replies, _ in batches) == 50
+
+
+def test_what_is_left_when_the_stream_ended_comes_as_one_last_batch(backends):
+    node = make_node()
+    address = backends(node)
+    options = backend_pb2.PredictOptions(Prompt=" ".join(f"w{i}" for i in range(50)), ModelIdentity="m")
+
+    # The consumer is busy for a second after the first batch: the rest has been read (and
+    # the stream has ended) by the time it asks again.
+    *_, (_, rest, last) = batches = _batches(address, node, options, 0.0, pause=1.0)
+    assert len(batches) <= 2 and last is True
+    assert b"".join(reply.message for _, replies, _ in batches for reply in replies).split() == [
+        f"w{i}".encode() for i in range(50)
+    ]
+    assert rest
+
+
+# --- the database threads' sessions ------------------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("synchronous", [False, True])
+def test_the_database_threads_commit_asynchronously_unless_told_otherwise(settings, synchronous):
+    from django.db import connection
+
+    from gateway.serving import Database
+
+    settings.GATEWAY_SYNCHRONOUS_COMMIT = synchronous
+
+    def setting():
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            return cursor.fetchone()[0]
+
+    async def scenario():
+        database = Database(2)
+        try:
+            return await asyncio.gather(*(database.run(setting) for _ in range(4)))
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, database.shutdown)
+
+    assert set(asyncio.run(scenario())) == {"on" if synchronous else "off"}
+    assert setting() == "on"  # this thread's connection (not the gateway's) is left as it was
+
+
+def test_a_key_verified_moments_ago_is_answered_without_a_database_thread(key, settings):
+    from gateway.serving import Database, Serving
+
+    settings.API_KEY_CACHE_SECONDS = 60
+
+    async def scenario():
+        database = Database(1)
+        serving = Serving(database)
+        first = await serving.authenticate(key)  # read in a database thread, then cached
+        await asyncio.get_running_loop().run_in_executor(None, database.shutdown)
+        # No thread left to run anything: only the event loop can answer now.
+        return first, await serving.authenticate(key)
+
+    first, again = asyncio.run(scenario())
+    assert first is not None and again is not None and again.pk == first.pk
