@@ -423,8 +423,14 @@ GATEWAY_DB_THREADS = env_int("CONTROLPLANE_GATEWAY_DB_THREADS", 8)
 # Whether the gateway's PostgreSQL sessions wait for the WAL flush of each commit (lease grant,
 # release). Off by default: a crash of PostgreSQL can then lose the last fraction of a second of
 # the gateway's lease writes, which the registry survives (leases expire). Set it true behind
-# PgBouncer in transaction mode (a session SET would stay on shared server connections); docs/gateway.md.
-GATEWAY_SYNCHRONOUS_COMMIT = env_bool("CONTROLPLANE_GATEWAY_SYNCHRONOUS_COMMIT", False)
+# PgBouncer in transaction mode (a session SET would stay on shared server connections): with
+# DATABASE_POOLER=pgbouncer-transaction that is the default; docs/gateway.md.
+GATEWAY_SYNCHRONOUS_COMMIT = env_bool("CONTROLPLANE_GATEWAY_SYNCHRONOUS_COMMIT", bool(DATABASE_POOLER))
+if DATABASE_POOLER and not GATEWAY_SYNCHRONOUS_COMMIT:
+    raise ImproperlyConfigured(
+        "CONTROLPLANE_GATEWAY_SYNCHRONOUS_COMMIT=false behind DATABASE_POOLER=pgbouncer-transaction would make "
+        "other processes' commits asynchronous (a session SET on pooled server connections)"
+    )
 # A streamed answer's writes are at least this many seconds apart: the tokens that arrive
 # meanwhile go out together (each its own server-sent event), so no token waits longer than
 # this, and a backend slower than one token per interval sees no delay at all. 0: every batch

@@ -25,6 +25,7 @@ print(json.dumps({
     "direct_port": direct.get("PORT"),
     "direct_mirror": direct.get("TEST", {}).get("MIRROR"),
     "lock_alias": session_alias("default"),
+    "gateway_synchronous_commit": settings.GATEWAY_SYNCHRONOUS_COMMIT,
 }))
 """
 
@@ -45,6 +46,7 @@ def test_pgbouncer_transaction_mode_adds_a_direct_alias_for_the_session_locks(tm
     assert json.loads(result.stdout) == {
         "aliases": ["default", "direct"], "prepare_threshold": None, "server_side_cursors_disabled": True,
         "direct_port": 5432, "direct_mirror": "default", "lock_alias": "direct",
+        "gateway_synchronous_commit": True,  # a session SET would reach other clients' commits
     }
 
 
@@ -54,6 +56,7 @@ def test_without_a_pooler_locks_stay_on_the_default_connection(tmp_path):
     probed = json.loads(result.stdout)
     assert probed["aliases"] == ["default"] and probed["lock_alias"] == "default"
     assert probed["prepare_threshold"] == "unset" and probed["server_side_cursors_disabled"] is False
+    assert probed["gateway_synchronous_commit"] is False
 
 
 def test_the_pooler_setting_refuses_what_cannot_work(tmp_path):
@@ -66,6 +69,9 @@ def test_the_pooler_setting_refuses_what_cannot_work(tmp_path):
         "needs a PostgreSQL DATABASE_URL": {"DATABASE_URL": f"sqlite:///{tmp_path}/x.sqlite3",
                                             "DATABASE_POOLER": "pgbouncer-transaction",
                                             "DATABASE_DIRECT_URL": "postgres://cp@primary/cp"},
+        "would make other processes' commits asynchronous": {
+            "DATABASE_URL": "postgres://cp@pooler:6432/cp", "DATABASE_POOLER": "pgbouncer-transaction",
+            "DATABASE_DIRECT_URL": "postgres://cp@primary/cp", "CONTROLPLANE_GATEWAY_SYNCHRONOUS_COMMIT": "false"},
     }
     for message, env in cases.items():
         result = run(tmp_path, **env)
