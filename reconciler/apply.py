@@ -28,6 +28,7 @@ from .conf import ReconcileConfig
 from .managers import ConditionState
 from .models import Event, ModelCondition, ReconcilePass, ReplicaSample, UnansweredListing
 from .planning import (
+    WORKER_API_RECHECK_AFTER,
     NodeHealthPlan,
     ObservationPlan,
     ScaleOutcome,
@@ -298,9 +299,23 @@ class Pass(ScaleUp):
         placed on (a LocalAI worker never is, so it is never sent a StartBackend that can only
         fail). A failure that proves nothing (a deadline) leaves the node's state as it was.
         The nodes that answered are written in one statement; each missing one on its own
-        (rare: a node found missing is asked again only every ``WORKER_API_RECHECK_AFTER``)."""
+        (rare: a node found missing is asked again only every ``WORKER_API_RECHECK_AFTER``).
+        A node already known to answer is written again only once its check is older than
+        ``WORKER_API_RECHECK_AFTER``: rewriting every node row on every pass would cost a
+        thousand-row UPDATE (and as many dead row versions) per pass for nothing new."""
+        stale = self.now - WORKER_API_RECHECK_AFTER
         Node.objects.record_workers_answering(
-            {node.id: node.address for node in plan.listings if node.id in results.listings}, now=self.now
+            {
+                node.id: node.address
+                for node in plan.listings
+                if node.id in results.listings
+                and (
+                    node.worker_api != Node.WorkerApi.AVAILABLE
+                    or node.worker_api_checked_at is None
+                    or node.worker_api_checked_at <= stale
+                )
+            },
+            now=self.now,
         )
         for node in plan.listings:
             if node.id in results.listings or node.id not in results.worker_api_missing:
