@@ -14,7 +14,7 @@ Command-line flags still win over these. Two things must live here:
   ``WEB_WORKERS * (WEB_THREADS + 1)`` connections (default 2 x 9 = 18: each worker's heartbeat
   flusher holds one while heartbeats flow). A client that trickles
   its request holds its thread until the request is complete: a host exposed to untrusted
-  networks belongs behind a buffering reverse proxy (README, Production);
+  networks belongs behind a buffering reverse proxy (docs/operations.md, "Deployment");
 * how long a stop waits: ``graceful_timeout`` (``WEB_GRACEFUL_TIMEOUT``, 5 s) bounds the wait
   for requests in flight on SIGTERM/SIGINT, so a web process exits within seconds even with a
   slow client connected (``make run`` must stop within 10 s, docs/operations.md);
