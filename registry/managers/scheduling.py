@@ -16,6 +16,8 @@ from django.db.models import (
 from .. import rules
 from ..clock import resolve_now
 from ..labels import validate_labels
+from .revisions import SCHEDULING_FIELDS as _REVISION_FIELDS
+from .shared import registry_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import ModelSchedulingConfig
@@ -65,13 +67,16 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         placement: str | None = None,
         disk_bytes: int | None = None,
         spread_by: str | None = None,
+        created_by: str = "",
     ) -> ModelSchedulingConfig:
         """Create or replace a model's scheduling config (upsert on ``model_name``).
 
         Validated first (``ValidationError``); the circuit-breaker columns are not overwritten.
         ``placement`` (``spread``/``binpack``), ``disk_bytes`` (the model's size on disk, 0 =
         unknown) and ``spread_by`` (a node label key, "" = off) are only written when given.
-        Idiom: upsert on ``model_name``. Returns the stored row (read back).
+        A change makes the model's next revision (``ModelRevision.objects.change``).
+        Idiom: upsert on ``model_name``, under the row lock of the model's current revision.
+        Returns the stored row (read back).
         """
         if not model_name or not model_name.strip():
             raise ValidationError({"model_name": "must not be empty"})
@@ -95,13 +100,25 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
                 raise ValidationError({"spread_by": "must be a label key of at most 63 characters"})
             row.spread_by = spread_by
             update_fields.append("spread_by")
-        self.bulk_create(
-            [row],
-            update_conflicts=True,
-            unique_fields=["model_name"],
-            update_fields=update_fields,
+        registry_model("ModelRevision").objects.change(
+            model_name,
+            lambda: self.bulk_create(
+                [row], update_conflicts=True, unique_fields=["model_name"], update_fields=update_fields
+            ),
+            reason="scheduling config changed",
+            created_by=created_by,
         )
         return self.get(model_name=model_name)
+
+    def write_row(self, model_name: str, **fields) -> None:
+        """Store a scheduling config as a revision snapshotted it (a rollback; the values were
+        validated when first written), without revision bookkeeping. Idiom: upsert on
+        ``model_name``; the circuit-breaker columns are not overwritten."""
+        fields = {key: value for key, value in fields.items() if key in _REVISION_FIELDS}
+        row = self.model(model_name=model_name, **fields)
+        self.bulk_create(
+            [row], update_conflicts=True, unique_fields=["model_name"], update_fields=[*fields, "updated_at"]
+        )
 
     def record_unsatisfiable(
         self, model_name: str, *, threshold: int, cooldown: timedelta, now: datetime | None = None
