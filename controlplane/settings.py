@@ -273,6 +273,9 @@ STALE_AFTER = env_float("CONTROLPLANE_STALE_AFTER", 30.0)
 RECONCILE_INTERVAL = env_float("CONTROLPLANE_RECONCILE_INTERVAL", 10.0)
 # Idle seconds before a replica above its model's floor is removed.
 SCALE_DOWN_IDLE_AFTER = env_float("CONTROLPLANE_SCALE_DOWN_IDLE_AFTER", 300.0)
+# Rollout: seconds a replica of an older revision drains (no new routes) before it is stopped
+# even with requests still in flight.
+ROLLOUT_DRAIN_TIMEOUT = env_float("CONTROLPLANE_ROLLOUT_DRAIN_TIMEOUT", 120.0)
 # Circuit breaker: passes without capacity for a model below its floor, then a cooldown.
 UNSATISFIABLE_TICKS = env_int("CONTROLPLANE_UNSATISFIABLE_TICKS", 3)
 UNSATISFIABLE_COOLDOWN = env_float("CONTROLPLANE_UNSATISFIABLE_COOLDOWN", 300.0)

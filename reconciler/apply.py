@@ -44,6 +44,7 @@ from .planning import (
     transition_event_kind,
 )
 from .probes import ALIVE, BUSY, UNREACHABLE, run_checks
+from .rollout_apply import Rollout
 from .scale_up import ScaleUp
 from .snapshot import NodeView, Snapshot, rows_now, take_snapshot
 from .summary import PassSummary
@@ -76,7 +77,7 @@ def cyclic_gc_paused():
 # --------------------------------------------------------------------------------------------
 
 
-class Pass(ScaleUp):
+class Pass(ScaleUp, Rollout):
     """One pass's phases (``run``), their events and their summary."""
 
     def __init__(self, *, now, cfg: ReconcileConfig, scheduler, prober, summary: PassSummary, started: float):
@@ -135,10 +136,12 @@ class Pass(ScaleUp):
         self.housekeeping(snapshot)
 
         plans = plan_scaling(snapshot, self.cfg, now=self.now)
+        plans, rollouts = self.plan_rollouts(snapshot, plans)  # a surge becomes a scale-up
         self.summary.nodes = len(snapshot.nodes)
         self.summary.models = len(plans)
         self.summary.known_models = len(snapshot.model_names)
         outcomes = {plan.model_name: self.apply_scaling(snapshot, plan) for plan in plans if plan.acts}
+        self.apply_rollouts(snapshot, rollouts)
         self.scale_up(snapshot, [plan for plan in plans if plan.acts and plan.scale_up], outcomes)
         self.flush_events()
 
@@ -498,6 +501,8 @@ class Pass(ScaleUp):
         memo: dict = {}
         for name in snapshot.model_names:
             for type_, value in model_condition_values(snapshot, name, plans.get(name), outcomes.get(name), memo=memo):
+                if type_ == PROGRESSING and (self.rollout_progress or _reason(known.get((name, type_))) == _DONE):
+                    value = self.progressing_of(name, value, known.get((name, type_)))
                 if known.get((name, type_)) != value:
                     states.append(ConditionState(name, type_, *value))
         for transition in ModelCondition.objects.set_conditions(states, now=self.now):
@@ -518,6 +523,13 @@ class Pass(ScaleUp):
         forgotten = set(map(itemgetter(0), known)) - set(snapshot.model_names) - {ModelCondition.CLUSTER}
         if forgotten:
             ModelCondition.objects.forget(forgotten)
+
+
+PROGRESSING, _DONE = ModelCondition.Type.PROGRESSING, "rollout_complete"
+
+
+def _reason(value) -> str:
+    return value.reason if value is not None else ""
 
 
 def _when(moment: datetime | None) -> str:

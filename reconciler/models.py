@@ -36,6 +36,9 @@ class Event(models.Model):
         MODEL_UNAVAILABLE = "model_unavailable", "model below its floor"
         VRAM_RESERVATION_RELEASED = "vram_reservation_released", "leaked VRAM reservation released"
         CONDITION_CHANGED = "condition_changed", "condition changed"
+        ROLLOUT_STARTED = "rollout_started", "rollout to a new revision started"
+        REPLICA_DRAINING = "replica_draining", "replica of an older revision draining"
+        ROLLOUT_COMPLETE = "rollout_complete", "every replica at the current revision"
 
     created_at = models.DateTimeField(default=timezone.now)
     kind = models.CharField(max_length=32, choices=Kind.choices)

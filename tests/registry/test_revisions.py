@@ -4,7 +4,7 @@ kept, and can be rolled back; replicas carry the revision they were loaded from.
 import pytest
 from django.core.exceptions import ValidationError
 
-from registry.models import ModelLoadInfo, ModelRevision, ModelSchedulingConfig, NodeModel
+from registry.models import Lease, ModelLoadInfo, ModelRevision, ModelSchedulingConfig, NodeModel
 from tests.concurrency import THREADS, run_in_threads
 from tests.factories import make_node
 
@@ -103,7 +103,8 @@ class TestRevisions:
         assert NodeModel.objects.start_draining(draining.pk, now=now)
 
         picks = {NodeModel.objects.warm_pick("llama", now=now).replica_index for _ in range(3)}
-        assert picks == {1}
+        leases = {Lease.objects.pick_and_grant("llama", ttl=60, now=now).replica_index for _ in range(3)}
+        assert picks == leases == {1}
 
 
 @pytest.mark.postgres
