@@ -42,13 +42,13 @@ from .auth import (
 )
 from .filters import NodeFilter, ordering_parameter
 from .problems import (
-    RevisionCurrent,
-    RevisionNotFound,
     DrainedByOperator,
     InvalidTransition,
     NodeCredentialRequired,
     NodeTokenRequired,
     NoLoadInfo,
+    RevisionCurrent,
+    RevisionNotFound,
     TooManyLabels,
 )
 

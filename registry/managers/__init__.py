@@ -59,6 +59,7 @@ __all__ = [
     "LoadFailureManager",
     "LoadJobManager",
     "ModelLoadInfoManager",
+    "ModelRevisionManager",
     "ModelSchedulingConfigManager",
     "ModelSchedulingConfigQuerySet",
     "NodeCredentialRequired",
