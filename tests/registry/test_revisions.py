@@ -137,3 +137,31 @@ class TestRevisionsConcurrently:
         )
         numbers = sorted(ModelRevision.objects.filter(model_name="fresh").values_list("number", flat=True))
         assert numbers == list(range(1, THREADS + 1))
+
+
+@pytest.mark.django_db(transaction=True)  # migrating backwards (SQLite: outside a transaction)
+def test_the_migration_gives_every_existing_model_revision_one_and_stamps_its_replicas():
+    from django.core.management import call_command
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    before = [("registry", "0005_placement_budget_disk_spread")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    old = executor.loader.project_state(before).apps
+    node = old.get_model("registry", "Node").objects.create(name="gpu-a")
+    old.get_model("registry", "ModelLoadInfo").objects.create(
+        model_name="llama", backend_type="llama-cpp", model_opts_blob=BLOB_A, updated_at="2026-11-26T12:00:00Z"
+    )
+    old.get_model("registry", "ModelSchedulingConfig").objects.create(model_name="phi", min_replicas=2)
+    old.get_model("registry", "NodeModel").objects.create(node_id=node.pk, model_name="llama", state="loaded")
+
+    call_command("migrate", verbosity=0)
+
+    llama, phi = ModelRevision.objects.head("llama"), ModelRevision.objects.head("phi")
+    assert (llama.number, bytes(llama.model_opts_blob), llama.scheduling) == (1, BLOB_A, None)
+    assert (phi.number, phi.has_load_info, phi.scheduling["min_replicas"]) == (1, False, 2)
+    assert NodeModel.objects.get(model_name="llama").revision == 1
+    # The digests are the manager's: the same recipe stored again makes no revision.
+    ModelLoadInfo.objects.upsert("llama", "llama-cpp", BLOB_A)
+    assert ModelRevision.objects.filter(model_name="llama").count() == 1
