@@ -141,9 +141,12 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
 
     def remove(self, model_name: str) -> bool:
         """Forget a model's scheduling config: the reconciler stops managing it (its replicas
-        and load info stay). False when there was none. Idiom: conditional delete by
-        ``model_name``."""
-        deleted, _ = self.filter(model_name=model_name).delete()
+        and load info stay). False when there was none. The model's next revision records the
+        removal (a rollback to an earlier revision brings the config back). Idiom: conditional
+        delete by ``model_name``, under the model's revision lock (``ModelRevision.objects.change``)."""
+        deleted, _ = registry_model("ModelRevision").objects.change(
+            model_name, lambda: self.filter(model_name=model_name).delete()[0], reason="scheduling config removed"
+        )
         return deleted > 0
 
     def clear_cooldown(self, model_name: str) -> bool:

@@ -165,3 +165,15 @@ def test_the_migration_gives_every_existing_model_revision_one_and_stamps_its_re
     # The digests are the manager's: the same recipe stored again makes no revision.
     ModelLoadInfo.objects.upsert("llama", "llama-cpp", BLOB_A)
     assert ModelRevision.objects.filter(model_name="llama").count() == 1
+
+
+@pytest.mark.django_db
+def test_removing_the_config_is_a_revision_and_a_rollback_brings_it_back():
+    ModelSchedulingConfig.objects.upsert("llama", min_replicas=2)
+    assert ModelSchedulingConfig.objects.remove("llama")
+    assert not ModelSchedulingConfig.objects.remove("llama")  # nothing left: no revision either
+
+    head = ModelRevision.objects.head("llama")
+    assert (head.number, head.scheduling, head.reason) == (2, None, "scheduling config removed")
+    ModelRevision.objects.rollback("llama", 1)
+    assert ModelSchedulingConfig.objects.get(model_name="llama").min_replicas == 2
