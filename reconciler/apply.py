@@ -44,6 +44,7 @@ from .planning import (
     transition_event_kind,
 )
 from .probes import ALIVE, BUSY, UNREACHABLE, run_checks
+from .rollout_apply import ROLLOUT_CONDITIONS as _ROLLING
 from .rollout_apply import Rollout
 from .scale_up import ScaleUp
 from .snapshot import NodeView, Snapshot, rows_now, take_snapshot
@@ -501,7 +502,7 @@ class Pass(ScaleUp, Rollout):
         memo: dict = {}
         for name in snapshot.model_names:
             for type_, value in model_condition_values(snapshot, name, plans.get(name), outcomes.get(name), memo=memo):
-                if type_ == PROGRESSING and (self.rollout_progress or _reason(known.get((name, type_))) == _DONE):
+                if type_ == PROGRESSING and (self.rollout_progress or _reason(known.get((name, type_))) in _ROLLING):
                     value = self.progressing_of(name, value, known.get((name, type_)))
                 if known.get((name, type_)) != value:
                     states.append(ConditionState(name, type_, *value))
@@ -525,7 +526,7 @@ class Pass(ScaleUp, Rollout):
             ModelCondition.objects.forget(forgotten)
 
 
-PROGRESSING, _DONE = ModelCondition.Type.PROGRESSING, "rollout_complete"
+PROGRESSING = ModelCondition.Type.PROGRESSING
 
 
 def _reason(value) -> str:

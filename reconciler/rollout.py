@@ -102,9 +102,7 @@ def plan_rollout(snapshot: Snapshot, plan: ScalePlan, cfg: ReconcileConfig, *, n
     }
     # 1. One at a time: a draining replica is finished before anything else.
     if draining:
-        stop = tuple(
-            r for r in draining if r.in_flight <= 0 or now - r.draining_since >= cfg.rollout_drain_timeout
-        )
+        stop = tuple(r for r in draining if r.in_flight <= 0 or now - r.draining_since >= cfg.rollout_drain_timeout)
         return RolloutPlan(**facts, stop=stop, waiting="" if len(stop) == len(draining) else "draining")
     # 2. The scaling plan acts, or a replica is loading: wait.
     if plan.in_cooldown:
@@ -137,11 +135,15 @@ def plan_rollouts(
 ) -> tuple[list[ScalePlan], dict[str, RolloutPlan]]:
     """The rollout step of every managed model, and the scaling plans with each surge merged
     in (one more replica, reason ``rollout``) so the pass's scale-up phase loads it."""
-    if not snapshot.current_revisions:
+    active = snapshot.rollout_models
+    if not active:  # the steady case: no model rolls out, the plans are returned as they are
         return plans, {}
     rollouts = {}
     merged = []
     for plan in plans:
+        if plan.model_name not in active:
+            merged.append(plan)
+            continue
         rollout = plan_rollout(snapshot, plan, cfg, now=now)
         if rollout is not None:
             rollouts[plan.model_name] = rollout

@@ -13,8 +13,11 @@ from .snapshot import ConditionValue, Snapshot
 Type = ModelCondition.Type
 
 # Progressing reasons the rollout writes: a model whose condition says one of these and that
-# has nothing outdated any more has just completed its rollout.
+# has no rollout plan any more has just completed its rollout. ``ROLLOUT_CONDITIONS`` adds the
+# completed state: the stored Progressing values ``update_conditions`` hands to
+# ``progressing_of``.
 ROLLOUT_REASONS = frozenset(("rolling_out", "rollout_stalled"))
+ROLLOUT_CONDITIONS = ROLLOUT_REASONS | {"rollout_complete"}
 
 
 class Rollout:
@@ -24,26 +27,14 @@ class Rollout:
     #: ``{model: ConditionValue}``: Progressing as the rollout reports it this pass (set by
     #: ``plan_rollouts``; empty when no model rolls out, the common case).
     rollout_progress: dict = {}  # noqa: RUF012 - replaced, never mutated, per pass
+    current_revisions: dict = {}  # noqa: RUF012 - the snapshot's, per pass
 
     def plan_rollouts(self, snapshot: Snapshot, plans: list) -> tuple[list, dict[str, RolloutPlan]]:
         plans, rollouts = plan_rollouts(snapshot, plans, self.cfg, now=self.now)
+        self.current_revisions = snapshot.current_revisions
         self.rollout_progress = {}
         for name, rollout in rollouts.items():
             self.rollout_progress[name] = rollout.progressing()
-        # Models that finished since the last pass (nothing outdated, nothing draining: no plan)
-        # say so once; the condition stays until something else happens.
-        for (name, type_), value in snapshot.conditions.items():
-            if type_ == Type.PROGRESSING and value.reason in ROLLOUT_REASONS and name not in rollouts:
-                revision = snapshot.current_revision(name)
-                self.rollout_progress[name] = ConditionValue(
-                    False, "rollout_complete", f"every replica at revision {revision}"
-                )
-                self.event(
-                    Event.Kind.ROLLOUT_COMPLETE,
-                    model_name=name,
-                    message=f"every replica at revision {revision}",
-                    revision=revision,
-                )
         for name, rollout in rollouts.items():
             previous = snapshot.conditions.get((name, Type.PROGRESSING))
             if not rollout.complete and (previous is None or previous.reason not in ROLLOUT_REASONS):
@@ -56,12 +47,23 @@ class Rollout:
         return plans, rollouts
 
     def progressing_of(self, name: str, value: ConditionValue, known: ConditionValue | None) -> ConditionValue:
-        """Progressing for ``name``: the rollout's while it rolls out; ``rollout_complete`` is
-        kept while nothing else would be reported (``stable``)."""
+        """Progressing for ``name`` (called by ``update_conditions`` for models with a rollout
+        plan, or whose stored Progressing is a rollout's): the rollout's value while it rolls
+        out (unless a load failed); ``rollout_complete`` (and its event) the first pass after it ended, then kept while
+        nothing else would be reported (``stable``)."""
         rollout = self.rollout_progress.get(name)
         if rollout is not None:
-            if rollout.reason != "rollout_complete" or value.reason == "stable":
-                return rollout
+            return value if value.reason == "scale_up_failed" else rollout  # a failed surge says why
+        if known is not None and known.reason in ROLLOUT_REASONS:
+            revision = self.current_revisions.get(name)
+            self.event(
+                Event.Kind.ROLLOUT_COMPLETE,
+                model_name=name,
+                message=f"every replica at revision {revision}",
+                revision=revision,
+            )
+            if value.reason == "stable":
+                return ConditionValue(False, "rollout_complete", f"every replica at revision {revision}")
             return value
         if known is not None and known.reason == "rollout_complete" and value.reason == "stable":
             return known

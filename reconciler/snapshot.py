@@ -187,7 +187,20 @@ class Snapshot:
     def _outdated_models(self) -> frozenset[str]:
         if not self.current_revisions:
             return frozenset()
-        return frozenset(r.model_name for r in self.replicas if self.is_outdated(r))
+        # One pass over the rows; only a row whose revision is not the current number (rare:
+        # a rollout in progress) has its template looked up.
+        current = self.current_revisions.get
+        return frozenset(
+            r.model_name
+            for r in self.replicas
+            if r.revision is not None and r.revision != current(r.model_name) and self.is_outdated(r)
+        )
+
+    @cached_property
+    def rollout_models(self) -> frozenset[str]:
+        """Models with an outdated replica or a draining one: the only ones the rollout plans."""
+        draining = frozenset(r.model_name for r in self.replicas if r.draining_since is not None)
+        return self._outdated_models | draining if draining else self._outdated_models
 
     def rolling_out(self, model_name: str) -> bool:
         """Whether any replica row of the model is outdated (``is_outdated``)."""

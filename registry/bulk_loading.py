@@ -208,8 +208,8 @@ class Batch:
 
 
 def _read_models(wants, results) -> dict[str, _Model]:
-    """Recipes and configs of every wanted model (two queries, plus one per model whose recipe
-    only a replica row holds, and one per distinct non-empty node selector)."""
+    """Current revisions, recipes and configs of every wanted model (three queries, plus one per
+    model whose recipe only a replica row holds, and one per distinct non-empty node selector)."""
     names = [w.model_name for w in wants]
     # Read before the recipes: a change in between stamps the older number, and the rollout
     # replaces the replica once more, rather than never.
