@@ -18,11 +18,11 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from controlplane import health, metrics
 from reconciler.api import EventViewSet, ModelStatusViewSet, ReconcileViewSet
+from registry.api.revisions import ModelRevisionViewSet
 from registry.api.routers import ApiRouter
 from registry.api.routing import LeaseViewSet, LoadJobViewSet, ReplicaViewSet, RouteViewSet
 from registry.api.views import (
     ModelLoadInfoViewSet,
-    ModelRevisionViewSet,
     ModelSchedulingViewSet,
     NodeRegistrationViewSet,
     NodeSelfViewSet,

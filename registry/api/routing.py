@@ -502,9 +502,10 @@ class ReplicaViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
             )
             raise ReplicaNotVouched(refusal)
         revision = data.get("revision")
-        if revision is not None and not ModelRevision.objects.filter(
-            model_name=data["model_name"], number=revision
-        ).exists():
+        if (
+            revision is not None
+            and not ModelRevision.objects.filter(model_name=data["model_name"], number=revision).exists()
+        ):
             raise serializers.ValidationError({"revision": ["The model has no such revision."]})
         replica = NodeModel.objects.report_loaded(
             node.pk,

@@ -26,7 +26,7 @@ from registry.managers import DrainedByOperator as DrainedByOperatorError
 from registry.managers import NodeCredentialRequired as NodeCredentialRequiredError
 from registry.managers import NodeTokenRequired as NodeTokenRequiredError
 from registry.managers import TooManyLabels as TooManyLabelsError
-from registry.models import ModelLoadInfo, ModelRevision, ModelSchedulingConfig, Node, NodeLabel, NodeModel
+from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 
 from . import serializers as s
 from .auth import (
@@ -36,6 +36,7 @@ from .auth import (
     NodeTokenAuthentication,
     NodeTokenClaim,
     RegistrationTokenAuthentication,
+    actor,
     authenticate_claim_by_reading,
     calling_node,
     fleet_token_nodes_allowed,
@@ -47,8 +48,6 @@ from .problems import (
     NodeCredentialRequired,
     NodeTokenRequired,
     NoLoadInfo,
-    RevisionCurrent,
-    RevisionNotFound,
     TooManyLabels,
 )
 
@@ -591,79 +590,3 @@ class ModelLoadInfoViewSet(viewsets.ViewSet):
             model, body.validated_data["backend_type"], body.validated_data["opts_blob"], created_by=actor(request)
         )
         return Response(s.LoadInfoSerializer(info).data)
-
-
-# --------------------------------------------------------------------------------------------
-# Operator: /api/v1/models/{model}/revisions and /rollback
-# --------------------------------------------------------------------------------------------
-
-
-def actor(request) -> str:
-    """Who made a change, for the revision history (``api_key:<name>`` or a staff username)."""
-    user = getattr(request, "user", None)
-    return str(user.get_username()) if user is not None and user.is_authenticated else ""
-
-
-@extend_schema(tags=["scheduling"], parameters=[MODEL])
-class ModelRevisionViewSet(viewsets.GenericViewSet):
-    """A model's config revisions (newest first) and the rollback to one of them."""
-
-    permission_classes = [IsOperator]
-    serializer_class = s.RevisionSerializer
-    session_permissions = {
-        "revisions": ("registry.view_modelschedulingconfig",),
-        "rollback": ("registry.change_modelschedulingconfig", "registry.change_modelloadinfo"),
-    }
-    lookup_url_kwarg = "model"
-    lookup_value_converter = "model_name"
-
-    @extend_schema(
-        summary="A model's config revisions, newest first",
-        description="Each load-info or scheduling change made one; `current` marks the one in force.",
-        responses={200: s.RevisionSerializer(many=True), **MODEL_PROBLEMS},
-    )
-    @action(detail=True, methods=["get"], url_path="revisions", url_name="revisions")
-    def revisions(self, request, model):
-        model = s.validate_model_name(model)
-        rows = ModelRevision.objects.filter(model_name=model).order_by("-number")
-        page = self.paginate_queryset(rows)
-        return self.get_paginated_response(self.get_serializer(page, many=True).data)
-
-    @extend_schema(
-        summary="Roll a model back to an earlier revision",
-        description=(
-            "Restores revision `revision`'s load info and scheduling config as a NEW revision "
-            "(the current number + 1, reason `rollback to revision N`): the history only grows, "
-            "as with `kubectl rollout undo`. The reconciler then replaces, one at a time, the "
-            "replicas whose revision loads something else (see docs/revisions.md); replicas "
-            "still at revision N are kept. A revision taken before the model had load info (or a "
-            "scheduling config) leaves that part as it is."
-        ),
-        request=s.RollbackSerializer,
-        responses={
-            201: s.RevisionSerializer,
-            **problems(
-                400,
-                404,
-                409,
-                description_400="`validation_error` (body or model name)",
-                description_404="`revision_not_found`",
-                description_409="`revision_current`: that revision's values are in force already",
-            ),
-        },
-    )
-    @action(detail=True, methods=["post"], url_path="rollback", url_name="rollback")
-    def rollback(self, request, model):
-        model = s.validate_model_name(model)
-        body = s.RollbackSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
-        number = body.validated_data["revision"]
-        try:
-            revision = ModelRevision.objects.rollback(model, number, created_by=actor(request))
-        except ModelRevision.DoesNotExist:
-            raise RevisionNotFound(
-                f"Model {model!r} has no revision {number}.", extra={"model": model, "revision": number}
-            ) from None
-        except ValueError as exc:
-            raise RevisionCurrent(str(exc), extra={"model": model, "revision": number}) from None
-        return Response(self.get_serializer(revision).data, status=status.HTTP_201_CREATED)
