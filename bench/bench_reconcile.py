@@ -1,7 +1,8 @@
 """Reconcile pass time and query count for 100 / 1,000 / 10,000 models on 1,000 nodes.
 
 Steady state, nothing to do: every node is healthy with a fresh heartbeat, every model has
-``min_replicas=1``, a load-info row and one loaded, recently probed, idle replica; each worker's
+``min_replicas=1``, a load-info row, its first config revision and one loaded, recently probed,
+idle replica of that revision; each worker's
 ``ListBackends`` (a fake prober, no network) reports exactly the rows the database holds.
 
 Baseline, measured in the same run: the raw SQL of the pass's snapshot (the same statements
@@ -99,9 +100,11 @@ class NoScheduler:
 
 
 def _populate(models: int, now):
-    from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+    from registry.managers.revisions import load_digest, template_digest
+    from registry.models import ModelLoadInfo, ModelRevision, ModelSchedulingConfig, Node, NodeModel
 
     NodeModel.objects.all().delete()
+    ModelRevision.objects.all().delete()
     ModelLoadInfo.objects.all().delete()
     ModelSchedulingConfig.objects.all().delete()
     if not Node.objects.exists():
@@ -125,6 +128,21 @@ def _populate(models: int, now):
         ModelLoadInfo(model_name=f"model-{m:05d}", backend_type="echo", model_opts_blob=b"\x0a\x01m", updated_at=now)
         for m in range(models)
     )
+    # Every model at its first config revision, as after the upgrade's migration: the pass reads
+    # the revisions and checks every replica's (none is outdated).
+    scheduling = {"min_replicas": 1, "max_replicas": 0, "node_selector": {}, "placement": "spread",
+                  "disk_bytes": 0, "spread_by": ""}
+    ModelRevision.objects.bulk_create(
+        (
+            ModelRevision(
+                model_name=f"model-{m:05d}", number=1, backend_type="echo", model_opts_blob=b"\x0a\x01m",
+                has_load_info=True, scheduling=scheduling, load_digest=load_digest("echo", b"\x0a\x01m"),
+                template_digest=template_digest("echo", b"\x0a\x01m", scheduling), created_at=now,
+            )
+            for m in range(models)
+        ),
+        batch_size=2000,
+    )
     listings = {}
     rows = []
     for m in range(models):
@@ -139,6 +157,7 @@ def _populate(models: int, now):
                 state=NodeModel.State.LOADED,
                 last_used=now,
                 last_probe_at=now,
+                revision=1,
             )
         )
         listings.setdefault(node.address, []).append((f"model-{m:05d}", 0, backend))

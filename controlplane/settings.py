@@ -346,6 +346,10 @@ RECONCILE_INTERVAL = env_float("CONTROLPLANE_RECONCILE_INTERVAL", 10.0)
 SCALE_DOWN_IDLE_AFTER = env_float("CONTROLPLANE_SCALE_DOWN_IDLE_AFTER", 300.0)
 # Look-back window (seconds) of the in-flight average load-aware autoscaling scales on.
 AUTOSCALE_WINDOW_SECONDS = env_float("CONTROLPLANE_AUTOSCALE_WINDOW_SECONDS", 60.0)
+
+# Rollout: seconds a replica of an older revision drains (no new routes) before it is stopped
+# even with requests still in flight.
+ROLLOUT_DRAIN_TIMEOUT = env_float("CONTROLPLANE_ROLLOUT_DRAIN_TIMEOUT", 120.0)
 # Circuit breaker: passes without capacity for a model below its floor, then a cooldown.
 UNSATISFIABLE_TICKS = env_int("CONTROLPLANE_UNSATISFIABLE_TICKS", 3)
 UNSATISFIABLE_COOLDOWN = env_float("CONTROLPLANE_UNSATISFIABLE_COOLDOWN", 300.0)

@@ -18,6 +18,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from controlplane import health, metrics
 from reconciler.api import EventViewSet, ModelStatusViewSet, ReconcileViewSet
+from registry.api.revisions import ModelRevisionViewSet
 from registry.api.routers import ApiRouter
 from registry.api.routing import LeaseViewSet, LoadJobViewSet, ReplicaViewSet, RouteViewSet
 from registry.api.views import (
@@ -42,6 +43,7 @@ v1.register("models", RouteViewSet, "model")
 v1.register("models", ModelSchedulingViewSet, "model")
 v1.register("models", ModelLoadInfoViewSet, "model")
 v1.register("models", ModelStatusViewSet, "model")
+v1.register("models", ModelRevisionViewSet, "model")
 v1.register("leases", LeaseViewSet, "lease")
 v1.register("load-jobs", LoadJobViewSet, "load-job", detail_name="load-job")
 v1.register("replicas", ReplicaViewSet, "replica", list_name="replica-report")

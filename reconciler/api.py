@@ -83,6 +83,9 @@ class ModelStatusSerializer(serializers.Serializer):
     ready_replicas = serializers.IntegerField(help_text="loaded replicas on healthy backend nodes")
     loading_replicas = serializers.IntegerField()
     replicas = serializers.IntegerField(help_text="replica rows in any state on any node")
+    revision = serializers.IntegerField(
+        allow_null=True, help_text="the current config revision (GET .../revisions); null: none recorded yet"
+    )
     conditions = ConditionSerializer(many=True)
 
 

@@ -46,6 +46,8 @@ from .planning import (
     transition_event_kind,
 )
 from .probes import ALIVE, BUSY, UNREACHABLE, run_checks
+from .rollout_apply import ROLLOUT_CONDITIONS as _ROLLING
+from .rollout_apply import Rollout
 from .scale_up import ScaleUp
 from .snapshot import NodeView, Snapshot, rows_now, take_snapshot
 from .summary import PassSummary
@@ -78,7 +80,7 @@ def cyclic_gc_paused():
 # --------------------------------------------------------------------------------------------
 
 
-class Pass(ScaleUp):
+class Pass(ScaleUp, Rollout):
     """One pass's phases (``run``), their events and their summary."""
 
     def __init__(self, *, now, cfg: ReconcileConfig, scheduler, prober, summary: PassSummary, started: float):
@@ -137,10 +139,12 @@ class Pass(ScaleUp):
         self.housekeeping(snapshot)
 
         plans = plan_scaling(snapshot, self.cfg, now=self.now)
+        plans, rollouts = self.plan_rollouts(snapshot, plans)  # a surge becomes a scale-up
         self.summary.nodes = len(snapshot.nodes)
         self.summary.models = len(plans)
         self.summary.known_models = len(snapshot.model_names)
         outcomes = {plan.model_name: self.apply_scaling(snapshot, plan) for plan in plans if plan.acts}
+        self.apply_rollouts(snapshot, rollouts)
         self.scale_up(snapshot, [plan for plan in plans if plan.acts and plan.scale_up], outcomes)
         self.record_load(plans, outcomes)
         self.flush_events()
@@ -560,6 +564,8 @@ class Pass(ScaleUp):
         samples = []  # (model, ready, floor) of the models whose Available changed: their history
         for name in snapshot.model_names:
             for type_, value in model_condition_values(snapshot, name, plans.get(name), outcomes.get(name), memo=memo):
+                if type_ == PROGRESSING and (self.rollout_progress or _reason(known.get((name, type_))) in _ROLLING):
+                    value = self.progressing_of(name, value, known.get((name, type_)))
                 if known.get((name, type_)) != value:
                     states.append(ConditionState(name, type_, *value))
                     if type_ == ModelCondition.Type.AVAILABLE:
@@ -583,6 +589,13 @@ class Pass(ScaleUp):
         forgotten = set(map(itemgetter(0), known)) - set(snapshot.model_names) - {ModelCondition.CLUSTER}
         if forgotten:
             ModelCondition.objects.forget(forgotten)
+
+
+PROGRESSING = ModelCondition.Type.PROGRESSING
+
+
+def _reason(value) -> str:
+    return value.reason if value is not None else ""
 
 
 def _when(moment: datetime | None) -> str:

@@ -38,6 +38,7 @@ class ReconcileConfig:
     stale_loading_after: timedelta
     events_kept_days: int
     observation_gap: timedelta
+    rollout_drain_timeout: timedelta
 
     @classmethod
     def from_settings(cls) -> ReconcileConfig:
@@ -73,4 +74,5 @@ class ReconcileConfig:
             passes_kept=max(1, int(settings.RECONCILE_PASSES_KEPT)),
             events_kept_days=int(settings.RECONCILE_EVENTS_KEPT_DAYS),
             stale_loading_after=timedelta(seconds=float(stale_loading_after)),
+            rollout_drain_timeout=timedelta(seconds=float(settings.ROLLOUT_DRAIN_TIMEOUT)),
         )

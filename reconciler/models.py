@@ -43,6 +43,9 @@ class Event(models.Model):
         VRAM_RESERVATION_RELEASED = "vram_reservation_released", "leaked VRAM reservation released"
         CONDITION_CHANGED = "condition_changed", "condition changed"
         AUTOSCALED = "autoscaled", "load-aware autoscaling changed the replica count"
+        ROLLOUT_STARTED = "rollout_started", "rollout to a new revision started"
+        REPLICA_DRAINING = "replica_draining", "replica of an older revision draining"
+        ROLLOUT_COMPLETE = "rollout_complete", "every replica at the current revision"
 
     created_at = models.DateTimeField(default=timezone.now)
     kind = models.CharField(max_length=32, choices=Kind.choices)

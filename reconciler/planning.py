@@ -503,7 +503,11 @@ def plan_model(snapshot: Snapshot, config: ConfigView, cfg: ReconcileConfig, *, 
     if removable <= 0:
         return ScalePlan(name, config, n_ready, n_loading, None, candidate_ids, has_load_info, False, cooldown_over)
     remove: list[ReplicaView] = []
-    unused = sorted((r for r in ready if r.in_flight == 0), key=lambda r: _removal_order(r, snapshot))
+    # While the model rolls out, only outdated replicas go (``rollout.py``): a surge stays.
+    protected = snapshot.rollout_protected(name)
+    unused = sorted(
+        (r for r in ready if r.in_flight == 0 and r.id not in protected), key=lambda r: _removal_order(r, snapshot)
+    )
     over_ceiling = max(0, n_ready - ceiling) if ceiling is not None else 0
     remove.extend(unused[:over_ceiling])
     idle_before = now - cfg.scale_down_idle_after

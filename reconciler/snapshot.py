@@ -1,7 +1,7 @@
 """The reconciler's view of the fleet: plain views read in a fixed number of queries.
 
-``take_snapshot`` runs the same six queries whether the fleet has one model or ten thousand
-(nodes, labels, replica rows, scheduling configs, load-info names, conditions). Everything
+``take_snapshot`` runs the same seven queries whether the fleet has one model or ten thousand
+(nodes, labels, replica rows, scheduling configs, load-info names, conditions, revisions). Everything
 downstream (``planning.py``) is pure and works on these objects, so it is unit-tested without a
 database and can never issue a query per model or per node.
 """
@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from registry import floor_schedule, rules
 from registry.labels import selector_matches
-from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
+from registry.models import ModelLoadInfo, ModelRevision, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 from registry.placement import serves_worker_api
 
 from .models import ModelCondition
@@ -98,6 +98,10 @@ class ReplicaView(NamedTuple):
     # Written by every registry verb that inserts the row or changes its state (the writer's
     # ``now``); None only on rows written before the column existed.
     state_changed_at: datetime | None = None
+    # The config revision it was loaded from (None: unknown, never rolled), and since when the
+    # rollout has been draining it (None: routable).
+    revision: int | None = None
+    draining_since: datetime | None = None
 
     @property
     def loaded(self) -> bool:
@@ -175,6 +179,55 @@ class Snapshot:
     load_info_models: frozenset[str] = frozenset()
     # {(model_name, type): ConditionValue(status, reason, message)}
     conditions: Mapping[tuple[str, str], ConditionValue] = field(default_factory=dict)
+    # {(model_name, revision number): template digest} over every revision, and {model_name:
+    # current revision number}: what the rollout compares replicas with.
+    templates: Mapping[tuple[str, int], str] = field(default_factory=_empty)
+    current_revisions: Mapping[str, int] = field(default_factory=_empty)
+
+    def current_revision(self, model_name: str) -> int | None:
+        return self.current_revisions.get(model_name)
+
+    def is_outdated(self, replica: ReplicaView) -> bool:
+        """Loaded from a revision whose template (recipe + node selector) is not the current
+        one's. A replica of unknown revision, or of a model without revisions, is not."""
+        if replica.revision is None:
+            return False
+        current = self.current_revisions.get(replica.model_name)
+        if current is None or replica.revision == current:
+            return False
+        mine = self.templates.get((replica.model_name, replica.revision))
+        return mine is None or mine != self.templates.get((replica.model_name, current))
+
+    @cached_property
+    def _outdated_models(self) -> frozenset[str]:
+        if not self.current_revisions:
+            return frozenset()
+        # One pass over the rows; only a row whose revision is not the current number (rare:
+        # a rollout in progress) has its template looked up.
+        current = self.current_revisions.get
+        return frozenset(
+            r.model_name
+            for r in self.replicas
+            if r.revision is not None and r.revision != current(r.model_name) and self.is_outdated(r)
+        )
+
+    @cached_property
+    def rollout_models(self) -> frozenset[str]:
+        """Models with an outdated replica or a draining one: the only ones the rollout plans."""
+        draining = frozenset(r.model_name for r in self.replicas if r.draining_since is not None)
+        return self._outdated_models | draining if draining else self._outdated_models
+
+    def rolling_out(self, model_name: str) -> bool:
+        """Whether any replica row of the model is outdated (``is_outdated``)."""
+        return model_name in self._outdated_models
+
+    def rollout_protected(self, model_name: str) -> frozenset[int]:
+        """While a model rolls out, the ids of its replicas at the current template: the idle
+        scale-down takes outdated replicas only, so it never undoes the rollout's surge."""
+        if model_name not in self._outdated_models:
+            return frozenset()
+        rows = self.replicas_by_model.get(model_name, ())
+        return frozenset(r.id for r in rows if not self.is_outdated(r))
 
     @cached_property
     def replicas_by_model(self) -> Mapping[str, tuple[ReplicaView, ...]]:
@@ -240,11 +293,12 @@ class Snapshot:
 
     @cached_property
     def _routable(self) -> Mapping[str, tuple[tuple[ReplicaView, ...], tuple[ReplicaView, ...]]]:
-        """``{model: (ready rows, loading rows)}`` on schedulable nodes, in one pass over the rows."""
+        """``{model: (ready rows, loading rows)}`` on schedulable nodes, in one pass over the rows.
+        A replica the rollout is draining is neither: it takes no new route."""
         schedulable = {node_id for node_id, node in self.nodes.items() if node.schedulable}
         ready, loading = defaultdict(list), defaultdict(list)
         for replica in self.replicas:
-            if replica.node_id in schedulable:
+            if replica.node_id in schedulable and replica.draining_since is None:
                 state = replica.state
                 if state == _LOADED:
                     ready[replica.model_name].append(replica)
@@ -318,7 +372,7 @@ def _selector_view(text: str | None) -> Mapping[str, str]:
 
 
 def take_snapshot(*, now: datetime | None = None) -> Snapshot:
-    """Read the fleet in six queries (pinned by a test), whatever its size.
+    """Read the fleet in seven queries (pinned by a test), whatever its size.
 
     Each table is read as ``values_list`` tuples and turned into views in one pass (no model
     instances, no per-row dicts): a pass reads every replica row, config and condition of the
@@ -390,6 +444,13 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
     conditions = dict(
         zip(map(_CONDITION_KEY, rows), _as_views(ConditionValue, map(_CONDITION_VALUE, rows)), strict=True)
     )
+    templates, current_revisions = {}, {}
+    for name, number, digest, is_current in ModelRevision.objects.values_list(
+        "model_name", "number", "template_digest", "is_current"
+    ):
+        templates[(name, number)] = digest
+        if is_current:
+            current_revisions[name] = number
     return Snapshot(
         taken_at=taken_at,
         nodes=MappingProxyType(nodes),
@@ -397,6 +458,8 @@ def take_snapshot(*, now: datetime | None = None) -> Snapshot:
         configs=MappingProxyType(configs),
         load_info_models=load_info_models,
         conditions=conditions,
+        templates=MappingProxyType(templates),
+        current_revisions=MappingProxyType(current_revisions),
     )
 
 

@@ -1,7 +1,7 @@
 """Read side for the operator API: what each model wants, has, and why (fixed query counts).
 
 ``known_model_names`` is one UNION query; ``model_statuses`` answers for any number of names in
-six queries. "Ready" is the registry's own definition (``NodeModel.objects.ready()``: loaded rows
+seven queries. "Ready" is the registry's own definition (``NodeModel.objects.ready()``: loaded rows
 on healthy backend nodes), so the API and the reconciler count the same replicas.
 """
 
@@ -15,7 +15,7 @@ from django.db.models.functions import Length
 from django.utils import timezone
 
 from registry import floor_schedule, rules
-from registry.models import ModelLoadInfo, ModelSchedulingConfig, NodeModel
+from registry.models import ModelLoadInfo, ModelRevision, ModelSchedulingConfig, NodeModel
 
 from .models import ModelCondition
 
@@ -36,6 +36,7 @@ class ModelStatus:
     ready_replicas: int = 0
     loading_replicas: int = 0
     replicas: int = 0  # rows in any state on any node
+    revision: int | None = None  # the current config revision (None: no change recorded yet)
     conditions: list[dict] = field(default_factory=list)
 
 
@@ -93,6 +94,7 @@ def model_statuses(names: list[str]) -> list[ModelStatus]:
     ready = _counts(NodeModel.objects.ready(), names)
     loading = _counts(NodeModel.objects.loading(), names)
     total = _counts(NodeModel.objects.all(), names)
+    revisions = ModelRevision.objects.head_numbers(names)
     conditions: dict[str, list[dict]] = {}
     for row in (
         ModelCondition.objects.filter(model_name__in=names)
@@ -123,6 +125,7 @@ def model_statuses(names: list[str]) -> list[ModelStatus]:
                 ready_replicas=ready.get(name, 0),
                 loading_replicas=loading.get(name, 0),
                 replicas=total.get(name, 0),
+                revision=revisions.get(name),
                 conditions=conditions.get(name, []),
             )
         )
@@ -161,4 +164,4 @@ def desired_replicas(config: dict, min_replicas: int | None = None) -> int | Non
 def model_status(name: str) -> ModelStatus | None:
     """One model's status, or None when no config, load info or replica row names it."""
     status = model_statuses([name])[0]
-    return status if status.configured or status.load_info or status.replicas else None
+    return status if status.configured or status.load_info or status.replicas or status.revision else None

@@ -59,7 +59,7 @@ from proto import client
 from . import loading, placement
 from .clock import resolve_now
 from .managers.shared import budget_used, free_vram
-from .models import LoadFailure, ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
+from .models import LoadFailure, ModelLoadInfo, ModelRevision, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class _Model:
     from_replica_copy: bool  # the recipe came from a replica row: store it per model after a load
     disk_bytes: int = 0  # ModelSchedulingConfig.disk_bytes (0 = unknown)
     spread_by: str = ""  # ModelSchedulingConfig.spread_by (label key, "" = off)
+    revision: int | None = None  # the config revision current before the recipe was read
 
 
 def load_many(wants, *, concurrency: int, deadline: float | None = None, now: datetime | None = None, clock=None):
@@ -213,9 +214,12 @@ class Batch:
 
 
 def _read_models(wants, results) -> dict[str, _Model]:
-    """Recipes and configs of every wanted model (two queries, plus one per model whose recipe
-    only a replica row holds, and one per distinct non-empty node selector)."""
+    """Current revisions, recipes and configs of every wanted model (three queries, plus one per
+    model whose recipe only a replica row holds, and one per distinct non-empty node selector)."""
     names = [w.model_name for w in wants]
+    # Read before the recipes: a change in between stamps the older number, and the rollout
+    # replaces the replica once more, rather than never.
+    revisions = ModelRevision.objects.head_numbers(names)
     infos = {
         info.model_name: info
         for info in ModelLoadInfo.objects.filter(model_name__in=names).only(
@@ -251,6 +255,7 @@ def _read_models(wants, results) -> dict[str, _Model]:
             spread_by=config.get("spread_by") or "",
             candidate_ids=list(want.candidate_node_ids),
             from_replica_copy=info.source == ModelLoadInfo.Source.REPLICA,
+            revision=revisions.get(want.model_name),
         )
         if selector:
             by_selector[json.dumps(selector, sort_keys=True)].append(want.model_name)
@@ -412,6 +417,7 @@ def _choose(model: _Model, state: _State, now, result: ModelResult, slow) -> dic
         "backend_type": model.backend_type,
         "reserved_vram": model.needed,
         "index": index,
+        "revision": model.revision,
     }
 
 

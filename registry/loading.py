@@ -23,7 +23,7 @@ from proto import client, codec
 
 from . import operations, placement, rules
 from .clock import resolve_now
-from .models import LoadFailure, ModelLoadInfo, ModelSchedulingConfig, Node, NodeLabel, NodeModel
+from .models import LoadFailure, ModelLoadInfo, ModelRevision, ModelSchedulingConfig, Node, NodeLabel, NodeModel
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,9 @@ def schedule_and_load(
     """
     if not model_name or not model_name.strip():
         raise ValueError("model name must not be empty")
+    # Read before the recipe: a change in between stamps the older number, and the rollout
+    # replaces the replica once more, rather than never.
+    revision = ModelRevision.objects.head_numbers([model_name]).get(model_name)
     if opts_blob is None:
         try:
             info = ModelLoadInfo.objects.for_model(model_name)
@@ -205,6 +208,7 @@ def schedule_and_load(
             slots=decision.node.slots,
             backend_type=backend_type,
             reserved_vram=needed,
+            revision=revision,
             now=now,
         )
         if row is None:

@@ -165,3 +165,21 @@ def xact_advisory_lock(key: LockKey, *, using: str = DEFAULT_DB_ALIAS) -> None:
     if _is_postgres(using):
         with connections[using].cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [int(key)])
+
+
+# Two-key advisory locks (``pg_advisory_xact_lock(int4, int4)``) live apart from the one-key
+# ``LockKey`` locks; the first key names the feature, the second is derived from a model name
+# (two models sharing a hash only wait for each other, which is harmless).
+MODEL_REVISIONS = 0x6370_0004
+
+
+def xact_model_lock(space: int, model_name: str, *, using: str = DEFAULT_DB_ALIAS) -> None:
+    """Serialise one kind of change per model until the transaction ends. Must run inside
+    ``transaction.atomic()``; a no-op on SQLite (its IMMEDIATE transactions serialise
+    writers)."""
+    if not transaction.get_connection(using).in_atomic_block:
+        raise RuntimeError("xact_model_lock needs an open transaction")
+    if _is_postgres(using):
+        objid = int.from_bytes(hashlib.sha256(model_name.encode()).digest()[:4], "big", signed=True)
+        with connections[using].cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [space, objid])

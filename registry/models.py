@@ -16,6 +16,7 @@ from .managers import (
     LoadFailureManager,
     LoadJobManager,
     ModelLoadInfoManager,
+    ModelRevisionManager,
     ModelSchedulingConfigManager,
     NodeLabelManager,
     NodeManager,
@@ -222,6 +223,13 @@ class NodeModel(models.Model):
     # Health probing: consecutive "unreachable" answers and when the row was last confirmed.
     probe_failures = models.PositiveIntegerField(default=0)
     last_probe_at = models.DateTimeField(null=True, blank=True)
+    # The model's config revision this replica was loaded from (``ModelRevision.number``),
+    # read before its recipe was; None for rows whose loader did not know it (the reconciler's
+    # rollout leaves those alone).
+    revision = models.PositiveIntegerField(null=True, blank=True)
+    # Set when the rollout drains this replica: no new route picks it; it is stopped once
+    # nothing is in flight on it or the drain timeout has passed.
+    draining_since = models.DateTimeField(null=True, blank=True)
     # When the row last changed state (inserted, loading -> loaded, re-recorded), written by
     # every verb from its ``now=``; "written after the worker's listing" is decided on this,
     # never on ``updated_at`` (``auto_now`` is skipped by ``.update()``).
@@ -351,6 +359,42 @@ class ModelSchedulingConfig(models.Model):
     @property
     def floor(self) -> int:
         return rules.replica_floor(self.min_replicas, self.max_replicas, self.target_in_flight_per_replica)
+
+
+class ModelRevision(models.Model):
+    """One numbered revision of a model's configuration: the load info and scheduling config
+    as they were right after the change that created it (``managers/revisions.py``).
+
+    Rows are only ever inserted (and the previous head's ``is_current`` cleared); a rollback
+    inserts a new revision carrying an old one's values.
+    """
+
+    model_name = models.CharField(max_length=255)
+    number = models.PositiveIntegerField()
+    backend_type = models.CharField(max_length=255, blank=True)
+    model_opts_blob = models.BinaryField(blank=True, default=bytes)
+    has_load_info = models.BooleanField(default=False)
+    scheduling = models.JSONField(null=True, blank=True, help_text="the scheduling config; null = none")
+    load_digest = models.CharField(max_length=64)
+    template_digest = models.CharField(max_length=64, help_text="load recipe + node selector: what a replica is")
+    reason = models.CharField(max_length=255, blank=True)
+    created_by = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    is_current = models.BooleanField(default=True)
+
+    objects = ModelRevisionManager()
+
+    class Meta:
+        ordering = ["model_name", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["model_name", "number"], name="model_revision_unique_number"),
+            models.UniqueConstraint(
+                fields=["model_name"], condition=Q(is_current=True), name="model_revision_one_current"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.model_name} r{self.number}"
 
 
 class LoadJob(models.Model):

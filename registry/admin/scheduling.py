@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
+from django.http import HttpResponseRedirect
 from django.shortcuts import get_object_or_404
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
@@ -24,7 +26,7 @@ from proto.codec import InvalidModelOptions, options_to_json
 from .. import floor_schedule
 from ..loading import explain_next_replica
 from ..managers import validate_scheduling
-from ..models import ModelLoadInfo, ModelSchedulingConfig, NodeModel
+from ..models import ModelLoadInfo, ModelRevision, ModelSchedulingConfig, NodeModel
 from .base import ReadOnlyAdmin
 
 
@@ -161,6 +163,7 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
             upscale_delay_s=data.get("upscale_delay_s"),
             downscale_delay_s=data.get("downscale_delay_s"),
             floor_schedule=data.get("floor_schedule") or [],
+            created_by=request.user.get_username(),
         )
         obj.pk = saved.pk
         obj.refresh_from_db()
@@ -171,6 +174,37 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
     def delete_queryset(self, request, queryset):
         for name in list(queryset.values_list("model_name", flat=True)):
             ModelSchedulingConfig.objects.remove(name)
+
+    def get_urls(self):
+        name = f"{self.opts.app_label}_{self.opts.model_name}_rollback"
+        return [
+            path("<path:object_id>/rollback/", self.admin_site.admin_view(self.rollback_view), name=name),
+            *super().get_urls(),
+        ]
+
+    def rollback_view(self, request, object_id):
+        """POST only: ``ModelRevision.objects.rollback`` to the posted ``revision`` (a new
+        revision with its values; the reconciler rolls the replicas), as the API's
+        ``POST /api/v1/models/{model}/rollback``. Needs the change permission."""
+        config = get_object_or_404(ModelSchedulingConfig, pk=object_id)
+        target = reverse("admin:registry_modelschedulingconfig_change", args=[config.pk])
+        if request.method != "POST" or not self.has_change_permission(request, config):
+            return HttpResponseRedirect(target)
+        try:
+            number = int(request.POST.get("revision", ""))
+            revision = ModelRevision.objects.rollback(
+                config.model_name, number, created_by=request.user.get_username()
+            )
+        except (ValueError, ModelRevision.DoesNotExist) as exc:
+            self.message_user(request, f"rollback refused: {exc or 'no such revision'}", messages.ERROR)
+        else:
+            self.message_user(
+                request,
+                f"rolled back to revision {number} as revision {revision.number}; "
+                "the reconciler replaces the replicas one at a time",
+                messages.SUCCESS,
+            )
+        return HttpResponseRedirect(target)
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         config = get_object_or_404(ModelSchedulingConfig, pk=object_id)
@@ -201,6 +235,7 @@ class ModelSchedulingConfigAdmin(admin.ModelAdmin):
             "diag_replicas": rows,
             "diag_ready": ready,
             "diag_placement": explain_next_replica(model_name),
+            "diag_revisions": list(ModelRevision.objects.filter(model_name=model_name).order_by("-number")[:10]),
         }
 
 

@@ -219,3 +219,9 @@ class HasRegistrationToken(permissions.BasePermission):
 
     def has_permission(self, request, view):
         return request.auth is REGISTRATION
+
+
+def actor(request) -> str:
+    """Who made a change, for the revision history (``api_key:<name>`` or a staff username)."""
+    user = getattr(request, "user", None)
+    return str(user.get_username()) if user is not None and user.is_authenticated else ""

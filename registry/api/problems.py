@@ -86,3 +86,21 @@ class ReplicaNotVouched(ProblemError):
     default_code = "replica_not_vouched"
     default_detail = "The node does not vouch for a backend of this replica at this address."
     title = "Replica not vouched for"
+
+
+class RevisionNotFound(ProblemError):
+    """A rollback named a revision number the model does not have."""
+
+    status_code = status.HTTP_404_NOT_FOUND
+    default_code = "revision_not_found"
+    default_detail = "The model has no such revision."
+    title = "Revision not found"
+
+
+class RevisionCurrent(ProblemError):
+    """A rollback to the revision that is current already (nothing would change)."""
+
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "revision_current"
+    default_detail = "That revision's load info and scheduling config are current already."
+    title = "Revision already current"

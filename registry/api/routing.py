@@ -33,7 +33,7 @@ from core.schema import problems
 from core.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIntegerField
 from proto import client, tls, worker_pb2
 from registry import affinity, router
-from registry.models import Lease, LoadJob, Node, NodeModel
+from registry.models import Lease, LoadJob, ModelRevision, Node, NodeModel
 
 from . import serializers as s
 from .filters import ReplicaFilter, ordering_parameter
@@ -196,12 +196,31 @@ class ReplicaReportSerializer(s.LoadInfoWriteSerializer):
     )
     replica_index = StrictIntegerField(min_value=0, max_value=s.MAX_INT)
     address = StrictCharField(max_length=512, help_text="host:port of the replica's backend")
+    revision = StrictIntegerField(
+        min_value=1,
+        max_value=s.MAX_INT,
+        required=False,
+        allow_null=True,
+        help_text="the model's config revision the frontend loaded it from (GET /api/v1/models/{model} "
+        "`revision`); omitted: the revision the reported recipe is (a new one if it differs)",
+    )
 
 
 class ReplicaSerializer(serializers.ModelSerializer):
     class Meta:
         model = NodeModel
-        fields = ["id", "node_id", "model_name", "replica_index", "address", "state", "in_flight", "backend_type"]
+        fields = [
+            "id",
+            "node_id",
+            "model_name",
+            "replica_index",
+            "address",
+            "state",
+            "in_flight",
+            "backend_type",
+            "revision",
+            "draining_since",
+        ]
         read_only_fields = fields
 
 
@@ -491,6 +510,12 @@ class ReplicaViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
                 refusal,
             )
             raise ReplicaNotVouched(refusal)
+        revision = data.get("revision")
+        if (
+            revision is not None
+            and not ModelRevision.objects.filter(model_name=data["model_name"], number=revision).exists()
+        ):
+            raise serializers.ValidationError({"revision": ["The model has no such revision."]})
         replica = NodeModel.objects.report_loaded(
             node.pk,
             data["model_name"],
@@ -498,6 +523,7 @@ class ReplicaViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
             address=data["address"],
             backend_type=data["backend_type"],
             opts_blob=data["opts_blob"],
+            revision=revision,
         )
         if replica is None:
             raise serializers.ValidationError({"node_id": ["Unknown node."]})

@@ -17,7 +17,7 @@ from core.serializers import RejectUnknownFieldsMixin, StrictCharField, StrictIn
 from proto import codec
 from registry import floor_schedule
 from registry.labels import MAX_LABEL_PART, validate_labels
-from registry.models import ModelLoadInfo, ModelSchedulingConfig, Node, NodeModel
+from registry.models import ModelLoadInfo, ModelRevision, ModelSchedulingConfig, Node, NodeModel
 
 from .problems import InvalidModelOptions
 
@@ -548,3 +548,35 @@ class LoadInfoSerializer(serializers.ModelSerializer):
             return codec.options_to_json(bytes(info.model_opts_blob or b""))
         except codec.InvalidModelOptions:
             return None
+
+
+class RevisionSerializer(serializers.ModelSerializer):
+    """One config revision of a model: the load info and scheduling config it stands for."""
+
+    revision = serializers.IntegerField(source="number", read_only=True)
+    current = serializers.BooleanField(source="is_current", read_only=True)
+    model_options_b64 = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ModelRevision
+        fields = [
+            "model_name",
+            "revision",
+            "current",
+            "backend_type",
+            "model_options_b64",
+            "has_load_info",
+            "scheduling",
+            "template_digest",
+            "reason",
+            "created_by",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_model_options_b64(self, revision) -> str:
+        return base64.b64encode(bytes(revision.model_opts_blob or b"")).decode("ascii")
+
+
+class RollbackSerializer(RejectUnknownFieldsMixin, serializers.Serializer):
+    revision = StrictIntegerField(min_value=1, max_value=MAX_INT, help_text="the revision number to restore")

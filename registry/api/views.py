@@ -36,6 +36,7 @@ from .auth import (
     NodeTokenAuthentication,
     NodeTokenClaim,
     RegistrationTokenAuthentication,
+    actor,
     authenticate_claim_by_reading,
     calling_node,
     fleet_token_nodes_allowed,
@@ -524,7 +525,7 @@ class ModelSchedulingViewSet(_SchedulingConfigs, viewsets.GenericViewSet):
         model = s.validate_model_name(model)
         body = s.SchedulingConfigWriteSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        config = ModelSchedulingConfig.objects.upsert(model, **body.validated_data)
+        config = ModelSchedulingConfig.objects.upsert(model, **body.validated_data, created_by=actor(request))
         return Response(self.get_serializer(config).data)
 
     @extend_schema(summary="Delete a model's scheduling config", responses={204: None, **MODEL_PROBLEMS})
@@ -586,6 +587,6 @@ class ModelLoadInfoViewSet(viewsets.ViewSet):
         body = s.LoadInfoWriteSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         info = ModelLoadInfo.objects.upsert(
-            model, body.validated_data["backend_type"], body.validated_data["opts_blob"]
+            model, body.validated_data["backend_type"], body.validated_data["opts_blob"], created_by=actor(request)
         )
         return Response(s.LoadInfoSerializer(info).data)

@@ -29,6 +29,8 @@ Modules, by table:
   sweep), the warm pick and probe results;
 - ``load_info``: the per-model load recipe;
 - ``scheduling``: scheduling configs and the unsatisfiable circuit breaker;
+- ``revisions``: numbered config revisions of a model (every load-info or scheduling change),
+  and rollback;
 - ``load_jobs``: one durable cold load per model, and the failed-load backoff;
 - ``leases``: a frontend's hold on one replica for one request;
 - ``shared``: what several of them use (lazy model lookup, the capacity event, free-VRAM and
@@ -48,6 +50,7 @@ from .nodes import (
     Registration,
 )
 from .replicas import NodeModelManager, NodeModelQuerySet
+from .revisions import ModelRevisionManager
 from .scheduling import ModelSchedulingConfigManager, ModelSchedulingConfigQuerySet, validate_scheduling
 
 __all__ = [
@@ -56,6 +59,7 @@ __all__ = [
     "LoadFailureManager",
     "LoadJobManager",
     "ModelLoadInfoManager",
+    "ModelRevisionManager",
     "ModelSchedulingConfigManager",
     "ModelSchedulingConfigQuerySet",
     "NodeCredentialRequired",

@@ -83,7 +83,8 @@ def _pick_statement(candidates: str, skip_locked: bool, by_key: str = "") -> str
                   WHERE l.node_id = n.id AND l."key" = s.key AND l.value = s.value)))""",
     }[candidates]
     replicas = f"""{_quoted(NodeModel._meta.db_table)} r JOIN {_quoted(Node._meta.db_table)} n ON n.id = r.node_id"""
-    routable = f"""r.model_name = %(model)s AND r.state = %(loaded)s
+    # A replica the rollout drains (``draining_since`` set) takes no new route.
+    routable = f"""r.model_name = %(model)s AND r.state = %(loaded)s AND r.draining_since IS NULL
       AND n.status = %(healthy)s AND n.node_type = %(backend)s
       {restriction}"""
     if by_key:

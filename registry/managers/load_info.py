@@ -10,6 +10,7 @@ from django.db import models
 from django.db.models.functions import Length
 
 from ..clock import resolve_now
+from .revisions import load_digest
 from .shared import registry_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,17 +26,44 @@ logger = logging.getLogger(__name__)
 
 class ModelLoadInfoManager(models.Manager):
     def upsert(
-        self, model_name: str, backend_type: str, opts_blob: bytes, *, now: datetime | None = None
+        self,
+        model_name: str,
+        backend_type: str,
+        opts_blob: bytes,
+        *,
+        now: datetime | None = None,
+        created_by: str = "",
     ) -> ModelLoadInfo:
         """Store the load recipe of a model: one ``INSERT ... ON CONFLICT (model_name) DO UPDATE``.
 
         Last write wins under concurrent frontends (the row converges to whichever statement
         commits last); ``updated_at`` is refreshed. The blob is stored as the exact bytes given.
+        A recipe other than the current revision's makes a new revision
+        (``ModelRevision.objects.change``); the same recipe again (every frontend load) costs
+        one read of the current revision's digest and writes none.
         Raises ValueError for an empty model name.
-        Idiom: upsert. Returns the row as written (unsaved instance carrying the values).
+        Idiom: upsert (a changed recipe: row lock on the current revision, see ``change``).
+        Returns the row as written (unsaved instance carrying the values).
         """
         if not model_name or not model_name.strip():
             raise ValueError("model name must not be empty")
+        revisions = registry_model("ModelRevision").objects
+        if revisions.head_load_digest(model_name) == load_digest(backend_type or "", bytes(opts_blob or b"")):
+            return self.write_row(model_name, backend_type, opts_blob, now=now)
+        row, _ = revisions.change(
+            model_name,
+            lambda: self.write_row(model_name, backend_type, opts_blob, now=now),
+            reason="load info changed",
+            created_by=created_by,
+            now=now,
+        )
+        return row
+
+    def write_row(
+        self, model_name: str, backend_type: str, opts_blob: bytes, *, now: datetime | None = None
+    ) -> ModelLoadInfo:
+        """The upsert itself, without revision bookkeeping (``upsert`` and a rollback call it).
+        Idiom: upsert."""
         row = self.model(
             model_name=model_name,
             backend_type=backend_type or "",

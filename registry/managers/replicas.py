@@ -55,6 +55,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         address: str = "",
         backend_type: str | None = None,
         opts_blob: bytes | None = None,
+        revision: int | None = None,
         now: datetime | None = None,
     ) -> NodeModel:
         """Record the replica of ``(node, model, replica_index)`` as ``loaded`` at ``address``
@@ -65,6 +66,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         ``opts_blob`` are only written when given, so a re-report without them keeps the
         per-replica load info. A (re-)recording sets ``state_changed_at`` and the probe stamp
         to ``now``; ``last_used`` is set on insert only (use is what leases record).
+        ``revision`` (the config revision it was loaded from) is written when given.
         """
         if not model_name:
             raise ValueError("model name must not be empty")
@@ -80,8 +82,11 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
             state_changed_at=now,
             backend_type=backend_type or "",
             model_opts_blob=bytes(opts_blob) if opts_blob is not None else None,
+            revision=revision,
         )
         update_fields = ["address", "state", "updated_at", "last_probe_at", "probe_failures", "state_changed_at"]
+        if revision is not None:
+            update_fields.append("revision")
         if backend_type is not None:
             update_fields.append("backend_type")
         if opts_blob is not None:
@@ -170,6 +175,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         backend_type: str = "",
         reserved_vram: int = 0,
         index: int | None = None,
+        revision: int | None = None,
         now: datetime | None = None,
     ) -> NodeModel | None:
         """Claim a slot for a new replica on a node: insert its ``loading`` row on the lowest
@@ -177,7 +183,8 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         or neither. Returns the row, or None when another loader took the index or the VRAM
         first (the caller re-plans). ``index``: a free index the caller already read (the
         reconciler's scale-up reads every model's rows once per pass), which saves the read;
-        it must be below ``slots``, and the unique constraint still decides.
+        it must be below ``slots``, and the unique constraint still decides. ``revision``: the
+        model's config revision the loader read before its recipe (stamped on the row).
 
         Idiom: insert guarded by the unique ``(node, model, index)`` constraint, then the
         node's admission (``Node.objects.reserve_vram``: a conditional update on free VRAM), in
@@ -200,6 +207,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
                     reserved_vram=reserved_vram,
                     last_used=now,
                     state_changed_at=now,
+                    revision=revision,
                 )
                 if registry_model("Node").objects.reserve_vram(node_id, reserved_vram):
                     return row
@@ -211,7 +219,8 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
     def claim_loading_many(self, claims, *, now: datetime | None = None) -> list[NodeModel | None]:
         """Claim several replica slots at once (the reconciler's scale-up): each claim is a
         dict of ``claim_loading``'s arguments (``node_id``, ``model_name``, ``slots``,
-        ``backend_type``, ``reserved_vram``, ``index``: the free index the caller read). Returns
+        ``backend_type``, ``reserved_vram``, ``index``: the free index the caller read,
+        ``revision``). Returns
         the rows in the claims' order, None where a slot could not be claimed.
 
         Idiom: insert guarded by the unique ``(node, model, index)`` constraint, then the
@@ -246,6 +255,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
                                 reserved_vram=c.get("reserved_vram", 0),
                                 last_used=now,
                                 state_changed_at=now,
+                                revision=c.get("revision"),
                             )
                             for c in claims
                         ]
@@ -262,6 +272,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
                 slots=c["slots"],
                 backend_type=c.get("backend_type") or "",
                 reserved_vram=c.get("reserved_vram", 0),
+                revision=c.get("revision"),
                 now=now,
             )
             for c in claims
@@ -404,6 +415,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         candidates = (
             self.for_model(model_name)
             .ready()
+            .filter(draining_since__isnull=True)  # the rollout is draining it: no new route
             .annotate(node_free_vram=free_vram("node__"), node_last_heartbeat=F("node__last_heartbeat"))
             .order_by("in_flight", F("last_used").asc(nulls_first=True), F("node_free_vram").desc(), "pk")
         )
@@ -510,6 +522,18 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
             registry_model("Node").objects.release_vram(row["node_id"], row["reserved_vram"])
         return deleted > 0
 
+    def start_draining(self, replica_id, *, now: datetime | None = None) -> bool:
+        """The rollout takes this loaded replica out of routing (``warm_pick`` skips it); the
+        leases already on it run to their end. Idiom: conditional update ``WHERE state =
+        'loaded' AND draining_since IS NULL``; False when the row is gone, not loaded or
+        already draining."""
+        return (
+            self.filter(pk=replica_id, state=self.model.State.LOADED, draining_since__isnull=True).update(
+                draining_since=resolve_now(now)
+            )
+            == 1
+        )
+
     def remove_if_idle(self, replica_id) -> bool:
         """Delete a loaded replica row only while nothing is in flight on it (eviction).
         Conditional delete (``WHERE in_flight = 0``): a pick that committed first wins and the
@@ -526,6 +550,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         address: str,
         backend_type: str,
         opts_blob: bytes,
+        revision: int | None = None,
         now: datetime | None = None,
     ) -> NodeModel | None:
         """Record a replica a frontend loaded itself: its row as loaded at ``address`` with its
@@ -536,12 +561,17 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
         UPDATE``), so a deletion of the node not yet committed makes this wait and then answer
         None (instead of failing on the foreign key), and a deletion that comes later waits for
         this commit; then the two upserts (``record_loaded`` on the replica's unique triple,
-        ``ModelLoadInfo.objects.upsert`` on the model) commit together.
+        ``ModelLoadInfo.objects.upsert`` on the model) commit together. The load info is
+        stored first, so a replica reported without ``revision`` is stamped with the revision
+        its recipe is (a new one if the recipe changed); with ``revision``, the frontend's.
         """
         with transaction.atomic():
             locked = registry_model("Node").objects.select_for_update().filter(pk=node_id).values_list("pk", flat=True)
             if not list(locked):
                 return None
+            registry_model("ModelLoadInfo").objects.upsert(model_name, backend_type, opts_blob, now=now)
+            if revision is None:
+                revision = registry_model("ModelRevision").objects.head_numbers([model_name]).get(model_name)
             self.record_loaded(
                 node_id,
                 model_name,
@@ -549,7 +579,7 @@ class NodeModelManager(models.Manager.from_queryset(NodeModelQuerySet)):
                 address=address,
                 backend_type=backend_type,
                 opts_blob=opts_blob,
+                revision=revision,
                 now=now,
             )
-            registry_model("ModelLoadInfo").objects.upsert(model_name, backend_type, opts_blob, now=now)
             return self.get(node_id=node_id, model_name=model_name, replica_index=replica_index)

@@ -21,6 +21,8 @@ from .. import floor_schedule as floor_schedule_module
 from .. import rules
 from ..clock import resolve_now
 from ..labels import validate_labels
+from .revisions import SCHEDULING_FIELDS as _REVISION_FIELDS
+from .shared import registry_model
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import ModelSchedulingConfig
@@ -92,6 +94,7 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         upscale_delay_s: int | None = None,
         downscale_delay_s: int | None = None,
         floor_schedule: list | None = None,
+        created_by: str = "",
     ) -> ModelSchedulingConfig:
         """Create or replace a model's scheduling config (upsert on ``model_name``).
 
@@ -101,7 +104,9 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
         autoscaling settings are always written (``target_in_flight_per_replica`` None = off; a
         delay left None takes its default; ``floor_schedule`` None = no window, see
         ``registry.floor_schedule``); the autoscaler's state columns never are.
-        Idiom: upsert on ``model_name``. Returns the stored row (read back).
+        A change makes the model's next revision (``ModelRevision.objects.change``).
+        Idiom: upsert on ``model_name``, under the row lock of the model's current revision.
+        Returns the stored row (read back).
         """
         if not model_name or not model_name.strip():
             raise ValidationError({"model_name": "must not be empty"})
@@ -145,13 +150,25 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
                 raise ValidationError({"spread_by": "must be a label key of at most 63 characters"})
             row.spread_by = spread_by
             update_fields.append("spread_by")
-        self.bulk_create(
-            [row],
-            update_conflicts=True,
-            unique_fields=["model_name"],
-            update_fields=update_fields,
+        registry_model("ModelRevision").objects.change(
+            model_name,
+            lambda: self.bulk_create(
+                [row], update_conflicts=True, unique_fields=["model_name"], update_fields=update_fields
+            ),
+            reason="scheduling config changed",
+            created_by=created_by,
         )
         return self.get(model_name=model_name)
+
+    def write_row(self, model_name: str, **fields) -> None:
+        """Store a scheduling config as a revision snapshotted it (a rollback; the values were
+        validated when first written), without revision bookkeeping. Idiom: upsert on
+        ``model_name``; the circuit-breaker columns are not overwritten."""
+        fields = {key: value for key, value in fields.items() if key in _REVISION_FIELDS}
+        row = self.model(model_name=model_name, **fields)
+        self.bulk_create(
+            [row], update_conflicts=True, unique_fields=["model_name"], update_fields=[*fields, "updated_at"]
+        )
 
     def record_unsatisfiable(
         self, model_name: str, *, threshold: int, cooldown: timedelta, now: datetime | None = None
@@ -220,9 +237,12 @@ class ModelSchedulingConfigManager(models.Manager.from_queryset(ModelSchedulingC
 
     def remove(self, model_name: str) -> bool:
         """Forget a model's scheduling config: the reconciler stops managing it (its replicas
-        and load info stay). False when there was none. Idiom: conditional delete by
-        ``model_name``."""
-        deleted, _ = self.filter(model_name=model_name).delete()
+        and load info stay). False when there was none. The model's next revision records the
+        removal (a rollback to an earlier revision brings the config back). Idiom: conditional
+        delete by ``model_name``, under the model's revision lock (``ModelRevision.objects.change``)."""
+        deleted, _ = registry_model("ModelRevision").objects.change(
+            model_name, lambda: self.filter(model_name=model_name).delete()[0], reason="scheduling config removed"
+        )
         return deleted > 0
 
     def clear_cooldown(self, model_name: str) -> bool:

@@ -411,3 +411,25 @@ def test_renaming_a_key_keeps_its_role_and_secret(admin_client):
     key.refresh_from_db()
     assert (key.name, key.role) == ("frontend-renamed", "frontend")
     assert ApiKey.objects.authenticate(plaintext) == key
+
+
+def test_the_model_page_lists_revisions_and_rolls_back_to_one(admin_client):
+    from registry.models import ModelRevision
+
+    ModelLoadInfo.objects.upsert("llama", "llama-cpp", b"\n\x05llama")
+    config = ModelSchedulingConfig.objects.upsert("llama", min_replicas=1)
+    change = reverse("admin:registry_modelschedulingconfig_change", args=[config.pk])
+    assert admin_client.post(change, _model_form(min_replicas="2", max_replicas="0")).status_code == 302
+    page = admin_client.get(change).content.decode()
+    assert "Roll back to 2" in page and "Roll back to 3" not in page and "(current)" in page
+    assert ModelRevision.objects.head("llama").created_by == "admin"
+
+    rollback = reverse("admin:registry_modelschedulingconfig_rollback", args=[config.pk])
+    response = admin_client.post(rollback, {"revision": "2"}, follow=True)
+
+    assert response.redirect_chain[-1][0] == change
+    assert any("rolled back to revision 2 as revision 4" in text for text in texts(response))
+    assert ModelSchedulingConfig.objects.get(model_name="llama").min_replicas == 1
+    refused = admin_client.post(rollback, {"revision": "99"}, follow=True)
+    assert any(text.startswith("rollback refused") for text in texts(refused))
+    assert ModelRevision.objects.head("llama").number == 4

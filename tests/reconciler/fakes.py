@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from proto import worker_pb2
 from proto.client import GrpcCallError, Probe, ProbeResult
-from registry.models import Node, NodeModel
+from registry.models import ModelRevision, Node, NodeModel
 
 
 @dataclass
@@ -42,7 +42,11 @@ class FakeScheduler:
         for node in Node.objects.filter(pk__in=candidate_node_ids).order_by("name"):
             index = NodeModel.objects.next_free_index(node, model_name)
             if index is not None:
-                NodeModel.objects.record_loaded(node.pk, model_name, index, address=f"10.9.0.1:{7000 + index}")
+                # Stamped with the model's current revision, as the real loaders do.
+                revision = ModelRevision.objects.head_numbers([model_name]).get(model_name)
+                NodeModel.objects.record_loaded(
+                    node.pk, model_name, index, address=f"10.9.0.1:{7000 + index}", revision=revision
+                )
                 return Placed(node.pk, index)
         raise RuntimeError("no free slot")
 

@@ -102,9 +102,12 @@ def test_no_removal_path_touches_load_info(now):
     assert ModelLoadInfo.objects.for_model("llama").model_opts_blob == BLOB_A
 
 
-def test_upsert_is_one_statement(django_assert_num_queries, now):
+def test_upsert_of_the_current_recipe_is_two_statements(django_assert_num_queries, now):
+    """The common path (every frontend load stores the recipe it used): one read of the current
+    revision's digest, one upsert. Only a changed recipe takes the revision path."""
     ModelLoadInfo.objects.upsert("llama", "llama-cpp", BLOB_A, now=now)
-    with django_assert_num_queries(1):
-        ModelLoadInfo.objects.upsert("llama", "vllm", BLOB_B, now=now)
-    with django_assert_num_queries(1):
+    ModelLoadInfo.objects.upsert("phi", "vllm", BLOB_B, now=now)
+    with django_assert_num_queries(2):
+        ModelLoadInfo.objects.upsert("llama", "llama-cpp", BLOB_A, now=now)
+    with django_assert_num_queries(2):
         ModelLoadInfo.objects.upsert("phi", "vllm", BLOB_B, now=now)

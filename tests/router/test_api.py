@@ -250,6 +250,29 @@ def test_a_reported_replica_is_recorded_with_both_load_info_copies_and_routable(
     # The control plane only asked the worker whether it runs that backend; it loaded nothing.
     assert [name for name, _ in gpu.worker.calls] == ["ListBackends"]
     assert gpu.worker.load_requests == []
+    assert response.json()["revision"] == replica.revision == 1  # the revision its recipe became
+
+
+def test_a_reported_replica_carries_the_revision_it_names_and_an_unknown_one_is_a_400(api, fleet):
+    gpu = fleet.add_node("gpu-1")
+    address, _ = gpu.worker.launch("org/llama", 0)
+    ModelLoadInfo.objects.upsert("org/llama", "llama-cpp", b"\n\x05older")  # revision 1
+    body = {
+        "node_id": str(gpu.node.pk),
+        "model_name": "org/llama",
+        "replica_index": 0,
+        "address": address,
+        "backend_type": "llama-cpp",
+        "model_options_b64": B64,
+    }
+
+    unknown = api.post("/api/v1/replicas", {**body, "revision": 7}, format="json")
+    assert (unknown.status_code, unknown.json()["errors"]) == (400, {"revision": ["The model has no such revision."]})
+    assert not NodeModel.objects.exists()
+
+    response = api.post("/api/v1/replicas", {**body, "revision": 1}, format="json")
+    assert response.status_code == 201, response.json()
+    assert NodeModel.objects.get().revision == 1  # as the frontend says, although its recipe is revision 2
 
 
 def test_a_replica_report_needs_a_known_node_and_options(api):
