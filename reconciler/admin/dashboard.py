@@ -189,7 +189,7 @@ def condition_counts(snapshot, models) -> list[tuple[str, int, int]]:
 
 def dashboard_context(*, now: datetime | None = None, query: DashboardQuery | None = None) -> dict:
     """Everything the dashboard shows, in a fixed number of queries: the reconciler's snapshot
-    (six), the newest events (one), the newest reconcile pass (one) and the charts of the last
+    (seven), the newest events (one), the newest reconcile pass (one) and the charts of the last
     hour (three: the page's models' replica samples, the passes, the cold loads). The summaries cover the
     whole fleet; the tables and the grid only the slice ``query`` selects (a page of models, a
     page of nodes), so the page's size does not grow with the fleet."""

@@ -142,6 +142,8 @@ def test_replicas_list_filters_and_orders(operator_client, replicas):
         "state",
         "in_flight",
         "backend_type",
+        "revision",
+        "draining_since",
     }
 
 
