@@ -47,7 +47,7 @@ from .planning import (
 )
 from .probes import ALIVE, BUSY, UNREACHABLE, run_checks
 from .rollout_apply import ROLLOUT_CONDITIONS as _ROLLING
-from .rollout_apply import Rollout
+from .rollout_apply import Rollout, unload
 from .scale_up import ScaleUp
 from .snapshot import NodeView, Snapshot, rows_now, take_snapshot
 from .summary import PassSummary
@@ -525,14 +525,7 @@ class Pass(ScaleUp, Rollout):
         backend, best effort: a failed stop leaves an orphan the next pass stops."""
         for replica in plan.remove:
             node = snapshot.nodes.get(replica.node_id)
-            unloaded = operations.unload_replica(
-                self.prober,
-                node_id=replica.node_id,
-                address=node.address if node is not None else "",
-                model_name=replica.model_name,
-                replica_index=replica.replica_index,
-                timeout=self.cfg.worker_timeout,
-            )
+            unloaded = unload(self.prober, node, replica, timeout=self.cfg.worker_timeout)
             if not unloaded.removed:
                 continue
             outcome.removed += 1

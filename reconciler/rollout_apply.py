@@ -20,6 +20,20 @@ ROLLOUT_REASONS = frozenset(("rolling_out", "rollout_stalled"))
 ROLLOUT_CONDITIONS = ROLLOUT_REASONS | {"rollout_complete"}
 
 
+def unload(prober, node, replica, *, timeout: float):
+    """Remove a replica's row, then ask its worker to stop the backend, best effort
+    (``operations.unload_replica``), as the scale-down and the rollout do; the result says
+    whether the row went."""
+    return operations.unload_replica(
+        prober,
+        node_id=replica.node_id,
+        address=node.address if node is not None else "",
+        model_name=replica.model_name,
+        replica_index=replica.replica_index,
+        timeout=timeout,
+    )
+
+
 class Rollout:
     """The rollout half of ``apply.Pass`` (it provides ``now``, ``cfg``, ``prober``, ``summary``
     and ``event``)."""
@@ -98,14 +112,7 @@ class Rollout:
         """Row first (its leases end with it), then the backend, best effort (as the
         scale-down)."""
         node = snapshot.nodes.get(replica.node_id)
-        unloaded = operations.unload_replica(
-            self.prober,
-            node_id=replica.node_id,
-            address=node.address if node is not None else "",
-            model_name=replica.model_name,
-            replica_index=replica.replica_index,
-            timeout=self.cfg.worker_timeout,
-        )
+        unloaded = unload(self.prober, node, replica, timeout=self.cfg.worker_timeout)
         if not unloaded.removed:
             return
         self.summary.count("replicas_rolled")
