@@ -124,18 +124,27 @@ def answer_heartbeat(environ, start_response, node_id: str):
     if answer is None:
         environ["HTTP_X_REQUEST_ID"] = request_id  # one id for the request, whoever answers
         return None
-    content = _RENDERER.render({"status": answer[0], "address": answer[1]})
+    return answer_ok(
+        start_response, {"status": answer[0], "address": answer[1]}, ROUTE_NAME, request_id, started=started
+    )
+
+
+def answer_ok(start_response, document, route_name: str, request_id: str, *, started: float, headers=()):
+    """A lean path's 200: ``document`` as the DRF view renders it, with the headers the full
+    request cycle adds, and the request's metrics as the middleware records them."""
+    content = _RENDERER.render(document)
     start_response(
         "200 OK",
         [
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(content))),
+            *headers,
             *_fixed_headers(),
             (REQUEST_ID_HEADER, request_id),
         ],
     )
     try:
-        observe_answer(ROUTE_NAME, "POST", 200, time.perf_counter() - started)
+        observe_answer(route_name, "POST", 200, time.perf_counter() - started)
     except Exception:  # noqa: BLE001 - metrics must never break a request (as the middleware)
         logger.debug("request metrics failed", exc_info=True)
     return [content]

@@ -57,15 +57,14 @@ from django.urls import Resolver404, resolve
 from django.utils import timezone
 from rest_framework.renderers import JSONRenderer
 
-from core.logs import REQUEST_ID_HEADER, begin_request, clear_context, request_id_for
-from core.metrics import observe_answer
+from core.logs import begin_request, clear_context, request_id_for
 from core.models import ApiKey
 from core.parsers import loads_strict
 from registry import affinity, router
 from registry.models import Lease
 
 from . import serializers as s
-from .heartbeat import _bearer, _fixed_headers, _plain, _read_body
+from .heartbeat import _bearer, _plain, _read_body, answer_ok
 from .routing import (
     MAX_WAIT_SECONDS,
     WARM_ROUTE_MISSED,
@@ -141,22 +140,7 @@ def answer_route_or_release(environ, start_response, path: str):
         environ["HTTP_X_REQUEST_ID"] = request_id  # one id for the request, whoever answers
         return None
     document, extra_headers = answer
-    content = _RENDERER.render(document)
-    start_response(
-        "200 OK",
-        [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(content))),
-            *extra_headers,
-            *_fixed_headers(),
-            (REQUEST_ID_HEADER, request_id),
-        ],
-    )
-    try:
-        observe_answer(match.view_name, "POST", 200, time.perf_counter() - started)
-    except Exception:  # noqa: BLE001 - metrics must never break a request (as the middleware)
-        logger.debug("request metrics failed", exc_info=True)
-    return [content]
+    return answer_ok(start_response, document, match.view_name, request_id, started=started, headers=extra_headers)
 
 
 def _resolve(environ, path: str):
