@@ -55,7 +55,6 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connections
 from django.urls import Resolver404, resolve
 from django.utils import timezone
-from rest_framework.renderers import JSONRenderer
 
 from core.logs import begin_request, clear_context, request_id_for
 from core.models import ApiKey
@@ -81,7 +80,6 @@ _PREFIXES = ("/api/v1/models/", "/api/v1/leases/")
 _SUFFIXES = ("/route", "/release")
 _ROUTE_FIELDS = frozenset({"wait_seconds", "affinity_key"})
 _FRONTEND_ROLES = (ApiKey.Role.FRONTEND, ApiKey.Role.OPERATOR)
-_RENDERER = JSONRenderer()
 
 
 class LeanRoutePath:
