@@ -327,6 +327,7 @@ class NodeSerializer(serializers.ModelSerializer):
             "total_vram",
             "available_vram",
             "reserved_vram",
+            "vram_budget",
             "total_ram",
             "available_ram",
             "total_disk",
@@ -410,6 +411,24 @@ class SchedulingConfigWriteSerializer(RejectUnknownFieldsMixin, serializers.Seri
         max_length=floor_schedule.MAX_WINDOWS,
         help_text="scheduled floors: windows in which a higher min_replicas applies (docs/autoscaling.md)",
     )
+    # Placement (docs/placement.md): each kept as stored when omitted.
+    placement = serializers.ChoiceField(
+        choices=ModelSchedulingConfig.Placement.choices,
+        required=False,
+        help_text="spread (prefer nodes without the model) or binpack (prefer nodes that hold it)",
+    )
+    disk_bytes = StrictIntegerField(
+        min_value=0,
+        max_value=2**63 - 1,
+        required=False,
+        help_text="size of the model on disk: a node reporting less free disk is not placed on (0 = unknown)",
+    )
+    spread_by = StrictCharField(
+        max_length=63,
+        allow_blank=True,
+        required=False,
+        help_text='a node label key (e.g. "zone") whose values the replicas spread across; "" = off',
+    )
 
     def validate(self, attrs):
         # The days, times and time zone, and each window's floor against the ceiling: the
@@ -441,6 +460,9 @@ class SchedulingConfigSerializer(serializers.ModelSerializer):
             "downscale_delay_s",
             "floor_schedule",
             "desired_replicas",
+            "placement",
+            "disk_bytes",
+            "spread_by",
             "unsatisfiable_until",
             "unsatisfiable_ticks",
             "created_at",

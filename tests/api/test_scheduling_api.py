@@ -30,6 +30,19 @@ def test_put_creates_then_replaces_and_get_reads_it(operator_client):
     assert ModelSchedulingConfig.objects.get().model_name == MODEL
 
 
+def test_placement_fields_are_written_when_given_and_kept_when_omitted(operator_client):
+    body = operator_client.put(
+        URL, {"min_replicas": 2, "placement": "binpack", "disk_bytes": 4 * 1024**3, "spread_by": "zone"}, format="json"
+    ).json()
+    assert (body["placement"], body["disk_bytes"], body["spread_by"]) == ("binpack", 4 * 1024**3, "zone")
+    # Omitted: kept as stored (an operator changing the floor does not reset the placement).
+    body = operator_client.put(URL, {"min_replicas": 3}, format="json").json()
+    assert (body["min_replicas"], body["placement"], body["disk_bytes"], body["spread_by"]) == (
+        3, "binpack", 4 * 1024**3, "zone")
+    body = operator_client.put(URL, {"min_replicas": 3, "spread_by": "", "placement": "spread"}, format="json").json()
+    assert (body["placement"], body["spread_by"]) == ("spread", "")
+
+
 def test_put_keeps_the_circuit_breaker(operator_client, now):
     make_scheduling(MODEL, min_replicas=1)
     trip_breaker(MODEL, until=now + timedelta(minutes=5), now=now)
@@ -54,6 +67,11 @@ def test_min_above_max_is_a_400_from_the_verb(operator_client):
         {"node_selector": {"zone": 1}},
         {"node_selector": ["zone"]},
         {"minimum": 1},
+        {"placement": "random"},
+        {"disk_bytes": -1},
+        {"disk_bytes": "10"},
+        {"spread_by": 3},
+        {"spread_by": "z" * 64},
     ],
 )
 def test_put_validation(operator_client, payload):
