@@ -440,6 +440,11 @@ if DATABASE_POOLER and not GATEWAY_SYNCHRONOUS_COMMIT:
 # this, and a backend slower than one token per interval sees no delay at all. 0: every batch
 # of replies is written as soon as it is read.
 GATEWAY_STREAM_INTERVAL = env_float("CONTROLPLANE_GATEWAY_STREAM_INTERVAL", 0.005)
+# Affinity (docs/gateway.md, "Affinity"): a chat or completion request routes by the OpenAI
+# ``user`` field when it has one, else by a hash of this many leading characters of its
+# conversation or prompt, so requests that share a prefix (a session's turns, a shared system
+# prompt) prefer one replica and its prompt cache. 0: no prefix affinity (``user`` still counts).
+GATEWAY_AFFINITY_PREFIX_CHARS = env_int("CONTROLPLANE_GATEWAY_AFFINITY_PREFIX_CHARS", 512)
 
 # --- Reconciler (read at the start of every pass: reconciler/conf.py) ------------------------
 # Reap no node when more than this fraction of the healthy nodes turn stale in one pass (and at

@@ -156,12 +156,13 @@ def _identified(options: backend_pb2.PredictOptions, leased) -> backend_pb2.Pred
     return request
 
 
-async def on_replica(app, exchange, model: str, call):
-    """Lease a replica of ``model`` and return ``(leased, await call(leased))``; the caller
-    releases the lease. A stale replica is removed and the request routed once more; any other
-    failure releases the lease and becomes the answer (502, 504)."""
+async def on_replica(app, exchange, model: str, call, *, affinity_key: str | None = None):
+    """Lease a replica of ``model`` (preferring the one ``affinity_key`` maps to) and return
+    ``(leased, await call(leased))``; the caller releases the lease. A stale replica is removed
+    and the request routed once more; any other failure releases the lease and becomes the
+    answer (502, 504)."""
     for attempt in (1, 2):
-        leased = await app.serving.acquire(model)
+        leased = await app.serving.acquire(model, affinity_key)
         exchange.model = model
         try:
             return leased, await call(leased)
@@ -185,11 +186,13 @@ async def on_replica(app, exchange, model: str, call):
 
 
 async def chat_completions(app, exchange) -> None:
-    await _text(app, exchange, mapping.chat_request(_body(exchange)))
+    prefix = int(settings.GATEWAY_AFFINITY_PREFIX_CHARS)
+    await _text(app, exchange, mapping.chat_request(_body(exchange), prefix_chars=prefix))
 
 
 async def completions(app, exchange) -> None:
-    await _text(app, exchange, mapping.completion_request(_body(exchange)))
+    prefix = int(settings.GATEWAY_AFFINITY_PREFIX_CHARS)
+    await _text(app, exchange, mapping.completion_request(_body(exchange), prefix_chars=prefix))
 
 
 async def _text(app, exchange, request: mapping.TextRequest) -> None:
@@ -202,7 +205,7 @@ async def _text(app, exchange, request: mapping.TextRequest) -> None:
             leased.address, _identified(request.options, leased), token=leased.token, timeout=timeout
         )
 
-    leased, reply = await on_replica(app, exchange, request.model, call)
+    leased, reply = await on_replica(app, exchange, request.model, call, affinity_key=request.affinity_key)
     try:
         tally = mapping.Tally()
         text = tally.add(reply) + tally.flush()
@@ -236,7 +239,9 @@ async def _stream(app, exchange, request: mapping.TextRequest, timeout: float) -
             await stream.aclose()
             raise
 
-    leased, (stream, batch) = await on_replica(app, exchange, request.model, open_stream)
+    leased, (stream, batch) = await on_replica(
+        app, exchange, request.model, open_stream, affinity_key=request.affinity_key
+    )
     answer_id, created = mapping.new_id(request.object_prefix), mapping.now_seconds()
     tally = mapping.Tally()
     in_flight = metrics.streams(request.model)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import hashlib
 import json
 import math
 import struct
@@ -107,6 +108,7 @@ class TextRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
     max_tokens: int | None = None
+    affinity_key: str | None = None  # the route's affinity key (``affinity_key``)
 
     @property
     def object_prefix(self) -> str:
@@ -216,7 +218,29 @@ def _content(value, where: str) -> str:
     raise invalid(f"'{where}' must be a string or a list of content parts.", param=where)
 
 
-def chat_request(body: dict) -> TextRequest:
+def affinity_key(body: dict, text: str, prefix_chars: int) -> str | None:
+    """The key a chat or completion request routes by (``registry.affinity``): the OpenAI
+    ``user`` field (an end user's id, the closest thing to a session the API carries) when it is
+    a non-empty string, else the first ``prefix_chars`` characters of the conversation or prompt
+    (``text``), so requests sharing that prefix (a session's later turns, a shared system
+    prompt) prefer the replica that has it in its prompt cache; None when neither applies.
+    Hashed: the key has a bounded length and carries nothing of the prompt."""
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        return "user:" + hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    if prefix_chars <= 0 or not text:
+        return None
+    prefix = text[:prefix_chars].encode("utf-8", "surrogatepass")
+    return "prefix:" + hashlib.sha256(prefix).hexdigest()[:32]
+
+
+def _conversation(options: backend_pb2.PredictOptions) -> str:
+    """The messages as one text, each as role and content with separators no content can fake
+    (a record separator between fields, a group separator between messages)."""
+    return "\x1d".join(f"{message.role}\x1e{message.content}" for message in options.Messages)
+
+
+def chat_request(body: dict, *, prefix_chars: int = 0) -> TextRequest:
     """POST /v1/chat/completions: messages passed as LocalAI passes them."""
     model = model_name(body)
     messages = body.get("messages")
@@ -226,10 +250,11 @@ def chat_request(body: dict) -> TextRequest:
     options.Messages.extend(_message(index, raw) for index, raw in enumerate(messages))
     options.UseTokenizerTemplate = True
     stream, include_usage = _stream_flags(body)
-    return TextRequest("chat", model, options, stream, include_usage, max_tokens)
+    key = affinity_key(body, _conversation(options), prefix_chars)
+    return TextRequest("chat", model, options, stream, include_usage, max_tokens, key)
 
 
-def completion_request(body: dict) -> TextRequest:
+def completion_request(body: dict, *, prefix_chars: int = 0) -> TextRequest:
     """POST /v1/completions: the prompt as given (one prompt per request)."""
     model = model_name(body)
     prompt = body.get("prompt")
@@ -240,7 +265,9 @@ def completion_request(body: dict) -> TextRequest:
     options, max_tokens = _sampling(body)
     options.Prompt = prompt
     stream, include_usage = _stream_flags(body)
-    return TextRequest("completion", model, options, stream, include_usage, max_tokens)
+    return TextRequest(
+        "completion", model, options, stream, include_usage, max_tokens, affinity_key(body, prompt, prefix_chars)
+    )
 
 
 @dataclass

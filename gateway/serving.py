@@ -154,11 +154,16 @@ def _accepted(key: ApiKey | None) -> ApiKey | None:
     return key
 
 
-def _route(model: str) -> Leased | object:
+def _route(model: str, affinity_key: str | None = None) -> Leased | object:
     """A lease (``Leased``), or the id of the load job that is loading the model (not waited on
     here: the caller polls it without holding a thread)."""
     try:
-        result = router.route(model, wait=0, lease_ttl=settings.GATEWAY_REQUEST_TIMEOUT + LEASE_MARGIN_SECONDS)
+        result = router.route(
+            model,
+            wait=0,
+            lease_ttl=settings.GATEWAY_REQUEST_TIMEOUT + LEASE_MARGIN_SECONDS,
+            affinity_key=affinity_key,
+        )
     except router.NoLoadInfo:
         raise model_not_found(model) from None
     except router.NoMatchingNodes as error:
@@ -237,18 +242,18 @@ class Serving:
                 retry_after=settings.ROUTE_RETRY_AFTER_SECONDS,
             ) from None
 
-    async def acquire(self, model: str) -> Leased:
+    async def acquire(self, model: str, affinity_key: str | None = None) -> Leased:
         """Lease a replica of ``model``; a model being loaded is waited for up to
         ``GATEWAY_LOAD_WAIT_SECONDS``, then 503 ``model_loading`` with Retry-After."""
         deadline = time.monotonic() + float(settings.GATEWAY_LOAD_WAIT_SECONDS)
         while True:
-            outcome = await self._route(model)
+            outcome = await self._route(model, affinity_key)
             if isinstance(outcome, Leased):
                 return outcome
             await self._wait_for_job(model, outcome, deadline)
 
-    async def _route(self, model: str) -> Leased | object:
-        future = self.db.future(_route, model)
+    async def _route(self, model: str, affinity_key: str | None = None) -> Leased | object:
+        future = self.db.future(_route, model, affinity_key)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:

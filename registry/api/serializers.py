@@ -412,22 +412,12 @@ class SchedulingConfigWriteSerializer(RejectUnknownFieldsMixin, serializers.Seri
         help_text="scheduled floors: windows in which a higher min_replicas applies (docs/autoscaling.md)",
     )
     # Placement (docs/placement.md): each kept as stored when omitted.
-    placement = serializers.ChoiceField(
-        choices=ModelSchedulingConfig.Placement.choices,
-        required=False,
-        help_text="spread (prefer nodes without the model) or binpack (prefer nodes that hold it)",
-    )
+    placement = serializers.ChoiceField(choices=ModelSchedulingConfig.Placement.choices, required=False)
     disk_bytes = StrictIntegerField(
-        min_value=0,
-        max_value=2**63 - 1,
-        required=False,
-        help_text="size of the model on disk: a node reporting less free disk is not placed on (0 = unknown)",
+        min_value=0, max_value=2**63 - 1, required=False, help_text="size on disk; 0 = unknown"
     )
     spread_by = StrictCharField(
-        max_length=63,
-        allow_blank=True,
-        required=False,
-        help_text='a node label key (e.g. "zone") whose values the replicas spread across; "" = off',
+        max_length=63, allow_blank=True, required=False, help_text='node label key to spread across; "" = off'
     )
 
     def validate(self, attrs):

@@ -32,6 +32,9 @@ def _gateway_settings(settings):
     settings.GATEWAY_DB_THREADS = 2
     settings.GATEWAY_REQUEST_TIMEOUT = 20
     settings.GRPC_HEALTH_TIMEOUT = 1
+    # These tests pin which replica least-in-flight picks; prefix affinity (on by default) would
+    # prefer the replica a prompt maps to. The `user` field still keys a request.
+    settings.GATEWAY_AFFINITY_PREFIX_CHARS = 0
     client.close_all_channels()
     yield
     client.close_all_channels()
@@ -529,3 +532,17 @@ def test_a_key_verified_moments_ago_is_answered_without_a_database_thread(key, s
 
     first, again = asyncio.run(scenario())
     assert first is not None and again is not None and again.pk == first.pk
+
+
+def test_a_user_keeps_to_one_replica_and_many_users_spread(key, backends):
+    nodes = [make_node(name="aff-a"), make_node(name="aff-b")]
+    for node in nodes:
+        replica(node, backends(node))
+    same = [call("POST", "/v1/chat/completions", {**CHAT, "user": "alice"}, key=key) for _ in range(6)]
+    many = [call("POST", "/v1/chat/completions", {**CHAT, "user": f"user-{i}"}, key=key) for i in range(16)]
+    answers = serve(*same, *many)
+    assert all(answer.status == 200 for answer in answers), [a.body for a in answers if a.status != 200]
+    leases = list(Lease.objects.order_by("created_at").values_list("node_id", flat=True))
+    assert len(set(leases[:6])) == 1  # one user, one replica (the load stays even: one at a time)
+    assert len(set(leases[6:])) == 2  # sixteen users over two replicas: both serve
+    assert in_flight() == 0

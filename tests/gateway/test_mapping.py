@@ -208,3 +208,44 @@ def test_answers_have_openais_shapes():
     assert mapping.text_answer(completion, "cmpl-1", 1, "p", tally)["choices"][0]["text"] == "p"
     assert mapping.text_chunk(completion, "cmpl-1", 1, "p", None)["object"] == "text_completion"
     assert completion.object_prefix == "cmpl" and chat.object_prefix == "chatcmpl"
+
+
+# --- affinity -------------------------------------------------------------------------------
+
+
+def chat(messages, **extra):
+    return {"model": "m", "messages": messages, **extra}
+
+
+def test_the_user_field_is_the_affinity_key_whatever_the_prompt():
+    first = mapping.chat_request(chat([{"role": "user", "content": "a"}], user="alice"), prefix_chars=512)
+    second = mapping.chat_request(chat([{"role": "user", "content": "b"}], user="alice"), prefix_chars=512)
+    other = mapping.chat_request(chat([{"role": "user", "content": "a"}], user="bob"), prefix_chars=512)
+    assert first.affinity_key == second.affinity_key != other.affinity_key
+    assert first.affinity_key.startswith("user:") and "alice" not in first.affinity_key
+    assert len(first.affinity_key) <= 64
+
+
+def test_requests_sharing_a_prefix_share_a_key_and_a_later_turn_keeps_it():
+    system = {"role": "system", "content": "You are a helpful assistant. " * 30}  # over 512 characters
+    turn_1 = [system, {"role": "user", "content": "hello"}]
+    turn_2 = [*turn_1, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
+    keys = {mapping.chat_request(chat(turns), prefix_chars=512).affinity_key for turns in (turn_1, turn_2)}
+    assert len(keys) == 1 and next(iter(keys)).startswith("prefix:")
+    short_a = mapping.chat_request(chat([{"role": "user", "content": "one"}]), prefix_chars=512).affinity_key
+    short_b = mapping.chat_request(chat([{"role": "user", "content": "two"}]), prefix_chars=512).affinity_key
+    assert short_a != short_b  # shorter than the prefix: the whole conversation is the key
+    # the role is part of the text: the same words said by another role are another prefix
+    assert mapping.chat_request(chat([{"role": "system", "content": "one"}]), prefix_chars=512).affinity_key != short_a
+
+
+def test_completions_key_on_the_prompt_prefix_and_zero_turns_prefix_affinity_off():
+    long = "x" * 600
+    assert (
+        mapping.completion_request({"model": "m", "prompt": long + "a"}, prefix_chars=512).affinity_key
+        == mapping.completion_request({"model": "m", "prompt": long + "b"}, prefix_chars=512).affinity_key
+    )
+    assert mapping.completion_request({"model": "m", "prompt": long}, prefix_chars=0).affinity_key is None
+    keyed = mapping.completion_request({"model": "m", "prompt": long, "user": "u"}, prefix_chars=0)
+    assert keyed.affinity_key.startswith("user:")  # the user field counts even without prefix affinity
+    assert mapping.chat_request(chat([{"role": "user", "content": "a"}], user=""), prefix_chars=0).affinity_key is None
