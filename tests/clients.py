@@ -34,6 +34,7 @@ OPERATOR_PERMISSIONS = (
     "registry.add_modelschedulingconfig",
     "registry.change_modelschedulingconfig",
     "registry.delete_modelschedulingconfig",
+    "registry.change_modelloadinfo",
     "registry.view_nodemodel",
     "registry.use_frontend_api",
 )
