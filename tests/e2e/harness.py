@@ -358,6 +358,14 @@ def _fleet_events(self, kind: str) -> list[dict]:
 _ADDR = re.compile(r"--addr\s+\S*:(\d+)")
 
 
+def _environment(pid: int) -> list[bytes]:
+    """The environment a process started with (``/proc/<pid>/environ``); empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def _echo_backend_processes() -> dict[int, int]:
     """pid -> port of every echo backend process on the machine."""
     result = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True)
@@ -468,9 +476,13 @@ def _fleet_invariant_violations(self) -> list[str]:
                 owned.add(backend.pid)
                 if (node_id, backend.model_name, backend.replica_index) not in row_keys:
                     problems.append(f"{row[1]}: backend {backend.model_name}#{backend.replica_index} has no replica row")
+    var_dir = f"CONTROLPLANE_VAR_DIR={self.workdir / 'var'}".encode()
     for pid, port in _echo_backend_processes().items():
         if any(low <= port <= high for low, high in self.port_ranges) and pid not in owned and pid not in self.paused:
-            problems.append(f"orphan echo backend pid {pid} on port {port}")
+            # Port ranges of fleets running at the same time (another pytest-xdist worker) may
+            # overlap: a backend is this fleet's when it inherited this fleet's environment.
+            if var_dir in _environment(pid):
+                problems.append(f"orphan echo backend pid {pid} on port {port}")
     return problems
 
 
