@@ -176,8 +176,9 @@ def test_at_most_the_configured_loads_are_in_flight_across_passes(fleet, gate, s
 def test_loads_that_finish_together_are_recorded_together_and_a_removed_row_is_not_marked(
     fleet, gate, settings, monkeypatch
 ):
-    """Six loads finish at once on the process's pool: its recorder thread writes them in one
-    ``mark_loaded_many`` (plus at most the one that was first), the row discarded while its
+    """Six loads finish at once on the process's pool: its recorder thread writes them in at
+    most two ``mark_loaded_many`` (what had finished when it first looked, then the rest), the
+    row discarded while its
     load ran is not marked loaded, and every load is recorded by the end of the drain."""
     from registry import bulk_loading
 
