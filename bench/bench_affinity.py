@@ -44,7 +44,6 @@ import os
 import platform
 import queue
 import random
-import re
 import statistics
 import sys
 import threading
@@ -73,6 +72,9 @@ from django.test.utils import setup_test_environment  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
+
+from results_file import replace_section  # noqa: E402  (bench/ is the script's directory)
+
 MODEL = "chat"
 
 
@@ -244,16 +246,6 @@ def report(results: dict, args, server_version: str, load: float, command: str) 
     return "\n".join(lines)
 
 
-def _write(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(r"^## Affinity routing\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(section.rstrip("\n") + "\n\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (60 sessions of 3 turns)")
@@ -294,7 +286,7 @@ def main() -> int:
     section = report(results, args, version, load, command.strip())
     print(section)
     if args.write:
-        _write(section)
+        replace_section("Affinity routing", section)
         print(f"wrote {RESULTS.relative_to(REPO)}")
     return 0
 

@@ -37,7 +37,6 @@ import argparse
 import os
 import platform
 import random
-import re
 import socket
 import statistics
 import subprocess
@@ -69,6 +68,9 @@ from django.utils import timezone  # noqa: E402
 from proto import backend_pb2  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
+
+from results_file import replace_section  # noqa: E402  (bench/ is the script's directory)
+
 PROFILE_NOTE = (
     "Where the time goes (`--profile 200`: cProfile of route + release through the WSGI application "
     "gunicorn serves, in one process, no socket): an ordinary warm route and its release are "
@@ -447,16 +449,6 @@ def report(result: dict, args, server_version: str, load: float, command: str) -
     return "\n".join(lines), ratio
 
 
-def _write(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(r"^## Warm route\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(section.rstrip("\n") + "\n\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (under 60 s), as make bench runs it")
@@ -491,7 +483,7 @@ def main() -> int:
     section, ratio = report(result, args, version, load, command.strip())
     print(section)
     if args.write:
-        _write(section)
+        replace_section("Warm route", section)
         print(f"wrote {RESULTS.relative_to(REPO)}")
     base, routed = result["headline"]
     print(
