@@ -401,6 +401,12 @@ ROUTE_PROBE_CACHE_SECONDS = env_float("CONTROLPLANE_ROUTE_PROBE_CACHE_SECONDS", 
 ROUTE_AFFINITY_LOAD_FACTOR = env_float("CONTROLPLANE_ROUTE_AFFINITY_LOAD_FACTOR", 1.25)
 # Lease lifetime (renewable); a route call may ask for less.
 LEASE_TTL_SECONDS = env_float("CONTROLPLANE_LEASE_TTL_SECONDS", 600.0)
+# Whether a lease's grant and release (one statement each, on PostgreSQL) wait for their WAL
+# flush. Off by default: a PostgreSQL crash can then lose the last fraction of a second of lease
+# writes, each whole (a grant with its in-flight increment, a release with its decrement), which
+# the registry survives (a lost grant's release finds no lease; a lost release's lease expires).
+# Transaction-local (set_config(..., true)), so safe behind PgBouncer in transaction mode.
+LEASE_SYNCHRONOUS_COMMIT = env_bool("CONTROLPLANE_LEASE_SYNCHRONOUS_COMMIT", False)
 # Add ``X-Control-Plane-Node`` to route answers.
 CONTROLPLANE_NODE_HEADER = env_bool("CONTROLPLANE_NODE_HEADER", False)
 # Where cold-load jobs run: "qcluster" (django-q2, production), "thread" or "inline" (tests).

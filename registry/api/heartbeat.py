@@ -46,6 +46,7 @@ answer fills the cache. The full path (the DRF view) never coalesces.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -55,6 +56,7 @@ from django.conf import settings
 from django.core.exceptions import DisallowedHost
 from django.core.handlers.wsgi import WSGIRequest
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connections
+from django.http.request import split_domain_port, validate_host
 from rest_framework.renderers import JSONRenderer
 
 from core.logs import REQUEST_ID_HEADER, begin_request, clear_context, request_id_for
@@ -150,19 +152,28 @@ def answer_ok(start_response, document, route_name: str, request_id: str, *, sta
     return [content]
 
 
-def _fixed_headers() -> list[tuple[str, str]]:
+def _fixed_headers() -> tuple[tuple[str, str], ...]:
     """What the middleware and DRF add to every answer of the DRF view (besides the request id):
     DRF's ``Allow``, ``XFrameOptionsMiddleware``'s and ``SecurityMiddleware``'s headers."""
-    headers = [("Allow", "POST, OPTIONS"), ("X-Frame-Options", settings.X_FRAME_OPTIONS.upper())]
-    if settings.SECURE_CONTENT_TYPE_NOSNIFF:
+    return _headers_for(
+        settings.X_FRAME_OPTIONS,
+        settings.SECURE_CONTENT_TYPE_NOSNIFF,
+        settings.SECURE_REFERRER_POLICY if isinstance(settings.SECURE_REFERRER_POLICY, str | None) else tuple(settings.SECURE_REFERRER_POLICY),
+        settings.SECURE_CROSS_ORIGIN_OPENER_POLICY,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _headers_for(frame_options, nosniff, policy, opener_policy) -> tuple[tuple[str, str], ...]:
+    headers = [("Allow", "POST, OPTIONS"), ("X-Frame-Options", frame_options.upper())]
+    if nosniff:
         headers.append(("X-Content-Type-Options", "nosniff"))
-    policy = settings.SECURE_REFERRER_POLICY
     if policy:
         values = policy.split(",") if isinstance(policy, str) else policy
         headers.append(("Referrer-Policy", ",".join(value.strip() for value in values)))
-    if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
-        headers.append(("Cross-Origin-Opener-Policy", settings.SECURE_CROSS_ORIGIN_OPENER_POLICY))
-    return headers
+    if opener_policy:
+        headers.append(("Cross-Origin-Opener-Policy", opener_policy))
+    return tuple(headers)
 
 
 def _bearer(environ) -> str | None:
@@ -186,11 +197,30 @@ def _plain(environ) -> bool:
         params = params.strip().lower().replace(" ", "")
         if params not in ("", "charset=utf-8"):
             return False
+    return _host_allowed(environ)
+
+
+def _host_allowed(environ) -> bool:
+    """Django's check of the request's host against ``ALLOWED_HOSTS`` (``get_host()``). The
+    usual request (a ``Host`` header, no forwarded host to prefer) is judged once per host
+    value and settings (a request's host is a pure function of those); any other is judged by
+    ``WSGIRequest.get_host()`` itself."""
+    if "HTTP_HOST" in environ and not (settings.USE_X_FORWARDED_HOST and "HTTP_X_FORWARDED_HOST" in environ):
+        return _allowed_host(environ["HTTP_HOST"], tuple(settings.ALLOWED_HOSTS), settings.DEBUG)
     try:
-        WSGIRequest(environ).get_host()  # Django's own check of Host against ALLOWED_HOSTS
+        WSGIRequest(environ).get_host()
     except DisallowedHost:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=256)
+def _allowed_host(host: str, allowed_hosts: tuple[str, ...], debug: bool) -> bool:
+    """``HttpRequest.get_host()``'s verdict on the raw host ``host`` (its own two steps)."""
+    if debug and not allowed_hosts:
+        allowed_hosts = (".localhost", "127.0.0.1", "[::1]")
+    domain, _port = split_domain_port(host)
+    return bool(domain and validate_host(domain, allowed_hosts))
 
 
 def _accepts_json(accept: str) -> bool:

@@ -47,12 +47,16 @@ routes again.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import select
 import time
+import uuid
+from typing import NamedTuple
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connections
+from django.db import DatabaseError, connections
 from django.urls import Resolver404, resolve
 from django.utils import timezone
 
@@ -106,7 +110,7 @@ def answer_route_or_release(environ, start_response, path: str):
     match = _resolve(environ, path)
     if match is None:
         return None
-    action = match.func.actions.get("post")
+    action = match.action
     token = _bearer(environ)
     if token is None or not _plain(environ):
         return None
@@ -141,20 +145,47 @@ def answer_route_or_release(environ, start_response, path: str):
     return answer_ok(start_response, document, match.view_name, request_id, started=started, headers=extra_headers)
 
 
-def _resolve(environ, path: str):
-    """Django's own match of the path when it is the route or release action, else None."""
+class _Target(NamedTuple):
+    """What the URL resolver makes of a route or release path."""
+
+    action: str  # "route" or "release"
+    view_name: str  # the URL pattern's name, for the request metrics
+    kwargs: dict  # the path's arguments: ``model`` or ``lease_id`` (read only)
+
+
+# A release's path names a lease by its UUID, in the form Django's ``uuid`` converter takes.
+_RELEASE_PATH = re.compile(r"/api/v1/leases/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/release")
+_ANY_LEASE = "00000000-0000-0000-0000-000000000000"
+
+
+def _resolve(environ, path: str) -> _Target | None:
+    """Django's own match of the path when it is the route or release action, else None.
+
+    Django's resolver is asked once per distinct route path (and once for all release paths:
+    a lease's id only fills the ``uuid`` converter, so the path with any id resolves as the
+    path with the zero id does), with the URL configuration in the cache key."""
     if environ.get("SCRIPT_NAME"):
         return None  # served below a prefix: Django's request works out the path
+    urlconf = settings.ROOT_URLCONF
+    release = _RELEASE_PATH.fullmatch(path)
+    if release is not None:
+        target = _resolved(f"/api/v1/leases/{_ANY_LEASE}/release", urlconf)
+        if target is None or target.action != "release":
+            return None
+        return target._replace(kwargs={"lease_id": uuid.UUID(release[1])})
+    return _resolved(path, urlconf)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolved(path: str, urlconf: str) -> _Target | None:
     try:  # a path whose bytes are not UTF-8 is the full path's 400 (controlplane/httpserver.py)
-        match = resolve(path.encode("latin-1").decode("utf-8"))
+        match = resolve(path.encode("latin-1").decode("utf-8"), urlconf)
     except (UnicodeError, Resolver404):
         return None
     view = getattr(match.func, "cls", None)
-    actions = getattr(match.func, "actions", None) or {}
-    if (view is RouteViewSet and actions.get("post") == "route") or (
-        view is LeaseViewSet and actions.get("post") == "release"
-    ):
-        return match
+    action = (getattr(match.func, "actions", None) or {}).get("post")
+    if (view is RouteViewSet and action == "route") or (view is LeaseViewSet and action == "release"):
+        return _Target(action, match.view_name, match.kwargs)
     return None
 
 
@@ -230,11 +261,12 @@ def _release(token: str, lease_id):
 
 class _request_connection:
     """The database connection's lifecycle of one request, as ``request_started`` and
-    ``request_finished`` run it, with the check of the module doc in place of ``SELECT 1``."""
+    ``request_finished`` run it (``close_old_connections``) for the one connection this path
+    uses, with the check of the module doc in place of ``SELECT 1``."""
 
     def __enter__(self):
-        close_old_connections()  # past DATABASE_CONN_MAX_AGE, or broken -> closed
-        connection = connections[Lease.objects.db]
+        self.connection = connection = connections[Lease.objects.db]
+        connection.close_if_unusable_or_obsolete()  # past DATABASE_CONN_MAX_AGE, or broken -> closed
         if connection.connection is not None:
             if _closed_by_server(connection):
                 logger.info("a kept database connection was closed by the server; opening a new one")
@@ -244,7 +276,7 @@ class _request_connection:
         return connection
 
     def __exit__(self, *exc_info):
-        close_old_connections()
+        self.connection.close_if_unusable_or_obsolete()
         return False
 
 

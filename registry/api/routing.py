@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import unicodedata
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -24,6 +25,7 @@ from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
+from rest_framework.settings import ISO_8601, api_settings
 
 from core import names
 from core.auth import IsFrontend, IsOperator
@@ -244,16 +246,34 @@ _UUID = serializers.UUIDField()
 _DATETIME = serializers.DateTimeField()
 
 
+def _datetime_representation(value) -> str | None:
+    """``DateTimeField().to_representation(value)`` (ISO 8601 in the current time zone, UTC as
+    ``Z``), without DRF's per-call time zone lookups for the one case of every routed request:
+    an aware UTC instant while the current time zone is UTC. Anything else goes through DRF."""
+    if (
+        isinstance(value, datetime)
+        and value.utcoffset() == _ZERO
+        and settings.USE_TZ
+        and timezone.get_current_timezone_name() == "UTC"
+        and api_settings.DATETIME_FORMAT == ISO_8601
+    ):
+        return value.replace(tzinfo=None).isoformat() + "Z"
+    return _DATETIME.to_representation(value)
+
+
+_ZERO = timedelta(0)
+
+
 def _lease_answer(result: router.RouteResult) -> dict:
     lease = result.lease
     return {
-        "lease_id": _UUID.to_representation(lease.pk),
+        "lease_id": str(lease.pk),
         "model_name": lease.model_name,
-        "node_id": _UUID.to_representation(lease.node_id),
+        "node_id": str(lease.node_id),
         "node_name": result.node_name,
         "address": lease.address,
         "replica_index": lease.replica_index,
-        "expires_at": _DATETIME.to_representation(lease.expires_at),
+        "expires_at": _datetime_representation(lease.expires_at),
         "model_identity": result.model_identity,
         "backend_token": backend_token(lease.node_id),
     }
@@ -263,7 +283,7 @@ def _release_answer(lease_id, released: bool, released_at) -> dict:
     return {
         "lease_id": _UUID.to_representation(lease_id),
         "released": released,
-        "released_at": _DATETIME.to_representation(released_at),
+        "released_at": _datetime_representation(released_at),
     }
 
 

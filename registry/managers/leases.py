@@ -50,8 +50,22 @@ def _replica_attnames() -> tuple[str, ...]:
     return tuple(field.attname for field in registry_model("NodeModel")._meta.concrete_fields)
 
 
+# The lease statements' own commit mode (``LEASE_SYNCHRONOUS_COMMIT``): a CTE that sets
+# ``synchronous_commit`` for the statement's own transaction (``set_config(..., true)``: local to
+# it, so nothing outlives the statement on the session, also behind a pooler in transaction
+# mode). Referenced by the statement's final SELECT, so it is evaluated; the commit reads it.
+_ASYNCHRONOUS_COMMIT_CTE = "commit_mode AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS mode), "
+
+
+def _commits_asynchronously(using: str) -> bool:
+    """Whether a lease statement on ``using`` commits without waiting for its WAL flush: unless
+    ``LEASE_SYNCHRONOUS_COMMIT``, and never inside a caller's transaction (whose other writes
+    would be committed asynchronously with it)."""
+    return not settings.LEASE_SYNCHRONOUS_COMMIT and not connections[using].in_atomic_block
+
+
 @functools.cache
-def _pick_statement(candidates: str, skip_locked: bool, by_key: str = "") -> str:
+def _pick_statement(candidates: str, skip_locked: bool, by_key: str = "", asynchronous: bool = False) -> str:
     """The one-round-trip warm pick + increment + lease insert of PostgreSQL (see
     ``pick_and_grant``). ``candidates``: "all", "node_ids" (``%(node_ids)s``) or "selector"
     (the model's stored node selector, evaluated in the statement).
@@ -63,7 +77,10 @@ def _pick_statement(candidates: str, skip_locked: bool, by_key: str = "") -> str
     one holds (``SKIP LOCKED``). The cap is computed over every candidate in the same
     statement, once (``MATERIALIZED``), and ``in_flight < cap`` is a condition of the locked
     row, so PostgreSQL re-checks it on the row's newest version when a concurrent pick changed
-    it: a row filled meanwhile is passed over ("next") or yields nothing ("home")."""
+    it: a row filled meanwhile is passed over ("next") or yields nothing ("home").
+
+    ``asynchronous``: the statement commits without waiting for its WAL flush (the
+    ``commit_mode`` CTE; ``LEASE_SYNCHRONOUS_COMMIT``)."""
     NodeModel, Node = registry_model("NodeModel"), registry_model("Node")
     Lease, Config, Label = registry_model("Lease"), registry_model("ModelSchedulingConfig"), registry_model("NodeLabel")
     columns = ", ".join(f"r.{_quoted(field.column)}" for field in NodeModel._meta.concrete_fields)
@@ -102,8 +119,9 @@ def _pick_statement(candidates: str, skip_locked: bool, by_key: str = "") -> str
     else:
         bound, source, condition = "", replicas, ""
         order = "r.in_flight, r.last_used ASC NULLS FIRST, (n.available_vram - n.reserved_vram) DESC, r.id"
+    commit_mode, commit_join = (_ASYNCHRONOUS_COMMIT_CTE, " CROSS JOIN commit_mode") if asynchronous else ("", "")
     return f"""
-WITH {bound}pick AS (
+WITH {commit_mode}{bound}pick AS (
     SELECT r.id, n.last_heartbeat
     FROM {source}
     WHERE {routable}
@@ -122,7 +140,7 @@ WITH {bound}pick AS (
     FROM bumped r
     RETURNING id
 )
-SELECT r.*, pick.last_heartbeat FROM bumped r JOIN pick ON pick.id = r.id CROSS JOIN granted
+SELECT r.*, pick.last_heartbeat FROM bumped r JOIN pick ON pick.id = r.id CROSS JOIN granted{commit_join}
 """
 
 
@@ -138,12 +156,14 @@ def _pick_constants() -> dict:
 
 
 @functools.cache
-def _release_statement() -> str:
+def _release_statement(asynchronous: bool = False) -> str:
     """PostgreSQL's one-statement release (see ``release``): the lease's conditional update
-    feeds the decrement; the outer SELECT reads the lease as it was before the statement."""
+    feeds the decrement; the outer SELECT reads the lease as it was before the statement.
+    ``asynchronous``: as ``_pick_statement``'s."""
+    commit_mode, commit_from = (_ASYNCHRONOUS_COMMIT_CTE, " FROM commit_mode") if asynchronous else ("", "")
     leases, replicas = _quoted(registry_model("Lease")._meta.db_table), _quoted(registry_model("NodeModel")._meta.db_table)
     return f"""
-WITH released AS (
+WITH {commit_mode}released AS (
     UPDATE {leases} SET released_at = %(now)s WHERE id = %(lease_id)s AND released_at IS NULL
     RETURNING replica_id
 ), freed AS (
@@ -153,7 +173,7 @@ WITH released AS (
 )
 SELECT EXISTS (SELECT 1 FROM released), EXISTS (SELECT 1 FROM freed),
        EXISTS (SELECT 1 FROM {leases} WHERE id = %(lease_id)s),
-       (SELECT released_at FROM {leases} WHERE id = %(lease_id)s)
+       (SELECT released_at FROM {leases} WHERE id = %(lease_id)s){commit_from}
 """
 
 
@@ -241,7 +261,9 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         next row under the cap with ``SKIP LOCKED``, then the two statements above. Elsewhere (SQLite, whose writers are serialized anyway):
         ``NodeModel.objects.warm_pick``'s row lock inside one short ``atomic()`` with the
         lease insert. Either way the increment and its lease commit together, so ``in_flight``
-        always equals the replica's live leases.
+        always equals the replica's live leases. On PostgreSQL the statement commits
+        asynchronously unless ``LEASE_SYNCHRONOUS_COMMIT`` or inside the caller's transaction
+        (``_commits_asynchronously``): a crash of PostgreSQL can lose a grant, never half of one.
         """
         if by_selector and node_ids is not None:
             raise ValueError("pick_and_grant takes node_ids or by_selector, not both")
@@ -280,9 +302,10 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         # row); if that row filled up meanwhile, its next one under the cap that no one holds;
         # when that finds nothing, least in-flight as without a key.
         attempts = ((False, "home"), (True, "next")) if affinity_key is not None else ()
+        asynchronous = _commits_asynchronously(self.db)
         with connections[self.db].cursor() as cursor:
             for skip_locked, by_key in (*attempts, (True, ""), (False, "")):
-                cursor.execute(_pick_statement(candidates, skip_locked, by_key), params)
+                cursor.execute(_pick_statement(candidates, skip_locked, by_key, asynchronous), params)
                 row = cursor.fetchone()
                 if row is not None:
                     break
@@ -327,7 +350,7 @@ class LeaseManager(models.Manager.from_queryset(LeaseQuerySet)):
         if connections[self.db].vendor == "postgresql":
             def run_statement():
                 with connections[self.db].cursor() as cursor:
-                    cursor.execute(_release_statement(), {"lease_id": lease_id, "now": now})
+                    cursor.execute(_release_statement(_commits_asynchronously(self.db)), {"lease_id": lease_id, "now": now})
                     return cursor.fetchone()
 
             released, decremented, exists, released_at = retry_deadlock_victim(run_statement, using=self.db)

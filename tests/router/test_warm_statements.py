@@ -11,7 +11,7 @@ import threading
 from collections import Counter
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
 from registry import router
@@ -118,6 +118,42 @@ def test_a_warm_route_and_a_release_are_one_statement_each(settings, now):
 
     assert len(route_queries) == 1, [query["sql"] for query in route_queries]
     assert len(release_queries) == 1, [query["sql"] for query in release_queries]
+
+
+def _session_synchronous_commit() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("lease_synchronous_commit", [False, True])
+def test_a_lease_grant_and_release_set_their_own_commit_mode_and_nothing_outlives_them(
+    settings, lease_synchronous_commit
+):
+    """By default (``LEASE_SYNCHRONOUS_COMMIT`` false) each statement sets ``synchronous_commit``
+    off for its own transaction only (``set_config(..., true)``, also safe on a pooled server
+    connection); the session keeps its own setting. Inside a caller's transaction, whose other
+    writes must stay durable, and with the setting true, the statements leave it alone."""
+    settings.LEASE_SYNCHRONOUS_COMMIT = lease_synchronous_commit
+    make_replica(make_node(), "llama", 0, address="127.0.0.1:7000")
+    asynchronous = not lease_synchronous_commit
+    before = _session_synchronous_commit()
+
+    with CaptureQueriesContext(connection) as queries:
+        lease = Lease.objects.pick_and_grant("llama", ttl=TTL)
+        assert Lease.objects.release(lease.pk)
+    with transaction.atomic(), CaptureQueriesContext(connection) as in_transaction:
+        held = Lease.objects.pick_and_grant("llama", ttl=TTL)
+        assert Lease.objects.release(held.pk)
+
+    commit_mode = "set_config('synchronous_commit', 'off', true)"
+    assert [commit_mode in query["sql"] for query in queries] == [asynchronous, asynchronous]
+    assert not any(commit_mode in query["sql"] for query in in_transaction)
+    assert _session_synchronous_commit() == before == "on"
+    assert_in_flight_equals_live_leases()
+    assert not Lease.objects.live().exists()
 
 
 # --- PostgreSQL, threads -----------------------------------------------------------------------
