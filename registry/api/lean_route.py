@@ -226,8 +226,7 @@ def _route_body(environ) -> dict | None:
 
 
 def _frontend_key(token: str) -> bool:
-    key = ApiKey.objects.verify(token)
-    return key is not None and key.role in _FRONTEND_ROLES
+    return ApiKey.objects.verified_role(token) in _FRONTEND_ROLES
 
 
 def _route(environ, token: str, model: str, body: dict):

@@ -217,6 +217,20 @@ def test_a_revocation_holds_at_once_in_this_process(settings):
     assert ApiKey.objects.verify(plaintext) is None
 
 
+def test_verified_role_answers_as_verify_does_and_from_memory_once_cached(settings, django_assert_num_queries):
+    settings.API_KEY_CACHE_SECONDS = 3600
+    key, plaintext = make_api_key("frontend")
+
+    assert ApiKey.objects.verified_role(plaintext) == "frontend"  # read, then cached
+    with django_assert_num_queries(0):
+        assert ApiKey.objects.verified_role(plaintext) == "frontend"
+    assert ApiKey.objects.verified_role(plaintext + "x") is None
+    assert ApiKey.objects.verified_role("") is None
+
+    assert key.revoke()
+    assert ApiKey.objects.verified_role(plaintext) is None
+
+
 def test_a_revocation_in_another_process_holds_here_once_the_entry_expires(settings, monkeypatch):
     settings.API_KEY_CACHE_SECONDS = 5
     key, plaintext = make_api_key("operator")
