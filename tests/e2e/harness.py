@@ -638,6 +638,12 @@ class PrivatePostgres:
     def stop(self) -> None:
         self._ctl("-m", "fast", "-w", "stop")
 
+    def crash(self) -> None:
+        """Stop as a crash would: no shutdown checkpoint, and whatever the WAL buffers held
+        (asynchronous commits not yet written by the WAL writer) is gone; the next start
+        recovers from the WAL."""
+        self._ctl("-m", "immediate", "-w", "stop")
+
     def close(self) -> None:
         import shutil
 

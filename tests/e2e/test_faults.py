@@ -520,6 +520,41 @@ def test_g_postgresql_restart_during_traffic(private_fleet, report):
     fleet.check_invariants()
 
 
+def test_g2_postgresql_crash_under_route_traffic_loses_lease_writes_whole(private_fleet, report):
+    # Leases commit asynchronously (CONTROLPLANE_LEASE_SYNCHRONOUS_COMMIT off, the default): a
+    # crash of PostgreSQL may lose the last lease writes, but each grant with its in-flight
+    # increment and each release with its decrement, so after recovery in-flight equals the
+    # live leases on every replica, and routing resumes.
+    fleet = private_fleet
+    start(fleet, ["crash-a", "crash-b"], slots=2, DATABASE_CONNECT_TIMEOUT="2")
+    fleet.set_floor("tiny", 2)
+    fleet.wait_converged("tiny", 2, 60)
+    frontends = [Traffic(fleet, "tiny", period=0.0, probe=False) for _ in range(3)]
+    for frontend in frontends:
+        frontend.start()
+    wait_for(lambda: sum(r[1] == 200 for f in frontends for r in f.records) >= 50, timeout=30, what="routes before")
+
+    fleet.server.crash()
+    down = time.monotonic()
+    time.sleep(1)
+    fleet.server.start()
+    up = time.monotonic()
+
+    def every_frontend_routes_again():
+        return all(any(r[0] > up and r[1] == 200 for r in f.records) for f in frontends)
+
+    wait_for(every_frontend_routes_again, timeout=30, what="routes answered after the crash recovery")
+    for frontend in frontends:
+        frontend.stop()
+    before = sum(r[0] < down and r[1] == 200 for f in frontends for r in f.records)
+    release_errors = [error for f in frontends for error in f.release_errors]
+    report(
+        f"e2e g2. PostgreSQL crashed (immediate stop) under 3 frontends' route traffic: {before} leases granted "
+        f"before, {len(release_errors)} releases answered with an error (a grant the crash lost, or the outage)"
+    )
+    fleet.check_invariants()
+
+
 def test_h_control_plane_restart_with_stale_heartbeats_three_models_three_workers(fleet, report):
     # LocalAI's restart bug (a control-plane restart reaps every replica row and loses the load recipe): web and reconciler SIGKILLed, nobody receives
     # heartbeats for twice the stale threshold, then both restart; every model is back at its
