@@ -113,8 +113,8 @@ class KeptConnection:
         default_port = 443 if parts.scheme == "https" else 80
         self._port = parts.port or default_port
         self._prefix = parts.path
-        # made once (loading the system's roots is slow), not per connection
-        self._ssl_context = (ssl_context or ssl.create_default_context()) if parts.scheme == "https" else None
+        self._https = parts.scheme == "https"
+        self._ssl_context = ssl_context  # None: the system's roots, loaded at the first connection
         # Host as http.client sends it: IPv6 literals in brackets, the port only when not the default.
         host = f"[{self._host}]" if ":" in self._host else self._host.encode("idna").decode("ascii")
         host = host if self._port == default_port else f"{host}:{self._port}"
@@ -190,7 +190,8 @@ class KeptConnection:
         step): it is dropped before anything is written to it."""
         sock = self._sock
         if sock is not None and not _readable(sock):
-            sock.settimeout(timeout)
+            if sock.gettimeout() != timeout:  # (settimeout is a system call each time)
+                sock.settimeout(timeout)
             return sock, True
         self.close()
         sock = socket.create_connection((self._host, self._port), timeout)
@@ -198,7 +199,9 @@ class KeptConnection:
             # The request goes out in one write and is answered before the next: no Nagle delay
             # (http.client sets it too).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._ssl_context is not None:
+            if self._https:
+                if self._ssl_context is None:  # made once: loading the system's roots is slow
+                    self._ssl_context = ssl.create_default_context()
                 sock = self._ssl_context.wrap_socket(sock, server_hostname=self._host)
         except BaseException:
             sock.close()
@@ -267,13 +270,14 @@ def _receive(sock: socket.socket) -> bytes:
 def _read_head(sock: socket.socket, buffer: bytes) -> tuple[bytes, bytes]:
     """The status line and header block (without the blank line), and what follows it."""
     while True:
-        head_end, body_start = _head_end(buffer)
-        if head_end >= 0:
-            if head_end > MAX_HEAD_BYTES:
+        if buffer:  # (empty when a new answer begins: nothing to look for yet)
+            head_end, body_start = _head_end(buffer)
+            if head_end >= 0:
+                if head_end > MAX_HEAD_BYTES:
+                    break
+                return buffer[:head_end], buffer[body_start:]
+            if len(buffer) > MAX_HEAD_BYTES:
                 break
-            return buffer[:head_end], buffer[body_start:]
-        if len(buffer) > MAX_HEAD_BYTES:
-            break
         received = _receive(sock)
         if not received:
             if buffer:
