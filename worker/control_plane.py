@@ -11,8 +11,8 @@ Paths and bodies (LocalAI's worker wire, see docs/interoperability.md, plus the 
 
 Errors are RFC 9457 problem documents; :class:`ControlPlaneError` carries their ``code`` and
 ``detail``. Tokens are only ever put in headers, never in messages or logs.
-Stdlib ``http.client`` only: the worker should run with nothing but grpcio and protobuf
-installed. (Proxy variables such as ``HTTP_PROXY`` are not read: the control plane is
+Standard library only (the HTTP exchange is ``proto.keepalive``'s): the worker should run
+with nothing but grpcio and protobuf installed. (Proxy variables such as ``HTTP_PROXY`` are not read: the control plane is
 reached directly.)
 
 **One kept connection** (``proto.keepalive.KeptConnection``, standard library only): every
