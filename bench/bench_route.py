@@ -300,7 +300,7 @@ def run(iterations: int, growth_iterations: int, replica_steps, model_steps) -> 
             fleet.grow(MODEL, replicas)
             base, routed = measure(route_step, lambda: _baseline_step(raw, MODEL), growth_iterations)
             growth.append((f"{replicas} replica(s) of one model", base, routed))
-        names = [MODEL]
+        names: list[str] = []  # models of one replica each (MODEL has the replica rows' replicas by now)
         for models in model_steps:
             while len(names) < models:
                 names.append(f"model-{len(names)}")
