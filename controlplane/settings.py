@@ -190,6 +190,11 @@ else:
     # (they fail fast with a 503 problem instead).
     DATABASES["default"].setdefault("OPTIONS", {})
     DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", env_int("DATABASE_CONNECT_TIMEOUT", 5))
+    # Prepared statements allowed on the connection (Django turns them off: prepare_threshold
+    # None). Django's own cursors bind client-side and never prepare; the hot path's fixed
+    # statements (a warm route's grant, a release) run on core.statements' preparing cursor.
+    # Off again behind a transaction pooler (below).
+    DATABASES["default"]["OPTIONS"].setdefault("prepare_threshold", 5)
     DATABASES["default"]["TEST"] = {"NAME": os.environ.get("DATABASE_TEST_NAME") or None}
 
 # Behind PgBouncer in transaction mode (DATABASE_POOLER=pgbouncer-transaction), each transaction
