@@ -140,7 +140,8 @@ class ApiKeyManager(models.Manager.from_queryset(ApiKeyQuerySet)):
     def verified_role(self, token: str) -> str | None:
         """The role of the key ``verify`` answers for ``token`` (None: no such key), without
         building the key when this process's cache holds it (the warm route's lean path asks
-        for nothing else)."""
+        for nothing else). Idiom: as ``verify`` (it writes only through it, when the key is not
+        cached: read, then a conditional update)."""
         if float(settings.API_KEY_CACHE_SECONDS) > 0 and token and token.startswith(KEY_PREFIX):
             values = verified_keys.get(hash_token(token))
             if values is not None:

@@ -55,7 +55,8 @@ def test_without_a_pooler_locks_stay_on_the_default_connection(tmp_path):
     assert result.returncode == 0, result.stderr
     probed = json.loads(result.stdout)
     assert probed["aliases"] == ["default"] and probed["lock_alias"] == "default"
-    assert probed["prepare_threshold"] == "unset" and probed["server_side_cursors_disabled"] is False
+    # Prepared statements allowed on the connection: only core.statements' cursor prepares.
+    assert probed["prepare_threshold"] == 5 and probed["server_side_cursors_disabled"] is False
     assert probed["gateway_synchronous_commit"] is False
 
 
