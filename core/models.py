@@ -142,10 +142,9 @@ class ApiKeyManager(models.Manager.from_queryset(ApiKeyQuerySet)):
         building the key when this process's cache holds it (the warm route's lean path asks
         for nothing else). Idiom: as ``verify`` (it writes only through it, when the key is not
         cached: read, then a conditional update)."""
-        if float(settings.API_KEY_CACHE_SECONDS) > 0 and token and token.startswith(KEY_PREFIX):
-            values = verified_keys.get(hash_token(token))
-            if values is not None:
-                return values[_ROLE_INDEX]
+        values = _cached_values(token)
+        if values is not None:
+            return values[_ROLE_INDEX]
         key = self.verify(token)
         return None if key is None else key.role
 
@@ -154,9 +153,7 @@ class ApiKeyManager(models.Manager.from_queryset(ApiKeyQuerySet)):
         a database read or any database access (an event loop may call it); None when the token
         is not cached there (never verified in this process, expired, or no key at all): ask
         ``verify``."""
-        if float(settings.API_KEY_CACHE_SECONDS) <= 0 or not token or not token.startswith(KEY_PREFIX):
-            return None
-        values = verified_keys.get(hash_token(token))
+        values = _cached_values(token)
         return None if values is None else self.model.from_db(self.db, _key_attnames, values)
 
     def touch(self, key_id, *, now: datetime | None = None) -> bool:
@@ -225,3 +222,11 @@ class ApiKey(models.Model):
 # Column order of ApiKey.from_db for the cached values (id first: _VerifiedKeys.forget).
 _key_attnames = tuple(field.attname for field in ApiKey._meta.concrete_fields)
 _ROLE_INDEX = _key_attnames.index("role")
+
+
+def _cached_values(token: str) -> tuple | None:
+    """The cached column values (``_key_attnames``) of the key verified for ``token`` in this
+    process, or None (the cache is off, the token cannot be a key, or it is not cached)."""
+    if float(settings.API_KEY_CACHE_SECONDS) <= 0 or not token or not token.startswith(KEY_PREFIX):
+        return None
+    return verified_keys.get(hash_token(token))

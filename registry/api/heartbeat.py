@@ -113,22 +113,33 @@ def answer_heartbeat(environ, start_response, node_id: str):
     except (ValueError, HeartbeatInvalid):  # the full path answers the 400 (after authenticating)
         return None
     request_id = request_id_for(environ.get("HTTP_X_REQUEST_ID"))
-    begin_request(request_id, node=node_id)
+    answer = run_lean(environ, request_id, "heartbeat", lambda: _record(node_id, token, figures), node=node_id)
+    if answer is None:
+        return None
+    return answer_ok(
+        start_response, {"status": answer[0], "address": answer[1]}, ROUTE_NAME, request_id, started=started
+    )
+
+
+def run_lean(environ, request_id: str, path_name: str, work, **log_context):
+    """``work()``'s answer under the request's log context (``request_id`` and ``log_context``),
+    or None when the full request cycle must answer instead: ``work`` said so (None), the
+    database failed (the full path runs it again on a new connection, or answers 503), or a
+    bug raised (logged: it must not cost the caller its request). The full path then answers
+    with the same request id."""
+    begin_request(request_id, **log_context)
     try:
-        answer = _record(node_id, token, figures)
-    except DatabaseError:  # the database is unreachable: the full path answers (503)
+        answer = work()
+    except DatabaseError:
         answer = None
-    except Exception:  # noqa: BLE001 - a bug here must not cost the node its heartbeat
-        logger.exception("heartbeat lean path failed; the full request cycle answers")
+    except Exception:  # noqa: BLE001 - see the docstring
+        logger.exception("%s lean path failed; the full request cycle answers", path_name)
         answer = None
     finally:
         clear_context()
     if answer is None:
         environ["HTTP_X_REQUEST_ID"] = request_id  # one id for the request, whoever answers
-        return None
-    return answer_ok(
-        start_response, {"status": answer[0], "address": answer[1]}, ROUTE_NAME, request_id, started=started
-    )
+    return answer
 
 
 def answer_ok(start_response, document, route_name: str, request_id: str, *, started: float, headers=()):
@@ -152,28 +163,19 @@ def answer_ok(start_response, document, route_name: str, request_id: str, *, sta
     return [content]
 
 
-def _fixed_headers() -> tuple[tuple[str, str], ...]:
+def _fixed_headers() -> list[tuple[str, str]]:
     """What the middleware and DRF add to every answer of the DRF view (besides the request id):
     DRF's ``Allow``, ``XFrameOptionsMiddleware``'s and ``SecurityMiddleware``'s headers."""
-    return _headers_for(
-        settings.X_FRAME_OPTIONS,
-        settings.SECURE_CONTENT_TYPE_NOSNIFF,
-        settings.SECURE_REFERRER_POLICY if isinstance(settings.SECURE_REFERRER_POLICY, str | None) else tuple(settings.SECURE_REFERRER_POLICY),
-        settings.SECURE_CROSS_ORIGIN_OPENER_POLICY,
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def _headers_for(frame_options, nosniff, policy, opener_policy) -> tuple[tuple[str, str], ...]:
-    headers = [("Allow", "POST, OPTIONS"), ("X-Frame-Options", frame_options.upper())]
-    if nosniff:
+    headers = [("Allow", "POST, OPTIONS"), ("X-Frame-Options", settings.X_FRAME_OPTIONS.upper())]
+    if settings.SECURE_CONTENT_TYPE_NOSNIFF:
         headers.append(("X-Content-Type-Options", "nosniff"))
+    policy = settings.SECURE_REFERRER_POLICY
     if policy:
         values = policy.split(",") if isinstance(policy, str) else policy
         headers.append(("Referrer-Policy", ",".join(value.strip() for value in values)))
-    if opener_policy:
-        headers.append(("Cross-Origin-Opener-Policy", opener_policy))
-    return tuple(headers)
+    if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
+        headers.append(("Cross-Origin-Opener-Policy", settings.SECURE_CROSS_ORIGIN_OPENER_POLICY))
+    return headers
 
 
 def _bearer(environ) -> str | None:

@@ -56,18 +56,18 @@ import uuid
 from typing import NamedTuple
 
 from django.conf import settings
-from django.db import DatabaseError, connections
+from django.db import connections
 from django.urls import Resolver404, resolve
 from django.utils import timezone
 
-from core.logs import begin_request, clear_context, request_id_for
+from core.logs import request_id_for
 from core.models import ApiKey
 from core.parsers import loads_strict
 from registry import affinity, router
 from registry.models import Lease
 
 from . import serializers as s
-from .heartbeat import _bearer, _plain, _read_body, answer_ok
+from .heartbeat import _bearer, _plain, _read_body, answer_ok, run_lean
 from .routing import (
     MAX_WAIT_SECONDS,
     WARM_ROUTE_MISSED,
@@ -125,21 +125,11 @@ def answer_route_or_release(environ, start_response, path: str):
     elif _body_length(environ) != 0:
         return None
     request_id = request_id_for(environ.get("HTTP_X_REQUEST_ID"))
-    begin_request(request_id, model=match.kwargs.get("model"))
-    try:
-        if action == "route":
-            answer = _route(environ, token, model, body)
-        else:
-            answer = _release(token, match.kwargs["lease_id"])
-    except DatabaseError:  # the full path runs it again on a new connection, or answers 503
-        answer = None
-    except Exception:  # noqa: BLE001 - a bug here must not cost the frontend its request
-        logger.exception("route lean path failed; the full request cycle answers")
-        answer = None
-    finally:
-        clear_context()
+    if action == "route":
+        answer = run_lean(environ, request_id, "route", lambda: _route(environ, token, model, body), model=model)
+    else:
+        answer = run_lean(environ, request_id, "route", lambda: _release(token, match.kwargs["lease_id"]))
     if answer is None:
-        environ["HTTP_X_REQUEST_ID"] = request_id  # one id for the request, whoever answers
         return None
     document, extra_headers = answer
     return answer_ok(start_response, document, match.view_name, request_id, started=started, headers=extra_headers)
