@@ -60,7 +60,21 @@ from urllib.parse import urlparse
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# gRPC reads GRPC_EXPERIMENTS once, on import: --tuned-direct gives this process's direct client
+# the gateway process's gRPC configuration (gateway/grpc_environment.py); the fleet's processes
+# are started without it either way (the gateway sets its own).
+_INHERITED_GRPC_EXPERIMENTS = os.environ.get("GRPC_EXPERIMENTS")
+if "--tuned-direct" in sys.argv[1:]:
+    from gateway import grpc_environment  # noqa: E402
+
+    os.environ["GRPC_EXPERIMENTS"] = grpc_environment.GATEWAY_GRPC_EXPERIMENTS
+
 import grpc  # noqa: E402
+
+if _INHERITED_GRPC_EXPERIMENTS is None:
+    os.environ.pop("GRPC_EXPERIMENTS", None)
+else:
+    os.environ["GRPC_EXPERIMENTS"] = _INHERITED_GRPC_EXPERIMENTS
 
 from proto import backend_pb2, backend_pb2_grpc  # noqa: E402
 from tests.e2e.harness import Fleet, wait_for  # noqa: E402
@@ -494,6 +508,7 @@ def report(phases: list[Phase], args, load_avg: float, started_in: float) -> tup
         " --quick" if args.quick else f" --rounds {args.rounds} --seconds {args.seconds}"
     )
     command += f" --tokens {args.tokens}" + (" --direct-only" if args.direct_only else "")
+    command += " --tuned-direct" if args.tuned_direct else ""
     header = (
         f"`.venv/bin/python {command}` on CPython {platform.python_version()}, local PostgreSQL, "
         f"{os.cpu_count()} shared CPUs (load average {load_avg:.2f} at the start; the fleet, the "
@@ -511,6 +526,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each phase")
     parser.add_argument("--tokens", type=int, default=256, help="tokens (words) per stream")
     parser.add_argument("--direct-only", action="store_true", help="no gateway: measure the direct half alone")
+    parser.add_argument(
+        "--tuned-direct",
+        action="store_true",
+        help="the direct client runs with the gateway process's gRPC configuration (gateway/grpc_environment.py)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds = 1, 3.0

@@ -3,7 +3,11 @@ with uvicorn; any ASGI server can)."""
 
 import os
 
-import django
+from gateway import grpc_environment
+
+grpc_environment.configure()  # before anything imports grpc
+
+import django  # noqa: E402
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 django.setup()
