@@ -16,7 +16,9 @@ the echo backend streams back one token (``Reply``) per word.
 
 * direct: ``PredictStream`` with ``Messages``, ``UseTokenizerTemplate`` and ``ModelIdentity``,
   the backend token and the address of a lease the API granted once (released at once), over
-  one ``grpc.aio`` channel (HTTP/2, streams multiplexed);
+  one ``grpc.aio`` channel (HTTP/2, streams multiplexed), with grpcio's default configuration
+  (a client as its users write it), or with ``--tuned-direct`` the gateway process's
+  (``gateway/grpc_environment.py``: gRPC's EventEngine client off), the stricter comparison;
 * gateway: ``POST /v1/chat/completions`` with ``"stream": true`` and a ``frontend`` API key, one
   HTTP/1.1 keep-alive connection per concurrent stream, server-sent events read by a small
   asyncio client (each event's JSON parsed; the official ``openai`` client costs the client
@@ -38,7 +40,7 @@ spent per token (this client with all its threads, the echo backend, the gateway
 sent), next to what this client saw.
 
 ``--quick`` (< 60 s with start-up): one round of 3 s phases. ``--direct-only`` measures the direct
-half alone (no gateway process).
+half alone (no gateway process). ``--tuned-direct``: see "direct" above.
 """
 
 from __future__ import annotations
