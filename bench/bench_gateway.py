@@ -63,8 +63,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # gRPC reads GRPC_EXPERIMENTS once, on import: --tuned-direct gives this process's direct client
-# the gateway process's gRPC configuration (gateway/grpc_environment.py); the fleet's processes
-# are started without it either way (the gateway sets its own).
+# the gateway process's gRPC configuration (gateway/grpc_environment.py); the environment is
+# then put back as it was, so the fleet's processes start with the caller's either way (the
+# gateway sets its own).
 _INHERITED_GRPC_EXPERIMENTS = os.environ.get("GRPC_EXPERIMENTS")
 if "--tuned-direct" in sys.argv[1:]:
     from gateway import grpc_environment  # noqa: E402

@@ -4,8 +4,9 @@ gRPC reads ``GRPC_EXPERIMENTS`` once, when its core starts. By default grpcio's 
 their sockets on EventEngine threads and hand every completed read to the caller's thread:
 for a stream of one small message per token, that is a thread hop and two context switches per
 token on top of grpc.aio's own hand-over to the event loop. With the ``event_engine_client``
-experiment off, the thread waiting for a call's completion reads the socket itself, and the
-gateway spends about half the CPU per streamed token (bench/RESULTS.md, "Gateway streaming").
+experiment off, the thread waiting for a call's completion reads the socket itself: a bare
+``grpc.aio`` reader spends about half the CPU per token, the gateway about a fifth less
+(bench/RESULTS.md, "Gateway streaming, session 7").
 
 Only the gateway process is configured (``manage.py gateway`` and ``gateway.asgi``); an
 operator's own ``GRPC_EXPERIMENTS`` is kept as it is. Importing this module imports nothing of

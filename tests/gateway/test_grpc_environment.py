@@ -29,8 +29,7 @@ class FirstGrpcImport:
 
 sys.meta_path.insert(0, FirstGrpcImport())
 if sys.argv[1] == "manage.py":
-    # A bind address the command refuses: it starts like the real command, up to serving.
-    sys.argv = ["manage.py", "gateway", "--bind", "no-port-here"]
+    sys.argv = ["manage.py", *sys.argv[2:]]
     try:
         runpy.run_path("manage.py", run_name="__main__")
     except SystemExit:
@@ -42,11 +41,17 @@ print(json.dumps(seen))
 """
 
 
-def _first_grpc_import(entry: str, **env: str) -> dict:
+# ``manage.py gateway`` with a bind address the command refuses: it starts like the real
+# command, up to serving.
+GATEWAY = ("manage.py", "gateway", "--bind", "no-port-here")
+
+
+def _first_grpc_import(*entry: str, **env: str) -> dict:
+    """``entry``: ``gateway.asgi``, or ``manage.py`` and the command's arguments."""
     environment = {key: value for key, value in os.environ.items() if key != "GRPC_EXPERIMENTS"}
     environment.update(env)
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, entry],
+        [sys.executable, "-c", PROBE, *entry],
         cwd=ROOT,
         env=environment,
         capture_output=True,
@@ -57,30 +62,19 @@ def _first_grpc_import(entry: str, **env: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("entry", ["manage.py", "gateway.asgi"])
+@pytest.mark.parametrize("entry", [GATEWAY, ("gateway.asgi",)], ids=["manage.py gateway", "gateway.asgi"])
 def test_the_gateway_process_sets_its_grpc_experiments_before_grpc_is_imported(entry):
-    seen = _first_grpc_import(entry)
+    seen = _first_grpc_import(*entry)
     assert seen == {"at_import": grpc_environment.GATEWAY_GRPC_EXPERIMENTS}
 
 
 def test_an_operators_grpc_experiments_is_kept():
-    seen = _first_grpc_import("manage.py", GRPC_EXPERIMENTS="-some_other_experiment")
+    seen = _first_grpc_import(*GATEWAY, GRPC_EXPERIMENTS="-some_other_experiment")
     assert seen == {"at_import": "-some_other_experiment"}
 
 
-def test_other_commands_leave_grpc_alone(monkeypatch):
-    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
-    environment = {key: value for key, value in os.environ.items() if key != "GRPC_EXPERIMENTS"}
-    probe = PROBE.replace('"gateway", "--bind", "no-port-here"', '"check", "--deploy", "--fail-level", "CRITICAL"')
-    result = subprocess.run(
-        [sys.executable, "-c", probe, "manage.py"],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+def test_other_commands_leave_grpc_alone():
+    seen = _first_grpc_import("manage.py", "check", "--deploy", "--fail-level", "CRITICAL")
     assert seen == {"at_import": None}
 
 
